@@ -1,0 +1,61 @@
+"""Celery configuration shared by the producer (which sends) and the worker (which runs).
+
+Both sides must agree on serializer, queues and transport options, so they are built
+here, once. JSON only: Celery refuses any other content type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from producer import constants as K
+from producer.settings import Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Above the longest a taken message can take to finish: see Settings.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages of dead workers every restore_interval_s (kombu's
+            # default throttle would make it ten times that).
+            "unacked_restore_interval": settings.restore_interval_s,
+            "unacked_restore_throttle": 1,
+            # Ten priority lists per queue; the Redis transport serves 0 first, so the
+            # producer maps atelier's priority p (9 = most urgent) to 9 - p.
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        # At-least-once: acknowledge after the task (outputs stored), requeue when the
+        # worker process dies, take one message per free slot.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": K.queue_name(settings.default_model),
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+    }
+
+
+def make_celery(settings: Settings, name: str = "atelier") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def celery_priority(priority: int) -> int:
+    """atelier's 0–9 (higher first) as the Redis transport's 0–9 (lower first)."""
+    return 9 - priority

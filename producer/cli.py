@@ -1,0 +1,351 @@
+"""``atelier``: a thin command line over :class:`producer.Client`.
+
+Exit codes: 0 done (a job that ``--wait``-ed ended ``succeeded``), 1 the job ended
+otherwise, 2 bad usage or a refused request, 3 a dependency unavailable, 4 no such job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from producer.client import Client
+from producer.contract import EXTENSIONS, EventType, Status
+from producer.errors import InvalidRequest, JobNotFound, Unavailable
+from producer.registry import Registry
+from producer.settings import Settings, get_settings
+from producer.storage import storage_from_settings
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def follow_with_progress(client: Client, job_id: str, quiet: bool = False,
+                         timeout: float | None = None) -> dict[str, Any]:
+    """Show a progress bar fed by the job's events; return the final record."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True, quiet=quiet)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task("queued", total=None)
+        for ev in client.events(job_id, timeout=timeout):
+            kind = EventType(ev["type"])
+            if kind is EventType.STARTED:
+                bar.update(task, description="generating")
+            elif kind is EventType.PROGRESS:
+                bar.update(task, completed=ev["data"]["step"], total=ev["data"]["total"])
+            elif kind is EventType.OUTPUT:
+                bar.update(task, description="uploading")
+            elif kind is EventType.RETRYING:
+                bar.update(task, description=f"retrying (attempt {ev['data']['attempt']})")
+            elif kind in (EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED,
+                          EventType.EXPIRED):
+                total = bar.tasks[0].total or 1
+                if kind is EventType.SUCCEEDED:
+                    bar.update(task, completed=total, total=total)
+                bar.update(task, description=kind.value.removeprefix("job."))
+    return client.get(job_id)
+
+
+def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[Path]:
+    storage = storage_from_settings(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    ext = EXTENSIONS[record["request"]["output_format"]]
+    for output in record["outputs"]:
+        path = out_dir / f"{record['id']}-{output['index']}.{ext}"
+        path.write_bytes(storage.get(output["key"]))
+        paths.append(path)
+    return paths
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    req: dict[str, Any] = {"prompt": args.prompt}
+    for name in ("model", "negative_prompt", "width", "height", "steps", "guidance_scale",
+                 "scheduler", "seed", "num_images", "output_format", "priority"):
+        value = getattr(args, name, None)
+        if value is not None:
+            req[name] = value
+    return req
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--model")
+    p.add_argument("--negative-prompt", dest="negative_prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
+    p.add_argument("--scheduler")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-images", dest="num_images", type=int)
+    p.add_argument("--output-format", dest="output_format", choices=["png", "webp", "jpeg"])
+    p.add_argument("--priority", type=int)
+
+
+# -- commands --------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(settings) as client:
+        job_id = client.submit(_request_from_args(args))
+        if not args.wait:
+            _print_json({"id": job_id}) if args.json else print(job_id)
+            return EXIT_OK
+        record = follow_with_progress(client, job_id, quiet=args.json)
+        return _report(settings, record, args)
+
+
+def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace) -> int:
+    paths = []
+    if getattr(args, "out", None) and record["status"] == Status.SUCCEEDED:
+        paths = download_outputs(settings, record, Path(args.out))
+    if args.json:
+        _print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
+    else:
+        print(f"{record['id']} {record['status']}")
+        if record.get("error"):
+            print(f"  error {record['error']['code']}: {record['error']['message']}")
+        for p in paths or [o["url"] for o in record["outputs"]]:
+            print(f"  {p}")
+    return EXIT_OK if record["status"] == Status.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(settings) as client:
+        record = client.get(args.id)
+    if args.json:
+        _print_json(record)
+    else:
+        p = record["progress"]
+        print(f"{record['id']} {record['status']} step {p['step']}/{p['total']}"
+              f" attempts {record['attempts']}")
+        for o in record["outputs"]:
+            print(f"  {o['url']}")
+        if record.get("error"):
+            print(f"  error {record['error']['code']}: {record['error']['message']}")
+    return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(settings) as client:
+        for ev in client.events(args.id, after=args.after):
+            if args.json:
+                print(json.dumps(ev, ensure_ascii=False), flush=True)
+            else:
+                data = {k: v for k, v in ev["data"].items() if k != "job"}
+                print(f"{ev['id']} {ev['type']} {json.dumps(data) if data else ''}", flush=True)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    with Client(settings) as client:
+        record = client.cancel(args.id)
+    _print_json(record) if args.json else print(f"{record['id']} {record['status']}")
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    registry = Registry.load(settings.models_file)
+    models = [spec.public() for spec in registry]
+    if args.json:
+        _print_json(models)
+    else:
+        for m in models:
+            d = m["defaults"]
+            print(f"{m['name']:<18} {m['source']}  {d['width']}×{d['height']} "
+                  f"{d['steps']} steps cfg {d['guidance_scale']} {d['scheduler']}")
+    return EXIT_OK
+
+
+def _need_worker_extra() -> None:
+    missing = [m for m in ("worker", "torch", "diffusers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"atelier: the worker needs {', '.join(missing)}: "
+                         "pip install 'atelier[worker]'")
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    # The producer never imports the worker: it hands this process over to it.
+    _need_worker_extra()
+    argv = [sys.executable, "-m", "worker"]
+    for m in args.model or []:
+        argv += ["--model", m]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    os.execv(sys.executable, argv)
+    return EXIT_OK  # pragma: no cover
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """Everything in one process tree: a private redis-server, a worker, one job."""
+    _need_worker_extra()
+    redis_bin = shutil.which("redis-server")
+    if not redis_bin:
+        raise SystemExit("atelier demo needs redis-server on PATH (apt-get install redis-server)")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    tmp = Path(tempfile.mkdtemp(prefix="atelier-demo-"))
+    port = _free_port()
+    out_dir = Path(args.out).resolve()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        redis_proc = subprocess.Popen(
+            [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(redis_proc)
+        env = {
+            **os.environ,
+            "ATELIER_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "ATELIER_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+            "ATELIER_STORAGE_URL": f"file://{tmp / 'store'}",
+            "ATELIER_DEFAULT_MODEL": args.model,
+            "ATELIER_DEVICE": args.device or os.environ.get("ATELIER_DEVICE", "auto"),
+            "ATELIER_PROGRESS_INTERVAL_S": "0.1",
+        }
+        demo_settings = Settings(**{k.removeprefix("ATELIER_").lower(): v for k, v in env.items()
+                                    if k.startswith("ATELIER_")})
+        log_path = tmp / "worker.log"
+        with console.status(f"starting a worker with {args.model} (built on first use)"):
+            with open(log_path, "wb") as log:
+                worker = subprocess.Popen([sys.executable, "-m", "worker", "--model", args.model],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(worker)
+            deadline = time.monotonic() + 600
+            while b"atelier worker ready" not in log_path.read_bytes():
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    console.print(log_path.read_text()[-3000:])
+                    raise SystemExit("atelier demo: the worker did not start")
+                time.sleep(0.2)
+        with Client(demo_settings) as client:
+            req: dict[str, Any] = {"prompt": args.prompt, "model": args.model}
+            for name in ("steps", "seed", "width", "height"):
+                if getattr(args, name) is not None:
+                    req[name] = getattr(args, name)
+            job_id = client.submit(req)
+            record = follow_with_progress(client, job_id, timeout=600)
+        if record["status"] != Status.SUCCEEDED:
+            console.print(f"job {job_id} ended {record['status']}: {record.get('error')}")
+            return EXIT_JOB_FAILED
+        paths = download_outputs(demo_settings, record, out_dir)
+        t = record["timings"]
+        console.print(f"job {job_id}: inference {t['inference_ms']} ms, encode "
+                      f"{t['encode_ms']} ms, upload {t['upload_ms']} ms")
+        for p in paths:
+            print(p)
+        return EXIT_OK
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--out", default="atelier-output")
+    p.add_argument("--device")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="submit a job")
+    _add_request_args(p)
+    p.add_argument("--wait", action="store_true", help="follow it with a progress bar")
+    p.add_argument("--out", help="with --wait: download the images into this folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, helptext in (("status", cmd_status, "show a job"),
+                                 ("cancel", cmd_cancel, "cancel a job")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("id")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("events", help="print a job's events until it ends")
+    p.add_argument("id")
+    p.add_argument("--after", help="resume after this event id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("worker", help="run a GPU worker (needs atelier[worker])")
+    p.add_argument("--model", action="append")
+    p.add_argument("--device")
+    p.add_argument("--concurrency", type=int)
+    p.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValueError as exc:
+        print(f"atelier: bad settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args, settings))
+    except InvalidRequest as exc:
+        print(f"atelier: {exc.code}:", file=sys.stderr)
+        for f in exc.fields:
+            print(f"  {f['field']}: {f['message']}", file=sys.stderr)
+        return EXIT_USAGE
+    except JobNotFound as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except Unavailable as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,103 @@
+"""The Python client a web backend uses: submit, get, wait, events, cancel."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from producer import constants as K
+from producer.broker import celery_priority, make_celery
+from producer.contract import Status, new_record, now_iso, validate_request
+from producer.errors import Unavailable
+from producer.registry import Registry
+from producer.settings import Settings, get_settings
+from producer.store import JobStore
+
+
+def new_job_id() -> str:
+    """32 hex characters: milliseconds first, so ids sort by creation time."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
+class Client:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        store: JobStore | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.registry = registry or Registry.load(self.settings.models_file)
+        self.store = store or JobStore.from_url(self.settings.redis_url, self.settings.result_ttl_s)
+        self.celery = make_celery(self.settings, "atelier-producer")
+
+    def submit(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
+        """Validate, record and enqueue a job; return its id.
+
+        Raises :class:`~producer.errors.InvalidRequest` (nothing written) or
+        :class:`~producer.errors.Unavailable` (nothing left behind).
+        """
+        data = {**(request or {}), **fields}
+        normalized = validate_request(data, self.registry, self.settings)
+        return self.enqueue(normalized)
+
+    def enqueue(self, normalized: dict[str, Any], job_id: str | None = None) -> str:
+        job_id = job_id or new_job_id()
+        doc = new_record(job_id, normalized, now_iso())
+        try:
+            created = self.store.create(doc)
+        except redis.RedisError as exc:
+            raise Unavailable(f"job store unavailable: {exc}") from exc
+        if not created.ok:
+            raise Unavailable(f"job id {job_id} already exists")
+        try:
+            self.celery.send_task(
+                K.TASK_GENERATE,
+                args=[job_id],
+                queue=K.queue_name(normalized["model"]),
+                priority=celery_priority(normalized["priority"]),
+            )
+        except Exception as exc:
+            # The record exists but no message does: remove it, so nothing waits forever.
+            self.store.delete(job_id)
+            raise Unavailable(f"broker unavailable: {exc}") from exc
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self.store.get(job_id)
+
+    def events(
+        self, job_id: str, after: str | None = None, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The job's events in order, from the start or after event id ``after``,
+        until the terminal one. Resume with the last id seen."""
+        return self.store.follow(job_id, after=after, timeout_s=timeout)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job is terminal and return its record."""
+        for _ in self.store.follow(job_id, timeout_s=timeout):
+            pass
+        doc = self.store.get(job_id)
+        if not Status(doc["status"]).is_terminal():  # the log was trimmed or expired
+            raise TimeoutError(f"job {job_id} is still {doc['status']}")
+        return doc
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask for cancellation and return the record as it stands (a running job
+        becomes ``cancelled`` at its next denoising step; ``wait`` for it)."""
+        return self.store.request_cancel(job_id).doc
+
+    def close(self) -> None:
+        self.store.redis.close()
+        self.celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,304 @@
+"""The job contract both sides share: request, record, states, events.
+
+Light on purpose: pydantic only. The worker imports it; it never imports the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import io
+import json
+import math
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from producer.errors import InvalidRequest, UnknownModel
+from producer.registry import Registry
+from producer.settings import Settings
+
+MAX_SEED = 2**32 - 1
+METADATA_MAX_BYTES = 4096
+WEBHOOK_EVENT_NAMES = ("started", "progress", "output", "completed")
+#: Decoders Pillow may use for init images; everything else is refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+
+
+class EventType(enum.StrEnum):
+    QUEUED = "job.queued"
+    STARTED = "job.started"
+    PROGRESS = "job.progress"
+    OUTPUT = "job.output"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
+    EXPIRED = "job.expired"
+    RETRYING = "job.retrying"
+
+
+TERMINAL_EVENTS = frozenset(
+    {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED}
+)
+#: Which terminal event a terminal status emits.
+TERMINAL_EVENT_FOR = {
+    Status.SUCCEEDED: EventType.SUCCEEDED,
+    Status.FAILED: EventType.FAILED,
+    Status.CANCELLED: EventType.CANCELLED,
+    Status.EXPIRED: EventType.EXPIRED,
+}
+
+
+class JobRequest(BaseModel):
+    """What a producer submits. Fields the model decides are ``None`` until normalized."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    model: str | None = None
+    width: int | None = Field(default=None, ge=64, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
+    scheduler: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int = Field(default=1, ge=1, le=8)
+    image: str | None = None
+    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = Field(default=90, ge=1, le=100)
+    webhook: str | None = None
+    webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
+        default_factory=lambda: ["completed"]
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=9)
+    timeout_s: int | None = Field(default=None, ge=1)
+    expires_in_s: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat an event")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be plain JSON ({exc})") from None
+        if size > METADATA_MAX_BYTES:
+            raise ValueError(f"is {size} bytes as JSON; the limit is {METADATA_MAX_BYTES}")
+        return v
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def _check_url(value: str, allow_http: bool) -> str | None:
+    """Why ``value`` is not an acceptable outbound URL, or None."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return "is not a URL"
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes:
+        return "must be an https URL" + (" (or http)" if allow_http else "")
+    if not parts.hostname:
+        return "has no host"
+    if parts.username or parts.password:
+        return "must not carry credentials"
+    if len(value) > 2048:
+        return "is longer than 2048 characters"
+    return None
+
+
+def decode_data_uri(value: str, max_bytes: int) -> bytes:
+    """Bytes of a ``data:image/...;base64,`` URI; ValueError says what is wrong."""
+    head, sep, payload = value.partition(",")
+    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ValueError("must be a data:image/...;base64,... URI")
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ValueError(f"is larger than {max_bytes} bytes")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"is larger than {max_bytes} bytes")
+    return raw
+
+
+def open_image(raw: bytes, max_pixels: int = 4096 * 4096) -> Any:
+    """Decode an init image with Pillow, restricted to PNG/JPEG/WEBP and bounded in size."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"is {img.width}×{img.height}; at most {max_pixels} pixels")
+        img.load()
+    except Image.DecompressionBombError:
+        raise ValueError("is too large to decode") from None
+    except (OSError, SyntaxError) as exc:  # Pillow's UnidentifiedImageError is an OSError
+        raise ValueError(f"is not a PNG, JPEG or WEBP image ({exc})") from None
+    return img.convert("RGB")
+
+
+def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[str, Any]:
+    """Check ``data`` against the contract and return the normalized request.
+
+    Normalized: the model's defaults filled in and a seed drawn, so the record says
+    exactly what ran. Raises :class:`InvalidRequest` naming every bad field.
+    """
+    if not isinstance(data, dict):
+        raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
+    errors: list[dict[str, str]] = []
+    try:
+        req: JobRequest | None = JobRequest.model_validate(data)
+    except ValidationError as exc:
+        req = None
+        for e in exc.errors():
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = "unknown field"
+            errors.append({"field": _loc(e["loc"]), "message": msg})
+    bad = {e["field"].split(".")[0] for e in errors}
+
+    def ok(name: str) -> Any:
+        """The raw value of a field that passed its own checks, else None."""
+        return None if name in bad else data.get(name)
+
+    # Checks that depend on the model, the settings, or several fields at once.
+    model_name = ok("model") or settings.default_model
+    spec = registry.get(model_name)
+    unknown_model = spec is None and "model" not in bad
+    if spec is None and "model" not in bad:
+        errors.append(
+            {"field": "model", "message": f"unknown model {model_name!r}; "
+             f"known: {', '.join(registry.names())}"}
+        )
+    if spec is not None:
+        for side in ("width", "height"):
+            v = ok(side)
+            if v is not None and v > spec.max_side:
+                errors.append({"field": side, "message": f"must be ≤ {spec.max_side} for {spec.name}"})
+        w = ok("width") or spec.width
+        h = ok("height") or spec.height
+        if w * h > spec.max_pixels and "width" not in bad and "height" not in bad:
+            errors.append(
+                {"field": "width", "message": f"width × height = {w * h} exceeds "
+                 f"{spec.max_pixels} pixels for {spec.name}"}
+            )
+        sched = ok("scheduler")
+        if sched is not None and sched not in spec.schedulers:
+            errors.append(
+                {"field": "scheduler", "message": f"{sched!r} is not allowed for {spec.name}; "
+                 f"allowed: {', '.join(spec.schedulers)}"}
+            )
+    image = ok("image")
+    if image is not None:
+        if image.startswith("data:"):
+            try:
+                open_image(decode_data_uri(image, settings.max_image_bytes))
+            except ValueError as exc:
+                errors.append({"field": "image", "message": str(exc)})
+        else:
+            why = _check_url(image, settings.allow_http)
+            if why:
+                errors.append({"field": "image", "message": why + " or a data: URI"})
+    if ok("strength") is not None and data.get("image") is None:
+        errors.append({"field": "strength", "message": "is only allowed with image"})
+    hook = ok("webhook")
+    if hook is not None:
+        why = _check_url(hook, settings.allow_http)
+        if why:
+            errors.append({"field": "webhook", "message": why})
+    t = ok("timeout_s")
+    if t is not None and t > settings.job_timeout_s:
+        errors.append({"field": "timeout_s", "message": f"must be ≤ {settings.job_timeout_s}"})
+    if errors:
+        raise (UnknownModel if unknown_model else InvalidRequest)(errors)
+
+    assert req is not None and spec is not None
+    out = req.model_dump()
+    out["model"] = spec.name
+    out["width"] = req.width or spec.width
+    out["height"] = req.height or spec.height
+    out["steps"] = req.steps or spec.steps
+    out["guidance_scale"] = (
+        float(req.guidance_scale) if req.guidance_scale is not None else spec.guidance_scale
+    )
+    out["scheduler"] = req.scheduler or spec.scheduler
+    # Drawn below the top so seed + i stays within 32 bits for every image.
+    out["seed"] = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - 8)
+    out["strength"] = (req.strength if req.strength is not None else 0.6) if req.image else None
+    out["timeout_s"] = req.timeout_s or settings.job_timeout_s
+    assert math.isfinite(out["guidance_scale"])
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def new_record(job_id: str, request: dict[str, Any], created_at: str) -> dict[str, Any]:
+    expires_at = None
+    if request.get("expires_in_s"):
+        ts = parse_iso(created_at).timestamp() + request["expires_in_s"]
+        expires_at = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+        expires_at = expires_at.replace("+00:00", "Z")
+    return {
+        "id": job_id,
+        "status": Status.QUEUED.value,
+        "request": request,
+        "created_at": created_at,
+        "started_at": None,
+        "finished_at": None,
+        "expires_at": expires_at,
+        "attempts": 0,
+        "worker": None,
+        "progress": {"step": 0, "total": request["steps"]},
+        "outputs": [],
+        "error": None,
+        "timings": {},
+        "metadata": request.get("metadata", {}),
+    }

@@ -1,0 +1,109 @@
+"""atelier's exception tree.
+
+Every class knows the error code a user sees and whether the job may be tried again::
+
+    AtelierError
+    ├── InvalidRequest            invalid_request   a refused request; ``fields`` names each bad one
+    │   └── UnknownModel          unknown_model
+    ├── JobNotFound               (no job with that id)
+    ├── Unavailable               (Redis or the broker unreachable; retryable)
+    └── JobError                  raised while a job runs; ends it ``failed`` with ``code``
+        ├── ImageFetchFailed      image_fetch_failed
+        ├── ImageInvalid          image_invalid
+        ├── OutOfMemory           out_of_memory
+        ├── JobTimeout            timeout
+        ├── WorkerLost            worker_lost
+        ├── StorageUnavailable    storage_unavailable   (retryable)
+        └── InternalError         internal
+
+Control flow that is not a failure lives beside it: :class:`JobCancelled` (the user
+asked) and :class:`Fenced` (another run of the same job owns it now, so this run's
+writes must stop).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AtelierError(Exception):
+    code = "internal"
+    retryable = False
+
+
+class InvalidRequest(AtelierError):
+    """A request was refused. ``fields``: ``[{"field": "width", "message": "..."}]``."""
+
+    code = "invalid_request"
+
+    def __init__(self, fields: list[dict[str, str]], message: str | None = None) -> None:
+        self.fields = fields
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        super().__init__(message or f"invalid request: {summary}")
+
+
+class UnknownModel(InvalidRequest):
+    code = "unknown_model"
+
+
+class JobNotFound(AtelierError):
+    code = "not_found"
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job {job_id!r}")
+
+
+class JobError(AtelierError):
+    """A job failed; the record's ``error`` gets ``{code, message}``."""
+
+    def to_error(self) -> dict[str, Any]:
+        return {"code": self.code, "message": str(self)}
+
+
+class ImageFetchFailed(JobError):
+    code = "image_fetch_failed"
+
+
+class ImageInvalid(JobError):
+    code = "image_invalid"
+
+
+class OutOfMemory(JobError):
+    code = "out_of_memory"
+
+
+class JobTimeout(JobError):
+    code = "timeout"
+
+
+class WorkerLost(JobError):
+    code = "worker_lost"
+
+
+class StorageUnavailable(JobError):
+    code = "storage_unavailable"
+    retryable = True
+
+
+class InternalError(JobError):
+    code = "internal"
+
+
+class JobCancelled(AtelierError):
+    """The user cancelled the job; raised from the step callback to stop denoising."""
+
+    code = "cancelled"
+
+
+class Fenced(AtelierError):
+    """This run no longer owns the job (another attempt took over, or it ended)."""
+
+    code = "fenced"
+
+
+class Unavailable(AtelierError):
+    """A dependency (Redis, the broker) could not be reached; nothing was enqueued."""
+
+    code = "unavailable"
+    retryable = True

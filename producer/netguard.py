@@ -1,0 +1,116 @@
+"""Outbound HTTP to user-given URLs (init images; webhooks later), guarded against SSRF.
+
+The host is resolved once; every address must be global (no loopback, private,
+link-local, cloud metadata, multicast, reserved, or IPv4-mapped IPv6 of those) unless
+``ATELIER_EGRESS_ALLOWLIST`` names the host or a network holding the address. The
+connection then goes to the address that was checked (no second lookup that DNS
+rebinding could answer differently), with TLS verified against the URL's host name.
+Redirects are not followed.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+from urllib.parse import urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class EgressRefused(Exception):
+    """The URL may not be fetched: its address is not global, or the scheme is wrong."""
+
+
+def parse_allowlist(value: str) -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+    hosts: set[str] = set()
+    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for item in (x.strip() for x in value.split(",")):
+        if not item:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            hosts.add(item.lower())
+    return hosts, nets
+
+
+def is_public(addr: IPAddress) -> bool:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return is_public(addr.ipv4_mapped)
+    return addr.is_global and not addr.is_multicast
+
+
+def resolve_checked(host: str, port: int, allowlist: str = "") -> str:
+    """An address for ``host`` that may be connected to, or :class:`EgressRefused`."""
+    hosts, nets = parse_allowlist(allowlist)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise EgressRefused(f"cannot resolve {host}: {exc}") from exc
+    addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addrs:
+        raise EgressRefused(f"{host} has no address")
+    allowed_host = host.lower() in hosts
+    for addr in addrs:
+        if allowed_host or any(addr in net for net in nets):
+            continue
+        if not is_public(addr):
+            raise EgressRefused(f"{host} resolves to {addr}, which is not a public address")
+    return str(addrs[0])
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+def fetch(
+    url: str, *, max_bytes: int, timeout: float = 10.0, allowlist: str = "",
+    allow_http: bool = False,
+) -> bytes:
+    """GET ``url`` through the guard; at most ``max_bytes``; no redirects.
+
+    Raises :class:`EgressRefused`, or OSError / ValueError for transport failures.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in (("https", "http") if allow_http else ("https",)):
+        raise EgressRefused(f"scheme {parts.scheme!r} is not allowed")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = resolve_checked(host, port, allowlist)
+    cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    conn = cls(host, address, port, timeout)
+    try:
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        conn.request("GET", path, headers={"User-Agent": "atelier", "Accept": "image/*"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise ValueError(f"GET {url} answered {resp.status}" + (
+                " (redirects are not followed)" if 300 <= resp.status < 400 else ""))
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > max_bytes:
+            raise ValueError(f"{url} is larger than {max_bytes} bytes")
+        body = resp.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            raise ValueError(f"{url} is larger than {max_bytes} bytes")
+        return body
+    finally:
+        conn.close()

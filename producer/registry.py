@@ -1,0 +1,117 @@
+"""The model registry: which models exist and the limits and defaults of each.
+
+Pure data, read from ``producer/models.toml`` plus the file ``ATELIER_MODELS_FILE``
+names. The producer validates requests against it; the worker loads pipelines from it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PIPELINES = ("sdxl",)
+SCHEDULERS = (
+    "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "edm_dpmpp_2m",
+    "edm_euler",
+)
+DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    pipeline: str = "sdxl"
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "fp16"
+    scheduler: str = "euler"
+    schedulers: tuple[str, ...] = ("euler",)
+    steps: int = 30
+    guidance_scale: float = 5.0
+    width: int = 1024
+    height: int = 1024
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    vae_source: str | None = None
+    #: GPU options the worker applies when loading (see worker.pipelines).
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` and ``atelier models`` show."""
+        return {
+            "name": self.name,
+            "pipeline": self.pipeline,
+            "source": self.source,
+            "revision": self.revision,
+            "defaults": {
+                "width": self.width,
+                "height": self.height,
+                "steps": self.steps,
+                "guidance_scale": self.guidance_scale,
+                "scheduler": self.scheduler,
+            },
+            "limits": {"max_side": self.max_side, "max_pixels": self.max_pixels},
+            "schedulers": list(self.schedulers),
+        }
+
+
+def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
+    known = {f.name for f in fields(ModelSpec)} - {"name"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{origin}: model {name!r} has unknown keys {sorted(unknown)}")
+    if "source" not in raw:
+        raise ValueError(f"{origin}: model {name!r} needs a source")
+    spec = ModelSpec(name=name, **{**raw, "schedulers": tuple(raw.get("schedulers", ()))
+                                   or (raw.get("scheduler", "euler"),)})
+    problems = []
+    if spec.pipeline not in PIPELINES:
+        problems.append(f"pipeline must be one of {PIPELINES}")
+    if spec.dtype not in DTYPES:
+        problems.append(f"dtype must be one of {DTYPES}")
+    for s in spec.schedulers:
+        if s not in SCHEDULERS:
+            problems.append(f"scheduler {s!r} is not one of {SCHEDULERS}")
+    if spec.scheduler not in spec.schedulers:
+        problems.append("scheduler must be among schedulers")
+    for side in (spec.width, spec.height):
+        if side % 8 or not 64 <= side <= spec.max_side:
+            problems.append("width and height must be multiples of 8 within 64..max_side")
+    if spec.width * spec.height > spec.max_pixels:
+        problems.append("width × height exceeds max_pixels")
+    if not 1 <= spec.steps <= 150:
+        problems.append("steps must be 1..150")
+    if problems:
+        raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
+    return spec
+
+
+class Registry:
+    def __init__(self, specs: dict[str, ModelSpec]) -> None:
+        self._specs = specs
+
+    @classmethod
+    def load(cls, models_file: str | None = None) -> Registry:
+        text = resources.files("producer").joinpath("models.toml").read_text()
+        raw: dict[str, dict[str, Any]] = dict(tomllib.loads(text).get("models", {}))
+        if models_file:
+            extra = tomllib.loads(Path(models_file).read_text()).get("models", {})
+            for name, entry in extra.items():
+                raw[name] = {**raw.get(name, {}), **entry}
+        return cls({n: _spec(n, r, models_file or "models.toml") for n, r in raw.items()})
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._specs[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())

@@ -1,0 +1,114 @@
+"""Settings, read from the environment (prefix ``ATELIER_``) in this one place.
+
+Every process builds one :class:`Settings` (``get_settings()``); tests build their own
+and pass it in.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_models_dir() -> str:
+    return str(Path.home() / ".cache" / "atelier" / "models")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery broker; defaults to ``redis_url``.
+    broker_url: str | None = None
+    #: ``s3://bucket/prefix`` or ``file:///path``.
+    storage_url: str = "file://./atelier-output"
+    s3_endpoint_url: str | None = None
+    #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days).
+    presign_ttl_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
+    #: TOML file whose ``[models.NAME]`` tables add to or override the built-in registry.
+    models_file: str | None = None
+    default_model: str = "playground-v2.5"
+    #: Where locally built models (``builtin:`` sources) are written.
+    models_dir: str = Field(default_factory=_default_models_dir)
+    #: ``auto`` (cuda when present, else cpu), ``cuda``, ``cuda:N``, ``cpu``.
+    device: str = "auto"
+    #: ``auto`` (the model's dtype on cuda, fp32 on cpu), ``fp16``, ``bf16``, ``fp32``.
+    dtype: str = "auto"
+    #: torch intra-op threads on the CPU (0: torch's default).
+    torch_threads: int = Field(default=0, ge=0)
+    api_keys: str = ""
+    webhook_secret: str | None = None
+    egress_allowlist: str = ""
+    #: Default and ceiling of a job's ``timeout_s``.
+    job_timeout_s: int = Field(default=600, ge=1)
+    #: Runs of one job before it ends ``worker_lost``.
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    #: Redis visibility timeout; 0 derives it from ``job_timeout_s`` (see below).
+    visibility_timeout_s: int = Field(default=0, ge=0)
+    #: Seconds between sweeps that return messages of dead workers to their queue
+    #: (once their visibility timeout has passed).
+    restore_interval_s: int = Field(default=10, ge=1)
+    #: Jobs a worker holds at once: one generates while the other is encoded and
+    #: uploaded. 1 runs post-processing inline.
+    worker_concurrency: int = Field(default=2, ge=1, le=8)
+    #: Minimum seconds between two ``job.progress`` events of a job.
+    progress_interval_s: float = Field(default=0.5, ge=0.0)
+    #: Records and event logs of finished jobs are kept this long.
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    #: Largest init image accepted, encoded bytes.
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    #: Allow ``http://`` image and webhook URLs (tests, private networks).
+    allow_http: bool = False
+    #: Seconds to keep retrying an upload before the job fails ``storage_unavailable``.
+    storage_retry_s: float = Field(default=60.0, ge=0.0)
+    #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
+    png_compress_level: int = Field(default=6, ge=0, le=9)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, v: str | None) -> str | None:
+        if v is not None and v and not v.startswith("whsec_"):
+            raise ValueError("ATELIER_WEBHOOK_SECRET must start with 'whsec_'")
+        return v or None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in {"auto", "fp16", "bf16", "fp32"}:
+            raise ValueError("ATELIER_DTYPE must be one of auto, fp16, bf16, fp32")
+        return v
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage(cls, v: str) -> str:
+        if not (v.startswith("s3://") or v.startswith("file://")):
+            raise ValueError("ATELIER_STORAGE_URL must be s3://bucket/prefix or file:///path")
+        return v
+
+    @model_validator(mode="after")
+    def _visibility(self) -> Settings:
+        # A message stays invisible to other workers this long after a worker takes it.
+        # A worker holds up to `worker_concurrency` jobs, which take turns on the GPU,
+        # so the last one can finish (concurrency × timeout) after it was taken, plus
+        # encoding and upload retries. Shorter runs healthy jobs twice (harmless to the
+        # outcome, which is fenced, but wasted GPU time), so only an explicit setting
+        # may go below it: tests do, to see redelivery within seconds.
+        if self.visibility_timeout_s == 0:
+            self.visibility_timeout_s = max(3600, self.visibility_floor_s)
+        return self
+
+    @property
+    def visibility_floor_s(self) -> int:
+        return self.worker_concurrency * self.job_timeout_s + int(self.storage_retry_s) + 30
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or self.redis_url
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

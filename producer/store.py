@@ -1,0 +1,285 @@
+"""The Redis job store: records, per-job event logs, the global event stream.
+
+A job is a hash ``atelier:job:{id}`` with three fields:
+
+- ``status``: duplicated from the record so the transition script can check it;
+- ``token``: the fence of the run that owns the job (``none`` until one starts);
+- ``doc``: the whole record as JSON;
+
+plus ``cancel`` once a cancel was asked for.
+
+Every change goes through one Lua script, :data:`_APPLY`, that compares and sets:
+it checks the status is among those allowed and the token is the one the caller
+read, then writes the record and appends the event to both streams. So a terminal
+status is written once and never changes, a second ``succeeded`` is impossible, and
+a run that lost its job (fenced) cannot write anything.
+
+Event ids come from the global stream's ``XADD *`` and are reused for the job's own
+stream inside the same script, so one id names an event everywhere: the SSE id and
+the webhook id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from producer import constants as K
+from producer.contract import (
+    TERMINAL_EVENTS,
+    EventType,
+    Status,
+    now_iso,
+    parse_iso,
+)
+from producer.errors import JobNotFound
+
+NO_TOKEN = "none"
+ANY_TOKEN = "*"
+NEW = "__new__"
+
+_APPLY = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if ARGV[1] == '__new__' then
+  if status then return {0, status} end
+else
+  if not status then return {0, '__missing__'} end
+  local allowed = false
+  for s in string.gmatch(ARGV[1], '[^,]+') do
+    if s == status then allowed = true end
+  end
+  if not allowed then return {0, status} end
+  local token = redis.call('HGET', KEYS[1], 'token') or 'none'
+  if ARGV[2] ~= '*' and token ~= ARGV[2] then return {0, 'fenced'} end
+end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
+local ids = {}
+for i = 12, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*',
+                        'type', ARGV[i], 'job_id', ARGV[11], 'ts', ARGV[8], 'data', ARGV[i + 1])
+  redis.call('XADD', KEYS[2], id,
+             'type', ARGV[i], 'job_id', ARGV[11], 'ts', ARGV[8], 'data', ARGV[i + 1])
+  table.insert(ids, id)
+end
+if tonumber(ARGV[9]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[9])
+  redis.call('EXPIRE', KEYS[2], ARGV[9])
+end
+return {1, table.concat(ids, ',')}
+"""
+
+
+@dataclass
+class Snapshot:
+    """A job as read in one round trip; ``token`` is what a compare-and-set compares."""
+
+    doc: dict[str, Any]
+    status: Status
+    token: str
+    cancel_requested: bool
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    #: The new event's id on success; on refusal the status found (or ``fenced``).
+    detail: str
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
+    def s(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else v
+
+    f = {s(k): s(v) for k, v in fields.items()}
+    return {
+        "id": s(entry_id),
+        "type": f["type"],
+        "job_id": f["job_id"],
+        "ts": f["ts"],
+        "data": json.loads(f["data"]),
+    }
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, result_ttl_s: int = 7 * 24 * 3600) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self._apply = client.register_script(_APPLY)
+
+    @classmethod
+    def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
+        return cls(
+            redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True),
+            result_ttl_s,
+        )
+
+    # -- writes ---------------------------------------------------------------------
+
+    def apply(
+        self,
+        job_id: str,
+        *,
+        allowed: str,
+        token: str = ANY_TOKEN,
+        doc: dict[str, Any] | None = None,
+        new_token: str | None = None,
+        events: list[tuple[EventType, dict[str, Any]]] = (),  # type: ignore[assignment]
+    ) -> Outcome:
+        """Compare-and-set a job: the primitive every transition uses.
+
+        ``allowed``: comma-separated statuses the job must be in (or ``NEW``: must not
+        exist); ``token``: the fence the caller read (``ANY_TOKEN`` skips the check).
+        ``doc`` replaces the record; ``events`` are appended in order, to the job's log
+        and the global stream, only if the check passes.
+        """
+        status = doc["status"] if doc is not None else ""
+        terminal = bool(status) and Status(status).is_terminal()
+        metadata = (doc or {}).get("metadata")
+        args: list[Any] = [
+            allowed,
+            token,
+            status,
+            new_token or "",
+            _dumps(doc) if doc is not None else "",
+            "",
+            "",
+            now_iso(),
+            self.result_ttl_s if terminal else 0,
+            K.GLOBAL_EVENTS_MAXLEN,
+            job_id,
+        ]
+        for etype, data in events:
+            if metadata:  # metadata is echoed in every event
+                data = {**data, "metadata": metadata}
+            args += [etype.value, _dumps(data)]
+        ok, detail = self._apply(
+            keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS], args=args
+        )
+        detail = detail.decode() if isinstance(detail, bytes) else str(detail)
+        return Outcome(bool(ok), detail)
+
+    def create(self, doc: dict[str, Any]) -> Outcome:
+        """Write a new ``queued`` record and its ``job.queued`` event."""
+        return self.apply(
+            doc["id"], allowed=NEW, doc=doc, new_token=NO_TOKEN,
+            events=[(EventType.QUEUED, {})],
+        )
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job that was never enqueued (its message could not be sent)."""
+        self.redis.delete(K.job_key(job_id), K.events_key(job_id), K.cancel_key(job_id))
+
+    def request_cancel(self, job_id: str) -> Snapshot:
+        """Cancel a job: a queued one at once; a running one at its next step.
+
+        Returns the job as it stands after the request.
+        """
+        for _ in range(10):
+            snap = self.load(job_id)
+            if snap.status.is_terminal():
+                return snap
+            if snap.status is Status.QUEUED:
+                doc = dict(snap.doc, status=Status.CANCELLED.value, finished_at=now_iso())
+                out = self.apply(
+                    job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
+                    events=[(EventType.CANCELLED, {"job": doc})],
+                )
+                if out.ok:
+                    return self.load(job_id)
+                continue  # a worker took it meanwhile: cancel it as running
+            # Running: the flag survives a worker crash (the next run sees it); the
+            # list wakes the running job's monitor at once.
+            pipe = self.redis.pipeline()
+            pipe.hset(K.job_key(job_id), "cancel", "1")
+            pipe.rpush(K.cancel_key(job_id), "1")
+            pipe.expire(K.cancel_key(job_id), self.result_ttl_s)
+            pipe.execute()
+            return self.load(job_id)
+        return self.load(job_id)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def load(self, job_id: str) -> Snapshot:
+        raw = self.redis.hgetall(K.job_key(job_id))
+        if not raw or b"doc" not in raw:
+            raise JobNotFound(job_id)
+        return Snapshot(
+            doc=json.loads(raw[b"doc"]),
+            status=Status(raw[b"status"].decode()),
+            token=raw.get(b"token", NO_TOKEN.encode()).decode(),
+            cancel_requested=raw.get(b"cancel") == b"1",
+        )
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The record; a queued job past its ``expires_at`` is expired on the way."""
+        snap = self.load(job_id)
+        if snap.status is Status.QUEUED and is_expired(snap.doc):
+            self.expire(job_id, snap)
+            snap = self.load(job_id)
+        return snap.doc
+
+    def expire(self, job_id: str, snap: Snapshot) -> Outcome:
+        doc = dict(snap.doc, status=Status.EXPIRED.value, finished_at=now_iso())
+        return self.apply(
+            job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
+            events=[(EventType.EXPIRED, {"job": doc})],
+        )
+
+    def events(
+        self, job_id: str, after: str | None = None, block_ms: int | None = None,
+        count: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Events after ``after`` (exclusive; None: from the start), waiting up to
+        ``block_ms`` for one when none is there yet."""
+        kwargs: dict[str, Any] = {"count": count}
+        if block_ms is not None:
+            kwargs["block"] = block_ms
+        res = self.redis.xread({K.events_key(job_id): after or "0-0"}, **kwargs)
+        if not res:
+            return []
+        return [decode_event(eid, fields) for eid, fields in res[0][1]]
+
+    def follow(
+        self, job_id: str, after: str | None = None, timeout_s: float | None = None,
+        poll_ms: int = 1000,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield a job's events in order from ``after`` until its terminal event."""
+        import time
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last = after
+        while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
+            wait = poll_ms
+            if deadline is not None:
+                wait = max(1, min(poll_ms, int((deadline - time.monotonic()) * 1000)))
+            batch = self.events(job_id, after=last, block_ms=wait)
+            if not batch:
+                # Nothing new: make sure the job exists (and expire it if due).
+                doc = self.get(job_id)
+                if Status(doc["status"]).is_terminal() and not self.events(job_id, last):
+                    return
+                continue
+            for ev in batch:
+                last = ev["id"]
+                yield ev
+                if EventType(ev["type"]) in TERMINAL_EVENTS:
+                    return
+
+
+def is_expired(doc: dict[str, Any], now: datetime | None = None) -> bool:
+    if not doc.get("expires_at"):
+        return False
+    return (now or datetime.now(UTC)) >= parse_iso(doc["expires_at"])

@@ -1,0 +1,161 @@
+"""Real servers for tests: redis-server, moto's S3 server, atelier workers.
+
+Each runs as a subprocess on a free port and is stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Stop ``proc`` by its pid: ``sig`` first, SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else [
+            "--appendonly", "no"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            stop(self.proc, sig)
+
+
+class S3Server:
+    """moto's S3 server over HTTP, in its own process."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_port(self.port, timeout=30, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class Worker:
+    """``python -m worker`` as a subprocess, logging to a file."""
+
+    READY = b"atelier worker ready"
+
+    def __init__(self, env: dict[str, str], log_path: Path, models: list[str],
+                 concurrency: int | None = None) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.models = models
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Worker:
+        argv = [sys.executable, "-m", "worker"]
+        for m in self.models:
+            argv += ["--model", m]
+        if self.concurrency:
+            argv += ["--concurrency", str(self.concurrency)]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=ROOT)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.READY in self.log_path.read_bytes()[self._log_offset:]:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies without a word, as under an OOM kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace=30)

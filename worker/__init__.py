@@ -1,0 +1,1 @@
+"""atelier's GPU side: model loading, job execution, encoding, upload."""

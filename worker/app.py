@@ -1,0 +1,114 @@
+"""The worker process: load models, then serve their queues through Celery.
+
+``python -m worker --model tiny-sdxl`` (or ``atelier worker``). Order matters:
+
+1. read settings, set torch threads, pick the device (CUDA is first touched here, in
+   the process that will run the jobs; the threads pool never forks);
+2. load and warm every model, before a single message is taken;
+3. start a Celery worker on the threads pool: ``worker_concurrency`` slots take turns
+   on the GPU (one generation at a time), so one job's encoding and upload overlap the
+   next one's generation. Time limits do not apply to this pool: the step callback
+   enforces ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from producer import constants as K
+from producer.broker import make_celery
+from producer.registry import Registry
+from producer.settings import Settings, get_settings
+from producer.storage import storage_from_settings
+from producer.store import JobStore
+
+log = logging.getLogger("atelier.worker")
+
+_runner = None  # the process's Runner, set by main() before the worker consumes
+
+
+def create_app(settings: Settings) -> Celery:
+    app = make_celery(settings, "atelier-worker")
+
+    @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True)
+    def generate(job_id: str) -> None:
+        # An adapter: parse the message, run plain code. Job failures are recorded on
+        # the job itself, so the task itself succeeds and the message is acknowledged.
+        if _runner is None:  # pragma: no cover - main() sets it before consuming
+            raise RuntimeError("worker has no runner")
+        _runner.run(job_id)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="atelier worker")
+    parser.add_argument("--model", action="append", help="model to serve (repeatable); "
+                        "default: ATELIER_DEFAULT_MODEL")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default ATELIER_DEVICE)")
+    parser.add_argument("--concurrency", type=int, help="jobs held at once "
+                        "(default ATELIER_WORKER_CONCURRENCY)")
+    parser.add_argument("--loglevel", default=os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.loglevel.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    settings = get_settings()
+    overrides = {}
+    if args.device:
+        overrides["device"] = args.device
+    if args.concurrency:
+        overrides["worker_concurrency"] = args.concurrency
+    if overrides:
+        settings = settings.model_copy(update=overrides)
+    registry = Registry.load(settings.models_file)
+    names = args.model or [settings.default_model]
+    unknown = [n for n in names if registry.get(n) is None]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; known: {registry.names()}")
+
+    # 1. torch, in this process only.
+    import torch
+
+    from worker.pipelines import load_model, resolve_device, warm_up
+    from worker.runner import Runner
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+
+    # 2. Load and warm every model before consuming.
+    models = {}
+    for name in names:
+        models[name] = load_model(registry[name], settings, device)
+        warm_up(models[name])
+
+    global _runner
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    _runner = Runner(
+        settings, models, JobStore.from_url(settings.redis_url, settings.result_ttl_s),
+        storage_from_settings(settings), worker_name,
+    )
+    queues = ",".join(K.queue_name(n) for n in names)
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
+
+    # 3. Consume.
+    app = create_app(settings)
+    app.worker_main([
+        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+        f"--queues={queues}", f"--hostname=atelier@{worker_name.replace(':', '-')}",
+        "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
+    ])
+    return 0

@@ -1,0 +1,179 @@
+"""Loading diffusers pipelines from the registry, once per process.
+
+Everything that touches torch or CUDA runs here, inside the worker process, after
+the process has started: never at import time and never in a parent that forks
+(the worker uses Celery's threads pool, so nothing forks after this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from producer.registry import ModelSpec
+from producer.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Registry scheduler names → (diffusers class, config overrides).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
+    "edm_euler": ("EDMEulerScheduler", {}),
+}
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"ATELIER_DEVICE={setting} but torch sees no CUDA device")
+    return setting
+
+
+def resolve_dtype(setting: str, spec: ModelSpec, device: str) -> Any:
+    import torch
+
+    name = setting
+    if name == "auto":
+        # Half precision on the CPU is slow or unsupported for many ops: fp32 there.
+        name = spec.dtype if device.startswith("cuda") else "fp32"
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("atelier", "torch", "diffusers", "transformers", "safetensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def weight_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every safetensors file under ``root``, by relative path.
+
+    In a Hugging Face cache the files are symlinks to blobs named by their sha256:
+    use the name instead of reading gigabytes.
+    """
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*.safetensors")):
+        rel = path.relative_to(root).as_posix()
+        target = path.resolve()
+        if path.is_symlink() and len(target.name) == 64 and target.parent.name == "blobs":
+            out[rel] = target.name
+            continue
+        h = hashlib.sha256()
+        with open(target, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[rel] = h.hexdigest()
+    return out
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    device: str
+    dtype: Any
+    pipe: Any  # StableDiffusionXLPipeline
+    img2img: Any  # StableDiffusionXLImg2ImgPipeline sharing pipe's modules
+    base_scheduler_config: Any
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def scheduler(self, name: str) -> Any:
+        """A fresh scheduler per job: schedulers keep per-run state."""
+        import diffusers
+
+        cls_name, overrides = SCHEDULERS[name]
+        cls = getattr(diffusers, cls_name)
+        return cls.from_config(self.base_scheduler_config, **overrides)
+
+    def generator_device(self) -> str:
+        # Noise drawn on the CPU is the same on every device: a seed means one image.
+        return "cpu"
+
+
+def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
+    if spec.source.startswith("builtin:"):
+        from worker.tiny import ensure_tiny_sdxl
+
+        kind = spec.source.removeprefix("builtin:")
+        if kind != "tiny-sdxl":
+            raise ValueError(f"model {spec.name}: unknown builtin source {spec.source!r}")
+        return ensure_tiny_sdxl(Path(settings.models_dir) / kind)
+    path = Path(spec.source).expanduser()
+    return path if path.is_dir() else None
+
+
+def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    dtype = resolve_dtype(settings.dtype, spec, device)
+    local = _local_path(spec, settings)
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
+    if local is None:
+        # A hub model: the revision and variant select exact files.
+        if spec.revision:
+            kwargs["revision"] = spec.revision
+        if spec.variant:
+            kwargs["variant"] = spec.variant
+    if spec.vae_source:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(
+            spec.vae_source, torch_dtype=dtype, use_safetensors=True
+        )
+    t0 = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(local or spec.source), **kwargs)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    # img2img shares every module with the text-to-image pipeline: no second copy.
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    root = local
+    if root is None:
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(spec.source, revision=spec.revision, local_files_only=True))
+    source = {
+        "name": spec.name,
+        "source": spec.source,
+        "revision": spec.revision,
+        "variant": spec.variant,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        "weights": weight_hashes(root),
+    }
+    log.info("loaded %s from %s in %.1f s", spec.name, root, time.perf_counter() - t0)
+    del torch
+    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source)
+
+
+def warm_up(model: LoadedModel) -> float:
+    """One small generation, so the first job pays no lazy initialization."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.pipe(
+            prompt="warm-up", num_inference_steps=2, width=model.spec.width,
+            height=model.spec.height, guidance_scale=model.spec.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+    took = time.perf_counter() - t0
+    log.info("warmed %s in %.2f s", model.spec.name, took)
+    return took

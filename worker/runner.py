@@ -1,0 +1,419 @@
+"""Running one job: plain code the Celery task adapts (testable without Celery).
+
+The steps of :meth:`Runner.run`:
+
+1. Wait for the GPU (one generation at a time per device).
+2. Start: compare-and-set the record to ``running`` with a fresh fence token, counting
+   the attempt, or end it at once (cancelled, expired, or out of attempts).
+3. Generate, with a monitor thread beside the denoising loop that publishes throttled
+   progress and turns a cancel request into a flag. The step callback only reads
+   flags and the clock: no I/O on the loop's critical path.
+4. Release the GPU, so the next job generates while this one is post-processed.
+5. Encode and upload every image, then the manifest.
+6. Succeed: one compare-and-set that only this run's token can make.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer import constants as K
+from producer.contract import CONTENT_TYPES, EXTENSIONS, EventType, Status, now_iso, parse_iso
+from producer.errors import (
+    Fenced,
+    ImageFetchFailed,
+    ImageInvalid,
+    InternalError,
+    JobCancelled,
+    JobError,
+    JobNotFound,
+    JobTimeout,
+    OutOfMemory,
+    WorkerLost,
+)
+from producer.settings import Settings
+from producer.storage import LocalStorage, S3Storage
+from producer.store import JobStore, Snapshot, is_expired
+from worker import encode as encoding
+from worker.pipelines import LoadedModel, library_versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """One attempt at a job, owned by this process while ``token`` is the job's."""
+
+    job_id: str
+    token: str
+    doc: dict[str, Any]
+    deadline: float
+    step: int = 0
+    total: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    fenced: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return self.doc["request"]
+
+
+def _ms(seconds: float) -> int:
+    return int(round(seconds * 1000))
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, LoadedModel],
+        store: JobStore,
+        storage: LocalStorage | S3Storage,
+        worker_name: str,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store
+        self.storage = storage
+        self.worker_name = worker_name
+        # One generation at a time per device; post-processing runs outside it.
+        self.gpu = threading.Lock()
+        self.versions = library_versions()
+
+    # -- 1-6 --------------------------------------------------------------------------
+
+    def run(self, job_id: str) -> Status | None:
+        """Run a job to a terminal state; returns it (None when this run was fenced or
+        the job had already ended)."""
+        try:
+            if self.store.load(job_id).status.is_terminal():
+                return None  # a duplicate delivery of a finished job: nothing to do
+        except JobNotFound:
+            log.warning("job %s has no record (expired or never created): dropped", job_id)
+            return None
+        with self.gpu:
+            run = self._start(job_id)
+            if run is None:
+                return None
+            t0 = time.perf_counter()
+            try:
+                images = self._generate(run)
+            except Fenced:
+                log.warning("job %s: fenced during generation; another run owns it", job_id)
+                return None
+            except JobCancelled:
+                return self._finish(run, Status.CANCELLED)
+            except JobError as exc:
+                return self._finish(run, Status.FAILED, error=exc.to_error())
+            except Exception as exc:  # noqa: BLE001 - anything else is ours: report it
+                log.exception("job %s: generation failed", job_id)
+                return self._finish(run, Status.FAILED, error=_internal(exc))
+            inference_ms = _ms(time.perf_counter() - t0)
+        try:
+            return self._post_process(run, images, inference_ms)
+        except Fenced:
+            log.warning("job %s: fenced during upload; another run owns it", job_id)
+            return None
+        except JobError as exc:
+            return self._finish(run, Status.FAILED, error=exc.to_error())
+        except Exception as exc:  # noqa: BLE001
+            log.exception("job %s: post-processing failed", job_id)
+            return self._finish(run, Status.FAILED, error=_internal(exc))
+
+    def _start(self, job_id: str) -> Run | None:
+        snap = self.store.load(job_id)  # again: it may have changed while we waited
+        doc = snap.doc
+        if snap.status.is_terminal():
+            return None
+        allowed = f"{Status.QUEUED.value},{Status.RUNNING.value}"
+        if snap.cancel_requested:
+            self._end_unstarted(job_id, snap, Status.CANCELLED, allowed)
+            return None
+        if snap.status is Status.QUEUED and is_expired(doc):
+            self.store.expire(job_id, snap)
+            return None
+        if snap.status is Status.RUNNING and doc["attempts"] >= self.settings.max_attempts:
+            # Every earlier run died without a word: this job kills its worker.
+            err = WorkerLost(
+                f"the worker running this job was lost {doc['attempts']} times "
+                f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})"
+            )
+            self._end_unstarted(job_id, snap, Status.FAILED, allowed, err.to_error())
+            return None
+        attempt = doc["attempts"] + 1
+        token = secrets.token_hex(8)
+        now = now_iso()
+        new = dict(
+            doc,
+            status=Status.RUNNING.value,
+            attempts=attempt,
+            worker=self.worker_name,
+            started_at=now,
+            progress={"step": 0, "total": doc["request"]["steps"]},
+            error=None,
+        )
+        events: list[tuple[EventType, dict[str, Any]]] = []
+        if attempt > 1:
+            events.append((EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"}))
+        events.append((EventType.STARTED, {"attempt": attempt, "worker": self.worker_name}))
+        out = self.store.apply(
+            job_id, allowed=allowed, token=snap.token, doc=new, new_token=token, events=events,
+        )
+        if not out.ok:
+            log.info("job %s: not started (%s)", job_id, out.detail)
+            return None
+        timeout_s = doc["request"].get("timeout_s") or self.settings.job_timeout_s
+        return Run(job_id, token, new, time.monotonic() + timeout_s,
+                   total=doc["request"]["steps"])
+
+    def _end_unstarted(
+        self, job_id: str, snap: Snapshot, status: Status, allowed: str,
+        error: dict[str, Any] | None = None,
+    ) -> None:
+        doc = dict(snap.doc, status=status.value, finished_at=now_iso(), error=error)
+        data: dict[str, Any] = {"job": doc}
+        if error:
+            data["error"] = error
+        from producer.contract import TERMINAL_EVENT_FOR
+
+        self.store.apply(
+            job_id, allowed=allowed, token=snap.token, doc=doc,
+            events=[(TERMINAL_EVENT_FOR[status], data)],
+        )
+
+    def _generate(self, run: Run) -> list[Any]:
+        import torch
+
+        req = run.request
+        model = self.models.get(req["model"])
+        if model is None:  # the queue name guarantees this; a broken deployment may not
+            raise InternalError(f"this worker has not loaded model {req['model']!r}")
+        init = self._init_image(req) if req.get("image") else None
+        pipe = model.img2img if init is not None else model.pipe
+        pipe.scheduler = model.scheduler(req["scheduler"])
+        n = req["num_images"]
+        gens = [torch.Generator(model.generator_device()).manual_seed(req["seed"] + i)
+                for i in range(n)]
+
+        def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            # Flags and the clock only: the monitor thread does the I/O.
+            run.total = getattr(p, "num_timesteps", run.total) or run.total
+            run.step = i + 1
+            if run.fenced.is_set():
+                raise Fenced(run.job_id)
+            if run.cancel.is_set():
+                raise JobCancelled(run.job_id)
+            if time.monotonic() > run.deadline:
+                raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
+            return kwargs
+
+        kwargs: dict[str, Any] = {
+            "prompt": req["prompt"],
+            "negative_prompt": req["negative_prompt"] or None,
+            "num_inference_steps": req["steps"],
+            "guidance_scale": req["guidance_scale"],
+            "num_images_per_prompt": n,
+            "generator": gens,
+            "callback_on_step_end": on_step_end,
+            "output_type": "pil",
+        }
+        if init is not None:
+            kwargs.update(image=init, strength=req["strength"])
+        else:
+            kwargs.update(width=req["width"], height=req["height"])
+        monitor = Monitor(self, run)
+        monitor.start()
+        try:
+            with torch.inference_mode():
+                result = pipe(**kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of GPU memory: {exc}") from None
+        except MemoryError:
+            raise OutOfMemory("out of host memory") from None
+        finally:
+            monitor.stop()
+        if time.monotonic() > run.deadline:  # the VAE decode ran past it
+            raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
+        return list(result.images)
+
+    def _init_image(self, req: dict[str, Any]) -> Any:
+        from producer.contract import decode_data_uri, open_image
+        from producer.netguard import EgressRefused, fetch
+
+        src: str = req["image"]
+        if src.startswith("data:"):
+            try:
+                raw = decode_data_uri(src, self.settings.max_image_bytes)
+            except ValueError as exc:
+                raise ImageInvalid(f"image {exc}") from None
+        else:
+            try:
+                raw = fetch(src, max_bytes=self.settings.max_image_bytes,
+                            allowlist=self.settings.egress_allowlist,
+                            allow_http=self.settings.allow_http)
+            except (EgressRefused, OSError, ValueError) as exc:
+                raise ImageFetchFailed(f"image: {exc}") from None
+        try:
+            img = open_image(raw)
+        except ValueError as exc:
+            raise ImageInvalid(f"image {exc}") from None
+        from PIL import Image
+
+        size = (req["width"], req["height"])
+        return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+    def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status:
+        req = run.request
+        fmt = req["output_format"]
+        encode_s = upload_s = 0.0
+        outputs = []
+        for i, image in enumerate(images):
+            seed = req["seed"] + i
+            t0 = time.perf_counter()
+            data = encoding.encode(image, req, seed, run.job_id, self.settings.png_compress_level)
+            t1 = time.perf_counter()
+            key = self.storage.key(run.job_id, f"{i}.{EXTENSIONS[fmt]}")
+            self.storage.put(key, data, CONTENT_TYPES[fmt])
+            upload_s += time.perf_counter() - t1
+            encode_s += t1 - t0
+            output = {
+                "index": i,
+                "key": key,
+                "url": self.storage.url(key),
+                "seed": seed,
+                "width": image.width,
+                "height": image.height,
+                "content_type": CONTENT_TYPES[fmt],
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            outputs.append(output)
+            self._write(run, EventType.OUTPUT, {"output": output}, outputs=list(outputs))
+        timings = {"inference_ms": inference_ms, "encode_ms": _ms(encode_s)}
+        t2 = time.perf_counter()
+        manifest = self._manifest(run, outputs, timings)
+        key = self.storage.key(run.job_id, "manifest.json")
+        self.storage.put(key, manifest, "application/json")
+        timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
+        return self._finish(run, Status.SUCCEEDED, outputs=outputs, timings=timings)
+
+    def _manifest(self, run: Run, outputs: list[dict[str, Any]], timings: dict[str, int]) -> bytes:
+        req = run.request
+        model = self.models[req["model"]]
+        body = {
+            "job_id": run.job_id,
+            "request": {k: v for k, v in req.items() if k != "image"},
+            "init_image_sha256": hashlib.sha256(req["image"].encode()).hexdigest()
+            if req.get("image") else None,
+            "seeds": [req["seed"] + i for i in range(req["num_images"])],
+            "model": model.source,
+            "versions": self.versions,
+            "worker": self.worker_name,
+            "attempt": run.doc["attempts"],
+            "timings": timings,
+            "outputs": [{k: v for k, v in o.items() if k != "url"} for o in outputs],
+        }
+        return json.dumps(body, indent=2, sort_keys=True).encode()
+
+    # -- writes, all fenced by the run's token -------------------------------------
+
+    def _write(self, run: Run, event: EventType, data: dict[str, Any], **changes: Any) -> None:
+        with run.lock:
+            doc = dict(run.doc, **changes)
+            out = self.store.apply(
+                run.job_id, allowed=Status.RUNNING.value, token=run.token, doc=doc,
+                events=[(event, data)],
+            )
+            if not out.ok:
+                run.fenced.set()
+                raise Fenced(run.job_id)
+            run.doc = doc
+
+    def _finish(
+        self, run: Run, status: Status, *, error: dict[str, Any] | None = None,
+        outputs: list[dict[str, Any]] | None = None, timings: dict[str, int] | None = None,
+    ) -> Status | None:
+        from producer.contract import TERMINAL_EVENT_FOR
+
+        finished = now_iso()
+        created = parse_iso(run.doc["created_at"]).timestamp()
+        started = parse_iso(run.doc["started_at"]).timestamp()
+        all_timings = {
+            "queued_ms": _ms(started - created),
+            **(timings or {}),
+            "total_ms": _ms(parse_iso(finished).timestamp() - created),
+        }
+        progress = dict(run.doc["progress"])
+        if status is Status.SUCCEEDED:
+            progress = {"step": run.total, "total": run.total}
+        changes: dict[str, Any] = {
+            "status": status.value, "finished_at": finished, "error": error,
+            "timings": all_timings, "progress": progress,
+        }
+        if outputs is not None:
+            changes["outputs"] = outputs
+        with run.lock:
+            doc = dict(run.doc, **changes)
+            data: dict[str, Any] = {"job": doc}
+            if error:
+                data["error"] = error
+            out = self.store.apply(
+                run.job_id, allowed=Status.RUNNING.value, token=run.token, doc=doc,
+                events=[(TERMINAL_EVENT_FOR[status], data)],
+            )
+            if not out.ok:
+                log.warning("job %s: %s not recorded (%s)", run.job_id, status, out.detail)
+                return None
+            run.doc = doc
+        log.info("job %s %s", run.job_id, status.value)
+        return status
+
+
+class Monitor(threading.Thread):
+    """Beside a running generation: publishes throttled progress, and turns a cancel
+    request (pushed to the job's cancel list) into the run's cancel flag at once."""
+
+    def __init__(self, runner: Runner, run: Run) -> None:
+        super().__init__(name=f"monitor-{run.job_id[:8]}", daemon=True)
+        self.runner = runner
+        self.run_ = run
+        self._stop_evt = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        run, store = self.run_, self.runner.store
+        interval = max(self.runner.settings.progress_interval_s, 0.05)
+        sent = 0
+        last_emit = 0.0
+        while not self._stop_evt.is_set():
+            try:
+                # Blocks up to `interval`; returns at once when a cancel is pushed.
+                if store.redis.blpop([K.cancel_key(run.job_id)], timeout=interval):
+                    run.cancel.set()
+                step = run.step
+                now = time.monotonic()
+                if step > sent and now - last_emit >= self.runner.settings.progress_interval_s:
+                    progress = {"step": step, "total": run.total}
+                    self.runner._write(run, EventType.PROGRESS, progress, progress=progress)
+                    sent, last_emit = step, now
+            except Fenced:
+                return
+            except Exception:  # noqa: BLE001 - events never fail a job
+                log.warning("job %s: progress update failed", run.job_id, exc_info=True)
+                self._stop_evt.wait(interval)
+
+
+def _internal(exc: BaseException) -> dict[str, Any]:
+    return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,148 @@
+"""Build ``tiny-sdxl``: an SDXL-architecture pipeline with random weights.
+
+Tests and the demo need a model that runs on a CPU, offline, in well under a second,
+and that loads through exactly the path real checkpoints take
+(``from_pretrained(..., use_safetensors=True)``). So the project builds one from
+configs: fixed seed, fixed configs, saved as safetensors. The same torch version
+gives the same weight bytes on every machine.
+
+The tokenizer is byte-level BPE with no merges (every byte is a token), written
+from scratch because no tokenizer files can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SEED = 20261121
+# Files whose presence means a complete build (written last, atomically renamed).
+MARKER = "model_index.json"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The GPT-2 / CLIP byte-to-unicode table: printable bytes map to themselves,
+    # the rest to code points above 255, so every byte is a visible character.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77), len(vocab)
+
+
+def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
+    """Build the tiny SDXL pipeline into ``dest`` (atomically) and return the path."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    dest = Path(dest)
+    tokenizer, vocab_size = _tokenizer()
+    # Fork the RNG so building does not disturb the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=80,  # 6 * 8 + 32
+            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states
+            norm_num_groups=32,
+        )
+        torch.manual_seed(SEED + 1)
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            latent_channels=4,
+            sample_size=128,
+        )
+        text_config = CLIPTextConfig(
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=vocab_size,
+            hidden_act="gelu",
+            projection_dim=32,
+        )
+        torch.manual_seed(SEED + 2)
+        text_encoder = CLIPTextModel(text_config)
+        torch.manual_seed(SEED + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=dest.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ensure_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
+    """Return ``dest``, building the model there first if it is missing."""
+    dest = Path(dest)
+    if not (dest / MARKER).exists():
+        build_tiny_sdxl(dest)
+    return dest
