@@ -150,7 +150,8 @@ def _check_url(value: str, allow_http: bool) -> str | None:
 def decode_data_uri(value: str, max_bytes: int) -> bytes:
     """Bytes of a ``data:image/...;base64,`` URI; ValueError says what is wrong."""
     head, sep, payload = value.partition(",")
-    if not sep or not head.startswith("data:") or not head.endswith(";base64"):
+    if (not sep or not head.startswith("data:") or not head[5:].lower().startswith("image/")
+            or not head.endswith(";base64")):
         raise ValueError("must be a data:image/...;base64,... URI")
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise ValueError(f"is larger than {max_bytes} bytes")

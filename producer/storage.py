@@ -79,6 +79,7 @@ class S3Storage(_Keys):
         self.retry_s = retry_s
         config = Config(
             s3={"addressing_style": "path"},
+            signature_version="s3v4",  # presigned URLs that every current store accepts
             retries={"max_attempts": 5, "mode": "standard"},
             connect_timeout=5,
             read_timeout=30,

@@ -49,6 +49,9 @@ if ARGV[1] == '__new__' then
   if status then return {0, status} end
 else
   if not status then return {0, '__missing__'} end
+  -- A terminal record never changes, whatever the caller allows.
+  if status == 'succeeded' or status == 'failed' or status == 'cancelled'
+     or status == 'expired' then return {0, status} end
   local allowed = false
   for s in string.gmatch(ARGV[1], '[^,]+') do
     if s == status then allowed = true end

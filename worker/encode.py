@@ -22,9 +22,7 @@ def parameters_text(request: dict[str, Any], seed: int) -> str:
     return text
 
 
-def encode(
-    image: Any, request: dict[str, Any], seed: int, job_id: str, png_compress_level: int = 6
-) -> bytes:
+def encode(image: Any, request: dict[str, Any], seed: int, png_compress_level: int = 6) -> bytes:
     """Encode one PIL image in the requested format. Same input, same bytes."""
     from PIL.PngImagePlugin import PngInfo
 
@@ -34,8 +32,8 @@ def encode(
         info = PngInfo()
         info.add_text("parameters", parameters_text(request, seed))
         params = {k: v for k, v in request.items() if k not in ("image", "webhook", "metadata")}
-        info.add_text("atelier", json.dumps({"job_id": job_id, "seed": seed, "request": params},
-                                            sort_keys=True))
+        # No job id here: the same request and seed must give the same bytes.
+        info.add_text("atelier", json.dumps({"seed": seed, "request": params}, sort_keys=True))
         image.save(buf, format="PNG", pnginfo=info, compress_level=png_compress_level)
     elif fmt == "webp":
         image.save(buf, format="WEBP", quality=request["quality"], method=4)

@@ -279,7 +279,7 @@ class Runner:
         for i, image in enumerate(images):
             seed = req["seed"] + i
             t0 = time.perf_counter()
-            data = encoding.encode(image, req, seed, run.job_id, self.settings.png_compress_level)
+            data = encoding.encode(image, req, seed, self.settings.png_compress_level)
             t1 = time.perf_counter()
             key = self.storage.key(run.job_id, f"{i}.{EXTENSIONS[fmt]}")
             self.storage.put(key, data, CONTENT_TYPES[fmt])

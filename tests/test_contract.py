@@ -1,0 +1,378 @@
+"""The request contract: every bad input is refused, named, and leaves nothing behind.
+
+Requests go through ``producer.Client.submit`` against a real redis-server, in a Redis
+database of their own that is emptied before each test, so "nothing was written" is
+checked on the whole database, Celery's queue lists included.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import Client, InvalidRequest, Settings, UnknownModel
+from producer import constants as K
+from producer.contract import MAX_SEED, validate_request
+from producer.registry import Registry
+
+#: A database no other test file uses, so its contents are ours alone.
+DB = 13
+QUEUE = K.queue_name("tiny-sdxl")  # "atelier.tiny-sdxl"
+
+
+def png_data_uri(size: tuple[int, int] = (16, 16), fmt: str = "PNG", noise: bool = False) -> str:
+    """A small image as a data: URI (noise: random pixels, so it does not compress)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if noise:
+        img = Image.frombytes("RGB", size, random.Random(0).randbytes(size[0] * size[1] * 3))
+    else:
+        img = Image.new("RGB", size, (200, 30, 60))
+    img.save(buf, format=fmt)
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+@pytest.fixture
+def db_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{DB}"
+
+
+@pytest.fixture
+def rdb(db_url: str) -> Iterator[redis.Redis]:
+    r = redis.Redis.from_url(db_url)
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture
+def make_settings(db_url: str, models_file: str, tmp_path: Path) -> Any:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": db_url,
+            "default_model": "tiny-sdxl",
+            "models_file": models_file,
+            "models_dir": str(tmp_path),
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Any) -> Iterator[Client]:
+    c = Client(make_settings())
+    yield c
+    c.close()
+
+
+def job_keys(r: redis.Redis) -> list[bytes]:
+    return list(r.scan_iter(match=K.JOB + "*"))
+
+
+def queue_keys(r: redis.Redis) -> list[bytes]:
+    return [k for k in r.scan_iter(match="*") if k.decode().startswith(QUEUE)]
+
+
+def queued_messages(r: redis.Redis) -> int:
+    return sum(r.llen(k) for k in queue_keys(r) if r.type(k) == b"list")
+
+
+P = "a red fox in the snow"
+
+BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
+    # (case id, body, field expected in exc.fields, settings overrides)
+    ("missing-prompt", {"steps": 4}, "prompt", {}),
+    ("blank-prompt", {"prompt": " \t\n "}, "prompt", {}),
+    ("empty-prompt", {"prompt": ""}, "prompt", {}),
+    ("prompt-too-long", {"prompt": "x" * 4001}, "prompt", {}),
+    ("prompt-not-str", {"prompt": 42}, "prompt", {}),
+    ("negative-prompt-too-long", {"prompt": P, "negative_prompt": "y" * 4001},
+     "negative_prompt", {}),
+    ("unknown-field", {"prompt": P, "sampler": "euler"}, "sampler", {}),
+    ("unknown-model", {"prompt": P, "model": "sd-9000"}, "model", {}),
+    ("width-not-multiple-of-8", {"prompt": P, "width": 100}, "width", {}),
+    ("height-not-multiple-of-8", {"prompt": P, "height": 68}, "height", {}),
+    ("width-below-64", {"prompt": P, "width": 56}, "width", {}),
+    ("width-above-max-side", {"prompt": P, "width": 520}, "width", {}),
+    ("height-above-max-side", {"prompt": P, "height": 1024}, "height", {}),
+    ("pixels-above-max", {"prompt": P, "model": "playground-v2.5", "width": 2048,
+                          "height": 2048}, "width", {}),
+    ("steps-0", {"prompt": P, "steps": 0}, "steps", {}),
+    ("steps-151", {"prompt": P, "steps": 151}, "steps", {}),
+    ("guidance-negative", {"prompt": P, "guidance_scale": -1}, "guidance_scale", {}),
+    ("guidance-31", {"prompt": P, "guidance_scale": 31}, "guidance_scale", {}),
+    ("guidance-nan", {"prompt": P, "guidance_scale": math.nan}, "guidance_scale", {}),
+    ("guidance-inf", {"prompt": P, "guidance_scale": math.inf}, "guidance_scale", {}),
+    ("guidance-string", {"prompt": P, "guidance_scale": "3"}, "guidance_scale", {}),
+    ("scheduler-not-allowed", {"prompt": P, "scheduler": "edm_euler"}, "scheduler", {}),
+    ("scheduler-unknown", {"prompt": P, "scheduler": "magic"}, "scheduler", {}),
+    ("scheduler-of-other-model", {"prompt": P, "model": "tiny-idle", "scheduler": "unipc"},
+     "scheduler", {}),
+    ("seed-negative", {"prompt": P, "seed": -1}, "seed", {}),
+    ("seed-2**32", {"prompt": P, "seed": 2**32}, "seed", {}),
+    ("seed-float", {"prompt": P, "seed": 1.0}, "seed", {}),
+    ("num-images-0", {"prompt": P, "num_images": 0}, "num_images", {}),
+    ("num-images-9", {"prompt": P, "num_images": 9}, "num_images", {}),
+    ("image-http", {"prompt": P, "image": "http://example.com/a.png"}, "image", {}),
+    ("image-ftp", {"prompt": P, "image": "ftp://example.com/a.png"}, "image", {}),
+    ("image-bare-path", {"prompt": P, "image": "/etc/passwd"}, "image", {}),
+    ("image-file-url", {"prompt": P, "image": "file:///etc/passwd"}, "image", {}),
+    ("image-https-with-credentials", {"prompt": P, "image": "https://u:p@example.com/a.png"},
+     "image", {}),
+    ("image-data-not-image", {"prompt": P, "image": "data:image/png;base64,"
+                              + base64.b64encode(b"hello, not a png").decode()}, "image", {}),
+    ("image-data-not-base64", {"prompt": P, "image": "data:image/png;base64,@@@!"}, "image", {}),
+    ("image-data-not-base64-encoded", {"prompt": P, "image": "data:image/png,rawbytes"},
+     "image", {}),
+    ("image-data-gif", {"prompt": P, "image": "data:image/gif;base64,"
+                        + base64.b64encode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").decode()},
+     "image", {}),
+    ("image-data-too-large", {"prompt": P, "image": png_data_uri((64, 64), noise=True)},
+     "image", {"max_image_bytes": 4096}),
+    ("image-data-not-image-type", {"prompt": P, "image": png_data_uri().replace(
+        "data:image/png", "data:text/plain")}, "image", {}),
+    ("image-not-str", {"prompt": P, "image": 7}, "image", {}),
+    ("strength-without-image", {"prompt": P, "strength": 0.5}, "strength", {}),
+    ("strength-1.5", {"prompt": P, "image": png_data_uri(), "strength": 1.5}, "strength", {}),
+    ("strength-negative", {"prompt": P, "image": png_data_uri(), "strength": -0.1},
+     "strength", {}),
+    ("output-format-gif", {"prompt": P, "output_format": "gif"}, "output_format", {}),
+    ("quality-0", {"prompt": P, "quality": 0}, "quality", {}),
+    ("quality-101", {"prompt": P, "quality": 101}, "quality", {}),
+    ("webhook-http", {"prompt": P, "webhook": "http://hooks.example.com/x"}, "webhook",
+     {"allow_http": False}),
+    ("webhook-ftp", {"prompt": P, "webhook": "ftp://hooks.example.com/x"}, "webhook",
+     {"allow_http": True}),
+    ("webhook-no-host", {"prompt": P, "webhook": "https:///x"}, "webhook", {}),
+    ("webhook-events-unknown", {"prompt": P, "webhook_events": ["completed", "finished"]},
+     "webhook_events", {}),
+    ("webhook-events-duplicate", {"prompt": P, "webhook_events": ["started", "started"]},
+     "webhook_events", {}),
+    ("webhook-events-not-list", {"prompt": P, "webhook_events": "completed"},
+     "webhook_events", {}),
+    ("metadata-too-large", {"prompt": P, "metadata": {"blob": "z" * 4096}}, "metadata", {}),
+    ("metadata-not-object", {"prompt": P, "metadata": ["a"]}, "metadata", {}),
+    ("metadata-nan", {"prompt": P, "metadata": {"x": math.nan}}, "metadata", {}),
+    ("priority-10", {"prompt": P, "priority": 10}, "priority", {}),
+    ("priority-negative", {"prompt": P, "priority": -1}, "priority", {}),
+    ("timeout-0", {"prompt": P, "timeout_s": 0}, "timeout_s", {}),
+    ("timeout-above-setting", {"prompt": P, "timeout_s": 601}, "timeout_s",
+     {"job_timeout_s": 600}),
+    ("expires-in-0", {"prompt": P, "expires_in_s": 0}, "expires_in_s", {}),
+    ("bool-for-int-steps", {"prompt": P, "steps": True}, "steps", {}),
+    ("bool-for-int-width", {"prompt": P, "width": True}, "width", {}),
+    ("bool-for-int-priority", {"prompt": P, "priority": False}, "priority", {}),
+    ("bool-for-float", {"prompt": P, "guidance_scale": True}, "guidance_scale", {}),
+    ("string-for-int", {"prompt": P, "steps": "20"}, "steps", {}),
+    ("body-list", ["a red fox"], "body", {}),
+    ("body-string", "a red fox", "body", {}),
+    ("body-none", None, "body", {}),
+]
+
+
+def submit_raw(client: Client, body: Any) -> str:
+    # ``submit(request)`` merges into a dict, so a non-dict body goes through the same
+    # validation ``submit`` runs, then would be enqueued the same way.
+    if isinstance(body, dict):
+        return client.submit(body)
+    normalized = validate_request(body, client.registry, client.settings)
+    return client.enqueue(normalized)
+
+
+@pytest.mark.parametrize(("body", "field", "overrides"),
+                         [pytest.param(b, f, o, id=i) for i, b, f, o in BAD])
+def test_bad_request_is_refused_named_and_not_enqueued(
+    rdb: redis.Redis, make_settings: Any, body: Any, field: str, overrides: dict[str, Any]
+) -> None:
+    before = set(rdb.keys("*"))
+    assert before == set()  # a fresh database
+    client = Client(make_settings(**overrides))
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            submit_raw(client, body)
+    finally:
+        client.close()
+    exc = info.value
+    named = {f["field"].split(".")[0] for f in exc.fields}
+    assert field in named, exc.fields
+    assert str(exc).strip()
+    assert all(f["message"].strip() for f in exc.fields)
+    assert exc.code in ("invalid_request", "unknown_model")
+    # Nothing written: no record, no event, no Celery message or binding.
+    assert set(rdb.keys("*")) == before
+    assert job_keys(rdb) == []
+    assert queue_keys(rdb) == []
+    assert rdb.exists(K.GLOBAL_EVENTS) == 0
+
+
+def test_unknown_model_has_its_own_code(client: Client, rdb: redis.Redis) -> None:
+    with pytest.raises(UnknownModel) as info:
+        client.submit(prompt=P, model="sd-9000")
+    assert info.value.code == "unknown_model"
+    msg = info.value.fields[0]["message"]
+    assert "sd-9000" in msg and "tiny-sdxl" in msg  # says what exists
+    assert rdb.keys("*") == []
+
+
+def test_every_bad_field_is_named(client: Client, rdb: redis.Redis) -> None:
+    body = {
+        "prompt": "   ",
+        "width": 63,
+        "height": 1024,
+        "steps": 0,
+        "guidance_scale": math.nan,
+        "scheduler": "edm_euler",
+        "seed": -5,
+        "num_images": 9,
+        "strength": 0.3,
+        "output_format": "gif",
+        "quality": 0,
+        "webhook": "ftp://x.example.com/",
+        "webhook_events": ["completed", "completed"],
+        "priority": 10,
+        "timeout_s": 10**6,
+        "expires_in_s": 0,
+        "colour": "red",
+    }
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(body)
+    named = {f["field"].split(".")[0] for f in info.value.fields}
+    assert named == set(body)
+    assert all(f["message"] for f in info.value.fields)
+    for name in body:  # the message names each field too
+        assert name in str(info.value)
+    assert rdb.keys("*") == []
+
+
+def test_model_dependent_checks_use_the_requested_model(client: Client,
+                                                        rdb: redis.Redis) -> None:
+    # 1024 is fine for playground-v2.5 but above tiny-sdxl's max_side (512).
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(prompt=P, width=1024, height=1024, scheduler="edm_euler")
+    assert {f["field"] for f in info.value.fields} == {"width", "height", "scheduler"}
+    job_id = client.submit(prompt=P, model="playground-v2.5", width=1024, height=1024,
+                           scheduler="edm_euler")
+    assert client.get(job_id)["request"]["scheduler"] == "edm_euler"
+
+
+def test_valid_request_is_recorded_and_enqueued(client: Client, rdb: redis.Redis) -> None:
+    """The positive control of the matrix: a good request does write what a bad one must not."""
+    job_id = client.submit(prompt=P)
+    assert job_keys(rdb) == [K.job_key(job_id).encode()]
+    assert queued_messages(rdb) == 1
+    assert all(k.decode().startswith(QUEUE) for k in queue_keys(rdb))
+    rec = client.get(job_id)
+    assert rec["status"] == "queued" and rec["id"] == job_id
+
+
+def test_valid_request_is_normalized(client: Client, rdb: redis.Redis) -> None:
+    spec = client.registry["tiny-sdxl"]
+    job_id = client.submit(prompt=P, metadata={"user": "u1"})
+    req = client.get(job_id)["request"]
+    assert req["model"] == "tiny-sdxl"
+    assert (req["width"], req["height"]) == (spec.width, spec.height)
+    assert req["steps"] == spec.steps
+    assert req["guidance_scale"] == spec.guidance_scale
+    assert isinstance(req["guidance_scale"], float)
+    assert req["scheduler"] == spec.scheduler
+    assert isinstance(req["seed"], int) and 0 <= req["seed"] <= MAX_SEED - 8
+    assert req["timeout_s"] == client.settings.job_timeout_s
+    assert req["strength"] is None and req["image"] is None
+    assert req["num_images"] == 1 and req["priority"] == 5
+    assert req["output_format"] == "png" and req["quality"] == 90
+    assert req["webhook_events"] == ["completed"]
+    assert req["negative_prompt"] == ""
+    assert req["metadata"] == {"user": "u1"}
+    assert req["expires_in_s"] is None
+
+
+def test_normalization_keeps_given_values(make_settings: Any, models_file: str) -> None:
+    settings = make_settings(job_timeout_s=300)
+    registry = Registry.load(models_file)
+    out = validate_request(
+        {"prompt": P, "model": "tiny-idle", "width": 128, "height": 96, "steps": 7,
+         "guidance_scale": 0, "scheduler": "ddim", "seed": 0, "timeout_s": 300,
+         "num_images": 8},
+        registry, settings,
+    )
+    assert out["model"] == "tiny-idle"
+    assert (out["width"], out["height"], out["steps"]) == (128, 96, 7)
+    assert out["guidance_scale"] == 0.0  # zero is a value, not "unset"
+    assert out["scheduler"] == "ddim"
+    assert out["seed"] == 0  # zero is a seed, not "draw one"
+    assert out["timeout_s"] == 300
+    # The largest seed is accepted.
+    assert validate_request({"prompt": P, "seed": MAX_SEED}, registry, settings)["seed"] == MAX_SEED
+
+
+def test_seeds_are_drawn_independently(make_settings: Any, models_file: str) -> None:
+    settings, registry = make_settings(), Registry.load(models_file)
+    seeds = {validate_request({"prompt": P}, registry, settings)["seed"] for _ in range(20)}
+    assert len(seeds) > 1
+    assert all(0 <= s <= MAX_SEED - 8 for s in seeds)  # seed + 7 stays within 32 bits
+
+
+def test_strength_defaults_only_with_an_image(make_settings: Any, models_file: str) -> None:
+    settings, registry = make_settings(), Registry.load(models_file)
+    uri = png_data_uri()
+    with_image = validate_request({"prompt": P, "image": uri}, registry, settings)
+    assert with_image["strength"] == 0.6
+    assert with_image["image"] == uri
+    chosen = validate_request({"prompt": P, "image": uri, "strength": 0.25}, registry, settings)
+    assert chosen["strength"] == 0.25
+    without = validate_request({"prompt": P}, registry, settings)
+    assert without["strength"] is None
+    # JPEG and WEBP data URIs and https URLs are accepted as well.
+    for fmt in ("JPEG", "WEBP"):
+        assert validate_request({"prompt": P, "image": png_data_uri(fmt=fmt)}, registry,
+                                settings)["strength"] == 0.6
+    url = "https://images.example.com/cat.png"
+    assert validate_request({"prompt": P, "image": url}, registry, settings)["image"] == url
+
+
+def test_img2img_request_through_client(client: Client, rdb: redis.Redis) -> None:
+    job_id = client.submit(prompt=P, image=png_data_uri(), strength=0.8,
+                           webhook="https://hooks.example.com/in",
+                           webhook_events=["started", "completed"])
+    req = client.get(job_id)["request"]
+    assert req["strength"] == 0.8
+    assert req["webhook"] == "https://hooks.example.com/in"
+    assert req["webhook_events"] == ["started", "completed"]
+
+
+def test_http_webhook_and_image_allowed_by_setting(make_settings: Any, models_file: str) -> None:
+    registry = Registry.load(models_file)
+    body = {"prompt": P, "webhook": "http://127.0.0.1:9/hook", "image": "http://h.example/i.png"}
+    with pytest.raises(InvalidRequest) as info:
+        validate_request(body, registry, make_settings(allow_http=False))
+    assert {f["field"] for f in info.value.fields} == {"webhook", "image"}
+    out = validate_request(body, registry, make_settings(allow_http=True))
+    assert out["webhook"] == body["webhook"]
+
+
+def test_metadata_at_the_limit_is_accepted(make_settings: Any, models_file: str) -> None:
+    registry, settings = Registry.load(models_file), make_settings()
+    # {"k":"…"} is 8 bytes of JSON around the value.
+    ok = {"k": "v" * (4096 - 8)}
+    assert validate_request({"prompt": P, "metadata": ok}, registry, settings)["metadata"] == ok
+    with pytest.raises(InvalidRequest):
+        validate_request({"prompt": P, "metadata": {"k": "v" * (4096 - 7)}}, registry, settings)
+
+
+def test_timeout_at_the_setting_is_accepted(make_settings: Any, models_file: str) -> None:
+    settings = make_settings(job_timeout_s=120)
+    out = validate_request({"prompt": P, "timeout_s": 120}, Registry.load(models_file), settings)
+    assert out["timeout_s"] == 120

@@ -1,0 +1,275 @@
+"""End to end: producer → Redis → a real worker subprocess (tiny-sdxl, CPU) → moto S3."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import boto3
+import pytest
+from PIL import Image
+
+from producer.contract import EventType, Status
+from tests.conftest import BUCKET, Stack
+
+pytestmark = pytest.mark.slow
+
+
+def s3_get(stack: Stack, key: str) -> bytes:
+    s3 = boto3.client("s3", endpoint_url=stack.settings.s3_endpoint_url)
+    body: bytes = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return body
+
+
+def run_job(stack: Stack, timeout: float = 60, **request: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with stack.client() as client:
+        job_id = client.submit(request)
+        events = list(client.events(job_id, timeout=timeout))
+        return client.get(job_id), events
+
+
+def png_data_uri(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_events_outputs_and_manifest(stack: Stack) -> None:
+    record, events = run_job(stack, prompt="a lighthouse at dusk", width=72, height=64,
+                             steps=6, seed=7, num_images=2, metadata={"user": "u1"})
+    assert record["status"] == Status.SUCCEEDED, record
+    types = [e["type"] for e in events]
+    # queued → started → progress… → output ×2 → succeeded, nothing else, in order
+    assert types[:2] == [EventType.QUEUED, EventType.STARTED]
+    assert types[-3:] == [EventType.OUTPUT, EventType.OUTPUT, EventType.SUCCEEDED]
+    progress = [e["data"] for e in events if e["type"] == EventType.PROGRESS]
+    assert progress and all(p["total"] == 6 for p in progress)
+    assert [p["step"] for p in progress] == sorted({p["step"] for p in progress})
+    assert types.count(EventType.SUCCEEDED) == 1
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)  # ordered ids
+    assert all(e["data"].get("metadata") == {"user": "u1"} for e in events)
+    assert events[-1]["data"]["job"]["outputs"] == record["outputs"]
+
+    assert record["attempts"] == 1 and record["worker"]
+    assert record["progress"] == {"step": 6, "total": 6}
+    for name in ("queued_ms", "inference_ms", "encode_ms", "upload_ms", "total_ms"):
+        assert record["timings"][name] >= 0, name
+    assert record["timings"]["total_ms"] >= record["timings"]["inference_ms"]
+
+    job_id = record["id"]
+    assert [o["index"] for o in record["outputs"]] == [0, 1]
+    for out in record["outputs"]:
+        assert out["key"] == f"outputs/{job_id}/{out['index']}.png"
+        assert out["seed"] == 7 + out["index"]
+        data = s3_get(stack, out["key"])
+        assert hashlib.sha256(data).hexdigest() == out["sha256"]
+        assert len(data) == out["bytes"]
+        img = Image.open(io.BytesIO(data))
+        assert img.size == (72, 64) == (out["width"], out["height"])
+        assert out["content_type"] == "image/png"
+        assert "Seed: " + str(out["seed"]) in img.text["parameters"]
+        assert json.loads(img.text["atelier"])["request"]["prompt"] == "a lighthouse at dusk"
+        assert "X-Amz-Signature" in out["url"]  # presigned
+
+    manifest = json.loads(s3_get(stack, f"outputs/{job_id}/manifest.json"))
+    assert manifest["job_id"] == job_id
+    assert manifest["seeds"] == [7, 8]
+    assert manifest["request"]["prompt"] == "a lighthouse at dusk"
+    assert manifest["model"]["name"] == "tiny-sdxl"
+    assert manifest["model"]["source"] == "builtin:tiny-sdxl"
+    weights = manifest["model"]["weights"]
+    assert "unet/diffusion_pytorch_model.safetensors" in weights
+    assert all(len(h) == 64 for h in weights.values())
+    for lib in ("torch", "diffusers", "transformers", "python"):
+        assert manifest["versions"][lib]
+    assert [o["sha256"] for o in manifest["outputs"]] == [o["sha256"] for o in record["outputs"]]
+
+
+def test_same_seed_same_bytes_and_other_seed_differs(stack: Stack) -> None:
+    a, _ = run_job(stack, prompt="a red fox", seed=123, steps=3)
+    b, _ = run_job(stack, prompt="a red fox", seed=123, steps=3)
+    c, _ = run_job(stack, prompt="a red fox", seed=124, steps=3)
+    assert a["outputs"][0]["sha256"] == b["outputs"][0]["sha256"]
+    assert a["outputs"][0]["sha256"] != c["outputs"][0]["sha256"]
+    assert a["request"]["seed"] == 123
+
+
+def test_drawn_seed_is_recorded_and_reproduces(stack: Stack) -> None:
+    a, _ = run_job(stack, prompt="a blue owl", steps=3)
+    seed = a["request"]["seed"]
+    assert isinstance(seed, int)
+    b, _ = run_job(stack, prompt="a blue owl", steps=3, seed=seed)
+    assert a["outputs"][0]["sha256"] == b["outputs"][0]["sha256"]
+
+
+@pytest.fixture(scope="module")
+def bare_pipe(models_dir: Any) -> Any:
+    """tiny-sdxl in this process, through diffusers alone."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
+                                                     use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bare_run(pipe: Any, seed: int, **kwargs: Any) -> Image.Image:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker runs with ATELIER_TORCH_THREADS=1
+    try:
+        with torch.inference_mode():
+            return pipe(generator=[torch.Generator("cpu").manual_seed(seed)], **kwargs).images[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pixels(img: Image.Image) -> bytes:
+    return img.convert("RGB").tobytes()
+
+
+def test_worker_bytes_equal_bare_diffusers(stack: Stack, bare_pipe: Any) -> None:
+    """The queue adds and loses nothing: same pixels as diffusers alone."""
+    req = {"prompt": "a castle on a hill", "negative_prompt": "fog", "seed": 99, "steps": 5,
+           "guidance_scale": 6.5, "width": 64, "height": 80}
+    record, _ = run_job(stack, **req)
+    worker_img = Image.open(io.BytesIO(s3_get(stack, record["outputs"][0]["key"])))
+    bare = bare_run(bare_pipe, 99, prompt=req["prompt"], negative_prompt="fog",
+                    num_inference_steps=5, guidance_scale=6.5, width=64, height=80)
+    assert worker_img.size == bare.size == (64, 80)
+    assert pixels(worker_img) == pixels(bare)
+
+
+def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    red_uri = png_data_uri((255, 0, 0))
+    txt, _ = run_job(stack, prompt="a garden", seed=5, steps=4)
+    red, _ = run_job(stack, prompt="a garden", seed=5, steps=4, image=red_uri, strength=0.5)
+    green, _ = run_job(stack, prompt="a garden", seed=5, steps=4,
+                       image=png_data_uri((0, 255, 0), (96, 96)), strength=0.5)
+    assert red["status"] == green["status"] == Status.SUCCEEDED
+    assert red["request"]["strength"] == 0.5
+    # strength 0.5 of 4 steps denoises 2
+    assert red["progress"] == {"step": 2, "total": 2}
+    shas = {txt["outputs"][0]["sha256"], red["outputs"][0]["sha256"], green["outputs"][0]["sha256"]}
+    assert len(shas) == 3  # the init image matters
+    # the init image is resized to the requested size
+    assert Image.open(io.BytesIO(s3_get(stack, green["outputs"][0]["key"]))).size == (64, 64)
+
+    # and the pixels are exactly diffusers' img2img on the same weights
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(bare_pipe)
+    bare = bare_run(img2img, 5, prompt="a garden", num_inference_steps=4, guidance_scale=5.0,
+                    image=Image.new("RGB", (64, 64), (255, 0, 0)), strength=0.5)
+    worker_img = Image.open(io.BytesIO(s3_get(stack, red["outputs"][0]["key"])))
+    assert pixels(worker_img) == pixels(bare)
+
+
+def test_img2img_from_url_through_the_guard(stack: Stack, tmp_path: Any) -> None:
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "init.png").write_bytes(base64.b64decode(png_data_uri((0, 0, 255)).split(",")[1]))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        ok, _ = run_job(stack, prompt="a lake", steps=2, image=f"http://127.0.0.1:{port}/init.png")
+        assert ok["status"] == Status.SUCCEEDED, ok
+        missing, _ = run_job(stack, prompt="a lake", steps=2,
+                             image=f"http://127.0.0.1:{port}/missing.png")
+        assert missing["status"] == Status.FAILED
+        assert missing["error"]["code"] == "image_fetch_failed"
+        # ::1 is loopback and not on the allowlist (127.0.0.1 is): the guard refuses it
+        refused, _ = run_job(stack, prompt="a lake", steps=2,
+                             image=f"http://[::1]:{port}/init.png")
+        assert refused["error"]["code"] == "image_fetch_failed"
+        assert "not a public address" in refused["error"]["message"]
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+def test_cancel_queued_job(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = client.submit(prompt="never runs", model="tiny-idle")
+        assert client.get(job_id)["status"] == Status.QUEUED
+        record = client.cancel(job_id)
+        assert record["status"] == Status.CANCELLED
+        types = [e["type"] for e in client.events(job_id, timeout=5)]
+        assert types == [EventType.QUEUED, EventType.CANCELLED]
+        # a terminal record never changes: cancelling again is a no-op
+        assert client.cancel(job_id) == client.get(job_id)
+
+
+def test_cancel_running_job_within_a_step(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = client.submit(prompt="a long one", steps=150)
+        for ev in client.events(job_id, timeout=60):
+            if ev["type"] == EventType.PROGRESS:
+                break
+        asked = time.monotonic()
+        client.cancel(job_id)
+        record = client.wait(job_id, timeout=30)
+        took = time.monotonic() - asked
+    assert record["status"] == Status.CANCELLED
+    assert record["outputs"] == []
+    assert record["progress"]["step"] < 150
+    # One step of tiny-sdxl here is ~50 ms; the monitor wakes on the cancel at once.
+    assert took < 2.0, took
+
+
+def test_timeout(stack: Stack) -> None:
+    record, events = run_job(stack, prompt="too slow", steps=150, timeout_s=1)
+    assert record["status"] == Status.FAILED
+    assert record["error"]["code"] == "timeout"
+    assert events[-1]["type"] == EventType.FAILED
+    assert events[-1]["data"]["error"]["code"] == "timeout"
+    assert record["outputs"] == []
+
+
+def test_expiry_while_queued(stack: Stack) -> None:
+    with stack.client() as client:
+        job_id = client.submit(prompt="too late", model="tiny-idle", expires_in_s=1)
+        assert client.get(job_id)["status"] == Status.QUEUED
+        time.sleep(1.2)
+        record = client.get(job_id)
+        assert record["status"] == Status.EXPIRED
+        types = [e["type"] for e in client.events(job_id, timeout=5)]
+        assert types == [EventType.QUEUED, EventType.EXPIRED]
+
+
+def test_expiry_seen_by_the_worker(stack: Stack) -> None:
+    """A job whose deadline passes behind busy slots is expired by the worker, not run."""
+    with stack.client() as client:
+        busy = [client.submit(prompt=f"busy {i}", steps=150) for i in range(2)]
+        late = client.submit(prompt="late", steps=2, expires_in_s=1)
+        time.sleep(1.5)
+        for job_id in busy:
+            client.cancel(job_id)
+        # nobody read `late` meanwhile: the worker itself must find it expired
+        record = client.wait(late, timeout=60)
+        for job_id in busy:
+            assert client.wait(job_id, timeout=60)["status"] == Status.CANCELLED
+    assert record["status"] == Status.EXPIRED
+    assert record["attempts"] == 0 and record["started_at"] is None
+
+
+def test_priority_orders_the_queue(stack: Stack) -> None:
+    """With the worker busy, a priority 9 job submitted last starts before priority 0 ones."""
+    with stack.client() as client:
+        busy = [client.submit(prompt=f"hold {i}", steps=40) for i in range(2)]
+        low = [client.submit(prompt=f"low {i}", steps=1, priority=0) for i in range(2)]
+        high = client.submit(prompt="high", steps=1, priority=9)
+        records = {j: client.wait(j, timeout=90) for j in [*busy, *low, high]}
+    assert all(r["status"] == Status.SUCCEEDED for r in records.values())
+    assert records[high]["started_at"] < min(records[j]["started_at"] for j in low)

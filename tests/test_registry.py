@@ -1,0 +1,141 @@
+"""The model registry: built-in entries, MODELS_FILE overrides, refusal of bad entries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.registry import ModelSpec, Registry
+
+
+@pytest.fixture
+def builtin() -> Registry:
+    return Registry.load()
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_builtin_names(builtin: Registry) -> None:
+    assert builtin.names() == ["playground-v2.5", "sdxl-base-1.0", "tiny-sdxl"]
+    assert {s.name for s in builtin} == set(builtin.names())
+    assert builtin.get("nope") is None
+    with pytest.raises(KeyError):
+        builtin["nope"]
+
+
+def test_playground_defaults(builtin: Registry) -> None:
+    pg = builtin["playground-v2.5"]
+    assert pg.source == "playgroundai/playground-v2.5-1024px-aesthetic"
+    assert pg.pipeline == "sdxl"
+    assert pg.variant == "fp16"
+    assert pg.dtype == "fp16"
+    assert pg.scheduler == "edm_dpmpp_2m"
+    assert set(pg.schedulers) <= {"edm_dpmpp_2m", "edm_euler"}  # EDM only
+    assert pg.scheduler in pg.schedulers
+    assert pg.steps == 50
+    assert pg.guidance_scale == 3.0
+    assert (pg.width, pg.height) == (1024, 1024)
+    assert pg.max_pixels >= 1024 * 1024
+
+
+def test_sdxl_and_tiny(builtin: Registry) -> None:
+    sdxl = builtin["sdxl-base-1.0"]
+    assert sdxl.source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (sdxl.width, sdxl.height) == (1024, 1024)
+    assert sdxl.vae_source  # fp16-safe VAE
+    tiny = builtin["tiny-sdxl"]
+    assert tiny.source == "builtin:tiny-sdxl"
+    assert tiny.dtype == "fp32"
+    assert tiny.width % 8 == 0 and tiny.width <= 128  # small enough for CPU tests
+    assert tiny.steps <= 10
+
+
+def test_public_view(builtin: Registry) -> None:
+    pub = builtin["playground-v2.5"].public()
+    assert pub["name"] == "playground-v2.5"
+    assert pub["defaults"] == {"width": 1024, "height": 1024, "steps": 50,
+                               "guidance_scale": 3.0, "scheduler": "edm_dpmpp_2m"}
+    assert pub["limits"]["max_pixels"] == builtin["playground-v2.5"].max_pixels
+    assert "edm_dpmpp_2m" in pub["schedulers"]
+
+
+def test_models_file_overrides_one_key_and_adds_a_model(tmp_path: Path,
+                                                        builtin: Registry) -> None:
+    path = write(tmp_path, """
+[models."playground-v2.5"]
+revision = "0123456789abcdef0123456789abcdef01234567"
+
+[models."tiny-sdxl"]
+steps = 8
+
+[models."my-sdxl"]
+source = "/srv/models/my-sdxl"
+scheduler = "ddim"
+schedulers = ["ddim", "euler"]
+steps = 25
+width = 768
+height = 1024
+""")
+    reg = Registry.load(path)
+    pg, base = reg["playground-v2.5"], builtin["playground-v2.5"]
+    assert pg.revision == "0123456789abcdef0123456789abcdef01234567"
+    # Every other key keeps its built-in value.
+    assert pg == ModelSpec(**{**base.__dict__, "revision": pg.revision})
+    tiny = reg["tiny-sdxl"]
+    assert tiny.steps == 8
+    assert tiny.source == "builtin:tiny-sdxl" and tiny.max_side == builtin["tiny-sdxl"].max_side
+    assert tiny.schedulers == builtin["tiny-sdxl"].schedulers
+    mine = reg["my-sdxl"]
+    assert mine.source == "/srv/models/my-sdxl"
+    assert (mine.width, mine.height, mine.steps) == (768, 1024, 25)
+    assert mine.schedulers == ("ddim", "euler") and mine.scheduler == "ddim"
+    assert mine.pipeline == "sdxl"  # defaults fill the rest
+    assert reg.names() == ["my-sdxl", "playground-v2.5", "sdxl-base-1.0", "tiny-sdxl"]
+    # The built-in registry itself is unchanged.
+    assert Registry.load()["tiny-sdxl"].steps == builtin["tiny-sdxl"].steps
+
+
+def test_schedulers_default_to_the_scheduler(tmp_path: Path) -> None:
+    reg = Registry.load(write(tmp_path, """
+[models.one]
+source = "x/one"
+scheduler = "unipc"
+"""))
+    assert reg["one"].schedulers == ("unipc",)
+
+
+BAD = [
+    ("unknown-key", 'source = "x/y"\nsampler = "euler"', "sampler"),
+    ("no-source", "steps = 20", "source"),
+    ("scheduler-not-in-schedulers",
+     'source = "x/y"\nscheduler = "ddim"\nschedulers = ["euler", "euler_a"]', "scheduler"),
+    ("unknown-scheduler", 'source = "x/y"\nscheduler = "warp"\nschedulers = ["warp"]', "warp"),
+    ("width-not-multiple-of-8", 'source = "x/y"\nwidth = 1004', "width"),
+    ("height-below-64", 'source = "x/y"\nheight = 32', "height"),
+    ("side-above-max-side", 'source = "x/y"\nwidth = 1024\nmax_side = 512', "max_side"),
+    ("pixels-above-max", 'source = "x/y"\nwidth = 1024\nheight = 1024\nmax_pixels = 1000',
+     "max_pixels"),
+    ("steps-0", 'source = "x/y"\nsteps = 0', "steps"),
+    ("bad-pipeline", 'source = "x/y"\npipeline = "sd15"', "pipeline"),
+    ("bad-dtype", 'source = "x/y"\ndtype = "int8"', "dtype"),
+]
+
+
+@pytest.mark.parametrize(("entry", "word"), [pytest.param(e, w, id=i) for i, e, w in BAD])
+def test_bad_entry_raises_naming_the_model(tmp_path: Path, entry: str, word: str) -> None:
+    path = write(tmp_path, f'[models."broken-model"]\n{entry}\n')
+    with pytest.raises(ValueError, match="broken-model") as info:
+        Registry.load(path)
+    assert word in str(info.value)
+
+
+def test_bad_override_of_a_builtin_is_refused(tmp_path: Path) -> None:
+    # Playground allows EDM schedulers only: a default outside them is an error.
+    path = write(tmp_path, '[models."playground-v2.5"]\nscheduler = "euler"\n')
+    with pytest.raises(ValueError, match="playground-v2.5"):
+        Registry.load(path)

@@ -1,0 +1,482 @@
+"""JobStore against a real redis-server: compare-and-set transitions, fencing, events."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import constants as K
+from producer.client import new_job_id
+from producer.contract import (
+    TERMINAL_EVENT_FOR,
+    TERMINAL,
+    TERMINAL_EVENTS,
+    EventType,
+    Status,
+    new_record,
+    now_iso,
+    validate_request,
+)
+from producer.errors import JobNotFound
+from producer.registry import Registry
+from producer.settings import Settings
+from producer.store import NEW, NO_TOKEN, JobStore
+
+#: A database no other test file uses; emptied around each test.
+DB = 14
+TTL = 3600
+
+
+@pytest.fixture
+def db_url(redis_url: str) -> str:
+    return redis_url.rsplit("/", 1)[0] + f"/{DB}"
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[JobStore]:
+    s = JobStore(redis.Redis.from_url(db_url), result_ttl_s=TTL)
+    s.redis.flushdb()
+    yield s
+    s.redis.flushdb()
+    s.redis.close()
+
+
+@pytest.fixture
+def make_doc(db_url: str, models_file: str, tmp_path: Path) -> Any:
+    settings = Settings(redis_url=db_url, default_model="tiny-sdxl", models_file=models_file,
+                        models_dir=str(tmp_path))
+    registry = Registry.load(models_file)
+
+    def make(created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+        req = validate_request({"prompt": "a lighthouse at dusk", **fields}, registry, settings)
+        return new_record(new_job_id(), req, created_at or now_iso())
+
+    return make
+
+
+def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, dict[str, Any]]:
+    """Take the job as a worker does; return the run's token and record."""
+    snap = store.load(job_id)
+    token = secrets.token_hex(8)
+    doc = dict(snap.doc, status="running", attempts=snap.doc["attempts"] + 1, worker=worker,
+               started_at=now_iso())
+    out = store.apply(job_id, allowed="queued,running", token=snap.token, doc=doc,
+                      new_token=token, events=[(EventType.STARTED, {"worker": worker})])
+    assert out.ok, out.detail
+    return token, doc
+
+
+def finish(store: JobStore, job_id: str, token: str, doc: dict[str, Any],
+           status: Status = Status.SUCCEEDED, **changes: Any) -> Any:
+    done = dict(doc, status=status.value, finished_at=now_iso(), **changes)
+    return store.apply(job_id, allowed="running", token=token, doc=done,
+                       events=[(TERMINAL_EVENT_FOR[status], {"job": done})])
+
+
+def raw_hash(store: JobStore, job_id: str) -> dict[bytes, bytes]:
+    return store.redis.hgetall(K.job_key(job_id))
+
+
+def global_events_of(store: JobStore, job_id: str) -> list[tuple[str, str]]:
+    return [
+        (eid.decode(), f[b"type"].decode())
+        for eid, f in store.redis.xrange(K.GLOBAL_EVENTS)
+        if f[b"job_id"].decode() == job_id
+    ]
+
+
+def types(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def test_create_writes_queued_record_and_event(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc(metadata={"order": 17})
+    out = store.create(doc)
+    assert out.ok
+    snap = store.load(doc["id"])
+    assert snap.status is Status.QUEUED
+    assert snap.token == NO_TOKEN
+    assert snap.cancel_requested is False
+    assert snap.doc == doc
+    events = store.events(doc["id"])
+    assert types(events) == ["job.queued"]
+    ev = events[0]
+    assert ev["id"] == out.detail  # create returns the event id
+    assert ev["job_id"] == doc["id"]
+    assert ev["data"]["metadata"] == {"order": 17}  # metadata echoed in events
+    assert ev["ts"].endswith("Z")
+    # A queued record does not expire.
+    assert store.redis.ttl(K.job_key(doc["id"])) == -1
+
+
+def test_second_create_of_same_id_is_refused(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    assert store.create(doc).ok
+    other = dict(doc, request={**doc["request"], "prompt": "something else"})
+    out = store.create(other)
+    assert not out.ok
+    assert out.detail == "queued"
+    assert store.load(doc["id"]).doc == doc
+    assert types(store.events(doc["id"])) == ["job.queued"]
+
+
+def test_load_and_get_of_missing_job(store: JobStore) -> None:
+    with pytest.raises(JobNotFound):
+        store.load("does-not-exist")
+    with pytest.raises(JobNotFound):
+        store.get("does-not-exist")
+
+
+def test_apply_on_missing_job_is_refused(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    out = store.apply(doc["id"], allowed="queued", doc=doc, events=[(EventType.STARTED, {})])
+    assert not out.ok and out.detail == "__missing__"
+    assert store.redis.keys("*") == []
+
+
+def test_terminal_status_is_final(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+    first = finish(store, doc["id"], token, running, outputs=[{"index": 0, "key": "a"}])
+    assert first.ok
+    record = store.load(doc["id"])
+    events = store.events(doc["id"])
+    hash_before = raw_hash(store, doc["id"])
+    assert record.status is Status.SUCCEEDED
+
+    # A second "succeeded" by the same run, with different outputs: refused.
+    again = finish(store, doc["id"], token, running, outputs=[{"index": 0, "key": "b"}])
+    assert not again.ok and again.detail == "succeeded"
+    # Nor may anyone turn it into "failed", even naming the terminal status as allowed
+    # and skipping the token check.
+    for allowed in ("succeeded", "running,succeeded", "queued,running,succeeded,failed"):
+        failed = dict(running, status="failed", error={"code": "internal", "message": "x"})
+        out = store.apply(doc["id"], allowed=allowed, doc=failed,
+                          events=[(EventType.FAILED, {"job": failed})])
+        assert not out.ok, allowed
+        assert out.detail == "succeeded"
+    # A restart of the job is refused too.
+    out = store.apply(doc["id"], allowed="queued,running,succeeded", token=token,
+                      doc=dict(running, status="running"), new_token="t2",
+                      events=[(EventType.STARTED, {})])
+    assert not out.ok
+
+    assert raw_hash(store, doc["id"]) == hash_before
+    assert store.load(doc["id"]).doc == record.doc
+    assert store.events(doc["id"]) == events
+    assert [t for _, t in global_events_of(store, doc["id"])] == types(events)
+
+
+def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token_a, running_a = start(store, doc["id"], worker="a")
+    # The message is delivered again (worker a seemed dead): run b takes the job over.
+    token_b, running_b = start(store, doc["id"], worker="b")
+    assert token_a != token_b
+    assert store.load(doc["id"]).token == token_b
+    assert store.load(doc["id"]).doc["attempts"] == 2
+    n_events = len(store.events(doc["id"]))
+
+    # Run a wakes up and writes progress, then its outcome: both fenced.
+    prog = dict(running_a, progress={"step": 2, "total": 4})
+    out = store.apply(doc["id"], allowed="running", token=token_a, doc=prog,
+                      events=[(EventType.PROGRESS, {"step": 2, "total": 4})])
+    assert not out.ok and out.detail == "fenced"
+    out = finish(store, doc["id"], token_a, running_a, Status.FAILED)
+    assert not out.ok and out.detail == "fenced"
+    # A writer that never held a token is fenced as well.
+    out = finish(store, doc["id"], NO_TOKEN, running_a)
+    assert not out.ok and out.detail == "fenced"
+    snap = store.load(doc["id"])
+    assert snap.status is Status.RUNNING and snap.doc["worker"] == "b"
+    assert len(store.events(doc["id"])) == n_events
+
+    # The owner's write goes through.
+    assert finish(store, doc["id"], token_b, running_b).ok
+    assert store.load(doc["id"]).status is Status.SUCCEEDED
+
+
+def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc(metadata={"k": "v"})
+    other = make_doc()
+    store.create(doc)
+    store.create(other)  # interleaved with another job's events
+    token, running = start(store, doc["id"])
+    for step in (1, 2, 3):
+        store.apply(doc["id"], allowed="running", token=token,
+                    doc=dict(running, progress={"step": step, "total": 4}),
+                    events=[(EventType.PROGRESS, {"step": step, "total": 4})])
+    start(store, other["id"])
+    out = finish(store, doc["id"], token, running)
+    assert out.ok
+
+    local = store.events(doc["id"])
+    assert types(local) == ["job.queued", "job.started", "job.progress", "job.progress",
+                            "job.progress", "job.succeeded"]
+    assert [(e["id"], e["type"]) for e in local] == global_events_of(store, doc["id"])
+    assert local[-1]["id"] == out.detail
+    ids = [e["id"] for e in local]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    # The payloads are the same in both streams.
+    glob = {eid.decode(): f for eid, f in store.redis.xrange(K.GLOBAL_EVENTS)}
+    for e in local:
+        assert glob[e["id"]][b"data"].decode() == store.redis.xrange(
+            K.events_key(doc["id"]), e["id"], e["id"])[0][1][b"data"].decode()
+    assert [e["data"]["step"] for e in local if e["type"] == "job.progress"] == [1, 2, 3]
+
+
+def test_several_events_in_one_apply_keep_their_order(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    snap = store.load(doc["id"])
+    out = store.apply(doc["id"], allowed="queued", token=snap.token,
+                      doc=dict(doc, status="running"), new_token="t",
+                      events=[(EventType.RETRYING, {"attempt": 2}), (EventType.STARTED, {})])
+    assert out.ok
+    ids = out.detail.split(",")
+    local = store.events(doc["id"])
+    assert types(local)[-2:] == ["job.retrying", "job.started"]
+    assert [e["id"] for e in local[-2:]] == ids
+
+
+def test_racing_finishers_have_exactly_one_winner(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+    n = 24
+    barrier = threading.Barrier(n)
+    results: list[tuple[int, Status, bool]] = []
+    lock = threading.Lock()
+
+    def racer(i: int) -> None:
+        status = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)[i % 3]
+        barrier.wait()
+        out = finish(store, doc["id"], token, running, status, worker=f"racer-{i}")
+        with lock:
+            results.append((i, status, out.ok))
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == n
+    winners = [r for r in results if r[2]]
+    assert len(winners) == 1
+    i, status, _ = winners[0]
+    snap = store.load(doc["id"])
+    assert snap.status is status
+    assert snap.doc["worker"] == f"racer-{i}"
+    terminal = [e for e in store.events(doc["id"]) if EventType(e["type"]) in TERMINAL_EVENTS]
+    assert len(terminal) == 1
+    assert terminal[0]["type"] == TERMINAL_EVENT_FOR[status].value
+    assert terminal[0]["data"]["job"]["worker"] == f"racer-{i}"
+    glob_terminal = [t for _, t in global_events_of(store, doc["id"])
+                     if EventType(t) in TERMINAL_EVENTS]
+    assert len(glob_terminal) == 1
+
+
+def test_cancel_of_queued_job_is_immediate(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    snap = store.request_cancel(doc["id"])
+    assert snap.status is Status.CANCELLED
+    assert snap.doc["status"] == "cancelled"
+    assert snap.doc["finished_at"]
+    events = store.events(doc["id"])
+    assert types(events) == ["job.queued", "job.cancelled"]
+    assert events[-1]["data"]["job"]["status"] == "cancelled"
+    assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
+    # A worker that now receives the message cannot start it.
+    out = store.apply(doc["id"], allowed="queued,running", token=NO_TOKEN,
+                      doc=dict(doc, status="running"), new_token="t",
+                      events=[(EventType.STARTED, {})])
+    assert not out.ok and out.detail == "cancelled"
+    # Cancelling again changes nothing.
+    again = store.request_cancel(doc["id"])
+    assert again.doc == snap.doc
+    assert len(store.events(doc["id"])) == 2
+
+
+def test_cancel_of_running_job_sets_flag_and_signals(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+    assert store.redis.llen(K.cancel_key(doc["id"])) == 0
+    snap = store.request_cancel(doc["id"])
+    assert snap.status is Status.RUNNING  # stops at its next step
+    assert snap.cancel_requested is True
+    assert store.load(doc["id"]).cancel_requested is True
+    assert store.redis.llen(K.cancel_key(doc["id"])) >= 1
+    assert 0 < store.redis.ttl(K.cancel_key(doc["id"])) <= TTL
+    assert store.redis.blpop([K.cancel_key(doc["id"])], timeout=1) is not None
+    assert types(store.events(doc["id"])) == ["job.queued", "job.started"]
+    # The flag does not touch the token: the run still owns the job and ends it.
+    assert store.load(doc["id"]).token == token
+    assert finish(store, doc["id"], token, running, Status.CANCELLED).ok
+    assert store.load(doc["id"]).status is Status.CANCELLED
+
+
+def test_cancel_of_finished_job_changes_nothing(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+    finish(store, doc["id"], token, running)
+    before = raw_hash(store, doc["id"])
+    snap = store.request_cancel(doc["id"])
+    assert snap.status is Status.SUCCEEDED
+    assert raw_hash(store, doc["id"]) == before
+    assert store.redis.exists(K.cancel_key(doc["id"])) == 0
+
+
+def test_get_expires_a_queued_job_past_expires_at(store: JobStore, make_doc: Any) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    old = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=10)
+    fresh = make_doc(expires_in_s=3600)
+    never = make_doc(created_at=past.replace("+00:00", "Z"))
+    for d in (old, fresh, never):
+        store.create(d)
+    assert old["expires_at"] and fresh["expires_at"] and never["expires_at"] is None
+
+    rec = store.get(old["id"])
+    assert rec["status"] == "expired"
+    assert rec["finished_at"]
+    assert store.load(old["id"]).status is Status.EXPIRED
+    events = store.events(old["id"])
+    assert types(events) == ["job.queued", "job.expired"]
+    assert events[-1]["data"]["job"]["status"] == "expired"
+    assert 0 < store.redis.ttl(K.job_key(old["id"])) <= TTL
+    # Reading again does not expire it twice.
+    assert store.get(old["id"])["status"] == "expired"
+    assert len(store.events(old["id"])) == 2
+
+    assert store.get(fresh["id"])["status"] == "queued"
+    assert store.get(never["id"])["status"] == "queued"
+
+
+def test_get_does_not_expire_a_running_job(store: JobStore, make_doc: Any) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=10)
+    store.create(doc)
+    start(store, doc["id"])  # expires_in_s bounds queued time only
+    assert store.get(doc["id"])["status"] == "running"
+
+
+def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore,
+                                                        make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+
+    def writer() -> None:
+        for step in (1, 2, 3, 4):
+            time.sleep(0.02)
+            store.apply(doc["id"], allowed="running", token=token,
+                        doc=dict(running, progress={"step": step, "total": 4}),
+                        events=[(EventType.PROGRESS, {"step": step, "total": 4})])
+        time.sleep(0.02)
+        finish(store, doc["id"], token, running)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    seen = list(store.follow(doc["id"], timeout_s=10, poll_ms=50))
+    t.join(5)
+    assert types(seen) == ["job.queued", "job.started"] + ["job.progress"] * 4 + [
+        "job.succeeded"]
+    assert [e["data"]["step"] for e in seen if e["type"] == "job.progress"] == [1, 2, 3, 4]
+    assert seen[-1]["data"]["job"]["status"] == "succeeded"
+
+    # Resuming after any id gives exactly the rest, without repeats.
+    for k in range(len(seen)):
+        rest = list(store.follow(doc["id"], after=seen[k]["id"], timeout_s=5, poll_ms=50))
+        assert [e["id"] for e in rest] == [e["id"] for e in seen[k + 1:]]
+
+
+def test_follow_after_the_terminal_event_returns_at_once(store: JobStore,
+                                                         make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    store.request_cancel(doc["id"])
+    last = store.events(doc["id"])[-1]
+    t0 = time.monotonic()
+    assert list(store.follow(doc["id"], after=last["id"], timeout_s=5, poll_ms=50)) == []
+    assert time.monotonic() - t0 < 2
+
+
+def test_follow_times_out_on_a_job_that_does_not_finish(store: JobStore,
+                                                        make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    seen: list[dict[str, Any]] = []
+    with pytest.raises(TimeoutError):
+        for ev in store.follow(doc["id"], timeout_s=0.3, poll_ms=50):
+            seen.append(ev)
+    assert types(seen) == ["job.queued"]
+
+
+def test_follow_sees_expiry_of_a_waiting_job(store: JobStore, make_doc: Any) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=1)
+    store.create(doc)
+    seen = list(store.follow(doc["id"], timeout_s=5, poll_ms=50))
+    assert types(seen) == ["job.queued", "job.expired"]
+
+
+@pytest.mark.parametrize("status", [Status.SUCCEEDED, Status.FAILED, Status.CANCELLED])
+def test_terminal_records_get_a_ttl(store: JobStore, make_doc: Any, status: Status) -> None:
+    doc = make_doc()
+    store.create(doc)
+    token, running = start(store, doc["id"])
+    assert store.redis.ttl(K.job_key(doc["id"])) == -1
+    assert store.redis.ttl(K.events_key(doc["id"])) == -1
+    assert finish(store, doc["id"], token, running, status).ok
+    assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
+    assert 0 < store.redis.ttl(K.events_key(doc["id"])) <= TTL
+    # The global stream is shared and capped by length, never expired.
+    assert store.redis.ttl(K.GLOBAL_EVENTS) == -1
+
+
+def test_delete_removes_every_key_of_a_job(store: JobStore, make_doc: Any) -> None:
+    doc = make_doc()
+    store.create(doc)
+    store.delete(doc["id"])
+    with pytest.raises(JobNotFound):
+        store.load(doc["id"])
+    assert store.redis.exists(K.job_key(doc["id"]), K.events_key(doc["id"])) == 0
+    # The id can be used again only as a new job (create checks existence).
+    assert store.apply(doc["id"], allowed=NEW, doc=doc, new_token=NO_TOKEN).ok
+
+
+@pytest.mark.parametrize("status", sorted(TERMINAL, key=str))
+def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any,
+                                           status: Status) -> None:
+    """Whatever the caller lists as allowed, a terminal record is never written again."""
+    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
+    doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=1)
+    store.create(doc)
+    if status is Status.EXPIRED:
+        store.get(doc["id"])
+    elif status is Status.CANCELLED:
+        store.request_cancel(doc["id"])
+    else:
+        token, running = start(store, doc["id"])
+        assert finish(store, doc["id"], token, running, status).ok
+    assert store.load(doc["id"]).status is status
+    before, events = raw_hash(store, doc["id"]), store.events(doc["id"])
+    every = ",".join(s.value for s in Status)
+    out = store.apply(doc["id"], allowed=every, doc=dict(doc, status="queued"),
+                      new_token=NO_TOKEN, events=[(EventType.QUEUED, {})])
+    assert not out.ok and out.detail == status.value
+    assert raw_hash(store, doc["id"]) == before
+    assert store.events(doc["id"]) == events
