@@ -42,8 +42,8 @@ def follow_with_progress(client: Client, job_id: str, quiet: bool = False,
 
     console = Console(stderr=True, quiet=quiet)
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
     ) as bar:
         task = bar.add_task("queued", total=None)
         for ev in client.events(job_id, timeout=timeout):

@@ -42,7 +42,7 @@ class Client:
         Raises :class:`~producer.errors.InvalidRequest` (nothing written) or
         :class:`~producer.errors.Unavailable` (nothing left behind).
         """
-        data = {**(request or {}), **fields}
+        data: Any = request if request is not None and not fields else {**(request or {}), **fields}
         normalized = validate_request(data, self.registry, self.settings)
         return self.enqueue(normalized)
 

@@ -90,7 +90,7 @@ class JobRequest(BaseModel):
     quality: int = Field(default=90, ge=1, le=100)
     webhook: str | None = None
     webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
-        default_factory=lambda: ["completed"]
+        default_factory=lambda: ["completed"]  # type: ignore[arg-type,return-value]
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)
@@ -175,8 +175,8 @@ def open_image(raw: bytes, max_pixels: int = 4096 * 4096) -> Any:
         img.load()
     except Image.DecompressionBombError:
         raise ValueError("is too large to decode") from None
-    except (OSError, SyntaxError) as exc:  # Pillow's UnidentifiedImageError is an OSError
-        raise ValueError(f"is not a PNG, JPEG or WEBP image ({exc})") from None
+    except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
+        raise ValueError("is not a readable PNG, JPEG or WEBP image") from None
     return img.convert("RGB")
 
 
@@ -217,7 +217,9 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         for side in ("width", "height"):
             v = ok(side)
             if v is not None and v > spec.max_side:
-                errors.append({"field": side, "message": f"must be ≤ {spec.max_side} for {spec.name}"})
+                errors.append(
+                    {"field": side, "message": f"must be ≤ {spec.max_side} for {spec.name}"}
+                )
         w = ok("width") or spec.width
         h = ok("height") or spec.height
         if w * h > spec.max_pixels and "width" not in bad and "height" not in bad:

@@ -23,7 +23,9 @@ class EgressRefused(Exception):
     """The URL may not be fetched: its address is not global, or the scheme is wrong."""
 
 
-def parse_allowlist(value: str) -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+def parse_allowlist(
+    value: str,
+) -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
     hosts: set[str] = set()
     nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     for item in (x.strip() for x in value.split(",")):
@@ -49,7 +51,7 @@ def resolve_checked(host: str, port: int, allowlist: str = "") -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise EgressRefused(f"cannot resolve {host}: {exc}") from exc
-    addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if not addrs:
         raise EgressRefused(f"{host} has no address")
     allowed_host = host.lower() in hosts
@@ -63,12 +65,13 @@ def resolve_checked(host: str, port: int, allowlist: str = "") -> str:
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
         self._address = address
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):

@@ -59,6 +59,22 @@ class ModelSpec:
         }
 
 
+#: The TOML type each key must have (TOML has no null: optional keys are left out).
+_KINDS: dict[str, type | tuple[type, ...]] = {
+    "source": str, "pipeline": str, "revision": str, "variant": str, "dtype": str,
+    "scheduler": str, "schedulers": list, "steps": int, "guidance_scale": (int, float),
+    "width": int, "height": int, "max_side": int, "max_pixels": int, "vae_source": str,
+    "options": dict,
+}
+
+
+def _typed(key: str, value: Any) -> bool:
+    """Whether ``value`` has the type ``key`` needs (a bool is not a number here)."""
+    if key == "schedulers":
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    return not isinstance(value, bool) and isinstance(value, _KINDS.get(key, object))
+
+
 def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     unknown = set(raw) - known
@@ -66,6 +82,11 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
         raise ValueError(f"{origin}: model {name!r} has unknown keys {sorted(unknown)}")
     if "source" not in raw:
         raise ValueError(f"{origin}: model {name!r} needs a source")
+    wrong = sorted(k for k, v in raw.items() if not _typed(k, v))
+    if wrong:
+        raise ValueError(f"{origin}: model {name!r} has values of the wrong type for {wrong}")
+    if "guidance_scale" in raw:
+        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
     spec = ModelSpec(name=name, **{**raw, "schedulers": tuple(raw.get("schedulers", ()))
                                    or (raw.get("scheduler", "euler"),)})
     problems = []
@@ -85,6 +106,8 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
         problems.append("width × height exceeds max_pixels")
     if not 1 <= spec.steps <= 150:
         problems.append("steps must be 1..150")
+    if not 0 <= spec.guidance_scale <= 30:
+        problems.append("guidance_scale must be 0..30")
     if problems:
         raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
     return spec

@@ -78,6 +78,14 @@ end
 return {1, table.concat(ids, ',')}
 """
 
+_FLAG_CANCEL = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 @dataclass
 class Snapshot:
@@ -119,6 +127,7 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self._apply = client.register_script(_APPLY)
+        self._flag_cancel = client.register_script(_FLAG_CANCEL)
 
     @classmethod
     def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -202,19 +211,17 @@ class JobStore:
                     return self.load(job_id)
                 continue  # a worker took it meanwhile: cancel it as running
             # Running: the flag survives a worker crash (the next run sees it); the
-            # list wakes the running job's monitor at once.
-            pipe = self.redis.pipeline()
-            pipe.hset(K.job_key(job_id), "cancel", "1")
-            pipe.rpush(K.cancel_key(job_id), "1")
-            pipe.expire(K.cancel_key(job_id), self.result_ttl_s)
-            pipe.execute()
-            return self.load(job_id)
+            # list wakes the running job's monitor at once. Set only while the job is
+            # still running, so a finished record never changes.
+            if self._flag_cancel(keys=[K.job_key(job_id), K.cancel_key(job_id)],
+                                 args=[self.result_ttl_s]):
+                return self.load(job_id)
         return self.load(job_id)
 
     # -- reads ----------------------------------------------------------------------
 
     def load(self, job_id: str) -> Snapshot:
-        raw = self.redis.hgetall(K.job_key(job_id))
+        raw: dict[bytes, bytes] = self.redis.hgetall(K.job_key(job_id))  # type: ignore[assignment]
         if not raw or b"doc" not in raw:
             raise JobNotFound(job_id)
         return Snapshot(
@@ -248,7 +255,7 @@ class JobStore:
         kwargs: dict[str, Any] = {"count": count}
         if block_ms is not None:
             kwargs["block"] = block_ms
-        res = self.redis.xread({K.events_key(job_id): after or "0-0"}, **kwargs)
+        res: Any = self.redis.xread({K.events_key(job_id): after or "0-0"}, **kwargs)
         if not res:
             return []
         return [decode_event(eid, fields) for eid, fields in res[0][1]]

@@ -146,7 +146,8 @@ class Worker:
             if self.READY in self.log_path.read_bytes()[self._log_offset:]:
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                raise RuntimeError(
+                    f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             time.sleep(0.1)
         raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
 

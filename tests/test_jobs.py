@@ -25,7 +25,9 @@ def s3_get(stack: Stack, key: str) -> bytes:
     return body
 
 
-def run_job(stack: Stack, timeout: float = 60, **request: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_job(
+    stack: Stack, timeout: float = 60, **request: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     with stack.client() as client:
         job_id = client.submit(request)
         events = list(client.events(job_id, timeout=timeout))

@@ -123,6 +123,14 @@ BAD = [
     ("steps-0", 'source = "x/y"\nsteps = 0', "steps"),
     ("bad-pipeline", 'source = "x/y"\npipeline = "sd15"', "pipeline"),
     ("bad-dtype", 'source = "x/y"\ndtype = "int8"', "dtype"),
+    ("guidance-above-30", 'source = "x/y"\nguidance_scale = 31.0', "guidance_scale"),
+    ("steps-as-string", 'source = "x/y"\nsteps = "30"', "steps"),
+    ("width-as-string", 'source = "x/y"\nwidth = "1024"', "width"),
+    ("width-as-float", 'source = "x/y"\nwidth = 1024.0', "width"),
+    ("guidance-as-string", 'source = "x/y"\nguidance_scale = "x"', "guidance_scale"),
+    ("steps-as-bool", 'source = "x/y"\nsteps = true', "steps"),
+    ("schedulers-not-a-list", 'source = "x/y"\nschedulers = "euler"', "schedulers"),
+    ("options-not-a-table", 'source = "x/y"\noptions = 3', "options"),
 ]
 
 
@@ -134,8 +142,14 @@ def test_bad_entry_raises_naming_the_model(tmp_path: Path, entry: str, word: str
     assert word in str(info.value)
 
 
+def test_integer_guidance_is_a_float(tmp_path: Path) -> None:
+    reg = Registry.load(write(tmp_path, '[models.one]\nsource = "x/one"\nguidance_scale = 7\n'))
+    assert reg["one"].guidance_scale == 7.0
+    assert isinstance(reg["one"].guidance_scale, float)
+
+
 def test_bad_override_of_a_builtin_is_refused(tmp_path: Path) -> None:
     # Playground allows EDM schedulers only: a default outside them is an error.
     path = write(tmp_path, '[models."playground-v2.5"]\nscheduler = "euler"\n')
-    with pytest.raises(ValueError, match="playground-v2.5"):
+    with pytest.raises(ValueError, match=r"playground-v2\.5"):
         Registry.load(path)

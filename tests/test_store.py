@@ -16,8 +16,8 @@ import redis
 from producer import constants as K
 from producer.client import new_job_id
 from producer.contract import (
-    TERMINAL_EVENT_FOR,
     TERMINAL,
+    TERMINAL_EVENT_FOR,
     TERMINAL_EVENTS,
     EventType,
     Status,
@@ -82,13 +82,15 @@ def finish(store: JobStore, job_id: str, token: str, doc: dict[str, Any],
 
 
 def raw_hash(store: JobStore, job_id: str) -> dict[bytes, bytes]:
-    return store.redis.hgetall(K.job_key(job_id))
+    r: Any = store.redis
+    return dict(r.hgetall(K.job_key(job_id)))
 
 
 def global_events_of(store: JobStore, job_id: str) -> list[tuple[str, str]]:
+    r: Any = store.redis
     return [
         (eid.decode(), f[b"type"].decode())
-        for eid, f in store.redis.xrange(K.GLOBAL_EVENTS)
+        for eid, f in r.xrange(K.GLOBAL_EVENTS)
         if f[b"job_id"].decode() == job_id
     ]
 
@@ -229,10 +231,11 @@ def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> No
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
     # The payloads are the same in both streams.
-    glob = {eid.decode(): f for eid, f in store.redis.xrange(K.GLOBAL_EVENTS)}
+    r: Any = store.redis
+    glob = {eid.decode(): f for eid, f in r.xrange(K.GLOBAL_EVENTS)}
     for e in local:
-        assert glob[e["id"]][b"data"].decode() == store.redis.xrange(
-            K.events_key(doc["id"]), e["id"], e["id"])[0][1][b"data"].decode()
+        own = r.xrange(K.events_key(doc["id"]), e["id"], e["id"])
+        assert glob[e["id"]][b"data"] == own[0][1][b"data"]
     assert [e["data"]["step"] for e in local if e["type"] == "job.progress"] == [1, 2, 3]
 
 

@@ -67,7 +67,7 @@ class Run:
 
 
 def _ms(seconds: float) -> int:
-    return int(round(seconds * 1000))
+    return round(seconds * 1000)
 
 
 class Runner:
@@ -113,7 +113,7 @@ class Runner:
                 return self._finish(run, Status.CANCELLED)
             except JobError as exc:
                 return self._finish(run, Status.FAILED, error=exc.to_error())
-            except Exception as exc:  # noqa: BLE001 - anything else is ours: report it
+            except Exception as exc:
                 log.exception("job %s: generation failed", job_id)
                 return self._finish(run, Status.FAILED, error=_internal(exc))
             inference_ms = _ms(time.perf_counter() - t0)
@@ -124,7 +124,7 @@ class Runner:
             return None
         except JobError as exc:
             return self._finish(run, Status.FAILED, error=exc.to_error())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("job %s: post-processing failed", job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
 
@@ -271,7 +271,7 @@ class Runner:
         size = (req["width"], req["height"])
         return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
 
-    def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status:
+    def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
         req = run.request
         fmt = req["output_format"]
         encode_s = upload_s = 0.0
@@ -410,7 +410,7 @@ class Monitor(threading.Thread):
                     sent, last_emit = step, now
             except Fenced:
                 return
-            except Exception:  # noqa: BLE001 - events never fail a job
+            except Exception:
                 log.warning("job %s: progress update failed", run.job_id, exc_info=True)
                 self._stop_evt.wait(interval)
 

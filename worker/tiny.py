@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SEED = 20261121
 # Files whose presence means a complete build (written last, atomically renamed).
@@ -118,7 +119,7 @@ def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
         timestep_spacing="leading",
         steps_offset=1,
     )
-    pipe = StableDiffusionXLPipeline(
+    pipe: Any = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
         text_encoder_2=text_encoder_2,

@@ -1,0 +1,32 @@
+# Two commands a new user needs: `make demo PROMPT="..."` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= a lighthouse at dusk
+# torch is pinned here (the CPU build this machine serves from disk); pyproject keeps a
+# loose range so GPU hosts choose their own CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint typecheck install clean
+
+$(BIN)/atelier: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[worker,dev]"
+	touch $@
+
+install: $(BIN)/atelier
+
+demo: install
+	$(BIN)/atelier demo "$(PROMPT)"
+
+lint: install
+	$(BIN)/ruff check producer worker tests bench
+	$(BIN)/mypy producer worker
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) atelier-output .pytest_cache .mypy_cache .ruff_cache
