@@ -18,8 +18,11 @@ import logging
 import os
 import socket
 import sys
+import time
 
+import redis
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import worker_ready
 
 from producer import constants as K
@@ -40,10 +43,19 @@ def create_app(settings: Settings) -> Celery:
     @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True)
     def generate(job_id: str) -> None:
         # An adapter: parse the message, run plain code. Job failures are recorded on
-        # the job itself, so the task itself succeeds and the message is acknowledged.
+        # the job itself, so the task succeeds and the message is acknowledged.
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
-        _runner.run(job_id)
+        try:
+            _runner.run(job_id)
+        except redis.RedisError as exc:
+            # The job store is unreachable, so the outcome could not be recorded.
+            # Celery would acknowledge a failed task and lose the job: put it back
+            # instead (if the broker is down too, the unacked message returns after
+            # the visibility timeout). Attempts and fencing keep the outcome single.
+            log.warning("job %s: job store unreachable (%s); requeued", job_id, exc)
+            time.sleep(2)
+            raise Reject(str(exc), requeue=True) from exc
 
     return app
 

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from producer import constants as K
 from producer.contract import CONTENT_TYPES, EXTENSIONS, EventType, Status, now_iso, parse_iso
 from producer.errors import (
@@ -124,6 +126,8 @@ class Runner:
             return None
         except JobError as exc:
             return self._finish(run, Status.FAILED, error=exc.to_error())
+        except redis.RedisError:
+            raise
         except Exception as exc:
             log.exception("job %s: post-processing failed", job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
@@ -389,8 +393,9 @@ class Monitor(threading.Thread):
         self._stop_evt = threading.Event()
 
     def stop(self) -> None:
+        # No join: the thread may sit in BLPOP for up to one interval, and the GPU
+        # must not wait for it. It exits on its own and writes nothing after this.
         self._stop_evt.set()
-        self.join(timeout=5)
 
     def run(self) -> None:
         run, store = self.run_, self.runner.store
@@ -402,6 +407,8 @@ class Monitor(threading.Thread):
                 # Blocks up to `interval`; returns at once when a cancel is pushed.
                 if store.redis.blpop([K.cancel_key(run.job_id)], timeout=interval):
                     run.cancel.set()
+                if self._stop_evt.is_set():
+                    return
                 step = run.step
                 now = time.monotonic()
                 if step > sent and now - last_emit >= self.runner.settings.progress_interval_s:
