@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/atelier demo "$(PROMPT)"
 
 lint: install
-	$(BIN)/ruff check producer worker tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy producer worker
 
 test: lint
