@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import redis
 
 from producer import constants as K
 from producer.broker import celery_priority, make_celery
-from producer.contract import Status, new_record, now_iso, validate_request
+from producer.contract import Status, decode_data_uri, new_record, now_iso, validate_request
 from producer.errors import Unavailable
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
@@ -48,8 +49,9 @@ class Client:
 
     def enqueue(self, normalized: dict[str, Any], job_id: str | None = None) -> str:
         job_id = job_id or new_job_id()
-        doc = new_record(job_id, normalized, now_iso())
         try:
+            normalized = self._stash_inline_image(normalized)
+            doc = new_record(job_id, normalized, now_iso())
             created = self.store.create(doc)
         except redis.RedisError as exc:
             raise Unavailable(f"job store unavailable: {exc}") from exc
@@ -67,6 +69,17 @@ class Client:
             self.store.delete(job_id)
             raise Unavailable(f"broker unavailable: {exc}") from exc
         return job_id
+
+    def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
+        """Keep a ``data:`` init image beside the record, addressed by its sha256."""
+        image = normalized.get("image")
+        if not image or not image.startswith("data:"):
+            return normalized
+        raw = decode_data_uri(image, self.settings.max_image_bytes)
+        digest = hashlib.sha256(raw).hexdigest()
+        # Outlives any job that refers to it: result_ttl_s after the last submit.
+        self.store.redis.set(K.input_key(digest), raw, ex=self.settings.result_ttl_s)
+        return {**normalized, "image": f"sha256:{digest}"}
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)

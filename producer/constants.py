@@ -13,6 +13,9 @@ JOB = f"{PREFIX}:job:"
 JOB_EVENTS = f"{PREFIX}:events:"
 #: List a running job's monitor blocks on; a cancel request pushes to it.
 JOB_CANCEL = f"{PREFIX}:cancel:"
+#: Init images given inline (data: URIs), by sha256 of their bytes: the record keeps
+#: ``sha256:<hex>`` instead of megabytes of base64 it would rewrite at every step.
+INPUT = f"{PREFIX}:input:"
 #: Global event stream that feeds the webhook dispatcher.
 GLOBAL_EVENTS = f"{PREFIX}:events"
 #: Approximate cap of the global stream (XADD MAXLEN ~).
@@ -33,6 +36,10 @@ def events_key(job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return JOB_CANCEL + job_id
+
+
+def input_key(sha256: str) -> str:
+    return INPUT + sha256
 
 
 def queue_name(model: str) -> str:

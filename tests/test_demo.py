@@ -29,7 +29,6 @@ def test_demo_writes_an_image_and_stops_everything(tmp_path: Path, models_dir: P
     assert path.parent == out and path.exists()
     assert Image.open(path).size == (64, 64)
     assert "lighthouse" in Image.open(path).text["parameters"]
-    # nothing it started is left running
+    # nothing it started is left running: its redis-server ran in an atelier-demo-* dir
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(path.stem.split("-")[0]) not in ps
     assert "atelier-demo-" not in ps

@@ -158,6 +158,11 @@ def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
                        image=png_data_uri((0, 255, 0), (96, 96)), strength=0.5)
     assert red["status"] == green["status"] == Status.SUCCEEDED
     assert red["request"]["strength"] == 0.5
+    # the record keeps a reference, not megabytes of base64; the manifest the same hash
+    red_png = base64.b64decode(red_uri.split(",", 1)[1])
+    assert red["request"]["image"] == "sha256:" + hashlib.sha256(red_png).hexdigest()
+    manifest = json.loads(s3_get(stack, f"outputs/{red['id']}/manifest.json"))
+    assert manifest["init_image_sha256"] == hashlib.sha256(red_png).hexdigest()
     # strength 0.5 of 4 steps denoises 2
     assert red["progress"] == {"step": 2, "total": 2}
     shas = {txt["outputs"][0]["sha256"], red["outputs"][0]["sha256"], green["outputs"][0]["sha256"]}

@@ -60,6 +60,20 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+def _check_redis(store: JobStore) -> None:
+    """Warn when Redis may drop jobs: evicting keys, or keeping nothing on disk."""
+    try:
+        policy = store.redis.config_get("maxmemory-policy").get("maxmemory-policy")
+        aof = store.redis.config_get("appendonly").get("appendonly")
+    except redis.RedisError:  # managed Redis often forbids CONFIG
+        return
+    if policy not in (None, "noeviction"):
+        log.warning("Redis maxmemory-policy is %s: under memory pressure it can evict "
+                    "queued jobs. Use noeviction.", policy)
+    if aof == "no":
+        log.warning("Redis appendonly is off: a Redis restart loses every queued job.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="atelier worker")
     parser.add_argument("--model", action="append", help="model to serve (repeatable); "
@@ -104,12 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         models[name] = load_model(registry[name], settings, device)
         warm_up(models[name])
 
+    store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
+    _check_redis(store)
     global _runner
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    _runner = Runner(
-        settings, models, JobStore.from_url(settings.redis_url, settings.result_ttl_s),
-        storage_from_settings(settings), worker_name,
-    )
+    _runner = Runner(settings, models, store, storage_from_settings(settings), worker_name)
     queues = ",".join(K.queue_name(n) for n in names)
 
     @worker_ready.connect(weak=False)

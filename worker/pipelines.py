@@ -85,6 +85,16 @@ def weight_hashes(root: Path) -> dict[str, str]:
     return out
 
 
+def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns, and goes in
+    1.0); older releases know only ``torch_dtype``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -126,7 +136,7 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
 
     dtype = resolve_dtype(settings.dtype, spec, device)
     local = _local_path(spec, settings)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": True}
+    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
     if local is None:
         # A hub model: the revision and variant select exact files.
         if spec.revision:
@@ -135,14 +145,16 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
             kwargs["variant"] = spec.variant
     if spec.vae_source:
         kwargs["vae"] = AutoencoderKL.from_pretrained(
-            spec.vae_source, torch_dtype=dtype, use_safetensors=True
+            spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
         )
     t0 = time.perf_counter()
     pipe = StableDiffusionXLPipeline.from_pretrained(str(local or spec.source), **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # img2img shares every module with the text-to-image pipeline: no second copy.
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    # from_pipe casts the shared modules to fp32 unless told the dtype: pass it, or an
+    # fp16 model would silently double its memory and slow down.
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, **_dtype_kwarg(dtype))
     img2img.set_progress_bar_config(disable=True)
     root = local
     if root is None:

@@ -59,6 +59,7 @@ class Run:
     deadline: float
     step: int = 0
     total: int = 0
+    init_sha256: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     fenced: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -200,7 +201,7 @@ class Runner:
         model = self.models.get(req["model"])
         if model is None:  # the queue name guarantees this; a broken deployment may not
             raise InternalError(f"this worker has not loaded model {req['model']!r}")
-        init = self._init_image(req) if req.get("image") else None
+        init = self._init_image(run) if req.get("image") else None
         pipe = model.img2img if init is not None else model.pipe
         pipe.scheduler = model.scheduler(req["scheduler"])
         n = req["num_images"]
@@ -249,16 +250,17 @@ class Runner:
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
         return list(result.images)
 
-    def _init_image(self, req: dict[str, Any]) -> Any:
-        from producer.contract import decode_data_uri, open_image
+    def _init_image(self, run: Run) -> Any:
+        from producer.contract import open_image
         from producer.netguard import EgressRefused, fetch
 
+        req = run.request
         src: str = req["image"]
-        if src.startswith("data:"):
-            try:
-                raw = decode_data_uri(src, self.settings.max_image_bytes)
-            except ValueError as exc:
-                raise ImageInvalid(f"image {exc}") from None
+        if src.startswith("sha256:"):  # given inline; the client stored the bytes
+            stored = self.store.redis.get(K.input_key(src.removeprefix("sha256:")))
+            if stored is None:
+                raise ImageInvalid("image: the inline init image is no longer stored")
+            raw = bytes(stored)  # type: ignore[arg-type]
         else:
             try:
                 raw = fetch(src, max_bytes=self.settings.max_image_bytes,
@@ -266,6 +268,7 @@ class Runner:
                             allow_http=self.settings.allow_http)
             except (EgressRefused, OSError, ValueError) as exc:
                 raise ImageFetchFailed(f"image: {exc}") from None
+        run.init_sha256 = hashlib.sha256(raw).hexdigest()
         try:
             img = open_image(raw)
         except ValueError as exc:
@@ -316,8 +319,7 @@ class Runner:
         body = {
             "job_id": run.job_id,
             "request": {k: v for k, v in req.items() if k != "image"},
-            "init_image_sha256": hashlib.sha256(req["image"].encode()).hexdigest()
-            if req.get("image") else None,
+            "init_image_sha256": run.init_sha256,
             "seeds": [req["seed"] + i for i in range(req["num_images"])],
             "model": model.source,
             "versions": self.versions,

@@ -1,0 +1,70 @@
+"""Model loading plumbing on the CPU: device and dtype settings, schedulers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from producer.registry import Registry
+from producer.settings import Settings
+from worker.pipelines import SCHEDULERS, load_model, resolve_device, resolve_dtype
+
+
+def test_device_setting() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [
+        ("auto", "cpu", torch.float32),  # half precision is slow or missing on CPUs
+        ("auto", "cuda", torch.float16),  # the model's dtype
+        ("bf16", "cuda", torch.bfloat16),
+        ("fp16", "cpu", torch.float16),  # an explicit setting wins
+        ("fp32", "cuda", torch.float32),
+    ],
+)
+def test_dtype_setting(setting: str, device: str, expected: torch.dtype) -> None:
+    spec = Registry.load()["playground-v2.5"]
+    assert resolve_dtype(setting, spec, device) == expected
+
+
+def test_every_registry_scheduler_builds_from_its_model_family() -> None:
+    import diffusers
+
+    # Base configs of the two families: epsilon-prediction SDXL and EDM (Playground).
+    bases = {
+        "sdxl-base-1.0": diffusers.EulerDiscreteScheduler().config,
+        "tiny-sdxl": diffusers.EulerDiscreteScheduler().config,
+        "playground-v2.5": diffusers.EDMDPMSolverMultistepScheduler().config,
+    }
+    for spec in Registry.load():
+        for name in spec.schedulers:
+            cls_name, _ = SCHEDULERS[name]
+            sched = getattr(diffusers, cls_name).from_config(bases[spec.name],
+                                                            **SCHEDULERS[name][1])
+            sched.set_timesteps(4)
+            assert len(sched.timesteps) >= 4, (spec.name, name)
+        # Playground v2.5 is EDM-trained: only EDM schedulers may be chosen for it.
+        if spec.name == "playground-v2.5":
+            assert all(n.startswith("edm_") for n in spec.schedulers)
+
+
+def test_bf16_loads_and_generates(models_dir: Path) -> None:
+    settings = Settings(models_dir=str(models_dir), dtype="bf16")
+    model = load_model(Registry.load()["tiny-sdxl"], settings, "cpu")
+    assert model.pipe.unet.dtype == torch.bfloat16
+    assert model.img2img.unet is model.pipe.unet  # shared, not copied
+    assert model.source["dtype"] == "bfloat16"
+    assert set(model.source["weights"]) >= {"unet/diffusion_pytorch_model.safetensors",
+                                             "vae/diffusion_pytorch_model.safetensors"}
+    with torch.inference_mode():
+        image = model.pipe(prompt="x", num_inference_steps=1, width=64, height=64,
+                           generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert image.size == (64, 64)

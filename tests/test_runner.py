@@ -1,0 +1,108 @@
+"""The job logic without Celery: a Runner in this process, real Redis, local storage."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.contract import EventType, Status, new_record, now_iso, validate_request
+from producer.registry import Registry
+from producer.settings import Settings
+from producer.storage import LocalStorage
+from producer.store import JobStore
+
+
+@pytest.fixture(scope="module")
+def tiny(models_dir: Path) -> Any:
+    from worker.pipelines import load_model
+
+    return load_model(Registry.load()["tiny-sdxl"], Settings(models_dir=str(models_dir)), "cpu")
+
+
+@pytest.fixture
+def runner(redis_url: str, tiny: Any, tmp_path: Path) -> Iterator[Any]:
+    from worker.runner import Runner
+
+    settings = Settings(redis_url=redis_url, default_model="tiny-sdxl", progress_interval_s=0.05)
+    store = JobStore.from_url(redis_url)
+    yield Runner(settings, {"tiny-sdxl": tiny}, store, LocalStorage(tmp_path / "out"), "test:1")
+    store.redis.close()
+
+
+def create(runner: Any, **request: Any) -> str:
+    req = validate_request({"prompt": "p", **request}, Registry.load(), runner.settings)
+    job_id = f"job{time.monotonic_ns()}"
+    assert runner.store.create(new_record(job_id, req, now_iso())).ok
+    return job_id
+
+
+def types(store: JobStore, job_id: str) -> list[str]:
+    return [e["type"] for e in store.events(job_id)]
+
+
+def test_runs_a_job_without_celery(runner: Any) -> None:
+    job_id = create(runner, seed=1, steps=2, num_images=2, output_format="webp")
+    assert runner.run(job_id) is Status.SUCCEEDED
+    record = runner.store.get(job_id)
+    assert [o["key"] for o in record["outputs"]] == [f"{job_id}/0.webp", f"{job_id}/1.webp"]
+    assert record["outputs"][0]["content_type"] == "image/webp"
+    manifest = json.loads(runner.storage.get(f"{job_id}/manifest.json"))
+    assert manifest["seeds"] == [1, 2] and manifest["worker"] == "test:1"
+    # a second delivery of a finished job does nothing
+    before = (record, types(runner.store, job_id))
+    assert runner.run(job_id) is None
+    assert (runner.store.get(job_id), types(runner.store, job_id)) == before
+
+
+def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
+    """Another run took the job over (its message was redelivered): this one stops at
+    its next step and leaves no outcome, no output and no event behind."""
+    job_id = create(runner, steps=150)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while runner.store.get(job_id)["progress"]["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    snap = runner.store.load(job_id)
+    taken = runner.store.apply(job_id, allowed="running", token=snap.token,
+                               doc=dict(snap.doc, worker="other:2"), new_token="other-run")
+    assert taken.ok
+    n_events = len(types(runner.store, job_id))
+    thread.join(30)
+    assert result == [None]
+    record = runner.store.get(job_id)
+    assert record["status"] == Status.RUNNING and record["worker"] == "other:2"
+    assert record["outputs"] == []
+    assert len(types(runner.store, job_id)) == n_events
+    assert not (Path(runner.storage.root) / job_id).exists()
+
+
+def test_cancel_flag_seen_before_start(runner: Any) -> None:
+    job_id = create(runner, steps=2)
+    # a cancel that arrived while a crashed run held the job
+    snap = runner.store.load(job_id)
+    runner.store.apply(job_id, allowed="queued", token=snap.token,
+                       doc=dict(snap.doc, status="running", attempts=1), new_token="dead")
+    runner.store.request_cancel(job_id)
+    assert runner.run(job_id) is None
+    assert runner.store.get(job_id)["status"] == Status.CANCELLED
+    assert types(runner.store, job_id)[-1] == EventType.CANCELLED
+
+
+def test_invalid_inline_image_is_image_invalid(runner: Any) -> None:
+    job_id = create(runner, steps=2)
+    snap = runner.store.load(job_id)
+    doc = dict(snap.doc, request=dict(snap.doc["request"], image="sha256:" + "0" * 64,
+                                      strength=0.5))
+    runner.store.apply(job_id, allowed="queued", token=snap.token, doc=doc)
+    assert runner.run(job_id) is Status.FAILED
+    error = runner.store.get(job_id)["error"]
+    assert error["code"] == "image_invalid" and "no longer stored" in error["message"]
