@@ -91,6 +91,39 @@ def test_events_outputs_and_manifest(stack: Stack) -> None:
     assert [o["sha256"] for o in manifest["outputs"]] == [o["sha256"] for o in record["outputs"]]
 
 
+def test_worker_warms_up_before_it_consumes(stack: Stack) -> None:
+    assert stack.worker is not None
+    log = stack.worker.log()
+    assert log.index("warmed tiny-sdxl") < log.index("atelier worker ready")
+
+
+def test_worker_refuses_pickle(stack: Stack) -> None:
+    """A message in any serializer but JSON is refused, never deserialized."""
+    import pickle
+
+    from kombu import Connection
+
+    from producer.broker import celery_config
+
+    body = pickle.dumps(((), {}, {}))
+    options = celery_config(stack.settings)["broker_transport_options"]
+    with Connection(stack.settings.redis_url, transport_options=options) as conn:
+        producer = conn.Producer()
+        producer.publish(body, routing_key="atelier.tiny-sdxl", exchange="atelier.tiny-sdxl",
+                         content_type="application/x-python-serialize",
+                         content_encoding="binary",
+                         headers={"task": "atelier.generate", "id": "pickled-1",
+                                  "argsrepr": "()", "kwargsrepr": "{}"})
+    assert stack.worker is not None
+    deadline = time.monotonic() + 20
+    while "Refusing to deserialize" not in stack.worker.log():
+        assert time.monotonic() < deadline, stack.worker.log()[-2000:]
+        time.sleep(0.1)
+    # and the worker goes on serving
+    record, _ = run_job(stack, prompt="after the pickle", steps=1)
+    assert record["status"] == Status.SUCCEEDED
+
+
 def test_same_seed_same_bytes_and_other_seed_differs(stack: Stack) -> None:
     a, _ = run_job(stack, prompt="a red fox", seed=123, steps=3)
     b, _ = run_job(stack, prompt="a red fox", seed=123, steps=3)

@@ -1,0 +1,45 @@
+"""Client edges: an unreachable broker leaves nothing behind; the broker config."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from producer import Client, Unavailable
+from producer.broker import celery_config, celery_priority
+from producer.settings import Settings
+from tests.servers import free_port
+
+
+def test_unreachable_broker_leaves_no_record(redis_url: str, models_file: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = Settings(redis_url=redis_url.rsplit("/", 1)[0] + "/12", broker_url=dead,
+                        default_model="tiny-sdxl", models_file=models_file)
+    r = redis.Redis.from_url(settings.redis_url)
+    r.flushdb()
+    with Client(settings) as client:
+        client.celery.conf.broker_connection_timeout = 1
+        client.celery.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0,
+                                                        "interval_step": 0.1}
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="broker unavailable"):
+            client.submit(prompt="goes nowhere")
+        assert time.monotonic() - started < 30
+    assert r.keys("atelier:job:*") == []  # the record was removed again
+    r.close()
+
+
+def test_broker_config_is_json_only_and_at_least_once() -> None:
+    settings = Settings(job_timeout_s=900, worker_concurrency=2, storage_retry_s=60)
+    conf = celery_config(settings)
+    assert conf["accept_content"] == ["json"]
+    assert conf["task_serializer"] == conf["result_serializer"] == "json"
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    vt = conf["broker_transport_options"]["visibility_timeout"]
+    # the second held job may wait a whole job for the GPU, then run its own
+    assert vt >= 2 * 900 + 60
+    assert conf["broker_transport_options"]["priority_steps"] == list(range(10))
+    assert celery_priority(9) == 0 and celery_priority(0) == 9  # Redis serves 0 first
