@@ -116,6 +116,8 @@ class Runner:
                 return self._finish(run, Status.CANCELLED)
             except JobError as exc:
                 return self._finish(run, Status.FAILED, error=exc.to_error())
+            except redis.RedisError:
+                raise  # the store is unreachable: the task requeues the message
             except Exception as exc:
                 log.exception("job %s: generation failed", job_id)
                 return self._finish(run, Status.FAILED, error=_internal(exc))
