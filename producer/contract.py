@@ -69,6 +69,14 @@ TERMINAL_EVENT_FOR = {
 }
 
 
+def terminal_event(doc: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
+    """The event that announces a finished record: the record itself, and the error."""
+    data: dict[str, Any] = {"job": doc}
+    if doc.get("error"):
+        data["error"] = doc["error"]
+    return TERMINAL_EVENT_FOR[Status(doc["status"])], data
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 

@@ -7,7 +7,7 @@ names. The producer validates requests against it; the worker loads pipelines fr
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -37,8 +37,6 @@ class ModelSpec:
     max_side: int = 2048
     max_pixels: int = 2048 * 2048
     vae_source: str | None = None
-    #: GPU options the worker applies when loading (see worker.pipelines).
-    options: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/models`` and ``atelier models`` show."""
@@ -64,7 +62,6 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "pipeline": str, "revision": str, "variant": str, "dtype": str,
     "scheduler": str, "schedulers": list, "steps": int, "guidance_scale": (int, float),
     "width": int, "height": int, "max_side": int, "max_pixels": int, "vae_source": str,
-    "options": dict,
 }
 
 

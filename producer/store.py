@@ -36,6 +36,7 @@ from producer.contract import (
     Status,
     now_iso,
     parse_iso,
+    terminal_event,
 )
 from producer.errors import JobNotFound
 
@@ -205,7 +206,7 @@ class JobStore:
                 doc = dict(snap.doc, status=Status.CANCELLED.value, finished_at=now_iso())
                 out = self.apply(
                     job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
-                    events=[(EventType.CANCELLED, {"job": doc})],
+                    events=[terminal_event(doc)],
                 )
                 if out.ok:
                     return self.load(job_id)
@@ -243,7 +244,7 @@ class JobStore:
         doc = dict(snap.doc, status=Status.EXPIRED.value, finished_at=now_iso())
         return self.apply(
             job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
-            events=[(EventType.EXPIRED, {"job": doc})],
+            events=[terminal_event(doc)],
         )
 
     def events(

@@ -130,7 +130,7 @@ BAD = [
     ("guidance-as-string", 'source = "x/y"\nguidance_scale = "x"', "guidance_scale"),
     ("steps-as-bool", 'source = "x/y"\nsteps = true', "steps"),
     ("schedulers-not-a-list", 'source = "x/y"\nschedulers = "euler"', "schedulers"),
-    ("options-not-a-table", 'source = "x/y"\noptions = 3', "options"),
+    ("vae-source-not-a-string", 'source = "x/y"\nvae_source = 3', "vae_source"),
 ]
 
 

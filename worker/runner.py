@@ -27,7 +27,15 @@ from typing import Any
 import redis
 
 from producer import constants as K
-from producer.contract import CONTENT_TYPES, EXTENSIONS, EventType, Status, now_iso, parse_iso
+from producer.contract import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    EventType,
+    Status,
+    now_iso,
+    parse_iso,
+    terminal_event,
+)
 from producer.errors import (
     Fenced,
     ImageFetchFailed,
@@ -186,15 +194,8 @@ class Runner:
         error: dict[str, Any] | None = None,
     ) -> None:
         doc = dict(snap.doc, status=status.value, finished_at=now_iso(), error=error)
-        data: dict[str, Any] = {"job": doc}
-        if error:
-            data["error"] = error
-        from producer.contract import TERMINAL_EVENT_FOR
-
-        self.store.apply(
-            job_id, allowed=allowed, token=snap.token, doc=doc,
-            events=[(TERMINAL_EVENT_FOR[status], data)],
-        )
+        self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
+                         events=[terminal_event(doc)])
 
     def _generate(self, run: Run) -> list[Any]:
         import torch
@@ -350,8 +351,6 @@ class Runner:
         self, run: Run, status: Status, *, error: dict[str, Any] | None = None,
         outputs: list[dict[str, Any]] | None = None, timings: dict[str, int] | None = None,
     ) -> Status | None:
-        from producer.contract import TERMINAL_EVENT_FOR
-
         finished = now_iso()
         created = parse_iso(run.doc["created_at"]).timestamp()
         started = parse_iso(run.doc["started_at"]).timestamp()
@@ -371,12 +370,9 @@ class Runner:
             changes["outputs"] = outputs
         with run.lock:
             doc = dict(run.doc, **changes)
-            data: dict[str, Any] = {"job": doc}
-            if error:
-                data["error"] = error
             out = self.store.apply(
                 run.job_id, allowed=Status.RUNNING.value, token=run.token, doc=doc,
-                events=[(TERMINAL_EVENT_FOR[status], data)],
+                events=[terminal_event(doc)],
             )
             if not out.ok:
                 log.warning("job %s: %s not recorded (%s)", run.job_id, status, out.detail)
