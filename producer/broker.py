@@ -20,7 +20,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # Above the longest a taken message can take to finish: see Settings.
-            "visibility_timeout": settings.visibility_timeout_s,
+            "visibility_timeout": settings.effective_visibility_timeout_s,
             # Sweep for messages of dead workers every restore_interval_s (kombu's
             # default throttle would make it ten times that).
             "unacked_restore_interval": settings.restore_interval_s,

@@ -214,9 +214,26 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
             proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the parent dies, however it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the finally block still cleans up
+        pass
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Everything in one process tree: a private redis-server, a worker, one job."""
     _need_worker_extra()
+    # SIGTERM and SIGHUP unwind through the finally block below, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGHUP, _raise_exit)
     redis_bin = shutil.which("redis-server")
     if not redis_bin:
         raise SystemExit("atelier demo needs redis-server on PATH (apt-get install redis-server)")
@@ -231,7 +248,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         redis_proc = subprocess.Popen(
             [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         procs.append(redis_proc)
         env = {
@@ -249,7 +266,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         with console.status(f"starting a worker with {args.model} (built on first use)"):
             with open(log_path, "wb") as log:
                 worker = subprocess.Popen([sys.executable, "-m", "worker", "--model", args.model],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT)
+                                          env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=_die_with_parent)
             procs.append(worker)
             deadline = time.monotonic() + 600
             while b"atelier worker ready" not in log_path.read_bytes():
@@ -328,14 +346,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import redis
+    from kombu.exceptions import OperationalError
+
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-    except ValueError as exc:
+        Registry.load(settings.models_file)  # a broken models file is a usage error
+    except (ValueError, OSError) as exc:
         print(f"atelier: bad settings: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         return int(args.func(args, settings))
+    except redis.ResponseError as exc:  # e.g. a malformed --after event id
+        print(f"atelier: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (redis.RedisError, OperationalError) as exc:
+        print(f"atelier: Redis unavailable: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except TimeoutError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     except InvalidRequest as exc:
         print(f"atelier: {exc.code}:", file=sys.stderr)
         for f in exc.fields:

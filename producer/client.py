@@ -13,7 +13,7 @@ import redis
 from producer import constants as K
 from producer.broker import celery_priority, make_celery
 from producer.contract import Status, decode_data_uri, new_record, now_iso, validate_request
-from producer.errors import Unavailable
+from producer.errors import JobNotFound, Unavailable
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import JobStore
@@ -48,15 +48,18 @@ class Client:
         return self.enqueue(normalized)
 
     def enqueue(self, normalized: dict[str, Any], job_id: str | None = None) -> str:
+        """Send the message, then write the record.
+
+        In this order a failure in between leaves a message without a record, which
+        the worker drops, and never a record without a message, which would stay
+        ``queued`` forever. The worker waits briefly for a record it does not see yet.
+        """
         job_id = job_id or new_job_id()
         try:
             normalized = self._stash_inline_image(normalized)
-            doc = new_record(job_id, normalized, now_iso())
-            created = self.store.create(doc)
         except redis.RedisError as exc:
             raise Unavailable(f"job store unavailable: {exc}") from exc
-        if not created.ok:
-            raise Unavailable(f"job id {job_id} already exists")
+        doc = new_record(job_id, normalized, now_iso())
         try:
             self.celery.send_task(
                 K.TASK_GENERATE,
@@ -65,9 +68,16 @@ class Client:
                 priority=celery_priority(normalized["priority"]),
             )
         except Exception as exc:
-            # The record exists but no message does: remove it, so nothing waits forever.
-            self.store.delete(job_id)
             raise Unavailable(f"broker unavailable: {exc}") from exc
+        try:
+            self.store.create(doc)  # refused only if a lost reply hid our own write
+        except redis.RedisError as exc:
+            # The script may have run and only its reply been lost: look.
+            try:
+                self.store.load(job_id)
+                return job_id
+            except (redis.RedisError, JobNotFound):
+                raise Unavailable(f"job store unavailable: {exc}") from exc
         return job_id
 
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:

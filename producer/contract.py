@@ -23,6 +23,7 @@ from producer.settings import Settings
 
 MAX_SEED = 2**32 - 1
 METADATA_MAX_BYTES = 4096
+MAX_EXPIRES_IN_S = 30 * 24 * 3600
 WEBHOOK_EVENT_NAMES = ("started", "progress", "output", "completed")
 #: Decoders Pillow may use for init images; everything else is refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -103,7 +104,7 @@ class JobRequest(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: int | None = Field(default=None, ge=1)
-    expires_in_s: int | None = Field(default=None, ge=1)
+    expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
 
     @field_validator("prompt")
     @classmethod
@@ -213,7 +214,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         return None if name in bad else data.get(name)
 
     # Checks that depend on the model, the settings, or several fields at once.
-    model_name = ok("model") or settings.default_model
+    model_name = ok("model") if data.get("model") is not None else settings.default_model
     spec = registry.get(model_name)
     unknown_model = spec is None and "model" not in bad
     if spec is None and "model" not in bad:
@@ -254,6 +255,18 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
                 errors.append({"field": "image", "message": why + " or a data: URI"})
     if ok("strength") is not None and data.get("image") is None:
         errors.append({"field": "strength", "message": "is only allowed with image"})
+    if data.get("image") is not None and spec is not None and "strength" not in bad:
+        # img2img runs int(steps × strength) denoising steps: zero of them is no image.
+        steps = ok("steps") or spec.steps
+        strength = ok("strength") if ok("strength") is not None else 0.6
+        if int(steps * strength) < 1:
+            errors.append({"field": "strength", "message": f"strength {strength} × steps "
+                           f"{steps} leaves no denoising step; raise either"})
+    seed = ok("seed")
+    n = ok("num_images")
+    if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:
+        errors.append({"field": "seed", "message": f"seed + num_images - 1 must be ≤ {MAX_SEED}"
+                       " (image i uses seed + i)"})
     hook = ok("webhook")
     if hook is not None:
         why = _check_url(hook, settings.allow_http)

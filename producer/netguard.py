@@ -14,6 +14,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import time
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,9 +39,25 @@ def parse_allowlist(
     return hosts, nets
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_REFUSED_V6 = (
+    ipaddress.ip_network("::/96"),  # IPv4-compatible (deprecated)
+    ipaddress.ip_network("64:ff9b:1::/48"),  # local-use NAT64
+)
+
+
 def is_public(addr: IPAddress) -> bool:
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return is_public(addr.ipv4_mapped)
+    """Whether ``addr`` is a global unicast address, looking through IPv6 forms that
+    carry an IPv4 address (mapped, NAT64, 6to4) at the IPv4 address itself."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return is_public(addr.ipv4_mapped)
+        if addr in _NAT64:  # DNS64/NAT64 networks translate these to the IPv4 inside
+            return is_public(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        if addr.sixtofour is not None:
+            return is_public(addr.sixtofour)
+        if addr.teredo is not None or any(addr in net for net in _REFUSED_V6):
+            return False
     return addr.is_global and not addr.is_multicast
 
 
@@ -84,13 +101,16 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 
 
 def fetch(
-    url: str, *, max_bytes: int, timeout: float = 10.0, allowlist: str = "",
-    allow_http: bool = False,
+    url: str, *, max_bytes: int, timeout: float = 10.0, total_timeout: float = 30.0,
+    allowlist: str = "", allow_http: bool = False,
 ) -> bytes:
-    """GET ``url`` through the guard; at most ``max_bytes``; no redirects.
+    """GET ``url`` through the guard; at most ``max_bytes`` within ``total_timeout``
+    seconds; no redirects.
 
-    Raises :class:`EgressRefused`, or OSError / ValueError for transport failures.
+    Raises :class:`EgressRefused`, or OSError (TimeoutError included) / ValueError for
+    transport failures.
     """
+    deadline = time.monotonic() + total_timeout
     parts = urlsplit(url)
     if parts.scheme not in (("https", "http") if allow_http else ("https",)):
         raise EgressRefused(f"scheme {parts.scheme!r} is not allowed")
@@ -111,9 +131,20 @@ def fetch(
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             raise ValueError(f"{url} is larger than {max_bytes} bytes")
-        body = resp.read(max_bytes + 1)
-        if len(body) > max_bytes:
-            raise ValueError(f"{url} is larger than {max_bytes} bytes")
-        return body
+        # `timeout` bounds each socket wait; `deadline` bounds the whole download, so a
+        # server that trickles a byte at a time cannot hold the caller for long.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"GET {url} took longer than {total_timeout} s")
+            chunk = resp.read1(64 * 1024)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"{url} is larger than {max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
     finally:
         conn.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(default=600, ge=1)
     #: Runs of one job before it ends ``worker_lost``.
     max_attempts: int = Field(default=3, ge=1, le=100)
-    #: Redis visibility timeout; 0 derives it from ``job_timeout_s`` (see below).
+    #: Redis visibility timeout; 0 derives it (see ``effective_visibility_timeout_s``).
     visibility_timeout_s: int = Field(default=0, ge=0)
     #: Seconds between sweeps that return messages of dead workers to their queue
     #: (once their visibility timeout has passed).
@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     #: Allow ``http://`` image and webhook URLs (tests, private networks).
     allow_http: bool = False
+    #: Longest an init image download may take, in all.
+    image_fetch_timeout_s: float = Field(default=30.0, gt=0)
     #: Seconds to keep retrying an upload before the job fails ``storage_unavailable``.
     storage_retry_s: float = Field(default=60.0, ge=0.0)
     #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
@@ -88,21 +90,24 @@ class Settings(BaseSettings):
             raise ValueError("ATELIER_STORAGE_URL must be s3://bucket/prefix or file:///path")
         return v
 
-    @model_validator(mode="after")
-    def _visibility(self) -> Settings:
-        # A message stays invisible to other workers this long after a worker takes it.
-        # A worker holds up to `worker_concurrency` jobs, which take turns on the GPU,
-        # so the last one can finish (concurrency × timeout) after it was taken, plus
-        # encoding and upload retries. Shorter runs healthy jobs twice (harmless to the
-        # outcome, which is fenced, but wasted GPU time), so only an explicit setting
-        # may go below it: tests do, to see redelivery within seconds.
-        if self.visibility_timeout_s == 0:
-            self.visibility_timeout_s = max(3600, self.visibility_floor_s)
-        return self
-
     @property
     def visibility_floor_s(self) -> int:
-        return self.worker_concurrency * self.job_timeout_s + int(self.storage_retry_s) + 30
+        """The longest a worker can hold a message before acknowledging it.
+
+        A worker holds up to ``worker_concurrency`` jobs that take turns on the GPU, so
+        the last can finish (concurrency × timeout) after it was taken; then its init
+        image fetch, and upload retries for up to 8 images and the manifest.
+        """
+        return int(self.worker_concurrency * self.job_timeout_s + 9 * self.storage_retry_s
+                   + self.image_fetch_timeout_s + 30)
+
+    @property
+    def effective_visibility_timeout_s(self) -> int:
+        # A message stays invisible to other workers this long after a worker takes it.
+        # Shorter than the floor runs healthy jobs twice (harmless to the outcome, which
+        # is fenced, but it costs GPU time and attempts), so only an explicit setting
+        # goes below it: tests do, to see redelivery within seconds.
+        return self.visibility_timeout_s or max(3600, self.visibility_floor_s)
 
     @property
     def effective_broker_url(self) -> str:

@@ -59,11 +59,13 @@ else
   end
   if not allowed then return {0, status} end
   local token = redis.call('HGET', KEYS[1], 'token') or 'none'
+  -- A fresh token already in place means this very call ran and its reply was lost:
+  -- answer as it did, so a retried call does not look fenced.
+  if ARGV[4] ~= '' and ARGV[4] ~= 'none' and token == ARGV[4] then return {1, 'replayed'} end
   if ARGV[2] ~= '*' and token ~= ARGV[2] then return {0, 'fenced'} end
 end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
+-- Events first: an XADD with an explicit id is the only call here that can fail, and
+-- a failure must leave the record as it was.
 local ids = {}
 for i = 12, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*',
@@ -72,6 +74,9 @@ for i = 12, #ARGV, 2 do
              'type', ARGV[i], 'job_id', ARGV[11], 'ts', ARGV[8], 'data', ARGV[i + 1])
   table.insert(ids, id)
 end
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
 if tonumber(ARGV[9]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[9])
   redis.call('EXPIRE', KEYS[2], ARGV[9])

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -10,7 +15,7 @@ import redis
 from producer import Client, Unavailable
 from producer.broker import celery_config, celery_priority
 from producer.settings import Settings
-from tests.servers import free_port
+from tests.servers import ROOT, free_port
 
 
 def test_unreachable_broker_leaves_no_record(redis_url: str, models_file: str) -> None:
@@ -43,3 +48,32 @@ def test_broker_config_is_json_only_and_at_least_once() -> None:
     assert vt >= 2 * 900 + 60
     assert conf["broker_transport_options"]["priority_steps"] == list(range(10))
     assert celery_priority(9) == 0 and celery_priority(0) == 9  # Redis serves 0 first
+
+
+def test_visibility_timeout_follows_every_setting_it_depends_on() -> None:
+    small = Settings(worker_concurrency=1, job_timeout_s=600, storage_retry_s=10)
+    big = Settings(worker_concurrency=8, job_timeout_s=600, storage_retry_s=60)
+    assert big.effective_visibility_timeout_s >= 8 * 600 + 9 * 60
+    assert small.effective_visibility_timeout_s == 3600  # never below an hour by default
+    assert Settings(visibility_timeout_s=5).effective_visibility_timeout_s == 5  # explicit
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, cwd=ROOT, timeout=60)
+
+
+def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    res = run_cli("status", "nope", ATELIER_REDIS_URL=dead)
+    assert res.returncode == 3 and "Redis unavailable" in res.stderr
+    res = run_cli("status", "nope", ATELIER_REDIS_URL=redis_url)
+    assert res.returncode == 4 and "no job" in res.stderr
+    res = run_cli("submit", "x", "--steps", "0", ATELIER_REDIS_URL=redis_url,
+                  ATELIER_DEFAULT_MODEL="tiny-sdxl")
+    assert res.returncode == 2 and "steps" in res.stderr
+    res = run_cli("models", ATELIER_MODELS_FILE=str(tmp_path / "missing.toml"))
+    assert res.returncode == 2 and "bad settings" in res.stderr
+    res = run_cli("models", "--json")
+    assert res.returncode == 0
+    assert "playground-v2.5" in {m["name"] for m in json.loads(res.stdout)}

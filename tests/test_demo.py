@@ -32,3 +32,37 @@ def test_demo_writes_an_image_and_stops_everything(tmp_path: Path, models_dir: P
     # nothing it started is left running: its redis-server ran in an atelier-demo-* dir
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "atelier-demo-" not in ps
+
+
+def test_demo_cleans_up_when_terminated(tmp_path: Path, models_dir: Path) -> None:
+    """SIGTERM mid-start (as a closing terminal or a CI timeout sends it): every
+    process the demo started stops, and its temporary folder goes."""
+    import signal
+    import time
+
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**os.environ, "ATELIER_MODELS_DIR": str(models_dir), "ATELIER_DEVICE": "cpu",
+           "TMPDIR": str(tmpdir)}
+    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "demo", "x"], env=env,
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmpdir.glob("atelier-demo-*/worker.log")):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(1.0)  # the worker is importing torch now
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 10
+    while True:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        if str(tmpdir) not in ps or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert str(tmpdir) not in ps  # redis-server ran with --dir in there; the worker logs there
+    assert list(tmpdir.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -29,6 +30,13 @@ PRIVATE = [
     "::ffff:127.0.0.1",  # IPv4-mapped loopback
     "::ffff:10.0.0.1",
     "::ffff:169.254.169.254",
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of the metadata address
+    "64:ff9b:1::1",  # local-use NAT64
+    "2002:7f00:1::",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::",  # 6to4 of 169.254.169.254
+    "::7f00:1",  # IPv4-compatible 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
     "localhost",
 ]
 
@@ -117,6 +125,19 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", "/img.png")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif self.path == "/trickle":
+            # A byte at a time, each within the socket timeout: only a total deadline
+            # stops it.
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            for _ in range(100):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
         elif self.path == "/big":
             self._send(200, BIG)
         elif self.path == "/big-unannounced":
@@ -210,3 +231,16 @@ def test_fetch_caps_the_body(http_server: _Server, path: str) -> None:
     # Exactly at the cap is fine.
     assert fetch(url(http_server, path), max_bytes=len(BIG), allowlist="127.0.0.1",
                  allow_http=True, timeout=5) == BIG
+
+
+def test_fetch_has_a_total_deadline(http_server: _Server) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="longer than"):
+        fetch(url(http_server, "/trickle"), max_bytes=1000, timeout=1.0, total_timeout=1.0,
+              allowlist="127.0.0.1", allow_http=True)
+    assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.parametrize("host", ["64:ff9b::808:808", "2002:808:808::"])
+def test_public_ipv4_behind_nat64_or_6to4_is_accepted(host: str) -> None:
+    assert resolve_checked(host, 443) == host

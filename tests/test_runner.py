@@ -106,3 +106,77 @@ def test_invalid_inline_image_is_image_invalid(runner: Any) -> None:
     assert runner.run(job_id) is Status.FAILED
     error = runner.store.get(job_id)["error"]
     assert error["code"] == "image_invalid" and "no longer stored" in error["message"]
+
+
+def test_waits_for_a_record_written_after_the_message(runner: Any) -> None:
+    """The producer sends first and writes the record second: the worker waits."""
+    req = validate_request({"prompt": "p", "steps": 1}, Registry.load(), runner.settings)
+    job_id = f"late{time.monotonic_ns()}"
+    writer = threading.Timer(0.5, lambda: runner.store.create(new_record(job_id, req, now_iso())))
+    writer.start()
+    try:
+        assert runner.run(job_id) is Status.SUCCEEDED
+    finally:
+        writer.join()
+
+
+def test_a_redelivered_job_counts_the_attempt_and_drops_stale_outputs(runner: Any) -> None:
+    job_id = create(runner, steps=1)
+    snap = runner.store.load(job_id)
+    stale = {"index": 0, "key": "stale", "sha256": "0" * 64}
+    runner.store.apply(job_id, allowed="queued", token=snap.token, new_token="dead-run",
+                       doc=dict(snap.doc, status="running", attempts=1, outputs=[stale]))
+    assert runner.run(job_id) is Status.SUCCEEDED
+    record = runner.store.get(job_id)
+    assert record["attempts"] == 2
+    assert [o["key"] for o in record["outputs"]] == [f"{job_id}/0.png"]
+    events = runner.store.events(job_id)
+    retrying = [e for e in events if e["type"] == EventType.RETRYING]
+    assert [e["data"]["attempt"] for e in retrying] == [2]
+
+
+class TakeOverOnFirstPut:
+    """Local storage whose first put lets another run take the job over."""
+
+    def __init__(self, inner: LocalStorage, store: JobStore, job_id: str) -> None:
+        self.inner, self.store, self.job_id = inner, store, job_id
+        self.puts: list[str] = []
+
+    def key(self, job_id: str, name: str) -> str:
+        return self.inner.key(job_id, name)
+
+    def url(self, key: str) -> str:
+        return self.inner.url(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if not self.puts:
+            snap = self.store.load(self.job_id)
+            assert self.store.apply(self.job_id, allowed="running", token=snap.token,
+                                    doc=snap.doc, new_token="winner").ok
+        self.puts.append(key)
+        self.inner.put(key, data, content_type)
+
+
+def test_a_run_taken_over_during_upload_writes_no_more_objects(runner: Any) -> None:
+    job_id = create(runner, steps=1, num_images=3)
+    storage = TakeOverOnFirstPut(runner.storage, runner.store, job_id)
+    runner.storage = storage
+    assert runner.run(job_id) is None
+    assert storage.puts == [f"{job_id}/0.png"]  # not 1.png, 2.png, nor the manifest
+    record = runner.store.get(job_id)
+    assert record["status"] == Status.RUNNING and record["outputs"] == []
+
+
+def test_cancel_flag_alone_stops_a_running_job(runner: Any) -> None:
+    """A cancel whose wake-up item an earlier run consumed still stops the job."""
+    job_id = create(runner, steps=150)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while runner.store.get(job_id)["progress"]["step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    runner.store.redis.hset(f"atelier:job:{job_id}", "cancel", "1")  # no list item
+    thread.join(30)
+    assert result == [Status.CANCELLED]

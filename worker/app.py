@@ -92,10 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     if args.device:
         overrides["device"] = args.device
-    if args.concurrency:
+    if args.concurrency is not None:
         overrides["worker_concurrency"] = args.concurrency
-    if overrides:
-        settings = settings.model_copy(update=overrides)
+    if overrides:  # through the validators again: limits and derived values
+        try:
+            settings = Settings(**{**settings.model_dump(), **overrides})
+        except ValueError as exc:
+            parser.error(str(exc))
+    explicit_vt = settings.visibility_timeout_s
+    if explicit_vt and explicit_vt < settings.visibility_floor_s:
+        log.warning("ATELIER_VISIBILITY_TIMEOUT_S=%d is below %d s, the longest this worker "
+                    "can hold a message: long jobs will be delivered twice",
+                    settings.visibility_timeout_s, settings.visibility_floor_s)
     registry = Registry.load(settings.models_file)
     names = args.model or [settings.default_model]
     unknown = [n for n in names if registry.get(n) is None]

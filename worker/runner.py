@@ -104,19 +104,26 @@ class Runner:
     def run(self, job_id: str) -> Status | None:
         """Run a job to a terminal state; returns it (None when this run was fenced or
         the job had already ended)."""
-        try:
-            if self.store.load(job_id).status.is_terminal():
-                return None  # a duplicate delivery of a finished job: nothing to do
-        except JobNotFound:
-            log.warning("job %s has no record (expired or never created): dropped", job_id)
-            return None
+        snap = self._wait_for_record(job_id)
+        if snap is None or snap.status.is_terminal():
+            return None  # no record, or a duplicate delivery of a finished job
+        # Fetch an init image before taking the GPU: a slow image server delays only
+        # this job, while the other slot's job keeps the GPU busy.
+        init: tuple[bytes, None] | tuple[None, JobError] | None = None
+        if snap.doc["request"].get("image"):
+            try:
+                init = (self._fetch_init_image(snap.doc["request"]["image"]), None)
+            except JobError as exc:
+                init = (None, exc)
         with self.gpu:
             run = self._start(job_id)
             if run is None:
                 return None
+            if init is not None and init[1] is not None:
+                return self._finish(run, Status.FAILED, error=init[1].to_error())
             t0 = time.perf_counter()
             try:
-                images = self._generate(run)
+                images = self._generate(run, init[0] if init is not None else None)
             except Fenced:
                 log.warning("job %s: fenced during generation; another run owns it", job_id)
                 return None
@@ -142,6 +149,21 @@ class Runner:
         except Exception as exc:
             log.exception("job %s: post-processing failed", job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
+
+    def _wait_for_record(self, job_id: str, grace_s: float = 5.0) -> Snapshot | None:
+        # The producer sends the message before it writes the record, so a worker can
+        # see the message a moment early; a message whose record never comes (the
+        # producer failed in between) is dropped.
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                return self.store.load(job_id)
+            except JobNotFound:
+                if time.monotonic() > deadline:
+                    log.warning("job %s has no record (never written, or expired): dropped",
+                                job_id)
+                    return None
+                time.sleep(0.05)
 
     def _start(self, job_id: str) -> Run | None:
         snap = self.store.load(job_id)  # again: it may have changed while we waited
@@ -174,6 +196,8 @@ class Runner:
             started_at=now,
             progress={"step": 0, "total": doc["request"]["steps"]},
             error=None,
+            outputs=[],  # nothing of an earlier attempt carries over
+            timings={},
         )
         events: list[tuple[EventType, dict[str, Any]]] = []
         if attempt > 1:
@@ -197,14 +221,14 @@ class Runner:
         self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
                          events=[terminal_event(doc)])
 
-    def _generate(self, run: Run) -> list[Any]:
+    def _generate(self, run: Run, init_bytes: bytes | None) -> list[Any]:
         import torch
 
         req = run.request
         model = self.models.get(req["model"])
         if model is None:  # the queue name guarantees this; a broken deployment may not
             raise InternalError(f"this worker has not loaded model {req['model']!r}")
-        init = self._init_image(run) if req.get("image") else None
+        init = self._init_image(run, init_bytes) if init_bytes is not None else None
         pipe = model.img2img if init is not None else model.pipe
         pipe.scheduler = model.scheduler(req["scheduler"])
         n = req["num_images"]
@@ -253,32 +277,33 @@ class Runner:
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
         return list(result.images)
 
-    def _init_image(self, run: Run) -> Any:
-        from producer.contract import open_image
+    def _fetch_init_image(self, src: str) -> bytes:
         from producer.netguard import EgressRefused, fetch
 
-        req = run.request
-        src: str = req["image"]
         if src.startswith("sha256:"):  # given inline; the client stored the bytes
             stored = self.store.redis.get(K.input_key(src.removeprefix("sha256:")))
             if stored is None:
                 raise ImageInvalid("image: the inline init image is no longer stored")
-            raw = bytes(stored)  # type: ignore[arg-type]
-        else:
-            try:
-                raw = fetch(src, max_bytes=self.settings.max_image_bytes,
-                            allowlist=self.settings.egress_allowlist,
-                            allow_http=self.settings.allow_http)
-            except (EgressRefused, OSError, ValueError) as exc:
-                raise ImageFetchFailed(f"image: {exc}") from None
+            return bytes(stored)  # type: ignore[arg-type]
+        try:
+            return fetch(src, max_bytes=self.settings.max_image_bytes,
+                         total_timeout=self.settings.image_fetch_timeout_s,
+                         allowlist=self.settings.egress_allowlist,
+                         allow_http=self.settings.allow_http)
+        except (EgressRefused, OSError, ValueError) as exc:
+            raise ImageFetchFailed(f"image: {exc}") from None
+
+    def _init_image(self, run: Run, raw: bytes) -> Any:
+        from PIL import Image
+
+        from producer.contract import open_image
+
         run.init_sha256 = hashlib.sha256(raw).hexdigest()
         try:
             img = open_image(raw)
         except ValueError as exc:
             raise ImageInvalid(f"image {exc}") from None
-        from PIL import Image
-
-        size = (req["width"], req["height"])
+        size = (run.request["width"], run.request["height"])
         return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
 
     def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
@@ -292,6 +317,7 @@ class Runner:
             data = encoding.encode(image, req, seed, self.settings.png_compress_level)
             t1 = time.perf_counter()
             key = self.storage.key(run.job_id, f"{i}.{EXTENSIONS[fmt]}")
+            self._check_fence(run)
             self.storage.put(key, data, CONTENT_TYPES[fmt])
             upload_s += time.perf_counter() - t1
             encode_s += t1 - t0
@@ -312,6 +338,7 @@ class Runner:
         t2 = time.perf_counter()
         manifest = self._manifest(run, outputs, timings)
         key = self.storage.key(run.job_id, "manifest.json")
+        self._check_fence(run)
         self.storage.put(key, manifest, "application/json")
         timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
         return self._finish(run, Status.SUCCEEDED, outputs=outputs, timings=timings)
@@ -334,6 +361,15 @@ class Runner:
         return json.dumps(body, indent=2, sort_keys=True).encode()
 
     # -- writes, all fenced by the run's token -------------------------------------
+
+    def _check_fence(self, run: Run) -> None:
+        """Before writing an object: stop if another run owns the job now, so a run
+        that lost its job does not overwrite the winner's files (it narrows the window
+        to one round trip; keys are the same, and the bytes too on the same device)."""
+        token = self.store.redis.hget(K.job_key(run.job_id), "token")
+        if token is None or token.decode() != run.token:  # type: ignore[union-attr]
+            run.fenced.set()
+            raise Fenced(run.job_id)
 
     def _write(self, run: Run, event: EventType, data: dict[str, Any], **changes: Any) -> None:
         with run.lock:
@@ -406,6 +442,9 @@ class Monitor(threading.Thread):
             try:
                 # Blocks up to `interval`; returns at once when a cancel is pushed.
                 if store.redis.blpop([K.cancel_key(run.job_id)], timeout=interval):
+                    run.cancel.set()
+                elif store.redis.hget(K.job_key(run.job_id), "cancel") == b"1":
+                    # the list item was taken by an earlier run of this job
                     run.cancel.set()
                 if self._stop_evt.is_set():
                     return
