@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -313,3 +314,27 @@ def test_priority_orders_the_queue(stack: Stack) -> None:
         records = {j: client.wait(j, timeout=90) for j in [*busy, *low, high]}
     assert all(r["status"] == Status.SUCCEEDED for r in records.values())
     assert records[high]["started_at"] < min(records[j]["started_at"] for j in low)
+
+
+def test_cli_submit_wait_downloads_the_images(stack: Stack, tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import worker_env
+    from tests.servers import ROOT
+
+    env = worker_env(stack.values)
+    res = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "submit", "a quiet harbour", "--steps", "2",
+         "--seed", "11", "--num-images", "2", "--wait", "--out", str(tmp_path), "--json"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads(res.stdout)
+    assert record["status"] == Status.SUCCEEDED
+    assert len(record["files"]) == 2
+    for path, out in zip(record["files"], record["outputs"], strict=True):
+        data = Path(path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == out["sha256"]
+    assert os.path.basename(record["files"][1]) == f"{record['id']}-1.png"
