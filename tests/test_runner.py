@@ -46,6 +46,19 @@ def types(store: JobStore, job_id: str) -> list[str]:
     return [e["type"] for e in store.events(job_id)]
 
 
+def run_in_background(runner: Any, job_id: str,
+                      until_step: int) -> tuple[threading.Thread, list[Any]]:
+    """Run the job in a thread; return once its progress reaches ``until_step``."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while runner.store.get(job_id)["progress"]["step"] < until_step:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return thread, result
+
+
 def test_runs_a_job_without_celery(runner: Any) -> None:
     job_id = create(runner, seed=1, steps=2, num_images=2, output_format="webp")
     assert runner.run(job_id) is Status.SUCCEEDED
@@ -64,13 +77,7 @@ def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
     """Another run took the job over (its message was redelivered): this one stops at
     its next step and leaves no outcome, no output and no event behind."""
     job_id = create(runner, steps=150)
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while runner.store.get(job_id)["progress"]["step"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    thread, result = run_in_background(runner, job_id, until_step=2)
     snap = runner.store.load(job_id)
     taken = runner.store.apply(job_id, allowed="running", token=snap.token,
                                doc=dict(snap.doc, worker="other:2"), new_token="other-run")
@@ -170,13 +177,7 @@ def test_a_run_taken_over_during_upload_writes_no_more_objects(runner: Any) -> N
 def test_cancel_flag_alone_stops_a_running_job(runner: Any) -> None:
     """A cancel whose wake-up item an earlier run consumed still stops the job."""
     job_id = create(runner, steps=150)
-    result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while runner.store.get(job_id)["progress"]["step"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    thread, result = run_in_background(runner, job_id, until_step=1)
     runner.store.redis.hset(f"atelier:job:{job_id}", "cancel", "1")  # no list item
     thread.join(30)
     assert result == [Status.CANCELLED]
