@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from collections.abc import Iterator
@@ -85,10 +84,7 @@ class Client:
         image = normalized.get("image")
         if not image or not image.startswith("data:"):
             return normalized
-        raw = decode_data_uri(image, self.settings.max_image_bytes)
-        digest = hashlib.sha256(raw).hexdigest()
-        # Outlives any job that refers to it: result_ttl_s after the last submit.
-        self.store.redis.set(K.input_key(digest), raw, ex=self.settings.result_ttl_s)
+        digest = self.store.put_input(decode_data_uri(image, self.settings.max_image_bytes))
         return {**normalized, "image": f"sha256:{digest}"}
 
     def get(self, job_id: str) -> dict[str, Any]:

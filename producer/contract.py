@@ -10,10 +10,10 @@ import binascii
 import enum
 import io
 import json
-import math
 import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,6 +23,7 @@ from producer.settings import Settings
 
 MAX_SEED = 2**32 - 1
 METADATA_MAX_BYTES = 4096
+DEFAULT_STRENGTH = 0.6
 MAX_EXPIRES_IN_S = 30 * 24 * 3600
 WEBHOOK_EVENT_NAMES = ("started", "progress", "output", "completed")
 #: Decoders Pillow may use for init images; everything else is refused.
@@ -138,8 +139,6 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def _check_url(value: str, allow_http: bool) -> str | None:
     """Why ``value`` is not an acceptable outbound URL, or None."""
-    from urllib.parse import urlsplit
-
     try:
         parts = urlsplit(value)
     except ValueError:
@@ -258,7 +257,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     if data.get("image") is not None and spec is not None and "strength" not in bad:
         # img2img runs int(steps × strength) denoising steps: zero of them is no image.
         steps = ok("steps") or spec.steps
-        strength = ok("strength") if ok("strength") is not None else 0.6
+        strength = ok("strength") if ok("strength") is not None else DEFAULT_STRENGTH
         if int(steps * strength) < 1:
             errors.append({"field": "strength", "message": f"strength {strength} × steps "
                            f"{steps} leaves no denoising step; raise either"})
@@ -290,9 +289,10 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     out["scheduler"] = req.scheduler or spec.scheduler
     # Drawn below the top so seed + i stays within 32 bits for every image.
     out["seed"] = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - 8)
-    out["strength"] = (req.strength if req.strength is not None else 0.6) if req.image else None
+    out["strength"] = (
+        (req.strength if req.strength is not None else DEFAULT_STRENGTH) if req.image else None
+    )
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
-    assert math.isfinite(out["guidance_scale"])
     return out
 
 

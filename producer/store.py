@@ -21,8 +21,9 @@ the webhook id.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -67,19 +68,19 @@ end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
 -- a failure must leave the record as it was.
 local ids = {}
-for i = 12, #ARGV, 2 do
-  local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*',
-                        'type', ARGV[i], 'job_id', ARGV[11], 'ts', ARGV[8], 'data', ARGV[i + 1])
+for i = 10, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
+                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   redis.call('XADD', KEYS[2], id,
-             'type', ARGV[i], 'job_id', ARGV[11], 'ts', ARGV[8], 'data', ARGV[i + 1])
+             'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   table.insert(ids, id)
 end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
-if tonumber(ARGV[9]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[9])
-  redis.call('EXPIRE', KEYS[2], ARGV[9])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 return {1, table.concat(ids, ',')}
 """
@@ -106,7 +107,8 @@ class Snapshot:
 @dataclass
 class Outcome:
     ok: bool
-    #: The new event's id on success; on refusal the status found (or ``fenced``).
+    #: On success the new events' ids, comma-separated (``replayed`` for a call that had
+    #: already run); on refusal the status found, ``fenced`` or ``__missing__``.
     detail: str
 
 
@@ -152,7 +154,7 @@ class JobStore:
         token: str = ANY_TOKEN,
         doc: dict[str, Any] | None = None,
         new_token: str | None = None,
-        events: list[tuple[EventType, dict[str, Any]]] = (),  # type: ignore[assignment]
+        events: Sequence[tuple[EventType, dict[str, Any]]] = (),
     ) -> Outcome:
         """Compare-and-set a job: the primitive every transition uses.
 
@@ -170,8 +172,6 @@ class JobStore:
             status,
             new_token or "",
             _dumps(doc) if doc is not None else "",
-            "",
-            "",
             now_iso(),
             self.result_ttl_s if terminal else 0,
             K.GLOBAL_EVENTS_MAXLEN,
@@ -194,9 +194,14 @@ class JobStore:
             events=[(EventType.QUEUED, {})],
         )
 
-    def delete(self, job_id: str) -> None:
-        """Remove a job that was never enqueued (its message could not be sent)."""
-        self.redis.delete(K.job_key(job_id), K.events_key(job_id), K.cancel_key(job_id))
+    def put_input(self, raw: bytes) -> str:
+        """Store an inline init image by the sha256 of its bytes; return the digest.
+
+        It outlives any job that refers to it: ``result_ttl_s`` after the last put.
+        """
+        digest = hashlib.sha256(raw).hexdigest()
+        self.redis.set(K.input_key(digest), raw, ex=self.result_ttl_s)
+        return digest
 
     def request_cancel(self, job_id: str) -> Snapshot:
         """Cancel a job: a queued one at once; a running one at its next step.
@@ -251,6 +256,25 @@ class JobStore:
             job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
             events=[terminal_event(doc)],
         )
+
+    def get_input(self, digest: str) -> bytes | None:
+        raw: Any = self.redis.get(K.input_key(digest))
+        return None if raw is None else bytes(raw)
+
+    def token(self, job_id: str) -> str | None:
+        """The fence of the run that owns the job now (one field, not the record)."""
+        raw: Any = self.redis.hget(K.job_key(job_id), "token")
+        return None if raw is None else raw.decode()
+
+    def wait_for_cancel(self, job_id: str, timeout_s: float) -> bool:
+        """Whether a cancel was asked for, waiting up to ``timeout_s`` for one.
+
+        Wakes at once on the cancel list; also reads the flag, whose list item an
+        earlier run of the same job may have taken.
+        """
+        if self.redis.blpop([K.cancel_key(job_id)], timeout=timeout_s):
+            return True
+        return self.redis.hget(K.job_key(job_id), "cancel") == b"1"
 
     def events(
         self, job_id: str, after: str | None = None, block_ms: int | None = None,

@@ -28,7 +28,7 @@ from producer.contract import (
 from producer.errors import JobNotFound
 from producer.registry import Registry
 from producer.settings import Settings
-from producer.store import NEW, NO_TOKEN, JobStore
+from producer.store import NO_TOKEN, JobStore
 
 #: A database no other test file uses; emptied around each test.
 DB = 14
@@ -448,17 +448,6 @@ def test_terminal_records_get_a_ttl(store: JobStore, make_doc: Any, status: Stat
     assert 0 < store.redis.ttl(K.events_key(doc["id"])) <= TTL
     # The global stream is shared and capped by length, never expired.
     assert store.redis.ttl(K.GLOBAL_EVENTS) == -1
-
-
-def test_delete_removes_every_key_of_a_job(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    store.delete(doc["id"])
-    with pytest.raises(JobNotFound):
-        store.load(doc["id"])
-    assert store.redis.exists(K.job_key(doc["id"]), K.events_key(doc["id"])) == 0
-    # The id can be used again only as a new job (create checks existence).
-    assert store.apply(doc["id"], allowed=NEW, doc=doc, new_token=NO_TOKEN).ok
 
 
 @pytest.mark.parametrize("status", sorted(TERMINAL, key=str))

@@ -21,6 +21,10 @@ from producer.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Where initial noise is drawn. On the CPU it is the same for every device, so a
+#: seed means one image wherever it runs.
+GENERATOR_DEVICE = "cpu"
+
 #: Registry scheduler names → (diffusers class, config overrides).
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
@@ -112,10 +116,6 @@ class LoadedModel:
         cls_name, overrides = SCHEDULERS[name]
         cls = getattr(diffusers, cls_name)
         return cls.from_config(self.base_scheduler_config, **overrides)
-
-    def generator_device(self) -> str:
-        # Noise drawn on the CPU is the same on every device: a seed means one image.
-        return "cpu"
 
 
 def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import redis
 
-from producer import constants as K
 from producer.contract import (
     CONTENT_TYPES,
     EXTENSIONS,
@@ -52,7 +51,7 @@ from producer.settings import Settings
 from producer.storage import LocalStorage, S3Storage
 from producer.store import JobStore, Snapshot, is_expired
 from worker import encode as encoding
-from worker.pipelines import LoadedModel, library_versions
+from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +108,22 @@ class Runner:
             return None  # no record, or a duplicate delivery of a finished job
         # Fetch an init image before taking the GPU: a slow image server delays only
         # this job, while the other slot's job keeps the GPU busy.
-        init: tuple[bytes, None] | tuple[None, JobError] | None = None
+        init_bytes: bytes | None = None
+        init_error: JobError | None = None
         if snap.doc["request"].get("image"):
             try:
-                init = (self._fetch_init_image(snap.doc["request"]["image"]), None)
+                init_bytes = self._fetch_init_image(snap.doc["request"]["image"])
             except JobError as exc:
-                init = (None, exc)
+                init_error = exc
         with self.gpu:
             run = self._start(job_id)
             if run is None:
                 return None
-            if init is not None and init[1] is not None:
-                return self._finish(run, Status.FAILED, error=init[1].to_error())
+            if init_error is not None:
+                return self._finish(run, Status.FAILED, error=init_error.to_error())
             t0 = time.perf_counter()
             try:
-                images = self._generate(run, init[0] if init is not None else None)
+                images = self._generate(run, init_bytes)
             except Fenced:
                 log.warning("job %s: fenced during generation; another run owns it", job_id)
                 return None
@@ -232,7 +232,7 @@ class Runner:
         pipe = model.img2img if init is not None else model.pipe
         pipe.scheduler = model.scheduler(req["scheduler"])
         n = req["num_images"]
-        gens = [torch.Generator(model.generator_device()).manual_seed(req["seed"] + i)
+        gens = [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
                 for i in range(n)]
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -281,10 +281,10 @@ class Runner:
         from producer.netguard import EgressRefused, fetch
 
         if src.startswith("sha256:"):  # given inline; the client stored the bytes
-            stored = self.store.redis.get(K.input_key(src.removeprefix("sha256:")))
+            stored = self.store.get_input(src.removeprefix("sha256:"))
             if stored is None:
                 raise ImageInvalid("image: the inline init image is no longer stored")
-            return bytes(stored)  # type: ignore[arg-type]
+            return stored
         try:
             return fetch(src, max_bytes=self.settings.max_image_bytes,
                          total_timeout=self.settings.image_fetch_timeout_s,
@@ -366,8 +366,7 @@ class Runner:
         """Before writing an object: stop if another run owns the job now, so a run
         that lost its job does not overwrite the winner's files (it narrows the window
         to one round trip; keys are the same, and the bytes too on the same device)."""
-        token = self.store.redis.hget(K.job_key(run.job_id), "token")
-        if token is None or token.decode() != run.token:  # type: ignore[union-attr]
+        if self.store.token(run.job_id) != run.token:
             run.fenced.set()
             raise Fenced(run.job_id)
 
@@ -430,7 +429,8 @@ class Monitor(threading.Thread):
 
     def stop(self) -> None:
         # No join: the thread may sit in BLPOP for up to one interval, and the GPU
-        # must not wait for it. It exits on its own and writes nothing after this.
+        # must not wait for it. It exits on its own; a progress write racing this
+        # is serialized with the run's own writes by run.lock.
         self._stop_evt.set()
 
     def run(self) -> None:
@@ -441,10 +441,7 @@ class Monitor(threading.Thread):
         while not self._stop_evt.is_set():
             try:
                 # Blocks up to `interval`; returns at once when a cancel is pushed.
-                if store.redis.blpop([K.cancel_key(run.job_id)], timeout=interval):
-                    run.cancel.set()
-                elif store.redis.hget(K.job_key(run.job_id), "cancel") == b"1":
-                    # the list item was taken by an earlier run of this job
+                if store.wait_for_cancel(run.job_id, interval):
                     run.cancel.set()
                 if self._stop_evt.is_set():
                     return
