@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,29 +78,35 @@ def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) 
     return paths
 
 
+#: Request fields the CLI takes as options: name → argparse keywords.
+REQUEST_OPTIONS: dict[str, dict[str, Any]] = {
+    "model": {},
+    "negative_prompt": {},
+    "width": {"type": int},
+    "height": {"type": int},
+    "steps": {"type": int},
+    "guidance_scale": {"type": float},
+    "scheduler": {},
+    "seed": {"type": int},
+    "num_images": {"type": int},
+    "output_format": {"choices": ["png", "webp", "jpeg"]},
+    "priority": {"type": int},
+}
+
+
+def _add_request_args(p: argparse.ArgumentParser, names: Iterable[str] = REQUEST_OPTIONS) -> None:
+    p.add_argument("prompt")
+    for name in names:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, **REQUEST_OPTIONS[name])
+
+
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
     req: dict[str, Any] = {"prompt": args.prompt}
-    for name in ("model", "negative_prompt", "width", "height", "steps", "guidance_scale",
-                 "scheduler", "seed", "num_images", "output_format", "priority"):
+    for name in REQUEST_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
             req[name] = value
     return req
-
-
-def _add_request_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
-    p.add_argument("--model")
-    p.add_argument("--negative-prompt", dest="negative_prompt")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance-scale", dest="guidance_scale", type=float)
-    p.add_argument("--scheduler")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-images", dest="num_images", type=int)
-    p.add_argument("--output-format", dest="output_format", choices=["png", "webp", "jpeg"])
-    p.add_argument("--priority", type=int)
 
 
 # -- commands --------------------------------------------------------------------
@@ -276,11 +283,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     raise SystemExit("atelier demo: the worker did not start")
                 time.sleep(0.2)
         with Client(demo_settings) as client:
-            req: dict[str, Any] = {"prompt": args.prompt, "model": args.model}
-            for name in ("steps", "seed", "width", "height"):
-                if getattr(args, name) is not None:
-                    req[name] = getattr(args, name)
-            job_id = client.submit(req)
+            job_id = client.submit(_request_from_args(args))
             record = follow_with_progress(client, job_id, timeout=600)
         if record["status"] != Status.SUCCEEDED:
             console.print(f"job {job_id} ended {record['status']}: {record.get('error')}")
@@ -303,14 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
-    p.add_argument("prompt")
+    _add_request_args(p, ["steps", "seed", "width", "height"])
     p.add_argument("--model", default="tiny-sdxl")
     p.add_argument("--out", default="atelier-output")
     p.add_argument("--device")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("submit", help="submit a job")
