@@ -59,3 +59,15 @@ def make_celery(settings: Settings, name: str = "atelier") -> Celery:
 def celery_priority(priority: int) -> int:
     """atelier's 0–9 (higher first) as the Redis transport's 0–9 (lower first)."""
     return 9 - priority
+
+
+def queue_depth(broker: Any, model: str) -> int:
+    """Messages waiting in a model's queue: the sum of its priority lists' lengths.
+
+    ``broker`` is a redis client on the broker's database. Messages a worker has taken
+    (unacknowledged) are not counted; this is the number KEDA scales on.
+    """
+    pipe = broker.pipeline(transaction=False)
+    for key in K.queue_keys(model):
+        pipe.llen(key)
+    return int(sum(pipe.execute()))

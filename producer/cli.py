@@ -140,8 +140,9 @@ def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
         record = client.get(args.id)
+        deliveries = client.store.deliveries(args.id)
     if args.json:
-        _print_json(record)
+        _print_json(dict(record, webhook_deliveries=deliveries))
     else:
         p = record["progress"]
         print(f"{record['id']} {record['status']} step {p['step']}/{p['total']}"
@@ -150,6 +151,9 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  {o['url']}")
         if record.get("error"):
             print(f"  error {record['error']['code']}: {record['error']['message']}")
+        for d in deliveries:
+            print(f"  webhook {d['type']} attempt {d['attempt']}: {d['outcome']} "
+                  f"{d['status'] or d['error']}")
     return EXIT_OK
 
 
@@ -182,6 +186,60 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
             print(f"{m['name']:<18} {m['source']}  {d['width']}×{d['height']} "
                   f"{d['steps']} steps cfg {d['guidance_scale']} {d['scheduler']}")
     return EXIT_OK
+
+
+def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
+    import redis
+
+    from producer.fleet import queue_report
+
+    with Client(settings) as client:
+        broker = redis.Redis.from_url(settings.effective_broker_url)
+        try:
+            report = queue_report(client.store, broker, client.registry)
+        finally:
+            broker.close()
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"{'model':<18} {'depth':>6} {'queued':>6}  oldest")
+        for q in report:
+            age = f"{q['oldest_age_s']:.1f} s" if q["oldest_age_s"] is not None else "-"
+            print(f"{q['model']:<18} {q['depth']:>6} {q['queued']:>6}  {age}")
+    return EXIT_OK
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.fleet import live_workers
+
+    with Client(settings) as client:
+        workers = live_workers(client.store.redis)
+    if args.json:
+        _print_json(workers)
+    else:
+        if not workers:
+            print("no live workers")
+        for w in workers:
+            current = ",".join(w.get("current_jobs") or []) or "-"
+            print(f"{w['id']:<32} {w['state']:<6} {','.join(w['models'])} on {w['device']}"
+                  f"  done {w['jobs_done']}  current {current}")
+    return EXIT_OK
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.api import main as api_main
+
+    return api_main(settings, args.host, args.port)
+
+
+def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.dispatcher import main as dispatcher_main
+
+    try:
+        return dispatcher_main(settings)
+    except ValueError as exc:
+        print(f"atelier: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _need_worker_extra() -> None:
@@ -335,6 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model registry")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    for name, func, helptext in (("queues", cmd_queues, "queue depth per model"),
+                                 ("workers", cmd_workers, "live workers (heartbeats)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("api", help="run the HTTP API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("dispatcher", help="run a webhook dispatcher")
+    p.set_defaults(func=cmd_dispatcher)
 
     p = sub.add_parser("worker", help="run a GPU worker (needs atelier[worker])")
     p.add_argument("--model", action="append")

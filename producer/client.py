@@ -46,7 +46,9 @@ class Client:
         normalized = validate_request(data, self.registry, self.settings)
         return self.enqueue(normalized)
 
-    def enqueue(self, normalized: dict[str, Any], job_id: str | None = None) -> str:
+    def enqueue(
+        self, normalized: dict[str, Any], job_id: str | None = None, owner: str | None = None
+    ) -> str:
         """Send the message, then write the record.
 
         In this order a failure in between leaves a message without a record, which
@@ -58,7 +60,7 @@ class Client:
             normalized = self._stash_inline_image(normalized)
         except redis.RedisError as exc:
             raise Unavailable(f"job store unavailable: {exc}") from exc
-        doc = new_record(job_id, normalized, now_iso())
+        doc = new_record(job_id, normalized, now_iso(), owner)
         try:
             self.celery.send_task(
                 K.TASK_GENERATE,

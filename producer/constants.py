@@ -21,6 +21,27 @@ GLOBAL_EVENTS = f"{PREFIX}:events"
 #: Approximate cap of the global stream (XADD MAXLEN ~).
 GLOBAL_EVENTS_MAXLEN = 100_000
 
+#: Sorted set per model of its jobs still ``queued``, scored so that ZRANK is the
+#: position in the queue: higher priority first, then oldest first (what Celery's Redis
+#: transport serves). Maintained by the store's transition script.
+QUEUED_INDEX = f"{PREFIX}:queued:"
+#: Per-job list of webhook delivery attempts (JSON), newest last.
+DELIVERIES = f"{PREFIX}:deliveries:"
+#: Most delivery attempts kept per job.
+DELIVERIES_KEPT = 100
+#: Consumer group of the webhook dispatchers on :data:`GLOBAL_EVENTS`.
+DISPATCH_GROUP = "atelier-dispatchers"
+#: Sorted set of webhook deliveries waiting for a retry, scored by due time (ms).
+WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retry"
+#: Per-API-key rate limiter state (GCRA: the theoretical arrival time).
+RATE_LIMIT = f"{PREFIX}:ratelimit:"
+#: ``Idempotency-Key`` reservations, per API key.
+IDEMPOTENCY = f"{PREFIX}:idem:"
+#: Worker heartbeats: one JSON string per worker, expiring unless refreshed.
+WORKER = f"{PREFIX}:worker:"
+#: Sorted set of worker ids by last heartbeat (ms), to list them without SCAN.
+WORKERS = f"{PREFIX}:workers"
+
 #: Celery task name: the message body is ``[job_id]``; the record holds the request.
 TASK_GENERATE = "atelier.generate"
 QUEUE_PREFIX = "atelier."
@@ -42,6 +63,31 @@ def input_key(sha256: str) -> str:
     return INPUT + sha256
 
 
+def queued_index_key(model: str) -> str:
+    return QUEUED_INDEX + model
+
+
+def queued_score(priority: int, created_ms: int) -> int:
+    """Score in :func:`queued_index_key`: priority bands, oldest first within one."""
+    return (9 - priority) * 10**13 + created_ms
+
+
+def deliveries_key(job_id: str) -> str:
+    return DELIVERIES + job_id
+
+
+def worker_key(worker_id: str) -> str:
+    return WORKER + worker_id
+
+
 def queue_name(model: str) -> str:
     """One Celery queue per model, so a worker consumes only what it has loaded."""
     return QUEUE_PREFIX + model
+
+
+def queue_keys(model: str) -> list[str]:
+    """The Redis lists Celery's transport keeps a model's messages in, one per priority
+    (``priority_steps`` 0–9, separator ``:``): a queue's depth is the sum of their
+    lengths. ``atelier.<model>`` holds Celery priority 0 (atelier priority 9)."""
+    q = queue_name(model)
+    return [q] + [f"{q}:{i}" for i in range(1, 10)]

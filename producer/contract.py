@@ -9,6 +9,7 @@ import base64
 import binascii
 import enum
 import io
+import ipaddress
 import json
 import secrets
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.errors import InvalidRequest, UnknownModel
+from producer.netguard import is_public, parse_allowlist
 from producer.registry import Registry
 from producer.settings import Settings
 
@@ -155,6 +157,23 @@ def _check_url(value: str, allow_http: bool) -> str | None:
     return None
 
 
+def _literal_refused(value: str, allowlist: str) -> str | None:
+    """Why a URL whose host is an IP literal may never be called, or None.
+
+    Host names are checked when called (DNS can change); a literal address can be
+    refused at once.
+    """
+    host = urlsplit(value).hostname or ""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    hosts, nets = parse_allowlist(allowlist)
+    if host in hosts or any(addr in net for net in nets) or is_public(addr):
+        return None
+    return f"points at {addr}, which is not a public address"
+
+
 def decode_data_uri(value: str, max_bytes: int) -> bytes:
     """Bytes of a ``data:image/...;base64,`` URI; ValueError says what is wrong."""
     head, sep, payload = value.partition(",")
@@ -249,7 +268,8 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
             except ValueError as exc:
                 errors.append({"field": "image", "message": str(exc)})
         else:
-            why = _check_url(image, settings.allow_http)
+            why = _check_url(image, settings.allow_http) or _literal_refused(
+                image, settings.egress_allowlist)
             if why:
                 errors.append({"field": "image", "message": why + " or a data: URI"})
     if ok("strength") is not None and data.get("image") is None:
@@ -268,7 +288,8 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
                        " (image i uses seed + i)"})
     hook = ok("webhook")
     if hook is not None:
-        why = _check_url(hook, settings.allow_http)
+        why = _check_url(hook, settings.allow_http) or _literal_refused(
+            hook, settings.egress_allowlist)
         if why:
             errors.append({"field": "webhook", "message": why})
     t = ok("timeout_s")
@@ -304,7 +325,9 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def new_record(job_id: str, request: dict[str, Any], created_at: str) -> dict[str, Any]:
+def new_record(
+    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None
+) -> dict[str, Any]:
     expires_at = None
     if request.get("expires_in_s"):
         ts = parse_iso(created_at).timestamp() + request["expires_in_s"]
@@ -325,4 +348,7 @@ def new_record(job_id: str, request: dict[str, Any], created_at: str) -> dict[st
         "error": None,
         "timings": {},
         "metadata": request.get("metadata", {}),
+        #: The API key (its id, never the key) that submitted the job; None from the
+        #: Python client. Only that key sees the job through the HTTP API.
+        "owner": owner,
     }

@@ -1,4 +1,4 @@
-"""Outbound HTTP to user-given URLs (init images; webhooks later), guarded against SSRF.
+"""Outbound HTTP to user-given URLs (init images, webhooks), guarded against SSRF.
 
 The host is resolved once; every address must be global (no loopback, private,
 link-local, cloud metadata, multicast, reserved, or IPv4-mapped IPv6 of those) unless
@@ -81,23 +81,79 @@ def resolve_checked(host: str, port: int, allowlist: str = "") -> str:
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, address: str, port: int, timeout: float,
+                 connect_timeout: float | None = None) -> None:
         self._tls = ssl.create_default_context()
         super().__init__(host, port, timeout=timeout, context=self._tls)
         self._address = address
+        self._connect_timeout = connect_timeout or timeout
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
+        sock = socket.create_connection((self._address, self.port), self._connect_timeout)
+        sock.settimeout(self.timeout)
         self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+    def __init__(self, host: str, address: str, port: int, timeout: float,
+                 connect_timeout: float | None = None) -> None:
         super().__init__(host, port, timeout=timeout)
         self._address = address
+        self._connect_timeout = connect_timeout or timeout
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = socket.create_connection((self._address, self.port), self._connect_timeout)
+        self.sock.settimeout(self.timeout)
+
+
+def _open(
+    url: str, *, timeout: float, connect_timeout: float | None, allowlist: str,
+    allow_http: bool,
+) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the checked address of ``url``'s host, and the request path."""
+    parts = urlsplit(url)
+    if parts.scheme not in (("https", "http") if allow_http else ("https",)):
+        raise EgressRefused(f"scheme {parts.scheme!r} is not allowed")
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = resolve_checked(host, port, allowlist)
+    cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return cls(host, address, port, timeout, connect_timeout), path
+
+
+def post(
+    url: str, body: bytes, headers: dict[str, str], *, connect_timeout: float = 5.0,
+    read_timeout: float = 15.0, allowlist: str = "", allow_http: bool = False,
+) -> tuple[int, dict[str, str]]:
+    """POST ``body`` to ``url`` through the guard; return the status and headers.
+
+    The response (headers and at most 64 KiB of body, which is discarded) must arrive
+    within ``read_timeout`` seconds in all. Redirects are returned, not followed.
+    Raises :class:`EgressRefused`, or OSError (TimeoutError included) for transport
+    failures.
+    """
+    conn, path = _open(url, timeout=read_timeout, connect_timeout=connect_timeout,
+                       allowlist=allowlist, allow_http=allow_http)
+    try:
+        conn.connect()
+        deadline = time.monotonic() + read_timeout
+        conn.request("POST", path, body=body, headers={
+            "User-Agent": "atelier-webhooks", "Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        drained = 0
+        while drained < 64 * 1024:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"POST {url} took longer than {read_timeout} s")
+            chunk = resp.read1(16 * 1024)
+            if not chunk:
+                break
+            drained += len(chunk)
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
 
 
 def fetch(
@@ -111,18 +167,9 @@ def fetch(
     transport failures.
     """
     deadline = time.monotonic() + total_timeout
-    parts = urlsplit(url)
-    if parts.scheme not in (("https", "http") if allow_http else ("https",)):
-        raise EgressRefused(f"scheme {parts.scheme!r} is not allowed")
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    address = resolve_checked(host, port, allowlist)
-    cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-    conn = cls(host, address, port, timeout)
+    conn, path = _open(url, timeout=timeout, connect_timeout=None, allowlist=allowlist,
+                       allow_http=allow_http)
     try:
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
         conn.request("GET", path, headers={"User-Agent": "atelier", "Accept": "image/*"})
         resp = conn.getresponse()
         if resp.status != 200:

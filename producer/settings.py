@@ -69,6 +69,41 @@ class Settings(BaseSettings):
     #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
     png_compress_level: int = Field(default=6, ge=0, le=9)
 
+    # -- HTTP API ---------------------------------------------------------------------
+    #: Keys that may also read ``/v1/workers`` (fleet-wide: it shows every worker's
+    #: current job). Same format as ``api_keys``; each must also be in ``api_keys``.
+    admin_api_keys: str = ""
+    #: Requests per second each API key may make on average (0: no limit), shared by
+    #: every API replica through Redis; ``rate_limit_burst`` may come at once.
+    rate_limit_per_s: float = Field(default=20.0, ge=0.0)
+    rate_limit_burst: int = Field(default=100, ge=1)
+    #: Refuse new jobs (503, ``Retry-After``) while a model's queue holds this many
+    #: messages (0: no limit).
+    max_queue_depth: int = Field(default=0, ge=0)
+    #: ``Retry-After`` of a refusal for a full queue.
+    admission_retry_after_s: int = Field(default=10, ge=1)
+    #: Largest request body accepted (a 10 MiB image as a data: URI is ~13.4 MiB).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    #: An ``Idempotency-Key`` returns the same job for this long.
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
+    #: An event stream with nothing to say sends a comment this often.
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
+
+    # -- webhooks -----------------------------------------------------------------------
+    #: Seconds to wait before each retry of a failed delivery (jitter ±20 % is added);
+    #: after the last, the delivery is given up. Progress events are sent once.
+    webhook_retry_schedule_s: str = "5,30,120,600,1800,7200,21600"
+    webhook_connect_timeout_s: float = Field(default=5.0, gt=0)
+    #: The whole response, headers and body, must arrive within this.
+    webhook_read_timeout_s: float = Field(default=15.0, gt=0)
+    #: Deliveries in flight at once per dispatcher.
+    webhook_concurrency: int = Field(default=16, ge=1, le=256)
+    #: An event a dispatcher took and has not finished for this long is taken over by
+    #: another one (it must exceed connect + read timeouts).
+    webhook_claim_idle_s: float = Field(default=60.0, gt=0)
+    #: Worker heartbeats are written this often and expire after three periods.
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, v: str | None) -> str | None:
@@ -89,6 +124,22 @@ class Settings(BaseSettings):
         if not (v.startswith("s3://") or v.startswith("file://")):
             raise ValueError("ATELIER_STORAGE_URL must be s3://bucket/prefix or file:///path")
         return v
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        try:
+            delays = [float(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError("ATELIER_WEBHOOK_RETRY_SCHEDULE_S must be comma-separated "
+                             "seconds") from None
+        if any(d < 0 for d in delays):
+            raise ValueError("ATELIER_WEBHOOK_RETRY_SCHEDULE_S delays must be >= 0")
+        return v
+
+    @property
+    def retry_schedule(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_schedule_s.split(",") if x.strip()]
 
     @property
     def visibility_floor_s(self) -> int:

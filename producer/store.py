@@ -68,14 +68,22 @@ end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
 -- a failure must leave the record as it was.
 local ids = {}
-for i = 10, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
                         'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   redis.call('XADD', KEYS[2], id,
              'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   table.insert(ids, id)
 end
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[3]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3])
+  -- The queue index holds exactly the jobs whose status is queued.
+  if ARGV[1] == '__new__' and ARGV[3] == 'queued' then
+    redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
+  elseif ARGV[3] ~= 'queued' then
+    redis.call('ZREM', KEYS[4], ARGV[9])
+  end
+end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
 if tonumber(ARGV[7]) > 0 then
@@ -176,13 +184,16 @@ class JobStore:
             self.result_ttl_s if terminal else 0,
             K.GLOBAL_EVENTS_MAXLEN,
             job_id,
+            _queued_score(doc) if doc is not None else "",
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
                 data = {**data, "metadata": metadata}
             args += [etype.value, _dumps(data)]
         ok, detail = self._apply(
-            keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS], args=args
+            keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
+                  K.queued_index_key(doc["request"]["model"] if doc else "_")],
+            args=args,
         )
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         return Outcome(bool(ok), detail)
@@ -257,6 +268,46 @@ class JobStore:
             events=[terminal_event(doc)],
         )
 
+    def queue_position(self, doc: dict[str, Any]) -> int | None:
+        """How many queued jobs of the same model run before this one (None: not queued)."""
+        rank: Any = self.redis.zrank(K.queued_index_key(doc["request"]["model"]), doc["id"])
+        return None if rank is None else int(rank)
+
+    def queued_summary(self, model: str) -> tuple[int, str | None]:
+        """Jobs of ``model`` in status ``queued``, and the oldest one's ``created_at``.
+
+        The oldest is the smallest creation time across the ten priority bands.
+        """
+        key = K.queued_index_key(model)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcard(key)
+        for band in range(10):
+            low = band * 10**13
+            pipe.zrangebyscore(key, low, low + 10**13 - 1, start=0, num=1, withscores=True)
+        count, *bands = pipe.execute()
+        oldest_ms = min((int(score) % 10**13 for b in bands for _, score in b), default=None)
+        if oldest_ms is None:
+            return int(count), None
+        ts = datetime.fromtimestamp(oldest_ms / 1000, UTC).isoformat(timespec="milliseconds")
+        return int(count), ts.replace("+00:00", "Z")
+
+    def record_delivery(self, job_id: str, attempt: dict[str, Any]) -> None:
+        """Append a webhook delivery attempt to the job's delivery log.
+
+        Kept beside the record, not in it: a terminal record never changes, and the
+        deliveries of its terminal event happen after it is terminal.
+        """
+        key = K.deliveries_key(job_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(key, _dumps(attempt))
+        pipe.ltrim(key, -K.DELIVERIES_KEPT, -1)
+        pipe.expire(key, self.result_ttl_s)
+        pipe.execute()
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        raw: Any = self.redis.lrange(K.deliveries_key(job_id), 0, -1)
+        return [json.loads(x) for x in raw]
+
     def get_input(self, digest: str) -> bytes | None:
         raw: Any = self.redis.get(K.input_key(digest))
         return None if raw is None else bytes(raw)
@@ -317,6 +368,11 @@ class JobStore:
                 yield ev
                 if EventType(ev["type"]) in TERMINAL_EVENTS:
                     return
+
+
+def _queued_score(doc: dict[str, Any]) -> int:
+    created_ms = int(parse_iso(doc["created_at"]).timestamp() * 1000)
+    return K.queued_score(int(doc["request"].get("priority", 5)), created_ms)
 
 
 def is_expired(doc: dict[str, Any], now: datetime | None = None) -> bool:

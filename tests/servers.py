@@ -160,3 +160,53 @@ class Worker:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc, grace=30)
+
+
+class Process:
+    """An atelier process (``python -m producer.cli <command>``) logging to a file."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path,
+                 ready: bytes | None = None, port: int | None = None) -> None:
+        self.command, self.env, self.log_path = command, env, log_path
+        self.ready, self.port = ready, port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "producer.cli", *self.command], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        if self.port is not None:
+            wait_port(self.port, timeout, self.proc)
+        if self.ready is not None:
+            deadline = time.monotonic() + timeout
+            while self.ready not in self.log_path.read_bytes()[self._log_offset:]:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.command} did not start:\n{self.log()[-3000:]}")
+                time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace=15)
+
+
+def api_process(env: dict[str, str], log_path: Path) -> Process:
+    port = free_port()
+    proc = Process(["api", "--host", "127.0.0.1", "--port", str(port)], env, log_path,
+                   port=port)
+    return proc
+
+
+def dispatcher_process(env: dict[str, str], log_path: Path) -> Process:
+    return Process(["dispatcher"], env, log_path, ready=b"ready")

@@ -367,8 +367,29 @@ def test_http_webhook_and_image_allowed_by_setting(make_settings: Any, models_fi
     with pytest.raises(InvalidRequest) as info:
         validate_request(body, registry, make_settings(allow_http=False))
     assert {f["field"] for f in info.value.fields} == {"webhook", "image"}
-    out = validate_request(body, registry, make_settings(allow_http=True))
+    out = validate_request(body, registry, make_settings(allow_http=True,
+                                                         egress_allowlist="127.0.0.1"))
     assert out["webhook"] == body["webhook"]
+
+
+@pytest.mark.parametrize("url", [
+    "https://127.0.0.1/hook", "https://10.1.2.3/hook", "https://169.254.169.254/latest",
+    "https://[::1]/hook", "https://[::ffff:10.0.0.1]/hook", "https://[fd00::1]/hook",
+    "https://192.168.0.10:8443/hook",
+])
+def test_literal_private_addresses_are_refused_at_submit(
+    make_settings: Any, models_file: str, url: str
+) -> None:
+    registry = Registry.load(models_file)
+    for field in ("webhook", "image"):
+        with pytest.raises(InvalidRequest) as info:
+            validate_request({"prompt": P, field: url}, registry, make_settings())
+        assert info.value.fields == [
+            {"field": field, "message": info.value.fields[0]["message"]}]
+        assert "not a public address" in info.value.fields[0]["message"]
+    # A host name is checked when it is called (its address can change): accepted here.
+    assert validate_request({"prompt": P, "webhook": "https://hooks.example.com/x"},
+                            registry, make_settings())["webhook"]
 
 
 def test_metadata_at_the_limit_is_accepted(make_settings: Any, models_file: str) -> None:

@@ -14,11 +14,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import platform
 import socket
 import sys
+import threading
 import time
+from typing import Any
 
 import redis
 from celery import Celery
@@ -27,6 +31,7 @@ from celery.signals import worker_ready
 
 from producer import constants as K
 from producer.broker import make_celery
+from producer.contract import now_iso
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
@@ -72,6 +77,72 @@ def _check_redis(store: JobStore) -> None:
                     "queued jobs. Use noeviction.", policy)
     if aof == "no":
         log.warning("Redis appendonly is off: a Redis restart loses every queued job.")
+
+
+class Heartbeat(threading.Thread):
+    """Writes this worker's state to Redis every ``worker_heartbeat_s``; the key expires
+    after three periods, so a dead worker disappears from ``/v1/workers`` by itself."""
+
+    def __init__(self, store: JobStore, runner: Any, info: dict[str, Any],
+                 period_s: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.store, self.runner, self.info, self.period_s = store, runner, info, period_s
+        self.stopped = threading.Event()
+
+    def beat(self) -> None:
+        with self.runner._lock:
+            current = sorted(self.runner.current)
+            done = self.runner.jobs_done
+        doc = {
+            **self.info,
+            "state": "busy" if current else "idle",
+            "current_jobs": current,
+            "jobs_done": done,
+            "memory": _memory(self.info["device"]),
+            "last_seen": now_iso(),
+        }
+        r = self.store.redis
+        pipe = r.pipeline(transaction=False)
+        pipe.set(K.worker_key(self.info["id"]), json.dumps(doc),
+                 px=int(self.period_s * 3000))
+        pipe.zadd(K.WORKERS, {self.info["id"]: int(time.time() * 1000)})
+        pipe.execute()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period_s):
+            try:
+                self.beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            self.store.redis.delete(K.worker_key(self.info["id"]))
+            self.store.redis.zrem(K.WORKERS, self.info["id"])
+        except redis.RedisError:
+            pass
+
+
+def _memory(device: str) -> dict[str, int]:
+    import resource
+
+    out = {"rss_max_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        import torch
+
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        out.update(gpu_allocated_bytes=int(torch.cuda.memory_allocated(torch.device(device))),
+                   gpu_used_bytes=int(total - free), gpu_total_bytes=int(total))
+    return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        return str(torch.cuda.get_device_name(torch.device(device)))
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     _runner = Runner(settings, models, store, storage_from_settings(settings), worker_name)
     queues = ",".join(K.queue_name(n) for n in names)
+    heartbeat = Heartbeat(store, _runner, {
+        "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
+        "models": names, "device": str(device), "device_name": _device_name(str(device)),
+        "concurrency": settings.worker_concurrency, "started_at": now_iso(),
+    }, settings.worker_heartbeat_s)
+    try:
+        heartbeat.beat()
+    except redis.RedisError as exc:
+        log.warning("heartbeat failed: %s", exc)
+    heartbeat.start()
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
@@ -139,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Consume.
     app = create_app(settings)
-    app.worker_main([
-        "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-        f"--queues={queues}", f"--hostname=atelier@{worker_name.replace(':', '-')}",
-        "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
-    ])
+    try:
+        app.worker_main([
+            "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+            f"--queues={queues}", f"--hostname=atelier@{worker_name.replace(':', '-')}",
+            "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
+        ])
+    finally:
+        heartbeat.stop()
     return 0

@@ -97,12 +97,26 @@ class Runner:
         # One generation at a time per device; post-processing runs outside it.
         self.gpu = threading.Lock()
         self.versions = library_versions()
+        # For the heartbeat: jobs held now, and messages handled since start.
+        self._lock = threading.Lock()
+        self.current: set[str] = set()
+        self.jobs_done = 0
 
     # -- 1-6 --------------------------------------------------------------------------
 
     def run(self, job_id: str) -> Status | None:
         """Run a job to a terminal state; returns it (None when this run was fenced or
         the job had already ended)."""
+        with self._lock:
+            self.current.add(job_id)
+        try:
+            return self._run(job_id)
+        finally:
+            with self._lock:
+                self.current.discard(job_id)
+                self.jobs_done += 1
+
+    def _run(self, job_id: str) -> Status | None:
         snap = self._wait_for_record(job_id)
         if snap is None or snap.status.is_terminal():
             return None  # no record, or a duplicate delivery of a finished job

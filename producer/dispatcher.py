@@ -1,0 +1,261 @@
+"""The webhook dispatcher: ``atelier dispatcher``.
+
+It reads the global event stream through a consumer group, so several dispatchers
+share the work and an event is handled by one of them. For each event whose job asked
+for a webhook and whose type passes the job's ``webhook_events`` filter it sends one
+signed POST (:mod:`producer.webhooks`). Then:
+
+- delivered, refused for good (410, a non-public address) or not wanted: ``XACK``;
+- failed but retryable: the event goes to a sorted set of retries, due after the next
+  delay of ``webhook_retry_schedule_s`` (with jitter, at least what ``Retry-After``
+  asked), and is acknowledged, both in one transaction. Progress events are sent once.
+
+Nothing is lost when a dispatcher dies: an event it took but did not acknowledge stays
+pending in the group and another dispatcher claims it (``XAUTOCLAIM``) once it has been
+idle ``webhook_claim_idle_s``; a retry it took is leased the same way (its score is
+pushed ``webhook_claim_idle_s`` ahead while it runs). The ``webhook-id`` is the event
+id, so a receiver can drop the rare duplicate this allows.
+
+Every attempt is logged beside the job (``JobStore.record_delivery``) and shown with
+the job by the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import redis
+
+from producer import constants as K
+from producer.contract import EventType, now_iso
+from producer.settings import Settings
+from producer.store import JobStore, decode_event
+from producer.webhooks import FILTER_NAME, Result, attempt
+
+log = logging.getLogger("atelier.dispatcher")
+
+# Take up to ARGV[3] retries due by ARGV[1] (ms), leasing each until ARGV[2].
+_CLAIM_RETRIES = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
+return due
+"""
+
+
+def _ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings, store: JobStore | None = None,
+                 name: str | None = None) -> None:
+        if not settings.webhook_secret:
+            raise ValueError("the dispatcher needs ATELIER_WEBHOOK_SECRET (whsec_...)")
+        self.settings = settings
+        self.store = store or JobStore.from_url(settings.redis_url, settings.result_ttl_s)
+        self.redis: redis.Redis = self.store.redis
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.schedule = settings.retry_schedule
+        self.pool = ThreadPoolExecutor(settings.webhook_concurrency,
+                                       thread_name_prefix="webhook")
+        self.inflight: set[Future[None]] = set()
+        self.stopping = threading.Event()
+        self._claim_retries = self.redis.register_script(_CLAIM_RETRIES)
+        self._next_claim = 0.0
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def ensure_group(self) -> None:
+        # From the start of the stream: events written before the first dispatcher ran
+        # are delivered too (the group is created once, normally at deployment).
+        try:
+            self.redis.xgroup_create(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def run(self) -> None:
+        log.info("atelier dispatcher %s ready", self.name)
+        while not self.stopping.is_set():
+            try:
+                self.ensure_group()
+                self._loop()
+            except redis.RedisError as exc:
+                # Redis restarting: wait and carry on; pending entries are still there.
+                log.warning("dispatcher: Redis unavailable (%s); retrying", exc)
+                self.stopping.wait(1.0)
+        self._drain()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self._reap()
+            free = self.settings.webhook_concurrency - len(self.inflight)
+            if free <= 0:
+                time.sleep(0.05)
+                continue
+            took = self._take_retries(free)
+            free -= took
+            if free > 0 and time.monotonic() >= self._next_claim:
+                took += self._take_abandoned(free)
+                self._next_claim = time.monotonic() + min(5.0, self.settings.webhook_claim_idle_s)
+                free = self.settings.webhook_concurrency - len(self.inflight)
+            if free > 0:
+                # Block briefly for new events, less when retries may come due.
+                block = 200 if self.inflight or took else 1000
+                res: Any = self.redis.xreadgroup(
+                    K.DISPATCH_GROUP, self.name, {K.GLOBAL_EVENTS: ">"}, count=free,
+                    block=block,
+                )
+                for _, entries in res or []:
+                    for eid, fields in entries:
+                        self._submit(self._handle_new, decode_event(eid, fields))
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _drain(self) -> None:
+        # Deliveries in flight finish (each is bounded by the timeouts); what they did
+        # not acknowledge another dispatcher claims.
+        self.pool.shutdown(wait=True)
+        log.info("atelier dispatcher %s stopped", self.name)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        fut = self.pool.submit(self._guarded, fn, *args)
+        self.inflight.add(fut)
+
+    def _reap(self) -> None:
+        self.inflight = {f for f in self.inflight if not f.done()}
+
+    @staticmethod
+    def _guarded(fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except redis.RedisError as exc:
+            # Left pending (or leased): another pass, or dispatcher, takes it again.
+            log.warning("dispatcher: Redis error while handling %s: %s", args, exc)
+        except Exception:
+            log.exception("dispatcher: unexpected error while handling %s", args)
+
+    def _take_retries(self, limit: int) -> int:
+        lease = _ms() + int(self.settings.webhook_claim_idle_s * 1000)
+        members: Any = self._claim_retries(keys=[K.WEBHOOK_RETRIES], args=[_ms(), lease, limit])
+        for m in members:
+            member = m.decode() if isinstance(m, bytes) else m
+            self._submit(self._handle_retry, member)
+        return len(members)
+
+    def _take_abandoned(self, limit: int) -> int:
+        """Claim events another dispatcher took and never acknowledged (it died)."""
+        res: Any = self.redis.xautoclaim(
+            K.GLOBAL_EVENTS, K.DISPATCH_GROUP, self.name,
+            min_idle_time=int(self.settings.webhook_claim_idle_s * 1000),
+            start_id="0-0", count=limit,
+        )
+        entries = res[1] if res else []
+        for eid, fields in entries:
+            if fields is None:  # trimmed from the stream meanwhile: nothing to send
+                self.redis.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, eid)
+                continue
+            log.info("dispatcher %s: claimed abandoned event %s", self.name, eid)
+            self._submit(self._handle_new, decode_event(eid, fields))
+        return len(entries)
+
+    # -- one event --------------------------------------------------------------------
+
+    def _target(self, event: dict[str, Any]) -> tuple[str, bool] | None:
+        """The URL to send ``event`` to and whether to retry it, or None to skip it."""
+        name = FILTER_NAME.get(EventType(event["type"]))
+        if name is None:
+            return None
+        raw: Any = self.redis.hget(K.job_key(event["job_id"]), "doc")
+        if raw is None:
+            return None  # the job's record expired
+        request = json.loads(raw)["request"]
+        url = request.get("webhook")
+        if not url or name not in request.get("webhook_events", ["completed"]):
+            return None
+        return url, name != "progress"  # progress is best effort: sent once
+
+    def _handle_new(self, event: dict[str, Any]) -> None:
+        target = self._target(event)
+        if target is not None:
+            url, retryable = target
+            result = self._send(url, event)
+            due = self._due_ms(result) if retryable else None
+            if due is not None:
+                member = f"{event['job_id']}/{event['id']}"
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zadd(K.WEBHOOK_RETRIES, {member: due})
+                pipe.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, event["id"])
+                pipe.execute()
+                return
+        self.redis.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, event["id"])
+
+    def _handle_retry(self, member: str) -> None:
+        job_id, event_id = member.split("/", 1)
+        entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
+        target = None
+        if entries:
+            event = decode_event(*entries[0])
+            target = self._target(event)
+        if target is None:  # the job's log expired, or the webhook is gone
+            self.redis.zrem(K.WEBHOOK_RETRIES, member)
+            return
+        result = self._send(target[0], event)
+        due = self._due_ms(result)
+        if due is not None:
+            self.redis.zadd(K.WEBHOOK_RETRIES, {member: due})
+            return
+        self.redis.zrem(K.WEBHOOK_RETRIES, member)
+
+    def _send(self, url: str, event: dict[str, Any]) -> Result:
+        number = 1 + sum(1 for d in self.store.deliveries(event["job_id"])
+                         if d["event_id"] == event["id"])
+        result = attempt(url, event, self.settings)
+        result.attempt = number
+        entry: dict[str, Any] = {
+            "event_id": event["id"], "type": event["type"], "attempt": number,
+            "at": now_iso(), "status": result.status, "error": result.error,
+            "duration_ms": result.duration_ms, "outcome": result.outcome,
+            "dispatcher": self.name,
+        }
+        if result.outcome == "retry":
+            if number > len(self.schedule) or event["type"] == EventType.PROGRESS:
+                entry["outcome"] = result.outcome = "gave_up"
+        self.store.record_delivery(event["job_id"], entry)
+        log.info("webhook %s %s attempt %d: %s %s", event["id"], event["type"], number,
+                 entry["outcome"], result.status or result.error)
+        return result
+
+    def _due_ms(self, result: Result) -> int | None:
+        """When to try again, or None when the schedule is spent."""
+        if result.outcome != "retry" or result.attempt > len(self.schedule):
+            return None
+        delay = self.schedule[result.attempt - 1] * random.uniform(0.8, 1.2)
+        if result.retry_after_s is not None:  # honoured, up to the longest delay we use
+            delay = max(delay, min(result.retry_after_s, max(self.schedule)))
+        return _ms() + int(delay * 1000)
+
+
+def main(settings: Settings) -> int:
+    logging.basicConfig(level=os.environ.get("ATELIER_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    dispatcher = Dispatcher(settings)
+
+    def _stop(signum: int, frame: object) -> None:
+        log.info("dispatcher: signal %d, finishing deliveries in flight", signum)
+        dispatcher.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    dispatcher.run()
+    return 0
