@@ -51,6 +51,10 @@ return due
 """
 
 
+#: The longest ``Retry-After`` honoured; a receiver asking for more gets this.
+MAX_RETRY_AFTER_S = 24 * 3600
+
+
 def _ms() -> int:
     return int(time.time() * 1000)
 
@@ -109,8 +113,13 @@ class Dispatcher:
                 self._next_claim = time.monotonic() + min(5.0, self.settings.webhook_claim_idle_s)
                 free = self.settings.webhook_concurrency - len(self.inflight)
             if free > 0:
-                # Block briefly for new events, less when retries may come due.
-                block = 200 if self.inflight or took else 1000
+                # Wait for new events until the next retry comes due (at most 1 s).
+                block = 1000
+                nxt: Any = self.redis.zrange(K.WEBHOOK_RETRIES, 0, 0, withscores=True)
+                if nxt:
+                    block = int(min(1000, max(10, nxt[0][1] - _ms())))
+                if self.inflight or took:
+                    block = min(block, 200)
                 res: Any = self.redis.xreadgroup(
                     K.DISPATCH_GROUP, self.name, {K.GLOBAL_EVENTS: ">"}, count=free,
                     block=block,
@@ -241,8 +250,8 @@ class Dispatcher:
         if result.outcome != "retry" or result.attempt > len(self.schedule):
             return None
         delay = self.schedule[result.attempt - 1] * random.uniform(0.8, 1.2)
-        if result.retry_after_s is not None:  # honoured, up to the longest delay we use
-            delay = max(delay, min(result.retry_after_s, max(self.schedule)))
+        if result.retry_after_s is not None:  # honoured, up to a day
+            delay = max(delay, min(result.retry_after_s, MAX_RETRY_AFTER_S))
         return _ms() + int(delay * 1000)
 
 

@@ -77,3 +77,13 @@ def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
     res = run_cli("models", "--json")
     assert res.returncode == 0
     assert "playground-v2.5" in {m["name"] for m in json.loads(res.stdout)}
+
+
+def test_cli_processes_refuse_to_start_without_their_secrets(redis_url: str) -> None:
+    res = run_cli("api", "--port", str(free_port()), ATELIER_REDIS_URL=redis_url,
+                  ATELIER_API_KEYS="")
+    assert res.returncode != 0 and "ATELIER_API_KEYS" in res.stderr
+    res = run_cli("dispatcher", ATELIER_REDIS_URL=redis_url, ATELIER_WEBHOOK_SECRET="")
+    assert res.returncode == 2 and "ATELIER_WEBHOOK_SECRET" in res.stderr
+    res = run_cli("dispatcher", ATELIER_WEBHOOK_SECRET="not-whsec")
+    assert res.returncode == 2 and "whsec_" in res.stderr
