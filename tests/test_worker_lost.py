@@ -72,3 +72,33 @@ def test_poison_job_ends_worker_lost(private_redis: RedisServer, models_dir: Pat
             assert ok["status"] == Status.SUCCEEDED
         finally:
             worker.stop()
+
+
+def test_heartbeats_show_live_workers_and_drop_dead_ones(
+    private_redis: RedisServer, models_dir: Path, models_file: str, tmp_path: Path
+) -> None:
+    from producer.fleet import live_workers
+
+    values = stack_values(private_redis.url, models_dir, models_file,
+                          f"file://{tmp_path / 'store'}", worker_heartbeat_s=0.3)
+    env = worker_env(values)
+    stopped = Worker(env, tmp_path / "w1.log", ["tiny-sdxl"]).start()
+    killed = Worker(env, tmp_path / "w2.log", ["tiny-sdxl"]).start()
+    try:
+        with Client(Settings(**values)) as client:
+            r = client.store.redis
+            pids = {w["pid"] for w in live_workers(r)}
+            assert {stopped.proc.pid, killed.proc.pid} <= pids  # type: ignore[union-attr]
+            record = client.wait(client.submit(prompt="counted", steps=2), timeout=60)
+            assert record["status"] == Status.SUCCEEDED
+            time.sleep(0.7)
+            done = {w["pid"]: w["jobs_done"] for w in live_workers(r)}
+            assert sum(done.values()) == 1
+            stopped.stop()  # a clean exit removes its heartbeat at once
+            assert stopped.proc.pid not in {w["pid"] for w in live_workers(r)}  # type: ignore[union-attr]
+            killed.kill()  # a dead one's heartbeat expires after three periods
+            time.sleep(1.2)
+            assert live_workers(r) == []
+    finally:
+        stopped.stop()
+        killed.stop()

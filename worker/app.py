@@ -90,9 +90,7 @@ class Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def beat(self) -> None:
-        with self.runner._lock:
-            current = sorted(self.runner.current)
-            done = self.runner.jobs_done
+        current, done = self.runner.activity()
         doc = {
             **self.info,
             "state": "busy" if current else "idle",

@@ -116,6 +116,11 @@ class Runner:
                 self.current.discard(job_id)
                 self.jobs_done += 1
 
+    def activity(self) -> tuple[list[str], int]:
+        """Jobs held now, and messages handled since start (for the heartbeat)."""
+        with self._lock:
+            return sorted(self.current), self.jobs_done
+
     def _run(self, job_id: str) -> Status | None:
         snap = self._wait_for_record(job_id)
         if snap is None or snap.status.is_terminal():
