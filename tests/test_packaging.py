@@ -13,7 +13,8 @@ from tests.servers import ROOT
 def test_producer_never_imports_torch() -> None:
     code = (
         "import sys, producer, producer.client, producer.cli, producer.store, "
-        "producer.storage, producer.netguard, producer.broker\n"
+        "producer.storage, producer.netguard, producer.broker, producer.api, "
+        "producer.dispatcher, producer.webhooks, producer.fleet\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'worker', 'numpy')"
         " if m in sys.modules)\n"
         "print(','.join(heavy))\n"
