@@ -181,8 +181,8 @@ local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
 local new_tat = tat + interval
 local wait = new_tat - now - burst * interval
-if wait > 0 then return wait end
-redis.call('SET', KEYS[1], new_tat, 'PX', new_tat - now + 1000)
+if wait > 0 then return math.ceil(wait) end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
 return 0
 """
 

@@ -366,3 +366,21 @@ def test_admission_control_refuses_when_the_queue_is_full(
         proc.stop()
         r.flushdb()
         r.close()
+
+
+def test_rate_limiter_with_a_fractional_interval(redis_url: str) -> None:
+    from producer.api import _RATE_LIMIT
+
+    r = redis.Redis.from_url(redis_url)
+    limiter = r.register_script(_RATE_LIMIT)
+    key = "atelier:ratelimit:test-fractional"
+    r.delete(key)
+    interval = 1000 / 3  # 3 per second: not a whole number of milliseconds
+    assert [limiter(keys=[key], args=[interval, 2]) for _ in range(2)] == [0, 0]
+    wait = limiter(keys=[key], args=[interval, 2])
+    assert 0 < wait <= 334
+    time.sleep(wait / 1000 + 0.05)
+    assert limiter(keys=[key], args=[interval, 2]) == 0
+    assert 0 < r.pttl(key) <= 2000
+    r.delete(key)
+    r.close()
