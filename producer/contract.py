@@ -106,6 +106,8 @@ class JobRequest(BaseModel):
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: int | None = Field(default=None, ge=1)
     expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
+    #: Inpainting: white pixels of the mask are repainted, black ones kept.
+    mask: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -241,17 +243,29 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
                 {"field": "scheduler", "message": f"{sched!r} is not allowed for {spec.name}; "
                  f"allowed: {', '.join(spec.schedulers)}"}
             )
-    image = ok("image")
-    if image is not None:
-        if image.startswith("data:"):
+    sizes: dict[str, tuple[int, int]] = {}
+    for name in ("image", "mask"):
+        src = ok(name)
+        if src is None:
+            continue
+        if src.startswith("data:"):
             try:
-                open_image(decode_data_uri(image, settings.max_image_bytes))
+                sizes[name] = open_image(decode_data_uri(src, settings.max_image_bytes)).size
             except ValueError as exc:
-                errors.append({"field": "image", "message": str(exc)})
+                errors.append({"field": name, "message": str(exc)})
         else:
-            why = _check_url(image, settings.allow_http)
+            why = _check_url(src, settings.allow_http)
             if why:
-                errors.append({"field": "image", "message": why + " or a data: URI"})
+                errors.append({"field": name, "message": why + " or a data: URI"})
+    if ok("mask") is not None and data.get("image") is None:
+        errors.append({"field": "mask", "message": "is only allowed with image (inpainting "
+                       "repaints the masked part of image)"})
+    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
+        # Both inline: checked here. A URL is only fetched by the worker, which checks
+        # the same and fails the job with image_invalid.
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
+        errors.append({"field": "mask", "message": f"is {mw}×{mh} but image is {iw}×{ih}; "
+                       "they must be the same size"})
     if ok("strength") is not None and data.get("image") is None:
         errors.append({"field": "strength", "message": "is only allowed with image"})
     if data.get("image") is not None and spec is not None and "strength" not in bad:

@@ -190,6 +190,18 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("body-none", None, "body", {}),
 ]
 
+# Issue 7's fields: inpainting, LoRAs, sweeps, model families.
+BAD += [
+    ("mask-without-image", {"prompt": P, "mask": png_data_uri()}, "mask", {}),
+    ("mask-other-size", {"prompt": P, "image": png_data_uri((16, 16)),
+                         "mask": png_data_uri((24, 16))}, "mask", {}),
+    ("mask-not-image", {"prompt": P, "image": png_data_uri(), "mask": "data:image/png;base64,"
+                        + base64.b64encode(b"not a png").decode()}, "mask", {}),
+    ("mask-ftp", {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
+     "mask", {}),
+    ("mask-not-str", {"prompt": P, "image": png_data_uri(), "mask": 1}, "mask", {}),
+]
+
 
 def submit_raw(client: Client, body: Any) -> str:
     # ``submit(request)`` merges into a dict, so a non-dict body goes through the same

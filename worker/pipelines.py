@@ -99,6 +99,14 @@ def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype}
 
 
+#: Registry pipeline family → diffusers classes: text-to-image, img2img, inpainting.
+#: img2img and inpainting are built with ``from_pipe``: they share every module.
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+             "StableDiffusionXLInpaintPipeline"),
+}
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -108,6 +116,7 @@ class LoadedModel:
     img2img: Any  # StableDiffusionXLImg2ImgPipeline sharing pipe's modules
     base_scheduler_config: Any
     source: dict[str, Any] = field(default_factory=dict)
+    inpaint: Any = None  # the inpainting pipeline, sharing pipe's modules too
 
     def scheduler(self, name: str) -> Any:
         """A fresh scheduler per job: schedulers keep per-run state."""
@@ -131,9 +140,11 @@ def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
+    pipe_cls, img2img_cls, inpaint_cls = (getattr(diffusers, c) for c in FAMILIES[spec.pipeline])
     dtype = resolve_dtype(settings.dtype, spec, device)
     local = _local_path(spec, settings)
     kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
@@ -148,14 +159,16 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
             spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
         )
     t0 = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(local or spec.source), **kwargs)
+    pipe = pipe_cls.from_pretrained(str(local or spec.source), **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # img2img shares every module with the text-to-image pipeline: no second copy.
     # from_pipe casts the shared modules to fp32 unless told the dtype: pass it, or an
     # fp16 model would silently double its memory and slow down.
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, **_dtype_kwarg(dtype))
+    img2img = img2img_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
     img2img.set_progress_bar_config(disable=True)
+    inpaint = inpaint_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
+    inpaint.set_progress_bar_config(disable=True)
     root = local
     if root is None:
         from huggingface_hub import snapshot_download
@@ -172,7 +185,8 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
     }
     log.info("loaded %s from %s in %.1f s", spec.name, root, time.perf_counter() - t0)
     del torch
-    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source)
+    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source,
+                       inpaint=inpaint)
 
 
 def warm_up(model: LoadedModel) -> float:

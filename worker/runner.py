@@ -67,6 +67,8 @@ class Run:
     step: int = 0
     total: int = 0
     init_sha256: str | None = None
+    mask_sha256: str | None = None
+    init_size: tuple[int, int] | None = None  # the init image as given, before resizing
     cancel: threading.Event = field(default_factory=threading.Event)
     fenced: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,10 +111,13 @@ class Runner:
         # Fetch an init image before taking the GPU: a slow image server delays only
         # this job, while the other slot's job keeps the GPU busy.
         init_bytes: bytes | None = None
+        mask_bytes: bytes | None = None
         init_error: JobError | None = None
         if snap.doc["request"].get("image"):
             try:
                 init_bytes = self._fetch_init_image(snap.doc["request"]["image"])
+                if snap.doc["request"].get("mask"):
+                    mask_bytes = self._fetch_init_image(snap.doc["request"]["mask"], "mask")
             except JobError as exc:
                 init_error = exc
         with self.gpu:
@@ -123,7 +128,7 @@ class Runner:
                 return self._finish(run, Status.FAILED, error=init_error.to_error())
             t0 = time.perf_counter()
             try:
-                images = self._generate(run, init_bytes)
+                images = self._generate(run, init_bytes, mask_bytes)
             except Fenced:
                 log.warning("job %s: fenced during generation; another run owns it", job_id)
                 return None
@@ -221,7 +226,8 @@ class Runner:
         self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
                          events=[terminal_event(doc)])
 
-    def _generate(self, run: Run, init_bytes: bytes | None) -> list[Any]:
+    def _generate(self, run: Run, init_bytes: bytes | None,
+                  mask_bytes: bytes | None = None) -> list[Any]:
         import torch
 
         req = run.request
@@ -229,7 +235,10 @@ class Runner:
         if model is None:  # the queue name guarantees this; a broken deployment may not
             raise InternalError(f"this worker has not loaded model {req['model']!r}")
         init = self._init_image(run, init_bytes) if init_bytes is not None else None
-        pipe = model.img2img if init is not None else model.pipe
+        mask = None
+        if init is not None and mask_bytes is not None:
+            init, mask = self._mask_image(run, init, mask_bytes)
+        pipe = model.pipe if init is None else model.img2img if mask is None else model.inpaint
         pipe.scheduler = model.scheduler(req["scheduler"])
         n = req["num_images"]
         gens = [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
@@ -259,6 +268,8 @@ class Runner:
         }
         if init is not None:
             kwargs.update(image=init, strength=req["strength"])
+            if mask is not None:
+                kwargs.update(mask_image=mask, width=req["width"], height=req["height"])
         else:
             kwargs.update(width=req["width"], height=req["height"])
         monitor = Monitor(self, run)
@@ -277,13 +288,13 @@ class Runner:
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
         return list(result.images)
 
-    def _fetch_init_image(self, src: str) -> bytes:
+    def _fetch_init_image(self, src: str, field_name: str = "image") -> bytes:
         from producer.netguard import EgressRefused, fetch
 
         if src.startswith("sha256:"):  # given inline; the client stored the bytes
             stored = self.store.get_input(src.removeprefix("sha256:"))
             if stored is None:
-                raise ImageInvalid("image: the inline init image is no longer stored")
+                raise ImageInvalid(f"{field_name}: the inline image is no longer stored")
             return stored
         try:
             return fetch(src, max_bytes=self.settings.max_image_bytes,
@@ -291,7 +302,7 @@ class Runner:
                          allowlist=self.settings.egress_allowlist,
                          allow_http=self.settings.allow_http)
         except (EgressRefused, OSError, ValueError) as exc:
-            raise ImageFetchFailed(f"image: {exc}") from None
+            raise ImageFetchFailed(f"{field_name}: {exc}") from None
 
     def _init_image(self, run: Run, raw: bytes) -> Any:
         from PIL import Image
@@ -304,7 +315,28 @@ class Runner:
         except ValueError as exc:
             raise ImageInvalid(f"image {exc}") from None
         size = (run.request["width"], run.request["height"])
+        run.init_size = img.size  # the mask is checked against it
         return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+    def _mask_image(self, run: Run, init: Any, raw: bytes) -> tuple[Any, Any]:
+        """The inpainting mask as greyscale at the output size; it must match the image
+        as given (a mismatch means the two do not belong together)."""
+        from PIL import Image
+
+        from producer.contract import open_image
+
+        run.mask_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            mask = open_image(raw)
+        except ValueError as exc:
+            raise ImageInvalid(f"mask {exc}") from None
+        source_size = run.init_size or init.size
+        if mask.size != source_size:
+            raise ImageInvalid(f"mask: is {mask.width}×{mask.height} but image is "
+                               f"{source_size[0]}×{source_size[1]}; they must be the same size")
+        size = (run.request["width"], run.request["height"])
+        mask = mask.convert("L")
+        return init, mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
 
     def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
         req = run.request
@@ -348,8 +380,9 @@ class Runner:
         model = self.models[req["model"]]
         body = {
             "job_id": run.job_id,
-            "request": {k: v for k, v in req.items() if k != "image"},
+            "request": {k: v for k, v in req.items() if k not in ("image", "mask")},
             "init_image_sha256": run.init_sha256,
+            "mask_sha256": run.mask_sha256,
             "seeds": [req["seed"] + i for i in range(req["num_images"])],
             "model": model.source,
             "versions": self.versions,
