@@ -79,6 +79,18 @@ def terminal_event(doc: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
     return TERMINAL_EVENT_FOR[Status(doc["status"])], data
 
 
+MAX_LORAS = 4
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: a registry name or ``storage:<key>``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=1024)
+    scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 
@@ -108,6 +120,8 @@ class JobRequest(BaseModel):
     expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
     #: Inpainting: white pixels of the mask are repainted, black ones kept.
     mask: str | None = None
+    #: LoRA adapters applied for this job only, in order.
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
 
     @field_validator("prompt")
     @classmethod
@@ -188,6 +202,34 @@ def open_image(raw: bytes, max_pixels: int = 4096 * 4096) -> Any:
     except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
         raise ValueError("is not a readable PNG, JPEG or WEBP image") from None
     return img.convert("RGB")
+
+
+def _check_loras(loras: list[dict[str, Any]], registry: Registry,
+                 spec: Any) -> list[dict[str, str]]:
+    """Each LoRA must exist (registry) or name a plausible storage key, and fit the model."""
+    errors = []
+    seen: set[str] = set()
+    for i, ref in enumerate(loras):
+        name, field = ref["name"], f"loras.{i}.name"
+        if name in seen:
+            errors.append({"field": field, "message": f"{name!r} is repeated"})
+        seen.add(name)
+        if name.startswith("storage:"):
+            key = name.removeprefix("storage:")
+            if (not key.endswith(".safetensors") or key.startswith("/")
+                    or ".." in key.split("/") or "\\" in key):
+                errors.append({"field": field, "message": "storage:<key> must name a "
+                               ".safetensors object by a relative key (no '..')"})
+            continue
+        lora = registry.lora(name)
+        if lora is None:
+            known = ", ".join(registry.lora_names()) or "none"
+            errors.append({"field": field, "message": f"unknown LoRA {name!r}; known: {known}; "
+                           "or storage:<key> for an uploaded .safetensors file"})
+        elif spec is not None and lora.family != spec.pipeline:
+            errors.append({"field": field, "message": f"{name!r} is for {lora.family} models; "
+                           f"{spec.name} is {spec.pipeline}"})
+    return errors
 
 
 def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[str, Any]:
@@ -275,6 +317,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         if int(steps * strength) < 1:
             errors.append({"field": "strength", "message": f"strength {strength} × steps "
                            f"{steps} leaves no denoising step; raise either"})
+    errors += _check_loras(ok("loras") or [], registry, spec)
     seed = ok("seed")
     n = ok("num_images")
     if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:

@@ -110,19 +110,63 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter a request may name in ``loras``: a safetensors file made for one
+    pipeline family."""
+
+    name: str
+    source: str  # a .safetensors file, or builtin:NAME (built locally for tests)
+    family: str  # the pipeline family it was trained for: "sdxl", …
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family}
+
+
+def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
+    unknown = set(raw) - {"source", "family"}
+    if unknown:
+        raise ValueError(f"{origin}: lora {name!r} has unknown keys {sorted(unknown)}")
+    for key in ("source", "family"):
+        if not isinstance(raw.get(key), str):
+            raise ValueError(f"{origin}: lora {name!r} needs a string {key}")
+    if raw["family"] not in PIPELINES:
+        raise ValueError(f"{origin}: lora {name!r}: family must be one of {PIPELINES}")
+    src = raw["source"]
+    if not (src.startswith("builtin:") or src.endswith(".safetensors")):
+        raise ValueError(f"{origin}: lora {name!r}: source must be a .safetensors file")
+    if name.startswith("storage:"):
+        raise ValueError(f"{origin}: lora {name!r}: names starting storage: are storage keys")
+    return LoraSpec(name=name, source=src, family=raw["family"])
+
+
 class Registry:
-    def __init__(self, specs: dict[str, ModelSpec]) -> None:
+    def __init__(self, specs: dict[str, ModelSpec],
+                 loras: dict[str, LoraSpec] | None = None) -> None:
         self._specs = specs
+        self._loras = loras or {}
 
     @classmethod
     def load(cls, models_file: str | None = None) -> Registry:
         text = resources.files("producer").joinpath("models.toml").read_text()
-        raw: dict[str, dict[str, Any]] = dict(tomllib.loads(text).get("models", {}))
+        base = tomllib.loads(text)
+        raw: dict[str, dict[str, Any]] = dict(base.get("models", {}))
+        raw_loras: dict[str, dict[str, Any]] = dict(base.get("loras", {}))
         if models_file:
-            extra = tomllib.loads(Path(models_file).read_text()).get("models", {})
-            for name, entry in extra.items():
+            doc = tomllib.loads(Path(models_file).read_text())
+            for name, entry in doc.get("models", {}).items():
                 raw[name] = {**raw.get(name, {}), **entry}
-        return cls({n: _spec(n, r, models_file or "models.toml") for n, r in raw.items()})
+            for name, entry in doc.get("loras", {}).items():
+                raw_loras[name] = {**raw_loras.get(name, {}), **entry}
+        origin = models_file or "models.toml"
+        return cls({n: _spec(n, r, origin) for n, r in raw.items()},
+                   {n: _lora(n, r, origin) for n, r in raw_loras.items()})
+
+    def lora(self, name: str) -> LoraSpec | None:
+        return self._loras.get(name)
+
+    def lora_names(self) -> list[str]:
+        return sorted(self._loras)
 
     def get(self, name: str) -> ModelSpec | None:
         return self._specs.get(name)

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     storage_retry_s: float = Field(default=60.0, ge=0.0)
     #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
     png_compress_level: int = Field(default=6, ge=0, le=9)
+    #: Host memory for recently used LoRA state dicts (MiB); 0 caches none.
+    lora_cache_mb: int = Field(default=1024, ge=0)
 
     @field_validator("webhook_secret")
     @classmethod

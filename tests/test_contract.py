@@ -200,6 +200,24 @@ BAD += [
     ("mask-ftp", {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
      "mask", {}),
     ("mask-not-str", {"prompt": P, "image": png_data_uri(), "mask": 1}, "mask", {}),
+    ("lora-unknown", {"prompt": P, "loras": [{"name": "nope"}]}, "loras", {}),
+    ("lora-no-name", {"prompt": P, "loras": [{"scale": 1.0}]}, "loras", {}),
+    ("lora-extra-key", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "weight": 1}]},
+     "loras", {}),
+    ("lora-scale-5", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": 5.0}]},
+     "loras", {}),
+    ("lora-scale-nan", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": math.nan}]},
+     "loras", {}),
+    ("lora-repeated", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora"}] * 2}, "loras", {}),
+    ("lora-five", {"prompt": P, "loras": [{"name": f"storage:{i}.safetensors"}
+                                          for i in range(5)]}, "loras", {}),
+    ("lora-storage-not-safetensors", {"prompt": P, "loras": [{"name": "storage:a.ckpt"}]},
+     "loras", {}),
+    ("lora-storage-dotdot", {"prompt": P, "loras": [{"name": "storage:../x.safetensors"}]},
+     "loras", {}),
+    ("lora-storage-absolute", {"prompt": P, "loras": [{"name": "storage:/x.safetensors"}]},
+     "loras", {}),
+    ("loras-not-list", {"prompt": P, "loras": "tiny-sdxl-lora"}, "loras", {}),
 ]
 
 
@@ -236,6 +254,14 @@ def test_bad_request_is_refused_named_and_not_enqueued(
     assert job_keys(rdb) == []
     assert queue_keys(rdb) == []
     assert rdb.exists(K.GLOBAL_EVENTS) == 0
+
+
+def test_lora_refusals_name_the_entry(client: Client) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(prompt=P, loras=[{"name": "tiny-sdxl-lora", "scale": 0.5},
+                                       {"name": "nope", "scale": 1.0}])
+    assert [f["field"] for f in info.value.fields] == ["loras.1.name"]
+    assert "unknown LoRA 'nope'" in info.value.fields[0]["message"]
 
 
 def test_unknown_model_has_its_own_code(client: Client, rdb: redis.Redis) -> None:

@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     _check_redis(store)
     global _runner
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    _runner = Runner(settings, models, store, storage_from_settings(settings), worker_name)
+    storage = storage_from_settings(settings)
+    from worker.loras import LoraCache
+
+    _runner = Runner(settings, models, store, storage, worker_name,
+                     loras=LoraCache(settings, registry, storage))
     queues = ",".join(K.queue_name(n) for n in names)
 
     @worker_ready.connect(weak=False)

@@ -51,6 +51,7 @@ from producer.settings import Settings
 from producer.storage import LocalStorage, S3Storage
 from producer.store import JobStore, Snapshot, is_expired
 from worker import encode as encoding
+from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Runner:
         store: JobStore,
         storage: LocalStorage | S3Storage,
         worker_name: str,
+        loras: LoraCache | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -99,6 +101,16 @@ class Runner:
         # One generation at a time per device; post-processing runs outside it.
         self.gpu = threading.Lock()
         self.versions = library_versions()
+        self._loras = loras
+
+    @property
+    def loras(self) -> LoraCache:
+        if self._loras is None:
+            from producer.registry import Registry
+
+            self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
+                                    self.storage)
+        return self._loras
 
     # -- 1-6 --------------------------------------------------------------------------
 
@@ -272,6 +284,9 @@ class Runner:
                 kwargs.update(mask_image=mask, width=req["width"], height=req["height"])
         else:
             kwargs.update(width=req["width"], height=req["height"])
+        # Loaded into the shared modules for this job only; unloaded below, whatever
+        # happens, before the GPU lock is released.
+        adapters = apply_loras(model.pipe, self.loras, req["loras"]) if req.get("loras") else []
         monitor = Monitor(self, run)
         monitor.start()
         try:
@@ -284,6 +299,8 @@ class Runner:
             raise OutOfMemory("out of host memory") from None
         finally:
             monitor.stop()
+            if adapters:
+                unload_loras(model.pipe, adapters)
         if time.monotonic() > run.deadline:  # the VAE decode ran past it
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
         return list(result.images)

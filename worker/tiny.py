@@ -147,3 +147,45 @@ def ensure_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
     if not (dest / MARKER).exists():
         build_tiny_sdxl(dest)
     return dest
+
+
+def build_tiny_lora(dest: str | os.PathLike[str], base: str | os.PathLike[str],
+                    seed: int = SEED + 100, rank: int = 4) -> Path:
+    """A LoRA for the tiny SDXL UNet's attention projections, random but fixed by ``seed``,
+    saved as one diffusers-format safetensors file (atomically) at ``dest``."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    dest = Path(dest)
+    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", use_safetensors=True)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-lora-", dir=dest.parent))
+    try:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
+                                                    weight_name=dest.name)
+        os.replace(tmp / dest.name, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def ensure_builtin(name: str, models_dir: str | os.PathLike[str]) -> Path:
+    """The path of a ``builtin:NAME`` model or adapter, built first if missing."""
+    root = Path(models_dir)
+    if name == "tiny-sdxl":
+        return ensure_tiny_sdxl(root / name)
+    if name == "tiny-sdxl-lora":
+        dest = root / "tiny-sdxl-lora.safetensors"
+        if not dest.exists():
+            build_tiny_lora(dest, ensure_tiny_sdxl(root / "tiny-sdxl"))
+        return dest
+    raise ValueError(f"unknown builtin {name!r}")
