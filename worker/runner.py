@@ -53,6 +53,7 @@ from producer.store import JobStore, Snapshot, is_expired
 from worker import encode as encoding
 from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
+from worker.prompts import conditioning
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,12 @@ class Runner:
         monitor.start()
         try:
             with torch.inference_mode():
+                # Long or weighted prompts become embeddings; plain ones stay text.
+                cond = conditioning(model.spec.pipeline, model.pipe, req["prompt"],
+                                    req["negative_prompt"])
+                if cond is not None:
+                    del kwargs["prompt"], kwargs["negative_prompt"]
+                    kwargs.update(cond)
                 result = pipe(**kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
