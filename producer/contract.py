@@ -10,6 +10,7 @@ import binascii
 import enum
 import io
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.errors import InvalidRequest, UnknownModel
-from producer.registry import Registry
+from producer.registry import WEIGHTING_PIPELINES, Registry
 from producer.settings import Settings
 
 MAX_SEED = 2**32 - 1
@@ -204,6 +205,43 @@ def open_image(raw: bytes, max_pixels: int = 4096 * 4096) -> Any:
     return img.convert("RGB")
 
 
+#: ``(text:1.3)``: the weighting syntax only CLIP-prompted families read (worker/prompts.py).
+_WEIGHTED = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)")
+
+
+def _check_family(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, str]]:
+    """What a model family cannot do, refused by field rather than silently ignored."""
+    errors = []
+    for side in ("width", "height"):
+        v = ok(side)
+        if v is not None and v % spec.size_multiple:
+            errors.append({"field": side, "message": f"must be a multiple of "
+                           f"{spec.size_multiple} for {spec.name}"})
+    guidance = ok("guidance_scale")
+    negative = ok("negative_prompt")
+    if not spec.cfg:
+        if negative:
+            errors.append({"field": "negative_prompt", "message": f"{spec.name} is guidance-"
+                           "distilled and runs without classifier-free guidance: leave it out"})
+        if guidance is not None and guidance != 0:
+            errors.append({"field": "guidance_scale", "message": f"must be 0 for {spec.name} "
+                           "(guidance-distilled)"})
+    elif negative and not (data.get("guidance_scale") is not None and guidance is None):
+        # (a guidance_scale that failed its own check is named already)
+        effective = guidance if guidance is not None else spec.guidance_scale
+        if effective <= 1:
+            errors.append({"field": "negative_prompt", "message": f"has no effect at "
+                           f"guidance_scale {effective:g} (classifier-free guidance needs "
+                           "> 1): raise guidance_scale or leave it out"})
+    if spec.pipeline not in WEIGHTING_PIPELINES:
+        for name in ("prompt", "negative_prompt"):
+            text = ok(name)
+            if isinstance(text, str) and _WEIGHTED.search(text):
+                errors.append({"field": name, "message": f"weighting syntax (text:1.3) is not "
+                               f"read by {spec.pipeline} models such as {spec.name}"})
+    return errors
+
+
 def _check_loras(loras: list[dict[str, Any]], registry: Registry,
                  spec: Any) -> list[dict[str, str]]:
     """Each LoRA must exist (registry) or name a plausible storage key, and fit the model."""
@@ -279,6 +317,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
                 {"field": "width", "message": f"width × height = {w * h} exceeds "
                  f"{spec.max_pixels} pixels for {spec.name}"}
             )
+        errors += _check_family(data, ok, spec)
         sched = ok("scheduler")
         if sched is not None and sched not in spec.schedulers:
             errors.append(

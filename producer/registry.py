@@ -12,11 +12,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-PIPELINES = ("sdxl",)
+PIPELINES = ("sdxl", "sd15", "flux")
 SCHEDULERS = (
     "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "edm_dpmpp_2m",
-    "edm_euler",
+    "edm_euler", "flow_euler",
 )
+#: Flow-matching models take flow-matching schedulers only, and only they do.
+FLOW_SCHEDULERS = ("flow_euler",)
+FLOW_PIPELINES = ("flux",)
+#: Families whose CLIP prompts take (word:1.3) weighting and more than 77 tokens here.
+WEIGHTING_PIPELINES = ("sdxl", "sd15")
 DTYPES = ("fp16", "bf16", "fp32")
 
 
@@ -37,6 +42,11 @@ class ModelSpec:
     max_side: int = 2048
     max_pixels: int = 2048 * 2048
     vae_source: str | None = None
+    #: Classifier-free guidance: false for guidance-distilled models (FLUX.1-schnell),
+    #: which then refuse negative_prompt and any guidance_scale but 0.
+    cfg: bool = True
+    #: Width and height must be multiples of this (16 for Flux: 8× VAE, 2×2 patches).
+    size_multiple: int = 8
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/models`` and ``atelier models`` show."""
@@ -54,6 +64,8 @@ class ModelSpec:
             },
             "limits": {"max_side": self.max_side, "max_pixels": self.max_pixels},
             "schedulers": list(self.schedulers),
+            "cfg": self.cfg,
+            "size_multiple": self.size_multiple,
         }
 
 
@@ -62,6 +74,7 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "pipeline": str, "revision": str, "variant": str, "dtype": str,
     "scheduler": str, "schedulers": list, "steps": int, "guidance_scale": (int, float),
     "width": int, "height": int, "max_side": int, "max_pixels": int, "vae_source": str,
+    "cfg": bool, "size_multiple": int,
 }
 
 
@@ -69,6 +82,8 @@ def _typed(key: str, value: Any) -> bool:
     """Whether ``value`` has the type ``key`` needs (a bool is not a number here)."""
     if key == "schedulers":
         return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    if key == "cfg":
+        return isinstance(value, bool)
     return not isinstance(value, bool) and isinstance(value, _KINDS.get(key, object))
 
 
@@ -96,15 +111,24 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
             problems.append(f"scheduler {s!r} is not one of {SCHEDULERS}")
     if spec.scheduler not in spec.schedulers:
         problems.append("scheduler must be among schedulers")
+    flow = spec.pipeline in FLOW_PIPELINES
+    for s in spec.schedulers:
+        if (s in FLOW_SCHEDULERS) != flow:
+            problems.append(f"scheduler {s!r} does not fit a {spec.pipeline} model")
+    if spec.size_multiple not in (8, 16, 32, 64):
+        problems.append("size_multiple must be 8, 16, 32 or 64")
     for side in (spec.width, spec.height):
-        if side % 8 or not 64 <= side <= spec.max_side:
-            problems.append("width and height must be multiples of 8 within 64..max_side")
+        if side % spec.size_multiple or not 64 <= side <= spec.max_side:
+            problems.append(f"width and height must be multiples of {spec.size_multiple} "
+                            "within 64..max_side")
     if spec.width * spec.height > spec.max_pixels:
         problems.append("width × height exceeds max_pixels")
     if not 1 <= spec.steps <= 150:
         problems.append("steps must be 1..150")
     if not 0 <= spec.guidance_scale <= 30:
         problems.append("guidance_scale must be 0..30")
+    if not spec.cfg and spec.guidance_scale != 0:
+        problems.append("guidance_scale must be 0 when cfg is false")
     if problems:
         raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
     return spec

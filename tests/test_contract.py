@@ -218,6 +218,18 @@ BAD += [
     ("lora-storage-absolute", {"prompt": P, "loras": [{"name": "storage:/x.safetensors"}]},
      "loras", {}),
     ("loras-not-list", {"prompt": P, "loras": "tiny-sdxl-lora"}, "loras", {}),
+    ("lora-of-other-family", {"prompt": P, "model": "tiny-sd15",
+                              "loras": [{"name": "tiny-sdxl-lora"}]}, "loras", {}),
+    ("flux-negative-prompt", {"prompt": P, "model": "tiny-flux", "negative_prompt": "fog"},
+     "negative_prompt", {}),
+    ("flux-guidance", {"prompt": P, "model": "tiny-flux", "guidance_scale": 3.5},
+     "guidance_scale", {}),
+    ("flux-width-not-16", {"prompt": P, "model": "tiny-flux", "width": 72}, "width", {}),
+    ("flux-weighting", {"prompt": "a (red:1.3) fox", "model": "tiny-flux"}, "prompt", {}),
+    ("turbo-negative-without-guidance", {"prompt": P, "model": "tiny-sdxl-turbo",
+                                         "negative_prompt": "fog"}, "negative_prompt", {}),
+    ("negative-at-guidance-1", {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
+     "negative_prompt", {}),
 ]
 
 
@@ -254,6 +266,20 @@ def test_bad_request_is_refused_named_and_not_enqueued(
     assert job_keys(rdb) == []
     assert queue_keys(rdb) == []
     assert rdb.exists(K.GLOBAL_EVENTS) == 0
+
+
+def test_family_features_that_apply_are_accepted(client: Client) -> None:
+    from producer.contract import validate_request
+
+    reg, st = client.registry, client.settings
+    flux = validate_request({"prompt": "a (red) fox", "model": "tiny-flux", "width": 80,
+                             "guidance_scale": 0}, reg, st)
+    assert flux["guidance_scale"] == 0.0 and flux["steps"] == 4
+    turbo = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
+                              "guidance_scale": 1.5}, reg, st)
+    assert turbo["scheduler"] == "euler_a" and turbo["steps"] == 1
+    sd15 = validate_request({"prompt": "a (red:1.3) fox", "model": "tiny-sd15"}, reg, st)
+    assert sd15["guidance_scale"] == 7.5
 
 
 def test_lora_refusals_name_the_entry(client: Client) -> None:

@@ -35,6 +35,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
     "edm_euler": ("EDMEulerScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 
@@ -104,6 +105,9 @@ def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
              "StableDiffusionXLInpaintPipeline"),
+    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionInpaintPipeline"),
+    "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
 }
 
 
@@ -129,12 +133,12 @@ class LoadedModel:
 
 def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
     if spec.source.startswith("builtin:"):
-        from worker.tiny import ensure_tiny_sdxl
+        from worker.tiny import ensure_builtin
 
-        kind = spec.source.removeprefix("builtin:")
-        if kind != "tiny-sdxl":
-            raise ValueError(f"model {spec.name}: unknown builtin source {spec.source!r}")
-        return ensure_tiny_sdxl(Path(settings.models_dir) / kind)
+        try:
+            return ensure_builtin(spec.source.removeprefix("builtin:"), settings.models_dir)
+        except ValueError:
+            raise ValueError(f"model {spec.name}: unknown builtin source {spec.source!r}") from None
     path = Path(spec.source).expanduser()
     return path if path.is_dir() else None
 
@@ -154,6 +158,10 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
             kwargs["revision"] = spec.revision
         if spec.variant:
             kwargs["variant"] = spec.variant
+    if spec.pipeline == "sd15":
+        # The checkpoint's own NSFW checker is not loaded: atelier's optional one
+        # (ATELIER_SAFETY_CHECKER) works for every family.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.vae_source:
         kwargs["vae"] = AutoencoderKL.from_pretrained(
             spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
