@@ -225,7 +225,7 @@ def build_tiny_flux(dest: str | os.PathLike[str]) -> Path:
         torch.manual_seed(SEED + 23)
         text_encoder_2 = T5EncoderModel(T5Config(
             vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, decoder_start_token_id=0,
+            relative_attention_num_buckets=8,
             pad_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
         ))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
