@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -92,6 +92,65 @@ class LoraRef(BaseModel):
     scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
 
 
+MAX_SWEEP_IMAGES = 16
+#: Sweep axes in grid order: the first one given runs along the columns, the second
+#: along the rows.
+SWEEP_AXES = ("seeds", "guidance_scale", "steps")
+
+
+class Sweep(BaseModel):
+    """A grid of generations in one job: one or two axes, every combination one image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES)
+    guidance_scale: list[Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]] | None = (
+        Field(default=None, min_length=1, max_length=MAX_SWEEP_IMAGES))
+    steps: list[Annotated[int, Field(ge=1, le=150)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES)
+
+    @field_validator("seeds", "guidance_scale", "steps")
+    @classmethod
+    def _distinct(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("must not repeat a value")
+        return v
+
+
+def sweep_cells(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid of a normalized request, row by row: each cell's seed, steps, guidance
+    and the axis values that label it. Empty for a request without a sweep."""
+    sweep = request.get("sweep")
+    if not sweep:
+        return []
+    axes = [a for a in SWEEP_AXES if sweep.get(a)]
+    cols = sweep[axes[0]]
+    rows: list[Any] = sweep[axes[1]] if len(axes) > 1 else [None]
+    cells = []
+    for y in rows:
+        for x in cols:
+            label = {axes[0]: x} if y is None else {axes[0]: x, axes[1]: y}
+            cells.append({
+                "seed": label.get("seeds", request["seed"]),
+                "steps": label.get("steps", request["steps"]),
+                "guidance_scale": float(label.get("guidance_scale", request["guidance_scale"])),
+                "label": label,
+            })
+    return cells
+
+
+def denoise_steps(request: dict[str, Any]) -> int:
+    """Denoising steps the whole job runs (img2img runs int(steps × strength) of them)."""
+    def one(steps: int) -> int:
+        return int(steps * request["strength"]) if request.get("image") else steps
+
+    cells = sweep_cells(request)
+    if cells:
+        return sum(one(c["steps"]) for c in cells)
+    return one(request["steps"])
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 
@@ -123,6 +182,8 @@ class JobRequest(BaseModel):
     mask: str | None = None
     #: LoRA adapters applied for this job only, in order.
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    #: A parameter grid: every combination is one image, plus a labelled contact sheet.
+    sweep: Sweep | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -242,6 +303,44 @@ def _check_family(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, st
     return errors
 
 
+def _check_sweep(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, str]]:
+    sweep = ok("sweep")
+    if sweep is None:
+        return []
+    errors = []
+    axes = [a for a in SWEEP_AXES if sweep.get(a)]
+    if not 1 <= len(axes) <= 2:
+        errors.append({"field": "sweep", "message": "give one or two axes of "
+                       f"{', '.join(SWEEP_AXES)} (got {len(axes)})"})
+    else:
+        total = 1
+        for a in axes:
+            total *= len(sweep[a])
+        if total > MAX_SWEEP_IMAGES:
+            errors.append({"field": "sweep", "message": f"makes {total} images; at most "
+                           f"{MAX_SWEEP_IMAGES}"})
+    if data.get("num_images", 1) != 1:
+        errors.append({"field": "num_images", "message": "must be 1 with sweep (each cell of "
+                       "the grid is one image)"})
+    if sweep.get("seeds") and data.get("seed") is not None:
+        errors.append({"field": "seed", "message": "leave it out with sweep.seeds"})
+    if sweep.get("steps") and data.get("steps") is not None:
+        errors.append({"field": "steps", "message": "leave it out with sweep.steps"})
+    if sweep.get("guidance_scale") and data.get("guidance_scale") is not None:
+        errors.append({"field": "guidance_scale",
+                       "message": "leave it out with sweep.guidance_scale"})
+    if spec is not None and sweep.get("guidance_scale") and not spec.cfg:
+        errors.append({"field": "sweep.guidance_scale", "message": f"{spec.name} runs "
+                       "without guidance: nothing to sweep"})
+    strength = ok("strength") if ok("strength") is not None else DEFAULT_STRENGTH
+    if data.get("image") is not None and sweep.get("steps"):
+        low = min(sweep["steps"])
+        if int(low * strength) < 1:
+            errors.append({"field": "sweep.steps", "message": f"{low} steps × strength "
+                           f"{strength} leaves no denoising step"})
+    return errors
+
+
 def _check_loras(loras: list[dict[str, Any]], registry: Registry,
                  spec: Any) -> list[dict[str, str]]:
     """Each LoRA must exist (registry) or name a plausible storage key, and fit the model."""
@@ -357,6 +456,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
             errors.append({"field": "strength", "message": f"strength {strength} × steps "
                            f"{steps} leaves no denoising step; raise either"})
     errors += _check_loras(ok("loras") or [], registry, spec)
+    errors += _check_sweep(data, ok, spec)
     seed = ok("seed")
     n = ok("num_images")
     if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:
@@ -389,6 +489,10 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         (req.strength if req.strength is not None else DEFAULT_STRENGTH) if req.image else None
     )
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
+    if req.sweep is not None:
+        out["sweep"] = req.sweep.model_dump(exclude_none=True)
+        if req.sweep.seeds:
+            out["seed"] = req.sweep.seeds[0]
     return out
 
 
@@ -416,7 +520,7 @@ def new_record(job_id: str, request: dict[str, Any], created_at: str) -> dict[st
         "expires_at": expires_at,
         "attempts": 0,
         "worker": None,
-        "progress": {"step": 0, "total": request["steps"]},
+        "progress": {"step": 0, "total": denoise_steps(request)},
         "outputs": [],
         "error": None,
         "timings": {},

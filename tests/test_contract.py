@@ -228,6 +228,28 @@ BAD += [
     ("flux-weighting", {"prompt": "a (red:1.3) fox", "model": "tiny-flux"}, "prompt", {}),
     ("turbo-negative-without-guidance", {"prompt": P, "model": "tiny-sdxl-turbo",
                                          "negative_prompt": "fog"}, "negative_prompt", {}),
+    ("sweep-no-axis", {"prompt": P, "sweep": {}}, "sweep", {}),
+    ("sweep-three-axes", {"prompt": P, "sweep": {"seeds": [1], "steps": [2],
+                                                 "guidance_scale": [3.0]}}, "sweep", {}),
+    ("sweep-too-many", {"prompt": P, "sweep": {"seeds": [1, 2, 3, 4, 5],
+                                               "steps": [1, 2, 3, 4]}}, "sweep", {}),
+    ("sweep-axis-too-long", {"prompt": P, "sweep": {"seeds": list(range(17))}}, "sweep", {}),
+    ("sweep-repeated", {"prompt": P, "sweep": {"seeds": [1, 1]}}, "sweep", {}),
+    ("sweep-unknown-axis", {"prompt": P, "sweep": {"sampler": ["euler"]}}, "sweep", {}),
+    ("sweep-bad-seed", {"prompt": P, "sweep": {"seeds": [-1]}}, "sweep", {}),
+    ("sweep-bad-steps", {"prompt": P, "sweep": {"steps": [0, 4]}}, "sweep", {}),
+    ("sweep-bad-guidance", {"prompt": P, "sweep": {"guidance_scale": [math.inf]}}, "sweep", {}),
+    ("sweep-empty-axis", {"prompt": P, "sweep": {"seeds": []}}, "sweep", {}),
+    ("sweep-not-object", {"prompt": P, "sweep": [1, 2]}, "sweep", {}),
+    ("sweep-with-num-images", {"prompt": P, "num_images": 2, "sweep": {"seeds": [1, 2]}},
+     "num_images", {}),
+    ("sweep-seeds-with-seed", {"prompt": P, "seed": 3, "sweep": {"seeds": [1, 2]}}, "seed", {}),
+    ("sweep-steps-with-steps", {"prompt": P, "steps": 3, "sweep": {"steps": [1, 2]}}, "steps",
+     {}),
+    ("sweep-guidance-of-flux", {"prompt": P, "model": "tiny-flux",
+                                "sweep": {"guidance_scale": [0.0, 1.0]}}, "sweep", {}),
+    ("sweep-steps-leave-no-step", {"prompt": P, "image": png_data_uri(), "strength": 0.5,
+                                   "sweep": {"steps": [1, 4]}}, "sweep", {}),
     ("negative-at-guidance-1", {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
      "negative_prompt", {}),
 ]
@@ -280,6 +302,20 @@ def test_family_features_that_apply_are_accepted(client: Client) -> None:
     assert turbo["scheduler"] == "euler_a" and turbo["steps"] == 1
     sd15 = validate_request({"prompt": "a (red:1.3) fox", "model": "tiny-sd15"}, reg, st)
     assert sd15["guidance_scale"] == 7.5
+
+
+def test_sweep_is_normalized(client: Client) -> None:
+    from producer.contract import denoise_steps, sweep_cells, validate_request
+
+    req = validate_request({"prompt": P, "steps": 3, "sweep": {"guidance_scale": [2, 4.5],
+                                                                "seeds": [7, 8, 9]}},
+                           client.registry, client.settings)
+    assert req["sweep"] == {"seeds": [7, 8, 9], "guidance_scale": [2.0, 4.5]}
+    assert req["seed"] == 7
+    cells = sweep_cells(req)
+    assert len(cells) == 6 and denoise_steps(req) == 18
+    assert cells[4] == {"seed": 8, "steps": 3, "guidance_scale": 4.5,
+                        "label": {"seeds": 8, "guidance_scale": 4.5}}
 
 
 def test_lora_refusals_name_the_entry(client: Client) -> None:

@@ -31,8 +31,10 @@ from producer.contract import (
     EXTENSIONS,
     EventType,
     Status,
+    denoise_steps,
     now_iso,
     parse_iso,
+    sweep_cells,
     terminal_event,
 )
 from producer.errors import (
@@ -212,7 +214,7 @@ class Runner:
             attempts=attempt,
             worker=self.worker_name,
             started_at=now,
-            progress={"step": 0, "total": doc["request"]["steps"]},
+            progress={"step": 0, "total": denoise_steps(doc["request"])},
             error=None,
             outputs=[],  # nothing of an earlier attempt carries over
             timings={},
@@ -229,7 +231,7 @@ class Runner:
             return None
         timeout_s = doc["request"].get("timeout_s") or self.settings.job_timeout_s
         return Run(job_id, token, new, time.monotonic() + timeout_s,
-                   total=doc["request"]["steps"])
+                   total=denoise_steps(doc["request"]))
 
     def _end_unstarted(
         self, job_id: str, snap: Snapshot, status: Status, allowed: str,
@@ -256,11 +258,14 @@ class Runner:
         n = req["num_images"]
         gens = [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
                 for i in range(n)]
+        cells = sweep_cells(req)
+        done = [0]  # steps of the sweep's cells already run
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Flags and the clock only: the monitor thread does the I/O.
-            run.total = getattr(p, "num_timesteps", run.total) or run.total
-            run.step = i + 1
+            if not cells:
+                run.total = getattr(p, "num_timesteps", run.total) or run.total
+            run.step = done[0] + i + 1
             if run.fenced.is_set():
                 raise Fenced(run.job_id)
             if run.cancel.is_set():
@@ -298,7 +303,19 @@ class Runner:
                 if cond is not None:
                     del kwargs["prompt"], kwargs["negative_prompt"]
                     kwargs.update(cond)
-                result = pipe(**kwargs)
+                if not cells:
+                    images = list(pipe(**kwargs).images)
+                else:
+                    images = []
+                    for cell in cells:
+                        # Each cell exactly as a job of its own parameters would run.
+                        pipe.scheduler = model.scheduler(req["scheduler"])
+                        gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
+                        images += pipe(**dict(
+                            kwargs, num_inference_steps=cell["steps"], generator=[gen],
+                            guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
+                        )).images
+                        done[0] += pipe.num_timesteps
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise OutOfMemory(f"out of GPU memory: {exc}") from None
@@ -310,7 +327,7 @@ class Runner:
                 unload_loras(model.pipe, adapters)
         if time.monotonic() > run.deadline:  # the VAE decode ran past it
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
-        return list(result.images)
+        return images
 
     def _fetch_init_image(self, src: str, field_name: str = "image") -> bytes:
         from producer.netguard import EgressRefused, fetch
@@ -367,10 +384,23 @@ class Runner:
         fmt = req["output_format"]
         encode_s = upload_s = 0.0
         outputs = []
+        cells = sweep_cells(req)
+        items: list[tuple[Any, int | None, dict[str, Any], dict[str, Any]]] = []
         for i, image in enumerate(images):
-            seed = req["seed"] + i
+            if cells:
+                cell = cells[i]
+                items.append((image, cell["seed"], {**req, "steps": cell["steps"],
+                              "guidance_scale": cell["guidance_scale"]},
+                              {"sweep": cell["label"]}))
+            else:
+                items.append((image, req["seed"] + i, req, {}))
+        if cells:  # the contact sheet: one more output, after the cells
+            from worker.grid import contact_sheet
+
+            items.append((contact_sheet(images, cells), None, req, {"contact_sheet": True}))
+        for i, (image, seed, enc_req, extra) in enumerate(items):
             t0 = time.perf_counter()
-            data = encoding.encode(image, req, seed, self.settings.png_compress_level)
+            data = encoding.encode(image, enc_req, seed, self.settings.png_compress_level)
             t1 = time.perf_counter()
             key = self.storage.key(run.job_id, f"{i}.{EXTENSIONS[fmt]}")
             self._check_fence(run)
@@ -387,6 +417,7 @@ class Runner:
                 "content_type": CONTENT_TYPES[fmt],
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                **extra,
             }
             outputs.append(output)
             self._write(run, EventType.OUTPUT, {"output": output}, outputs=list(outputs))
@@ -407,7 +438,8 @@ class Runner:
             "request": {k: v for k, v in req.items() if k not in ("image", "mask")},
             "init_image_sha256": run.init_sha256,
             "mask_sha256": run.mask_sha256,
-            "seeds": [req["seed"] + i for i in range(req["num_images"])],
+            "seeds": ([c["seed"] for c in sweep_cells(req)]
+                      or [req["seed"] + i for i in range(req["num_images"])]),
             "model": model.source,
             "versions": self.versions,
             "worker": self.worker_name,
