@@ -47,6 +47,9 @@ class ModelSpec:
     cfg: bool = True
     #: Width and height must be multiples of this (16 for Flux: 8× VAE, 2×2 patches).
     size_multiple: int = 8
+    #: When the worker runs a safety checker: ``blur``, ``withhold`` or ``off`` for this
+    #: model; unset follows ATELIER_SAFETY_ACTION.
+    safety_action: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/models`` and ``atelier models`` show."""
@@ -74,7 +77,7 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
     "source": str, "pipeline": str, "revision": str, "variant": str, "dtype": str,
     "scheduler": str, "schedulers": list, "steps": int, "guidance_scale": (int, float),
     "width": int, "height": int, "max_side": int, "max_pixels": int, "vae_source": str,
-    "cfg": bool, "size_multiple": int,
+    "cfg": bool, "size_multiple": int, "safety_action": str,
 }
 
 
@@ -115,6 +118,8 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     for s in spec.schedulers:
         if (s in FLOW_SCHEDULERS) != flow:
             problems.append(f"scheduler {s!r} does not fit a {spec.pipeline} model")
+    if spec.safety_action not in (None, "blur", "withhold", "off"):
+        problems.append("safety_action must be blur, withhold or off")
     if spec.size_multiple not in (8, 16, 32, 64):
         problems.append("size_multiple must be 8, 16, 32 or 64")
     for side in (spec.width, spec.height):

@@ -70,6 +70,20 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(default=6, ge=0, le=9)
     #: Host memory for recently used LoRA state dicts (MiB); 0 caches none.
     lora_cache_mb: int = Field(default=1024, ge=0)
+    #: Optional safety checker: a folder or hub repo holding a diffusers
+    #: StableDiffusionSafetyChecker (safetensors) and its CLIP image-processor config,
+    #: or ``builtin:tiny-safety-checker``; empty: off.
+    safety_checker: str = ""
+    #: What becomes of a flagged image: ``blur`` (stored blurred) or ``withhold`` (not
+    #: stored). A model's registry entry may override it (``safety_action``).
+    safety_action: str = "blur"
+
+    @field_validator("safety_action")
+    @classmethod
+    def _safety_action(cls, v: str) -> str:
+        if v not in {"blur", "withhold"}:
+            raise ValueError("ATELIER_SAFETY_ACTION must be blur or withhold")
+        return v
 
     @field_validator("webhook_secret")
     @classmethod

@@ -132,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     storage = storage_from_settings(settings)
     from worker.loras import LoraCache
+    from worker.safety import load_checker
 
     _runner = Runner(settings, models, store, storage, worker_name,
-                     loras=LoraCache(settings, registry, storage))
+                     loras=LoraCache(settings, registry, storage),
+                     safety=load_checker(settings, device))
     queues = ",".join(K.queue_name(n) for n in names)
 
     @worker_ready.connect(weak=False)

@@ -56,6 +56,7 @@ from worker import encode as encoding
 from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
 from worker.prompts import conditioning
+from worker.safety import SafetyChecker, blur, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Run:
     init_sha256: str | None = None
     mask_sha256: str | None = None
     init_size: tuple[int, int] | None = None  # the init image as given, before resizing
+    flags: list[bool] | None = None  # the safety checker's verdicts, when it ran
+    safety_action: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     fenced: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -95,6 +98,7 @@ class Runner:
         storage: LocalStorage | S3Storage,
         worker_name: str,
         loras: LoraCache | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -105,6 +109,7 @@ class Runner:
         self.gpu = threading.Lock()
         self.versions = library_versions()
         self._loras = loras
+        self.safety = safety
 
     @property
     def loras(self) -> LoraCache:
@@ -327,6 +332,9 @@ class Runner:
                 unload_loras(model.pipe, adapters)
         if time.monotonic() > run.deadline:  # the VAE decode ran past it
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
+        action = model.spec.safety_action or self.settings.safety_action
+        if self.safety is not None and action != "off":
+            run.flags, run.safety_action = self.safety.check(images), action
         return images
 
     def _fetch_init_image(self, src: str, field_name: str = "image") -> bytes:
@@ -386,7 +394,11 @@ class Runner:
         outputs = []
         cells = sweep_cells(req)
         items: list[tuple[Any, int | None, dict[str, Any], dict[str, Any]]] = []
-        for i, image in enumerate(images):
+        flags = run.flags or [False] * len(images)
+        # Flagged images are blurred, or withheld (None: nothing encoded or stored).
+        shown = [image if not flag else blur(image) if run.safety_action == "blur" else None
+                 for image, flag in zip(images, flags, strict=True)]
+        for i, image in enumerate(shown):
             if cells:
                 cell = cells[i]
                 items.append((image, cell["seed"], {**req, "steps": cell["steps"],
@@ -394,11 +406,24 @@ class Runner:
                               {"sweep": cell["label"]}))
             else:
                 items.append((image, req["seed"] + i, req, {}))
+            if run.flags is not None:
+                items[-1][3].update(nsfw=flags[i])
+                if flags[i]:
+                    items[-1][3].update({"blurred" if image is not None else "withheld": True})
         if cells:  # the contact sheet: one more output, after the cells
             from worker.grid import contact_sheet
 
-            items.append((contact_sheet(images, cells), None, req, {"contact_sheet": True}))
+            tiles = [im if im is not None else placeholder(images[i].size)
+                     for i, im in enumerate(shown)]
+            items.append((contact_sheet(tiles, cells), None, req, {"contact_sheet": True}))
         for i, (image, seed, enc_req, extra) in enumerate(items):
+            if image is None:
+                output = {"index": i, "key": None, "url": None, "seed": seed,
+                          "width": images[i].width, "height": images[i].height,
+                          "content_type": None, "bytes": 0, "sha256": None, **extra}
+                outputs.append(output)
+                self._write(run, EventType.OUTPUT, {"output": output}, outputs=list(outputs))
+                continue
             t0 = time.perf_counter()
             data = encoding.encode(image, enc_req, seed, self.settings.png_compress_level)
             t1 = time.perf_counter()
@@ -437,6 +462,9 @@ class Runner:
             "job_id": run.job_id,
             "request": {k: v for k, v in req.items() if k not in ("image", "mask")},
             "init_image_sha256": run.init_sha256,
+            "safety": None if run.flags is None else {
+                "checker": self.settings.safety_checker, "action": run.safety_action,
+                "flagged": [i for i, f in enumerate(run.flags) if f]},
             "mask_sha256": run.mask_sha256,
             "seeds": ([c["seed"] for c in sweep_cells(req)]
                       or [req["seed"] + i for i in range(req["num_images"])]),

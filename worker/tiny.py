@@ -283,9 +283,58 @@ def ensure_builtin(name: str, models_dir: str | os.PathLike[str]) -> Path:
         if not (dest / MARKER).exists():
             builders[name](dest)
         return dest
+    if name.startswith("tiny-safety-checker"):
+        # tiny-safety-checker flags nothing; tiny-safety-checker@T flags above cosine T
+        threshold = float(name.partition("@")[2] or 1.0)
+        dest = root / name
+        if not (dest / "config.json").exists():
+            build_tiny_safety_checker(dest, threshold)
+        return dest
     if name == "tiny-sdxl-lora":
         dest = root / "tiny-sdxl-lora.safetensors"
         if not dest.exists():
             build_tiny_lora(dest, ensure_tiny_sdxl(root / "tiny-sdxl"))
         return dest
     raise ValueError(f"unknown builtin {name!r}")
+
+
+def build_tiny_safety_checker(dest: str | os.PathLike[str], threshold: float = 1.0,
+                              seed: int = SEED + 30) -> Path:
+    """A ``StableDiffusionSafetyChecker`` with a tiny random CLIP vision tower and random
+    concept embeddings; an image is flagged when its cosine similarity to a concept
+    exceeds ``threshold`` (1.0: never; -1.0: always). Plus its image-processor config."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    dest = Path(dest)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                     "num_hidden_layers": 1, "projection_dim": 32},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8,
+                       "projection_dim": 32},
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = StableDiffusionSafetyChecker(config)
+        with torch.no_grad():
+            model.concept_embeds.copy_(torch.randn(17, 32))
+            model.special_care_embeds.copy_(torch.randn(3, 32))
+            model.concept_embeds_weights.fill_(threshold)
+            model.special_care_embeds_weights.fill_(1.0)  # never: no adjustment
+    processor = CLIPImageProcessor(size={"shortest_edge": 32},
+                                   crop_size={"height": 32, "width": 32})
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
