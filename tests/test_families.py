@@ -89,8 +89,9 @@ def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_di
     assert px(families, long_a) != px(families, long_b)  # the part after 75 tokens counts
 
 
-def test_flux_img2img_and_inpaint(families: Stack) -> None:
-    req = {"prompt": "a lake", "model": "tiny-flux", "seed": 2, "image": png_data_uri((0, 0, 200))}
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd15"])
+def test_img2img_and_inpaint(families: Stack, model: str) -> None:
+    req = {"prompt": "a lake", "model": model, "seed": 2, "image": png_data_uri((0, 0, 200))}
     img2img, _ = run_job(families, **req, strength=0.75)
     inpaint, _ = run_job(families, **req, strength=0.75, mask=data_uri(mask_image()))
     assert img2img["progress"] == {"step": 3, "total": 3}  # 4 steps × 0.75

@@ -102,6 +102,13 @@ def test_cache_keeps_recent_adapters_within_its_bound(tmp_path: Path, models_dir
     assert cache.loads == 5
 
 
+def test_tiny_lora_builds_to_the_same_bytes(tmp_path: Path, models_dir: Path) -> None:
+    from worker.tiny import build_tiny_lora, ensure_builtin
+
+    again = build_tiny_lora(tmp_path / "again.safetensors", models_dir / "tiny-sdxl")
+    assert again.read_bytes() == ensure_builtin(LORA, models_dir).read_bytes()
+
+
 def test_an_adapter_that_fits_nothing_is_refused_and_leaves_nothing(
     tmp_path: Path, models_dir: Path
 ) -> None:
