@@ -112,10 +112,11 @@ class Settings(BaseSettings):
 
         A worker holds up to ``worker_concurrency`` jobs that take turns on the GPU, so
         the last can finish (concurrency × timeout) after it was taken; then its init
-        image fetch, and upload retries for up to 8 images and the manifest.
+        image and mask fetches, and upload retries for up to 17 images (a sweep of 16 and its
+        contact sheet) and the manifest.
         """
-        return int(self.worker_concurrency * self.job_timeout_s + 9 * self.storage_retry_s
-                   + self.image_fetch_timeout_s + 30)
+        return int(self.worker_concurrency * self.job_timeout_s + 18 * self.storage_retry_s
+                   + 2 * self.image_fetch_timeout_s + 30)
 
     @property
     def effective_visibility_timeout_s(self) -> int:
