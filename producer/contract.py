@@ -290,6 +290,9 @@ def _check_family(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, st
     elif negative and not (data.get("guidance_scale") is not None and guidance is None):
         # (a guidance_scale that failed its own check is named already)
         effective = guidance if guidance is not None else spec.guidance_scale
+        swept = (ok("sweep") or {}).get("guidance_scale")
+        if swept:
+            effective = max(swept)
         if effective <= 1:
             errors.append({"field": "negative_prompt", "message": f"has no effect at "
                            f"guidance_scale {effective:g} (classifier-free guidance needs "
@@ -489,6 +492,11 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         (req.strength if req.strength is not None else DEFAULT_STRENGTH) if req.image else None
     )
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
+    # Features a request does not use leave no key: its record (and the request in its
+    # PNGs) reads exactly as before they existed.
+    for key in ("mask", "loras", "sweep"):
+        if not out.get(key):
+            out.pop(key, None)
     if req.sweep is not None:
         out["sweep"] = req.sweep.model_dump(exclude_none=True)
         if req.sweep.seeds:

@@ -304,6 +304,17 @@ def test_family_features_that_apply_are_accepted(client: Client) -> None:
     assert sd15["guidance_scale"] == 7.5
 
 
+def test_unused_new_fields_leave_no_key(client: Client) -> None:
+    from producer.contract import validate_request
+
+    req = validate_request({"prompt": P}, client.registry, client.settings)
+    assert not {"mask", "loras", "sweep"} & set(req)
+    swept = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
+                              "sweep": {"guidance_scale": [0.0, 2.0]}},
+                             client.registry, client.settings)
+    assert swept["sweep"] == {"guidance_scale": [0.0, 2.0]}
+
+
 def test_sweep_is_normalized(client: Client) -> None:
     from producer.contract import denoise_steps, sweep_cells, validate_request
 
