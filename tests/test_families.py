@@ -96,3 +96,38 @@ def test_img2img_and_inpaint(families: Stack, model: str) -> None:
     inpaint, _ = run_job(families, **req, strength=0.75, mask=data_uri(mask_image()))
     assert img2img["progress"] == {"step": 3, "total": 3}  # 4 steps × 0.75
     assert px(families, img2img) != px(families, inpaint)
+
+
+@pytest.mark.parametrize(("model", "family"), [("tiny-sd15", "sd15"), ("tiny-flux", "flux")])
+def test_lora_on_other_families(families: Stack, models_dir: Path, tmp_path: Path, model: str,
+                                family: str) -> None:
+    import boto3
+
+    from worker.tiny import build_tiny_lora
+
+    path = build_tiny_lora(tmp_path / f"{family}.safetensors", models_dir / model,
+                           family=family)
+    s3 = boto3.client("s3", endpoint_url=families.settings.s3_endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key=f"adapters/{family}.safetensors", Body=path.read_bytes())
+    req = {"prompt": "a tin robot", "model": model, "seed": 5}
+    before, _ = run_job(families, **req)
+    styled, _ = run_job(families, **req, loras=[{"name": f"storage:adapters/{family}"
+                                                         ".safetensors", "scale": 1.0}])
+    after, _ = run_job(families, **req)
+    assert px(families, styled) != px(families, before)
+    assert px(families, after) == px(families, before)
+    # an SDXL adapter does not fit this family: refused by name, nothing left behind
+    sdxl = build_tiny_lora(tmp_path / "sdxl.safetensors", models_dir / "tiny-sdxl")
+    s3.put_object(Bucket=BUCKET, Key="adapters/sdxl.safetensors", Body=sdxl.read_bytes())
+    wrong, _ = run_job(families, **req, loras=[{"name": "storage:adapters/sdxl.safetensors"}])
+    assert wrong["status"] == Status.FAILED and wrong["error"]["code"] == "invalid_request"
+    assert wrong["error"]["message"].startswith("loras.0.name: ")
+    assert px(families, run_job(families, **req)[0]) == px(families, before)
+
+
+def test_flux_sweep(families: Stack) -> None:
+    record, _ = run_job(families, prompt="a tin robot", model="tiny-flux",
+                        sweep={"steps": [1, 2], "seeds": [1, 2]})
+    assert record["status"] == Status.SUCCEEDED, record
+    assert len(record["outputs"]) == 5 and record["outputs"][4]["contact_sheet"]
+    assert record["progress"] == {"step": 6, "total": 6}

@@ -245,28 +245,36 @@ def ensure_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
 
 
 def build_tiny_lora(dest: str | os.PathLike[str], base: str | os.PathLike[str],
-                    seed: int = SEED + 100, rank: int = 4) -> Path:
-    """A LoRA for the tiny SDXL UNet's attention projections, random but fixed by ``seed``,
-    saved as one diffusers-format safetensors file (atomically) at ``dest``."""
+                    seed: int = SEED + 100, rank: int = 4, family: str = "sdxl") -> Path:
+    """A LoRA for the attention projections of a tiny model's denoiser (the UNet of
+    ``sdxl``/``sd15``, the transformer of ``flux``), random but fixed by ``seed``, saved
+    as one diffusers-format safetensors file (atomically) at ``dest``."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
+    pipe_cls, model_cls, sub, arg = {
+        "sdxl": ("StableDiffusionXLPipeline", "UNet2DConditionModel", "unet", "unet_lora_layers"),
+        "sd15": ("StableDiffusionPipeline", "UNet2DConditionModel", "unet", "unet_lora_layers"),
+        "flux": ("FluxPipeline", "FluxTransformer2DModel", "transformer",
+                 "transformer_lora_layers"),
+    }[family]
     dest = Path(dest)
-    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", use_safetensors=True)
+    denoiser = getattr(diffusers, model_cls).from_pretrained(Path(base) / sub,
+                                                              use_safetensors=True)
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(config)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        denoiser.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-lora-", dir=dest.parent))
     try:
-        StableDiffusionXLPipeline.save_lora_weights(tmp, unet_lora_layers=layers,
-                                                    weight_name=dest.name)
+        getattr(diffusers, pipe_cls).save_lora_weights(tmp, weight_name=dest.name,
+                                                       **{arg: layers})
         os.replace(tmp / dest.name, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
