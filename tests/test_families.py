@@ -96,6 +96,9 @@ def test_img2img_and_inpaint(families: Stack, model: str) -> None:
     inpaint, _ = run_job(families, **req, strength=0.75, mask=data_uri(mask_image()))
     assert img2img["progress"] == {"step": 3, "total": 3}  # 4 steps × 0.75
     assert px(families, img2img) != px(families, inpaint)
+    for r in (img2img, inpaint):  # the requested size, not the pipeline's default
+        assert (r["outputs"][0]["width"], r["outputs"][0]["height"]) == (64, 64)
+        assert Image.open(io.BytesIO(s3_get(families, r["outputs"][0]["key"]))).size == (64, 64)
 
 
 @pytest.mark.parametrize(("model", "family"), [("tiny-sd15", "sd15"), ("tiny-flux", "flux")])

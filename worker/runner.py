@@ -292,7 +292,11 @@ class Runner:
         if init is not None:
             kwargs.update(image=init, strength=req["strength"])
             if mask is not None:
-                kwargs.update(mask_image=mask, width=req["width"], height=req["height"])
+                kwargs.update(mask_image=mask)
+            if mask is not None or _takes_size(pipe):
+                # (Flux's img2img would otherwise work at its default 1024², whatever the
+                # image; SD img2img pipelines take the image's size and no such argument.)
+                kwargs.update(width=req["width"], height=req["height"])
         else:
             kwargs.update(width=req["width"], height=req["height"])
         # Loaded into the shared modules for this job only; unloaded below, whatever
@@ -573,6 +577,13 @@ class Monitor(threading.Thread):
             except Exception:
                 log.warning("job %s: progress update failed", run.job_id, exc_info=True)
                 self._stop_evt.wait(interval)
+
+
+def _takes_size(pipe: Any) -> bool:
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return "width" in params and "height" in params
 
 
 def _internal(exc: BaseException) -> dict[str, Any]:
