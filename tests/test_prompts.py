@@ -10,7 +10,8 @@ from PIL import Image
 
 from producer.contract import Status
 from tests.conftest import Stack
-from tests.test_jobs import bare_pipe, bare_run, pixels, run_job, s3_get
+from tests.test_inpaint import data_uri, mask_image
+from tests.test_jobs import bare_pipe, bare_run, pixels, png_data_uri, run_job, s3_get
 from worker.prompts import conditioning, needs_encoding, parse_weights
 
 __all__ = ["bare_pipe"]
@@ -99,3 +100,12 @@ def test_worker_reads_past_77_tokens_and_weights(stack: Stack, bare_pipe: Any) -
     assert px(weighted) != px(plain)
     assert px(unit) == px(plain)  # weight 1 through the windowed path: the same pixels
     assert px(plain) == pixels(bare_run(bare_pipe, 12, prompt="a red fox", **kw))
+
+    # embeddings reach img2img and inpainting too (the same modules, other pipelines)
+    image = png_data_uri((90, 160, 60))
+    for extra in ({}, {"mask": data_uri(mask_image())}):
+        w, _ = run_job(stack, prompt="a (red:1.3) fox", negative_prompt="(fog:1.2)",
+                       image=image, **req, **extra)
+        p, _ = run_job(stack, prompt="a red fox", negative_prompt="fog", image=image, **req,
+                       **extra)
+        assert px(w) != px(p)
