@@ -72,6 +72,8 @@ def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) 
     paths = []
     ext = EXTENSIONS[record["request"]["output_format"]]
     for output in record["outputs"]:
+        if output.get("withheld"):  # flagged by the safety checker: nothing stored
+            continue
         path = out_dir / f"{record['id']}-{output['index']}.{ext}"
         path.write_bytes(storage.get(output["key"]))
         paths.append(path)
@@ -132,7 +134,8 @@ def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace
         print(f"{record['id']} {record['status']}")
         if record.get("error"):
             print(f"  error {record['error']['code']}: {record['error']['message']}")
-        for p in paths or [o["url"] for o in record["outputs"]]:
+        shown: list[Any] = list(paths) or [o["url"] or "(withheld)" for o in record["outputs"]]
+        for p in shown:
             print(f"  {p}")
     return EXIT_OK if record["status"] == Status.SUCCEEDED else EXIT_JOB_FAILED
 
@@ -148,7 +151,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{record['id']} {record['status']} step {p['step']}/{p['total']}"
               f" attempts {record['attempts']}")
         for o in record["outputs"]:
-            print(f"  {o['url']}")
+            print(f"  {o['url'] or '(withheld)'}")
         if record.get("error"):
             print(f"  error {record['error']['code']}: {record['error']['message']}")
         for d in deliveries:

@@ -82,12 +82,14 @@ class Client:
         return job_id
 
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
-        """Keep a ``data:`` init image beside the record, addressed by its sha256."""
-        image = normalized.get("image")
-        if not image or not image.startswith("data:"):
-            return normalized
-        digest = self.store.put_input(decode_data_uri(image, self.settings.max_image_bytes))
-        return {**normalized, "image": f"sha256:{digest}"}
+        """Keep a ``data:`` init image (and mask) beside the record, by its sha256."""
+        out = dict(normalized)
+        for name in ("image", "mask"):
+            src = normalized.get(name)
+            if src and src.startswith("data:"):
+                raw = decode_data_uri(src, self.settings.max_image_bytes)
+                out[name] = f"sha256:{self.store.put_input(raw)}"
+        return out
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)

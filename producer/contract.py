@@ -11,16 +11,17 @@ import enum
 import io
 import ipaddress
 import json
+import re
 import secrets
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.errors import InvalidRequest, UnknownModel
 from producer.netguard import is_public, parse_allowlist
-from producer.registry import Registry
+from producer.registry import WEIGHTING_PIPELINES, Registry
 from producer.settings import Settings
 
 MAX_SEED = 2**32 - 1
@@ -81,6 +82,77 @@ def terminal_event(doc: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
     return TERMINAL_EVENT_FOR[Status(doc["status"])], data
 
 
+MAX_LORAS = 4
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: a registry name or ``storage:<key>``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=1024)
+    scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
+
+
+MAX_SWEEP_IMAGES = 16
+#: Sweep axes in grid order: the first one given runs along the columns, the second
+#: along the rows.
+SWEEP_AXES = ("seeds", "guidance_scale", "steps")
+
+
+class Sweep(BaseModel):
+    """A grid of generations in one job: one or two axes, every combination one image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES)
+    guidance_scale: list[Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]] | None = (
+        Field(default=None, min_length=1, max_length=MAX_SWEEP_IMAGES))
+    steps: list[Annotated[int, Field(ge=1, le=150)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES)
+
+    @field_validator("seeds", "guidance_scale", "steps")
+    @classmethod
+    def _distinct(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("must not repeat a value")
+        return v
+
+
+def sweep_cells(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid of a normalized request, row by row: each cell's seed, steps, guidance
+    and the axis values that label it. Empty for a request without a sweep."""
+    sweep = request.get("sweep")
+    if not sweep:
+        return []
+    axes = [a for a in SWEEP_AXES if sweep.get(a)]
+    cols = sweep[axes[0]]
+    rows: list[Any] = sweep[axes[1]] if len(axes) > 1 else [None]
+    cells = []
+    for y in rows:
+        for x in cols:
+            label = {axes[0]: x} if y is None else {axes[0]: x, axes[1]: y}
+            cells.append({
+                "seed": label.get("seeds", request["seed"]),
+                "steps": label.get("steps", request["steps"]),
+                "guidance_scale": float(label.get("guidance_scale", request["guidance_scale"])),
+                "label": label,
+            })
+    return cells
+
+
+def denoise_steps(request: dict[str, Any]) -> int:
+    """Denoising steps the whole job runs (img2img runs int(steps × strength) of them)."""
+    def one(steps: int) -> int:
+        return int(steps * request["strength"]) if request.get("image") else steps
+
+    cells = sweep_cells(request)
+    if cells:
+        return sum(one(c["steps"]) for c in cells)
+    return one(request["steps"])
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 
@@ -108,6 +180,12 @@ class JobRequest(BaseModel):
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: int | None = Field(default=None, ge=1)
     expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
+    #: Inpainting: white pixels of the mask are repainted, black ones kept.
+    mask: str | None = None
+    #: LoRA adapters applied for this job only, in order.
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    #: A parameter grid: every combination is one image, plus a labelled contact sheet.
+    sweep: Sweep | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -207,6 +285,112 @@ def open_image(raw: bytes, max_pixels: int = 4096 * 4096) -> Any:
     return img.convert("RGB")
 
 
+#: ``(text:1.3)``: the weighting syntax only CLIP-prompted families read (worker/prompts.py).
+_WEIGHTED = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)")
+
+
+def _check_family(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, str]]:
+    """What a model family cannot do, refused by field rather than silently ignored."""
+    errors = []
+    for side in ("width", "height"):
+        v = ok(side)
+        if v is not None and v % spec.size_multiple:
+            errors.append({"field": side, "message": f"must be a multiple of "
+                           f"{spec.size_multiple} for {spec.name}"})
+    guidance = ok("guidance_scale")
+    negative = ok("negative_prompt")
+    if not spec.cfg:
+        if negative:
+            errors.append({"field": "negative_prompt", "message": f"{spec.name} is guidance-"
+                           "distilled and runs without classifier-free guidance: leave it out"})
+        if guidance is not None and guidance != 0:
+            errors.append({"field": "guidance_scale", "message": f"must be 0 for {spec.name} "
+                           "(guidance-distilled)"})
+    elif negative and not (data.get("guidance_scale") is not None and guidance is None):
+        # (a guidance_scale that failed its own check is named already)
+        effective = guidance if guidance is not None else spec.guidance_scale
+        swept = (ok("sweep") or {}).get("guidance_scale")
+        if swept:
+            effective = max(swept)
+        if effective <= 1:
+            errors.append({"field": "negative_prompt", "message": f"has no effect at "
+                           f"guidance_scale {effective:g} (classifier-free guidance needs "
+                           "> 1): raise guidance_scale or leave it out"})
+    if spec.pipeline not in WEIGHTING_PIPELINES:
+        for name in ("prompt", "negative_prompt"):
+            text = ok(name)
+            if isinstance(text, str) and _WEIGHTED.search(text):
+                errors.append({"field": name, "message": f"weighting syntax (text:1.3) is not "
+                               f"read by {spec.pipeline} models such as {spec.name}"})
+    return errors
+
+
+def _check_sweep(data: dict[str, Any], ok: Any, spec: Any) -> list[dict[str, str]]:
+    sweep = ok("sweep")
+    if sweep is None:
+        return []
+    errors = []
+    axes = [a for a in SWEEP_AXES if sweep.get(a)]
+    if not 1 <= len(axes) <= 2:
+        errors.append({"field": "sweep", "message": "give one or two axes of "
+                       f"{', '.join(SWEEP_AXES)} (got {len(axes)})"})
+    else:
+        total = 1
+        for a in axes:
+            total *= len(sweep[a])
+        if total > MAX_SWEEP_IMAGES:
+            errors.append({"field": "sweep", "message": f"makes {total} images; at most "
+                           f"{MAX_SWEEP_IMAGES}"})
+    if data.get("num_images", 1) != 1:
+        errors.append({"field": "num_images", "message": "must be 1 with sweep (each cell of "
+                       "the grid is one image)"})
+    if sweep.get("seeds") and data.get("seed") is not None:
+        errors.append({"field": "seed", "message": "leave it out with sweep.seeds"})
+    if sweep.get("steps") and data.get("steps") is not None:
+        errors.append({"field": "steps", "message": "leave it out with sweep.steps"})
+    if sweep.get("guidance_scale") and data.get("guidance_scale") is not None:
+        errors.append({"field": "guidance_scale",
+                       "message": "leave it out with sweep.guidance_scale"})
+    if spec is not None and sweep.get("guidance_scale") and not spec.cfg:
+        errors.append({"field": "sweep.guidance_scale", "message": f"{spec.name} runs "
+                       "without guidance: nothing to sweep"})
+    strength = ok("strength") if ok("strength") is not None else DEFAULT_STRENGTH
+    if data.get("image") is not None and sweep.get("steps"):
+        low = min(sweep["steps"])
+        if int(low * strength) < 1:
+            errors.append({"field": "sweep.steps", "message": f"{low} steps × strength "
+                           f"{strength} leaves no denoising step"})
+    return errors
+
+
+def _check_loras(loras: list[dict[str, Any]], registry: Registry,
+                 spec: Any) -> list[dict[str, str]]:
+    """Each LoRA must exist (registry) or name a plausible storage key, and fit the model."""
+    errors = []
+    seen: set[str] = set()
+    for i, ref in enumerate(loras):
+        name, field = ref["name"], f"loras.{i}.name"
+        if name in seen:
+            errors.append({"field": field, "message": f"{name!r} is repeated"})
+        seen.add(name)
+        if name.startswith("storage:"):
+            key = name.removeprefix("storage:")
+            if (not key.endswith(".safetensors") or key.startswith("/")
+                    or ".." in key.split("/") or "\\" in key):
+                errors.append({"field": field, "message": "storage:<key> must name a "
+                               ".safetensors object by a relative key (no '..')"})
+            continue
+        lora = registry.lora(name)
+        if lora is None:
+            known = ", ".join(registry.lora_names()) or "none"
+            errors.append({"field": field, "message": f"unknown LoRA {name!r}; known: {known}; "
+                           "or storage:<key> for an uploaded .safetensors file"})
+        elif spec is not None and lora.family != spec.pipeline:
+            errors.append({"field": field, "message": f"{name!r} is for {lora.family} models; "
+                           f"{spec.name} is {spec.pipeline}"})
+    return errors
+
+
 def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[str, Any]:
     """Check ``data`` against the contract and return the normalized request.
 
@@ -254,24 +438,37 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
                 {"field": "width", "message": f"width × height = {w * h} exceeds "
                  f"{spec.max_pixels} pixels for {spec.name}"}
             )
+        errors += _check_family(data, ok, spec)
         sched = ok("scheduler")
         if sched is not None and sched not in spec.schedulers:
             errors.append(
                 {"field": "scheduler", "message": f"{sched!r} is not allowed for {spec.name}; "
                  f"allowed: {', '.join(spec.schedulers)}"}
             )
-    image = ok("image")
-    if image is not None:
-        if image.startswith("data:"):
+    sizes: dict[str, tuple[int, int]] = {}
+    for name in ("image", "mask"):
+        src = ok(name)
+        if src is None:
+            continue
+        if src.startswith("data:"):
             try:
-                open_image(decode_data_uri(image, settings.max_image_bytes))
+                sizes[name] = open_image(decode_data_uri(src, settings.max_image_bytes)).size
             except ValueError as exc:
-                errors.append({"field": "image", "message": str(exc)})
+                errors.append({"field": name, "message": str(exc)})
         else:
-            why = _check_url(image, settings.allow_http) or _literal_refused(
-                image, settings.egress_allowlist)
+            why = _check_url(src, settings.allow_http) or _literal_refused(
+                src, settings.egress_allowlist)
             if why:
-                errors.append({"field": "image", "message": why + " or a data: URI"})
+                errors.append({"field": name, "message": why + " or a data: URI"})
+    if ok("mask") is not None and data.get("image") is None:
+        errors.append({"field": "mask", "message": "is only allowed with image (inpainting "
+                       "repaints the masked part of image)"})
+    if len(sizes) == 2 and sizes["image"] != sizes["mask"]:
+        # Both inline: checked here. A URL is only fetched by the worker, which checks
+        # the same and fails the job with image_invalid.
+        (iw, ih), (mw, mh) = sizes["image"], sizes["mask"]
+        errors.append({"field": "mask", "message": f"is {mw}×{mh} but image is {iw}×{ih}; "
+                       "they must be the same size"})
     if ok("strength") is not None and data.get("image") is None:
         errors.append({"field": "strength", "message": "is only allowed with image"})
     if data.get("image") is not None and spec is not None and "strength" not in bad:
@@ -281,6 +478,8 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         if int(steps * strength) < 1:
             errors.append({"field": "strength", "message": f"strength {strength} × steps "
                            f"{steps} leaves no denoising step; raise either"})
+    errors += _check_loras(ok("loras") or [], registry, spec)
+    errors += _check_sweep(data, ok, spec)
     seed = ok("seed")
     n = ok("num_images")
     if seed is not None and isinstance(n, int) and seed + n - 1 > MAX_SEED:
@@ -314,6 +513,15 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
         (req.strength if req.strength is not None else DEFAULT_STRENGTH) if req.image else None
     )
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
+    # Features a request does not use leave no key: its record (and the request in its
+    # PNGs) reads exactly as before they existed.
+    for key in ("mask", "loras", "sweep"):
+        if not out.get(key):
+            out.pop(key, None)
+    if req.sweep is not None:
+        out["sweep"] = req.sweep.model_dump(exclude_none=True)
+        if req.sweep.seeds:
+            out["seed"] = req.sweep.seeds[0]
     return out
 
 
@@ -343,7 +551,7 @@ def new_record(
         "expires_at": expires_at,
         "attempts": 0,
         "worker": None,
-        "progress": {"step": 0, "total": request["steps"]},
+        "progress": {"step": 0, "total": denoise_steps(request)},
         "outputs": [],
         "error": None,
         "timings": {},

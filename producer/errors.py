@@ -14,6 +14,7 @@ Every class knows the error code a user sees and whether the job may be tried ag
         ├── JobTimeout            timeout
         ├── WorkerLost            worker_lost
         ├── StorageUnavailable    storage_unavailable   (retryable)
+        ├── InvalidLora           invalid_request   (a LoRA unreadable or unfit, seen at run time)
         └── InternalError         internal
 
 Control flow that is not a failure lives beside it: :class:`JobCancelled` (the user
@@ -84,6 +85,13 @@ class WorkerLost(JobError):
 class StorageUnavailable(JobError):
     code = "storage_unavailable"
     retryable = True
+
+
+class InvalidLora(JobError):
+    """A requested LoRA could not be read or does not fit the model (found by the worker:
+    a storage key is only read there)."""
+
+    code = "invalid_request"
 
 
 class InternalError(JobError):

@@ -68,6 +68,22 @@ class Settings(BaseSettings):
     storage_retry_s: float = Field(default=60.0, ge=0.0)
     #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
     png_compress_level: int = Field(default=6, ge=0, le=9)
+    #: Host memory for recently used LoRA state dicts (MiB); 0 caches none.
+    lora_cache_mb: int = Field(default=1024, ge=0)
+    #: Optional safety checker: a folder or hub repo holding a diffusers
+    #: StableDiffusionSafetyChecker (safetensors) and its CLIP image-processor config,
+    #: or ``builtin:tiny-safety-checker``; empty: off.
+    safety_checker: str = ""
+    #: What becomes of a flagged image: ``blur`` (stored blurred) or ``withhold`` (not
+    #: stored). A model's registry entry may override it (``safety_action``).
+    safety_action: str = "blur"
+
+    @field_validator("safety_action")
+    @classmethod
+    def _safety_action(cls, v: str) -> str:
+        if v not in {"blur", "withhold"}:
+            raise ValueError("ATELIER_SAFETY_ACTION must be blur or withhold")
+        return v
 
     # -- HTTP API ---------------------------------------------------------------------
     #: Keys that may also read ``/v1/workers`` (fleet-wide: it shows every worker's
@@ -147,10 +163,11 @@ class Settings(BaseSettings):
 
         A worker holds up to ``worker_concurrency`` jobs that take turns on the GPU, so
         the last can finish (concurrency × timeout) after it was taken; then its init
-        image fetch, and upload retries for up to 8 images and the manifest.
+        image and mask fetches, and upload retries for up to 17 images (a sweep of 16 and its
+        contact sheet) and the manifest.
         """
-        return int(self.worker_concurrency * self.job_timeout_s + 9 * self.storage_retry_s
-                   + self.image_fetch_timeout_s + 30)
+        return int(self.worker_concurrency * self.job_timeout_s + 18 * self.storage_retry_s
+                   + 2 * self.image_fetch_timeout_s + 30)
 
     @property
     def effective_visibility_timeout_s(self) -> int:

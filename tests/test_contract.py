@@ -190,6 +190,70 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("body-none", None, "body", {}),
 ]
 
+# Issue 7's fields: inpainting, LoRAs, sweeps, model families.
+BAD += [
+    ("mask-without-image", {"prompt": P, "mask": png_data_uri()}, "mask", {}),
+    ("mask-other-size", {"prompt": P, "image": png_data_uri((16, 16)),
+                         "mask": png_data_uri((24, 16))}, "mask", {}),
+    ("mask-not-image", {"prompt": P, "image": png_data_uri(), "mask": "data:image/png;base64,"
+                        + base64.b64encode(b"not a png").decode()}, "mask", {}),
+    ("mask-ftp", {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
+     "mask", {}),
+    ("mask-not-str", {"prompt": P, "image": png_data_uri(), "mask": 1}, "mask", {}),
+    ("lora-unknown", {"prompt": P, "loras": [{"name": "nope"}]}, "loras", {}),
+    ("lora-no-name", {"prompt": P, "loras": [{"scale": 1.0}]}, "loras", {}),
+    ("lora-extra-key", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "weight": 1}]},
+     "loras", {}),
+    ("lora-scale-5", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": 5.0}]},
+     "loras", {}),
+    ("lora-scale-nan", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": math.nan}]},
+     "loras", {}),
+    ("lora-repeated", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora"}] * 2}, "loras", {}),
+    ("lora-five", {"prompt": P, "loras": [{"name": f"storage:{i}.safetensors"}
+                                          for i in range(5)]}, "loras", {}),
+    ("lora-storage-not-safetensors", {"prompt": P, "loras": [{"name": "storage:a.ckpt"}]},
+     "loras", {}),
+    ("lora-storage-dotdot", {"prompt": P, "loras": [{"name": "storage:../x.safetensors"}]},
+     "loras", {}),
+    ("lora-storage-absolute", {"prompt": P, "loras": [{"name": "storage:/x.safetensors"}]},
+     "loras", {}),
+    ("loras-not-list", {"prompt": P, "loras": "tiny-sdxl-lora"}, "loras", {}),
+    ("lora-of-other-family", {"prompt": P, "model": "tiny-sd15",
+                              "loras": [{"name": "tiny-sdxl-lora"}]}, "loras", {}),
+    ("flux-negative-prompt", {"prompt": P, "model": "tiny-flux", "negative_prompt": "fog"},
+     "negative_prompt", {}),
+    ("flux-guidance", {"prompt": P, "model": "tiny-flux", "guidance_scale": 3.5},
+     "guidance_scale", {}),
+    ("flux-width-not-16", {"prompt": P, "model": "tiny-flux", "width": 72}, "width", {}),
+    ("flux-weighting", {"prompt": "a (red:1.3) fox", "model": "tiny-flux"}, "prompt", {}),
+    ("turbo-negative-without-guidance", {"prompt": P, "model": "tiny-sdxl-turbo",
+                                         "negative_prompt": "fog"}, "negative_prompt", {}),
+    ("sweep-no-axis", {"prompt": P, "sweep": {}}, "sweep", {}),
+    ("sweep-three-axes", {"prompt": P, "sweep": {"seeds": [1], "steps": [2],
+                                                 "guidance_scale": [3.0]}}, "sweep", {}),
+    ("sweep-too-many", {"prompt": P, "sweep": {"seeds": [1, 2, 3, 4, 5],
+                                               "steps": [1, 2, 3, 4]}}, "sweep", {}),
+    ("sweep-axis-too-long", {"prompt": P, "sweep": {"seeds": list(range(17))}}, "sweep", {}),
+    ("sweep-repeated", {"prompt": P, "sweep": {"seeds": [1, 1]}}, "sweep", {}),
+    ("sweep-unknown-axis", {"prompt": P, "sweep": {"sampler": ["euler"]}}, "sweep", {}),
+    ("sweep-bad-seed", {"prompt": P, "sweep": {"seeds": [-1]}}, "sweep", {}),
+    ("sweep-bad-steps", {"prompt": P, "sweep": {"steps": [0, 4]}}, "sweep", {}),
+    ("sweep-bad-guidance", {"prompt": P, "sweep": {"guidance_scale": [math.inf]}}, "sweep", {}),
+    ("sweep-empty-axis", {"prompt": P, "sweep": {"seeds": []}}, "sweep", {}),
+    ("sweep-not-object", {"prompt": P, "sweep": [1, 2]}, "sweep", {}),
+    ("sweep-with-num-images", {"prompt": P, "num_images": 2, "sweep": {"seeds": [1, 2]}},
+     "num_images", {}),
+    ("sweep-seeds-with-seed", {"prompt": P, "seed": 3, "sweep": {"seeds": [1, 2]}}, "seed", {}),
+    ("sweep-steps-with-steps", {"prompt": P, "steps": 3, "sweep": {"steps": [1, 2]}}, "steps",
+     {}),
+    ("sweep-guidance-of-flux", {"prompt": P, "model": "tiny-flux",
+                                "sweep": {"guidance_scale": [0.0, 1.0]}}, "sweep", {}),
+    ("sweep-steps-leave-no-step", {"prompt": P, "image": png_data_uri(), "strength": 0.5,
+                                   "sweep": {"steps": [1, 4]}}, "sweep", {}),
+    ("negative-at-guidance-1", {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
+     "negative_prompt", {}),
+]
+
 
 def submit_raw(client: Client, body: Any) -> str:
     # ``submit(request)`` merges into a dict, so a non-dict body goes through the same
@@ -224,6 +288,53 @@ def test_bad_request_is_refused_named_and_not_enqueued(
     assert job_keys(rdb) == []
     assert queue_keys(rdb) == []
     assert rdb.exists(K.GLOBAL_EVENTS) == 0
+
+
+def test_family_features_that_apply_are_accepted(client: Client) -> None:
+    from producer.contract import validate_request
+
+    reg, st = client.registry, client.settings
+    flux = validate_request({"prompt": "a (red) fox", "model": "tiny-flux", "width": 80,
+                             "guidance_scale": 0}, reg, st)
+    assert flux["guidance_scale"] == 0.0 and flux["steps"] == 4
+    turbo = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
+                              "guidance_scale": 1.5}, reg, st)
+    assert turbo["scheduler"] == "euler_a" and turbo["steps"] == 1
+    sd15 = validate_request({"prompt": "a (red:1.3) fox", "model": "tiny-sd15"}, reg, st)
+    assert sd15["guidance_scale"] == 7.5
+
+
+def test_unused_new_fields_leave_no_key(client: Client) -> None:
+    from producer.contract import validate_request
+
+    req = validate_request({"prompt": P}, client.registry, client.settings)
+    assert not {"mask", "loras", "sweep"} & set(req)
+    swept = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
+                              "sweep": {"guidance_scale": [0.0, 2.0]}},
+                             client.registry, client.settings)
+    assert swept["sweep"] == {"guidance_scale": [0.0, 2.0]}
+
+
+def test_sweep_is_normalized(client: Client) -> None:
+    from producer.contract import denoise_steps, sweep_cells, validate_request
+
+    req = validate_request({"prompt": P, "steps": 3, "sweep": {"guidance_scale": [2, 4.5],
+                                                                "seeds": [7, 8, 9]}},
+                           client.registry, client.settings)
+    assert req["sweep"] == {"seeds": [7, 8, 9], "guidance_scale": [2.0, 4.5]}
+    assert req["seed"] == 7
+    cells = sweep_cells(req)
+    assert len(cells) == 6 and denoise_steps(req) == 18
+    assert cells[4] == {"seed": 8, "steps": 3, "guidance_scale": 4.5,
+                        "label": {"seeds": 8, "guidance_scale": 4.5}}
+
+
+def test_lora_refusals_name_the_entry(client: Client) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(prompt=P, loras=[{"name": "tiny-sdxl-lora", "scale": 0.5},
+                                       {"name": "nope", "scale": 1.0}])
+    assert [f["field"] for f in info.value.fields] == ["loras.1.name"]
+    assert "unknown LoRA 'nope'" in info.value.fields[0]["message"]
 
 
 def test_unknown_model_has_its_own_code(client: Client, rdb: redis.Redis) -> None:

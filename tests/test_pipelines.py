@@ -40,15 +40,19 @@ def test_every_registry_scheduler_builds_from_its_model_family() -> None:
 
     # Base configs of the two families: epsilon-prediction SDXL and EDM (Playground).
     bases = {
-        "sdxl-base-1.0": diffusers.EulerDiscreteScheduler().config,
-        "tiny-sdxl": diffusers.EulerDiscreteScheduler().config,
         "playground-v2.5": diffusers.EDMDPMSolverMultistepScheduler().config,
+        "sdxl-turbo": diffusers.EulerAncestralDiscreteScheduler(
+            timestep_spacing="trailing").config,
     }
+    # ... and of the other families, epsilon-prediction SD and flow-matching Flux.
+    families = {"sdxl": diffusers.EulerDiscreteScheduler().config,
+                "sd15": diffusers.PNDMScheduler().config,
+                "flux": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).config}
     for spec in Registry.load():
         for name in spec.schedulers:
             cls_name, _ = SCHEDULERS[name]
-            sched = getattr(diffusers, cls_name).from_config(bases[spec.name],
-                                                            **SCHEDULERS[name][1])
+            base = bases.get(spec.name, families[spec.pipeline])
+            sched = getattr(diffusers, cls_name).from_config(base, **SCHEDULERS[name][1])
             sched.set_timesteps(4)
             assert len(sched.timesteps) >= 4, (spec.name, name)
         # Playground v2.5 is EDM-trained: only EDM schedulers may be chosen for it.
@@ -61,6 +65,7 @@ def test_bf16_loads_and_generates(models_dir: Path) -> None:
     model = load_model(Registry.load()["tiny-sdxl"], settings, "cpu")
     assert model.pipe.unet.dtype == torch.bfloat16
     assert model.img2img.unet is model.pipe.unet  # shared, not copied
+    assert model.inpaint.unet is model.pipe.unet and model.inpaint.unet.dtype == torch.bfloat16
     assert model.source["dtype"] == "bfloat16"
     assert set(model.source["weights"]) >= {"unet/diffusion_pytorch_model.safetensors",
                                              "vae/diffusion_pytorch_model.safetensors"}

@@ -21,7 +21,9 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_builtin_names(builtin: Registry) -> None:
-    assert builtin.names() == ["playground-v2.5", "sdxl-base-1.0", "tiny-sdxl"]
+    assert builtin.names() == ["flux.1-schnell", "playground-v2.5", "sd-1.5", "sdxl-base-1.0",
+                               "sdxl-turbo", "tiny-flux", "tiny-sd15", "tiny-sdxl",
+                               "tiny-sdxl-turbo"]
     assert {s.name for s in builtin} == set(builtin.names())
     assert builtin.get("nope") is None
     with pytest.raises(KeyError):
@@ -95,7 +97,7 @@ height = 1024
     assert (mine.width, mine.height, mine.steps) == (768, 1024, 25)
     assert mine.schedulers == ("ddim", "euler") and mine.scheduler == "ddim"
     assert mine.pipeline == "sdxl"  # defaults fill the rest
-    assert reg.names() == ["my-sdxl", "playground-v2.5", "sdxl-base-1.0", "tiny-sdxl"]
+    assert "my-sdxl" in reg.names() and set(builtin.names()) < set(reg.names())
     # The built-in registry itself is unchanged.
     assert Registry.load()["tiny-sdxl"].steps == builtin["tiny-sdxl"].steps
 
@@ -121,7 +123,14 @@ BAD = [
     ("pixels-above-max", 'source = "x/y"\nwidth = 1024\nheight = 1024\nmax_pixels = 1000',
      "max_pixels"),
     ("steps-0", 'source = "x/y"\nsteps = 0', "steps"),
-    ("bad-pipeline", 'source = "x/y"\npipeline = "sd15"', "pipeline"),
+    ("bad-pipeline", 'source = "x/y"\npipeline = "sd3"', "pipeline"),
+    ("flux-with-euler", 'source = "x/y"\npipeline = "flux"\ncfg = false\nguidance_scale = 0.0'
+     '\nsize_multiple = 16', "euler"),
+    ("sdxl-with-flow", 'source = "x/y"\nscheduler = "flow_euler"', "flow_euler"),
+    ("no-cfg-with-guidance", 'source = "x/y"\ncfg = false', "cfg"),
+    ("cfg-not-bool", 'source = "x/y"\ncfg = 1', "cfg"),
+    ("width-not-multiple-of-16", 'source = "x/y"\nsize_multiple = 16\nwidth = 1000', "16"),
+    ("size-multiple-7", 'source = "x/y"\nsize_multiple = 7', "size_multiple"),
     ("bad-dtype", 'source = "x/y"\ndtype = "int8"', "dtype"),
     ("guidance-above-30", 'source = "x/y"\nguidance_scale = 31.0', "guidance_scale"),
     ("steps-as-string", 'source = "x/y"\nsteps = "30"', "steps"),
@@ -140,6 +149,36 @@ def test_bad_entry_raises_naming_the_model(tmp_path: Path, entry: str, word: str
     with pytest.raises(ValueError, match="broken-model") as info:
         Registry.load(path)
     assert word in str(info.value)
+
+
+def test_new_families_have_validated_defaults(builtin: Registry) -> None:
+    sd15, turbo, flux = builtin["sd-1.5"], builtin["sdxl-turbo"], builtin["flux.1-schnell"]
+    assert sd15.pipeline == "sd15" and (sd15.width, sd15.height) == (512, 512)
+    assert turbo.pipeline == "sdxl" and turbo.steps <= 4 and turbo.guidance_scale == 0
+    assert (turbo.width, turbo.height) == (512, 512) and turbo.vae_source
+    assert flux.pipeline == "flux" and flux.steps == 4 and flux.guidance_scale == 0
+    assert not flux.cfg and flux.size_multiple == 16 and flux.schedulers == ("flow_euler",)
+    for real, tiny in (("sd-1.5", "tiny-sd15"), ("sdxl-turbo", "tiny-sdxl-turbo"),
+                       ("flux.1-schnell", "tiny-flux")):
+        r, t = builtin[real], builtin[tiny]
+        assert (t.pipeline, t.scheduler, t.cfg) == (r.pipeline, r.scheduler, r.cfg)
+        assert t.guidance_scale == r.guidance_scale and t.source.startswith("builtin:")
+        assert t.width == 64
+    assert builtin.lora("tiny-sdxl-lora") is not None
+    assert builtin.lora("tiny-sdxl-lora").family == "sdxl"  # type: ignore[union-attr]
+
+
+def test_loras_section(tmp_path: Path) -> None:
+    reg = Registry.load(write(tmp_path, '[loras.style]\nsource = "/l/style.safetensors"\n'
+                              'family = "sd15"\n'))
+    assert reg.lora("style") is not None and "tiny-sdxl-lora" in reg.lora_names()
+    for bad, word in (('source = "/l/x.ckpt"\nfamily = "sdxl"', "safetensors"),
+                      ('source = "/l/x.safetensors"\nfamily = "sd3"', "family"),
+                      ('source = "/l/x.safetensors"', "family"),
+                      ('source = "/l/x.safetensors"\nfamily = "sdxl"\nscale = 1', "scale")):
+        with pytest.raises(ValueError, match="lora 'bad'") as info:
+            Registry.load(write(tmp_path, f"[loras.bad]\n{bad}\n"))
+        assert word in str(info.value)
 
 
 def test_integer_guidance_is_a_float(tmp_path: Path) -> None:

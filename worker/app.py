@@ -199,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     _check_redis(store)
     global _runner
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    _runner = Runner(settings, models, store, storage_from_settings(settings), worker_name)
+    storage = storage_from_settings(settings)
+    from worker.loras import LoraCache
+    from worker.safety import load_checker
+
+    _runner = Runner(settings, models, store, storage, worker_name,
+                     loras=LoraCache(settings, registry, storage),
+                     safety=load_checker(settings, device))
     queues = ",".join(K.queue_name(n) for n in names)
     heartbeat = Heartbeat(store, _runner, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),

@@ -7,14 +7,14 @@ import json
 from typing import Any
 
 
-def parameters_text(request: dict[str, Any], seed: int) -> str:
+def parameters_text(request: dict[str, Any], seed: int | None) -> str:
     """The A1111-style ``parameters`` string many image tools read."""
     text = request["prompt"]
     if request.get("negative_prompt"):
         text += f"\nNegative prompt: {request['negative_prompt']}"
     text += (
         f"\nSteps: {request['steps']}, Sampler: {request['scheduler']}, "
-        f"CFG scale: {request['guidance_scale']}, Seed: {seed}, "
+        f"CFG scale: {request['guidance_scale']}, Seed: {'sweep' if seed is None else seed}, "
         f"Size: {request['width']}x{request['height']}, Model: {request['model']}"
     )
     if request.get("image"):
@@ -22,7 +22,8 @@ def parameters_text(request: dict[str, Any], seed: int) -> str:
     return text
 
 
-def encode(image: Any, request: dict[str, Any], seed: int, png_compress_level: int = 6) -> bytes:
+def encode(image: Any, request: dict[str, Any], seed: int | None,
+           png_compress_level: int = 6) -> bytes:
     """Encode one PIL image in the requested format. Same input, same bytes."""
     from PIL.PngImagePlugin import PngInfo
 

@@ -35,6 +35,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "edm_dpmpp_2m": ("EDMDPMSolverMultistepScheduler", {}),
     "edm_euler": ("EDMEulerScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 
 
@@ -99,6 +100,17 @@ def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype}
 
 
+#: Registry pipeline family → diffusers classes: text-to-image, img2img, inpainting.
+#: img2img and inpainting are built with ``from_pipe``: they share every module.
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "sdxl": ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+             "StableDiffusionXLInpaintPipeline"),
+    "sd15": ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+             "StableDiffusionInpaintPipeline"),
+    "flux": ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+}
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -108,6 +120,7 @@ class LoadedModel:
     img2img: Any  # StableDiffusionXLImg2ImgPipeline sharing pipe's modules
     base_scheduler_config: Any
     source: dict[str, Any] = field(default_factory=dict)
+    inpaint: Any = None  # the inpainting pipeline, sharing pipe's modules too
 
     def scheduler(self, name: str) -> Any:
         """A fresh scheduler per job: schedulers keep per-run state."""
@@ -120,20 +133,22 @@ class LoadedModel:
 
 def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
     if spec.source.startswith("builtin:"):
-        from worker.tiny import ensure_tiny_sdxl
+        from worker.tiny import ensure_builtin
 
-        kind = spec.source.removeprefix("builtin:")
-        if kind != "tiny-sdxl":
-            raise ValueError(f"model {spec.name}: unknown builtin source {spec.source!r}")
-        return ensure_tiny_sdxl(Path(settings.models_dir) / kind)
+        try:
+            return ensure_builtin(spec.source.removeprefix("builtin:"), settings.models_dir)
+        except ValueError:
+            raise ValueError(f"model {spec.name}: unknown builtin source {spec.source!r}") from None
     path = Path(spec.source).expanduser()
     return path if path.is_dir() else None
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL
 
+    pipe_cls, img2img_cls, inpaint_cls = (getattr(diffusers, c) for c in FAMILIES[spec.pipeline])
     dtype = resolve_dtype(settings.dtype, spec, device)
     local = _local_path(spec, settings)
     kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
@@ -143,19 +158,25 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
             kwargs["revision"] = spec.revision
         if spec.variant:
             kwargs["variant"] = spec.variant
+    if spec.pipeline == "sd15":
+        # The checkpoint's own NSFW checker is not loaded: atelier's optional one
+        # (ATELIER_SAFETY_CHECKER) works for every family.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.vae_source:
         kwargs["vae"] = AutoencoderKL.from_pretrained(
             spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
         )
     t0 = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(local or spec.source), **kwargs)
+    pipe = pipe_cls.from_pretrained(str(local or spec.source), **kwargs)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     # img2img shares every module with the text-to-image pipeline: no second copy.
     # from_pipe casts the shared modules to fp32 unless told the dtype: pass it, or an
     # fp16 model would silently double its memory and slow down.
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, **_dtype_kwarg(dtype))
+    img2img = img2img_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
     img2img.set_progress_bar_config(disable=True)
+    inpaint = inpaint_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
+    inpaint.set_progress_bar_config(disable=True)
     root = local
     if root is None:
         from huggingface_hub import snapshot_download
@@ -172,7 +193,8 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
     }
     log.info("loaded %s from %s in %.1f s", spec.name, root, time.perf_counter() - t0)
     del torch
-    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source)
+    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source,
+                       inpaint=inpaint)
 
 
 def warm_up(model: LoadedModel) -> float:

@@ -31,8 +31,10 @@ from producer.contract import (
     EXTENSIONS,
     EventType,
     Status,
+    denoise_steps,
     now_iso,
     parse_iso,
+    sweep_cells,
     terminal_event,
 )
 from producer.errors import (
@@ -51,7 +53,10 @@ from producer.settings import Settings
 from producer.storage import LocalStorage, S3Storage
 from producer.store import JobStore, Snapshot, is_expired
 from worker import encode as encoding
+from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
+from worker.prompts import conditioning
+from worker.safety import SafetyChecker, blur, placeholder
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,10 @@ class Run:
     step: int = 0
     total: int = 0
     init_sha256: str | None = None
+    mask_sha256: str | None = None
+    init_size: tuple[int, int] | None = None  # the init image as given, before resizing
+    flags: list[bool] | None = None  # the safety checker's verdicts, when it ran
+    safety_action: str | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     fenced: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,6 +97,8 @@ class Runner:
         store: JobStore,
         storage: LocalStorage | S3Storage,
         worker_name: str,
+        loras: LoraCache | None = None,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -101,6 +112,17 @@ class Runner:
         self._lock = threading.Lock()
         self.current: set[str] = set()
         self.jobs_done = 0
+        self._loras = loras
+        self.safety = safety
+
+    @property
+    def loras(self) -> LoraCache:
+        if self._loras is None:
+            from producer.registry import Registry
+
+            self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
+                                    self.storage)
+        return self._loras
 
     # -- 1-6 --------------------------------------------------------------------------
 
@@ -128,10 +150,13 @@ class Runner:
         # Fetch an init image before taking the GPU: a slow image server delays only
         # this job, while the other slot's job keeps the GPU busy.
         init_bytes: bytes | None = None
+        mask_bytes: bytes | None = None
         init_error: JobError | None = None
         if snap.doc["request"].get("image"):
             try:
                 init_bytes = self._fetch_init_image(snap.doc["request"]["image"])
+                if snap.doc["request"].get("mask"):
+                    mask_bytes = self._fetch_init_image(snap.doc["request"]["mask"], "mask")
             except JobError as exc:
                 init_error = exc
         with self.gpu:
@@ -142,7 +167,7 @@ class Runner:
                 return self._finish(run, Status.FAILED, error=init_error.to_error())
             t0 = time.perf_counter()
             try:
-                images = self._generate(run, init_bytes)
+                images = self._generate(run, init_bytes, mask_bytes)
             except Fenced:
                 log.warning("job %s: fenced during generation; another run owns it", job_id)
                 return None
@@ -213,7 +238,7 @@ class Runner:
             attempts=attempt,
             worker=self.worker_name,
             started_at=now,
-            progress={"step": 0, "total": doc["request"]["steps"]},
+            progress={"step": 0, "total": denoise_steps(doc["request"])},
             error=None,
             outputs=[],  # nothing of an earlier attempt carries over
             timings={},
@@ -230,7 +255,7 @@ class Runner:
             return None
         timeout_s = doc["request"].get("timeout_s") or self.settings.job_timeout_s
         return Run(job_id, token, new, time.monotonic() + timeout_s,
-                   total=doc["request"]["steps"])
+                   total=denoise_steps(doc["request"]))
 
     def _end_unstarted(
         self, job_id: str, snap: Snapshot, status: Status, allowed: str,
@@ -240,7 +265,8 @@ class Runner:
         self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
                          events=[terminal_event(doc)])
 
-    def _generate(self, run: Run, init_bytes: bytes | None) -> list[Any]:
+    def _generate(self, run: Run, init_bytes: bytes | None,
+                  mask_bytes: bytes | None = None) -> list[Any]:
         import torch
 
         req = run.request
@@ -248,16 +274,22 @@ class Runner:
         if model is None:  # the queue name guarantees this; a broken deployment may not
             raise InternalError(f"this worker has not loaded model {req['model']!r}")
         init = self._init_image(run, init_bytes) if init_bytes is not None else None
-        pipe = model.img2img if init is not None else model.pipe
+        mask = None
+        if init is not None and mask_bytes is not None:
+            init, mask = self._mask_image(run, init, mask_bytes)
+        pipe = model.pipe if init is None else model.img2img if mask is None else model.inpaint
         pipe.scheduler = model.scheduler(req["scheduler"])
         n = req["num_images"]
         gens = [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
                 for i in range(n)]
+        cells = sweep_cells(req)
+        done = [0]  # steps of the sweep's cells already run
 
         def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             # Flags and the clock only: the monitor thread does the I/O.
-            run.total = getattr(p, "num_timesteps", run.total) or run.total
-            run.step = i + 1
+            if not cells:
+                run.total = getattr(p, "num_timesteps", run.total) or run.total
+            run.step = done[0] + i + 1
             if run.fenced.is_set():
                 raise Fenced(run.job_id)
             if run.cancel.is_set():
@@ -278,13 +310,40 @@ class Runner:
         }
         if init is not None:
             kwargs.update(image=init, strength=req["strength"])
+            if mask is not None:
+                kwargs.update(mask_image=mask)
+            if mask is not None or _takes_size(pipe):
+                # (Flux's img2img would otherwise work at its default 1024², whatever the
+                # image; SD img2img pipelines take the image's size and no such argument.)
+                kwargs.update(width=req["width"], height=req["height"])
         else:
             kwargs.update(width=req["width"], height=req["height"])
+        # Loaded into the shared modules for this job only; unloaded below, whatever
+        # happens, before the GPU lock is released.
+        adapters = apply_loras(model.pipe, self.loras, req["loras"]) if req.get("loras") else []
         monitor = Monitor(self, run)
         monitor.start()
         try:
             with torch.inference_mode():
-                result = pipe(**kwargs)
+                # Long or weighted prompts become embeddings; plain ones stay text.
+                cond = conditioning(model.spec.pipeline, model.pipe, req["prompt"],
+                                    req["negative_prompt"])
+                if cond is not None:
+                    del kwargs["prompt"], kwargs["negative_prompt"]
+                    kwargs.update(cond)
+                if not cells:
+                    images = list(pipe(**kwargs).images)
+                else:
+                    images = []
+                    for cell in cells:
+                        # Each cell exactly as a job of its own parameters would run.
+                        pipe.scheduler = model.scheduler(req["scheduler"])
+                        gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
+                        images += pipe(**dict(
+                            kwargs, num_inference_steps=cell["steps"], generator=[gen],
+                            guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
+                        )).images
+                        done[0] += pipe.num_timesteps
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise OutOfMemory(f"out of GPU memory: {exc}") from None
@@ -292,17 +351,22 @@ class Runner:
             raise OutOfMemory("out of host memory") from None
         finally:
             monitor.stop()
+            if adapters:
+                unload_loras(model.pipe, adapters)
         if time.monotonic() > run.deadline:  # the VAE decode ran past it
             raise JobTimeout(f"ran past timeout_s={req['timeout_s']}")
-        return list(result.images)
+        action = model.spec.safety_action or self.settings.safety_action
+        if self.safety is not None and action != "off":
+            run.flags, run.safety_action = self.safety.check(images), action
+        return images
 
-    def _fetch_init_image(self, src: str) -> bytes:
+    def _fetch_init_image(self, src: str, field_name: str = "image") -> bytes:
         from producer.netguard import EgressRefused, fetch
 
         if src.startswith("sha256:"):  # given inline; the client stored the bytes
             stored = self.store.get_input(src.removeprefix("sha256:"))
             if stored is None:
-                raise ImageInvalid("image: the inline init image is no longer stored")
+                raise ImageInvalid(f"{field_name}: the inline image is no longer stored")
             return stored
         try:
             return fetch(src, max_bytes=self.settings.max_image_bytes,
@@ -310,7 +374,7 @@ class Runner:
                          allowlist=self.settings.egress_allowlist,
                          allow_http=self.settings.allow_http)
         except (EgressRefused, OSError, ValueError) as exc:
-            raise ImageFetchFailed(f"image: {exc}") from None
+            raise ImageFetchFailed(f"{field_name}: {exc}") from None
 
     def _init_image(self, run: Run, raw: bytes) -> Any:
         from PIL import Image
@@ -323,17 +387,68 @@ class Runner:
         except ValueError as exc:
             raise ImageInvalid(f"image {exc}") from None
         size = (run.request["width"], run.request["height"])
+        run.init_size = img.size  # the mask is checked against it
         return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+
+    def _mask_image(self, run: Run, init: Any, raw: bytes) -> tuple[Any, Any]:
+        """The inpainting mask as greyscale at the output size; it must match the image
+        as given (a mismatch means the two do not belong together)."""
+        from PIL import Image
+
+        from producer.contract import open_image
+
+        run.mask_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            mask = open_image(raw)
+        except ValueError as exc:
+            raise ImageInvalid(f"mask {exc}") from None
+        source_size = run.init_size or init.size
+        if mask.size != source_size:
+            raise ImageInvalid(f"mask: is {mask.width}×{mask.height} but image is "
+                               f"{source_size[0]}×{source_size[1]}; they must be the same size")
+        size = (run.request["width"], run.request["height"])
+        mask = mask.convert("L")
+        return init, mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
 
     def _post_process(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
         req = run.request
         fmt = req["output_format"]
         encode_s = upload_s = 0.0
         outputs = []
-        for i, image in enumerate(images):
-            seed = req["seed"] + i
+        cells = sweep_cells(req)
+        items: list[tuple[Any, int | None, dict[str, Any], dict[str, Any]]] = []
+        flags = run.flags or [False] * len(images)
+        # Flagged images are blurred, or withheld (None: nothing encoded or stored).
+        shown = [image if not flag else blur(image) if run.safety_action == "blur" else None
+                 for image, flag in zip(images, flags, strict=True)]
+        for i, image in enumerate(shown):
+            if cells:
+                cell = cells[i]
+                items.append((image, cell["seed"], {**req, "steps": cell["steps"],
+                              "guidance_scale": cell["guidance_scale"]},
+                              {"sweep": cell["label"]}))
+            else:
+                items.append((image, req["seed"] + i, req, {}))
+            if run.flags is not None:
+                items[-1][3].update(nsfw=flags[i])
+                if flags[i]:
+                    items[-1][3].update({"blurred" if image is not None else "withheld": True})
+        if cells:  # the contact sheet: one more output, after the cells
+            from worker.grid import contact_sheet
+
+            tiles = [im if im is not None else placeholder(images[i].size)
+                     for i, im in enumerate(shown)]
+            items.append((contact_sheet(tiles, cells), None, req, {"contact_sheet": True}))
+        for i, (image, seed, enc_req, extra) in enumerate(items):
+            if image is None:
+                output = {"index": i, "key": None, "url": None, "seed": seed,
+                          "width": images[i].width, "height": images[i].height,
+                          "content_type": None, "bytes": 0, "sha256": None, **extra}
+                outputs.append(output)
+                self._write(run, EventType.OUTPUT, {"output": output}, outputs=list(outputs))
+                continue
             t0 = time.perf_counter()
-            data = encoding.encode(image, req, seed, self.settings.png_compress_level)
+            data = encoding.encode(image, enc_req, seed, self.settings.png_compress_level)
             t1 = time.perf_counter()
             key = self.storage.key(run.job_id, f"{i}.{EXTENSIONS[fmt]}")
             self._check_fence(run)
@@ -350,6 +465,7 @@ class Runner:
                 "content_type": CONTENT_TYPES[fmt],
                 "bytes": len(data),
                 "sha256": hashlib.sha256(data).hexdigest(),
+                **extra,
             }
             outputs.append(output)
             self._write(run, EventType.OUTPUT, {"output": output}, outputs=list(outputs))
@@ -367,9 +483,14 @@ class Runner:
         model = self.models[req["model"]]
         body = {
             "job_id": run.job_id,
-            "request": {k: v for k, v in req.items() if k != "image"},
+            "request": {k: v for k, v in req.items() if k not in ("image", "mask")},
             "init_image_sha256": run.init_sha256,
-            "seeds": [req["seed"] + i for i in range(req["num_images"])],
+            "safety": None if run.flags is None else {
+                "checker": self.settings.safety_checker, "action": run.safety_action,
+                "flagged": [i for i, f in enumerate(run.flags) if f]},
+            "mask_sha256": run.mask_sha256,
+            "seeds": ([c["seed"] for c in sweep_cells(req)]
+                      or [req["seed"] + i for i in range(req["num_images"])]),
             "model": model.source,
             "versions": self.versions,
             "worker": self.worker_name,
@@ -475,6 +596,13 @@ class Monitor(threading.Thread):
             except Exception:
                 log.warning("job %s: progress update failed", run.job_id, exc_info=True)
                 self._stop_evt.wait(interval)
+
+
+def _takes_size(pipe: Any) -> bool:
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return "width" in params and "height" in params
 
 
 def _internal(exc: BaseException) -> dict[str, Any]:
