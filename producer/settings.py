@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     storage_retry_s: float = Field(default=60.0, ge=0.0)
     #: PNG zlib level: 6 is Pillow's default; lower is faster and larger.
     png_compress_level: int = Field(default=6, ge=0, le=9)
+    #: Encode and upload a job's images after releasing the GPU, so the next job
+    #: generates meanwhile. false holds the GPU through post-processing too: the
+    #: naive worker, kept to measure what the overlap gains (bench/duty_cycle.py).
+    overlap_postprocess: bool = True
 
     @field_validator("webhook_secret")
     @classmethod

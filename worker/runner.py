@@ -137,24 +137,33 @@ class Runner:
                 log.exception("job %s: generation failed", job_id)
                 return self._finish(run, Status.FAILED, error=_internal(exc))
             inference_ms = _ms(time.perf_counter() - t0)
+            if not self.settings.overlap_postprocess:
+                # The naive worker: the GPU waits while this job is encoded and stored.
+                return self._complete(run, images, inference_ms)
+        return self._complete(run, images, inference_ms)
+
+    def _complete(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
+        """Steps 5-6, the other slot's job generating meanwhile."""
         try:
             return self._post_process(run, images, inference_ms)
         except Fenced:
-            log.warning("job %s: fenced during upload; another run owns it", job_id)
+            log.warning("job %s: fenced during upload; another run owns it", run.job_id)
             return None
         except JobError as exc:
             return self._finish(run, Status.FAILED, error=exc.to_error())
         except redis.RedisError:
             raise
         except Exception as exc:
-            log.exception("job %s: post-processing failed", job_id)
+            log.exception("job %s: post-processing failed", run.job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
 
     def _wait_for_record(self, job_id: str, grace_s: float = 5.0) -> Snapshot | None:
         # The producer sends the message before it writes the record, so a worker can
         # see the message a moment early; a message whose record never comes (the
         # producer failed in between) is dropped.
+        # The record usually follows within a millisecond: poll fast, then back off.
         deadline = time.monotonic() + grace_s
+        pause = 0.001
         while True:
             try:
                 return self.store.load(job_id)
@@ -163,7 +172,8 @@ class Runner:
                     log.warning("job %s has no record (never written, or expired): dropped",
                                 job_id)
                     return None
-                time.sleep(0.05)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
     def _start(self, job_id: str) -> Run | None:
         snap = self.store.load(job_id)  # again: it may have changed while we waited
