@@ -13,9 +13,12 @@ Latency: ``--jobs`` sequential jobs, atelier and Celery alternating so both see 
 same machine load; p50 / p99 of submit → terminal state observed by the caller.
 Throughput: ``--jobs`` submitted at once, then all awaited; jobs per second.
 
-Storage: moto's S3 server over HTTP by default (``--storage file`` for a local folder).
+Storage: a local folder (``file://``, the worker's LocalStorage) by default, so that
+what is measured is the queue and the job's bookkeeping; ``--storage s3`` uploads to
+moto's S3 server over HTTP instead, which adds moto's own ~10-15 ms per object (an
+image and a manifest per job) and measures moto more than atelier.
 
-    python bench/overhead.py [--jobs 200] [--storage s3|file]
+    python bench/overhead.py [--jobs 200] [--storage file|s3]
 
 Last stdout line: {"bench": "overhead", "jobs", "p50_ms", "p99_ms", "jobs_per_s",
 "celery_p50_ms", "celery_jobs_per_s", "ratio_p50", ...}
@@ -40,7 +43,7 @@ MODEL = "zero"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
-    parser.add_argument("--storage", choices=["s3", "file"], default="s3")
+    parser.add_argument("--storage", choices=["file", "s3"], default="file")
     args = parser.parse_args(argv)
 
     from producer import Client
