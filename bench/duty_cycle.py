@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-ms", type=float, default=300.0)
     parser.add_argument("--jobs", type=int, default=40)
     parser.add_argument("--concurrency", type=int, default=3)
+    parser.add_argument("--size", type=int, default=SIZE, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
-    toml = (simulated_model("sim-overlap", args.gpu_ms, SIZE)
-            + simulated_model("sim-naive", args.gpu_ms, SIZE))
+    toml = (simulated_model("sim-overlap", args.gpu_ms, args.size)
+            + simulated_model("sim-naive", args.gpu_ms, args.size))
     with Bench(models_toml=toml, s3=True) as bench:
         overlap = bench.worker(["sim-overlap"], concurrency=args.concurrency, wait=False)
         naive = bench.worker(["sim-naive"], concurrency=args.concurrency, wait=False,
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         overlap.wait_ready(timeout=180)
         naive.wait_ready(timeout=180)
         settings = bench.settings()
-        # One job each first: connections, the first upload, lazy imports.
-        run_jobs(settings, "sim-overlap", 2)
-        run_jobs(settings, "sim-naive", 2)
+        # A job each first: connections, the first upload, lazy imports.
+        run_jobs(settings, "sim-overlap", 1)
+        run_jobs(settings, "sim-naive", 1)
         log(f"overlap: {args.jobs} jobs")
         fast = run_jobs(settings, "sim-overlap", args.jobs)
         log(f"naive: {args.jobs} jobs")

@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     bare_s = worker_s = 0.0
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
-        bench.worker(["tiny-sdxl"], models_dir=args.models_dir)
+        worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False)
         reference = Bare(bench, args.models_dir)
+        worker.wait_ready(timeout=180)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
         with Client(settings) as client:
             for i in range(2):  # connections, the first upload
