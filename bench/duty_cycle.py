@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
+    load_before = load_average()
     toml = (simulated_model("sim-overlap", args.gpu_ms, args.size)
             + simulated_model("sim-naive", args.gpu_ms, args.size))
     with Bench(models_toml=toml, s3=True) as bench:
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode_ms_p50": fast["encode_ms"],
         "upload_ms_p50": fast["upload_ms"],
         "png_bytes_p50": fast["bytes"],
+        "load_avg_before": load_before,
         "load_avg_1m": load_average(),
         "wall_s": round(time.perf_counter() - t_start, 1),
     })

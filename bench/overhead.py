@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from producer import Client
 
     t_start = time.perf_counter()
+    load_before = load_average()
     toml = simulated_model(MODEL, gpu_ms=0, size=64, steps=1)
     with Bench(models_toml=toml, s3=args.storage == "s3") as bench:
         # Both workers start at once; each is ready before anything is measured.
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "celery_jobs_per_s": round(args.jobs / celery_s, 1),
         "ratio_p50": round(p50 / celery_p50, 3),
         "storage": args.storage,
+        "load_avg_before": load_before,
         "load_avg_1m": load_average(),
         "wall_s": round(time.perf_counter() - t_start, 1),
     })

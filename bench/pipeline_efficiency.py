@@ -18,7 +18,7 @@ device time the worker loses, not how fast two cores denoise.
 The two alternate in ``--rounds`` chunks (the bare loop in its own long-lived
 process), so that load from other processes during the run falls on both alike.
 
-    python bench/pipeline_efficiency.py [--images 60] [--rounds 4] [--storage file|s3]
+    python bench/pipeline_efficiency.py [--images 80] [--rounds 8] [--storage file|s3]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
 "bare_images_per_s", "ratio", ...}
@@ -107,11 +107,11 @@ class Bare:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=60)
+    parser.add_argument("--images", type=int, default=80)
     parser.add_argument("--models-dir", default=os.environ.get(
         "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")))
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="alternations of bare loop and worker (default 4)")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="alternations of bare loop and worker (default 8)")
     parser.add_argument("--storage", choices=["file", "s3"], default="file")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     chunks = [args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
               for i in range(args.rounds)]
     bare_s = worker_s = 0.0
+    per_round: list[float] = []
+    load_before = load_average()
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
         worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False)
@@ -138,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             for n in chunks:
                 # Alternate, so that load from other processes falls on both alike.
                 log(f"bare loop: {n} images")
-                bare_s += reference.run(n, seed)
+                b = reference.run(n, seed)
                 log(f"worker: {n} jobs")
                 t0 = time.perf_counter()
                 ids = [client.submit(REQUEST, seed=seed + i) for i in range(n)]
                 records = [client.wait(job_id, timeout=300) for job_id in ids]
-                worker_s += time.perf_counter() - t0
+                w = time.perf_counter() - t0
+                bare_s += b
+                worker_s += w
+                per_round.append(round(b / w, 3))
                 bad = [r for r in records if r["status"] != "succeeded"]
                 if bad:
                     raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
@@ -158,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "bare_images_per_s": round(bare_ips, 3),
         "ratio": round(worker_ips / bare_ips, 4),
         "rounds": args.rounds,
+        "round_ratios": per_round,
+        "load_avg_before": load_before,
         "storage": args.storage,
         "load_avg_1m": load_average(),
         "wall_s": round(time.perf_counter() - t_start, 1),
