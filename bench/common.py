@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,8 @@ from tests.servers import AWS_ENV, RedisServer, S3Server, Worker, stop, wait_por
 
 BUCKET = "atelier-bench"
 
-__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "emit", "percentile", "simulated_model",
-           "stop", "wait_port"]
+__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "emit", "load_average", "log", "percentile",
+           "simulated_model", "stop", "wait_port"]
 
 
 def simulated_model(name: str, gpu_ms: float, size: int, steps: int = 10) -> str:
@@ -153,21 +152,8 @@ class _Proc:
         stop(self.proc, grace=30)
 
 
-def wait_all(client: Any, ids: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Every job's terminal record, in ``ids`` order."""
-    return [client.wait(job_id, timeout=timeout) for job_id in ids]
-
-
 def load_average() -> float:
     try:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return -1.0
-
-
-@contextlib.contextmanager
-def timed() -> Iterator[list[float]]:
-    out: list[float] = []
-    t0 = time.perf_counter()
-    yield out
-    out.append(time.perf_counter() - t0)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": round(worker_ips / bare_ips, 4),
         "rounds": args.rounds,
         "round_ratios": per_round,
+        "ratio_median_round": round(statistics.median(per_round), 4),
         "load_avg_before": load_before,
         "storage": args.storage,
         "load_avg_1m": load_average(),
