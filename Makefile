@@ -7,7 +7,7 @@ PROMPT ?= a lighthouse at dusk
 # loose range so GPU hosts choose their own CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck install clean
+.PHONY: demo test lint typecheck install clean bench bench-gpu
 
 $(BIN)/atelier: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
+bench: install
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/duty_cycle.py
+	$(BIN)/python bench/pipeline_efficiency.py
+
+# On a CUDA machine with the model's weights at hand (or hub access).
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) atelier-output .pytest_cache .mypy_cache .ruff_cache

@@ -103,8 +103,14 @@ class Client:
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job is terminal and return its record."""
-        for _ in self.store.follow(job_id, timeout_s=timeout):
-            pass
+        last: dict[str, Any] = {}
+        for event in self.store.follow(job_id, timeout_s=timeout):
+            last = event
+        # The terminal event carries the record as that transition wrote it, and a
+        # terminal record never changes: no second round trip.
+        job = last.get("data", {}).get("job")
+        if isinstance(job, dict) and Status(job.get("status", "queued")).is_terminal():
+            return job
         doc = self.store.get(job_id)
         if not Status(doc["status"]).is_terminal():  # the log was trimmed or expired
             raise TimeoutError(f"job {job_id} is still {doc['status']}")

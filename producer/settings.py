@@ -85,6 +85,11 @@ class Settings(BaseSettings):
             raise ValueError("ATELIER_SAFETY_ACTION must be blur or withhold")
         return v
 
+    #: Encode and upload a job's images after releasing the GPU, so the next job
+    #: generates meanwhile. false holds the GPU through post-processing too: the
+    #: naive worker, kept to measure what the overlap gains (bench/duty_cycle.py).
+    overlap_postprocess: bool = True
+
     # -- HTTP API ---------------------------------------------------------------------
     #: Keys that may also read ``/v1/workers`` (fleet-wide: it shows every worker's
     #: current job). Same format as ``api_keys``; each must also be in ``api_keys``.

@@ -181,3 +181,19 @@ def test_cancel_flag_alone_stops_a_running_job(runner: Any) -> None:
     runner.store.redis.hset(f"atelier:job:{job_id}", "cancel", "1")  # no list item
     thread.join(30)
     assert result == [Status.CANCELLED]
+
+
+def test_one_monitor_thread_serves_every_job(runner: Any) -> None:
+    """Progress comes from one long-lived monitor thread, not a thread per job, and no
+    progress event of a job lands after its generation ended."""
+    before = sum(t.name == "atelier-monitor" for t in threading.enumerate())
+    ids = [create(runner, seed=i, steps=12) for i in range(3)]
+    for job_id in ids:
+        assert runner.run(job_id) is Status.SUCCEEDED
+    assert sum(t.name == "atelier-monitor" for t in threading.enumerate()) == before + 1
+    for job_id in ids:
+        seen = types(runner.store, job_id)
+        first_output = seen.index(EventType.OUTPUT)
+        assert EventType.PROGRESS not in seen[first_output:], seen
+        # ~0.5 s of denoising, progress every 0.05 s: the monitor moved on to each job
+        assert EventType.PROGRESS in seen[:first_output], seen

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.registry import ModelSpec
+from producer.registry import OPTION_PIPELINES, ModelSpec, PipelineOptions
 from producer.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,26 @@ class LoadedModel:
     base_scheduler_config: Any
     source: dict[str, Any] = field(default_factory=dict)
     inpaint: Any = None  # the inpainting pipeline, sharing pipe's modules too
+    _prototypes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def scheduler(self, name: str) -> Any:
-        """A fresh scheduler per job: schedulers keep per-run state."""
-        import diffusers
+        """A fresh scheduler per job: schedulers keep per-run state.
 
-        cls_name, overrides = SCHEDULERS[name]
-        cls = getattr(diffusers, cls_name)
-        return cls.from_config(self.base_scheduler_config, **overrides)
+        Built once per name from the config, then copied: ``from_config`` inspects
+        signatures and costs milliseconds, a copy a fraction of one, and this runs
+        while the job holds the GPU.
+        """
+        import copy
+
+        proto = self._prototypes.get(name)
+        if proto is None:
+            import diffusers
+
+            cls_name, overrides = SCHEDULERS[name]
+            cls = getattr(diffusers, cls_name)
+            proto = self._prototypes[name] = cls.from_config(self.base_scheduler_config,
+                                                             **overrides)
+        return copy.deepcopy(proto)
 
 
 def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
@@ -144,11 +156,19 @@ def _local_path(spec: ModelSpec, settings: Settings) -> Path | None:
 
 
 def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
+    if spec.pipeline == "simulated":
+        return _load_simulated(spec, device)
     import diffusers
     import torch
     from diffusers import AutoencoderKL
 
     pipe_cls, img2img_cls, inpaint_cls = (getattr(diffusers, c) for c in FAMILIES[spec.pipeline])
+    opts = spec.options
+    # Options are validated for OPTION_PIPELINES only; other families load stock.
+    tuned = spec.pipeline in OPTION_PIPELINES
+    if opts.cpu_offload and not device.startswith("cuda"):
+        raise ValueError(f"model {spec.name}: options.cpu_offload needs a CUDA device; "
+                         f"this worker runs on {device}")
     dtype = resolve_dtype(settings.dtype, spec, device)
     local = _local_path(spec, settings)
     kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
@@ -168,7 +188,9 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
         )
     t0 = time.perf_counter()
     pipe = pipe_cls.from_pretrained(str(local or spec.source), **kwargs)
-    pipe = pipe.to(device)
+    if tuned:
+        apply_options(pipe, opts)
+    place(pipe, opts, device)
     pipe.set_progress_bar_config(disable=True)
     # img2img shares every module with the text-to-image pipeline: no second copy.
     # from_pipe casts the shared modules to fp32 unless told the dtype: pass it, or an
@@ -177,6 +199,12 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
     img2img.set_progress_bar_config(disable=True)
     inpaint = inpaint_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
     inpaint.set_progress_bar_config(disable=True)
+    if opts.cpu_offload:
+        # Their own hooks on the same modules, so their calls end by offloading as well.
+        place(img2img, opts, device)
+        place(inpaint, opts, device)
+    if tuned:
+        compile_unet(pipe, opts)  # in place: img2img and inpaint share the compiled module
     root = local
     if root is None:
         from huggingface_hub import snapshot_download
@@ -189,12 +217,70 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
         "variant": spec.variant,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
+        "options": opts.active(),
         "weights": weight_hashes(root),
     }
-    log.info("loaded %s from %s in %.1f s", spec.name, root, time.perf_counter() - t0)
+    log.info("loaded %s from %s in %.1f s (options %s)", spec.name, root,
+             time.perf_counter() - t0, opts.active() or "stock")
     del torch
     return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source,
                        inpaint=inpaint)
+
+
+def apply_options(pipe: Any, opts: PipelineOptions) -> None:
+    """The options that change modules in place, whatever the device."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if opts.vae_upcast is not None:
+        pipe.vae.register_to_config(force_upcast=opts.vae_upcast)
+    processor = AttnProcessor2_0 if opts.attention == "sdpa" else AttnProcessor
+    pipe.unet.set_attn_processor(processor())
+    pipe.vae.set_attn_processor(processor())
+    if opts.fuse_qkv:
+        pipe.fuse_qkv_projections()  # UNet and VAE; FusedAttnProcessor2_0
+    if opts.attention_slicing != "off":
+        pipe.enable_attention_slicing(opts.attention_slicing)
+    if opts.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if opts.vae_tiling:
+        pipe.vae.enable_tiling()
+    if opts.vae_slicing:
+        pipe.vae.enable_slicing()
+
+
+def place(pipe: Any, opts: PipelineOptions, device: str) -> None:
+    """Move the pipeline to ``device``, or install model CPU offload hooks for it."""
+    if opts.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
+def compile_unet(pipe: Any, opts: PipelineOptions) -> None:
+    """torch.compile the UNet in place (``Module.compile``): every pipeline sharing it
+    runs the compiled graph. Compilation itself happens at the warm-up's first call."""
+    if opts.compile == "off":
+        return
+    kwargs: dict[str, Any] = {"backend": opts.compile_backend,
+                              "fullgraph": opts.compile_fullgraph}
+    if opts.compile_backend == "inductor" and opts.compile != "default":
+        kwargs["mode"] = opts.compile
+    pipe.unet.compile(**kwargs)
+
+
+def _load_simulated(spec: ModelSpec, device: str) -> LoadedModel:
+    import diffusers
+
+    from worker.simulated import SimulatedPipeline
+
+    pipe = SimulatedPipeline(spec.gpu_ms, spec.width, spec.height)
+    source = {"name": spec.name, "source": spec.source, "simulated": True,
+              "gpu_ms": spec.gpu_ms, "device": device}
+    log.info("loaded %s: simulated GPU, %.0f ms per image", spec.name, spec.gpu_ms)
+    config: Any = diffusers.EulerDiscreteScheduler().config  # type: ignore[attr-defined]
+    return LoadedModel(spec, device, None, pipe, pipe, config, source)
 
 
 def warm_up(model: LoadedModel) -> float:
@@ -202,6 +288,8 @@ def warm_up(model: LoadedModel) -> float:
     import torch
 
     t0 = time.perf_counter()
+    if model.spec.pipeline == "simulated":
+        model.pipe.prepare(model.spec.width, model.spec.height)
     with torch.inference_mode():
         model.pipe(
             prompt="warm-up", num_inference_steps=2, width=model.spec.width,

@@ -5,22 +5,25 @@ The steps of :meth:`Runner.run`:
 1. Wait for the GPU (one generation at a time per device).
 2. Start: compare-and-set the record to ``running`` with a fresh fence token, counting
    the attempt, or end it at once (cancelled, expired, or out of attempts).
-3. Generate, with a monitor thread beside the denoising loop that publishes throttled
-   progress and turns a cancel request into a flag. The step callback only reads
+3. Generate, with the worker's monitor thread beside the denoising loop: it publishes
+   throttled progress and turns a cancel request into a flag. The step callback only reads
    flags and the clock: no I/O on the loop's critical path.
-4. Release the GPU, so the next job generates while this one is post-processed.
+4. Release the GPU, so the next job generates while this one is post-processed
+   (``ATELIER_OVERLAP_POSTPROCESS=false`` keeps it through 5-6: for comparison only).
 5. Encode and upload every image, then the manifest.
 6. Succeed: one compare-and-set that only this run's token can make.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +82,8 @@ class Run:
     cancel: threading.Event = field(default_factory=threading.Event)
     fenced: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Set (under ``lock``) when the denoising loop has ended: no progress after it.
+    generated: bool = False
 
     @property
     def request(self) -> dict[str, Any]:
@@ -114,6 +119,8 @@ class Runner:
         self.jobs_done = 0
         self._loras = loras
         self.safety = safety
+        self._monitor: Monitor | None = None
+        self._monitor_lock = threading.Lock()
 
     @property
     def loras(self) -> LoraCache:
@@ -123,6 +130,15 @@ class Runner:
             self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
                                     self.storage)
         return self._loras
+
+    @property
+    def monitor(self) -> Monitor:
+        """The process's one monitor thread, started on first use."""
+        with self._monitor_lock:
+            if self._monitor is None or not self._monitor.is_alive():
+                self._monitor = Monitor(self)
+                self._monitor.start()
+            return self._monitor
 
     # -- 1-6 --------------------------------------------------------------------------
 
@@ -159,8 +175,13 @@ class Runner:
                     mask_bytes = self._fetch_init_image(snap.doc["request"]["mask"], "mask")
             except JobError as exc:
                 init_error = exc
-        with self.gpu:
-            run = self._start(job_id)
+        # An uncontended GPU right after the record was read: start from that read
+        # (one round trip less; the start's compare-and-set still checks the token).
+        fresh = init_bytes is None and init_error is None and self.gpu.acquire(blocking=False)
+        if not fresh:
+            self.gpu.acquire()
+        with _held(self.gpu):
+            run = self._start(job_id, snap if fresh else None)
             if run is None:
                 return None
             if init_error is not None:
@@ -181,24 +202,33 @@ class Runner:
                 log.exception("job %s: generation failed", job_id)
                 return self._finish(run, Status.FAILED, error=_internal(exc))
             inference_ms = _ms(time.perf_counter() - t0)
+            if not self.settings.overlap_postprocess:
+                # The naive worker: the GPU waits while this job is encoded and stored.
+                return self._complete(run, images, inference_ms)
+        return self._complete(run, images, inference_ms)
+
+    def _complete(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
+        """Steps 5-6, the other slot's job generating meanwhile."""
         try:
             return self._post_process(run, images, inference_ms)
         except Fenced:
-            log.warning("job %s: fenced during upload; another run owns it", job_id)
+            log.warning("job %s: fenced during upload; another run owns it", run.job_id)
             return None
         except JobError as exc:
             return self._finish(run, Status.FAILED, error=exc.to_error())
         except redis.RedisError:
             raise
         except Exception as exc:
-            log.exception("job %s: post-processing failed", job_id)
+            log.exception("job %s: post-processing failed", run.job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
 
     def _wait_for_record(self, job_id: str, grace_s: float = 5.0) -> Snapshot | None:
         # The producer sends the message before it writes the record, so a worker can
         # see the message a moment early; a message whose record never comes (the
         # producer failed in between) is dropped.
+        # The record usually follows within a millisecond: poll fast, then back off.
         deadline = time.monotonic() + grace_s
+        pause = 0.001
         while True:
             try:
                 return self.store.load(job_id)
@@ -207,10 +237,12 @@ class Runner:
                     log.warning("job %s has no record (never written, or expired): dropped",
                                 job_id)
                     return None
-                time.sleep(0.05)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
 
-    def _start(self, job_id: str) -> Run | None:
-        snap = self.store.load(job_id)  # again: it may have changed while we waited
+    def _start(self, job_id: str, snap: Snapshot | None = None) -> Run | None:
+        if snap is None:
+            snap = self.store.load(job_id)  # again: it may have changed while we waited
         doc = snap.doc
         if snap.status.is_terminal():
             return None
@@ -321,8 +353,8 @@ class Runner:
         # Loaded into the shared modules for this job only; unloaded below, whatever
         # happens, before the GPU lock is released.
         adapters = apply_loras(model.pipe, self.loras, req["loras"]) if req.get("loras") else []
-        monitor = Monitor(self, run)
-        monitor.start()
+        monitor = self.monitor
+        monitor.watch(run)
         try:
             with torch.inference_mode():
                 # Long or weighted prompts become embeddings; plain ones stay text.
@@ -350,7 +382,7 @@ class Runner:
         except MemoryError:
             raise OutOfMemory("out of host memory") from None
         finally:
-            monitor.stop()
+            monitor.unwatch(run)
             if adapters:
                 unload_loras(model.pipe, adapters)
         if time.monotonic() > run.deadline:  # the VAE decode ran past it
@@ -473,7 +505,8 @@ class Runner:
         t2 = time.perf_counter()
         manifest = self._manifest(run, outputs, timings)
         key = self.storage.key(run.job_id, "manifest.json")
-        self._check_fence(run)
+        # No fence check here: the last job.output compare-and-set proved the token a
+        # moment ago (only the manifest's JSON was built since).
         self.storage.put(key, manifest, "application/json")
         timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
         return self._finish(run, Status.SUCCEEDED, outputs=outputs, timings=timings)
@@ -522,6 +555,23 @@ class Runner:
                 raise Fenced(run.job_id)
             run.doc = doc
 
+    def _write_progress(self, run: Run, progress: dict[str, int]) -> bool:
+        """A progress event, unless the denoising loop has ended meanwhile (the job's
+        own events follow it, and no progress event may come after them)."""
+        with run.lock:
+            if run.generated:
+                return False
+            doc = dict(run.doc, progress=progress)
+            out = self.store.apply(
+                run.job_id, allowed=Status.RUNNING.value, token=run.token, doc=doc,
+                events=[(EventType.PROGRESS, progress)],
+            )
+            if not out.ok:
+                run.fenced.set()
+                raise Fenced(run.job_id)
+            run.doc = doc
+            return True
+
     def _finish(
         self, run: Run, status: Status, *, error: dict[str, Any] | None = None,
         outputs: list[dict[str, Any]] | None = None, timings: dict[str, int] | None = None,
@@ -558,44 +608,79 @@ class Runner:
 
 
 class Monitor(threading.Thread):
-    """Beside a running generation: publishes throttled progress, and turns a cancel
-    request (pushed to the job's cancel list) into the run's cancel flag at once."""
+    """Beside the denoising loop of whichever job holds the GPU (one at a time):
+    publishes its throttled progress, and turns a cancel request (pushed to the job's
+    cancel list) into the run's cancel flag at once.
 
-    def __init__(self, runner: Runner, run: Run) -> None:
-        super().__init__(name=f"monitor-{run.job_id[:8]}", daemon=True)
+    One long-lived thread per worker process, not one per job: a thread and a Redis
+    connection per job cost milliseconds of GIL and scheduler time at every job's
+    start, which a queue of short jobs pays in full. It blocks on the watched job's
+    cancel list for at most ``block_s``, so it moves to the next job within that.
+    """
+
+    def __init__(self, runner: Runner) -> None:
+        super().__init__(name="atelier-monitor", daemon=True)
         self.runner = runner
-        self.run_ = run
-        self._stop_evt = threading.Event()
+        self._guard = threading.Lock()
+        self._run: Run | None = None
+        self._wake = threading.Event()
+        interval = runner.settings.progress_interval_s
+        self.block_s = min(max(interval, 0.05), 0.25)
 
-    def stop(self) -> None:
-        # No join: the thread may sit in BLPOP for up to one interval, and the GPU
-        # must not wait for it. It exits on its own; a progress write racing this
-        # is serialized with the run's own writes by run.lock.
-        self._stop_evt.set()
+    def watch(self, run: Run) -> None:
+        with self._guard:
+            self._run = run
+        self._wake.set()
+
+    def unwatch(self, run: Run) -> None:
+        # No wait: the GPU goes to the next job while this thread may still sit in
+        # BLPOP on this job's list for up to block_s.
+        with run.lock:
+            run.generated = True
+        with self._guard:
+            if self._run is run:
+                self._run = None
+
+    def _current(self) -> Run | None:
+        with self._guard:
+            return self._run
 
     def run(self) -> None:
-        run, store = self.run_, self.runner.store
-        interval = max(self.runner.settings.progress_interval_s, 0.05)
-        sent = 0
-        last_emit = 0.0
-        while not self._stop_evt.is_set():
+        store, settings = self.runner.store, self.runner.settings
+        watched: Run | None = None
+        sent, last_emit = 0, 0.0
+        while True:
+            run = self._current()
+            if run is None:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            if run is not watched:
+                watched, sent, last_emit = run, 0, 0.0
             try:
-                # Blocks up to `interval`; returns at once when a cancel is pushed.
-                if store.wait_for_cancel(run.job_id, interval):
+                # Blocks up to block_s; returns at once when a cancel is pushed.
+                if store.wait_for_cancel(run.job_id, self.block_s):
                     run.cancel.set()
-                if self._stop_evt.is_set():
-                    return
                 step = run.step
                 now = time.monotonic()
-                if step > sent and now - last_emit >= self.runner.settings.progress_interval_s:
+                if step > sent and now - last_emit >= settings.progress_interval_s:
                     progress = {"step": step, "total": run.total}
-                    self.runner._write(run, EventType.PROGRESS, progress, progress=progress)
-                    sent, last_emit = step, now
+                    if self.runner._write_progress(run, progress):
+                        sent, last_emit = step, now
             except Fenced:
-                return
+                self.unwatch(run)
             except Exception:
                 log.warning("job %s: progress update failed", run.job_id, exc_info=True)
-                self._stop_evt.wait(interval)
+                time.sleep(self.block_s)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock) -> Iterator[None]:
+    """Release an already acquired lock when the block ends."""
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _takes_size(pipe: Any) -> bool:

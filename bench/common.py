@@ -1,0 +1,159 @@
+"""What every benchmark needs: its own redis-server, moto S3 server and worker
+subprocesses (the process helpers of the test suite, ``tests/servers.py``), a models
+file with the benchmark's simulated models, and one JSON line at the end.
+
+The benchmarks run as scripts (``python bench/overhead.py``): this module puts the
+repository root on ``sys.path`` so that ``producer``, ``worker`` and ``tests`` import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from producer.settings import Settings  # noqa: E402
+from tests.servers import AWS_ENV, RedisServer, S3Server, Worker, stop, wait_port  # noqa: E402
+
+BUCKET = "atelier-bench"
+
+__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "emit", "load_average", "log", "percentile",
+           "simulated_model", "stop", "wait_port"]
+
+
+def simulated_model(name: str, gpu_ms: float, size: int, steps: int = 10) -> str:
+    """A ``[models.NAME]`` table for a simulated GPU model (see worker/simulated.py)."""
+    return (f'[models."{name}"]\npipeline = "simulated"\nsource = "builtin:simulated"\n'
+            f"gpu_ms = {gpu_ms}\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"
+            f"max_side = {max(size, 512)}\nmax_pixels = {max(size, 512) ** 2}\n")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1), interpolated; the median at 0.5."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The benchmark's result: one JSON object, the last line on stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Bench:
+    """Redis (+ moto S3 when ``s3``) in a private directory; workers started on demand;
+    everything stopped by its pid on exit."""
+
+    models_toml: str = ""
+    s3: bool = True
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="atelier-bench-")))
+    redis: RedisServer | None = None
+    s3_server: S3Server | None = None
+    procs: list[Any] = field(default_factory=list)
+
+    def __enter__(self) -> Bench:
+        for k, v in AWS_ENV.items():
+            os.environ.setdefault(k, v)
+        try:
+            self.redis = RedisServer(self.workdir / "redis").start()
+            self.procs.append(self.redis)
+            if self.s3:
+                self.s3_server = S3Server().start()
+                self.procs.append(self.s3_server)
+                import boto3
+
+                boto3.client("s3", endpoint_url=self.s3_server.endpoint).create_bucket(
+                    Bucket=BUCKET)
+        except BaseException:
+            self.__exit__()
+            raise
+        (self.workdir / "models.toml").write_text(self.models_toml)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(Exception):
+                proc.stop()
+        self.procs.clear()
+
+    def values(self, **extra: Any) -> dict[str, Any]:
+        assert self.redis is not None
+        values: dict[str, Any] = {
+            "redis_url": self.redis.url,
+            "storage_url": (f"s3://{BUCKET}/bench" if self.s3
+                            else f"file://{self.workdir / 'outputs'}"),
+            "s3_endpoint_url": self.s3_server.endpoint if self.s3_server else None,
+            "models_file": str(self.workdir / "models.toml"),
+            "device": "cpu",
+            "torch_threads": 1,
+            "job_timeout_s": 300,
+            "progress_interval_s": 0.5,
+        }
+        values.update(extra)
+        return {k: v for k, v in values.items() if v is not None}
+
+    def settings(self, **extra: Any) -> Settings:
+        return Settings(**self.values(**extra))
+
+    def env(self, **extra: Any) -> dict[str, str]:
+        env = {**os.environ, **AWS_ENV}
+        env.update({f"ATELIER_{k.upper()}": str(v) for k, v in self.values(**extra).items()})
+        env["OMP_NUM_THREADS"] = "1"
+        return env
+
+    def worker(self, models: list[str], concurrency: int | None = None, wait: bool = True,
+               **settings: Any) -> Worker:
+        name = "-".join(models)
+        w = Worker(self.env(**settings), self.workdir / "logs" / f"{name}.log", models,
+                   concurrency=concurrency)
+        w.start(wait=False)
+        self.procs.append(w)
+        if wait:
+            w.wait_ready(timeout=180)
+        return w
+
+    def popen(self, argv: list[str], log_name: str, env: dict[str, str] | None = None,
+              ) -> subprocess.Popen[bytes]:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "logs" / log_name, "ab") as out:
+            proc = subprocess.Popen(argv, env=env or self.env(), stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=ROOT)
+        self.procs.append(_Proc(proc))
+        return proc
+
+    def log_text(self, log_name: str) -> str:
+        path = self.workdir / "logs" / log_name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+class _Proc:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        stop(self.proc, grace=30)
+
+
+def load_average() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return -1.0

@@ -1,0 +1,178 @@
+"""tiny-sdxl images per second through the whole worker, against a bare diffusers loop.
+
+The worker: jobs submitted through the client, run by ``python -m worker`` (2 slots,
+one generation at a time), each image encoded as PNG and stored with its manifest,
+every event written; timed from the first submit to the last job stored. Storage is a
+local folder by default; ``--storage s3`` uploads to moto's S3 server over HTTP, whose
+request handling (~10 ms of CPU per object in moto, ~2 ms in boto3) then competes
+for this machine's two cores with the "GPU" (a CPU core here, a separate device on a
+real host). The bare loop: ``StableDiffusionXLPipeline`` loaded from the same
+folder in one process, called in a loop with the same request (64², 4 steps,
+guidance 5, Euler, a seeded generator, PIL output), nothing stored.
+
+Both run torch on one intra-op thread (``ATELIER_TORCH_THREADS=1``). On this 2-core
+machine that makes one core the "GPU" and leaves the other to what a GPU host's CPU
+does beside the GPU (encoding, upload, Redis, moto): the question asked is how much
+device time the worker loses, not how fast two cores denoise.
+
+The two alternate in ``--rounds`` chunks (the bare loop in its own long-lived
+process), so that load from other processes during the run falls on both alike.
+
+    python bench/pipeline_efficiency.py [--images 80] [--rounds 16] [--storage file|s3]
+
+Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
+"bare_images_per_s", "ratio", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, Bench, emit, load_average, log, stop
+
+REQUEST = {"prompt": "a lighthouse at dusk, oil on canvas", "steps": 4, "guidance_scale": 5.0,
+           "width": 64, "height": 64, "scheduler": "euler"}
+
+
+def bare_server(models_dir: str) -> None:
+    """The reference loop, in a child process: loads, warms up, then for each line
+    ``N SEED`` on stdin generates N images and answers with a JSON line."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from worker.tiny import ensure_tiny_sdxl
+
+    torch.set_num_threads(1)
+    path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), use_safetensors=True).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+
+    def one(seed: int) -> None:
+        with torch.inference_mode():
+            pipe(prompt=REQUEST["prompt"], num_inference_steps=REQUEST["steps"],
+                 guidance_scale=REQUEST["guidance_scale"], width=REQUEST["width"],
+                 height=REQUEST["height"], output_type="pil",
+                 generator=torch.Generator("cpu").manual_seed(seed))
+
+    for i in range(3):  # warm-up, as the worker does before consuming
+        one(i)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        n, seed = (int(x) for x in line.split())
+        t0 = time.perf_counter()
+        for i in range(n):
+            one(seed + i)
+        print(json.dumps({"images": n, "seconds": time.perf_counter() - t0}), flush=True)
+
+
+class Bare:
+    def __init__(self, bench: Bench, models_dir: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--bare-server",
+             "--models-dir", models_dir],
+            env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+        bench.procs.append(self)
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bare loop exited with {self.proc.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def run(self, n: int, seed: int) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{n} {seed}\n")
+        self.proc.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        stop(self.proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=80)
+    parser.add_argument("--models-dir", default=os.environ.get(
+        "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")))
+    parser.add_argument("--rounds", type=int, default=16,
+                        help="alternations of bare loop and worker (default 16)")
+    parser.add_argument("--storage", choices=["file", "s3"], default="file")
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_server:
+        bare_server(args.models_dir)
+        return 0
+
+    from producer import Client
+
+    t_start = time.perf_counter()
+    chunks = [args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
+              for i in range(args.rounds)]
+    bare_s = worker_s = 0.0
+    per_round: list[float] = []
+    load_before = load_average()
+    with Bench(s3=args.storage == "s3") as bench:
+        # Both loaded, warmed and idle before anything is timed.
+        worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False)
+        reference = Bare(bench, args.models_dir)
+        worker.wait_ready(timeout=180)
+        settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
+        with Client(settings) as client:
+            for i in range(2):  # connections, the first upload
+                client.wait(client.submit(REQUEST, seed=i), timeout=120)
+            seed = 1000
+            for n in chunks:
+                # Alternate, so that load from other processes falls on both alike.
+                log(f"bare loop: {n} images")
+                b = reference.run(n, seed)
+                log(f"worker: {n} jobs")
+                t0 = time.perf_counter()
+                ids = [client.submit(REQUEST, seed=seed + i) for i in range(n)]
+                records = [client.wait(job_id, timeout=300) for job_id in ids]
+                w = time.perf_counter() - t0
+                bare_s += b
+                worker_s += w
+                per_round.append(round(b / w, 3))
+                bad = [r for r in records if r["status"] != "succeeded"]
+                if bad:
+                    raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
+                seed += n
+
+    worker_ips = args.images / worker_s
+    bare_ips = args.images / bare_s
+    emit({
+        "bench": "pipeline_efficiency",
+        "images": args.images,
+        "worker_images_per_s": round(worker_ips, 3),
+        "bare_images_per_s": round(bare_ips, 3),
+        "ratio": round(worker_ips / bare_ips, 4),
+        "rounds": args.rounds,
+        "round_ratios": per_round,
+        "ratio_median_round": round(statistics.median(per_round), 4),
+        "load_avg_before": load_before,
+        "storage": args.storage,
+        "load_avg_1m": load_average(),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
