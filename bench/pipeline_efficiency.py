@@ -18,7 +18,7 @@ device time the worker loses, not how fast two cores denoise.
 The two alternate in ``--rounds`` chunks (the bare loop in its own long-lived
 process), so that load from other processes during the run falls on both alike.
 
-    python bench/pipeline_efficiency.py [--images 80] [--rounds 16] [--storage file|s3]
+    python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
 "bare_images_per_s", "ratio", ...}
@@ -108,11 +108,11 @@ class Bare:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=80)
+    parser.add_argument("--images", type=int, default=120)
     parser.add_argument("--models-dir", default=os.environ.get(
         "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")))
-    parser.add_argument("--rounds", type=int, default=16,
-                        help="alternations of bare loop and worker (default 16)")
+    parser.add_argument("--rounds", type=int, default=24,
+                        help="alternations of bare loop and worker (default 24)")
     parser.add_argument("--storage", choices=["file", "s3"], default="file")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -86,15 +86,22 @@ class ErrorBody(BaseModel):
 
 
 class Output(BaseModel):
+    """A stored image. ``key``, ``url`` and ``sha256`` are null for a withheld one."""
+
     index: int
-    key: str
-    url: str
-    seed: int
+    key: str | None
+    url: str | None
+    seed: int | None = Field(description="null for a sweep's contact sheet")
     width: int
     height: int
     content_type: str
     bytes: int
-    sha256: str
+    sha256: str | None
+    nsfw: bool | None = Field(None, description="set when a safety checker ran")
+    blurred: bool | None = None
+    withheld: bool | None = None
+    sweep: dict[str, Any] | None = Field(None, description="a sweep cell's parameters")
+    contact_sheet: bool | None = None
 
 
 class JobRecord(BaseModel):
