@@ -143,14 +143,7 @@ def post(
         conn.request("POST", path, body=body, headers={
             "User-Agent": "atelier-webhooks", "Content-Type": "application/json", **headers})
         resp = conn.getresponse()
-        drained = 0
-        while drained < 64 * 1024:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"POST {url} took longer than {read_timeout} s")
-            chunk = resp.read1(16 * 1024)
-            if not chunk:
-                break
-            drained += len(chunk)
+        _read_body(resp, "POST", url, deadline, read_timeout, 64 * 1024, strict=False)
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}
     finally:
         conn.close()
@@ -178,20 +171,31 @@ def fetch(
         length = resp.getheader("Content-Length")
         if length and length.isdigit() and int(length) > max_bytes:
             raise ValueError(f"{url} is larger than {max_bytes} bytes")
-        # `timeout` bounds each socket wait; `deadline` bounds the whole download, so a
-        # server that trickles a byte at a time cannot hold the caller for long.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"GET {url} took longer than {total_timeout} s")
-            chunk = resp.read1(64 * 1024)
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > max_bytes:
-                raise ValueError(f"{url} is larger than {max_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return _read_body(resp, "GET", url, deadline, total_timeout, max_bytes, strict=True)
     finally:
         conn.close()
+
+
+def _read_body(resp: http.client.HTTPResponse, method: str, url: str, deadline: float,
+               seconds: float, max_bytes: int, *, strict: bool) -> bytes:
+    """The response body, up to ``max_bytes`` (more: ValueError if ``strict``, else the
+    rest is left unread), before ``deadline``.
+
+    The socket timeout bounds each wait; the deadline bounds the whole read, so a
+    server that trickles a byte at a time cannot hold the caller for long.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{method} {url} took longer than {seconds} s")
+        chunk = resp.read1(64 * 1024)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > max_bytes:
+            if strict:
+                raise ValueError(f"{url} is larger than {max_bytes} bytes")
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
