@@ -108,105 +108,90 @@ AWS_ENV = {
 }
 
 
-class Worker:
+class Process:
+    """A subprocess of ours logging to a file: started, waited for (a port, or a line
+    in its log), stopped by its pid."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
+                 ready: bytes | None = None, port: int | None = None,
+                 grace: float = 15.0) -> None:
+        self.argv, self.env, self.log_path = argv, env, log_path
+        self.ready, self.port, self.grace = ready, port, grace
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> Process:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, cwd=ROOT)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc is not None
+        if self.port is not None:
+            wait_port(self.port, timeout, self.proc)
+        if self.ready is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.ready not in self.log_path.read_bytes()[self._log_offset:]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.argv[2:]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.argv[2:]} not ready after {timeout} s:\n"
+                                   f"{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without a word, as under an OOM kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace=self.grace)
+
+
+class Worker(Process):
     """``python -m worker`` as a subprocess, logging to a file."""
 
     READY = b"atelier worker ready"
 
     def __init__(self, env: dict[str, str], log_path: Path, models: list[str],
                  concurrency: int | None = None) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.models = models
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, wait: bool = True) -> Worker:
         argv = [sys.executable, "-m", "worker"]
-        for m in self.models:
+        for m in models:
             argv += ["--model", m]
-        if self.concurrency:
-            argv += ["--concurrency", str(self.concurrency)]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                         cwd=ROOT)
-        if wait:
-            self.wait_ready()
-        return self
+        if concurrency:
+            argv += ["--concurrency", str(concurrency)]
+        super().__init__(argv, env, log_path, ready=self.READY, grace=30)
+        self.models, self.concurrency = models, concurrency
 
-    def log(self) -> str:
-        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
+    def start(self, wait: bool = True, timeout: float = 120.0) -> Worker:
+        super().start(wait, timeout)
+        return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.READY in self.log_path.read_bytes()[self._log_offset:]:
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log()[-4000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: the worker dies without a word, as under an OOM kill."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, grace=30)
+        super().wait_ready(timeout)
 
 
-class Process:
-    """An atelier process (``python -m producer.cli <command>``) logging to a file."""
-
-    def __init__(self, command: list[str], env: dict[str, str], log_path: Path,
-                 ready: bytes | None = None, port: int | None = None) -> None:
-        self.command, self.env, self.log_path = command, env, log_path
-        self.ready, self.port = ready, port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0) -> Process:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "producer.cli", *self.command], env=self.env,
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if self.port is not None:
-            wait_port(self.port, timeout, self.proc)
-        if self.ready is not None:
-            deadline = time.monotonic() + timeout
-            while self.ready not in self.log_path.read_bytes()[self._log_offset:]:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.command} did not start:\n{self.log()[-3000:]}")
-                time.sleep(0.05)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc, grace=15)
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "producer.cli", *args]
 
 
 def api_process(env: dict[str, str], log_path: Path) -> Process:
     port = free_port()
-    proc = Process(["api", "--host", "127.0.0.1", "--port", str(port)], env, log_path,
+    return Process(_cli("api", "--host", "127.0.0.1", "--port", str(port)), env, log_path,
                    port=port)
-    return proc
 
 
 def dispatcher_process(env: dict[str, str], log_path: Path) -> Process:
-    return Process(["dispatcher"], env, log_path, ready=b"ready")
+    return Process(_cli("dispatcher"), env, log_path, ready=b"ready")
