@@ -67,9 +67,13 @@ def queued_index_key(model: str) -> str:
     return QUEUED_INDEX + model
 
 
+#: Width of one priority band of :data:`QUEUED_INDEX` scores (above any ms timestamp).
+QUEUED_BAND = 10**13
+
+
 def queued_score(priority: int, created_ms: int) -> int:
     """Score in :func:`queued_index_key`: priority bands, oldest first within one."""
-    return (9 - priority) * 10**13 + created_ms
+    return (9 - priority) * QUEUED_BAND + created_ms
 
 
 def deliveries_key(job_id: str) -> str:

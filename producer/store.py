@@ -184,7 +184,7 @@ class JobStore:
             self.result_ttl_s if terminal else 0,
             K.GLOBAL_EVENTS_MAXLEN,
             job_id,
-            _queued_score(doc) if doc is not None else "",
+            _queued_score(doc) if allowed == NEW and doc is not None else "",
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
@@ -282,10 +282,12 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcard(key)
         for band in range(10):
-            low = band * 10**13
-            pipe.zrangebyscore(key, low, low + 10**13 - 1, start=0, num=1, withscores=True)
+            low = band * K.QUEUED_BAND
+            pipe.zrangebyscore(key, low, low + K.QUEUED_BAND - 1, start=0, num=1,
+                               withscores=True)
         count, *bands = pipe.execute()
-        oldest_ms = min((int(score) % 10**13 for b in bands for _, score in b), default=None)
+        oldest_ms = min((int(score) % K.QUEUED_BAND for b in bands for _, score in b),
+                        default=None)
         if oldest_ms is None:
             return int(count), None
         ts = datetime.fromtimestamp(oldest_ms / 1000, UTC).isoformat(timespec="milliseconds")
