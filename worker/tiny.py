@@ -131,12 +131,15 @@ def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
     return _save(pipe, dest)
 
 
-def _save(pipe: Any, dest: Path) -> Path:
-    """``save_pretrained`` into a temporary folder, then rename it into place."""
+def _save(pipe: Any, dest: Path, *extra: Any) -> Path:
+    """``save_pretrained`` (safetensors) into a temporary folder, then rename it into
+    place; ``extra`` objects (a processor config) are saved beside it."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for obj in extra:
+            obj.save_pretrained(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -334,15 +337,4 @@ def build_tiny_safety_checker(dest: str | os.PathLike[str], threshold: float = 1
             model.special_care_embeds_weights.fill_(1.0)  # never: no adjustment
     processor = CLIPImageProcessor(size={"shortest_edge": 32},
                                    crop_size={"height": 32, "width": 32})
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return _save(model, dest, processor)
