@@ -31,7 +31,6 @@ from typing import Annotated, Any
 
 import anyio
 import redis
-import redis.asyncio as aredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -52,6 +51,7 @@ from producer.client import Client, new_job_id
 from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status, validate_request
 from producer.errors import AtelierError, InvalidRequest, JobNotFound, Unavailable
 from producer.fleet import live_workers, queue_report
+from producer.redis_url import async_redis_client, redis_client
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import decode_event
@@ -253,9 +253,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = Client(settings, registry=registry)
         state["client"] = client
         state["store"] = client.store
-        state["broker"] = redis.Redis.from_url(settings.effective_broker_url,
-                                               health_check_interval=30)
-        state["aredis"] = aredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        state["broker"] = redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
+                                       health_check_interval=30)
+        state["aredis"] = async_redis_client(settings.redis_url, health_check_interval=30)
         state["rate"] = client.store.redis.register_script(_RATE_LIMIT)
         try:
             yield

@@ -11,14 +11,19 @@ from typing import Any
 from celery import Celery
 
 from producer import constants as K
+from producer.redis_url import kombu_broker
 from producer.settings import Settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    # A sentinel:// URL becomes kombu's form: one URL per Sentinel, and the service name
+    # as a transport option (producer/redis_url.py).
+    broker_url, sentinel_options = kombu_broker(settings.effective_broker_url)
     return {
-        "broker_url": settings.effective_broker_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
+            **sentinel_options,
             # Above the longest a taken message can take to finish: see Settings.
             "visibility_timeout": settings.effective_visibility_timeout_s,
             # Sweep for messages of dead workers every restore_interval_s (kombu's

@@ -192,12 +192,11 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
-    import redis
-
     from producer.fleet import queue_report
+    from producer.redis_url import redis_client
 
     with Client(settings) as client:
-        broker = redis.Redis.from_url(settings.effective_broker_url)
+        broker = redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL")
         try:
             report = queue_report(client.store, broker, client.registry)
         finally:
@@ -217,6 +216,13 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
 
     with Client(settings) as client:
         workers = live_workers(client.store.redis)
+    if args.host:
+        # A worker pod's readiness probe: this host's worker has loaded its models and
+        # beats (the heartbeat starts just before it consumes).
+        workers = [w for w in workers if w.get("host") == args.host]
+        if not workers:
+            print(f"no live worker on {args.host}", file=sys.stderr)
+            return EXIT_NOT_FOUND
     if args.json:
         _print_json(workers)
     else:
@@ -402,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
+    p.add_argument("--host", help="only workers on this host; exit 4 if there is none")
 
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.redis_url import check_redis_url
 
 
 def _default_models_dir() -> str:
@@ -20,9 +22,20 @@ def _default_models_dir() -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ATELIER_", extra="ignore")
 
+    #: ``redis://``, ``rediss://``, ``unix://``, or ``sentinel://`` (producer/redis_url.py).
     redis_url: str = "redis://127.0.0.1:6379/0"
-    #: Celery broker; defaults to ``redis_url``.
+    #: Celery broker; defaults to ``redis_url``. Same forms.
     broker_url: str | None = None
+
+    @field_validator("redis_url", "broker_url")
+    @classmethod
+    def _redis_urls(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Checked here so that a bad URL stops the process at start, naming the setting,
+        # rather than at its first connection.
+        if v is not None:
+            check_redis_url(v, f"ATELIER_{str(info.field_name).upper()}")
+        return v
+
     #: ``s3://bucket/prefix`` or ``file:///path``.
     storage_url: str = "file://./atelier-output"
     s3_endpoint_url: str | None = None
@@ -124,6 +137,20 @@ class Settings(BaseSettings):
     webhook_claim_idle_s: float = Field(default=60.0, gt=0)
     #: Worker heartbeats are written this often and expire after three periods.
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
+
+    # -- operations ---------------------------------------------------------------------
+    #: The worker and the dispatcher serve Prometheus ``/metrics`` on this port when > 0
+    #: (the API serves it on its own HTTP port).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: ``text`` or ``json`` (one JSON object per line).
+    log_format: str = "text"
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in {"text", "json"}:
+            raise ValueError("ATELIER_LOG_FORMAT must be text or json")
+        return v
 
     @field_validator("webhook_secret")
     @classmethod

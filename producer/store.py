@@ -40,6 +40,7 @@ from producer.contract import (
     terminal_event,
 )
 from producer.errors import JobNotFound
+from producer.redis_url import redis_client
 
 NO_TOKEN = "none"
 ANY_TOKEN = "*"
@@ -147,10 +148,9 @@ class JobStore:
 
     @classmethod
     def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
-        return cls(
-            redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True),
-            result_ttl_s,
-        )
+        # ``url`` may name Sentinels (``sentinel://``): see producer.redis_url.
+        return cls(redis_client(url, health_check_interval=30, socket_keepalive=True),
+                   result_ttl_s)
 
     # -- writes ---------------------------------------------------------------------
 
