@@ -150,12 +150,15 @@ def redis_client(url: str, setting: str = "ATELIER_REDIS_URL", **kwargs: Any) ->
     failover its next command reconnects to the new one)."""
     import redis
     import redis.sentinel
-    from redis.backoff import NoBackoff
+    from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
     from redis.retry import Retry
 
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **kwargs)
     s = parse_sentinel_url(url, setting)
+    # master_for's connections get no retry unless told (a plain client gets redis-py's
+    # default): give them the same, so both kinds ride out a short outage alike.
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10))
     sentinel = redis.sentinel.Sentinel(
         s.sentinels, sentinel_kwargs=s.sentinel_kwargs(kwargs, Retry(NoBackoff(), 0)),
         **kwargs, **s.master_kwargs())
@@ -168,11 +171,12 @@ def async_redis_client(url: str, setting: str = "ATELIER_REDIS_URL",
     import redis.asyncio
     import redis.asyncio.sentinel
     from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
+    from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
     if not is_sentinel(url):
         return redis.asyncio.Redis.from_url(url, **kwargs)
     s = parse_sentinel_url(url, setting)
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=1), 10))
     sentinel = redis.asyncio.sentinel.Sentinel(
         s.sentinels, sentinel_kwargs=s.sentinel_kwargs(kwargs, Retry(NoBackoff(), 0)),
         **kwargs, **s.master_kwargs())

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,38 +87,82 @@ class Sentinel:
     """A password-protected redis-server and one Sentinel monitoring it (its own
     password too), each a subprocess on a free port, stopped by pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replica: bool = False) -> None:
         self.workdir = workdir
         self.master_port, self.port = free_port(), free_port()
+        self.replica_port = free_port() if replica else None
         self.master: Process | None = None
+        self.replica: Process | None = None
         self.sentinel: Process | None = None
+        self.probe: redis.Redis | None = None
+
+    def _redis(self, binary: str, port: int, name: str, *extra: str) -> Process:
+        data = self.workdir / name
+        data.mkdir(exist_ok=True)
+        return Process([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "no", "--dir", str(data), "--requirepass", PASSWORD,
+                        "--masterauth", PASSWORD, "--maxmemory-policy", "noeviction", *extra],
+                       {}, self.workdir / f"{name}.log", port=port).start()
 
     def start(self) -> Sentinel:
         self.workdir.mkdir(parents=True, exist_ok=True)
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed")
-        env: dict[str, str] = {}
-        self.master = Process(
-            [binary, "--port", str(self.master_port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-             "--requirepass", PASSWORD, "--maxmemory-policy", "noeviction"],
-            env, self.workdir / "master.log", port=self.master_port).start()
+        self.master = self._redis(binary, self.master_port, "master")
+        if self.replica_port is not None:
+            self.replica = self._redis(binary, self.replica_port, "replica", "--replicaof",
+                                       "127.0.0.1", str(self.master_port))
         conf = self.workdir / "sentinel.conf"  # Sentinel rewrites its file: ours, writable
         conf.write_text(
             f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
             f"sentinel monitor {SERVICE} 127.0.0.1 {self.master_port} 1\n"
             f'sentinel auth-pass {SERVICE} "{PASSWORD}"\n'
+            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+            f"sentinel failover-timeout {SERVICE} 10000\n"
             f"requirepass {SENTINEL_PASSWORD}\n")
-        self.sentinel = Process([binary, str(conf), "--sentinel"], env,
+        self.sentinel = Process([binary, str(conf), "--sentinel"], {},
                                 self.workdir / "sentinel.log", port=self.port).start()
-        probe = redis.Redis(port=self.port, password=SENTINEL_PASSWORD)
-        deadline = time.monotonic() + 15
-        while probe.sentinel_get_master_addr_by_name(SERVICE) is None:
-            assert time.monotonic() < deadline, "Sentinel does not know its master"
-            time.sleep(0.1)
-        probe.close()
+        self.probe = redis.Redis(port=self.port, password=SENTINEL_PASSWORD)
+        probe = self.probe
+        self._until(lambda: probe.sentinel_get_master_addr_by_name(SERVICE) is not None,
+                    "Sentinel does not know its master")
         return self
+
+    @staticmethod
+    def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    def wait_replicated(self) -> None:
+        """The replica has everything the master has, and the Sentinel knows it."""
+        assert self.replica_port is not None
+        master = redis.Redis(port=self.master_port, password=PASSWORD)
+        replica = redis.Redis(port=self.replica_port, password=PASSWORD)
+        offset = master.info("replication")["master_repl_offset"]
+        self._until(lambda: replica.info("replication").get("slave_repl_offset", -1) >= offset,
+                    "the replica does not catch up")
+        master.close()
+        replica.close()
+        probe: Any = self.probe
+        self._until(lambda: any(r["port"] == self.replica_port and "s_down" not in r["flags"]
+                                for r in probe.sentinel_slaves(SERVICE)),
+                    "the Sentinel does not see the replica")
+
+    def wait_failover(self) -> int:
+        """The port of the new master, once the Sentinel has finished the failover and
+        shows it healthy (GET-MASTER-ADDR-BY-NAME names the promoted replica earlier,
+        while the master is still flagged down and clients find no master)."""
+        probe: Any = self.probe
+
+        def done() -> bool:
+            state = probe.sentinel_master(SERVICE)
+            return bool(state["port"] != self.master_port and state["flags"] == "master")
+
+        self._until(done, "no failover", timeout=60)
+        return int(probe.sentinel_master(SERVICE)["port"])
 
     def url(self, db: int) -> str:
         # A dead Sentinel first: clients must move on to the next one.
@@ -130,7 +174,9 @@ class Sentinel:
         return redis.Redis(port=self.master_port, password=PASSWORD, db=db)
 
     def stop(self) -> None:
-        for proc in (self.sentinel, self.master):
+        if self.probe is not None:
+            self.probe.close()
+        for proc in (self.sentinel, self.replica, self.master):
             if proc is not None:
                 proc.stop()
 
@@ -204,3 +250,30 @@ def test_store_and_broker_through_sentinel(sentinel: Sentinel, tmp_path: Path,
     finally:
         api.stop()
         worker.stop()
+
+
+@pytest.mark.slow
+def test_clients_follow_a_failover(tmp_path: Path, models_file: str) -> None:
+    """The master dies; Sentinel promotes its replica; the same client objects (store,
+    Celery producer) carry on against the new master without being rebuilt."""
+    pair = Sentinel(tmp_path / "sentinel", replica=True).start()
+    try:
+        settings = Settings(redis_url=pair.url(0), default_model="tiny-idle",
+                            models_file=models_file)
+        from producer import Client
+        from producer.broker import queue_depth
+
+        with Client(settings) as client:
+            before = client.submit(prompt="before the failover")
+            pair.wait_replicated()
+            assert pair.master is not None
+            pair.master.kill()  # SIGKILL: no goodbye to the Sentinel
+            new_port = pair.wait_failover()
+            assert new_port == pair.replica_port
+            after = client.submit(prompt="after the failover")
+            assert client.get(before)["status"] == client.get(after)["status"] == "queued"
+        direct = redis.Redis(port=new_port, password=PASSWORD)
+        assert queue_depth(direct, "tiny-idle") == 2
+        assert direct.exists(f"atelier:job:{before}", f"atelier:job:{after}") == 2
+    finally:
+        pair.stop()
