@@ -407,7 +407,10 @@ def test_scaled_objects_sum_the_model_queue() -> None:
         env = container_env(c)
         host, port, db, password = redis_target(env)
         kind = "redis-sentinel" if is_sentinel(settings_from(env).effective_broker_url) else "redis"
+        # The CRD types these as strings (trigger metadata is a map of strings).
+        assert all(isinstance(mods[k], str) for k in ("formula", "target", "activationTarget"))
         for t in triggers:
+            assert all(isinstance(v, str) for v in t["metadata"].values()), t["metadata"]
             assert t["type"] == kind
             # redis: the server; redis-sentinel: the Sentinels (the URL's first among them)
             addresses = t["metadata"].get("address") or t["metadata"]["addresses"]
