@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
@@ -509,3 +510,46 @@ def test_settings_env_round_trip() -> None:
     env = settings_env(job_timeout_s=123, worker_concurrency=3, metrics_port=9100)
     s = settings_from(env)
     assert (s.job_timeout_s, s.worker_concurrency, s.metrics_port) == (123, 3, 9100)
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_running_job_finish(tmp_path: Path, models_dir: Path) -> None:
+    """What the grace periods rely on: SIGTERM (compose stop, a pod's termination) lets
+    the job a worker is running finish and be stored, takes no new one, and exits."""
+    models_file = tmp_path / "models.toml"
+    models_file.write_text(TINY_AS_KEDA_MODEL)
+    server = RedisServer(tmp_path / "redis").start()
+    worker = None
+    try:
+        values: dict[str, Any] = {
+            "redis_url": server.url, "storage_url": f"file://{tmp_path / 'out'}",
+            "models_file": str(models_file), "models_dir": str(models_dir),
+            "default_model": KEDA_MODEL, "device": "cpu", "torch_threads": 1,
+            "job_timeout_s": 120, "worker_concurrency": 1, "progress_interval_s": 0.1}
+        settings = Settings(**values)
+        worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
+        worker.start()
+        from producer import Client
+
+        with Client(settings) as client:
+            long_job = client.submit(prompt="a long one", steps=150, seed=1)
+            waiting = client.submit(prompt="waits its turn", steps=2, seed=2)
+            for event in client.events(long_job):
+                if event["type"] == "job.progress":  # generating now
+                    break
+            assert worker.proc is not None
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.proc.wait(timeout=120) == 0
+            done = client.get(long_job)
+            assert done["status"] == "succeeded" and done["attempts"] == 1
+            assert Path(tmp_path / "out" / done["outputs"][0]["key"]).is_file()
+            # The job it had not taken is still queued, in the lists KEDA reads.
+            assert client.get(waiting)["status"] == "queued"
+            r = redis.Redis.from_url(server.url)
+            assert queue_depth(r, KEDA_MODEL) == 1
+            assert sum(int(r.llen(k)) for k in scaled_object_lists(KEDA_MODEL)) == 1
+        assert "Warm shutdown" in worker.log()
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
