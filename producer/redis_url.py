@@ -15,7 +15,8 @@ user and password authenticate to the Redis master (as redis-py and kombu use th
 ``requirepass``. Special characters in passwords are %-encoded.
 
 Redis Cluster is not supported: Celery's Redis transport keeps a queue's priority
-lists and its unacked index in keys that would land on different slots.
+lists and its unacked index in keys that would land on different slots, and the job
+store's transition script writes a record and its event streams in one call.
 """
 
 from __future__ import annotations
