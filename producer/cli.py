@@ -408,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
-    p.add_argument("--host", help="only workers on this host; exit 4 if there is none")
+        if name == "workers":
+            p.add_argument("--host", help="only workers on this host; exit 4 if there is none")
 
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
