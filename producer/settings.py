@@ -125,6 +125,21 @@ class Settings(BaseSettings):
     #: Worker heartbeats are written this often and expire after three periods.
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
 
+    # -- operations ---------------------------------------------------------------------
+    #: The worker and the dispatcher serve Prometheus ``/metrics`` on this port when
+    #: > 0 (the API serves ``/metrics`` on its own port).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: ``text`` (human-readable lines) or ``json`` (one object per line, with the job
+    #: id on every line logged while a job runs).
+    log_format: str = "text"
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, v: str) -> str:
+        if v not in {"text", "json"}:
+            raise ValueError("ATELIER_LOG_FORMAT must be text or json")
+        return v
+
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, v: str | None) -> str | None:
