@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from producer import Client
 from producer import constants as K
 from producer.broker import make_celery
+from producer.fleet import live_workers
 from producer.settings import Settings
 from tests.conftest import stack_values, worker_env
 from tests.receiver import Receiver
@@ -106,7 +107,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
     values = stack_values(redis_server.url, models_dir, models_file, f"file://{tmp / 'out'}",
                           log_format="json", worker_concurrency=1, webhook_secret=SECRET,
                           webhook_retry_schedule_s="0.3,0.3", webhook_read_timeout_s=2,
-                          webhook_connect_timeout_s=1)
+                          webhook_connect_timeout_s=1, worker_heartbeat_s=0.3)
     settings = Settings(**values)
     worker = Worker(worker_env({**values, "metrics_port": worker_port}), tmp / "worker.log",
                     ["tiny-sdxl"])
@@ -173,12 +174,21 @@ def test_worker_metrics_count_jobs_by_outcome_and_time_them(ran: Ran) -> None:
 def test_busy_time_grows_while_a_job_generates(ran: Ran) -> None:
     before = sample(scrape(ran.worker_port), "atelier_worker_busy_seconds_total") or 0.0
     with Client(Settings(**ran.values)) as client:
-        job_id = client.submit(prompt="a slow lighthouse", steps=40)
+        # Long enough to be caught generating (cancelled once seen).
+        job_id = client.submit(prompt="a slow lighthouse", steps=150, num_images=2)
         for ev in client.events(job_id, timeout=60):
             if ev["type"] == "job.progress":
                 break
         during = scrape(ran.worker_port)
         assert sample(during, "atelier_worker_jobs_in_progress") == 1
+        # The heartbeat says the same: busy with this job.
+        deadline = time.monotonic() + 10
+        while True:
+            [beat] = live_workers(client.store.redis)
+            if beat["current_jobs"] == [job_id] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert beat["state"] == "busy" and beat["current_jobs"] == [job_id]
         client.cancel(job_id)
         assert client.wait(job_id, timeout=60)["status"] == "cancelled"
     after = scrape(ran.worker_port)
@@ -187,6 +197,28 @@ def test_busy_time_grows_while_a_job_generates(ran: Ran) -> None:
         sample(during, "atelier_worker_busy_seconds_total") or 0)
     assert sample(after, "atelier_jobs_total", model="tiny-sdxl", status="cancelled",
                   error_code="") == 1
+
+
+def test_gpu_memory_gauges_come_from_the_memory_reading() -> None:
+    # No CUDA here: the reading a CUDA worker's ``_memory`` returns, given by hand.
+    from prometheus_client import generate_latest
+
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    metrics.watch(lambda: (["j1"], 3), lambda: {
+        "rss_max_bytes": 1, "gpu_allocated_bytes": 5, "gpu_used_bytes": 7,
+        "gpu_total_bytes": 11})
+    metrics.job_ended("m", "failed", {"code": "timeout", "message": "x"}, {"queued_ms": 1500})
+    text = generate_latest(metrics.registry).decode()
+    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
+         for family in text_string_to_metric_families(text) for s in family.samples}
+    assert [sample(m, "atelier_worker_gpu_memory_bytes", kind=k)
+            for k in ("allocated", "used", "total")] == [5, 7, 11]
+    assert sample(m, "atelier_worker_jobs_in_progress") == 1
+    assert sample(m, "atelier_jobs_total", model="m", status="failed", error_code="timeout") == 1
+    assert sample(m, "atelier_job_queued_seconds_sum", model="m") == 1.5
+    assert sample(m, "atelier_job_inference_seconds_count", model="m") is None
 
 
 def test_dispatcher_metrics_count_outcomes(ran: Ran) -> None:
