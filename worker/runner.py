@@ -685,14 +685,18 @@ class Monitor(threading.Thread):
 
 
 @contextlib.contextmanager
-def _held(lock: threading.Lock, then: Callable[[], None] | None = None) -> Iterator[None]:
-    """Release an already acquired lock when the block ends (then call ``then``)."""
+def _held(lock: threading.Lock, before_release: Callable[[], None] | None = None,
+          ) -> Iterator[None]:
+    """Release an already acquired lock when the block ends (calling ``before_release``
+    while still holding it, so the next holder's ``begin`` cannot come between)."""
     try:
         yield
     finally:
-        lock.release()
-        if then is not None:
-            then()
+        try:
+            if before_release is not None:
+                before_release()
+        finally:
+            lock.release()
 
 
 def _takes_size(pipe: Any) -> bool:
