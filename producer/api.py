@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -51,10 +52,14 @@ from producer.client import Client, new_job_id
 from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status, validate_request
 from producer.errors import AtelierError, InvalidRequest, JobNotFound, Unavailable
 from producer.fleet import live_workers, queue_report
+from producer.logs import configure as configure_logging
+from producer.metrics import RedisGauges, queue_gauges
 from producer.redis_url import async_redis_client, redis_client
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import decode_event
+
+log = logging.getLogger("atelier.api")
 
 # -- errors -------------------------------------------------------------------------
 
@@ -248,6 +253,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         ["method", "route"], registry=metrics)
     state: dict[str, Any] = {}
 
+    def _queues() -> list[dict[str, Any]]:
+        if "store" not in state:  # scraped before the lifespan started: nothing to say
+            return []
+        return queue_report(state["store"], state["broker"], registry)
+
+    metrics.register(RedisGauges(queue_gauges(_queues)))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = Client(settings, registry=registry)
@@ -383,6 +395,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if idem_key is not None:  # nothing was created: free the key for a retry
                 r.delete(idem_key)
             raise
+        log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
+                 extra={"job_id": job_id})
         doc = state["store"].get(job_id)
         return JSONResponse(view(doc), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
@@ -545,8 +559,12 @@ def main(settings: Settings, host: str, port: int) -> int:
     if not settings.api_keys.strip():
         raise SystemExit("atelier api: set ATELIER_API_KEYS (comma-separated keys or "
                          "sha256:<hex> digests); the API does not run without keys")
+    configure_logging(settings.log_format)
+    # JSON: uvicorn's own loggers (uvicorn.error, uvicorn.access) propagate to the root
+    # handler configured above; text keeps uvicorn's usual lines.
+    extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=5, proxy_headers=False)
+                timeout_graceful_shutdown=5, proxy_headers=False, **extra)
     return 0
 
 

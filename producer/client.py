@@ -65,6 +65,9 @@ class Client:
             self.celery.send_task(
                 K.TASK_GENERATE,
                 args=[job_id],
+                # The task id is the job id: Celery's log lines and task events (Flower)
+                # name the job.
+                task_id=job_id,
                 queue=K.queue_name(normalized["model"]),
                 priority=celery_priority(normalized["priority"]),
             )

@@ -37,6 +37,9 @@ import redis
 
 from producer import constants as K
 from producer.contract import EventType, now_iso
+from producer.logs import configure as configure_logging
+from producer.logs import job_context
+from producer.metrics import DispatcherMetrics, serve
 from producer.settings import Settings
 from producer.store import JobStore, decode_event
 from producer.webhooks import FILTER_NAME, Result, attempt
@@ -75,6 +78,7 @@ class Dispatcher:
         self.stopping = threading.Event()
         self._claim_retries = self.redis.register_script(_CLAIM_RETRIES)
         self._next_claim = 0.0
+        self.metrics = DispatcherMetrics(self.redis)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -195,6 +199,10 @@ class Dispatcher:
         return url, name != "progress"  # progress is best effort: sent once
 
     def _handle_new(self, event: dict[str, Any]) -> None:
+        with job_context(event["job_id"]):
+            self._handle_new_event(event)
+
+    def _handle_new_event(self, event: dict[str, Any]) -> None:
         target = self._target(event)
         if target is not None:
             url, retryable = target
@@ -211,6 +219,10 @@ class Dispatcher:
 
     def _handle_retry(self, member: str) -> None:
         job_id, event_id = member.split("/", 1)
+        with job_context(job_id):
+            self._handle_retry_event(member, job_id, event_id)
+
+    def _handle_retry_event(self, member: str, job_id: str, event_id: str) -> None:
         entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
         target = None
         if entries:
@@ -241,6 +253,7 @@ class Dispatcher:
             if number > len(self.schedule) or event["type"] == EventType.PROGRESS:
                 entry["outcome"] = result.outcome = "gave_up"
         self.store.record_delivery(event["job_id"], entry)
+        self.metrics.delivered(event["type"], entry["outcome"], result.duration_ms)
         log.info("webhook %s %s attempt %d: %s %s", event["id"], event["type"], number,
                  entry["outcome"], result.status or result.error)
         return result
@@ -256,9 +269,10 @@ class Dispatcher:
 
 
 def main(settings: Settings) -> int:
-    logging.basicConfig(level=os.environ.get("ATELIER_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_format, os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
     dispatcher = Dispatcher(settings)
+    if settings.metrics_port:
+        serve(dispatcher.metrics.registry, settings.metrics_port)
 
     def _stop(signum: int, frame: object) -> None:
         log.info("dispatcher: signal %d, finishing deliveries in flight", signum)

@@ -139,10 +139,11 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
 
     # -- operations ---------------------------------------------------------------------
-    #: The worker and the dispatcher serve Prometheus ``/metrics`` on this port when > 0
-    #: (the API serves it on its own HTTP port).
+    #: The worker and the dispatcher serve Prometheus ``/metrics`` on this port when
+    #: > 0 (the API serves ``/metrics`` on its own port).
     metrics_port: int = Field(default=0, ge=0, le=65535)
-    #: ``text`` or ``json`` (one JSON object per line).
+    #: ``text`` (human-readable lines) or ``json`` (one object per line, with the job
+    #: id on every line logged while a job runs).
     log_format: str = "text"
 
     @field_validator("log_format")

@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import socket
-import sys
 import threading
 import time
 from typing import Any
@@ -28,11 +27,13 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_ready
+from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer import constants as K
 from producer.broker import make_celery
 from producer.contract import now_iso
+from producer.logs import configure as configure_logging
+from producer.logs import job_context
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
@@ -53,13 +54,15 @@ def create_app(settings: Settings) -> Celery:
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
         try:
-            _runner.run(job_id)
+            with job_context(job_id):
+                _runner.run(job_id)
         except redis.RedisError as exc:
             # The job store is unreachable, so the outcome could not be recorded.
             # Celery would acknowledge a failed task and lose the job: put it back
             # instead (if the broker is down too, the unacked message returns after
             # the visibility timeout). Attempts and fencing keep the outcome single.
-            log.warning("job %s: job store unreachable (%s); requeued", job_id, exc)
+            log.warning("job %s: job store unreachable (%s); requeued", job_id, exc,
+                        extra={"job_id": job_id})
             time.sleep(2)
             raise Reject(str(exc), requeue=True) from exc
 
@@ -136,6 +139,35 @@ def _memory(device: str) -> dict[str, int]:
     return out
 
 
+def _route_library_logs(log_format: str) -> None:
+    """diffusers and transformers log through stderr handlers of their own and draw
+    progress bars: send their records through ours instead, and draw no bars in a JSON
+    log (one JSON object a line, nothing else)."""
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.disable_default_handler()
+        lib.enable_propagation()
+        if log_format == "json":
+            lib.disable_progress_bar()
+    if log_format == "json":
+        hub_utils.disable_progress_bars()
+
+
+def _quiet_shutdown(worker: Any) -> None:
+    """Celery writes "worker: Warm shutdown" straight to stdout on SIGTERM; in a JSON log
+    the ``worker_shutting_down`` handler logs it instead. Best effort: Celery internals."""
+    try:
+        from celery.apps.worker import install_worker_term_handler
+
+        if worker is not None:
+            install_worker_term_handler(worker, verbose=False)
+    except (ImportError, TypeError, ValueError) as exc:  # pragma: no cover
+        log.debug("shutdown message left to Celery: %s", exc)
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         import torch
@@ -154,11 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default=os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=args.loglevel.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
     settings = get_settings()
+    configure_logging(settings.log_format, args.loglevel)
     overrides = {}
     if args.device:
         overrides["device"] = args.device
@@ -183,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. torch, in this process only.
     import torch
 
+    _route_library_logs(settings.log_format)
     from worker.pipelines import load_model, resolve_device, warm_up
     from worker.runner import Runner
 
@@ -209,11 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     storage = storage_from_settings(settings)
     from worker.loras import LoraCache
+    from worker.metrics import WorkerMetrics
     from worker.safety import load_checker
 
+    metrics = WorkerMetrics()
     _runner = Runner(settings, models, store, storage, worker_name,
                      loras=LoraCache(settings, registry, storage),
-                     safety=load_checker(settings, device))
+                     safety=load_checker(settings, device), metrics=metrics)
+    metrics.watch(_runner.activity, lambda: _memory(str(device)))
+    if settings.metrics_port:
+        from producer.metrics import serve
+
+        serve(metrics.registry, settings.metrics_port)
     queues = ",".join(K.queue_name(n) for n in names)
     heartbeat = Heartbeat(store, _runner, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -227,14 +264,26 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start()
 
     @worker_ready.connect(weak=False)
-    def _ready(**_: object) -> None:
+    def _ready(sender: Any = None, **_: object) -> None:
         log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
+        if settings.log_format == "json":
+            _quiet_shutdown(getattr(sender, "controller", None))
+
+    @worker_shutting_down.connect(weak=False)
+    def _stopping(sig: str = "", how: str = "", **_: object) -> None:
+        log.info("atelier worker %s: %s shutdown (%s)", worker_name, how.lower(), sig)
+
+    @setup_logging.connect(weak=False)
+    def _keep_logging(**_: object) -> None:
+        """Logging is ours (configured above): Celery adds no handler of its own."""
 
     # 3. Consume.
     app = create_app(settings)
     try:
+        # --quiet: no banner on stdout (a JSON log holds only JSON lines).
+        quiet = ["--quiet"] if settings.log_format == "json" else []
         app.worker_main([
-            "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
+            *quiet, "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
             f"--queues={queues}", f"--hostname=atelier@{worker_name.replace(':', '-')}",
             "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
         ])

@@ -23,7 +23,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from producer.storage import LocalStorage, S3Storage
 from producer.store import JobStore, Snapshot, is_expired
 from worker import encode as encoding
 from worker.loras import LoraCache, apply_loras, unload_loras
+from worker.metrics import WorkerMetrics
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel, library_versions
 from worker.prompts import conditioning
 from worker.safety import SafetyChecker, blur, placeholder
@@ -104,6 +105,7 @@ class Runner:
         worker_name: str,
         loras: LoraCache | None = None,
         safety: SafetyChecker | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -121,6 +123,7 @@ class Runner:
         self.safety = safety
         self._monitor: Monitor | None = None
         self._monitor_lock = threading.Lock()
+        self.metrics = metrics or WorkerMetrics()
 
     @property
     def loras(self) -> LoraCache:
@@ -180,7 +183,8 @@ class Runner:
         fresh = init_bytes is None and init_error is None and self.gpu.acquire(blocking=False)
         if not fresh:
             self.gpu.acquire()
-        with _held(self.gpu):
+        self.metrics.busy.begin()
+        with _held(self.gpu, self.metrics.busy.end):
             run = self._start(job_id, snap if fresh else None)
             if run is None:
                 return None
@@ -251,7 +255,9 @@ class Runner:
             self._end_unstarted(job_id, snap, Status.CANCELLED, allowed)
             return None
         if snap.status is Status.QUEUED and is_expired(doc):
-            self.store.expire(job_id, snap)
+            if self.store.expire(job_id, snap).ok:
+                self.metrics.job_ended(doc["request"]["model"], Status.EXPIRED.value,
+                                       None, None)
             return None
         if snap.status is Status.RUNNING and doc["attempts"] >= self.settings.max_attempts:
             # Every earlier run died without a word: this job kills its worker.
@@ -294,8 +300,10 @@ class Runner:
         error: dict[str, Any] | None = None,
     ) -> None:
         doc = dict(snap.doc, status=status.value, finished_at=now_iso(), error=error)
-        self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
-                         events=[terminal_event(doc)])
+        out = self.store.apply(job_id, allowed=allowed, token=snap.token, doc=doc,
+                               events=[terminal_event(doc)])
+        if out.ok:
+            self.metrics.job_ended(doc["request"]["model"], status.value, error, None)
 
     def _generate(self, run: Run, init_bytes: bytes | None,
                   mask_bytes: bytes | None = None) -> list[Any]:
@@ -603,6 +611,7 @@ class Runner:
                 log.warning("job %s: %s not recorded (%s)", run.job_id, status, out.detail)
                 return None
             run.doc = doc
+        self.metrics.job_ended(run.request["model"], status.value, error, all_timings)
         log.info("job %s %s", run.job_id, status.value)
         return status
 
@@ -670,17 +679,24 @@ class Monitor(threading.Thread):
             except Fenced:
                 self.unwatch(run)
             except Exception:
-                log.warning("job %s: progress update failed", run.job_id, exc_info=True)
+                log.warning("job %s: progress update failed", run.job_id, exc_info=True,
+                            extra={"job_id": run.job_id})
                 time.sleep(self.block_s)
 
 
 @contextlib.contextmanager
-def _held(lock: threading.Lock) -> Iterator[None]:
-    """Release an already acquired lock when the block ends."""
+def _held(lock: threading.Lock, before_release: Callable[[], None] | None = None,
+          ) -> Iterator[None]:
+    """Release an already acquired lock when the block ends (calling ``before_release``
+    while still holding it, so the next holder's ``begin`` cannot come between)."""
     try:
         yield
     finally:
-        lock.release()
+        try:
+            if before_release is not None:
+                before_release()
+        finally:
+            lock.release()
 
 
 def _takes_size(pipe: Any) -> bool:
