@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import Reject
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 
 from producer import constants as K
 from producer.broker import make_celery
@@ -52,8 +52,15 @@ def create_app(settings: Settings) -> Celery:
         # the job itself, so the task succeeds and the message is acknowledged.
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
+        from worker.runner import GiveBack
+
         try:
             _runner.run(job_id)
+        except GiveBack as exc:
+            # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
+            # head of its queue now, not after the visibility timeout.
+            log.info("job %s: not started before shutdown; requeued", job_id)
+            raise Reject("worker shutting down", requeue=True) from exc
         except redis.RedisError as exc:
             # The job store is unreachable, so the outcome could not be recorded.
             # Celery would acknowledge a failed task and lose the job: put it back
@@ -229,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
+
+    @worker_shutting_down.connect(weak=False)
+    def _draining(**_: object) -> None:
+        # Celery's warm shutdown stops taking messages and waits for its tasks; a task
+        # still waiting for the GPU would start a whole new job first. Give it back.
+        if _runner is not None:
+            _runner.drain()
 
     # 3. Consume.
     app = create_app(settings)
