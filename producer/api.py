@@ -50,11 +50,11 @@ from producer import constants as K
 from producer.broker import queue_depth
 from producer.client import Client, new_job_id
 from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status, validate_request
-from producer.errors import AtelierError, InvalidRequest, JobNotFound, Unavailable
+from producer.errors import AtelierError, InvalidRequest, JobNotFound, KeyClaimed, Unavailable
 from producer.fleet import live_workers, queue_report
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
-from producer.store import decode_event
+from producer.store import Claim, decode_event
 
 # -- errors -------------------------------------------------------------------------
 
@@ -190,6 +190,12 @@ local new_tat = tat + interval
 local wait = new_tat - now - burst * interval
 if wait > 0 then return math.ceil(wait) end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+return 0
+"""
+
+# Delete an idempotency key only if it still holds what the caller read.
+_RELEASE_KEY = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -369,20 +375,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return replay
         _admit(normalized["model"])
         job_id = new_job_id()
+        claim = None
         if idem_key is not None:
-            claim = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
-            if not r.set(idem_key, claim, nx=True, ex=settings.idempotency_ttl_s):
-                replay = _replay(r, idem_key, fingerprint, who)  # lost a race: theirs wins
-                if replay is not None:
-                    return replay
-                raise ApiError(409, "idempotency_in_progress",
-                               "a request with this Idempotency-Key is in progress")
+            # Written with the record, in one step: a replica that dies before that
+            # leaves the key free, so the client's retry creates the job.
+            claim = Claim(idem_key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}),
+                          settings.idempotency_ttl_s)
         try:
-            state["client"].enqueue(normalized, job_id=job_id, owner=who.owner)
-        except Unavailable:
-            if idem_key is not None:  # nothing was created: free the key for a retry
-                r.delete(idem_key)
-            raise
+            state["client"].enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim)
+        except KeyClaimed:
+            # A concurrent request with this key won the race: answer with its job.
+            replay = _replay(r, idem_key, fingerprint, who) if idem_key else None
+            if replay is not None:
+                return replay
+            raise ApiError(409, "idempotency_in_progress",
+                           "a request with this Idempotency-Key is in progress") from None
         doc = state["store"].get(job_id)
         return JSONResponse(view(doc), status_code=202,
                             headers={"Location": f"/v1/jobs/{job_id}"})
@@ -396,19 +403,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if claim["fingerprint"] != fingerprint:
             raise ApiError(409, "idempotency_conflict",
                            "this Idempotency-Key was used with a different request body")
-        # The first request sends the message before it writes the record: give it a
-        # moment to appear.
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                doc = own_job(claim["job_id"], who)
-                break
-            except ApiError:
-                if time.monotonic() > deadline:
-                    raise ApiError(409, "idempotency_in_progress",
-                                   "a request with this Idempotency-Key is in progress"
-                                   ) from None
-                time.sleep(0.05)
+        try:
+            doc = own_job(claim["job_id"], who)
+        except ApiError:
+            # The key is written with its record, so only an expired record gets here
+            # (RESULT_TTL_S shorter than IDEMPOTENCY_TTL_S): the key is free again.
+            r.eval(_RELEASE_KEY, 1, idem_key, raw)
+            return None
         return JSONResponse(view(doc), status_code=202, headers={
             "Location": f"/v1/jobs/{doc['id']}", "Idempotent-Replayed": "true"})
 

@@ -7,6 +7,7 @@ Every class knows the error code a user sees and whether the job may be tried ag
     │   └── UnknownModel          unknown_model
     ├── JobNotFound               (no job with that id)
     ├── Unavailable               (Redis or the broker unreachable; retryable)
+    ├── KeyClaimed                (an Idempotency-Key already names another job)
     └── JobError                  raised while a job runs; ends it ``failed`` with ``code``
         ├── ImageFetchFailed      image_fetch_failed
         ├── ImageInvalid          image_invalid
@@ -108,6 +109,12 @@ class Fenced(AtelierError):
     """This run no longer owns the job (another attempt took over, or it ended)."""
 
     code = "fenced"
+
+
+class KeyClaimed(AtelierError):
+    """A concurrent request with the same ``Idempotency-Key`` created its job first."""
+
+    code = "idempotency_claimed"
 
 
 class Unavailable(AtelierError):
