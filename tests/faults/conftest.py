@@ -8,6 +8,7 @@ and every count below is exact.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -24,6 +25,9 @@ from producer.contract import TERMINAL_EVENTS, EventType, Status
 from producer.settings import Settings
 from tests.conftest import stack_values, worker_env
 from tests.servers import Process, RedisServer, Worker, api_process, dispatcher_process
+
+#: The webhook signing key of the suite's dispatchers.
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode()
 
 #: Simulated GPUs (worker/simulated.py): the worker's real code path, no weights, so
 #: a worker starts in seconds and a job's length is set by ``gpu_ms``.

@@ -3,7 +3,6 @@ mid-job: every accepted job ends terminal, once, and no process needs a restart.
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,11 @@ from producer import Client
 from producer.contract import EventType, Status
 from producer.settings import Settings
 from tests.conftest import stack_values, worker_env
-from tests.faults.conftest import MODELS, Rig, Submitter
+from tests.faults.conftest import MODELS, WEBHOOK_SECRET, Rig, Submitter
 from tests.receiver import Receiver
 from tests.servers import RedisServer, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-
-SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode()
 
 
 @pytest.mark.timeout(150)
@@ -28,7 +25,7 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
     """Case 3: redis-server (AOF everysec, noeviction) restarted gracefully while 50
     jobs go through the API, two workers and a dispatcher. Every job that got a 202
     ends terminal, once, none stays queued, and every process carries on by itself."""
-    values = {"visibility_timeout_s": 300, "webhook_secret": SECRET,
+    values = {"visibility_timeout_s": 300, "webhook_secret": WEBHOOK_SECRET,
               "webhook_retry_schedule_s": ",".join(["0.5"] * 20),
               "webhook_read_timeout_s": 2, "webhook_claim_idle_s": 3}
     with Receiver() as receiver:

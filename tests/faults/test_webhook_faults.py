@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import base64
 import random
 import threading
 import time
@@ -14,14 +13,14 @@ from standardwebhooks.webhooks import Webhook
 
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, Status
-from tests.faults.conftest import Rig
+from tests.faults.conftest import WEBHOOK_SECRET, Rig
 from tests.receiver import Received, Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
-SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode()
+
 WEBHOOKS = {
-    "webhook_secret": SECRET,
+    "webhook_secret": WEBHOOK_SECRET,
     "webhook_read_timeout_s": 1.0,
     "webhook_connect_timeout_s": 1.0,
     "webhook_claim_idle_s": 2.0,
@@ -29,7 +28,7 @@ WEBHOOKS = {
 
 
 def verify(got: Received) -> dict[str, Any]:
-    payload: dict[str, Any] = Webhook(SECRET).verify(got.body, got.headers)
+    payload: dict[str, Any] = Webhook(WEBHOOK_SECRET).verify(got.body, got.headers)
     assert got.headers["webhook-id"] == payload["id"]
     return payload
 

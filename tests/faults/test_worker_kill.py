@@ -11,7 +11,6 @@ messages back, and the attempt count and fence keep the outcome single.
 
 from __future__ import annotations
 
-import base64
 import random
 import signal
 import time
@@ -21,12 +20,17 @@ from standardwebhooks.webhooks import Webhook
 
 from producer.broker import queue_depth
 from producer.contract import EventType, Status
-from tests.faults.conftest import Rig, assert_one_outcome, manifest, stored_files, wait_for_event
+from tests.faults.conftest import (
+    WEBHOOK_SECRET,
+    Rig,
+    assert_one_outcome,
+    manifest,
+    stored_files,
+    wait_for_event,
+)
 from tests.receiver import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-
-SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode()
 
 
 @pytest.mark.timeout(90)
@@ -34,7 +38,7 @@ SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode
 def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> None:
     """Case 1: one set of objects, one terminal event, one completed webhook id."""
     with Receiver() as receiver:
-        values = {"visibility_timeout_s": 4, "webhook_secret": SECRET,
+        values = {"visibility_timeout_s": 4, "webhook_secret": WEBHOOK_SECRET,
                   "webhook_retry_schedule_s": "0.3,0.3,0.3"}
         workers = [rig.worker(["tiny-sdxl"], wait=False, new_session=True, **values)
                    for _ in range(2)]
@@ -67,7 +71,7 @@ def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> Non
             {k: v for k, v in o.items() if k != "url"} for o in record["outputs"]]
         # One completed webhook id: the terminal event's.
         [got] = receiver.wait_for("/done", 1)
-        Webhook(SECRET).verify(got.body, got.headers)
+        Webhook(WEBHOOK_SECRET).verify(got.body, got.headers)
         assert got.headers["webhook-id"] == log[-1]["id"]
         time.sleep(1.0)
         assert {r.headers["webhook-id"] for r in receiver.at("/done")} == {log[-1]["id"]}
