@@ -20,6 +20,20 @@ from tests.servers import RedisServer, Worker
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
+def sse_types(port: int, job_id: str) -> list[str]:
+    """The event types of a job's whole SSE stream, read through the API."""
+    import httpx
+
+    types = []
+    with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events",
+                      headers={"Authorization": "Bearer fault-key"}, timeout=30) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                types.append(line.removeprefix("event: "))
+    return types
+
+
 @pytest.mark.timeout(150)
 def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
     """Case 3: redis-server (AOF everysec, noeviction) restarted gracefully while 50
@@ -43,6 +57,9 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
             assert time.monotonic() < deadline and submitter.is_alive(), submitter.error
             time.sleep(0.02)
         before = submitter.accepted_count()
+        # An event stream read before the restart leaves the API's asyncio Redis pool a
+        # connection that the restart breaks; one read after it must reconnect.
+        assert sse_types(api.port, submitter.accepted["fault-0"])[-1] == EventType.SUCCEEDED
         rig.redis.stop()  # SIGTERM: Redis fsyncs its AOF and exits
         time.sleep(3.0)
         rig.redis.start()  # same port, same AOF
@@ -71,6 +88,8 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         import httpx
 
         assert httpx.get(f"http://127.0.0.1:{api.port}/readyz").status_code == 200
+        for key in ("fault-1", "fault-49"):
+            assert sse_types(api.port, accepted[key])[-1] == EventType.SUCCEEDED
         store = client.store
         deadline = time.monotonic() + 60
         while True:
