@@ -33,6 +33,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from producer import constants as K
 from producer.broker import make_celery
 from producer.contract import now_iso
+from producer.errors import GiveBack
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
@@ -52,8 +53,6 @@ def create_app(settings: Settings) -> Celery:
         # the job itself, so the task succeeds and the message is acknowledged.
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
-        from worker.runner import GiveBack
-
         try:
             _runner.run(job_id)
         except GiveBack as exc:

@@ -42,6 +42,7 @@ from producer.contract import (
 )
 from producer.errors import (
     Fenced,
+    GiveBack,
     ImageFetchFailed,
     ImageInvalid,
     InternalError,
@@ -88,11 +89,6 @@ class Run:
     @property
     def request(self) -> dict[str, Any]:
         return self.doc["request"]
-
-
-class GiveBack(Exception):
-    """The worker is shutting down and this job has not started: the task puts its
-    message back on the queue for another worker, instead of running it here."""
 
 
 def _ms(seconds: float) -> int:
