@@ -199,6 +199,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+#: How long an event stream waits for Redis to come back before it ends.
+SSE_DOWN_S = 30.0
+
 _LAST_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
@@ -463,9 +466,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield b"retry: 2000\n\n"
         last = after or "0-0"
         block = int(settings.sse_heartbeat_s * 1000)
+        down_since: float | None = None
         while True:
-            res: Any = await state["aredis"].xread({K.events_key(job_id): last}, count=100,
-                                                   block=block)
+            try:
+                res: Any = await state["aredis"].xread({K.events_key(job_id): last},
+                                                       count=100, block=block)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # Redis restarting (or a pooled connection it closed): the pool
+                # reconnects on the next call, so the stream goes on where it was. After
+                # SSE_DOWN_S of outage it ends; the client resumes with Last-Event-ID.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > SSE_DOWN_S:
+                    return
+                yield b": reconnecting\n\n"
+                await anyio.sleep(0.5)
+                continue
+            down_since = None
             if not res:
                 # Quiet: a queued job may have expired meanwhile (reading expires it).
                 try:
