@@ -115,6 +115,7 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
     finally:
         if watcher is not None:
             watcher.stopping.set()
+            watcher.join(5)  # before the rig closes the Redis client it reads with
         if relay is not None:
             relay.stop()
         s3_server.stop()
