@@ -50,14 +50,14 @@ from producer import constants as K
 from producer.broker import queue_depth
 from producer.client import Client, new_job_id
 from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status, validate_request
-from producer.errors import AtelierError, InvalidRequest, JobNotFound, Unavailable
+from producer.errors import AtelierError, InvalidRequest, JobNotFound, KeyClaimed, Unavailable
 from producer.fleet import live_workers, queue_report
 from producer.logs import configure as configure_logging
 from producer.metrics import RedisGauges, queue_gauges
 from producer.redis_url import async_redis_client, redis_client
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
-from producer.store import decode_event
+from producer.store import Claim, decode_event
 
 log = logging.getLogger("atelier.api")
 
@@ -197,6 +197,15 @@ if wait > 0 then return math.ceil(wait) end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
 return 0
 """
+
+# Delete an idempotency key only if it still holds what the caller read.
+_RELEASE_KEY = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+#: How long an event stream waits for Redis to come back before it ends.
+SSE_DOWN_S = 30.0
 
 _LAST_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
@@ -381,20 +390,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return replay
         _admit(normalized["model"])
         job_id = new_job_id()
+        claim = None
         if idem_key is not None:
-            claim = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
-            if not r.set(idem_key, claim, nx=True, ex=settings.idempotency_ttl_s):
-                replay = _replay(r, idem_key, fingerprint, who)  # lost a race: theirs wins
-                if replay is not None:
-                    return replay
-                raise ApiError(409, "idempotency_in_progress",
-                               "a request with this Idempotency-Key is in progress")
+            # Written with the record, in one step: a replica that dies before that
+            # leaves the key free, so the client's retry creates the job.
+            claim = Claim(idem_key, json.dumps({"fingerprint": fingerprint, "job_id": job_id}),
+                          settings.idempotency_ttl_s)
         try:
-            state["client"].enqueue(normalized, job_id=job_id, owner=who.owner)
-        except Unavailable:
-            if idem_key is not None:  # nothing was created: free the key for a retry
-                r.delete(idem_key)
-            raise
+            state["client"].enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim)
+        except KeyClaimed:
+            # A concurrent request with this key won the race: answer with its job.
+            replay = _replay(r, idem_key, fingerprint, who) if idem_key else None
+            if replay is not None:
+                return replay
+            raise ApiError(409, "idempotency_in_progress",
+                           "a request with this Idempotency-Key is in progress") from None
         log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
                  extra={"job_id": job_id})
         doc = state["store"].get(job_id)
@@ -410,19 +420,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if claim["fingerprint"] != fingerprint:
             raise ApiError(409, "idempotency_conflict",
                            "this Idempotency-Key was used with a different request body")
-        # The first request sends the message before it writes the record: give it a
-        # moment to appear.
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                doc = own_job(claim["job_id"], who)
-                break
-            except ApiError:
-                if time.monotonic() > deadline:
-                    raise ApiError(409, "idempotency_in_progress",
-                                   "a request with this Idempotency-Key is in progress"
-                                   ) from None
-                time.sleep(0.05)
+        try:
+            doc = own_job(claim["job_id"], who)
+        except ApiError:
+            # The key is written with its record, so only an expired record gets here
+            # (RESULT_TTL_S shorter than IDEMPOTENCY_TTL_S): the key is free again.
+            r.eval(_RELEASE_KEY, 1, idem_key, raw)
+            return None
         return JSONResponse(view(doc), status_code=202, headers={
             "Location": f"/v1/jobs/{doc['id']}", "Idempotent-Replayed": "true"})
 
@@ -476,9 +480,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield b"retry: 2000\n\n"
         last = after or "0-0"
         block = int(settings.sse_heartbeat_s * 1000)
+        down_since: float | None = None
         while True:
-            res: Any = await state["aredis"].xread({K.events_key(job_id): last}, count=100,
-                                                   block=block)
+            try:
+                res: Any = await state["aredis"].xread({K.events_key(job_id): last},
+                                                       count=100, block=block)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # Redis restarting (or a pooled connection it closed): the pool
+                # reconnects on the next call, so the stream goes on where it was. After
+                # SSE_DOWN_S of outage it ends; the client resumes with Last-Event-ID.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > SSE_DOWN_S:
+                    return
+                yield b": reconnecting\n\n"
+                await anyio.sleep(0.5)
+                continue
+            down_since = None
             if not res:
                 # Quiet: a queued job may have expired meanwhile (reading expires it).
                 try:

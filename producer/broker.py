@@ -30,6 +30,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # default throttle would make it ten times that).
             "unacked_restore_interval": settings.restore_interval_s,
             "unacked_restore_throttle": 1,
+            # A sweep holds a Redis lock that expires after this; kombu's default 300 s
+            # meant a worker killed mid-sweep (a main thread starved of the GIL by
+            # denoising makes the sweep long) stopped every worker's sweeps, so lost
+            # messages came back 5 minutes late. Sweeps restore each message in a
+            # WATCH transaction, so two overlapping ones are harmless.
+            "unacked_mutex_expire": max(2, settings.restore_interval_s),
             # Ten priority lists per queue; the Redis transport serves 0 first, so the
             # producer maps atelier's priority p (9 = most urgent) to 9 - p.
             "priority_steps": list(range(10)),

@@ -12,10 +12,10 @@ import redis
 from producer import constants as K
 from producer.broker import celery_priority, make_celery
 from producer.contract import Status, decode_data_uri, new_record, now_iso, validate_request
-from producer.errors import JobNotFound, Unavailable
+from producer.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
-from producer.store import JobStore
+from producer.store import Claim, JobStore
 
 
 def new_job_id() -> str:
@@ -47,13 +47,16 @@ class Client:
         return self.enqueue(normalized)
 
     def enqueue(
-        self, normalized: dict[str, Any], job_id: str | None = None, owner: str | None = None
+        self, normalized: dict[str, Any], job_id: str | None = None, owner: str | None = None,
+        claim: Claim | None = None,
     ) -> str:
         """Send the message, then write the record.
 
         In this order a failure in between leaves a message without a record, which
         the worker drops, and never a record without a message, which would stay
         ``queued`` forever. The worker waits briefly for a record it does not see yet.
+        ``claim``, an idempotency key, is written with the record, in one step; if it
+        already exists nothing is written and :class:`KeyClaimed` is raised.
         """
         job_id = job_id or new_job_id()
         try:
@@ -74,7 +77,8 @@ class Client:
         except Exception as exc:
             raise Unavailable(f"broker unavailable: {exc}") from exc
         try:
-            self.store.create(doc)  # refused only if a lost reply hid our own write
+            # Refused only for a taken key, or if a lost reply hid our own write.
+            out = self.store.create(doc, claim)
         except redis.RedisError as exc:
             # The script may have run and only its reply been lost: look.
             try:
@@ -82,6 +86,9 @@ class Client:
                 return job_id
             except (redis.RedisError, JobNotFound):
                 raise Unavailable(f"job store unavailable: {exc}") from exc
+        if not out.ok and out.detail == "claimed":
+            # Our message finds no record and is dropped by the worker that takes it.
+            raise KeyClaimed(f"the idempotency key already names a job ({job_id} not created)")
         return job_id
 
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Every class knows the error code a user sees and whether the job may be tried ag
     │   └── UnknownModel          unknown_model
     ├── JobNotFound               (no job with that id)
     ├── Unavailable               (Redis or the broker unreachable; retryable)
+    ├── KeyClaimed                (an Idempotency-Key already names another job)
     └── JobError                  raised while a job runs; ends it ``failed`` with ``code``
         ├── ImageFetchFailed      image_fetch_failed
         ├── ImageInvalid          image_invalid
@@ -18,8 +19,9 @@ Every class knows the error code a user sees and whether the job may be tried ag
         └── InternalError         internal
 
 Control flow that is not a failure lives beside it: :class:`JobCancelled` (the user
-asked) and :class:`Fenced` (another run of the same job owns it now, so this run's
-writes must stop).
+asked), :class:`Fenced` (another run of the same job owns it now, so this run's
+writes must stop) and :class:`GiveBack` (the worker is shutting down before the job
+started: its message goes back to the queue).
 """
 
 from __future__ import annotations
@@ -108,6 +110,19 @@ class Fenced(AtelierError):
     """This run no longer owns the job (another attempt took over, or it ended)."""
 
     code = "fenced"
+
+
+class GiveBack(AtelierError):
+    """The worker is shutting down and this job has not started: the task puts its
+    message back on the queue for another worker, instead of running it here."""
+
+    code = "shutting_down"
+
+
+class KeyClaimed(AtelierError):
+    """A concurrent request with the same ``Idempotency-Key`` created its job first."""
+
+    code = "idempotency_claimed"
 
 
 class Unavailable(AtelierError):

@@ -50,6 +50,8 @@ _APPLY = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if ARGV[1] == '__new__' then
   if status then return {0, status} end
+  -- An Idempotency-Key already naming a job: a concurrent request with it won.
+  if ARGV[11] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then return {0, 'claimed'} end
 else
   if not status then return {0, '__missing__'} end
   -- A terminal record never changes, whatever the caller allows.
@@ -69,7 +71,7 @@ end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
 -- a failure must leave the record as it was.
 local ids = {}
-for i = 11, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
                         'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   redis.call('XADD', KEYS[2], id,
@@ -87,6 +89,8 @@ if ARGV[3] ~= '' then
 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
+-- The key and the record it names appear together or not at all.
+if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'EX', ARGV[12]) end
 if tonumber(ARGV[7]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('EXPIRE', KEYS[2], ARGV[7])
@@ -111,6 +115,17 @@ class Snapshot:
     status: Status
     token: str
     cancel_requested: bool
+
+
+@dataclass
+class Claim:
+    """An ``Idempotency-Key`` reservation written with the record it names, so that
+    neither exists without the other (a replica dying between two writes would leave
+    a key that names no job, and every retry with it would wait for one)."""
+
+    key: str
+    value: str
+    ttl_s: int
 
 
 @dataclass
@@ -163,13 +178,15 @@ class JobStore:
         doc: dict[str, Any] | None = None,
         new_token: str | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
+        claim: Claim | None = None,
     ) -> Outcome:
         """Compare-and-set a job: the primitive every transition uses.
 
         ``allowed``: comma-separated statuses the job must be in (or ``NEW``: must not
         exist); ``token``: the fence the caller read (``ANY_TOKEN`` skips the check).
         ``doc`` replaces the record; ``events`` are appended in order, to the job's log
-        and the global stream, only if the check passes.
+        and the global stream, only if the check passes. ``claim`` (with ``NEW`` only):
+        an idempotency key set in the same step, refused (``claimed``) if it exists.
         """
         status = doc["status"] if doc is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
@@ -185,6 +202,8 @@ class JobStore:
             K.GLOBAL_EVENTS_MAXLEN,
             job_id,
             _queued_score(doc) if allowed == NEW and doc is not None else "",
+            claim.value if claim is not None else "",
+            claim.ttl_s if claim is not None else 0,
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
@@ -192,17 +211,19 @@ class JobStore:
             args += [etype.value, _dumps(data)]
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
-                  K.queued_index_key(doc["request"]["model"] if doc else "_")],
+                  K.queued_index_key(doc["request"]["model"] if doc else "_"),
+                  claim.key if claim is not None else K.job_key(job_id)],
             args=args,
         )
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         return Outcome(bool(ok), detail)
 
-    def create(self, doc: dict[str, Any]) -> Outcome:
-        """Write a new ``queued`` record and its ``job.queued`` event."""
+    def create(self, doc: dict[str, Any], claim: Claim | None = None) -> Outcome:
+        """Write a new ``queued`` record and its ``job.queued`` event (and the
+        idempotency key naming it, if any: refused with ``claimed`` when it exists)."""
         return self.apply(
             doc["id"], allowed=NEW, doc=doc, new_token=NO_TOKEN,
-            events=[(EventType.QUEUED, {})],
+            events=[(EventType.QUEUED, {})], claim=claim,
         )
 
     def put_input(self, raw: bytes) -> str:

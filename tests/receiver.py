@@ -2,7 +2,9 @@
 
 Each path answers by a script: a list of behaviours used in turn (the last repeats):
 an int status, ``("status", code, headers)``, ``"hang:<seconds>"`` (answer 200 after
-sleeping), or ``"redirect:<url>"``.
+sleeping), ``"redirect:<url>"``, or a callable returning one of those (drawn per
+request). A script is looked up by the path without its query string; its turns are
+counted per full path, so ``/p?job=1`` and ``/p?job=2`` each run ``/p``'s script.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ class Receiver:
                     receiver.received.append(
                         Received(self.path, {k.lower(): v for k, v in self.headers.items()},
                                  body))
-                    script = receiver.scripts.get(self.path, [204])
+                    script = receiver.scripts.get(self.path.split("?", 1)[0], [204])
                     n = sum(1 for r in receiver.received if r.path == self.path)
                     action = script[min(n, len(script)) - 1]
+                if callable(action):
+                    action = action()
                 headers: dict[str, str] = {}
                 if isinstance(action, str) and action.startswith("hang:"):
                     time.sleep(float(action.removeprefix("hang:")))

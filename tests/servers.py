@@ -114,9 +114,12 @@ class Process:
 
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
                  ready: bytes | None = None, port: int | None = None,
-                 grace: float = 15.0) -> None:
+                 grace: float = 15.0, new_session: bool = False) -> None:
         self.argv, self.env, self.log_path = argv, env, log_path
         self.ready, self.port, self.grace = ready, port, grace
+        #: Lead its own process group (pgid = pid), so :meth:`kill_group` reaches every
+        #: process it started and nothing of the test's.
+        self.new_session = new_session
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
@@ -125,7 +128,8 @@ class Process:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=ROOT)
+                                         stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=self.new_session)
         if wait:
             self.wait_ready(timeout)
         return self
@@ -155,8 +159,29 @@ class Process:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def kill_group(self) -> None:
+        """SIGKILL the process group this process leads (started with ``new_session``):
+        the process and everything it started die at once, as when a container or a
+        node is killed."""
+        assert self.new_session, "kill_group needs a process started with new_session"
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to this process (SIGTERM, SIGSTOP, SIGCONT...)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def stop(self) -> None:
         if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a stopped one could not exit
             stop(self.proc, grace=self.grace)
 
 
@@ -166,13 +191,14 @@ class Worker(Process):
     READY = b"atelier worker ready"
 
     def __init__(self, env: dict[str, str], log_path: Path, models: list[str],
-                 concurrency: int | None = None) -> None:
+                 concurrency: int | None = None, new_session: bool = False) -> None:
         argv = [sys.executable, "-m", "worker"]
         for m in models:
             argv += ["--model", m]
         if concurrency:
             argv += ["--concurrency", str(concurrency)]
-        super().__init__(argv, env, log_path, ready=self.READY, grace=30)
+        super().__init__(argv, env, log_path, ready=self.READY, grace=30,
+                         new_session=new_session)
         self.models, self.concurrency = models, concurrency
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> Worker:

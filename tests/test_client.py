@@ -47,6 +47,9 @@ def test_broker_config_is_json_only_and_at_least_once() -> None:
     # the second held job may wait a whole job for the GPU, then run its own
     assert vt >= 2 * 900 + 60
     assert conf["broker_transport_options"]["priority_steps"] == list(range(10))
+    # A worker killed mid-sweep holds the restore lock no longer than a sweep interval.
+    assert conf["broker_transport_options"]["unacked_mutex_expire"] <= max(
+        2, settings.restore_interval_s)
     assert celery_priority(9) == 0 and celery_priority(0) == 9  # Redis serves 0 first
 
 

@@ -117,23 +117,6 @@ def test_webhook_events_filter(stack: Stack, receiver: Receiver, dispatcher: Pro
     assert verify(one)["type"] == "job.started" and len(receiver.at("/started")) == 1
 
 
-def test_failed_deliveries_are_retried_under_the_same_id(
-    stack: Stack, receiver: Receiver, dispatcher: Process
-) -> None:
-    url = receiver.script("/flaky", 500, 503, 204)
-    job_id = submit(stack, webhook=url)
-    got = receiver.wait_for("/flaky", 3)
-    ids = {g.headers["webhook-id"] for g in got}
-    assert len(ids) == 1
-    for g in got:
-        verify(g)  # each attempt is signed afresh
-    log = deliveries(stack, job_id, 3)
-    assert [(d["attempt"], d["outcome"], d["status"]) for d in log] == [
-        (1, "retry", 500), (2, "retry", 503), (3, "delivered", 204)]
-    time.sleep(1)
-    assert len(receiver.at("/flaky")) == 3
-
-
 def test_retry_after_is_honoured(stack: Stack, receiver: Receiver, dispatcher: Process) -> None:
     url = receiver.script("/busy", ("status", 429, {"Retry-After": "2"}), 204)
     job_id = submit(stack, webhook=url)
@@ -170,34 +153,6 @@ def test_redirects_are_not_followed_and_hangs_time_out(
     assert log[0]["outcome"] == "retry" and "Timeout" in log[0]["error"]
     assert log[0]["duration_ms"] < 2500  # the read timeout (1 s) cut it short
     assert log[1]["outcome"] == "delivered"
-
-
-def test_a_crashed_dispatchers_deliveries_are_claimed(
-    stack: Stack, receiver: Receiver, dispatcher: Process, session_dir: Path
-) -> None:
-    # The module's dispatcher stops; A takes the event and dies mid-delivery.
-    dispatcher.stop()
-    env = dispatcher_env(stack, webhook_read_timeout_s=30)
-    a = dispatcher_process(env, session_dir / "logs" / "dispatcher-a.log").start()
-    b = None
-    try:
-        job_id = submit(stack, webhook=receiver.script("/crash", "hang:30", 204))
-        [first] = receiver.wait_for("/crash", 1)
-        a.kill()
-        b = dispatcher_process(dispatcher_env(stack), session_dir / "logs" / "dispatcher-b.log")
-        b.start()
-        second = receiver.wait_for("/crash", 2, timeout=30)[1]
-        assert second.headers["webhook-id"] == first.headers["webhook-id"]
-        verify(second)
-        log = deliveries(stack, job_id, 1)
-        assert log[-1]["outcome"] == "delivered"
-        assert b.proc is not None and log[-1]["dispatcher"].endswith(f"-{b.proc.pid}")
-        assert "claimed abandoned event" in b.log()
-    finally:
-        a.kill()
-        if b is not None:
-            b.stop()
-        dispatcher.start()
 
 
 # -- the address guard on webhooks ---------------------------------------------------

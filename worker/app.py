@@ -32,6 +32,7 @@ from celery.signals import setup_logging, worker_ready, worker_shutting_down
 from producer import constants as K
 from producer.broker import make_celery
 from producer.contract import now_iso
+from producer.errors import GiveBack
 from producer.logs import configure as configure_logging
 from producer.logs import job_context
 from producer.registry import Registry
@@ -56,6 +57,12 @@ def create_app(settings: Settings) -> Celery:
         try:
             with job_context(job_id):
                 _runner.run(job_id)
+        except GiveBack as exc:
+            # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
+            # head of its queue now, not after the visibility timeout.
+            log.info("job %s: not started before shutdown; requeued", job_id,
+                     extra={"job_id": job_id})
+            raise Reject("worker shutting down", requeue=True) from exc
         except redis.RedisError as exc:
             # The job store is unreachable, so the outcome could not be recorded.
             # Celery would acknowledge a failed task and lose the job: put it back
@@ -272,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     @worker_shutting_down.connect(weak=False)
     def _stopping(sig: str = "", how: str = "", **_: object) -> None:
         log.info("atelier worker %s: %s shutdown (%s)", worker_name, how.lower(), sig)
+        # Celery's warm shutdown stops taking messages and waits for its tasks; a task
+        # still waiting for the GPU would start a whole new job first. Give it back.
+        if _runner is not None:
+            _runner.drain()
 
     @setup_logging.connect(weak=False)
     def _keep_logging(**_: object) -> None:

@@ -42,6 +42,7 @@ from producer.contract import (
 )
 from producer.errors import (
     Fenced,
+    GiveBack,
     ImageFetchFailed,
     ImageInvalid,
     InternalError,
@@ -124,6 +125,13 @@ class Runner:
         self._monitor: Monitor | None = None
         self._monitor_lock = threading.Lock()
         self.metrics = metrics or WorkerMetrics()
+        #: Set at warm shutdown (SIGTERM): jobs already running finish, a job still
+        #: waiting for the GPU is given back rather than started.
+        self.draining = threading.Event()
+
+    def drain(self) -> None:
+        """Start no more jobs: the ones waiting for the GPU go back to the queue."""
+        self.draining.set()
 
     @property
     def loras(self) -> LoraCache:
@@ -182,9 +190,13 @@ class Runner:
         # (one round trip less; the start's compare-and-set still checks the token).
         fresh = init_bytes is None and init_error is None and self.gpu.acquire(blocking=False)
         if not fresh:
-            self.gpu.acquire()
+            self._wait_for_gpu(job_id)
         self.metrics.busy.begin()
         with _held(self.gpu, self.metrics.busy.end):
+            if self.draining.is_set():
+                # Shutting down with the GPU just freed: this job has not started, so
+                # another worker runs it now rather than this one delaying its exit.
+                raise GiveBack(job_id)
             run = self._start(job_id, snap if fresh else None)
             if run is None:
                 return None
@@ -210,6 +222,12 @@ class Runner:
                 # The naive worker: the GPU waits while this job is encoded and stored.
                 return self._complete(run, images, inference_ms)
         return self._complete(run, images, inference_ms)
+
+    def _wait_for_gpu(self, job_id: str) -> None:
+        # A slot waits here while the other generates; at shutdown it stops waiting.
+        while not self.gpu.acquire(timeout=0.05):
+            if self.draining.is_set():
+                raise GiveBack(job_id)
 
     def _complete(self, run: Run, images: list[Any], inference_ms: int) -> Status | None:
         """Steps 5-6, the other slot's job generating meanwhile."""
