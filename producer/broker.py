@@ -51,6 +51,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # At-least-once: acknowledge after the task (outputs stored), requeue when the
         # worker process dies, take one message per free slot.
         "task_acks_late": True,
+        # A task that raises (JobEndedFailed: a failure already recorded) is acknowledged
+        # too: it must not run again. Celery's default, stated because it matters.
+        "task_acks_on_failure_or_timeout": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": K.queue_name(settings.default_model),

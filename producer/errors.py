@@ -130,3 +130,13 @@ class Unavailable(AtelierError):
 
     code = "unavailable"
     retryable = True
+
+
+class JobEndedFailed(AtelierError):
+    """The job ended ``failed`` and its outcome is recorded on the job. The Celery task
+    raises this afterwards so that its task state (task events, Flower) reads FAILURE;
+    the message is acknowledged all the same (``task_acks_on_failure_or_timeout``)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id} ended failed; its record holds the error")

@@ -20,11 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Client
 from producer import constants as K
-from producer.broker import make_celery
+from producer.broker import make_celery, queue_depth
 from producer.fleet import live_workers
 from producer.settings import Settings
 from tests.conftest import stack_values, worker_env
@@ -135,8 +136,8 @@ def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
                 assert failed["error"]["code"] == "image_fetch_failed"
             receiver.wait_for("/ok", 1)
             receiver.wait_for("/flaky", 2)
-            for job_id in (ran.ok, ran.bad):
-                capture.wait_for(lambda e, j=job_id: e["type"] == "task-succeeded"
+            for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):
+                capture.wait_for(lambda e, j=job_id, t=ended: e["type"] == t
                                  and e["uuid"] == j)
             ran.events = list(capture.events)
             yield ran
@@ -245,16 +246,25 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_celery_task_events_show_jobs_for_flower(ran: Ran) -> None:
-    for job_id in (ran.ok, ran.bad):
+    # A succeeded job reads SUCCESS in Flower, a failed one FAILURE, naming the job.
+    for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):
         mine = [e for e in ran.events if e.get("uuid") == job_id]
         by_type = {e["type"]: e for e in mine}
-        assert {"task-received", "task-started", "task-succeeded"} <= set(by_type), mine
+        assert {"task-received", "task-started", ended} <= set(by_type), mine
+        assert {"task-succeeded", "task-failed"} - {ended} - set(by_type), mine
+        assert [e["type"] for e in mine].count("task-received") == 1, mine
         received = by_type["task-received"]
         assert received["name"] == K.TASK_GENERATE
         assert job_id in received["args"]
         assert received["hostname"].startswith("atelier@")
-        assert by_type["task-succeeded"]["runtime"] > 0
         assert by_type["task-started"]["hostname"] == received["hostname"]
+        assert by_type[ended]["timestamp"] >= by_type["task-started"]["timestamp"]
+    assert by_type["task-failed"]["exception"].startswith("JobEndedFailed"), by_type
+    assert ran.bad in by_type["task-failed"]["exception"]
+    # Failed or not, both messages were acknowledged: nothing left to run again.
+    broker = redis.Redis.from_url(ran.values["redis_url"])
+    assert broker.hlen("unacked") == 0
+    assert queue_depth(broker, "tiny-sdxl") == 0
 
 
 def test_json_logs_carry_the_job_id(ran: Ran) -> None:

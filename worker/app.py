@@ -31,8 +31,8 @@ from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer import constants as K
 from producer.broker import make_celery
-from producer.contract import now_iso
-from producer.errors import GiveBack
+from producer.contract import Status, now_iso
+from producer.errors import GiveBack, JobEndedFailed
 from producer.logs import configure as configure_logging
 from producer.logs import job_context
 from producer.registry import Registry
@@ -48,15 +48,17 @@ _runner = None  # the process's Runner, set by main() before the worker consumes
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "atelier-worker")
 
-    @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True)
+    # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
+    @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True,
+              throws=(JobEndedFailed,))
     def generate(job_id: str) -> None:
         # An adapter: parse the message, run plain code. Job failures are recorded on
-        # the job itself, so the task succeeds and the message is acknowledged.
+        # the job itself; the message is acknowledged whatever the outcome.
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
         try:
             with job_context(job_id):
-                _runner.run(job_id)
+                status = _runner.run(job_id)
         except GiveBack as exc:
             # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
             # head of its queue now, not after the visibility timeout.
@@ -72,6 +74,9 @@ def create_app(settings: Settings) -> Celery:
                         extra={"job_id": job_id})
             time.sleep(2)
             raise Reject(str(exc), requeue=True) from exc
+        if status is Status.FAILED:
+            # Recorded already; raised so the task reads FAILURE in Flower, not SUCCESS.
+            raise JobEndedFailed(job_id)
 
     return app
 
