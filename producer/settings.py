@@ -15,6 +15,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.redis_url import check_redis_url
 
 
+def _one_of(setting: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{setting} must be one of {', '.join(allowed)}")
+    return value
+
+
 def _default_models_dir() -> str:
     return str(Path.home() / ".cache" / "atelier" / "models")
 
@@ -94,9 +100,7 @@ class Settings(BaseSettings):
     @field_validator("safety_action")
     @classmethod
     def _safety_action(cls, v: str) -> str:
-        if v not in {"blur", "withhold"}:
-            raise ValueError("ATELIER_SAFETY_ACTION must be blur or withhold")
-        return v
+        return _one_of("ATELIER_SAFETY_ACTION", v, ("blur", "withhold"))
 
     #: Encode and upload a job's images after releasing the GPU, so the next job
     #: generates meanwhile. false holds the GPU through post-processing too: the
@@ -149,9 +153,7 @@ class Settings(BaseSettings):
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, v: str) -> str:
-        if v not in {"text", "json"}:
-            raise ValueError("ATELIER_LOG_FORMAT must be text or json")
-        return v
+        return _one_of("ATELIER_LOG_FORMAT", v, ("text", "json"))
 
     @field_validator("webhook_secret")
     @classmethod
@@ -163,9 +165,7 @@ class Settings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in {"auto", "fp16", "bf16", "fp32"}:
-            raise ValueError("ATELIER_DTYPE must be one of auto, fp16, bf16, fp32")
-        return v
+        return _one_of("ATELIER_DTYPE", v, ("auto", "fp16", "bf16", "fp32"))
 
     @field_validator("storage_url")
     @classmethod

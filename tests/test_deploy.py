@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -452,19 +453,30 @@ def scaled_object_lists(model: str) -> list[str]:
     raise AssertionError(f"no ScaledObject for {model}")
 
 
-@pytest.mark.slow
-def test_keda_lists_hold_exactly_the_queued_jobs(tmp_path: Path, models_dir: Path) -> None:
-    lists = scaled_object_lists(KEDA_MODEL)
+@pytest.fixture
+def keda_stack(tmp_path: Path, models_dir: Path) -> Iterator[tuple[RedisServer, dict[str, Any]]]:
+    """A private Redis, and settings for a worker serving the example model's queue."""
     models_file = tmp_path / "models.toml"
     models_file.write_text(TINY_AS_KEDA_MODEL)
     server = RedisServer(tmp_path / "redis").start()
-    worker = None
     try:
-        values: dict[str, Any] = {
+        yield server, {
             "redis_url": server.url, "storage_url": f"file://{tmp_path / 'out'}",
             "models_file": str(models_file), "models_dir": str(models_dir),
-            "default_model": KEDA_MODEL, "device": "cpu", "torch_threads": 1,
-            "job_timeout_s": 60, "restore_interval_s": 1}
+            "default_model": KEDA_MODEL, "device": "cpu", "torch_threads": 1}
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_keda_lists_hold_exactly_the_queued_jobs(
+    tmp_path: Path, keda_stack: tuple[RedisServer, dict[str, Any]]
+) -> None:
+    lists = scaled_object_lists(KEDA_MODEL)
+    server, base = keda_stack
+    worker = None
+    try:
+        values = {**base, "job_timeout_s": 60, "restore_interval_s": 1}
         settings = Settings(**values)
         r = redis.Redis.from_url(server.url)
 
@@ -502,7 +514,6 @@ def test_keda_lists_hold_exactly_the_queued_jobs(tmp_path: Path, models_dir: Pat
     finally:
         if worker is not None:
             worker.stop()
-        server.stop()
 
 
 def test_settings_env_round_trip() -> None:
@@ -513,19 +524,16 @@ def test_settings_env_round_trip() -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_lets_the_running_job_finish(tmp_path: Path, models_dir: Path) -> None:
+def test_sigterm_lets_the_running_job_finish(
+    tmp_path: Path, keda_stack: tuple[RedisServer, dict[str, Any]]
+) -> None:
     """What the grace periods rely on: SIGTERM (compose stop, a pod's termination) lets
     the job a worker is running finish and be stored, takes no new one, and exits."""
-    models_file = tmp_path / "models.toml"
-    models_file.write_text(TINY_AS_KEDA_MODEL)
-    server = RedisServer(tmp_path / "redis").start()
+    server, base = keda_stack
     worker = None
     try:
-        values: dict[str, Any] = {
-            "redis_url": server.url, "storage_url": f"file://{tmp_path / 'out'}",
-            "models_file": str(models_file), "models_dir": str(models_dir),
-            "default_model": KEDA_MODEL, "device": "cpu", "torch_threads": 1,
-            "job_timeout_s": 120, "worker_concurrency": 1, "progress_interval_s": 0.1}
+        values = {**base, "job_timeout_s": 120, "worker_concurrency": 1,
+                  "progress_interval_s": 0.1}
         settings = Settings(**values)
         worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
         worker.start()
@@ -552,4 +560,3 @@ def test_sigterm_lets_the_running_job_finish(tmp_path: Path, models_dir: Path) -
     finally:
         if worker is not None:
             worker.stop()
-        server.stop()

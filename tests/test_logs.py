@@ -75,7 +75,7 @@ def test_bad_operations_settings_name_their_variable(
 
 
 def test_log_format_error_names_the_environment_variable() -> None:
-    with pytest.raises(ValidationError, match="ATELIER_LOG_FORMAT must be text or json"):
+    with pytest.raises(ValidationError, match="ATELIER_LOG_FORMAT must be one of text, json"):
         Settings(log_format="xml")
 
 
