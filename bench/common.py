@@ -47,8 +47,14 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
 
-def emit(result: dict[str, Any]) -> None:
-    """The benchmark's result: one JSON object, the last line on stdout."""
+def emit(result: dict[str, Any], started: float | None = None,
+         load_before: float | None = None) -> None:
+    """The benchmark's result: one JSON object, the last line on stdout. Given when the
+    run started (``time.perf_counter()``) and the load average then, it ends with the
+    machine's load before and after and the run's wall time, for judging the figures."""
+    if started is not None:
+        result = {**result, "load_avg_before": load_before, "load_avg_1m": load_average(),
+                  "wall_s": round(time.perf_counter() - started, 1)}
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
 

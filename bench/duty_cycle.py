@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         "encode_ms_p50": fast["encode_ms"],
         "upload_ms_p50": fast["upload_ms"],
         "png_bytes_p50": fast["bytes"],
-        "load_avg_before": load_before,
-        "load_avg_1m": load_average(),
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    })
+    }, started=t_start, load_before=load_before)
     return 0
 
 

@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "celery_jobs_per_s": round(args.jobs / celery_s, 1),
         "ratio_p50": round(p50 / celery_p50, 3),
         "storage": args.storage,
-        "load_avg_before": load_before,
-        "load_avg_1m": load_average(),
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    })
+    }, started=t_start, load_before=load_before)
     return 0
 
 

@@ -166,11 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "round_ratios": per_round,
         "ratio_median_round": round(statistics.median(per_round), 4),
-        "load_avg_before": load_before,
         "storage": args.storage,
-        "load_avg_1m": load_average(),
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    })
+    }, started=t_start, load_before=load_before)
     return 0
 
 

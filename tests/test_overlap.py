@@ -24,16 +24,7 @@ from tests.servers import RedisServer, S3Server, Worker
 
 pytestmark = pytest.mark.slow
 
-MODELS = """
-[models."sim-overlap"]
-pipeline = "simulated"
-source = "builtin:simulated"
-gpu_ms = 200
-steps = 4
-width = 512
-height = 512
-
-[models."sim-inline"]
+SIMULATED = """
 pipeline = "simulated"
 source = "builtin:simulated"
 gpu_ms = 200
@@ -41,6 +32,7 @@ steps = 4
 width = 512
 height = 512
 """
+MODELS = "".join(f'[models."{name}"]{SIMULATED}\n' for name in ("sim-overlap", "sim-inline"))
 
 
 def eid(event_id: str) -> tuple[int, int]:

@@ -28,6 +28,16 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def options_file(tmp_path: Path, table: str) -> str:
+    """A registry file whose one model has ``table`` as its options."""
+    return write(tmp_path, f"""
+[models."my-sdxl"]
+source = "/srv/my-sdxl"
+[models."my-sdxl".options]
+{table}
+""")
+
+
 # -- validation -------------------------------------------------------------------------
 
 
@@ -89,12 +99,7 @@ vae_tiling = true
     ],
 )
 def test_bad_options_are_refused_by_name(tmp_path: Path, table: str, message: str) -> None:
-    path = write(tmp_path, f"""
-[models."my-sdxl"]
-source = "/srv/my-sdxl"
-[models."my-sdxl".options]
-{table}
-""")
+    path = options_file(tmp_path, table)
     with pytest.raises(ValueError, match="model 'my-sdxl'") as exc:
         Registry.load(path)
     assert message in str(exc.value)
@@ -109,12 +114,7 @@ source = "/srv/my-sdxl"
     ],
 )
 def test_conflicting_options_are_refused(tmp_path: Path, table: str, message: str) -> None:
-    path = write(tmp_path, f"""
-[models."my-sdxl"]
-source = "/srv/my-sdxl"
-[models."my-sdxl".options]
-{table}
-""")
+    path = options_file(tmp_path, table)
     with pytest.raises(ValueError, match=message):
         Registry.load(path)
 
