@@ -6,8 +6,13 @@ here, once. JSON only: Celery refuses any other content type.
 
 from __future__ import annotations
 
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 
 from producer import constants as K
@@ -73,6 +78,131 @@ def make_celery(settings: Settings, name: str = "atelier") -> Celery:
 def celery_priority(priority: int) -> int:
     """atelier's 0–9 (higher first) as the Redis transport's 0–9 (lower first)."""
     return 9 - priority
+
+
+def send_job(app: Celery, job_id: str, model: str, priority: int) -> None:
+    """Publish a job's message: the body is ``[job_id]``; the record holds the request."""
+    app.send_task(
+        K.TASK_GENERATE,
+        args=[job_id],
+        # The task id is the job id: Celery's log lines and task events (Flower) name
+        # the job, and the reconciler finds a job's message by it.
+        task_id=job_id,
+        queue=K.queue_name(model),
+        priority=celery_priority(priority),
+    )
+
+
+def list_key(model: str, priority: int) -> str:
+    """The Redis list a message of ``priority`` (atelier's 0–9) waits in."""
+    return K.queue_keys(model)[celery_priority(priority)]
+
+
+# -- kombu's messages, as its Redis transport keeps them --------------------------------
+#
+# A message waiting is a JSON string in one of its queue's lists (``LPUSH`` in, ``BRPOP``
+# out: the right end is the head). One a worker took is in the ``unacked`` hash under its
+# delivery tag (``[payload, exchange, routing_key]``) with the time it was taken in
+# ``unacked_index``, until the worker acknowledges it. The reconciler reads both to find
+# a job's message, and moves one back to the head of its list the way kombu's own
+# restore does, in one WATCH transaction.
+
+
+def _job_of(payload: dict[str, Any]) -> str | None:
+    headers = payload.get("headers") or {}
+    if headers.get("task") != K.TASK_GENERATE:
+        return None
+    job = headers.get("id")
+    return job if isinstance(job, str) else None
+
+
+@dataclass
+class Unacked:
+    """A message a worker took and has not acknowledged."""
+
+    tag: str
+    job_id: str
+    taken_at: float  # unix time (the taking worker's clock)
+
+
+def unacked_messages(broker: redis.Redis) -> dict[str, list[Unacked]]:
+    """Every atelier message taken and not acknowledged, by job id."""
+    raw: Any = broker.hgetall(K.UNACKED)
+    scores: Any = broker.zrange(K.UNACKED_INDEX, 0, -1, withscores=True)
+    taken = {t.decode(): float(sc) for t, sc in scores}
+    out: dict[str, list[Unacked]] = {}
+    for tag_b, value in raw.items():
+        tag = tag_b.decode()
+        try:
+            job = _job_of(json.loads(value)[0])
+        except (ValueError, IndexError, TypeError, AttributeError):
+            continue
+        if job is not None:
+            out.setdefault(job, []).append(Unacked(tag, job, taken.get(tag, 0.0)))
+    return out
+
+
+def waiting_jobs(broker: redis.Redis, model: str, page: int = 1000) -> tuple[set[str], int]:
+    """The job ids of the messages in a model's queue lists, and how many were read."""
+    found: set[str] = set()
+    read = 0
+    for key in K.queue_keys(model):
+        start = 0
+        while True:
+            items: Any = broker.lrange(key, start, start + page - 1)
+            for item in items:
+                try:
+                    job = _job_of(json.loads(item))
+                except (ValueError, AttributeError):
+                    continue
+                if job is not None:
+                    found.add(job)
+            read += len(items)
+            if len(items) < page:
+                break
+            start += page
+    return found, read
+
+
+def restore_message(broker: redis.Redis, tag: str, to_list: str) -> bool:
+    """Move a taken message back to the head of ``to_list`` under a fresh delivery tag,
+    in one transaction; False when ``tag`` is no longer in ``unacked``.
+
+    The fresh tag matters: a run that was taken over may still acknowledge its own tag
+    later, and that must not remove the entry of the worker that runs the job now.
+    """
+    restored = [False]
+
+    def move(pipe: Any) -> None:
+        raw = pipe.hget(K.UNACKED, tag)
+        if raw is None:
+            pipe.multi()  # nothing to move; an empty transaction
+            restored[0] = False
+            return
+        payload = json.loads(raw)[0]
+        payload.setdefault("headers", {})["redelivered"] = True
+        props = payload.setdefault("properties", {})
+        props.setdefault("delivery_info", {})["redelivered"] = True
+        props["delivery_tag"] = str(uuid.uuid4())
+        pipe.multi()
+        pipe.zrem(K.UNACKED_INDEX, tag)
+        pipe.hdel(K.UNACKED, tag)
+        pipe.rpush(to_list, json.dumps(payload))
+        restored[0] = True
+
+    broker.transaction(move, K.UNACKED)
+    return restored[0]
+
+
+def drop_messages(broker: redis.Redis, tags: Iterable[str]) -> None:
+    """Forget taken messages whose job has ended (as an acknowledgement would)."""
+    tags = list(tags)
+    if tags:
+        pipe = broker.pipeline(transaction=True)
+        pipe.zrem(K.UNACKED_INDEX, *tags)
+        pipe.hdel(K.UNACKED, *tags)
+        pipe.execute()
+
 
 
 def queue_depth(broker: Any, model: str) -> int:

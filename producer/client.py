@@ -9,8 +9,7 @@ from typing import Any
 
 import redis
 
-from producer import constants as K
-from producer.broker import celery_priority, make_celery
+from producer.broker import make_celery, send_job
 from producer.contract import Status, decode_data_uri, new_record, now_iso, validate_request
 from producer.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.registry import Registry
@@ -65,15 +64,7 @@ class Client:
             raise Unavailable(f"job store unavailable: {exc}") from exc
         doc = new_record(job_id, normalized, now_iso(), owner)
         try:
-            self.celery.send_task(
-                K.TASK_GENERATE,
-                args=[job_id],
-                # The task id is the job id: Celery's log lines and task events (Flower)
-                # name the job.
-                task_id=job_id,
-                queue=K.queue_name(normalized["model"]),
-                priority=celery_priority(normalized["priority"]),
-            )
+            send_job(self.celery, job_id, normalized["model"], normalized["priority"])
         except Exception as exc:
             raise Unavailable(f"broker unavailable: {exc}") from exc
         try:

@@ -21,9 +21,10 @@ GLOBAL_EVENTS = f"{PREFIX}:events"
 #: Approximate cap of the global stream (XADD MAXLEN ~).
 GLOBAL_EVENTS_MAXLEN = 100_000
 
-#: Sorted set per model of its jobs still ``queued``, scored so that ZRANK is the
-#: position in the queue: higher priority first, then oldest first (what Celery's Redis
-#: transport serves). Maintained by the store's transition script.
+#: Sorted set per model of its jobs waiting for a worker (``queued``, or ``running`` jobs
+#: taken back from a lost worker until their next run starts), scored so that ZRANK is
+#: the position in the queue: higher priority first, then oldest first (what Celery's
+#: Redis transport serves). Maintained by the store's transition script.
 QUEUED_INDEX = f"{PREFIX}:queued:"
 #: Per-job list of webhook delivery attempts (JSON), newest last.
 DELIVERIES = f"{PREFIX}:deliveries:"
@@ -41,6 +42,22 @@ IDEMPOTENCY = f"{PREFIX}:idem:"
 WORKER = f"{PREFIX}:worker:"
 #: Sorted set of worker ids by last heartbeat (ms), to list them without SCAN.
 WORKERS = f"{PREFIX}:workers"
+
+#: Sorted set of job leases: job id -> expiry (ms, Redis time). A job is leased from the
+#: moment a worker takes its message until it ends or is given back; the worker's
+#: heartbeat renews it. The holder is in the job's hash (``lease``: worker, ``tag``:
+#: the message's delivery tag). An expired lease is taken back by the reconciler.
+LEASES = f"{PREFIX}:leases"
+#: The reconciler's lock: whoever sets it runs the next pass (one process fleet-wide).
+RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
+#: Set after a full read of a model's queue lists, so that long queues are read at
+#: most once per ``reconcile_grace_s``.
+RECONCILE_SCAN = f"{PREFIX}:reconcile:scan:"
+
+#: kombu's Redis transport: messages taken and not acknowledged (delivery tag -> JSON
+#: ``[payload, exchange, routing_key]``), and when each was taken (tag -> unix time).
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
 
 #: Celery task name: the message body is ``[job_id]``; the record holds the request.
 TASK_GENERATE = "atelier.generate"

@@ -62,7 +62,8 @@ def queue_gauges(report: Callable[[], list[dict[str, Any]]]) -> Callable[[], Ite
             "Messages waiting in the model's Celery queue (what KEDA scales on)",
             labels=["model"])
         queued = GaugeMetricFamily(
-            "atelier_jobs_queued", "Jobs of the model in status queued", labels=["model"])
+            "atelier_jobs_queued", "Jobs of the model waiting for a worker (queued, or "
+            "taken back from a lost worker)", labels=["model"])
         oldest = GaugeMetricFamily(
             "atelier_queue_oldest_age_seconds",
             "Age of the model's oldest queued job (0 when none is queued)", labels=["model"])
@@ -73,6 +74,14 @@ def queue_gauges(report: Callable[[], list[dict[str, Any]]]) -> Callable[[], Ite
         yield from (depth, queued, oldest)
 
     return read
+
+
+def reconciled_counter(registry: CollectorRegistry) -> Counter:
+    """``atelier_reconciled_total{reason}``: what this process's reconciler passes did
+    (``producer.reconciler.REASONS``), on the worker's and the dispatcher's metrics."""
+    return Counter("atelier_reconciled", "Actions of the reconciler: leases taken back, "
+                   "jobs ended worker_lost, lost messages re-published, dead dispatcher "
+                   "consumers removed", ["reason"], registry=registry)
 
 
 class DispatcherMetrics:
@@ -87,6 +96,7 @@ class DispatcherMetrics:
         self.duration = Histogram(
             "atelier_webhook_delivery_duration_seconds", "Webhook delivery attempt duration",
             ["outcome"], buckets=WEBHOOK_BUCKETS, registry=self.registry)
+        self.reconciled = reconciled_counter(self.registry)
 
         def read() -> Iterator[Metric]:
             pending = GaugeMetricFamily(

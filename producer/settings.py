@@ -21,6 +21,10 @@ def _one_of(setting: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+#: The derived visibility timeout's least value: a day (leases do the prompt work).
+VISIBILITY_BACKSTOP_S = 24 * 3600
+
+
 def _default_models_dir() -> str:
     return str(Path.home() / ".cache" / "atelier" / "models")
 
@@ -67,9 +71,16 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100)
     #: Redis visibility timeout; 0 derives it (see ``effective_visibility_timeout_s``).
     visibility_timeout_s: int = Field(default=0, ge=0)
-    #: Seconds between sweeps that return messages of dead workers to their queue
-    #: (once their visibility timeout has passed).
+    #: Seconds between kombu's sweeps that return messages taken longer than the
+    #: visibility timeout ago to their queue: the backstop behind leases.
     restore_interval_s: int = Field(default=10, ge=1)
+    #: Seconds between two passes of the reconciler (one process at a time, fleet-wide):
+    #: expired leases taken back, lost messages re-published, dead dispatcher consumers
+    #: removed.
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    #: A ``queued`` job must be at least this old before the reconciler looks for its
+    #: message (a message a worker has just taken is briefly in neither place).
+    reconcile_grace_s: float = Field(default=30.0, gt=0)
     #: Jobs a worker holds at once: one generates while the other is encoded and
     #: uploaded. 1 runs post-processing inline.
     worker_concurrency: int = Field(default=2, ge=1, le=8)
@@ -205,10 +216,15 @@ class Settings(BaseSettings):
     @property
     def effective_visibility_timeout_s(self) -> int:
         # A message stays invisible to other workers this long after a worker takes it.
-        # Shorter than the floor runs healthy jobs twice (harmless to the outcome, which
-        # is fenced, but it costs GPU time and attempts), so only an explicit setting
-        # goes below it: tests do, to see redelivery within seconds.
-        return self.visibility_timeout_s or max(3600, self.visibility_floor_s)
+        # Leases bring a lost worker's messages back within seconds, so this is only the
+        # backstop: a day by default. Below the floor, kombu hands a healthy long job's
+        # message to a second worker, which drops it while the first run's lease lives.
+        return self.visibility_timeout_s or max(VISIBILITY_BACKSTOP_S, self.visibility_floor_s)
+
+    @property
+    def lease_ttl_s(self) -> float:
+        """A held job's lease lives this long unless its worker's heartbeat renews it."""
+        return 3 * self.worker_heartbeat_s
 
     @property
     def effective_broker_url(self) -> str:

@@ -46,7 +46,19 @@ NO_TOKEN = "none"
 ANY_TOKEN = "*"
 NEW = "__new__"
 
-_APPLY = """
+#: Shared by the scripts below: Redis's own clock (one clock for every worker's lease,
+#: whatever their hosts' clocks say) and the terminal statuses.
+_LUA_PRELUDE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function is_terminal(s)
+  return s == 'succeeded' or s == 'failed' or s == 'cancelled' or s == 'expired'
+end
+"""
+
+_APPLY = _LUA_PRELUDE + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if ARGV[1] == '__new__' then
   if status then return {0, status} end
@@ -55,8 +67,7 @@ if ARGV[1] == '__new__' then
 else
   if not status then return {0, '__missing__'} end
   -- A terminal record never changes, whatever the caller allows.
-  if status == 'succeeded' or status == 'failed' or status == 'cancelled'
-     or status == 'expired' then return {0, status} end
+  if is_terminal(status) then return {0, status} end
   local allowed = false
   for s in string.gmatch(ARGV[1], '[^,]+') do
     if s == status then allowed = true end
@@ -67,11 +78,25 @@ else
   -- answer as it did, so a retried call does not look fenced.
   if ARGV[4] ~= '' and ARGV[4] ~= 'none' and token == ARGV[4] then return {1, 'replayed'} end
   if ARGV[2] ~= '*' and token ~= ARGV[2] then return {0, 'fenced'} end
+  -- The lease: 'held:<worker>' (a start: this worker holds the job's message), or
+  -- 'expired:<worker>|<tag>' (a take-back: that lease, and it has run out).
+  if ARGV[13] ~= '' then
+    local holder = redis.call('HGET', KEYS[1], 'lease') or ''
+    local mode, want = string.match(ARGV[13], '^(%a+):(.*)$')
+    if mode == 'held' then
+      if holder ~= want then return {0, 'fenced'} end
+    else
+      local tag = redis.call('HGET', KEYS[1], 'tag') or ''
+      local expiry = redis.call('ZSCORE', KEYS[6], ARGV[9])
+      if holder .. '|' .. tag ~= want then return {0, 'lease_changed'} end
+      if expiry and tonumber(expiry) > now_ms() then return {0, 'lease_renewed'} end
+    end
+  end
 end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
 -- a failure must leave the record as it was.
 local ids = {}
-for i = 13, #ARGV, 2 do
+for i = 15, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
                         'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   redis.call('XADD', KEYS[2], id,
@@ -80,15 +105,21 @@ for i = 13, #ARGV, 2 do
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
-  -- The queue index holds exactly the jobs whose status is queued.
-  if ARGV[1] == '__new__' and ARGV[3] == 'queued' then
-    redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
-  elseif ARGV[3] ~= 'queued' then
-    redis.call('ZREM', KEYS[4], ARGV[9])
-  end
+  -- The queue index holds exactly the jobs waiting for a worker.
+  if ARGV[3] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[9]) end
+end
+if string.sub(ARGV[13], 1, 8) == 'expired:' or is_terminal(ARGV[3]) then
+  -- Taken back, or ended: nobody holds the job any more.
+  redis.call('HDEL', KEYS[1], 'lease', 'tag')
+  redis.call('ZREM', KEYS[6], ARGV[9])
+end
+-- A new queued job, or one taken back from a lost worker, waits in its queue again.
+if ARGV[10] ~= '' and not is_terminal(ARGV[3]) then
+  redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'announced', ARGV[14]) end
 -- The key and the record it names appear together or not at all.
 if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'EX', ARGV[12]) end
 if tonumber(ARGV[7]) > 0 then
@@ -96,6 +127,42 @@ if tonumber(ARGV[7]) > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[7])
 end
 return {1, table.concat(ids, ',')}
+"""
+
+# A worker took the job's message: lease it, unless another worker holds it (then the
+# message is a duplicate and is dropped; the holder's lease, or the reconciler when it
+# runs out, decides what happens to the job). Returns the hash, to start from.
+_HOLD = _LUA_PRELUDE + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'__missing__'} end
+if is_terminal(status) then return {status} end
+local holder = redis.call('HGET', KEYS[1], 'lease')
+if holder and holder ~= ARGV[1] then return {'held', holder} end
+redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'tag', ARGV[2])
+redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[3]), ARGV[4])
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+# The heartbeat: every job this worker still holds gets ARGV[2] ms more.
+_RENEW = _LUA_PRELUDE + """
+local expiry = now_ms() + tonumber(ARGV[2])
+local renewed = 0
+for i = 2, #KEYS do
+  if redis.call('HGET', KEYS[i], 'lease') == ARGV[1] then
+    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i + 1])
+    renewed = renewed + 1
+  end
+end
+return renewed
+"""
+
+# The worker lets go of a job it did not end (given back at shutdown, or dropped).
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'tag') ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'lease', 'tag')
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
 """
 
 _FLAG_CANCEL = """
@@ -115,6 +182,37 @@ class Snapshot:
     status: Status
     token: str
     cancel_requested: bool
+    #: The worker holding the job's message (its lease), and that message's delivery tag.
+    lease: str | None = None
+    tag: str | None = None
+    #: The attempt a ``job.retrying`` event has already announced (the reconciler's).
+    announced: int = 0
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Snapshot:
+        def text(name: bytes) -> str | None:
+            value = raw.get(name)
+            return None if value is None else value.decode()
+
+        return cls(
+            doc=json.loads(raw[b"doc"]),
+            status=Status(raw[b"status"].decode()),
+            token=raw.get(b"token", NO_TOKEN.encode()).decode(),
+            cancel_requested=raw.get(b"cancel") == b"1",
+            lease=text(b"lease"),
+            tag=text(b"tag"),
+            announced=int(raw.get(b"announced", b"0")),
+        )
+
+
+@dataclass
+class Hold:
+    """What taking a job's message found: ``ok`` (now leased: ``snapshot``), a terminal
+    status, ``held`` (by ``holder``, another worker) or ``__missing__`` (no record)."""
+
+    result: str
+    snapshot: Snapshot | None = None
+    holder: str | None = None
 
 
 @dataclass
@@ -160,6 +258,9 @@ class JobStore:
         self.result_ttl_s = result_ttl_s
         self._apply = client.register_script(_APPLY)
         self._flag_cancel = client.register_script(_FLAG_CANCEL)
+        self._hold = client.register_script(_HOLD)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -179,6 +280,9 @@ class JobStore:
         new_token: str | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
         claim: Claim | None = None,
+        lease: str = "",
+        requeue: dict[str, Any] | None = None,
+        announce: int | None = None,
     ) -> Outcome:
         """Compare-and-set a job: the primitive every transition uses.
 
@@ -187,10 +291,16 @@ class JobStore:
         ``doc`` replaces the record; ``events`` are appended in order, to the job's log
         and the global stream, only if the check passes. ``claim`` (with ``NEW`` only):
         an idempotency key set in the same step, refused (``claimed``) if it exists.
+        ``lease``: ``held:<worker>`` (that worker must hold the job) or
+        ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
+        ``requeue``: the record whose job waits in its queue again (the queue index).
+        ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
+        A terminal status clears the job's lease.
         """
         status = doc["status"] if doc is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
-        metadata = (doc or {}).get("metadata")
+        metadata = (doc or requeue or {}).get("metadata")
+        index_doc = doc if allowed == NEW else requeue
         args: list[Any] = [
             allowed,
             token,
@@ -201,9 +311,11 @@ class JobStore:
             self.result_ttl_s if terminal else 0,
             K.GLOBAL_EVENTS_MAXLEN,
             job_id,
-            _queued_score(doc) if allowed == NEW and doc is not None else "",
+            _queued_score(index_doc) if index_doc is not None else "",
             claim.value if claim is not None else "",
             claim.ttl_s if claim is not None else 0,
+            lease,
+            "" if announce is None else announce,
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
@@ -211,8 +323,8 @@ class JobStore:
             args += [etype.value, _dumps(data)]
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
-                  K.queued_index_key(doc["request"]["model"] if doc else "_"),
-                  claim.key if claim is not None else K.job_key(job_id)],
+                  K.queued_index_key(_model(doc or requeue)),
+                  claim.key if claim is not None else K.job_key(job_id), K.LEASES],
             args=args,
         )
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
@@ -234,6 +346,42 @@ class JobStore:
         digest = hashlib.sha256(raw).hexdigest()
         self.redis.set(K.input_key(digest), raw, ex=self.result_ttl_s)
         return digest
+
+    # -- leases -----------------------------------------------------------------------
+
+    def hold(self, job_id: str, worker: str, tag: str, ttl_s: float) -> Hold:
+        """Lease a job whose message ``worker`` has just taken (delivery tag ``tag``)."""
+        res: Any = self._hold(keys=[K.job_key(job_id), K.LEASES],
+                              args=[worker, tag, int(ttl_s * 1000), job_id])
+        result = res[0].decode()
+        if result == "ok":
+            flat = res[1]
+            raw = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+            return Hold(result, snapshot=Snapshot.from_hash(raw))
+        return Hold(result, holder=res[1].decode() if len(res) > 1 else None)
+
+    def renew(self, worker: str, job_ids: Sequence[str], ttl_s: float,
+              client: Any = None) -> int:
+        """Extend the leases ``worker`` still holds among ``job_ids`` (the heartbeat).
+        ``client``: a pipeline to queue the call on (then the count is its reply)."""
+        if not job_ids:
+            return 0
+        return int(self._renew(keys=[K.LEASES, *(K.job_key(j) for j in job_ids)],
+                               args=[worker, int(ttl_s * 1000), *job_ids], client=client)
+                   or 0)
+
+    def release(self, job_id: str, worker: str, tag: str) -> bool:
+        """Let go of a job this worker holds and did not end: its message is going back
+        to the queue (or was a duplicate)."""
+        return bool(self._release(keys=[K.job_key(job_id), K.LEASES],
+                                  args=[worker, tag, job_id]))
+
+    def expired_leases(self, limit: int = 100) -> list[str]:
+        """Jobs whose lease ran out (by Redis's clock), oldest first."""
+        now_s, now_us = self.redis.time()  # type: ignore[misc]
+        now_ms = int(now_s) * 1000 + int(now_us) // 1000
+        ids: Any = self.redis.zrangebyscore(K.LEASES, "-inf", now_ms, start=0, num=limit)
+        return [i.decode() for i in ids]
 
     def request_cancel(self, job_id: str) -> Snapshot:
         """Cancel a job: a queued one at once; a running one at its next step.
@@ -267,12 +415,7 @@ class JobStore:
         raw: dict[bytes, bytes] = self.redis.hgetall(K.job_key(job_id))  # type: ignore[assignment]
         if not raw or b"doc" not in raw:
             raise JobNotFound(job_id)
-        return Snapshot(
-            doc=json.loads(raw[b"doc"]),
-            status=Status(raw[b"status"].decode()),
-            token=raw.get(b"token", NO_TOKEN.encode()).decode(),
-            cancel_requested=raw.get(b"cancel") == b"1",
-        )
+        return Snapshot.from_hash(raw)
 
     def get(self, job_id: str) -> dict[str, Any]:
         """The record; a queued job past its ``expires_at`` is expired on the way."""
@@ -295,7 +438,8 @@ class JobStore:
         return None if rank is None else int(rank)
 
     def queued_summary(self, model: str) -> tuple[int, str | None]:
-        """Jobs of ``model`` in status ``queued``, and the oldest one's ``created_at``.
+        """Jobs of ``model`` waiting for a worker (``queued``, or taken back from a lost
+        worker and waiting for their next run), and the oldest one's ``created_at``.
 
         The oldest is the smallest creation time across the ten priority bands.
         """
@@ -391,6 +535,10 @@ class JobStore:
                 yield ev
                 if EventType(ev["type"]) in TERMINAL_EVENTS:
                     return
+
+
+def _model(doc: dict[str, Any] | None) -> str:
+    return doc["request"]["model"] if doc else "_"
 
 
 def _queued_score(doc: dict[str, Any]) -> int:

@@ -58,7 +58,7 @@ def test_visibility_timeout_follows_every_setting_it_depends_on() -> None:
     big = Settings(worker_concurrency=8, job_timeout_s=600, storage_retry_s=60)
     # 17 uploads (a 16-image sweep and its sheet) and the manifest may each retry
     assert big.effective_visibility_timeout_s >= 8 * 600 + 18 * 60
-    assert small.effective_visibility_timeout_s == 3600  # never below an hour by default
+    assert small.effective_visibility_timeout_s == 24 * 3600  # a day: leases act first
     assert Settings(visibility_timeout_s=5).effective_visibility_timeout_s == 5  # explicit
 
 

@@ -50,15 +50,18 @@ def create_app(settings: Settings) -> Celery:
 
     # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
     @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True,
-              throws=(JobEndedFailed,))
-    def generate(job_id: str) -> None:
+              throws=(JobEndedFailed,), bind=True)
+    def generate(task: Any, job_id: str) -> None:
         # An adapter: parse the message, run plain code. Job failures are recorded on
         # the job itself; the message is acknowledged whatever the outcome.
         if _runner is None:  # pragma: no cover - main() sets it before consuming
             raise RuntimeError("worker has no runner")
+        # The message's delivery tag names it in kombu's unacked hash: the job's lease
+        # records it, so the reconciler can move this very message back if we vanish.
+        tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
         try:
             with job_context(job_id):
-                status = _runner.run(job_id)
+                status = _runner.run(job_id, tag)
         except GiveBack as exc:
             # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
             # head of its queue now, not after the visibility timeout.
@@ -97,7 +100,9 @@ def _check_redis(store: JobStore) -> None:
 
 class Heartbeat(threading.Thread):
     """Writes this worker's state to Redis every ``worker_heartbeat_s``; the key expires
-    after three periods, so a dead worker disappears from ``/v1/workers`` by itself."""
+    after three periods, so a dead worker disappears from ``/v1/workers`` by itself.
+    Each beat also renews the leases of the jobs the worker holds (``3 ×`` the period):
+    a job's lease lives exactly as long as its worker's heartbeat, however long it runs."""
 
     def __init__(self, store: JobStore, runner: Any, info: dict[str, Any],
                  period_s: float) -> None:
@@ -107,6 +112,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         current, done = self.runner.activity()
+        settings = self.runner.settings
         doc = {
             **self.info,
             "state": "busy" if current else "idle",
@@ -120,6 +126,8 @@ class Heartbeat(threading.Thread):
         pipe.set(K.worker_key(self.info["id"]), json.dumps(doc),
                  px=int(self.period_s * 3000))
         pipe.zadd(K.WORKERS, {self.info["id"]: int(time.time() * 1000)})
+        # The leases of the jobs this worker holds live as long as its heartbeat does.
+        self.store.renew(self.info["id"], self.runner.held(), settings.lease_ttl_s, pipe)
         pipe.execute()
 
     def run(self) -> None:
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         from producer.metrics import serve
 
         serve(metrics.registry, settings.metrics_port)
+    app = create_app(settings)
+    reconciler = _reconciler(settings, store, registry, app, worker_name, metrics)
     queues = ",".join(K.queue_name(n) for n in names)
     heartbeat = Heartbeat(store, _runner, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as exc:
         log.warning("heartbeat failed: %s", exc)
     heartbeat.start()
+    reconciler.start()
 
     @worker_ready.connect(weak=False)
     def _ready(sender: Any = None, **_: object) -> None:
@@ -294,7 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         """Logging is ours (configured above): Celery adds no handler of its own."""
 
     # 3. Consume.
-    app = create_app(settings)
     try:
         # --quiet: no banner on stdout (a JSON log holds only JSON lines).
         quiet = ["--quiet"] if settings.log_format == "json" else []
@@ -304,5 +314,21 @@ def main(argv: list[str] | None = None) -> int:
             "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
         ])
     finally:
+        reconciler.stop()
         heartbeat.stop()
     return 0
+
+
+def _reconciler(settings: Settings, store: JobStore, registry: Registry, app: Celery,
+                name: str, metrics: Any) -> Any:
+    """This worker's share of the fleet's reconciler (producer/reconciler.py)."""
+    from producer.broker import send_job
+    from producer.reconciler import Reconciler
+    from producer.redis_url import redis_client
+
+    broker = (store.redis if settings.broker_url in (None, settings.redis_url)
+              else redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
+                                health_check_interval=30))
+    return Reconciler(settings, store, broker, registry,
+                      lambda job, model, prio: send_job(app, job, model, prio), name,
+                      counted=lambda reason: metrics.reconciled.labels(reason).inc())

@@ -8,6 +8,7 @@
   (``rate()`` of it is the busy ratio), and ``atelier_worker_busy_ratio`` over the
   last ``BUSY_WINDOW_S``;
 - ``atelier_worker_jobs_in_progress``: jobs held now (generating or post-processing);
+- ``atelier_reconciled_total{reason}``: what this process's reconciler passes did;
 - ``atelier_worker_resident_memory_bytes``, and on CUDA
   ``atelier_worker_gpu_memory_bytes{kind=allocated|used|total}``.
 
@@ -27,6 +28,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from producer.metrics import reconciled_counter
 
 #: Time in the queue: from an instant to hours when the fleet is behind.
 QUEUED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -112,6 +115,7 @@ class WorkerMetrics:
         }
         self.jobs = Counter("atelier_jobs", "Jobs ended by this worker, by status and error "
                             "code", ["model", "status", "error_code"], registry=self.registry)
+        self.reconciled = reconciled_counter(self.registry)
         self.busy = BusyClock()
 
     def job_ended(self, model: str, status: str, error: dict[str, Any] | None,

@@ -48,7 +48,6 @@ from producer.errors import (
     InternalError,
     JobCancelled,
     JobError,
-    JobNotFound,
     JobTimeout,
     OutOfMemory,
     WorkerLost,
@@ -153,27 +152,52 @@ class Runner:
 
     # -- 1-6 --------------------------------------------------------------------------
 
-    def run(self, job_id: str) -> Status | None:
-        """Run a job to a terminal state; returns it (None when this run was fenced or
-        the job had already ended)."""
+    def run(self, job_id: str, tag: str | None = None) -> Status | None:
+        """Run a job to a terminal state; returns it (None when this run was fenced, the
+        job had already ended, or another worker holds it).
+
+        ``tag`` is the delivery tag of the message being handled: the job is leased to
+        this worker for that message (see :meth:`JobStore.hold`) until it ends, and the
+        heartbeat renews the lease meanwhile.
+        """
         with self._lock:
+            if job_id in self.current:
+                # A second message for a job another slot holds (a backstop redelivery):
+                # that slot runs it.
+                log.warning("job %s: already held by this worker; duplicate message dropped",
+                            job_id, extra={"job_id": job_id})
+                return None
             self.current.add(job_id)
+        tag = tag or f"direct-{secrets.token_hex(8)}"  # no broker message (tests)
         try:
-            return self._run(job_id)
+            return self._run(job_id, tag)
         finally:
-            with self._lock:
-                self.current.discard(job_id)
-                self.jobs_done += 1
+            try:
+                # Ended: the terminal write cleared the lease already (a no-op). Given
+                # back or dropped: let go, so nothing waits for the lease to run out.
+                self.store.release(job_id, self.worker_name, tag)
+            except redis.RedisError as exc:
+                log.warning("job %s: lease not released (%s); it expires by itself", job_id,
+                            exc, extra={"job_id": job_id})
+            finally:
+                with self._lock:
+                    self.current.discard(job_id)
+                    self.jobs_done += 1
+
+    def held(self) -> list[str]:
+        """Jobs this worker holds now, whose leases the heartbeat renews."""
+        with self._lock:
+            return list(self.current)
 
     def activity(self) -> tuple[list[str], int]:
         """Jobs held now, and messages handled since start (for the heartbeat)."""
         with self._lock:
             return sorted(self.current), self.jobs_done
 
-    def _run(self, job_id: str) -> Status | None:
-        snap = self._wait_for_record(job_id)
-        if snap is None or snap.status.is_terminal():
-            return None  # no record, or a duplicate delivery of a finished job
+    def _run(self, job_id: str, tag: str) -> Status | None:
+        snap = self._hold(job_id, tag)
+        if snap is None:
+            return None  # no record, finished already, or another worker holds it
         # Fetch an init image before taking the GPU: a slow image server delays only
         # this job, while the other slot's job keeps the GPU busy.
         init_bytes: bytes | None = None
@@ -244,23 +268,33 @@ class Runner:
             log.exception("job %s: post-processing failed", run.job_id)
             return self._finish(run, Status.FAILED, error=_internal(exc))
 
-    def _wait_for_record(self, job_id: str, grace_s: float = 5.0) -> Snapshot | None:
-        # The producer sends the message before it writes the record, so a worker can
-        # see the message a moment early; a message whose record never comes (the
-        # producer failed in between) is dropped.
-        # The record usually follows within a millisecond: poll fast, then back off.
+    def _hold(self, job_id: str, tag: str, grace_s: float = 5.0) -> Snapshot | None:
+        """Lease the job to this worker and read it, in one round trip.
+
+        The producer sends the message before it writes the record, so a worker can see
+        the message a moment early; a message whose record never comes (the producer
+        failed in between) is dropped. The record usually follows within a millisecond:
+        poll fast, then back off.
+        """
         deadline = time.monotonic() + grace_s
         pause = 0.001
+        ttl_s = self.settings.lease_ttl_s
         while True:
-            try:
-                return self.store.load(job_id)
-            except JobNotFound:
-                if time.monotonic() > deadline:
-                    log.warning("job %s has no record (never written, or expired): dropped",
-                                job_id)
-                    return None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+            held = self.store.hold(job_id, self.worker_name, tag, ttl_s)
+            if held.result == "ok":
+                return held.snapshot
+            if held.result == "held":
+                log.warning("job %s: held by worker %s; duplicate message dropped", job_id,
+                            held.holder, extra={"job_id": job_id})
+                return None
+            if held.result != "__missing__":
+                return None  # a duplicate delivery of a finished job
+            if time.monotonic() > deadline:
+                log.warning("job %s has no record (never written, or expired): dropped",
+                            job_id)
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
     def _start(self, job_id: str, snap: Snapshot | None = None) -> Run | None:
         if snap is None:
@@ -300,11 +334,15 @@ class Runner:
             timings={},
         )
         events: list[tuple[EventType, dict[str, Any]]] = []
-        if attempt > 1:
+        if attempt > 1 and snap.announced < attempt:
+            # The reconciler announces the retry when it takes a job back; a run that
+            # ended otherwise (the store unreachable, the visibility timeout) is
+            # announced here.
             events.append((EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"}))
         events.append((EventType.STARTED, {"attempt": attempt, "worker": self.worker_name}))
         out = self.store.apply(
             job_id, allowed=allowed, token=snap.token, doc=new, new_token=token, events=events,
+            lease=f"held:{self.worker_name}",
         )
         if not out.ok:
             log.info("job %s: not started (%s)", job_id, out.detail)
