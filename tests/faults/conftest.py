@@ -85,8 +85,7 @@ class Rig:
         models_file.write_text(MODELS)
         self.base = stack_values(
             redis.url, models_dir, str(models_file), f"file://{self.out}",
-            default_model="sim", max_attempts=3, visibility_timeout_s=60,
-            rate_limit_per_s=0, api_keys="fault-key", worker_heartbeat_s=1,
+            default_model="sim", max_attempts=3, rate_limit_per_s=0, api_keys="fault-key",
         )
         self.procs: list[Process] = []
         self._clients: list[Client] = []
@@ -169,6 +168,14 @@ class Rig:
             time.sleep(0.1)
         return records
 
+    def leased_to(self, worker: Worker) -> list[str]:
+        """The jobs whose lease names ``worker`` (running, or waiting for its GPU)."""
+        r = self._clients[0].store.redis if self._clients else self.client().store.redis
+        jobs = [j.decode() for j in r.zrange(K.LEASES, 0, -1)]
+        holders = [r.hget(K.job_key(j), "lease") for j in jobs]
+        return [j for j, h in zip(jobs, holders, strict=True)
+                if h is not None and h.decode().endswith(f":{worker.pid}")]
+
     def worker_of(self, doc: dict[str, Any], workers: list[Worker]) -> Worker:
         """The worker process a record names (``host:pid``)."""
         pid = int(str(doc["worker"]).rsplit(":", 1)[1])
@@ -205,6 +212,13 @@ def assert_one_outcome(rig: Rig, client: Client, job_id: str) -> list[dict[str, 
     # The record has not changed since its terminal transition wrote it.
     assert terminal[0]["data"]["job"] == client.get(job_id)
     return log
+
+
+def finished_after(doc: dict[str, Any], instant: float) -> float:
+    """Seconds from ``instant`` (``time.time()``) to the job's end."""
+    from producer.contract import parse_iso
+
+    return parse_iso(doc["finished_at"]).timestamp() - instant
 
 
 def stored_files(root: Path, job_id: str) -> list[str]:

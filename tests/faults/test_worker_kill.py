@@ -5,8 +5,13 @@ worker`` execs it), so there is no prefork pool child whose death its parent cou
 see. A SIGKILL is therefore always the death of everything the worker held: case 1
 kills the worker process alone (as the kernel's OOM killer picks one process) and its
 whole process group (as ``docker kill``, a pod eviction or a lost node end every
-process of the worker at once). Either way only the visibility timeout brings the
-messages back, and the attempt count and fence keep the outcome single.
+process of the worker at once). Either way the jobs' leases run out with the worker's
+heartbeat and the reconciler puts their messages back within seconds; the attempt
+count and fence keep the outcome single.
+
+Every case runs with the default visibility timeout (a day), heartbeat (5 s) and
+reconciler interval (5 s): what a user has. Only the lease case, which is about the
+lease's length, shortens the heartbeat.
 """
 
 from __future__ import annotations
@@ -24,11 +29,15 @@ from tests.faults.conftest import (
     WEBHOOK_SECRET,
     Rig,
     assert_one_outcome,
+    finished_after,
     manifest,
     stored_files,
     wait_for_event,
 )
 from tests.receiver import Receiver
+
+#: The promise: a lost worker's jobs end this soon after it died (default settings).
+RECOVERY_S = 30
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -38,8 +47,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> None:
     """Case 1: one set of objects, one terminal event, one completed webhook id."""
     with Receiver() as receiver:
-        values = {"visibility_timeout_s": 4, "webhook_secret": WEBHOOK_SECRET,
-                  "webhook_retry_schedule_s": "0.3,0.3,0.3"}
+        values = {"webhook_secret": WEBHOOK_SECRET, "webhook_retry_schedule_s": "0.3,0.3,0.3"}
         workers = [rig.worker(["tiny-sdxl"], wait=False, new_session=True, **values)
                    for _ in range(2)]
         for w in workers:
@@ -55,10 +63,12 @@ def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> Non
             victim.kill()
         else:
             victim.kill_group()
+        killed_at = time.time()
         assert client.get(job_id)["status"] == Status.RUNNING  # it died without a word
 
         record = client.wait(job_id, timeout=60)
         assert record["status"] == Status.SUCCEEDED, record
+        assert finished_after(record, killed_at) <= RECOVERY_S, record["finished_at"]
         assert record["attempts"] == 2
         assert record["worker"].endswith(f":{survivor.pid}")
         log = assert_one_outcome(rig, client, job_id)
@@ -82,18 +92,22 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
     """Case 2: 50 jobs on 2 workers, 3 SIGKILLs at random moments, each killed worker
     replaced (as an orchestrator would): all 50 succeed, one terminal event each."""
     rng = random.Random(4)
-    values = {"visibility_timeout_s": 3, "max_attempts": 5}
+    values = {"max_attempts": 5}
     workers = [rig.worker(wait=False, **values) for _ in range(2)]
     for w in workers:
         w.wait_ready()
     client = rig.client(**values)
-    jobs = [client.submit(prompt=f"job {i}", seed=i) for i in range(50)]
+    # 150 ms each: 50 jobs outlast the kills (a replaced worker takes seconds to start).
+    jobs = [client.submit(prompt=f"job {i}", seed=i, model="sim") for i in range(50)]
     kills: list[int] = []
+    held: dict[str, float] = {}  # job held by a victim -> when it was killed
     for _ in range(3):
         time.sleep(rng.uniform(0.3, 1.5))
         live = [w for w in workers if w.proc is not None and w.proc.poll() is None]
         victim = rng.choice(live)
         victim.kill()
+        killed_at = time.time()
+        held.update(dict.fromkeys(rig.leased_to(victim), killed_at))
         kills.append(victim.pid)
         workers.remove(victim)
         workers.append(rig.worker(wait=False, **values))
@@ -104,8 +118,13 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
     counts = rig.terminal_counts()
     assert all(counts[j] == 1 for j in jobs), {j: counts[j] for j in jobs if counts[j] != 1}
     assert sum(counts.values()) == 50
-    # The kills hit jobs mid-run (else this test proves nothing).
+    # The kills hit jobs mid-run (else this test proves nothing)...
     assert any(r["attempts"] > 1 for r in records.values()), kills
+    assert held, kills
+    # ...and every job a victim held ended soon after its kill, not an hour later.
+    late = {j: round(finished_after(records[j], t), 1) for j, t in held.items()
+            if finished_after(records[j], t) > RECOVERY_S}
+    assert not late, late
     for j in jobs:
         assert stored_files(rig.out, j) == ["0.png", "manifest.json"]
 
@@ -114,7 +133,7 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
 def test_poison_job_ends_worker_lost_and_the_worker_serves_on(rig: Rig) -> None:
     """Case 6: a job that kills its worker every time ends ``worker_lost`` after
     ``MAX_ATTEMPTS`` runs; the worker that sees it go on serves the others."""
-    values = {"max_attempts": 2, "visibility_timeout_s": 2, "worker_concurrency": 1}
+    values = {"max_attempts": 2, "worker_concurrency": 1}
     workers = [rig.worker(["sim", "sim-slow"], wait=False, **values) for _ in range(3)]
     for w in workers:
         w.wait_ready()
@@ -132,8 +151,8 @@ def test_poison_job_ends_worker_lost_and_the_worker_serves_on(rig: Rig) -> None:
     assert client.get(poison)["status"] == Status.RUNNING
     healthy = [client.submit(prompt=f"healthy {i}") for i in range(3)]
 
-    # The last worker gets the message back after the visibility timeout, sees two
-    # lost attempts, and ends the job instead of running it again...
+    # The second lease runs out: the reconciler sees two lost attempts and ends the
+    # job instead of running it again...
     [worker] = workers
     record = client.wait(poison, timeout=60)
     assert record["status"] == Status.FAILED, record
@@ -157,9 +176,9 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
     """Case 7: at scale-in the worker finishes its running job, hands the job it held
     but had not started back to the queue at once (not after the visibility timeout),
     takes no new one, and exits 0."""
-    # A visibility timeout far beyond this test's bound: only an explicit give-back
-    # can bring the held message to another worker in time.
-    values = {"visibility_timeout_s": 600, "worker_concurrency": 2}
+    # The default visibility timeout (a day) and lease (15 s): only an explicit
+    # give-back can bring the held message to another worker within 3 s.
+    values = {"worker_concurrency": 2}
     first = rig.worker(["sim-mid"], **values)
     client = rig.client(**values)
     running = client.submit(prompt="running at SIGTERM", model="sim-mid")

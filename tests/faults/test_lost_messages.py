@@ -1,0 +1,145 @@
+"""Messages the broker lost (the reconciler's second duty): a queued job whose message
+was deleted from its list, and a broker Redis (separate from the job store) that lost
+every key. The jobs still run, once, with the default settings."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from producer import Client
+from producer import constants as K
+from producer.contract import EventType, Status
+from producer.settings import Settings
+from tests.conftest import stack_values, worker_env
+from tests.faults.conftest import MODELS, Rig, assert_one_outcome
+from tests.servers import RedisServer, Worker
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+@pytest.mark.timeout(120)
+def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
+    """No worker serves the queue yet; the job's message is deleted from the broker's
+    list (what kombu's BRPOP window, or a flushed key, leaves). Past the reconcile
+    grace the message is re-published, and the worker that starts runs the job once."""
+    client = rig.client()
+    r = client.store.redis
+    job_id = client.submit(prompt="lost message", model="sim")
+    other = client.submit(prompt="kept message", model="sim")
+    [key] = [k for k in K.queue_keys("sim") if r.llen(k)]
+    for raw in r.lrange(key, 0, -1):
+        if json.loads(raw)["headers"]["id"] == job_id:
+            assert r.lrem(key, 1, raw) == 1
+    assert r.llen(key) == 1  # only the other job's message is left
+    submitted = time.time()
+    worker = rig.worker()  # runs `other` at once; `job_id` only once re-published
+    record = client.wait(job_id, timeout=90)
+    assert record["status"] == Status.SUCCEEDED, record
+    assert record["attempts"] == 1
+    settings = rig.settings()
+    # Not before the grace (the message could have been in a worker's hands), and not
+    # much after it.
+    waited = time.time() - submitted
+    assert settings.reconcile_grace_s <= waited <= settings.reconcile_grace_s + 15, waited
+    assert client.wait(other, timeout=10)["status"] == Status.SUCCEEDED
+    log = assert_one_outcome(rig, client, job_id)
+    assert [e["type"] for e in log].count(EventType.STARTED) == 1
+    assert f"job {job_id}: queued waiting with its message in no queue" in worker.log()
+    assert rig.terminal_counts() == {job_id: 1, other: 1}
+
+
+@pytest.fixture
+def split_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    broker = RedisServer(tmp_path / "broker", appendonly=True).start()
+    store = RedisServer(tmp_path / "store", appendonly=True).start()
+    yield broker, store
+    store.stop()
+    broker.stop()
+
+
+@pytest.mark.timeout(180)
+def test_a_broker_that_lost_its_data(split_redis: tuple[RedisServer, RedisServer],
+                                     models_dir: Path, tmp_path: Path) -> None:
+    """Broker and job store as two redis-servers. The broker's process is SIGKILLed and
+    restarted empty (its AOF deleted) while jobs run and wait: every job that was queued
+    or running still ends ``succeeded``, once."""
+    broker, store = split_redis
+    sims = tmp_path / "models.toml"
+    sims.write_text(MODELS)
+    values = stack_values(store.url, models_dir, str(sims), f"file://{tmp_path / 'out'}",
+                          broker_url=broker.url, rate_limit_per_s=0)
+    procs: list = []
+    try:
+        workers = [Worker(worker_env(values), tmp_path / f"worker{i}.log", ["sim-mid"])
+                   for i in range(2)]
+        procs += workers
+        for w in workers:
+            w.start(wait=False)
+        for w in workers:
+            w.wait_ready()
+        with Client(Settings(**values)) as client:
+            jobs = [client.submit(prompt=f"job {i}", model="sim-mid", seed=i)
+                    for i in range(12)]
+            deadline = time.monotonic() + 30
+            while sum(client.get(j)["status"] == Status.RUNNING for j in jobs) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            # Kill the broker with jobs running, held and queued; it comes back empty.
+            broker.stop(signal.SIGKILL)
+            for f in (tmp_path / "broker").rglob("*"):
+                if f.is_file():
+                    f.unlink()
+            states = [client.get(j)["status"] for j in jobs]
+            assert Status.QUEUED in states and Status.RUNNING in states, states
+            time.sleep(1.0)
+            broker.start()
+            deadline = time.monotonic() + 120
+            while True:
+                records = [client.get(j) for j in jobs]
+                if all(Status(r["status"]).is_terminal() for r in records):
+                    break
+                assert time.monotonic() < deadline, [r["status"] for r in records]
+                time.sleep(0.2)
+            assert [r["status"] for r in records] == [Status.SUCCEEDED] * len(jobs), [
+                (r["status"], r["error"]) for r in records]
+            for j in jobs:
+                log = client.store.events(j, count=10_000)
+                terminal = [e for e in log if e["type"] == EventType.SUCCEEDED]
+                assert len(terminal) == 1 and log[-1] is terminal[0]
+            logs = "".join(w.log() for w in workers)
+            assert "waiting with its message in no queue" in logs
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+@pytest.mark.timeout(90)
+def test_the_dispatcher_reconciles_with_no_worker_running(rig: Rig) -> None:
+    """Workers scaled to zero: the dispatcher's reconciler still takes a dead worker's
+    job back, so its queue depth shows it again (for KEDA) and a new worker runs it."""
+    from producer.broker import queue_depth
+
+    worker = rig.worker(["sim-slow"], new_session=True)
+    dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=")
+    client = rig.client()
+    job_id = client.submit(prompt="left alone", model="sim-slow")
+    deadline = time.monotonic() + 30
+    while client.get(job_id)["status"] != Status.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    worker.kill_group()
+    deadline = time.monotonic() + 30
+    while queue_depth(client.store.redis, "sim-slow") != 1:
+        assert time.monotonic() < deadline, dispatcher.log()[-2000:]
+        time.sleep(0.2)
+    assert f"job {job_id}: lease of worker" in dispatcher.log()
+    rig.worker(["sim-slow"])
+    record = client.wait(job_id, timeout=60)
+    assert record["status"] == Status.SUCCEEDED and record["attempts"] == 2, record
+    assert_one_outcome(rig, client, job_id)
