@@ -360,15 +360,13 @@ class JobStore:
             return Hold(result, snapshot=Snapshot.from_hash(raw))
         return Hold(result, holder=res[1].decode() if len(res) > 1 else None)
 
-    def renew(self, worker: str, job_ids: Sequence[str], ttl_s: float,
-              client: Any = None) -> int:
-        """Extend the leases ``worker`` still holds among ``job_ids`` (the heartbeat).
-        ``client``: a pipeline to queue the call on (then the count is its reply)."""
+    def renew(self, worker: str, job_ids: Sequence[str], ttl_s: float) -> int:
+        """Extend the leases ``worker`` still holds among ``job_ids`` (the heartbeat);
+        returns how many it still holds."""
         if not job_ids:
             return 0
         return int(self._renew(keys=[K.LEASES, *(K.job_key(j) for j in job_ids)],
-                               args=[worker, int(ttl_s * 1000), *job_ids], client=client)
-                   or 0)
+                               args=[worker, int(ttl_s * 1000), *job_ids]))
 
     def release(self, job_id: str, worker: str, tag: str) -> bool:
         """Let go of a job this worker holds and did not end: its message is going back

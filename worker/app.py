@@ -126,9 +126,9 @@ class Heartbeat(threading.Thread):
         pipe.set(K.worker_key(self.info["id"]), json.dumps(doc),
                  px=int(self.period_s * 3000))
         pipe.zadd(K.WORKERS, {self.info["id"]: int(time.time() * 1000)})
-        # The leases of the jobs this worker holds live as long as its heartbeat does.
-        self.store.renew(self.info["id"], self.runner.held(), settings.lease_ttl_s, pipe)
         pipe.execute()
+        # The leases of the jobs this worker holds live as long as its heartbeat does.
+        self.store.renew(self.info["id"], self.runner.held(), settings.lease_ttl_s)
 
     def run(self) -> None:
         while not self.stopped.wait(self.period_s):
@@ -136,6 +136,9 @@ class Heartbeat(threading.Thread):
                 self.beat()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                # Never let the thread die: the leases of every job held here live on it.
+                log.exception("heartbeat failed")
 
     def stop(self) -> None:
         self.stopped.set()
