@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/duty_cycle.py
 	$(BIN)/python bench/pipeline_efficiency.py
+	$(BIN)/python bench/recovery.py
 
 # On a CUDA machine with the model's weights at hand (or hub access).
 bench-gpu: install

@@ -2,10 +2,12 @@
 
 Three workers serve a simulated GPU (``--gpu-ms`` per image, GIL released), with every
 recovery setting at its default: heartbeat 5 s (a lease lives 15 s), reconciler every
-5 s, visibility timeout a day. Jobs arrive at a steady rate while, at seeded random
-moments, the whole process group of a worker holding jobs is SIGKILLed (what a lost
-spot node or ``docker kill`` does) and a replacement is started, as an orchestrator
-would.
+5 s, visibility timeout a day. Jobs arrive at a steady rate a little above what the
+fleet serves (12 a second against ~10), so a backlog builds and a victim usually holds
+two jobs: one running, one taken and waiting for its GPU. At seeded random moments
+during the arrivals, the whole process group of a worker holding jobs is SIGKILLed
+(what a lost spot node or ``docker kill`` does) and a replacement is started, as an
+orchestrator would.
 
 For every job a victim held when it died (running, or taken and waiting for its GPU),
 its recovery is the time from the kill to the job's end (record ``finished_at``).
@@ -13,7 +15,8 @@ its recovery is the time from the kill to the job's end (record ``finished_at``)
 that did not end ``succeeded``; ``duplicate_outcomes`` counts terminal events beyond
 one per job (from the global event stream).
 
-    python bench/recovery.py [--jobs 60] [--workers 3] [--kills 3] [--gpu-ms 300] [--seed 1]
+    python bench/recovery.py [--jobs 60] [--workers 3] [--kills 3] [--gpu-ms 300]
+                             [--rate 12] [--seed 1]
 
 Last stdout line: {"bench": "recovery", "jobs", "kills", "recovery_s_p50",
 "recovery_s_max", "lost", "duplicate_outcomes", ...}
@@ -62,7 +65,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--gpu-ms", type=float, default=300.0)
-    parser.add_argument("--rate", type=float, default=3.0, help="jobs submitted per second")
+    parser.add_argument("--rate", type=float, default=12.0, help="jobs submitted per second")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -75,10 +78,10 @@ def main() -> int:
             w.wait_ready(timeout=180)
         n_started = args.workers
         span = args.jobs / args.rate
-        # Kill moments: seeded, inside the submission span, at least 2 s apart.
+        # Kill moments: seeded, inside the submission span, at least 1.5 s apart.
         moments = sorted(rng.uniform(1.0, max(2.0, span - 1.0)) for _ in range(args.kills))
         for i in range(1, len(moments)):
-            moments[i] = max(moments[i], moments[i - 1] + 2.0)
+            moments[i] = max(moments[i], moments[i - 1] + 1.5)
         held: dict[str, float] = {}
         kills = 0
         with Client(bench.settings()) as client:

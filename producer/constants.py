@@ -50,9 +50,14 @@ WORKERS = f"{PREFIX}:workers"
 LEASES = f"{PREFIX}:leases"
 #: The reconciler's lock: whoever sets it runs the next pass (one process fleet-wide).
 RECONCILE_LOCK = f"{PREFIX}:reconcile:lock"
-#: Set after a full read of a model's queue lists, so that long queues are read at
-#: most once per ``reconcile_grace_s``.
+#: Set after a look for a long queue's lost messages, so that it is read at most once
+#: per ``reconcile_grace_s``.
 RECONCILE_SCAN = f"{PREFIX}:reconcile:scan:"
+
+#: What the reconciler counts (``atelier_reconciled_total{reason}``): a lost worker's
+#: job taken back, one out of attempts ended ``worker_lost``, a lost message re-published
+#: or restored, a dead dispatcher's consumer removed.
+RECONCILE_REASONS = ("lease_expired", "worker_lost", "message_lost", "dispatcher_consumer")
 
 #: kombu's Redis transport: messages taken and not acknowledged (delivery tag -> JSON
 #: ``[payload, exchange, routing_key]``), and when each was taken (tag -> unix time).

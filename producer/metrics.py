@@ -78,10 +78,13 @@ def queue_gauges(report: Callable[[], list[dict[str, Any]]]) -> Callable[[], Ite
 
 def reconciled_counter(registry: CollectorRegistry) -> Counter:
     """``atelier_reconciled_total{reason}``: what this process's reconciler passes did
-    (``producer.reconciler.REASONS``), on the worker's and the dispatcher's metrics."""
-    return Counter("atelier_reconciled", "Actions of the reconciler: leases taken back, "
-                   "jobs ended worker_lost, lost messages re-published, dead dispatcher "
-                   "consumers removed", ["reason"], registry=registry)
+    (``constants.RECONCILE_REASONS``), on the worker's and the dispatcher's metrics."""
+    counter = Counter("atelier_reconciled", "Actions of the reconciler: leases taken back, "
+                      "jobs ended worker_lost, lost messages re-published, dead dispatcher "
+                      "consumers removed", ["reason"], registry=registry)
+    for reason in K.RECONCILE_REASONS:  # every series from zero, so rate() sees the first
+        counter.labels(reason)
+    return counter
 
 
 class DispatcherMetrics:

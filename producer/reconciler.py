@@ -61,9 +61,11 @@ from producer.store import JobStore, Snapshot
 log = logging.getLogger("atelier.reconciler")
 
 #: Reasons counted in ``atelier_reconciled_total``.
-REASONS = ("lease_expired", "worker_lost", "message_lost", "dispatcher_consumer")
+REASONS = K.RECONCILE_REASONS
 
-#: Queue lists longer than this are read at most once per ``reconcile_grace_s``.
+#: A model with more jobs waiting than this, or more messages in its lists, has its
+#: lost messages looked for at most once per ``reconcile_grace_s`` (each look reads
+#: every waiting job id and every message of the queue).
 LONG_QUEUE = 5000
 
 
@@ -225,11 +227,13 @@ class Reconciler:
         return [j for j, score in zip(old, scores, strict=True) if score is None]
 
     def _republish_lost(self, model: str) -> int:
+        if self.store.redis.exists(K.RECONCILE_SCAN + model):
+            return 0  # a long queue, read less than a grace ago
         candidates = self._candidates(model)
-        if not candidates or self.store.redis.exists(K.RECONCILE_SCAN + model):
+        if not candidates:
             return 0
         waiting, read = waiting_jobs(self.broker, model)
-        if read > LONG_QUEUE:
+        if max(read, len(candidates)) > LONG_QUEUE:
             self.store.redis.set(K.RECONCILE_SCAN + model, "1",
                                  px=int(self.settings.reconcile_grace_s * 1000))
         missing = [j for j in candidates if j not in waiting]

@@ -85,3 +85,13 @@ def test_gpu_plumbing_on_the_cpu(models_dir: Path) -> None:
     assert fast["options"] == {"channels_last": True, "fuse_qkv": True}
     positive(fast, "it_per_s", "s_per_image")
     assert "skipped" in small  # model CPU offload needs a CUDA device
+
+
+def test_recovery() -> None:
+    # 20 jobs of 300 ms on 2 workers: the kill, 1-2 s in, finds jobs held.
+    r = run_bench("recovery.py", "--jobs", "20", "--workers", "2", "--kills", "1",
+                  "--gpu-ms", "300", "--rate", "20")
+    assert r["bench"] == "recovery" and r["jobs"] == 20 and r["kills"] == 1
+    assert r["lost"] == 0 and r["duplicate_outcomes"] == 0
+    positive(r, "recovery_s_p50", "recovery_s_max")
+    assert r["recovery_s_max"] >= r["recovery_s_p50"]
