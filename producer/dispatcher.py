@@ -268,31 +268,20 @@ class Dispatcher:
         return _ms() + int(delay * 1000)
 
 
-def reconciler_for(settings: Settings, store: JobStore, name: str,
-                   counted: Any = None) -> Any:
-    """A reconciler for a process of the producer side (the dispatcher is always on, so
-    a worker fleet scaled to zero still gets its lost jobs back in its queue)."""
-    from producer.broker import make_celery, send_job
-    from producer.reconciler import Reconciler
-    from producer.redis_url import redis_client
-    from producer.registry import Registry
-
-    app = make_celery(settings, "atelier-reconciler")
-    broker = (store.redis if settings.broker_url in (None, settings.redis_url)
-              else redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
-                                health_check_interval=30))
-    return Reconciler(settings, store, broker, Registry.load(settings.models_file),
-                      lambda job, model, prio: send_job(app, job, model, prio), name,
-                      counted=counted)
-
-
 def main(settings: Settings) -> int:
     configure_logging(settings.log_format, os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
     dispatcher = Dispatcher(settings)
     if settings.metrics_port:
         serve(dispatcher.metrics.registry, settings.metrics_port)
-    reconciler = reconciler_for(
-        settings, dispatcher.store, f"dispatcher:{dispatcher.name}",
+    # The dispatcher is always on: it reconciles even when the workers are scaled to
+    # zero, so a lost job shows in its queue's depth again and KEDA scales up for it.
+    from producer.broker import make_celery
+    from producer.reconciler import build as build_reconciler
+    from producer.registry import Registry
+
+    reconciler = build_reconciler(
+        settings, dispatcher.store, Registry.load(settings.models_file),
+        make_celery(settings, "atelier-reconciler"), f"dispatcher:{dispatcher.name}",
         counted=lambda reason: dispatcher.metrics.reconciled.labels(reason).inc()).start()
 
     def _stop(signum: int, frame: object) -> None:

@@ -69,6 +69,21 @@ REASONS = K.RECONCILE_REASONS
 LONG_QUEUE = 5000
 
 
+def build(settings: Settings, store: JobStore, registry: Registry, app: Any, name: str,
+          counted: Callable[[str], None] | None = None) -> Reconciler:
+    """A process's reconciler: its broker connection (the store's own when they are one
+    Redis) and ``app`` (a Celery app) to re-publish with."""
+    from producer.broker import send_job
+    from producer.redis_url import redis_client
+
+    broker = (store.redis if settings.broker_url in (None, settings.redis_url)
+              else redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
+                                health_check_interval=30))
+    return Reconciler(settings, store, broker, registry,
+                      lambda job, model, prio: send_job(app, job, model, prio), name,
+                      counted=counted)
+
+
 class Reconciler:
     """One process's share of the fleet's reconciling (see the module docstring).
 

@@ -170,6 +170,9 @@ def test_worker_metrics_count_jobs_by_outcome_and_time_them(ran: Ran) -> None:
     assert (sample(m, "atelier_worker_resident_memory_bytes") or 0) > 10 * 2**20
     # A CPU worker never touches CUDA, so it reports no GPU memory.
     assert not any(name == "atelier_worker_gpu_memory_bytes" for name, _ in m)
+    # Its reconciler ran and, every job healthy, had nothing to take back.
+    for reason in K.RECONCILE_REASONS:
+        assert sample(m, "atelier_reconciled_total", reason=reason) == 0, reason
 
 
 def test_busy_time_grows_while_a_job_generates(ran: Ran) -> None:
@@ -232,6 +235,8 @@ def test_dispatcher_metrics_count_outcomes(ran: Ran) -> None:
                   outcome="delivered") == 2
     assert sample(m, "atelier_webhook_retries_pending") == 0
     assert sample(m, "atelier_metrics_scrape_errors_total") == 0
+    for reason in K.RECONCILE_REASONS:
+        assert sample(m, "atelier_reconciled_total", reason=reason) == 0, reason
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

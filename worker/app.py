@@ -71,8 +71,9 @@ def create_app(settings: Settings) -> Celery:
         except redis.RedisError as exc:
             # The job store is unreachable, so the outcome could not be recorded.
             # Celery would acknowledge a failed task and lose the job: put it back
-            # instead (if the broker is down too, the unacked message returns after
-            # the visibility timeout). Attempts and fencing keep the outcome single.
+            # instead (if the broker is down too, the unacked message stays behind and
+            # the reconciler moves it back: its lease runs out, or, never leased, it is
+            # older than the grace). Attempts and fencing keep the outcome single.
             log.warning("job %s: job store unreachable (%s); requeued", job_id, exc,
                         extra={"job_id": job_id})
             time.sleep(2)
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     explicit_vt = settings.visibility_timeout_s
     if explicit_vt and explicit_vt < settings.visibility_floor_s:
         log.warning("ATELIER_VISIBILITY_TIMEOUT_S=%d is below %d s, the longest this worker "
-                    "can hold a message: long jobs will be delivered twice",
+                    "can hold a message: kombu will hand long jobs' messages to a second "
+                    "worker, which drops them while the first run's lease lives",
                     settings.visibility_timeout_s, settings.visibility_floor_s)
     registry = Registry.load(settings.models_file)
     names = args.model or [settings.default_model]
@@ -275,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
         serve(metrics.registry, settings.metrics_port)
     app = create_app(settings)
-    reconciler = _reconciler(settings, store, registry, app, worker_name, metrics)
+    from producer.reconciler import build as build_reconciler
+
+    reconciler = build_reconciler(settings, store, registry, app, worker_name,
+                                  counted=lambda reason: metrics.reconciled.labels(reason).inc())
     queues = ",".join(K.queue_name(n) for n in names)
     heartbeat = Heartbeat(store, _runner, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
@@ -321,17 +326,3 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat.stop()
     return 0
 
-
-def _reconciler(settings: Settings, store: JobStore, registry: Registry, app: Celery,
-                name: str, metrics: Any) -> Any:
-    """This worker's share of the fleet's reconciler (producer/reconciler.py)."""
-    from producer.broker import send_job
-    from producer.reconciler import Reconciler
-    from producer.redis_url import redis_client
-
-    broker = (store.redis if settings.broker_url in (None, settings.redis_url)
-              else redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
-                                health_check_interval=30))
-    return Reconciler(settings, store, broker, registry,
-                      lambda job, model, prio: send_job(app, job, model, prio), name,
-                      counted=lambda reason: metrics.reconciled.labels(reason).inc())

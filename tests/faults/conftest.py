@@ -194,6 +194,16 @@ def rig(tmp_path: Path, models_dir: Path) -> Iterator[Rig]:
         redis.stop()
 
 
+@pytest.fixture
+def two_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """The broker and the job store as two redis-servers (the store with its AOF)."""
+    broker = RedisServer(tmp_path / "broker").start()
+    store = RedisServer(tmp_path / "store", appendonly=True).start()
+    yield broker, store
+    store.stop()
+    broker.stop()
+
+
 def wait_for_event(client: Client, job_id: str, etype: EventType,
                    timeout: float = 60, after: str | None = None) -> dict[str, Any]:
     """The job's first event of type ``etype`` (after event id ``after``)."""

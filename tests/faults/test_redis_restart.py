@@ -4,7 +4,6 @@ mid-job: every accepted job ends terminal, once, and no process needs a restart.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,15 +105,6 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         ids = {g.headers["webhook-id"] for g in receiver.at("/done")}
         terminal = {e["id"] for e in rig.events() if e["type"] == EventType.SUCCEEDED}
         assert ids == terminal
-
-
-@pytest.fixture
-def two_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    broker = RedisServer(tmp_path / "broker").start()
-    store = RedisServer(tmp_path / "store", appendonly=True).start()
-    yield broker, store
-    store.stop()
-    broker.stop()
 
 
 @pytest.mark.timeout(120)
