@@ -139,16 +139,16 @@ def test_a_healthy_job_ten_leases_long_runs_once(rig: Rig) -> None:
 [models."sim-long"]
 pipeline = "simulated"
 source = "builtin:simulated"
-gpu_ms = 16000
+gpu_ms = 10000
 steps = 40
 width = 64
 height = 64
 max_side = 512
 max_pixels = 262144
 """)
-    values = {"worker_heartbeat_s": 0.5, "reconcile_interval_s": 1}
+    values = {"worker_heartbeat_s": 0.3, "reconcile_interval_s": 1}
     settings = rig.settings(**values)
-    assert 16 >= 10 * settings.lease_ttl_s
+    assert 10 >= 10 * settings.lease_ttl_s
     workers = [rig.worker(["sim-long"], wait=False, **values) for _ in range(2)]
     for w in workers:
         w.wait_ready()

@@ -1,6 +1,7 @@
 """Messages the broker lost (the reconciler's second duty): a queued job whose message
-was deleted from its list, and a broker Redis (separate from the job store) that lost
-every key. The jobs still run, once, with the default settings."""
+was deleted from its list (reconciled by the dispatcher alone, the workers scaled to
+zero), and a broker Redis (separate from the job store) that lost every key. The jobs
+still run, once, with the default settings."""
 
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 @pytest.mark.timeout(120)
 def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
-    """No worker serves the queue yet; the job's message is deleted from the broker's
-    list (what kombu's BRPOP window, or a flushed key, leaves). Past the reconcile
-    grace the message is re-published, and the worker that starts runs the job once."""
+    """Workers scaled to zero, only a dispatcher running; a queued job's message is
+    deleted from the broker's list (what kombu's BRPOP window, or a flushed key, leaves).
+    Past the reconcile grace the dispatcher's reconciler re-publishes it, so the queue's
+    depth shows the job again (what KEDA scales on), and the worker that then starts
+    runs it once."""
+    from producer.broker import queue_depth
+
+    dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=")
     client = rig.client()
     r = client.store.redis
     job_id = client.submit(prompt="lost message", model="sim")
@@ -35,21 +41,25 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     for raw in r.lrange(key, 0, -1):
         if json.loads(raw)["headers"]["id"] == job_id:
             assert r.lrem(key, 1, raw) == 1
-    assert r.llen(key) == 1  # only the other job's message is left
+    assert queue_depth(r, "sim") == 1  # only the other job's message is left
     submitted = time.time()
-    worker = rig.worker()  # runs `other` at once; `job_id` only once re-published
-    record = client.wait(job_id, timeout=90)
-    assert record["status"] == Status.SUCCEEDED, record
-    assert record["attempts"] == 1
     settings = rig.settings()
+    deadline = time.monotonic() + settings.reconcile_grace_s + 20
+    while queue_depth(r, "sim") != 2:
+        assert time.monotonic() < deadline, dispatcher.log()[-2000:]
+        time.sleep(0.2)
     # Not before the grace (the message could have been in a worker's hands), and not
     # much after it.
     waited = time.time() - submitted
     assert settings.reconcile_grace_s <= waited <= settings.reconcile_grace_s + 15, waited
+    assert f"job {job_id}: queued waiting with its message in no queue" in dispatcher.log()
+    rig.worker()
+    record = client.wait(job_id, timeout=60)
+    assert record["status"] == Status.SUCCEEDED, record
+    assert record["attempts"] == 1
     assert client.wait(other, timeout=10)["status"] == Status.SUCCEEDED
     log = assert_one_outcome(rig, client, job_id)
     assert [e["type"] for e in log].count(EventType.STARTED) == 1
-    assert f"job {job_id}: queued waiting with its message in no queue" in worker.log()
     assert rig.terminal_counts() == {job_id: 1, other: 1}
 
 
@@ -105,29 +115,3 @@ def test_a_broker_that_lost_its_data(two_redis: tuple[RedisServer, RedisServer],
     finally:
         for p in reversed(procs):
             p.stop()
-
-
-@pytest.mark.timeout(90)
-def test_the_dispatcher_reconciles_with_no_worker_running(rig: Rig) -> None:
-    """Workers scaled to zero: the dispatcher's reconciler still takes a dead worker's
-    job back, so its queue depth shows it again (for KEDA) and a new worker runs it."""
-    from producer.broker import queue_depth
-
-    worker = rig.worker(["sim-slow"], new_session=True)
-    dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=")
-    client = rig.client()
-    job_id = client.submit(prompt="left alone", model="sim-slow")
-    deadline = time.monotonic() + 30
-    while client.get(job_id)["status"] != Status.RUNNING:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    worker.kill_group()
-    deadline = time.monotonic() + 30
-    while queue_depth(client.store.redis, "sim-slow") != 1:
-        assert time.monotonic() < deadline, dispatcher.log()[-2000:]
-        time.sleep(0.2)
-    assert f"job {job_id}: lease of worker" in dispatcher.log()
-    rig.worker(["sim-slow"])
-    record = client.wait(job_id, timeout=60)
-    assert record["status"] == Status.SUCCEEDED and record["attempts"] == 2, record
-    assert_one_outcome(rig, client, job_id)
