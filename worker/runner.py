@@ -169,13 +169,16 @@ class Runner:
                 return None
             self.current.add(job_id)
         tag = tag or f"direct-{secrets.token_hex(8)}"  # no broker message (tests)
+        status: Status | None = None
         try:
-            return self._run(job_id, tag)
+            status = self._run(job_id, tag)
+            return status
         finally:
             try:
-                # Ended: the terminal write cleared the lease already (a no-op). Given
-                # back or dropped: let go, so nothing waits for the lease to run out.
-                self.store.release(job_id, self.worker_name, tag)
+                # Ended by this run: its terminal write cleared the lease. Given back,
+                # dropped or fenced: let go, so nothing waits for the lease to run out.
+                if status is None:
+                    self.store.release(job_id, self.worker_name, tag)
             except redis.RedisError as exc:
                 log.warning("job %s: lease not released (%s); it expires by itself", job_id,
                             exc, extra={"job_id": job_id})
