@@ -6,7 +6,14 @@ A job is a hash ``atelier:job:{id}`` with three fields:
 - ``token``: the fence of the run that owns the job (``none`` until one starts);
 - ``doc``: the whole record as JSON;
 
-plus ``cancel`` once a cancel was asked for.
+plus ``cancel`` once a cancel was asked for, ``lease`` and ``tag`` while a worker holds
+the job's message (the worker, and the message's delivery tag; the job is then in
+``atelier:leases`` with its lease's expiry), and ``announced``, the attempt a
+``job.retrying`` has announced.
+
+Leases (:meth:`JobStore.hold`, :meth:`~JobStore.renew`, :meth:`~JobStore.release`) are
+timed by Redis's clock. A start must hold the lease; a terminal transition clears it;
+the reconciler (``producer/reconciler.py``) takes back a job whose lease ran out.
 
 Every change goes through one Lua script, :data:`_APPLY`, that compares and sets:
 it checks the status is among those allowed and the token is the one the caller
