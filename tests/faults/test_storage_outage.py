@@ -78,7 +78,7 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
         relay.start()
         values = {"storage_url": f"s3://{BUCKET}/outputs",
                   "s3_endpoint_url": f"http://127.0.0.1:{port}",
-                  "storage_retry_s": 40, "visibility_timeout_s": 120}
+                  "storage_retry_s": 40}
         rig.worker(**values)
         client = rig.client(**values)
         watcher = SucceededWatcher(client.store.redis, direct)
