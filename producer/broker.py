@@ -121,7 +121,6 @@ class Unacked:
     """A message a worker took and has not acknowledged."""
 
     tag: str
-    job_id: str
     taken_at: float  # unix time (the taking worker's clock)
 
 
@@ -138,7 +137,7 @@ def unacked_messages(broker: redis.Redis) -> dict[str, list[Unacked]]:
         except (ValueError, IndexError, TypeError, AttributeError):
             continue
         if job is not None:
-            out.setdefault(job, []).append(Unacked(tag, job, taken.get(tag, 0.0)))
+            out.setdefault(job, []).append(Unacked(tag, taken.get(tag, 0.0)))
     return out
 
 
@@ -177,7 +176,6 @@ def restore_message(broker: redis.Redis, tag: str, to_list: str) -> bool:
         raw = pipe.hget(K.UNACKED, tag)
         if raw is None:
             pipe.multi()  # nothing to move; an empty transaction
-            restored[0] = False
             return
         payload = json.loads(raw)[0]
         payload.setdefault("headers", {})["redelivered"] = True
@@ -202,7 +200,6 @@ def drop_messages(broker: redis.Redis, tags: Iterable[str]) -> None:
         pipe.zrem(K.UNACKED_INDEX, *tags)
         pipe.hdel(K.UNACKED, *tags)
         pipe.execute()
-
 
 
 def queue_depth(broker: Any, model: str) -> int:

@@ -113,7 +113,6 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         current, done = self.runner.activity()
-        settings = self.runner.settings
         doc = {
             **self.info,
             "state": "busy" if current else "idle",
@@ -129,7 +128,7 @@ class Heartbeat(threading.Thread):
         pipe.zadd(K.WORKERS, {self.info["id"]: int(time.time() * 1000)})
         pipe.execute()
         # The leases of the jobs this worker holds live as long as its heartbeat does.
-        self.store.renew(self.info["id"], self.runner.held(), settings.lease_ttl_s)
+        self.store.renew(self.info["id"], current, self.runner.settings.lease_ttl_s)
 
     def run(self) -> None:
         while not self.stopped.wait(self.period_s):
@@ -325,4 +324,3 @@ def main(argv: list[str] | None = None) -> int:
         reconciler.stop()
         heartbeat.stop()
     return 0
-

@@ -187,13 +187,9 @@ class Runner:
                     self.current.discard(job_id)
                     self.jobs_done += 1
 
-    def held(self) -> list[str]:
-        """Jobs this worker holds now, whose leases the heartbeat renews."""
-        with self._lock:
-            return list(self.current)
-
     def activity(self) -> tuple[list[str], int]:
-        """Jobs held now, and messages handled since start (for the heartbeat)."""
+        """Jobs held now (the heartbeat renews their leases), and messages handled since
+        start."""
         with self._lock:
             return sorted(self.current), self.jobs_done
 
