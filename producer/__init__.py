@@ -1,7 +1,7 @@
 """atelier for producers: the job contract, the client, the store. Never imports torch."""
 
 from producer.client import Client
-from producer.contract import EventType, Status, validate_request
+from producer.contract import Event, EventType, Output, Record, Status
 from producer.errors import (
     AtelierError,
     InvalidRequest,
@@ -11,14 +11,18 @@ from producer.errors import (
     UnknownModel,
 )
 from producer.settings import Settings, get_settings
+from producer.validation import validate_request
 
 __all__ = [
     "AtelierError",
     "Client",
+    "Event",
     "EventType",
     "InvalidRequest",
     "JobError",
     "JobNotFound",
+    "Output",
+    "Record",
     "Settings",
     "Status",
     "Unavailable",

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from producer import constants as K
 from producer.broker import queue_depth
 from producer.client import Client, new_job_id
-from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status, validate_request
+from producer.contract import TERMINAL_EVENTS, EventType, JobRequest, Status
 from producer.errors import AtelierError, InvalidRequest, JobNotFound, KeyClaimed, Unavailable
 from producer.fleet import live_workers, queue_report
 from producer.logs import configure as configure_logging
@@ -58,6 +58,7 @@ from producer.redis_url import async_redis_client, redis_client
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import Claim, decode_event
+from producer.validation import validate_request
 
 log = logging.getLogger("atelier.api")
 

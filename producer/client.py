@@ -10,11 +10,13 @@ from typing import Any
 import redis
 
 from producer.broker import make_celery, send_job
-from producer.contract import Status, decode_data_uri, new_record, now_iso, validate_request
+from producer.contract import Status, new_record, now_iso
 from producer.errors import JobNotFound, KeyClaimed, Unavailable
+from producer.images import decode_data_uri
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import Claim, JobStore
+from producer.validation import validate_request
 
 
 def new_job_id() -> str:

@@ -41,6 +41,7 @@ from producer import constants as K
 from producer.contract import (
     TERMINAL_EVENTS,
     EventType,
+    Record,
     Status,
     now_iso,
     parse_iso,
@@ -337,11 +338,11 @@ class JobStore:
         detail = detail.decode() if isinstance(detail, bytes) else str(detail)
         return Outcome(bool(ok), detail)
 
-    def create(self, doc: dict[str, Any], claim: Claim | None = None) -> Outcome:
+    def create(self, record: Record, claim: Claim | None = None) -> Outcome:
         """Write a new ``queued`` record and its ``job.queued`` event (and the
         idempotency key naming it, if any: refused with ``claimed`` when it exists)."""
         return self.apply(
-            doc["id"], allowed=NEW, doc=doc, new_token=NO_TOKEN,
+            record["id"], allowed=NEW, doc=dict(record), new_token=NO_TOKEN,
             events=[(EventType.QUEUED, {})], claim=claim,
         )
 

@@ -20,8 +20,9 @@ import redis
 
 from producer import Client, InvalidRequest, Settings, UnknownModel
 from producer import constants as K
-from producer.contract import MAX_SEED, validate_request
+from producer.contract import MAX_SEED
 from producer.registry import Registry
+from producer.validation import validate_request
 
 #: A database no other test file uses, so its contents are ours alone.
 DB = 13
@@ -291,7 +292,6 @@ def test_bad_request_is_refused_named_and_not_enqueued(
 
 
 def test_family_features_that_apply_are_accepted(client: Client) -> None:
-    from producer.contract import validate_request
 
     reg, st = client.registry, client.settings
     flux = validate_request({"prompt": "a (red) fox", "model": "tiny-flux", "width": 80,
@@ -305,7 +305,6 @@ def test_family_features_that_apply_are_accepted(client: Client) -> None:
 
 
 def test_unused_new_fields_leave_no_key(client: Client) -> None:
-    from producer.contract import validate_request
 
     req = validate_request({"prompt": P}, client.registry, client.settings)
     assert not {"mask", "loras", "sweep"} & set(req)
@@ -316,7 +315,7 @@ def test_unused_new_fields_leave_no_key(client: Client) -> None:
 
 
 def test_sweep_is_normalized(client: Client) -> None:
-    from producer.contract import denoise_steps, sweep_cells, validate_request
+    from producer.contract import denoise_steps, sweep_cells
 
     req = validate_request({"prompt": P, "steps": 3, "sweep": {"guidance_scale": [2, 4.5],
                                                                 "seeds": [7, 8, 9]}},

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from producer.contract import EventType, Status, new_record, now_iso, validate_request
+from producer.contract import EventType, Status, new_record, now_iso
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.storage import LocalStorage
 from producer.store import JobStore
+from producer.validation import validate_request
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +198,22 @@ def test_one_monitor_thread_serves_every_job(runner: Any) -> None:
         assert EventType.PROGRESS not in seen[first_output:], seen
         # ~0.5 s of denoising, progress every 0.05 s: the monitor moved on to each job
         assert EventType.PROGRESS in seen[:first_output], seen
+
+
+def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
+    """The PNG's ``atelier`` chunk records the generation parameters only: the same
+    picture asked for with other delivery fields is the same file."""
+    same = {"seed": 7, "steps": 2}
+    first = create(runner, **same)
+    second = create(runner, **same, webhook_events=["started", "completed"], priority=9,
+                    timeout_s=120, expires_in_s=3600, metadata={"user": "u1"})
+    assert runner.run(first) is runner.run(second) is Status.SUCCEEDED
+    a, b = (runner.storage.get(f"{j}/0.png") for j in (first, second))
+    assert a == b
+    import io
+
+    from PIL import Image
+    chunk = json.loads(Image.open(io.BytesIO(a)).text["atelier"])
+    assert chunk["seed"] == 7 and chunk["request"]["steps"] == 2
+    assert not {"webhook_events", "priority", "timeout_s", "expires_in_s", "metadata",
+                "output_format", "quality"} & set(chunk["request"])

@@ -23,12 +23,12 @@ from producer.contract import (
     Status,
     new_record,
     now_iso,
-    validate_request,
 )
 from producer.errors import JobNotFound
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.store import NO_TOKEN, JobStore
+from producer.validation import validate_request
 
 #: A database no other test file uses; emptied around each test.
 DB = 14

@@ -6,6 +6,8 @@ import io
 import json
 from typing import Any
 
+from producer.contract import generation_params
+
 
 def parameters_text(request: dict[str, Any], seed: int | None) -> str:
     """The A1111-style ``parameters`` string many image tools read."""
@@ -32,8 +34,9 @@ def encode(image: Any, request: dict[str, Any], seed: int | None,
     if fmt == "png":
         info = PngInfo()
         info.add_text("parameters", parameters_text(request, seed))
-        params = {k: v for k, v in request.items() if k not in ("image", "webhook", "metadata")}
-        # No job id here: the same request and seed must give the same bytes.
+        # The generation parameters only (no job id, no delivery fields): two jobs that
+        # generate the same picture give the same bytes.
+        params = generation_params(request)
         info.add_text("atelier", json.dumps({"seed": seed, "request": params}, sort_keys=True))
         image.save(buf, format="PNG", pnginfo=info, compress_level=png_compress_level)
     elif fmt == "webp":

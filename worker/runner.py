@@ -474,7 +474,7 @@ class Runner:
     def _init_image(self, run: Run, raw: bytes) -> Any:
         from PIL import Image
 
-        from producer.contract import open_image
+        from producer.images import open_image
 
         run.init_sha256 = hashlib.sha256(raw).hexdigest()
         try:
@@ -490,7 +490,7 @@ class Runner:
         as given (a mismatch means the two do not belong together)."""
         from PIL import Image
 
-        from producer.contract import open_image
+        from producer.images import open_image
 
         run.mask_sha256 = hashlib.sha256(raw).hexdigest()
         try:
