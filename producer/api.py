@@ -577,7 +577,7 @@ def main(settings: Settings, host: str, port: int) -> int:
     if not settings.api_keys.strip():
         raise SystemExit("atelier api: set ATELIER_API_KEYS (comma-separated keys or "
                          "sha256:<hex> digests); the API does not run without keys")
-    configure_logging(settings.log_format)
+    configure_logging(settings.log_format, settings.log_level)
     # JSON: uvicorn's own loggers (uvicorn.error, uvicorn.access) propagate to the root
     # handler configured above; text keeps uvicorn's usual lines.
     extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}

@@ -25,7 +25,7 @@ from producer.client import Client
 from producer.contract import EXTENSIONS, EventType, Status
 from producer.errors import InvalidRequest, JobNotFound, Unavailable
 from producer.registry import Registry
-from producer.settings import Settings, get_settings
+from producer.settings import Settings, child_env, get_settings
 from producer.storage import storage_from_settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -325,15 +325,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         procs.append(redis_proc)
-        env = {
-            **os.environ,
-            "ATELIER_REDIS_URL": f"redis://127.0.0.1:{port}/0",
-            "ATELIER_BROKER_URL": f"redis://127.0.0.1:{port}/0",
-            "ATELIER_STORAGE_URL": f"file://{tmp / 'store'}",
-            "ATELIER_DEFAULT_MODEL": args.model,
-            "ATELIER_DEVICE": args.device or os.environ.get("ATELIER_DEVICE", "auto"),
-            "ATELIER_PROGRESS_INTERVAL_S": "0.1",
-        }
+        env: dict[str, Any] = child_env(
+            ATELIER_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+            ATELIER_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+            ATELIER_STORAGE_URL=f"file://{tmp / 'store'}",
+            ATELIER_DEFAULT_MODEL=args.model,
+            ATELIER_DEVICE=args.device or get_settings().device,
+            ATELIER_PROGRESS_INTERVAL_S="0.1",
+        )
         demo_settings = Settings(**{k.removeprefix("ATELIER_").lower(): v for k, v in env.items()
                                     if k.startswith("ATELIER_")})
         log_path = tmp / "worker.log"

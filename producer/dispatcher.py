@@ -269,7 +269,7 @@ class Dispatcher:
 
 
 def main(settings: Settings) -> int:
-    configure_logging(settings.log_format, os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
+    configure_logging(settings.log_format, settings.log_level)
     dispatcher = Dispatcher(settings)
     if settings.metrics_port:
         serve(dispatcher.metrics.registry, settings.metrics_port)

@@ -7,6 +7,7 @@ and pass it in.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -22,6 +23,7 @@ def _one_of(setting: str, value: str, allowed: tuple[str, ...]) -> str:
 
 
 #: The derived visibility timeout's least value: a day (leases do the prompt work).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VISIBILITY_BACKSTOP_S = 24 * 3600
 
 
@@ -160,11 +162,18 @@ class Settings(BaseSettings):
     #: ``text`` (human-readable lines) or ``json`` (one object per line, with the job
     #: id on every line logged while a job runs).
     log_format: str = "text"
+    #: The level of every process's log (worker, API, dispatcher, CLI servers).
+    log_level: str = "INFO"
 
     @field_validator("log_format")
     @classmethod
     def _log_format(cls, v: str) -> str:
         return _one_of("ATELIER_LOG_FORMAT", v, ("text", "json"))
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        return _one_of("ATELIER_LOG_LEVEL", v.upper(), LOG_LEVELS)
 
     @field_validator("webhook_secret")
     @classmethod
@@ -229,6 +238,12 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or self.redis_url
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``: for a child process (the demo's
+    worker) that reads its settings from the environment as every atelier process does."""
+    return {**os.environ, **extra}
 
 
 @functools.lru_cache(maxsize=1)

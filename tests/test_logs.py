@@ -79,6 +79,13 @@ def test_log_format_error_names_the_environment_variable() -> None:
         Settings(log_format="xml")
 
 
+def test_log_level_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATELIER_LOG_LEVEL", "debug")
+    assert Settings().log_level == "DEBUG"
+    with pytest.raises(ValidationError, match="ATELIER_LOG_LEVEL must be one of DEBUG"):
+        Settings(log_level="loud")
+
+
 def test_busy_clock_counts_holds_and_the_one_in_progress() -> None:
     clock = BusyClock(window_s=60)
     assert clock.total() == 0 and clock.ratio() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import subprocess
 import sys
@@ -22,6 +23,44 @@ def test_producer_never_imports_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, f"producer imported {res.stdout.strip()} {res.stderr[-2000:]}"
+
+
+def test_settings_are_read_in_one_place() -> None:
+    """No module but producer/settings.py reads the environment (STYLE habit 4)."""
+    readers = []
+    for path in sorted([*(ROOT / "producer").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]):
+        if path == ROOT / "producer" / "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
+                    and isinstance(node.value, ast.Name) and node.value.id == "os"):
+                readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert readers == []
+
+
+def test_the_public_api_is_pinned() -> None:
+    """What ``import producer`` offers, as httpx pins its own: a change here is a change
+    of the public API, made on purpose."""
+    import producer
+
+    assert producer.__all__ == [
+        "AtelierError",
+        "Client",
+        "Event",
+        "EventType",
+        "InvalidRequest",
+        "JobError",
+        "JobNotFound",
+        "Output",
+        "Record",
+        "Settings",
+        "Status",
+        "Unavailable",
+        "UnknownModel",
+        "get_settings",
+        "validate_request",
+    ]
+    assert all(getattr(producer, name) is not None for name in producer.__all__)
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -206,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default ATELIER_DEVICE)")
     parser.add_argument("--concurrency", type=int, help="jobs held at once "
                         "(default ATELIER_WORKER_CONCURRENCY)")
-    parser.add_argument("--loglevel", default=os.environ.get("ATELIER_LOG_LEVEL", "INFO"))
+    parser.add_argument("--loglevel", help="default ATELIER_LOG_LEVEL (INFO)")
     args = parser.parse_args(argv)
 
     settings = get_settings()
+    args.loglevel = args.loglevel or settings.log_level
     configure_logging(settings.log_format, args.loglevel)
     overrides = {}
     if args.device:
