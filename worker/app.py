@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import os
 import platform
@@ -121,12 +120,7 @@ class Heartbeat(threading.Thread):
             "memory": _memory(self.info["device"]),
             "last_seen": now_iso(),
         }
-        r = self.store.redis
-        pipe = r.pipeline(transaction=False)
-        pipe.set(K.worker_key(self.info["id"]), json.dumps(doc),
-                 px=int(self.period_s * 3000))
-        pipe.zadd(K.WORKERS, {self.info["id"]: int(time.time() * 1000)})
-        pipe.execute()
+        self.store.beat(self.info["id"], doc, ttl_s=3 * self.period_s)
         # The leases of the jobs this worker holds live as long as its heartbeat does.
         self.store.renew(self.info["id"], current, self.runner.settings.lease_ttl_s)
 
@@ -143,8 +137,7 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         try:
-            self.store.redis.delete(K.worker_key(self.info["id"]))
-            self.store.redis.zrem(K.WORKERS, self.info["id"])
+            self.store.retire(self.info["id"])
         except redis.RedisError:
             pass
 
