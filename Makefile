@@ -3,11 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= a lighthouse at dusk
+# The demo's model and device (atelier demo --model / --device). tiny-sdxl needs no hub;
+# on a CUDA machine with hub access: make demo MODEL=playground-v2.5
+MODEL ?= tiny-sdxl
+DEVICE ?=
 # torch is pinned here (the CPU build this machine serves from disk); pyproject keeps a
 # loose range so GPU hosts choose their own CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint typecheck install clean bench bench-gpu
+.PHONY: demo test lint docs typecheck install clean bench bench-gpu
 
 $(BIN)/atelier: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +23,18 @@ $(BIN)/atelier: pyproject.toml
 install: $(BIN)/atelier
 
 demo: install
-	$(BIN)/atelier demo "$(PROMPT)"
+	$(BIN)/atelier demo "$(PROMPT)" --model "$(MODEL)" $(if $(DEVICE),--device "$(DEVICE)")
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy producer worker
 
-test: lint
+# The docs site (mkdocs.yml, docs/): strict, so a broken link fails. Built outside the tree.
+# (No -q: mkdocs then stops counting warnings, and strict lets a broken link through.)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/atelier-site
+
+test: lint docs
 	$(BIN)/pytest -q
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
