@@ -164,7 +164,7 @@ class JobRequest(BaseModel):
     quality: int = Field(default=90, ge=1, le=100)
     webhook: str | None = None
     webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
-        default_factory=lambda: ["completed"]  # type: ignore[arg-type,return-value]
+        default_factory=lambda: ["completed"]  # type: ignore[arg-type]
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)

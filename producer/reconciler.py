@@ -227,7 +227,7 @@ class Reconciler:
 
     def _candidates(self, model: str) -> list[str]:
         """Jobs of ``model`` waiting longer than the grace and leased by nobody."""
-        now_s, now_us = self.store.redis.time()  # type: ignore[misc]
+        now_s, now_us = self.store.redis.time()
         cutoff = int(now_s) * 1000 + int(now_us) // 1000 - int(
             self.settings.reconcile_grace_s * 1000)
         key = K.queued_index_key(model)

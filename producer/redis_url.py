@@ -163,7 +163,8 @@ def redis_client(url: str, setting: str = "ATELIER_REDIS_URL", **kwargs: Any) ->
     sentinel = redis.sentinel.Sentinel(
         s.sentinels, sentinel_kwargs=s.sentinel_kwargs(kwargs, Retry(NoBackoff(), 0)),
         **kwargs, **s.master_kwargs())
-    return sentinel.master_for(s.service_name)
+    master: redis.Redis = sentinel.master_for(s.service_name)
+    return master
 
 
 def async_redis_client(url: str, setting: str = "ATELIER_REDIS_URL",
@@ -181,7 +182,8 @@ def async_redis_client(url: str, setting: str = "ATELIER_REDIS_URL",
     sentinel = redis.asyncio.sentinel.Sentinel(
         s.sentinels, sentinel_kwargs=s.sentinel_kwargs(kwargs, Retry(NoBackoff(), 0)),
         **kwargs, **s.master_kwargs())
-    return sentinel.master_for(s.service_name)
+    master: redis.asyncio.Redis = sentinel.master_for(s.service_name)
+    return master
 
 
 def kombu_broker(url: str, setting: str = "ATELIER_BROKER_URL") -> tuple[str, dict[str, Any]]:

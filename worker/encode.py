@@ -11,7 +11,7 @@ from producer.contract import generation_params
 
 def parameters_text(request: dict[str, Any], seed: int | None) -> str:
     """The A1111-style ``parameters`` string many image tools read."""
-    text = request["prompt"]
+    text: str = request["prompt"]
     if request.get("negative_prompt"):
         text += f"\nNegative prompt: {request['negative_prompt']}"
     text += (

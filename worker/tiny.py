@@ -254,7 +254,7 @@ def build_tiny_lora(dest: str | os.PathLike[str], base: str | os.PathLike[str],
     as one diffusers-format safetensors file (atomically) at ``dest``."""
     import diffusers
     import torch
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
