@@ -54,6 +54,7 @@ from producer.broker import (
 )
 from producer.contract import EventType, Status, now_iso, terminal_event
 from producer.errors import JobNotFound, WorkerLost
+from producer.loops import run_every
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.store import JobStore, Snapshot
@@ -115,13 +116,9 @@ class Reconciler:
 
     def _loop(self) -> None:
         interval = self.settings.reconcile_interval_s
-        while not self.stopped.wait(interval * random.uniform(0.2, 0.3)):
-            try:
-                self.tick()
-            except redis.RedisError as exc:
-                log.warning("reconciler: Redis unavailable (%s)", exc)
-            except Exception:
-                log.exception("reconciler: pass failed")
+        # A quarter interval, jittered: passes stay about one per interval fleet-wide.
+        run_every(self.stopped, lambda: interval * random.uniform(0.2, 0.3), self.tick,
+                  "reconciler pass")
 
     def tick(self) -> bool:
         """Make a pass if no other process has made one within the last interval."""
