@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.conftest import BUCKET, Stack
+from tests.helpers import BUCKET, Stack
 
 pytestmark = pytest.mark.slow
 
@@ -324,7 +324,7 @@ def test_cli_submit_wait_downloads_the_images(stack: Stack, tmp_path: Any) -> No
     import subprocess
     import sys
 
-    from tests.conftest import worker_env
+    from tests.helpers import worker_env
     from tests.servers import ROOT
 
     env = worker_env(stack.values)
@@ -347,7 +347,7 @@ def test_cli_queues_workers_and_status_read_the_fleet(stack: Stack) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import worker_env
+    from tests.helpers import worker_env
     from tests.servers import ROOT
 
     env = worker_env(stack.values)

@@ -28,7 +28,7 @@ from producer import constants as K
 from producer.broker import make_celery, queue_depth
 from producer.fleet import live_workers
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
+from tests.helpers import stack_values, worker_env
 from tests.receiver import Receiver
 from tests.servers import Process, RedisServer, Worker, api_process, dispatcher_process, free_port
 

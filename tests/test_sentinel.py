@@ -21,7 +21,7 @@ import redis
 from producer.broker import celery_config
 from producer.redis_url import check_redis_url, kombu_broker, parse_sentinel_url
 from producer.settings import Settings
-from tests.conftest import worker_env
+from tests.helpers import worker_env
 from tests.servers import ROOT, Process, Worker, api_process, free_port
 
 SERVICE = "atelier-main"

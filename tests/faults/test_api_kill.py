@@ -10,7 +10,7 @@ import pytest
 
 from producer import constants as K
 from producer.contract import Status
-from tests.faults.conftest import Rig, Submitter
+from tests.helpers import Rig, Submitter
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -17,7 +17,7 @@ import pytest
 
 from producer import constants as K
 from producer.contract import EventType, Status
-from tests.faults.conftest import (
+from tests.helpers import (
     Rig,
     assert_one_outcome,
     finished_after,

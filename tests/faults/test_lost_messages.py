@@ -16,8 +16,7 @@ from producer import Client
 from producer import constants as K
 from producer.contract import EventType, Status
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
-from tests.faults.conftest import MODELS, Rig, assert_one_outcome
+from tests.helpers import MODELS, Rig, assert_one_outcome, stack_values, worker_env
 from tests.servers import RedisServer, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]

@@ -11,8 +11,7 @@ import pytest
 from producer import Client
 from producer.contract import EventType, Status
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
-from tests.faults.conftest import MODELS, WEBHOOK_SECRET, Rig, Submitter
+from tests.helpers import MODELS, WEBHOOK_SECRET, Rig, Submitter, stack_values, worker_env
 from tests.receiver import Receiver
 from tests.servers import RedisServer, Worker
 

@@ -14,8 +14,7 @@ import pytest
 
 from producer import constants as K
 from producer.contract import Status, parse_iso
-from tests.conftest import worker_env
-from tests.faults.conftest import Rig
+from tests.helpers import Rig, worker_env
 from tests.servers import AWS_ENV, Process, S3Server, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]

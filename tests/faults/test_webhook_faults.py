@@ -13,7 +13,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, Status
-from tests.faults.conftest import WEBHOOK_SECRET, Rig
+from tests.helpers import WEBHOOK_SECRET, Rig
 from tests.receiver import Received, Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]

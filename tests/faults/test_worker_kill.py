@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producer.broker import queue_depth
 from producer.contract import EventType, Status
-from tests.faults.conftest import (
+from tests.helpers import (
     WEBHOOK_SECRET,
     Rig,
     assert_one_outcome,
