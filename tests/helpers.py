@@ -1,4 +1,4 @@
-"""What the tests share besides fixtures: the shared stack's settings, and the
+"""What the tests share besides fixtures: polling, the shared stack's settings, and the
 fault-injection suite's rig (``tests/faults``).
 
 Fixtures live in the conftest modules and build on these; test modules import from
@@ -13,14 +13,40 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from producer import Client
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, Status
 from producer.settings import Settings
 from tests.servers import AWS_ENV, Process, RedisServer, Worker, api_process, dispatcher_process
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, *, interval: float = 0.05,
+               message: str | Callable[[], str] | None = None) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns a truthy value, and
+    return that value. After ``timeout`` seconds, raise AssertionError saying what was
+    awaited (``message``, or a callable building it then, for details read at the time)
+    and the last value seen. An exception from ``predicate`` propagates at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    if message is None:
+        what = getattr(predicate, "__qualname__", repr(predicate))
+    else:
+        what = message() if callable(message) else message
+    last = "" if value is None or value is False else f" (last value: {value!r})"
+    raise AssertionError(f"not true after {timeout} s: {what}{last}")
+
 
 # -- the shared stack (tests/conftest.py) -------------------------------------------
 
@@ -216,22 +242,23 @@ class Rig:
     def wait_terminal(self, client: Client, job_ids: list[str],
                       timeout: float) -> dict[str, dict[str, Any]]:
         """Every job's record once all are terminal; fails naming those that are not."""
-        deadline = time.monotonic() + timeout
         pending = set(job_ids)
         records: dict[str, dict[str, Any]] = {}
-        while pending:
+
+        def all_terminal() -> bool:
             for jid in list(pending):
                 doc = client.get(jid)
                 if Status(doc["status"]).is_terminal():
                     records[jid] = doc
                     pending.discard(jid)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                states = Counter(client.get(j)["status"] for j in pending)
-                raise AssertionError(f"{len(pending)} jobs not terminal after {timeout} s: "
-                                     f"{dict(states)}; e.g. {sorted(pending)[:3]}")
-            time.sleep(0.1)
+            return not pending
+
+        def not_terminal() -> str:
+            states = Counter(client.get(j)["status"] for j in pending)
+            return (f"every job terminal; {len(pending)} are not: {dict(states)}; "
+                    f"e.g. {sorted(pending)[:3]}")
+
+        wait_until(all_terminal, timeout, interval=0.1, message=not_terminal)
         return records
 
     def leased_to(self, worker: Worker) -> list[str]:
