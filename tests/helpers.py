@@ -26,7 +26,7 @@ from tests.servers import AWS_ENV, Process, RedisServer, Worker, api_process, di
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, *, interval: float = 0.05,
+def wait_until(predicate: Callable[[], T | None], timeout: float, *, interval: float = 0.05,
                message: str | Callable[[], str] | None = None) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns a truthy value, and
     return that value. After ``timeout`` seconds, raise AssertionError saying what was

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.helpers import wait_until
 
 
 def test_returns_the_first_truthy_value() -> None:
-    calls = iter([None, 0, [], "ready"])
+    calls: Iterator[object] = iter([None, 0, [], "ready"])
     assert wait_until(lambda: next(calls), 5, interval=0.001) == "ready"
 
 
