@@ -5,30 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from producer.settings import Settings
+from tests.helpers import BUCKET, MODELS_TOML, Stack, stack_values, worker_env
 from tests.servers import AWS_ENV, RedisServer, S3Server, Worker
 
-BUCKET = "atelier-test"
-
-# An extra registry entry no worker serves: its jobs stay queued (cancel, expiry).
-MODELS_TOML = """
-[models."tiny-idle"]
-pipeline = "sdxl"
-source = "builtin:tiny-sdxl"
-dtype = "fp32"
-scheduler = "euler"
-schedulers = ["euler", "ddim"]
-steps = 4
-guidance_scale = 5.0
-width = 64
-height = 64
-max_side = 512
-max_pixels = 262144
-"""
+# re-exported until test_api/test_webhooks import from tests.helpers
+__all__ = ["Stack", "worker_env"]
 
 
 @pytest.fixture(scope="session")
@@ -75,54 +59,6 @@ def s3_server() -> Iterator[S3Server]:
     boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=BUCKET)
     yield server
     server.stop()
-
-
-def settings_env(**values: Any) -> dict[str, str]:
-    """Settings as ATELIER_* environment variables (for subprocesses)."""
-    return {f"ATELIER_{k.upper()}": str(v) for k, v in values.items() if v is not None}
-
-
-class Stack:
-    """Redis + S3 + one tiny-sdxl worker, and the settings that reach them."""
-
-    def __init__(self, values: dict[str, Any], worker: Worker | None) -> None:
-        self.values = values
-        self.settings = Settings(**values)
-        self.worker = worker
-
-    def client(self) -> Any:
-        from producer import Client
-
-        return Client(self.settings)
-
-
-def stack_values(redis_url: str, models_dir: Path, models_file: str, storage_url: str,
-                 s3_endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "redis_url": redis_url,
-        "storage_url": storage_url,
-        "s3_endpoint_url": s3_endpoint,
-        "models_dir": str(models_dir),
-        "models_file": models_file,
-        "default_model": "tiny-sdxl",
-        "device": "cpu",
-        "torch_threads": 1,
-        "job_timeout_s": 60,
-        "max_attempts": 2,
-        "progress_interval_s": 0.1,
-        "storage_retry_s": 5,
-        "restore_interval_s": 1,
-        "allow_http": "true",
-        "egress_allowlist": "127.0.0.1",
-    }
-    values.update(extra)
-    return values
-
-
-def worker_env(values: dict[str, Any]) -> dict[str, str]:
-    env = {**os.environ, **AWS_ENV, **settings_env(**values)}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers import wait_until
 from tests.servers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -46,11 +47,14 @@ def test_demo_cleans_up_when_terminated(tmp_path: Path, models_dir: Path) -> Non
            "TMPDIR": str(tmpdir)}
     proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "demo", "x"], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def worker_log() -> list[Path]:
+        found = list(tmpdir.glob("atelier-demo-*/worker.log"))
+        assert found or proc.poll() is None, f"the demo exited with {proc.returncode}"
+        return found
+
     try:
-        deadline = time.monotonic() + 30
-        while not list(tmpdir.glob("atelier-demo-*/worker.log")):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
+        wait_until(worker_log, 30, interval=0.1, message="the demo starts its worker")
         time.sleep(1.0)  # the worker is importing torch now
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -58,11 +62,12 @@ def test_demo_cleans_up_when_terminated(tmp_path: Path, models_dir: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    deadline = time.monotonic() + 10
-    while True:
+
+    def lingering() -> list[str]:
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        if str(tmpdir) not in ps or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert str(tmpdir) not in ps  # redis-server ran with --dir in there; the worker logs there
+        return [line for line in ps.splitlines() if str(tmpdir) in line]
+
+    # redis-server ran with --dir in there; the worker logs there
+    wait_until(lambda: not lingering(), 10, interval=0.2,
+               message=lambda: f"no process of the demo left: {lingering()}")
     assert list(tmpdir.iterdir()) == []

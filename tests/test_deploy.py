@@ -25,7 +25,7 @@ from producer import constants as K
 from producer.broker import queue_depth
 from producer.redis_url import is_sentinel, parse_sentinel_url
 from producer.settings import Settings
-from tests.conftest import settings_env, worker_env
+from tests.helpers import settings_env, worker_env
 from tests.servers import ROOT, RedisServer, Worker
 
 COMPOSE = ROOT / "docker-compose.yml"

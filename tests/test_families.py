@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import Status
-from tests.conftest import BUCKET, Stack, stack_values, worker_env
+from tests.helpers import BUCKET, Stack, stack_values, worker_env
 from tests.servers import RedisServer, S3Server, Worker
 from tests.test_inpaint import data_uri, mask_image
 from tests.test_jobs import bare_run, pixels, png_data_uri, run_job, s3_get

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.conftest import BUCKET, Stack
+from tests.helpers import BUCKET, Stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -116,10 +116,9 @@ def test_worker_refuses_pickle(stack: Stack) -> None:
                          headers={"task": "atelier.generate", "id": "pickled-1",
                                   "argsrepr": "()", "kwargsrepr": "{}"})
     assert stack.worker is not None
-    deadline = time.monotonic() + 20
-    while "Refusing to deserialize" not in stack.worker.log():
-        assert time.monotonic() < deadline, stack.worker.log()[-2000:]
-        time.sleep(0.1)
+    worker = stack.worker
+    wait_until(lambda: "Refusing to deserialize" in worker.log(), 20, interval=0.1,
+               message=lambda: f"the worker refuses the pickle:\n{worker.log()[-2000:]}")
     # and the worker goes on serving
     record, _ = run_job(stack, prompt="after the pickle", steps=1)
     assert record["status"] == Status.SUCCEEDED
@@ -324,7 +323,7 @@ def test_cli_submit_wait_downloads_the_images(stack: Stack, tmp_path: Any) -> No
     import subprocess
     import sys
 
-    from tests.conftest import worker_env
+    from tests.helpers import worker_env
     from tests.servers import ROOT
 
     env = worker_env(stack.values)
@@ -347,7 +346,7 @@ def test_cli_queues_workers_and_status_read_the_fleet(stack: Stack) -> None:
     import subprocess
     import sys
 
-    from tests.conftest import worker_env
+    from tests.helpers import worker_env
     from tests.servers import ROOT
 
     env = worker_env(stack.values)

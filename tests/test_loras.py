@@ -14,7 +14,7 @@ from producer.errors import InvalidLora
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.storage import LocalStorage
-from tests.conftest import BUCKET, Stack
+from tests.helpers import BUCKET, Stack
 from tests.test_jobs import pixels, run_job, s3_get
 
 P = {"prompt": "a copper kettle", "seed": 31, "steps": 3}

@@ -28,7 +28,7 @@ from producer import constants as K
 from producer.broker import make_celery, queue_depth
 from producer.fleet import live_workers
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
+from tests.helpers import stack_values, wait_until, worker_env
 from tests.receiver import Receiver
 from tests.servers import Process, RedisServer, Worker, api_process, dispatcher_process, free_port
 
@@ -186,12 +186,15 @@ def test_busy_time_grows_while_a_job_generates(ran: Ran) -> None:
         during = scrape(ran.worker_port)
         assert sample(during, "atelier_worker_jobs_in_progress") == 1
         # The heartbeat says the same: busy with this job.
-        deadline = time.monotonic() + 10
-        while True:
-            [beat] = live_workers(client.store.redis)
-            if beat["current_jobs"] == [job_id] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        store = client.store
+
+        def busy_beat() -> dict[str, Any] | None:
+            [beat] = live_workers(store.redis)
+            return beat if beat["current_jobs"] == [job_id] else None
+
+        beat = wait_until(busy_beat, 10, interval=0.1,
+                          message=lambda: f"a heartbeat busy with {job_id}: "
+                                          f"{live_workers(store.redis)}")
         assert beat["state"] == "busy" and beat["current_jobs"] == [job_id]
         client.cancel(job_id)
         assert client.wait(job_id, timeout=60)["status"] == "cancelled"

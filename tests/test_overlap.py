@@ -19,7 +19,7 @@ import pytest
 from producer import Client
 from producer.contract import EventType, Status, parse_iso
 from producer.settings import Settings
-from tests.conftest import BUCKET, stack_values, worker_env
+from tests.helpers import BUCKET, stack_values, worker_env
 from tests.servers import RedisServer, S3Server, Worker
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import redis
 from producer.broker import celery_config
 from producer.redis_url import check_redis_url, kombu_broker, parse_sentinel_url
 from producer.settings import Settings
-from tests.conftest import worker_env
+from tests.helpers import wait_until, worker_env
 from tests.servers import ROOT, Process, Worker, api_process, free_port
 
 SERVICE = "atelier-main"
@@ -125,16 +124,9 @@ class Sentinel:
                                 self.workdir / "sentinel.log", port=self.port).start()
         self.probe = redis.Redis(port=self.port, password=SENTINEL_PASSWORD)
         probe = self.probe
-        self._until(lambda: probe.sentinel_get_master_addr_by_name(SERVICE) is not None,
-                    "Sentinel does not know its master")
+        wait_until(lambda: probe.sentinel_get_master_addr_by_name(SERVICE) is not None, 30,
+                   interval=0.1, message="the Sentinel knows its master")
         return self
-
-    @staticmethod
-    def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.1)
 
     def wait_replicated(self) -> None:
         """The replica has everything the master has, and the Sentinel knows it."""
@@ -142,14 +134,14 @@ class Sentinel:
         master = redis.Redis(port=self.master_port, password=PASSWORD)
         replica = redis.Redis(port=self.replica_port, password=PASSWORD)
         offset = master.info("replication")["master_repl_offset"]
-        self._until(lambda: replica.info("replication").get("slave_repl_offset", -1) >= offset,
-                    "the replica does not catch up")
+        wait_until(lambda: replica.info("replication").get("slave_repl_offset", -1) >= offset,
+                   30, interval=0.1, message="the replica catches up")
         master.close()
         replica.close()
         probe: Any = self.probe
-        self._until(lambda: any(r["port"] == self.replica_port and "s_down" not in r["flags"]
-                                for r in probe.sentinel_slaves(SERVICE)),
-                    "the Sentinel does not see the replica")
+        wait_until(lambda: any(r["port"] == self.replica_port and "s_down" not in r["flags"]
+                               for r in probe.sentinel_slaves(SERVICE)),
+                   30, interval=0.1, message="the Sentinel sees the replica")
 
     def wait_failover(self) -> int:
         """The port of the new master, once the Sentinel has finished the failover and
@@ -161,7 +153,7 @@ class Sentinel:
             state = probe.sentinel_master(SERVICE)
             return bool(state["port"] != self.master_port and state["flags"] == "master")
 
-        self._until(done, "no failover", timeout=60)
+        wait_until(done, 60, interval=0.1, message="the Sentinel finishes a failover")
         return int(probe.sentinel_master(SERVICE)["port"])
 
     def url(self, db: int) -> str:

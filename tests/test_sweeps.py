@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.conftest import Stack
+from tests.helpers import Stack
 from tests.test_jobs import pixels, run_job, s3_get
 
 pytestmark = pytest.mark.slow

@@ -4,13 +4,11 @@ gets exactly one job per key, whatever instant the first replica died at."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from producer import constants as K
 from producer.contract import Status
-from tests.faults.conftest import Rig, Submitter
+from tests.helpers import Rig, Submitter, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -25,10 +23,9 @@ def test_an_api_replica_killed_under_load(rig: Rig) -> None:
                             15, body, prefix=f"c{n}-") for n in range(8)]
     for s in submitters:
         s.start()
-    deadline = time.monotonic() + 60
-    while sum(s.accepted_count() for s in submitters) < 40:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: sum(s.accepted_count() for s in submitters) >= 40, 60, interval=0.01,
+               message=lambda: "40 jobs accepted; "
+                               f"{sum(s.accepted_count() for s in submitters)} are")
     a.kill()
     accepted: dict[str, str] = {}
     for s in submitters:

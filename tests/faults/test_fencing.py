@@ -17,25 +17,25 @@ import pytest
 
 from producer import constants as K
 from producer.contract import EventType, Status
-from tests.faults.conftest import (
+from tests.helpers import (
     Rig,
     assert_one_outcome,
     finished_after,
     manifest,
     stored_files,
     wait_for_event,
+    wait_until,
 )
+from tests.servers import Process
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 FENCED = r"job \w+: fenced during (generation|upload)"
 
 
-def _wait_log(worker: object, pattern: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern, worker.log()):  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, worker.log()[-3000:]  # type: ignore[attr-defined]
-        time.sleep(0.1)
+def _wait_log(worker: Process, pattern: str, timeout: float = 20) -> None:
+    wait_until(lambda: re.search(pattern, worker.log()), timeout, interval=0.1,
+               message=lambda: f"{pattern!r} in the worker's log:\n{worker.log()[-3000:]}")
 
 
 @pytest.mark.timeout(120)

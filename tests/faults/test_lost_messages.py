@@ -9,6 +9,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,14 @@ from producer import Client
 from producer import constants as K
 from producer.contract import EventType, Status
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
-from tests.faults.conftest import MODELS, Rig, assert_one_outcome
+from tests.helpers import (
+    MODELS,
+    Rig,
+    assert_one_outcome,
+    stack_values,
+    wait_until,
+    worker_env,
+)
 from tests.servers import RedisServer, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -44,10 +51,9 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     assert queue_depth(r, "sim") == 1  # only the other job's message is left
     submitted = time.time()
     settings = rig.settings()
-    deadline = time.monotonic() + settings.reconcile_grace_s + 20
-    while queue_depth(r, "sim") != 2:
-        assert time.monotonic() < deadline, dispatcher.log()[-2000:]
-        time.sleep(0.2)
+    wait_until(lambda: queue_depth(r, "sim") == 2, settings.reconcile_grace_s + 20,
+               interval=0.2, message=lambda: "the lost message republished; the dispatcher's "
+                                             f"log:\n{dispatcher.log()[-2000:]}")
     # Not before the grace (the message could have been in a worker's hands), and not
     # much after it.
     waited = time.time() - submitted
@@ -86,10 +92,9 @@ def test_a_broker_that_lost_its_data(two_redis: tuple[RedisServer, RedisServer],
         with Client(Settings(**values)) as client:
             jobs = [client.submit(prompt=f"job {i}", model="sim-mid", seed=i)
                     for i in range(12)]
-            deadline = time.monotonic() + 30
-            while sum(client.get(j)["status"] == Status.RUNNING for j in jobs) < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda: sum(client.get(j)["status"] == Status.RUNNING
+                                   for j in jobs) >= 2,
+                       30, interval=0.05, message="two jobs running")
             # Kill the broker with jobs running, held and queued; it keeps nothing on
             # disk (no AOF, no snapshots), so it comes back empty.
             broker.stop(signal.SIGKILL)
@@ -97,13 +102,15 @@ def test_a_broker_that_lost_its_data(two_redis: tuple[RedisServer, RedisServer],
             assert Status.QUEUED in states and Status.RUNNING in states, states
             time.sleep(1.0)
             broker.start()
-            deadline = time.monotonic() + 120
-            while True:
+
+            def all_terminal() -> list[dict[str, Any]] | None:
                 records = [client.get(j) for j in jobs]
-                if all(Status(r["status"]).is_terminal() for r in records):
-                    break
-                assert time.monotonic() < deadline, [r["status"] for r in records]
-                time.sleep(0.2)
+                return records if all(Status(r["status"]).is_terminal()
+                                      for r in records) else None
+
+            records = wait_until(all_terminal, 120, interval=0.2,
+                                 message=lambda: "every job terminal: "
+                                                 f"{[client.get(j)['status'] for j in jobs]}")
             assert [r["status"] for r in records] == [Status.SUCCEEDED] * len(jobs), [
                 (r["status"], r["error"]) for r in records]
             for j in jobs:

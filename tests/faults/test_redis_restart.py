@@ -11,8 +11,15 @@ import pytest
 from producer import Client
 from producer.contract import EventType, Status
 from producer.settings import Settings
-from tests.conftest import stack_values, worker_env
-from tests.faults.conftest import MODELS, WEBHOOK_SECRET, Rig, Submitter
+from tests.helpers import (
+    MODELS,
+    WEBHOOK_SECRET,
+    Rig,
+    Submitter,
+    stack_values,
+    wait_until,
+    worker_env,
+)
 from tests.receiver import Receiver
 from tests.servers import RedisServer, Worker
 
@@ -55,10 +62,14 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
                               {"prompt": "through a restart", "model": "sim",
                                "webhook": receiver.url("/done")}, pace_s=0.05)
         submitter.start()
-        deadline = time.monotonic() + 60
-        while submitter.accepted_count() < 20:
-            assert time.monotonic() < deadline and submitter.is_alive(), submitter.error
-            time.sleep(0.02)
+
+        def twenty_accepted() -> bool:
+            enough = submitter.accepted_count() >= 20
+            assert enough or submitter.is_alive(), submitter.error
+            return enough
+
+        wait_until(twenty_accepted, 60, interval=0.02,
+                   message=lambda: f"20 jobs accepted; {submitter.accepted_count()} are")
         before = submitter.accepted_count()
         # An event stream read before the restart leaves the API's asyncio Redis pool a
         # connection that the restart breaks; one read after it must reconnect.
@@ -94,14 +105,14 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         for key in ("fault-1", "fault-49"):
             assert sse_types(api.port, accepted[key])[-1] == EventType.SUCCEEDED
         store = client.store
-        deadline = time.monotonic() + 60
-        while True:
-            undelivered = [j for j in jobs if not any(
+
+        def undelivered() -> list[str]:
+            return [j for j in jobs if not any(
                 d["outcome"] == "delivered" for d in store.deliveries(j))]
-            if not undelivered:
-                break
-            assert time.monotonic() < deadline, (len(undelivered), dispatcher.log()[-2000:])
-            time.sleep(0.2)
+
+        wait_until(lambda: not undelivered(), 60, interval=0.2,
+                   message=lambda: f"every webhook delivered; {len(undelivered())} are not; "
+                                   f"the dispatcher's log:\n{dispatcher.log()[-2000:]}")
         ids = {g.headers["webhook-id"] for g in receiver.at("/done")}
         terminal = {e["id"] for e in rig.events() if e["type"] == EventType.SUCCEEDED}
         assert ids == terminal
@@ -124,10 +135,8 @@ def test_store_outage_requeues_the_job(two_redis: tuple[RedisServer, RedisServer
                 if ev["type"] == EventType.PROGRESS:
                     break
             store.stop()  # SIGTERM: Redis writes its AOF and exits
-        deadline = time.monotonic() + 30
-        while "job store unreachable" not in worker.log():
-            assert time.monotonic() < deadline, worker.log()[-3000:]
-            time.sleep(0.2)
+        wait_until(lambda: "job store unreachable" in worker.log(), 30, interval=0.2,
+                   message=lambda: f"the worker finds the store gone:\n{worker.log()[-3000:]}")
         store.start()  # same port, same AOF: the record is back
         with Client(Settings(**values)) as client:
             record = client.wait(job_id, timeout=90)

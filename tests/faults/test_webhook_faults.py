@@ -13,7 +13,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, Status
-from tests.faults.conftest import WEBHOOK_SECRET, Rig
+from tests.helpers import WEBHOOK_SECRET, Rig, wait_until
 from tests.receiver import Received, Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -41,14 +41,14 @@ def terminal_event(rig: Rig, job_id: str) -> dict[str, Any]:
 
 def wait_delivered(rig: Rig, job_ids: list[str], timeout: float) -> None:
     store = rig.client().store
-    deadline = time.monotonic() + timeout
-    while True:
-        missing = [j for j in job_ids
-                   if not any(d["outcome"] == "delivered" for d in store.deliveries(j))]
-        if not missing:
-            return
-        assert time.monotonic() < deadline, {j: store.deliveries(j) for j in missing[:3]}
-        time.sleep(0.1)
+
+    def missing() -> list[str]:
+        return [j for j in job_ids
+                if not any(d["outcome"] == "delivered" for d in store.deliveries(j))]
+
+    wait_until(lambda: not missing(), timeout, interval=0.1,
+               message=lambda: "every job's webhook delivered; not yet: "
+                               f"{ {j: store.deliveries(j) for j in missing()[:3]} }")
 
 
 @pytest.mark.timeout(90)

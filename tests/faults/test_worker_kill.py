@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook
 
 from producer.broker import queue_depth
 from producer.contract import EventType, Status
-from tests.faults.conftest import (
+from tests.helpers import (
     WEBHOOK_SECRET,
     Rig,
     assert_one_outcome,
@@ -33,6 +33,7 @@ from tests.faults.conftest import (
     manifest,
     stored_files,
     wait_for_event,
+    wait_until,
 )
 from tests.receiver import Receiver
 
@@ -186,18 +187,17 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
     waiting = client.submit(prompt="still in the queue", model="sim-mid")
     wait_for_event(client, running, EventType.PROGRESS)
     broker = client.store.redis
-    deadline = time.monotonic() + 10
-    while queue_depth(broker, "sim-mid") != 1:  # the second slot took `held`
-        assert time.monotonic() < deadline, queue_depth(broker, "sim-mid")
-        time.sleep(0.02)
+    # the second slot took `held`
+    wait_until(lambda: queue_depth(broker, "sim-mid") == 1, 10, interval=0.02,
+               message=lambda: f"one message left in the queue; "
+                               f"{queue_depth(broker, 'sim-mid')} are")
     assert client.get(held)["status"] == Status.QUEUED  # waiting for the GPU
 
     first.signal(signal.SIGTERM)
     second = rig.worker(["sim-mid"], wait=False, **values)  # the fleet's other worker
-    deadline = time.monotonic() + 3
-    while queue_depth(broker, "sim-mid") != 2:  # given back at once
-        assert time.monotonic() < deadline, "the held message did not come back"
-        time.sleep(0.02)
+    # given back at once
+    wait_until(lambda: queue_depth(broker, "sim-mid") == 2, 3, interval=0.02,
+               message="the held message comes back to the queue")
     assert first.proc is not None
     assert first.proc.wait(30) == 0
     done = client.get(running)
