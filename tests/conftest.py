@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +72,15 @@ def stack(session_dir: Path, redis_server: RedisServer, s3_server: S3Server, mod
     worker.start()
     yield Stack(values, worker)
     worker.stop()
+
+
+@pytest.fixture(scope="module")
+def bare_pipe(models_dir: Any) -> Any:
+    """tiny-sdxl in this process, through diffusers alone."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
+                                                     use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,6 +8,7 @@ here, never from a conftest module (pytest imports those itself).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import threading
@@ -16,6 +17,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+import boto3
+from PIL import Image
 
 from producer import Client
 from producer import constants as K
@@ -384,3 +388,56 @@ class Submitter(threading.Thread):
         if self.error is not None:
             raise self.error
         return dict(self.accepted)
+
+
+# -- images and jobs of the generation tests -------------------------------------------
+
+
+def s3_get(stack: Stack, key: str) -> bytes:
+    s3 = boto3.client("s3", endpoint_url=stack.settings.s3_endpoint_url)
+    body: bytes = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return body
+
+
+def run_job(
+    stack: Stack, timeout: float = 60, **request: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    with stack.client() as client:
+        job_id = client.submit(request)
+        events = list(client.events(job_id, timeout=timeout))
+        return client.get(job_id), events
+
+
+def png_data_uri(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bare_run(pipe: Any, seed: int, **kwargs: Any) -> Image.Image:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the worker runs with ATELIER_TORCH_THREADS=1
+    try:
+        with torch.inference_mode():
+            return pipe(generator=[torch.Generator("cpu").manual_seed(seed)], **kwargs).images[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pixels(img: Image.Image) -> bytes:
+    return img.convert("RGB").tobytes()
+
+
+def mask_image(size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """White (repaint) on the left half, black (keep) on the right."""
+    img = Image.new("L", size, 0)
+    img.paste(255, (0, 0, size[0] // 2, size[1]))
+    return img
+
+
+def data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

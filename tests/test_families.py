@@ -11,10 +11,20 @@ import pytest
 from PIL import Image
 
 from producer.contract import Status
-from tests.helpers import BUCKET, Stack, stack_values, worker_env
+from tests.helpers import (
+    BUCKET,
+    Stack,
+    bare_run,
+    data_uri,
+    mask_image,
+    pixels,
+    png_data_uri,
+    run_job,
+    s3_get,
+    stack_values,
+    worker_env,
+)
 from tests.servers import RedisServer, S3Server, Worker
-from tests.test_inpaint import data_uri, mask_image
-from tests.test_jobs import bare_run, pixels, png_data_uri, run_job, s3_get
 
 pytestmark = pytest.mark.slow
 MODELS = ["tiny-sd15", "tiny-sdxl-turbo", "tiny-flux"]

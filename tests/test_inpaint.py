@@ -17,24 +17,18 @@ import pytest
 from PIL import Image
 
 from producer.contract import Status
-from tests.helpers import Stack
-from tests.test_jobs import bare_pipe, bare_run, pixels, png_data_uri, run_job, s3_get
+from tests.helpers import (
+    Stack,
+    bare_run,
+    data_uri,
+    mask_image,
+    pixels,
+    png_data_uri,
+    run_job,
+    s3_get,
+)
 
 pytestmark = pytest.mark.slow
-__all__ = ["bare_pipe"]  # a fixture, used by name
-
-
-def mask_image(size: tuple[int, int] = (64, 64)) -> Image.Image:
-    """White (repaint) on the left half, black (keep) on the right."""
-    img = Image.new("L", size, 0)
-    img.paste(255, (0, 0, size[0] // 2, size[1]))
-    return img
-
-
-def data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture

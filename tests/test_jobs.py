@@ -10,35 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.helpers import BUCKET, Stack, wait_until
+from tests.helpers import (
+    Stack,
+    bare_run,
+    pixels,
+    png_data_uri,
+    run_job,
+    s3_get,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def s3_get(stack: Stack, key: str) -> bytes:
-    s3 = boto3.client("s3", endpoint_url=stack.settings.s3_endpoint_url)
-    body: bytes = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-    return body
-
-
-def run_job(
-    stack: Stack, timeout: float = 60, **request: Any
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    with stack.client() as client:
-        job_id = client.submit(request)
-        events = list(client.events(job_id, timeout=timeout))
-        return client.get(job_id), events
-
-
-def png_data_uri(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_events_outputs_and_manifest(stack: Stack) -> None:
@@ -139,34 +125,6 @@ def test_drawn_seed_is_recorded_and_reproduces(stack: Stack) -> None:
     assert isinstance(seed, int)
     b, _ = run_job(stack, prompt="a blue owl", steps=3, seed=seed)
     assert a["outputs"][0]["sha256"] == b["outputs"][0]["sha256"]
-
-
-@pytest.fixture(scope="module")
-def bare_pipe(models_dir: Any) -> Any:
-    """tiny-sdxl in this process, through diffusers alone."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def bare_run(pipe: Any, seed: int, **kwargs: Any) -> Image.Image:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the worker runs with ATELIER_TORCH_THREADS=1
-    try:
-        with torch.inference_mode():
-            return pipe(generator=[torch.Generator("cpu").manual_seed(seed)], **kwargs).images[0]
-    finally:
-        torch.set_num_threads(threads)
-
-
-def pixels(img: Image.Image) -> bytes:
-    return img.convert("RGB").tobytes()
 
 
 def test_worker_bytes_equal_bare_diffusers(stack: Stack, bare_pipe: Any) -> None:

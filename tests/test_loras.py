@@ -14,8 +14,7 @@ from producer.errors import InvalidLora
 from producer.registry import Registry
 from producer.settings import Settings
 from producer.storage import LocalStorage
-from tests.helpers import BUCKET, Stack
-from tests.test_jobs import pixels, run_job, s3_get
+from tests.helpers import BUCKET, Stack, pixels, run_job, s3_get
 
 P = {"prompt": "a copper kettle", "seed": 31, "steps": 3}
 LORA = "tiny-sdxl-lora"

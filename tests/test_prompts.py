@@ -9,12 +9,17 @@ import pytest
 from PIL import Image
 
 from producer.contract import Status
-from tests.helpers import Stack
-from tests.test_inpaint import data_uri, mask_image
-from tests.test_jobs import bare_pipe, bare_run, pixels, png_data_uri, run_job, s3_get
+from tests.helpers import (
+    Stack,
+    bare_run,
+    data_uri,
+    mask_image,
+    pixels,
+    png_data_uri,
+    run_job,
+    s3_get,
+)
 from worker.prompts import conditioning, needs_encoding, parse_weights
-
-__all__ = ["bare_pipe"]
 
 
 @pytest.mark.parametrize(("text", "runs"), [

@@ -14,9 +14,8 @@ import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.helpers import BUCKET, Stack, stack_values, worker_env
+from tests.helpers import BUCKET, Stack, pixels, run_job, s3_get, stack_values, worker_env
 from tests.servers import RedisServer, S3Server, Worker
-from tests.test_jobs import pixels, run_job, s3_get
 
 TINY = """
 pipeline = "sdxl"

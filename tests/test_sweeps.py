@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from producer.contract import EventType, Status
-from tests.helpers import Stack
-from tests.test_jobs import pixels, run_job, s3_get
+from tests.helpers import Stack, pixels, run_job, s3_get
 
 pytestmark = pytest.mark.slow
 
