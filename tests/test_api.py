@@ -369,10 +369,10 @@ def test_admission_control_refuses_when_the_queue_is_full(
 
 
 def test_rate_limiter_with_a_fractional_interval(redis_url: str) -> None:
-    from producer.api import _RATE_LIMIT
+    from producer.scripts import RATE_LIMIT
 
     r = redis.Redis.from_url(redis_url)
-    limiter = r.register_script(_RATE_LIMIT)
+    limiter = r.register_script(RATE_LIMIT)
     key = "atelier:ratelimit:test-fractional"
     r.delete(key)
     interval = 1000 / 3  # 3 per second: not a whole number of milliseconds
