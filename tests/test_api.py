@@ -253,9 +253,10 @@ def read_sse(api: httpx.Client, jid: str, headers: dict[str, str], limit: int | 
     with connect_sse(api, "GET", f"/v1/jobs/{jid}/events", headers=h) as source:
         assert source.response.headers["content-type"].startswith("text/event-stream")
         for sse in source.iter_sse():
-            if not sse.data:  # the opening "retry:" field (httpx-sse yields it alone)
+            # No event without data: the "retry:" field comes with the first event.
+            assert sse.data, sse
+            if not got:
                 assert sse.retry == 2000
-                continue
             ev = json.loads(sse.data)
             assert sse.id == ev["id"] and sse.event == ev["type"]
             got.append(ev)
@@ -293,6 +294,20 @@ def test_sse_reconnects_see_every_event_exactly_once(api: httpx.Client, stack: S
     full = stack.client().store.events(jid, count=10_000)
     assert [e["id"] for e in seen] == [e["id"] for e in full]
     assert len({e["id"] for e in seen}) == len(seen)
+
+
+def test_sse_retry_comes_in_the_first_event_frame(api: httpx.Client) -> None:
+    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT,
+                                                 "model": "tiny-idle"}).json()["id"]
+    with api.stream("GET", f"/v1/jobs/{jid}/events", headers=A) as res:
+        lines = res.iter_lines()
+        assert next(lines) == "retry: 2000"
+        assert next(lines).startswith("id: ")
+        assert next(lines) == "event: job.queued"
+    with connect_sse(api, "GET", f"/v1/jobs/{jid}/events", headers=A) as source:
+        first = next(source.iter_sse())
+        assert first.event == "job.queued" and first.data and first.retry == 2000
+    api.post(f"/v1/jobs/{jid}/cancel", headers=A)
 
 
 def test_sse_heartbeats_while_queued_then_cancel_ends_it(api: httpx.Client) -> None:

@@ -4,8 +4,9 @@ The log is read as :meth:`producer.store.JobStore.follow` reads it (one
 :class:`~producer.eventlog.Cursor`, :meth:`~producer.store.JobStore.ended` when quiet),
 on an asyncio client, so a waiting stream holds a connection and no thread. Each event
 is a frame ``id`` (the event id: resume with ``Last-Event-ID``), ``event`` (its type),
-``data`` (the event as JSON), after a ``retry`` frame. Comments are heartbeats; the
-stream ends after the terminal event.
+``data`` (the event as JSON); the first frame also carries ``retry``, so no client sees
+an event without data. Comments are heartbeats; the stream ends after the terminal
+event.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from producer.eventlog import Cursor, read_events
 
 #: How long an event stream waits for Redis to come back before it ends.
 SSE_DOWN_S = 30.0
-#: The reconnection delay a client is asked to wait (ms).
+#: The reconnection delay a client is asked to wait (ms), sent with the first event.
 RETRY_MS = 2000
 
 LAST_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -55,7 +56,7 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
     """The frames of ``job_id``'s events after ``after``, until its terminal event."""
     cursor = Cursor(after)
     block = int(state.settings.sse_heartbeat_s * 1000)
-    yield f"retry: {RETRY_MS}\n\n".encode()
+    retry = f"retry: {RETRY_MS}\n".encode()
     down_since: float | None = None
     while not cursor.done:
         try:
@@ -81,4 +82,5 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
             yield b": keep-alive\n\n"
             continue
         for event in cursor.take(batch):
-            yield frame(event)
+            yield retry + frame(event)
+            retry = b""
