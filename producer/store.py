@@ -47,8 +47,7 @@ from producer.contract import (
     terminal_event,
 )
 from producer.errors import IdempotencyConflict, JobNotFound
-from producer.eventlog import Cursor, decode_batch, events_query
-from producer.eventlog import decode_event as decode_event
+from producer.eventlog import Cursor, decode_batch, decode_event, events_query
 from producer.idempotency import Claim as Claim
 from producer.idempotency import IdempotencyKey
 from producer.redis_url import redis_client
@@ -354,6 +353,16 @@ class JobStore:
     def deliveries(self, job_id: str) -> list[dict[str, Any]]:
         raw: Any = self.redis.lrange(K.deliveries_key(job_id), 0, -1)
         return [json.loads(x) for x in raw]
+
+    def request_of(self, job_id: str) -> dict[str, Any] | None:
+        """A job's request (None once its record expired), without expiring it."""
+        raw: Any = self.redis.hget(K.job_key(job_id), "doc")
+        return None if raw is None else json.loads(raw)["request"]
+
+    def event(self, job_id: str, event_id: str) -> dict[str, Any] | None:
+        """One event of a job's log (None once the log expired)."""
+        entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
+        return decode_event(*entries[0]) if entries else None
 
     def get_input(self, digest: str) -> bytes | None:
         raw: Any = self.redis.get(K.input_key(digest))
