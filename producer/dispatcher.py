@@ -17,12 +17,12 @@ pushed ``webhook_claim_idle_s`` ahead while it runs). The ``webhook-id`` is the 
 id, so a receiver can drop the rare duplicate this allows.
 
 Every attempt is logged beside the job (``JobStore.record_delivery``) and shown with
-the job by the API.
+the job by the API. The dispatcher writes Redis only through the store and its
+:class:`~producer.webhook_queue.WebhookQueue` (the group's stream, the retries).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -35,24 +35,16 @@ from typing import Any
 
 import redis
 
-from producer import constants as K
 from producer.contract import EventType, now_iso
 from producer.logs import configure as configure_logging
 from producer.logs import job_context
 from producer.metrics import DispatcherMetrics, serve
 from producer.settings import Settings
-from producer.store import JobStore, decode_event
+from producer.store import JobStore
+from producer.webhook_queue import WebhookQueue, retry_member
 from producer.webhooks import FILTER_NAME, Result, attempt
 
 log = logging.getLogger("atelier.dispatcher")
-
-# Take up to ARGV[3] retries due by ARGV[1] (ms), leasing each until ARGV[2].
-_CLAIM_RETRIES = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
-return due
-"""
-
 
 #: The longest ``Retry-After`` honoured; a receiver asking for more gets this.
 MAX_RETRY_AFTER_S = 24 * 3600
@@ -69,27 +61,20 @@ class Dispatcher:
             raise ValueError("the dispatcher needs ATELIER_WEBHOOK_SECRET (whsec_...)")
         self.settings = settings
         self.store = store or JobStore.from_url(settings.redis_url, settings.result_ttl_s)
-        self.redis: redis.Redis = self.store.redis
+        self.queue = WebhookQueue(self.store.redis)
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.schedule = settings.retry_schedule
         self.pool = ThreadPoolExecutor(settings.webhook_concurrency,
                                        thread_name_prefix="webhook")
         self.inflight: set[Future[None]] = set()
         self.stopping = threading.Event()
-        self._claim_retries = self.redis.register_script(_CLAIM_RETRIES)
         self._next_claim = 0.0
-        self.metrics = DispatcherMetrics(self.redis)
+        self.metrics = DispatcherMetrics(self.store.redis)
 
     # -- the loop ---------------------------------------------------------------------
 
     def ensure_group(self) -> None:
-        # From the start of the stream: events written before the first dispatcher ran
-        # are delivered too (the group is created once, normally at deployment).
-        try:
-            self.redis.xgroup_create(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        self.queue.ensure_group()
 
     def run(self) -> None:
         log.info("atelier dispatcher %s ready", self.name)
@@ -119,18 +104,13 @@ class Dispatcher:
             if free > 0:
                 # Wait for new events until the next retry comes due (at most 1 s).
                 block = 1000
-                nxt: Any = self.redis.zrange(K.WEBHOOK_RETRIES, 0, 0, withscores=True)
-                if nxt:
-                    block = int(min(1000, max(10, nxt[0][1] - _ms())))
+                due = self.queue.next_due_ms()
+                if due is not None:
+                    block = int(min(1000, max(10, due - _ms())))
                 if self.inflight or took:
                     block = min(block, 200)
-                res: Any = self.redis.xreadgroup(
-                    K.DISPATCH_GROUP, self.name, {K.GLOBAL_EVENTS: ">"}, count=free,
-                    block=block,
-                )
-                for _, entries in res or []:
-                    for eid, fields in entries:
-                        self._submit(self._handle_new, decode_event(eid, fields))
+                for event in self.queue.read_new(self.name, free, block):
+                    self._submit(self._handle_new, event)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -160,27 +140,19 @@ class Dispatcher:
 
     def _take_retries(self, limit: int) -> int:
         lease = _ms() + int(self.settings.webhook_claim_idle_s * 1000)
-        members: Any = self._claim_retries(keys=[K.WEBHOOK_RETRIES], args=[_ms(), lease, limit])
-        for m in members:
-            member = m.decode() if isinstance(m, bytes) else m
+        members = self.queue.take_due(_ms(), lease, limit)
+        for member in members:
             self._submit(self._handle_retry, member)
         return len(members)
 
     def _take_abandoned(self, limit: int) -> int:
         """Claim events another dispatcher took and never acknowledged (it died)."""
-        res: Any = self.redis.xautoclaim(
-            K.GLOBAL_EVENTS, K.DISPATCH_GROUP, self.name,
-            min_idle_time=int(self.settings.webhook_claim_idle_s * 1000),
-            start_id="0-0", count=limit,
-        )
-        entries = res[1] if res else []
-        for eid, fields in entries:
-            if fields is None:  # trimmed from the stream meanwhile: nothing to send
-                self.redis.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, eid)
-                continue
-            log.info("dispatcher %s: claimed abandoned event %s", self.name, eid)
-            self._submit(self._handle_new, decode_event(eid, fields))
-        return len(entries)
+        events, claimed = self.queue.claim_abandoned(
+            self.name, int(self.settings.webhook_claim_idle_s * 1000), limit)
+        for event in events:
+            log.info("dispatcher %s: claimed abandoned event %s", self.name, event["id"])
+            self._submit(self._handle_new, event)
+        return claimed
 
     # -- one event --------------------------------------------------------------------
 
@@ -189,10 +161,9 @@ class Dispatcher:
         name = FILTER_NAME.get(EventType(event["type"]))
         if name is None:
             return None
-        raw: Any = self.redis.hget(K.job_key(event["job_id"]), "doc")
-        if raw is None:
+        request = self.store.request_of(event["job_id"])
+        if request is None:
             return None  # the job's record expired
-        request = json.loads(raw)["request"]
         url = request.get("webhook")
         if not url or name not in request.get("webhook_events", ["completed"]):
             return None
@@ -209,13 +180,10 @@ class Dispatcher:
             result = self._send(url, event)
             due = self._due_ms(result) if retryable else None
             if due is not None:
-                member = f"{event['job_id']}/{event['id']}"
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.zadd(K.WEBHOOK_RETRIES, {member: due})
-                pipe.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, event["id"])
-                pipe.execute()
+                member = retry_member(event["job_id"], event["id"])
+                self.queue.retry_later(member, due, ack=event["id"])
                 return
-        self.redis.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, event["id"])
+        self.queue.ack(event["id"])
 
     def _handle_retry(self, member: str) -> None:
         job_id, event_id = member.split("/", 1)
@@ -223,20 +191,17 @@ class Dispatcher:
             self._handle_retry_event(member, job_id, event_id)
 
     def _handle_retry_event(self, member: str, job_id: str, event_id: str) -> None:
-        entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
-        target = None
-        if entries:
-            event = decode_event(*entries[0])
-            target = self._target(event)
-        if target is None:  # the job's log expired, or the webhook is gone
-            self.redis.zrem(K.WEBHOOK_RETRIES, member)
+        event = self.store.event(job_id, event_id)
+        target = self._target(event) if event is not None else None
+        if event is None or target is None:  # the job's log expired, or the webhook is gone
+            self.queue.drop(member)
             return
         result = self._send(target[0], event)
         due = self._due_ms(result)
         if due is not None:
-            self.redis.zadd(K.WEBHOOK_RETRIES, {member: due})
+            self.queue.retry_later(member, due)
             return
-        self.redis.zrem(K.WEBHOOK_RETRIES, member)
+        self.queue.drop(member)
 
     def _send(self, url: str, event: dict[str, Any]) -> Result:
         number = 1 + sum(1 for d in self.store.deliveries(event["job_id"])

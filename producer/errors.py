@@ -8,6 +8,7 @@ Every class knows the error code a user sees and whether the job may be tried ag
     ├── JobNotFound               (no job with that id)
     ├── Unavailable               (Redis or the broker unreachable; retryable)
     ├── KeyClaimed                (an Idempotency-Key already names another job)
+    ├── IdempotencyConflict       idempotency_conflict   (the key came with another body)
     └── JobError                  raised while a job runs; ends it ``failed`` with ``code``
         ├── ImageFetchFailed      image_fetch_failed
         ├── ImageInvalid          image_invalid
@@ -123,6 +124,12 @@ class KeyClaimed(AtelierError):
     """A concurrent request with the same ``Idempotency-Key`` created its job first."""
 
     code = "idempotency_claimed"
+
+
+class IdempotencyConflict(AtelierError):
+    """An ``Idempotency-Key`` already used with a different request body."""
+
+    code = "idempotency_conflict"
 
 
 class Unavailable(AtelierError):

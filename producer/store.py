@@ -15,11 +15,11 @@ Leases (:meth:`JobStore.hold`, :meth:`~JobStore.renew`, :meth:`~JobStore.release
 timed by Redis's clock. A start must hold the lease; a terminal transition clears it;
 the reconciler (``producer/reconciler.py``) takes back a job whose lease ran out.
 
-Every change goes through one Lua script, :data:`_APPLY`, that compares and sets:
-it checks the status is among those allowed and the token is the one the caller
-read, then writes the record and appends the event to both streams. So a terminal
-status is written once and never changes, a second ``succeeded`` is impossible, and
-a run that lost its job (fenced) cannot write anything.
+Every change goes through one Lua script, :data:`producer.scripts.APPLY`, that
+compares and sets: it checks the status is among those allowed and the token is the
+one the caller read, then writes the record and appends the event to both streams. So
+a terminal status is written once and never changes, a second ``succeeded`` is
+impossible, and a run that lost its job (fenced) cannot write anything.
 
 Event ids come from the global stream's ``XADD *`` and are reused for the job's own
 stream inside the same script, so one id names an event everywhere: the SSE id and
@@ -38,8 +38,8 @@ from typing import Any
 import redis
 
 from producer import constants as K
+from producer import scripts as S
 from producer.contract import (
-    TERMINAL_EVENTS,
     EventType,
     Record,
     Status,
@@ -47,140 +47,15 @@ from producer.contract import (
     parse_iso,
     terminal_event,
 )
-from producer.errors import JobNotFound
+from producer.errors import IdempotencyConflict, JobNotFound
+from producer.eventlog import Cursor, decode_batch, decode_event, events_query
+from producer.idempotency import Claim as Claim
+from producer.idempotency import IdempotencyKey
 from producer.redis_url import redis_client
 
 NO_TOKEN = "none"
 ANY_TOKEN = "*"
 NEW = "__new__"
-
-#: Shared by the scripts below: Redis's own clock (one clock for every worker's lease,
-#: whatever their hosts' clocks say) and the terminal statuses.
-_LUA_PRELUDE = """
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function is_terminal(s)
-  return s == 'succeeded' or s == 'failed' or s == 'cancelled' or s == 'expired'
-end
-"""
-
-_APPLY = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if ARGV[1] == '__new__' then
-  if status then return {0, status} end
-  -- An Idempotency-Key already naming a job: a concurrent request with it won.
-  if ARGV[11] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then return {0, 'claimed'} end
-else
-  if not status then return {0, '__missing__'} end
-  -- A terminal record never changes, whatever the caller allows.
-  if is_terminal(status) then return {0, status} end
-  local allowed = false
-  for s in string.gmatch(ARGV[1], '[^,]+') do
-    if s == status then allowed = true end
-  end
-  if not allowed then return {0, status} end
-  local token = redis.call('HGET', KEYS[1], 'token') or 'none'
-  -- A fresh token already in place means this very call ran and its reply was lost:
-  -- answer as it did, so a retried call does not look fenced.
-  if ARGV[4] ~= '' and ARGV[4] ~= 'none' and token == ARGV[4] then return {1, 'replayed'} end
-  if ARGV[2] ~= '*' and token ~= ARGV[2] then return {0, 'fenced'} end
-  -- The lease: 'held:<worker>' (a start: this worker holds the job's message), or
-  -- 'expired:<worker>|<tag>' (a take-back: that lease, and it has run out).
-  if ARGV[13] ~= '' then
-    local holder = redis.call('HGET', KEYS[1], 'lease') or ''
-    local mode, want = string.match(ARGV[13], '^(%a+):(.*)$')
-    if mode == 'held' then
-      if holder ~= want then return {0, 'fenced'} end
-    else
-      local tag = redis.call('HGET', KEYS[1], 'tag') or ''
-      local expiry = redis.call('ZSCORE', KEYS[6], ARGV[9])
-      if holder .. '|' .. tag ~= want then return {0, 'lease_changed'} end
-      if expiry and tonumber(expiry) > now_ms() then return {0, 'lease_renewed'} end
-    end
-  end
-end
--- Events first: an XADD with an explicit id is the only call here that can fail, and
--- a failure must leave the record as it was.
-local ids = {}
-for i = 15, #ARGV, 2 do
-  local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
-                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
-  redis.call('XADD', KEYS[2], id,
-             'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
-  table.insert(ids, id)
-end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[3])
-  -- The queue index holds exactly the jobs waiting for a worker.
-  if ARGV[3] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[9]) end
-end
-if string.sub(ARGV[13], 1, 8) == 'expired:' or is_terminal(ARGV[3]) then
-  -- Taken back, or ended: nobody holds the job any more.
-  redis.call('HDEL', KEYS[1], 'lease', 'tag')
-  redis.call('ZREM', KEYS[6], ARGV[9])
-end
--- A new queued job, or one taken back from a lost worker, waits in its queue again.
-if ARGV[10] ~= '' and not is_terminal(ARGV[3]) then
-  redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
-end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
-if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'announced', ARGV[14]) end
--- The key and the record it names appear together or not at all.
-if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'EX', ARGV[12]) end
-if tonumber(ARGV[7]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[2], ARGV[7])
-end
-return {1, table.concat(ids, ',')}
-"""
-
-# A worker took the job's message: lease it, unless another worker holds it (then the
-# message is a duplicate and is dropped; the holder's lease, or the reconciler when it
-# runs out, decides what happens to the job). Returns the hash, to start from.
-_HOLD = _LUA_PRELUDE + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'__missing__'} end
-if is_terminal(status) then return {status} end
-local holder = redis.call('HGET', KEYS[1], 'lease')
-if holder and holder ~= ARGV[1] then return {'held', holder} end
-redis.call('HSET', KEYS[1], 'lease', ARGV[1], 'tag', ARGV[2])
-redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[3]), ARGV[4])
-return {'ok', redis.call('HGETALL', KEYS[1])}
-"""
-
-# The heartbeat: every job this worker still holds gets ARGV[2] ms more.
-_RENEW = _LUA_PRELUDE + """
-local expiry = now_ms() + tonumber(ARGV[2])
-local renewed = 0
-for i = 2, #KEYS do
-  if redis.call('HGET', KEYS[i], 'lease') == ARGV[1] then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i + 1])
-    renewed = renewed + 1
-  end
-end
-return renewed
-"""
-
-# The worker lets go of a job it did not end (given back at shutdown, or dropped).
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
-if redis.call('HGET', KEYS[1], 'tag') ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], 'lease', 'tag')
-redis.call('ZREM', KEYS[2], ARGV[3])
-return 1
-"""
-
-_FLAG_CANCEL = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-redis.call('RPUSH', KEYS[2], '1')
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return 1
-"""
-
 
 @dataclass
 class Snapshot:
@@ -224,17 +99,6 @@ class Hold:
 
 
 @dataclass
-class Claim:
-    """An ``Idempotency-Key`` reservation written with the record it names, so that
-    neither exists without the other (a replica dying between two writes would leave
-    a key that names no job, and every retry with it would wait for one)."""
-
-    key: str
-    value: str
-    ttl_s: int
-
-
-@dataclass
 class Outcome:
     ok: bool
     #: On success the new events' ids, comma-separated (``replayed`` for a call that had
@@ -246,29 +110,16 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
-    def s(v: Any) -> str:
-        return v.decode() if isinstance(v, bytes) else v
-
-    f = {s(k): s(v) for k, v in fields.items()}
-    return {
-        "id": s(entry_id),
-        "type": f["type"],
-        "job_id": f["job_id"],
-        "ts": f["ts"],
-        "data": json.loads(f["data"]),
-    }
-
-
 class JobStore:
     def __init__(self, client: redis.Redis, result_ttl_s: int = 7 * 24 * 3600) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
-        self._apply = client.register_script(_APPLY)
-        self._flag_cancel = client.register_script(_FLAG_CANCEL)
-        self._hold = client.register_script(_HOLD)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._apply = client.register_script(S.APPLY)
+        self._flag_cancel = client.register_script(S.FLAG_CANCEL)
+        self._hold = client.register_script(S.HOLD)
+        self._renew = client.register_script(S.RENEW)
+        self._release = client.register_script(S.RELEASE)
+        self._release_claim = client.register_script(S.RELEASE_CLAIM)
 
     @classmethod
     def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -345,6 +196,29 @@ class JobStore:
             record["id"], allowed=NEW, doc=dict(record), new_token=NO_TOKEN,
             events=[(EventType.QUEUED, {})], claim=claim,
         )
+
+    def claimed(self, idem: IdempotencyKey) -> dict[str, Any] | None:
+        """The record of the job ``idem`` names, or None while it names none.
+
+        Raises :class:`IdempotencyConflict` when the key came with another body. The key
+        is written with its record (:meth:`create`), so a key naming no record means the
+        record expired (``result_ttl_s`` shorter than the key's TTL): it is released.
+        """
+        raw: Any = self.redis.get(idem.key)
+        if raw is None:
+            return None
+        claim = json.loads(raw)
+        if claim["fingerprint"] != idem.fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was used with a different request body")
+        try:
+            doc: dict[str, Any] | None = self.get(claim["job_id"])
+        except JobNotFound:
+            doc = None
+        if doc is None or doc.get("owner") != idem.owner:
+            self._release_claim(keys=[idem.key], args=[raw])
+            return None
+        return doc
 
     def put_input(self, raw: bytes) -> str:
         """Store an inline init image by the sha256 of its bytes; return the digest.
@@ -481,6 +355,16 @@ class JobStore:
         raw: Any = self.redis.lrange(K.deliveries_key(job_id), 0, -1)
         return [json.loads(x) for x in raw]
 
+    def request_of(self, job_id: str) -> dict[str, Any] | None:
+        """A job's request (None once its record expired), without expiring it."""
+        raw: Any = self.redis.hget(K.job_key(job_id), "doc")
+        return None if raw is None else json.loads(raw)["request"]
+
+    def event(self, job_id: str, event_id: str) -> dict[str, Any] | None:
+        """One event of a job's log (None once the log expired)."""
+        entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
+        return decode_event(*entries[0]) if entries else None
+
     def get_input(self, digest: str) -> bytes | None:
         raw: Any = self.redis.get(K.input_key(digest))
         return None if raw is None else bytes(raw)
@@ -506,13 +390,17 @@ class JobStore:
     ) -> list[dict[str, Any]]:
         """Events after ``after`` (exclusive; None: from the start), waiting up to
         ``block_ms`` for one when none is there yet."""
-        kwargs: dict[str, Any] = {"count": count}
-        if block_ms is not None:
-            kwargs["block"] = block_ms
-        res: Any = self.redis.xread({K.events_key(job_id): after or "0-0"}, **kwargs)
-        if not res:
-            return []
-        return [decode_event(eid, fields) for eid, fields in res[0][1]]
+        key, cursor, kwargs = events_query(job_id, after, block_ms, count)
+        return decode_batch(self.redis.xread({key: cursor}, **kwargs))
+
+    def ended(self, job_id: str, after: str | None) -> bool:
+        """Whether a reader at ``after`` has had the whole log: the job is terminal (a
+        queued one past its deadline is expired on the way) and no event follows.
+
+        Raises :class:`JobNotFound`.
+        """
+        doc = self.get(job_id)
+        return Status(doc["status"]).is_terminal() and not self.events(job_id, after, count=1)
 
     def follow(
         self, job_id: str, after: str | None = None, timeout_s: float | None = None,
@@ -522,25 +410,20 @@ class JobStore:
         import time
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last = after
-        while True:
+        cursor = Cursor(after)
+        while not cursor.done:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
             wait = poll_ms
             if deadline is not None:
                 wait = max(1, min(poll_ms, int((deadline - time.monotonic()) * 1000)))
-            batch = self.events(job_id, after=last, block_ms=wait)
+            batch = self.events(job_id, after=cursor.last, block_ms=wait)
             if not batch:
                 # Nothing new: make sure the job exists (and expire it if due).
-                doc = self.get(job_id)
-                if Status(doc["status"]).is_terminal() and not self.events(job_id, last):
+                if self.ended(job_id, cursor.last):
                     return
                 continue
-            for ev in batch:
-                last = ev["id"]
-                yield ev
-                if EventType(ev["type"]) in TERMINAL_EVENTS:
-                    return
+            yield from cursor.take(batch)
 
     # -- the worker registry (``/v1/workers``) ------------------------------------------
 

@@ -12,9 +12,6 @@ import pytest
 from tests.helpers import BUCKET, MODELS_TOML, Stack, stack_values, worker_env
 from tests.servers import AWS_ENV, RedisServer, S3Server, Worker
 
-# re-exported until test_api/test_webhooks import from tests.helpers
-__all__ = ["Stack", "worker_env"]
-
 
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

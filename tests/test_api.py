@@ -17,7 +17,7 @@ from httpx_sse import connect_sse
 from producer import constants as K
 from producer.api import key_id
 from producer.broker import queue_depth
-from tests.conftest import Stack, worker_env
+from tests.helpers import Stack, worker_env
 from tests.servers import Process, api_process
 
 pytestmark = pytest.mark.slow
@@ -253,9 +253,10 @@ def read_sse(api: httpx.Client, jid: str, headers: dict[str, str], limit: int | 
     with connect_sse(api, "GET", f"/v1/jobs/{jid}/events", headers=h) as source:
         assert source.response.headers["content-type"].startswith("text/event-stream")
         for sse in source.iter_sse():
-            if not sse.data:  # the opening "retry:" field (httpx-sse yields it alone)
+            # No event without data: the "retry:" field comes with the first event.
+            assert sse.data, sse
+            if not got:
                 assert sse.retry == 2000
-                continue
             ev = json.loads(sse.data)
             assert sse.id == ev["id"] and sse.event == ev["type"]
             got.append(ev)
@@ -293,6 +294,20 @@ def test_sse_reconnects_see_every_event_exactly_once(api: httpx.Client, stack: S
     full = stack.client().store.events(jid, count=10_000)
     assert [e["id"] for e in seen] == [e["id"] for e in full]
     assert len({e["id"] for e in seen}) == len(seen)
+
+
+def test_sse_retry_comes_in_the_first_event_frame(api: httpx.Client) -> None:
+    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT,
+                                                 "model": "tiny-idle"}).json()["id"]
+    with api.stream("GET", f"/v1/jobs/{jid}/events", headers=A) as res:
+        lines = res.iter_lines()
+        assert next(lines) == "retry: 2000"
+        assert next(lines).startswith("id: ")
+        assert next(lines) == "event: job.queued"
+    with connect_sse(api, "GET", f"/v1/jobs/{jid}/events", headers=A) as source:
+        first = next(source.iter_sse())
+        assert first.event == "job.queued" and first.data and first.retry == 2000
+    api.post(f"/v1/jobs/{jid}/cancel", headers=A)
 
 
 def test_sse_heartbeats_while_queued_then_cancel_ends_it(api: httpx.Client) -> None:
@@ -369,10 +384,10 @@ def test_admission_control_refuses_when_the_queue_is_full(
 
 
 def test_rate_limiter_with_a_fractional_interval(redis_url: str) -> None:
-    from producer.api import _RATE_LIMIT
+    from producer.scripts import RATE_LIMIT
 
     r = redis.Redis.from_url(redis_url)
-    limiter = r.register_script(_RATE_LIMIT)
+    limiter = r.register_script(RATE_LIMIT)
     key = "atelier:ratelimit:test-fractional"
     r.delete(key)
     interval = 1000 / 3  # 3 per second: not a whole number of milliseconds

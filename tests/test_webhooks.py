@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 from producer import constants as K
 from producer.settings import Settings
 from producer.webhooks import attempt
-from tests.conftest import Stack, worker_env
+from tests.helpers import Stack, worker_env
 from tests.receiver import Received, Receiver
 from tests.servers import Process, dispatcher_process
 

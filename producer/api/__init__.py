@@ -1,0 +1,43 @@
+"""The HTTP API: ``atelier api`` (FastAPI on uvicorn).
+
+Routes (DESIGN.md): ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events``
+(server-sent events), ``POST /v1/jobs/{id}/cancel``, ``GET /v1/models``,
+``GET /v1/queues``, ``GET /v1/workers``, ``GET /healthz``, ``GET /readyz``,
+``GET /metrics``. Every refusal has one shape: ``{"error": {"code", "message",
+"fields"?}}``. Auth and rate limit: :mod:`producer.api.auth`; idempotency and
+admission: :mod:`producer.api.submit`.
+
+The package::
+
+    app.py          create_app (the factory) and main (``atelier api``)
+    state.py        ApiState: settings, registry, key ring, metrics, and the backends
+                    (store, broker, asyncio Redis, Celery) its lifespan opens; the
+                    StateDep dependency every route reaches it through
+    errors.py       ApiError and the handlers that give every refusal the one shape
+    keys.py         API keys as digests, compared in constant time
+    auth.py         the caller (a bearer key), its rate limit, admin-only routes
+    schemas.py      the pydantic response models (ErrorBody, Output, JobRecord, ...)
+    openapi.py      what FastAPI cannot see: hand-read request bodies, links
+    records.py      a job as its owner sees it (anyone else: 404)
+    submit.py       taking a job in: body limit, validation, Idempotency-Key, admission
+    sse.py          a job's events as server-sent events
+    routes/         one router per resource: jobs, models, queues, workers, health
+
+Where the routes to come go (each a router in ``routes/``, included in ``app.py``):
+
+- ``routes/trainings.py``: ``POST /v1/trainings``, a job of kind ``train`` taken in
+  through :mod:`~producer.api.submit` with its own request validation; everything
+  else about it is ``/v1/jobs/{id}``.
+- ``routes/images.py``: ``POST /v1/images/generations`` and ``/v1/images/edits``
+  (OpenAI-compatible): jobs taken in through :mod:`~producer.api.submit`, waited for,
+  answered in OpenAI's shapes (its error shape from an exception handler of its own).
+- ``routes/studio.py`` with ``studio/`` (static files shipped in the package):
+  ``GET /``, the studio page, and the signed output URLs of ``file://`` storage.
+"""
+
+from producer.api.app import create_app, main
+from producer.api.errors import ApiError
+from producer.api.keys import key_id
+from producer.errors import AtelierError
+
+__all__ = ["ApiError", "AtelierError", "create_app", "key_id", "main"]

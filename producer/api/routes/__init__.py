@@ -1,0 +1,1 @@
+"""One router per resource; :func:`producer.api.app.create_app` includes each."""

@@ -1,0 +1,18 @@
+"""``GET /v1/models``: the registry's models, their defaults and limits."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from producer.api.auth import AUTH_STATUSES, Auth
+from producer.api.schemas import ModelList, refusals
+from producer.api.state import StateDep
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList, operation_id="list_models",
+            responses=refusals(*AUTH_STATUSES), summary="The model registry")
+def models(state: StateDep, who: Auth) -> JSONResponse:
+    return JSONResponse({"models": [spec.public() for spec in state.registry]})

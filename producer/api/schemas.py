@@ -1,0 +1,109 @@
+"""What the API answers, as pydantic models: the OpenAPI document's response schemas.
+
+The routes build their JSON themselves (a record is served as stored, less its owner),
+so these models describe the wire; they never filter it. :func:`refusals` names the
+error statuses a route can answer, each with the one error body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from producer.contract import Status
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    fields: list[dict[str, str]] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class Output(BaseModel):
+    """A stored image. ``key``, ``url`` and ``sha256`` are null for a withheld one."""
+
+    index: int
+    key: str | None
+    url: str | None
+    seed: int | None = Field(description="null for a sweep's contact sheet")
+    width: int
+    height: int
+    content_type: str
+    bytes: int
+    sha256: str | None
+    nsfw: bool | None = Field(None, description="set when a safety checker ran")
+    blurred: bool | None = None
+    withheld: bool | None = None
+    sweep: dict[str, Any] | None = Field(None, description="a sweep cell's parameters")
+    contact_sheet: bool | None = None
+
+
+class JobRecord(BaseModel):
+    """A job as the API shows it (see DESIGN.md "Job record and states")."""
+
+    id: str
+    status: Status
+    request: dict[str, Any]
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    expires_at: str | None = None
+    attempts: int
+    worker: str | None = None
+    progress: dict[str, int]
+    outputs: list[Output]
+    error: dict[str, str] | None = None
+    timings: dict[str, int]
+    metadata: dict[str, Any]
+    position: int | None = Field(
+        None, description="While queued: how many jobs of the same model run before it.")
+    webhook_deliveries: list[dict[str, Any]] = Field(
+        default_factory=list, description="Webhook delivery attempts, oldest first.")
+
+
+class ModelList(BaseModel):
+    models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
+
+
+class QueueReport(BaseModel):
+    model: str
+    queue: str = Field(description="The Celery queue of the model.")
+    depth: int = Field(description="Messages waiting in the queue.")
+    queued: int = Field(description="Jobs waiting for a worker.")
+    oldest_queued_at: str | None
+    oldest_age_s: float | None
+
+
+class QueueList(BaseModel):
+    queues: list[QueueReport]
+
+
+class WorkerList(BaseModel):
+    workers: list[dict[str, Any]] = Field(description="Each live worker's last heartbeat.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+#: Why a route answers each error status.
+WHY: dict[int, str] = {
+    400: "Malformed: not JSON, or a bad header or query parameter.",
+    401: "No valid bearer API key.",
+    403: "The key may not do this (an admin key is needed).",
+    404: "No such job for this key.",
+    409: "Conflicts with the job's state or with an earlier Idempotency-Key.",
+    413: "The body is larger than the limit.",
+    422: "The request is invalid: every bad field is named.",
+    429: "The key's rate limit is spent; see Retry-After.",
+    503: "Unavailable (Redis, the broker, or a full queue); see Retry-After.",
+}
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` of a route that refuses with ``statuses``."""
+    return {code: {"model": ErrorBody, "description": WHY[code]} for code in sorted(statuses)}

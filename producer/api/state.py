@@ -1,0 +1,117 @@
+"""What the app holds, typed: :class:`ApiState`, built once by the app factory, and the
+backends its lifespan opens. Routes reach it through the :data:`StateDep` dependency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import redis
+from fastapi import Depends, FastAPI, Request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from redis.asyncio import Redis as AsyncRedis
+
+from producer import scripts as S
+from producer.api.keys import KeyRing
+from producer.client import Client
+from producer.errors import Unavailable
+from producer.fleet import queue_report
+from producer.metrics import RedisGauges, queue_gauges
+from producer.redis_url import async_redis_client, redis_client
+from producer.registry import Registry
+from producer.settings import Settings
+from producer.store import JobStore
+
+
+@dataclass
+class Backends:
+    """Redis and Celery, opened when the app starts and closed when it stops."""
+
+    #: The producer client: the job store and the Celery app that sends messages.
+    client: Client
+    #: The broker's Redis (queue depths for admission control and /v1/queues).
+    broker: redis.Redis
+    #: An asyncio client for event streams: a stream waiting holds no thread.
+    aredis: AsyncRedis
+    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`).
+    rate_limit: Any
+
+    @classmethod
+    def open(cls, settings: Settings, registry: Registry) -> Backends:
+        client = Client(settings, registry=registry)
+        return cls(
+            client=client,
+            broker=redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
+                                health_check_interval=30),
+            aredis=async_redis_client(settings.redis_url, health_check_interval=30),
+            rate_limit=client.store.redis.register_script(S.RATE_LIMIT),
+        )
+
+    async def aclose(self) -> None:
+        await self.aredis.aclose()
+        self.broker.close()
+        self.client.close()
+
+
+class ApiMetrics:
+    """The API's own Prometheus registry: requests, latency, and the queue gauges."""
+
+    def __init__(self, state: ApiState) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("atelier_api_requests_total", "API requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("atelier_api_request_duration_seconds", "API request latency",
+                                 ["method", "route"], registry=self.registry)
+        self.registry.register(RedisGauges(queue_gauges(state.queue_report)))
+
+    def observe(self, method: str, route: str, status: int, started: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    registry: Registry
+    keyring: KeyRing
+    backends: Backends | None = None
+    metrics: ApiMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ApiMetrics(self)
+
+    def open(self) -> None:
+        self.backends = Backends.open(self.settings, self.registry)
+
+    async def aclose(self) -> None:
+        if self.backends is not None:
+            await self.backends.aclose()
+            self.backends = None
+
+    @property
+    def up(self) -> Backends:
+        if self.backends is None:  # only before the lifespan started, or after it ended
+            raise Unavailable("the API is not started")
+        return self.backends
+
+    @property
+    def store(self) -> JobStore:
+        return self.up.client.store
+
+    def queue_report(self) -> list[dict[str, Any]]:
+        if self.backends is None:  # scraped before the lifespan started: nothing to say
+            return []
+        return queue_report(self.store, self.backends.broker, self.registry)
+
+
+def get_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state
+
+
+def attach(app: FastAPI, state: ApiState) -> None:
+    app.state.api = state
+
+
+StateDep = Annotated[ApiState, Depends(get_state)]

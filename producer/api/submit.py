@@ -1,0 +1,113 @@
+"""Taking a job in: the body read under its size limit, the request validated, the
+``Idempotency-Key`` honoured, the model's queue admitting it, then enqueued.
+
+``POST /v1/jobs`` uses all of it; the routes to come that make jobs (trainings, the
+OpenAI-compatible images) take the same steps with their own request validation.
+
+- Admission: a model whose queue holds ``max_queue_depth`` messages refuses new jobs
+  with 503 and ``Retry-After``; nothing is enqueued.
+- ``Idempotency-Key``: the same key and body give the same job for
+  ``idempotency_ttl_s``; the same key with another body is a 409
+  (:meth:`producer.store.JobStore.claimed`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from producer.api.auth import Caller
+from producer.api.errors import ApiError
+from producer.api.records import view
+from producer.api.state import ApiState
+from producer.broker import queue_depth
+from producer.client import new_job_id
+from producer.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
+from producer.idempotency import IdempotencyKey
+from producer.validation import validate_request
+
+log = logging.getLogger("atelier.api")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes (counted while reading, whatever
+    Content-Length says), 400 when it is not JSON."""
+    too_big = ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    try:
+        return json.loads(bytes(body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+
+
+def idempotency_header(request: Request) -> str | None:
+    idem = request.headers.get("idempotency-key")
+    if idem is not None and not 1 <= len(idem) <= 255:
+        raise ApiError(400, "invalid_request", "Idempotency-Key must be 1-255 characters",
+                       [{"field": "Idempotency-Key", "message": "1-255 characters"}])
+    return idem
+
+
+def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONResponse:
+    """Validate and enqueue ``data`` for ``who`` (blocking: run it in a thread)."""
+    try:
+        normalized = validate_request(data, state.registry, state.settings)
+    except InvalidRequest as exc:
+        raise ApiError(422, exc.code, str(exc), exc.fields) from None
+    key = IdempotencyKey.of(who.owner, idem, data) if idem is not None else None
+    if key is not None and (replay := _replay(state, key)) is not None:
+        return replay
+    admit(state, normalized["model"])
+    job_id = new_job_id()
+    # The key is written with the record, in one step: a replica that dies before that
+    # leaves the key free, so the client's retry creates the job.
+    claim = key.claim(job_id, state.settings.idempotency_ttl_s) if key is not None else None
+    try:
+        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim)
+    except KeyClaimed:
+        # A concurrent request with this key won the race: answer with its job.
+        replay = _replay(state, key) if key is not None else None
+        if replay is not None:
+            return replay
+        raise ApiError(409, "idempotency_in_progress",
+                       "a request with this Idempotency-Key is in progress") from None
+    log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
+             extra={"job_id": job_id})
+    doc = state.store.get(job_id)
+    return JSONResponse(view(state, doc), status_code=202,
+                        headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+def _replay(state: ApiState, key: IdempotencyKey) -> JSONResponse | None:
+    """The answer to a request whose key already names a job, or None while it names none."""
+    try:
+        doc = state.store.claimed(key)
+    except IdempotencyConflict as exc:
+        raise ApiError(409, exc.code, str(exc)) from None
+    if doc is None:
+        return None
+    return JSONResponse(view(state, doc), status_code=202, headers={
+        "Location": f"/v1/jobs/{doc['id']}", "Idempotent-Replayed": "true"})
+
+
+def admit(state: ApiState, model: str) -> None:
+    """503 while ``model``'s queue holds ``max_queue_depth`` messages or more."""
+    limit = state.settings.max_queue_depth
+    if not limit:
+        return
+    depth = queue_depth(state.up.broker, model)
+    if depth >= limit:
+        raise ApiError(
+            503, "queue_full", f"the queue of {model} holds {depth} jobs (limit {limit})",
+            headers={"Retry-After": str(state.settings.admission_retry_after_s)})

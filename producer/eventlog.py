@@ -1,0 +1,76 @@
+"""Reading a job's event log (a Redis stream): entries decoded into events, and where a
+reader stands.
+
+The writing side is the store's (:meth:`producer.store.JobStore.apply`). The reading
+side is shared by :meth:`~producer.store.JobStore.follow` (blocking, for the client and
+the CLI) and the API's event stream (:func:`read_events`, asyncio: a stream waiting
+for its next event holds a connection, not a thread).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
+
+from producer import constants as K
+from producer.contract import TERMINAL_EVENTS, EventType
+
+
+def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
+    def s(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else v
+
+    f = {s(k): s(v) for k, v in fields.items()}
+    return {
+        "id": s(entry_id),
+        "type": f["type"],
+        "job_id": f["job_id"],
+        "ts": f["ts"],
+        "data": json.loads(f["data"]),
+    }
+
+
+class Cursor:
+    """Where a reader of a job's log stands: the last event id it has, and whether that
+    was the terminal event (nothing comes after it). :meth:`JobStore.follow` and the
+    API's event stream (``producer/api/sse.py``, on an asyncio client) share it."""
+
+    def __init__(self, after: str | None = None) -> None:
+        self.last = after
+        self.done = False
+
+    def take(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The events of ``batch`` up to and including a terminal one."""
+        out = []
+        for ev in batch:
+            out.append(ev)
+            self.last = ev["id"]
+            if EventType(ev["type"]) in TERMINAL_EVENTS:
+                self.done = True
+                break
+        return out
+
+
+async def read_events(
+    client: AsyncRedis, job_id: str, after: str | None, block_ms: int | None = None,
+    count: int = 100,
+) -> list[dict[str, Any]]:
+    """:meth:`JobStore.events` on an asyncio client: a blocked read holds no thread."""
+    key, cursor, kwargs = events_query(job_id, after, block_ms, count)
+    return decode_batch(await client.xread({key: cursor}, **kwargs))
+
+
+def events_query(job_id: str, after: str | None, block_ms: int | None,
+                  count: int) -> tuple[str, str, dict[str, Any]]:
+    kwargs: dict[str, Any] = {"count": count}
+    if block_ms is not None:
+        kwargs["block"] = block_ms
+    return K.events_key(job_id), after or "0-0", kwargs
+
+
+def decode_batch(res: Any) -> list[dict[str, Any]]:
+    if not res:
+        return []
+    return [decode_event(eid, fields) for eid, fields in res[0][1]]

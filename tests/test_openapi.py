@@ -1,0 +1,140 @@
+"""The published OpenAPI document, checked against the running API by schemathesis.
+
+A real uvicorn (``atelier api``) on its own Redis database, no workers: jobs stay
+queued, and a stand-in cancels each one within a second so that its event stream
+(which lasts until the job ends) ends too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from producer import constants as K
+from producer.contract import Status
+from producer.store import JobStore
+from tests.helpers import settings_env
+from tests.servers import RedisServer, api_process
+
+pytestmark = pytest.mark.slow
+
+KEY = "key-openapi-0123456789"
+#: A separate database: no worker of the shared stack takes these jobs.
+DB = 9
+
+# What JSON Schema cannot say about a job request (a model's own size multiple and
+# limits, its schedulers, strength only with an image, the registry's names, the
+# webhook address guard) is refused with 422 and every bad field named: a
+# schema-valid body may be refused so.
+CONFIG = """
+[[operations]]
+include-path = "/v1/jobs"
+include-method = "POST"
+[operations.checks.positive_data_acceptance]
+expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429", "5xx"]
+"""
+
+
+class Canceller(threading.Thread):
+    """Cancels every queued job, as a user would: the workers that would end them never
+    come here."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.store = JobStore.from_url(url)
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(0.5):
+            for key in self.store.redis.scan_iter(K.JOB + "*", count=1000):
+                job_id = key.decode().removeprefix(K.JOB)
+                if self.store.redis.hget(key, "status") == Status.QUEUED.value.encode():
+                    self.store.request_cancel(job_id)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+        self.store.redis.close()
+
+
+@pytest.fixture(scope="module")
+def api_url(redis_server: RedisServer, models_file: str, session_dir: Path) -> Iterator[str]:
+    url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    env = {**settings_env(redis_url=url, models_file=models_file, api_keys=KEY,
+                          admin_api_keys=KEY, rate_limit_per_s=0, sse_heartbeat_s=0.5),
+           "PATH": "/usr/bin:/bin"}
+    proc = api_process(env, session_dir / "logs" / "api-openapi.log").start()
+    canceller = Canceller(url)
+    canceller.start()
+    try:
+        yield f"http://127.0.0.1:{proc.port}"
+    finally:
+        canceller.stop()
+        proc.stop()
+        r.flushdb()
+        r.close()
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_every_reference_resolves_and_jobs_link_to_their_routes(api_url: str) -> None:
+    spec = httpx.get(f"{api_url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    refs = set(_refs(spec))
+    assert "#/components/schemas/LoraRef" in refs
+    for ref in refs:
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+    links = spec["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]
+    operations = {op["operationId"] for ops in spec["paths"].values() for op in ops.values()}
+    assert {link["operationId"] for link in links.values()} == {
+        "get_job", "cancel_job", "job_events"} <= operations
+    assert all(link["parameters"] == {"job_id": "$response.body#/id"} for link in links.values())
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            if op.get("security"):  # behind a key: no key, the rate limit, Redis down
+                assert {"401", "429", "503"} <= set(op["responses"]), (method, path)
+
+
+def test_schemathesis_finds_nothing(api_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(CONFIG)
+    binary = Path(sys.executable).parent / "schemathesis"
+    res = subprocess.run(
+        [str(binary), "--config-file", str(config), "run", f"{api_url}/openapi.json",
+         "--checks", "all", "--header", f"Authorization: Bearer {KEY}",
+         "--max-examples", "20", "--seed", "1", "--workers", "1", "--request-timeout", "10",
+         "--no-color"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+    )
+    out = res.stdout + res.stderr
+    assert "nresolvable" not in out, out[-6000:]
+    assert res.returncode == 0, out[-6000:]
+    selected = re.search(r"Selected: (\d+)/(\d+)", out)
+    tested = re.search(r"Tested: (\d+)", out)
+    assert selected and tested, out[-3000:]
+    assert int(selected[1]) == int(selected[2]) == int(tested[1]) == 10, out[-3000:]
+    # The stateful phase followed the links from a created job to its routes.
+    stateful = re.search(r"Stateful \(in.*?Scenarios: +(\d+).*?API Links: +(\d+) covered",
+                         out, re.DOTALL)
+    assert stateful and int(stateful[1]) > 0 and int(stateful[2]) >= 3, out[-3000:]
