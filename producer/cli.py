@@ -10,13 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +19,7 @@ from producer.client import Client
 from producer.contract import EXTENSIONS, EventType, Status
 from producer.errors import InvalidRequest, JobNotFound, Unavailable
 from producer.registry import Registry
-from producer.settings import Settings, child_env, get_settings
+from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
@@ -272,99 +266,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK  # pragma: no cover
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _die_with_parent() -> None:
-    """In a child before exec: get SIGTERM when the parent dies, however it dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the finally block still cleans up
-        pass
-
-
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    """Everything in one process tree: a private redis-server, a worker, one job."""
-    _need_worker_extra()
-    # SIGTERM and SIGHUP unwind through the finally block below, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _raise_exit)
-    signal.signal(signal.SIGHUP, _raise_exit)
-    redis_bin = shutil.which("redis-server")
-    if not redis_bin:
-        raise SystemExit("atelier demo needs redis-server on PATH (apt-get install redis-server)")
-    from rich.console import Console
+    from producer.demo import run_demo
 
-    console = Console(stderr=True)
-    tmp = Path(tempfile.mkdtemp(prefix="atelier-demo-"))
-    port = _free_port()
-    out_dir = Path(args.out).resolve()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        redis_proc = subprocess.Popen(
-            [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
-        )
-        procs.append(redis_proc)
-        env: dict[str, Any] = child_env(
-            ATELIER_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-            ATELIER_BROKER_URL=f"redis://127.0.0.1:{port}/0",
-            ATELIER_STORAGE_URL=f"file://{tmp / 'store'}",
-            ATELIER_DEFAULT_MODEL=args.model,
-            ATELIER_DEVICE=args.device or get_settings().device,
-            ATELIER_PROGRESS_INTERVAL_S="0.1",
-        )
-        demo_settings = Settings(**{k.removeprefix("ATELIER_").lower(): v for k, v in env.items()
-                                    if k.startswith("ATELIER_")})
-        log_path = tmp / "worker.log"
-        with console.status(f"starting a worker with {args.model} (built on first use)"):
-            with open(log_path, "wb") as log:
-                worker = subprocess.Popen([sys.executable, "-m", "worker", "--model", args.model],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          preexec_fn=_die_with_parent)
-            procs.append(worker)
-            deadline = time.monotonic() + 600
-            while b"atelier worker ready" not in log_path.read_bytes():
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    console.print(log_path.read_text()[-3000:])
-                    raise SystemExit("atelier demo: the worker did not start")
-                time.sleep(0.2)
-        with Client(demo_settings) as client:
-            job_id = client.submit(_request_from_args(args))
-            record = follow_with_progress(client, job_id, timeout=600)
-        if record["status"] != Status.SUCCEEDED:
-            console.print(f"job {job_id} ended {record['status']}: {record.get('error')}")
-            return EXIT_JOB_FAILED
-        paths = download_outputs(demo_settings, record, out_dir)
-        t = record["timings"]
-        console.print(f"job {job_id}: inference {t['inference_ms']} ms, encode "
-                      f"{t['encode_ms']} ms, upload {t['upload_ms']} ms")
-        for p in paths:
-            print(p)
-        return EXIT_OK
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
-        shutil.rmtree(tmp, ignore_errors=True)
+    return run_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:

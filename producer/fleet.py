@@ -1,6 +1,8 @@
 """What the fleet looks like from Redis: queue depths and live workers.
 
-Shared by the HTTP API (``/v1/queues``, ``/v1/workers``) and the CLI.
+Shared by the HTTP API (``/v1/queues``, ``/v1/workers``) and the CLI. The worker
+registry is written here too (:func:`beat`, :func:`retire`, by each worker's heartbeat),
+so its keys have one reader and one writer, in one module.
 """
 
 from __future__ import annotations
@@ -50,3 +52,18 @@ def live_workers(r: redis.Redis) -> list[dict[str, Any]]:
     return alive
 
 
+def beat(r: redis.Redis, worker_id: str, state: dict[str, Any], ttl_s: float) -> None:
+    """Publish a worker's state; it expires after ``ttl_s`` unless beaten again, so a
+    dead worker leaves ``/v1/workers`` by itself."""
+    pipe = r.pipeline(transaction=False)
+    pipe.set(K.worker_key(worker_id), json.dumps(state), px=int(ttl_s * 1000))
+    pipe.zadd(K.WORKERS, {worker_id: int(time.time() * 1000)})
+    pipe.execute()
+
+
+def retire(r: redis.Redis, worker_id: str) -> None:
+    """Remove a worker that stops cleanly from the registry at once."""
+    pipe = r.pipeline(transaction=False)
+    pipe.delete(K.worker_key(worker_id))
+    pipe.zrem(K.WORKERS, worker_id)
+    pipe.execute()

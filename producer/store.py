@@ -425,25 +425,6 @@ class JobStore:
                 continue
             yield from cursor.take(batch)
 
-    # -- the worker registry (``/v1/workers``) ------------------------------------------
-
-    def beat(self, worker_id: str, state: dict[str, Any], ttl_s: float) -> None:
-        """Publish a worker's state; it expires after ``ttl_s`` unless beaten again, so a
-        dead worker leaves ``/v1/workers`` by itself."""
-        import time
-
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(K.worker_key(worker_id), json.dumps(state), px=int(ttl_s * 1000))
-        pipe.zadd(K.WORKERS, {worker_id: int(time.time() * 1000)})
-        pipe.execute()
-
-    def retire(self, worker_id: str) -> None:
-        """Remove a worker that stops cleanly from the registry at once."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(K.worker_key(worker_id))
-        pipe.zrem(K.WORKERS, worker_id)
-        pipe.execute()
-
 
 def _model(doc: dict[str, Any] | None) -> str:
     return doc["request"]["model"] if doc else "_"

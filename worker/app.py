@@ -29,6 +29,7 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer import constants as K
+from producer import fleet
 from producer.broker import make_celery
 from producer.contract import Status, now_iso
 from producer.errors import GiveBack, JobEndedFailed
@@ -120,7 +121,7 @@ class Heartbeat(threading.Thread):
             "memory": _memory(self.info["device"]),
             "last_seen": now_iso(),
         }
-        self.store.beat(self.info["id"], doc, ttl_s=3 * self.period_s)
+        fleet.beat(self.store.redis, self.info["id"], doc, ttl_s=3 * self.period_s)
         # The leases of the jobs this worker holds live as long as its heartbeat does.
         self.store.renew(self.info["id"], current, self.runner.settings.lease_ttl_s)
 
@@ -137,7 +138,7 @@ class Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         try:
-            self.store.retire(self.info["id"])
+            fleet.retire(self.store.redis, self.info["id"])
         except redis.RedisError:
             pass
 
