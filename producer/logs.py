@@ -82,7 +82,7 @@ def _access_job_id(record: logging.LogRecord) -> str | None:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ms = int(record.msecs)
-        doc: dict[str, Any] = {
+        line: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{ms:03d}Z",
             "level": record.levelname,
@@ -91,14 +91,14 @@ class JsonFormatter(logging.Formatter):
         }
         job_id = getattr(record, "job_id", None)
         if job_id is not None:
-            doc["job_id"] = job_id
+            line["job_id"] = job_id
         if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
+            line["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
-            doc["exc"] = record.exc_text
+            line["exc"] = record.exc_text
         if record.stack_info:
-            doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, ensure_ascii=False, default=str)
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
 
 
 def configure(log_format: str = "text", level: str | int = "INFO") -> logging.Handler:

@@ -310,14 +310,14 @@ class Registry:
         raw: dict[str, dict[str, Any]] = dict(base.get("models", {}))
         raw_loras: dict[str, dict[str, Any]] = dict(base.get("loras", {}))
         if models_file:
-            doc = tomllib.loads(Path(models_file).read_text())
-            for name, entry in doc.get("models", {}).items():
+            parsed = tomllib.loads(Path(models_file).read_text())
+            for name, entry in parsed.get("models", {}).items():
                 merged = {**raw.get(name, {}), **entry}
                 if isinstance(entry.get("options"), dict):  # options too, key by key
                     merged["options"] = {**raw.get(name, {}).get("options", {}),
                                          **entry["options"]}
                 raw[name] = merged
-            for name, entry in doc.get("loras", {}).items():
+            for name, entry in parsed.get("loras", {}).items():
                 raw_loras[name] = {**raw_loras.get(name, {}), **entry}
         origin = models_file or "models.toml"
         return cls({n: _spec(n, r, origin) for n, r in raw.items()},

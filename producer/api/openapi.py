@@ -41,10 +41,10 @@ def job_links() -> dict[str, Any]:
     }
 
 
-def _lift_defs(doc: dict[str, Any]) -> None:
+def _lift_defs(spec: dict[str, Any]) -> None:
     """Move the ``$defs`` of hand-declared request bodies into ``components/schemas``."""
-    components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for operations in doc.get("paths", {}).values():
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for operations in spec.get("paths", {}).values():
         for operation in operations.values():
             content = operation.get("requestBody", {}).get("content", {})
             for media in content.values():
@@ -53,16 +53,16 @@ def _lift_defs(doc: dict[str, Any]) -> None:
                         raise ValueError(f"two different schemas are named {name!r}")
 
 
-def _one_error_shape(doc: dict[str, Any]) -> None:
+def _one_error_shape(spec: dict[str, Any]) -> None:
     """Document FastAPI's own 422 (a parameter refused) as the error body it gets."""
     body = {"application/json": {"schema": {"$ref": _REF.format(model="ErrorBody")}}}
-    for operations in doc.get("paths", {}).values():
+    for operations in spec.get("paths", {}).values():
         for operation in operations.values():
             answer = operation.get("responses", {}).get("422")
             if answer and "HTTPValidationError" in str(answer.get("content")):
                 answer["content"] = body
-    schemas = doc.get("components", {}).get("schemas", {})
-    if "HTTPValidationError" not in str(doc.get("paths")):
+    schemas = spec.get("components", {}).get("schemas", {})
+    if "HTTPValidationError" not in str(spec.get("paths")):
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
 
@@ -72,12 +72,12 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version,
+            spec = get_openapi(title=app.title, version=app.version,
                               openapi_version=app.openapi_version,
                               description=app.description, routes=app.routes)
-            _lift_defs(doc)
-            _one_error_shape(doc)
-            app.openapi_schema = doc
+            _lift_defs(spec)
+            _one_error_shape(spec)
+            app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
