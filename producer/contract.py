@@ -1,9 +1,11 @@
 """The job contract both sides share: request, record, states, events.
 
 Light on purpose: pydantic only. The worker imports it; it never imports the worker.
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the TypedDicts below must see their
+``NotRequired`` fields at class creation (``__optional_keys__``), which string
+annotations hide on Python 3.11.
+"""
 
 import enum
 import json

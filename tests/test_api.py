@@ -13,10 +13,12 @@ import httpx
 import pytest
 import redis
 from httpx_sse import connect_sse
+from pydantic import TypeAdapter
 
 from producer import constants as K
 from producer.api import key_id
 from producer.broker import queue_depth
+from producer.contract import Output, RecordView
 from tests.helpers import Stack, worker_env
 from tests.servers import Process, api_process
 
@@ -102,6 +104,12 @@ def test_submit_poll_and_outputs(api: httpx.Client) -> None:
     assert done["request"]["seed"] == 7 and done["metadata"] == {"order": 1}
     assert len(done["outputs"]) == 1 and done["outputs"][0]["url"].startswith("http")
     assert done["webhook_deliveries"] == [] and done.get("position") is None
+    # The wire is the contract's typed record, key for key: no field it does not name,
+    # none it requires missing, every value of its type.
+    for typed, value in [(RecordView, doc), (RecordView, done), (Output, done["outputs"][0])]:
+        TypeAdapter(typed).validate_python(value, strict=False)
+        assert typed.__required_keys__ <= set(value), typed
+        assert set(value) <= typed.__required_keys__ | typed.__optional_keys__, typed
 
 
 def test_auth_failures(api: httpx.Client) -> None:

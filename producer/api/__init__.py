@@ -16,7 +16,7 @@ The package::
     errors.py       ApiError and the handlers that give every refusal the one shape
     keys.py         API keys as digests, compared in constant time
     auth.py         the caller (a bearer key), its rate limit, admin-only routes
-    schemas.py      the pydantic response models (ErrorBody, Output, JobRecord, ...)
+    schemas.py      the response schemas (ErrorBody, ...; the record is the contract's)
     openapi.py      what FastAPI cannot see: hand-read request bodies, links
     records.py      a job as its owner sees it (anyone else: 404)
     submit.py       taking a job in: body limit, validation, Idempotency-Key, admission

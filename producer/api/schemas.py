@@ -1,4 +1,8 @@
-"""What the API answers, as pydantic models: the OpenAPI document's response schemas.
+"""What the API answers: the OpenAPI document's response schemas.
+
+The record and its outputs are the contract's own TypedDicts
+(:class:`producer.contract.RecordView`), so the document and the wire cannot drift; the
+rest are pydantic models of the API's own answers.
 
 The routes build their JSON themselves (a record is served as stored, less its owner),
 so these models describe the wire; they never filter it. :func:`refusals` names the
@@ -11,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from producer.contract import Status
+from producer.contract import RecordView
 
 
 class ErrorDetail(BaseModel):
@@ -24,46 +28,8 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class Output(BaseModel):
-    """A stored image. ``key``, ``url`` and ``sha256`` are null for a withheld one."""
-
-    index: int
-    key: str | None
-    url: str | None
-    seed: int | None = Field(description="null for a sweep's contact sheet")
-    width: int
-    height: int
-    content_type: str
-    bytes: int
-    sha256: str | None
-    nsfw: bool | None = Field(None, description="set when a safety checker ran")
-    blurred: bool | None = None
-    withheld: bool | None = None
-    sweep: dict[str, Any] | None = Field(None, description="a sweep cell's parameters")
-    contact_sheet: bool | None = None
-
-
-class JobRecord(BaseModel):
-    """A job as the API shows it (see DESIGN.md "Job record and states")."""
-
-    id: str
-    status: Status
-    request: dict[str, Any]
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    expires_at: str | None = None
-    attempts: int
-    worker: str | None = None
-    progress: dict[str, int]
-    outputs: list[Output]
-    error: dict[str, str] | None = None
-    timings: dict[str, int]
-    metadata: dict[str, Any]
-    position: int | None = Field(
-        None, description="While queued: how many jobs of the same model run before it.")
-    webhook_deliveries: list[dict[str, Any]] = Field(
-        default_factory=list, description="Webhook delivery attempts, oldest first.")
+#: A job as the API shows it: typed once, in the contract, with its outputs.
+JobRecord = RecordView
 
 
 class ModelList(BaseModel):
