@@ -27,7 +27,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy producer worker
+	$(BIN)/mypy producer worker tests bench
 
 # The docs site (mkdocs.yml, docs/): strict, so a broken link fails. Built outside the tree.
 # (No -q: mkdocs then stops counting warnings, and strict lets a broken link through.)

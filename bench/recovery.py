@@ -85,7 +85,7 @@ def main() -> int:
         held: dict[str, float] = {}
         kills = 0
         with Client(bench.settings()) as client:
-            r = client.store.redis
+            r: Any = client.store.redis  # bytes replies, as leased_to expects
             ids: list[str] = []
             t0 = time.monotonic()
             while len(ids) < args.jobs or moments:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from producer import Client
 from producer import constants as K
@@ -198,6 +198,11 @@ class Rig:
         self._clients.append(client)
         return client
 
+    def _redis(self) -> Any:
+        """A client's Redis connection. Its replies are bytes (decode_responses is off),
+        which redis-py's annotations, written for both modes, cannot say: hence Any."""
+        return self._clients[0].store.redis if self._clients else self.client().store.redis
+
     def _log(self, kind: str) -> Path:
         self._n += 1
         return self.tmp / "logs" / f"{self._n:02d}-{kind}.log"
@@ -236,8 +241,7 @@ class Rig:
         """The whole global event stream (every event of every job of this test)."""
         from producer.store import decode_event
 
-        r = self._clients[0].store.redis if self._clients else self.client().store.redis
-        return [decode_event(eid, f) for eid, f in r.xrange(K.GLOBAL_EVENTS)]
+        return [decode_event(eid, f) for eid, f in self._redis().xrange(K.GLOBAL_EVENTS)]
 
     def terminal_counts(self) -> Counter[str]:
         return Counter(e["job_id"] for e in self.events()
@@ -267,7 +271,7 @@ class Rig:
 
     def leased_to(self, worker: Worker) -> list[str]:
         """The jobs whose lease names ``worker`` (running, or waiting for its GPU)."""
-        r = self._clients[0].store.redis if self._clients else self.client().store.redis
+        r = self._redis()
         jobs = [j.decode() for j in r.zrange(K.LEASES, 0, -1)]
         holders = [r.hget(K.job_key(j), "lease") for j in jobs]
         return [j for j, h in zip(jobs, holders, strict=True)
@@ -424,6 +428,12 @@ def bare_run(pipe: Any, seed: int, **kwargs: Any) -> Image.Image:
             return pipe(generator=[torch.Generator("cpu").manual_seed(seed)], **kwargs).images[0]
     finally:
         torch.set_num_threads(threads)
+
+
+def png_text(img: Image.Image) -> dict[str, str]:
+    """A PNG's text chunks (``PngImageFile.text``, which reads the file for them)."""
+    assert isinstance(img, PngImagePlugin.PngImageFile), type(img)
+    return img.text
 
 
 def pixels(img: Image.Image) -> bytes:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import wait_until
+from tests.helpers import png_text, wait_until
 from tests.servers import ROOT
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_demo_writes_an_image_and_stops_everything(tmp_path: Path, models_dir: P
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path.parent == out and path.exists()
     assert Image.open(path).size == (64, 64)
-    assert "lighthouse" in Image.open(path).text["parameters"]
+    assert "lighthouse" in png_text(Image.open(path))["parameters"]
     # nothing it started is left running: its redis-server ran in an atelier-demo-* dir
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "atelier-demo-" not in ps

@@ -101,7 +101,8 @@ def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_di
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd15"])
 def test_img2img_and_inpaint(families: Stack, model: str) -> None:
-    req = {"prompt": "a lake", "model": model, "seed": 2, "image": png_data_uri((0, 0, 200))}
+    req: dict[str, Any] = {"prompt": "a lake", "model": model, "seed": 2,
+                           "image": png_data_uri((0, 0, 200))}
     img2img, _ = run_job(families, **req, strength=0.75)
     inpaint, _ = run_job(families, **req, strength=0.75, mask=data_uri(mask_image()))
     assert img2img["progress"] == {"step": 3, "total": 3}  # 4 steps × 0.75
@@ -122,7 +123,7 @@ def test_lora_on_other_families(families: Stack, models_dir: Path, tmp_path: Pat
                            family=family)
     s3 = boto3.client("s3", endpoint_url=families.settings.s3_endpoint_url)
     s3.put_object(Bucket=BUCKET, Key=f"adapters/{family}.safetensors", Body=path.read_bytes())
-    req = {"prompt": "a tin robot", "model": model, "seed": 5}
+    req: dict[str, Any] = {"prompt": "a tin robot", "model": model, "seed": 5}
     before, _ = run_job(families, **req)
     styled, _ = run_job(families, **req, loras=[{"name": f"storage:adapters/{family}"
                                                          ".safetensors", "scale": 1.0}])

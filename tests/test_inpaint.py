@@ -49,7 +49,8 @@ def test_inpaint_equals_diffusers_and_the_mask_matters(stack: Stack, bare_pipe: 
 
     image = png_data_uri((200, 30, 30))
     mask = data_uri(mask_image())
-    req = {"prompt": "a garden", "seed": 5, "steps": 4, "image": image, "strength": 0.75}
+    req: dict[str, Any] = {"prompt": "a garden", "seed": 5, "steps": 4, "image": image,
+                           "strength": 0.75}
     inpaint, _ = run_job(stack, **req, mask=mask)
     img2img, _ = run_job(stack, **req)
     assert inpaint["status"] == img2img["status"] == Status.SUCCEEDED, inpaint
@@ -75,7 +76,7 @@ def test_mask_by_url_of_another_size_fails_at_the_worker(
     root, port = http_dir
     mask_image((96, 96)).save(root / "mask96.png")
     mask_image((64, 64)).save(root / "mask64.png")
-    req = {"prompt": "a lake", "steps": 2, "image": png_data_uri((0, 0, 255))}
+    req: dict[str, Any] = {"prompt": "a lake", "steps": 2, "image": png_data_uri((0, 0, 255))}
     bad, _ = run_job(stack, **req, mask=f"http://127.0.0.1:{port}/mask96.png")
     assert bad["status"] == Status.FAILED
     assert bad["error"]["code"] == "image_invalid"

@@ -19,6 +19,7 @@ from tests.helpers import (
     bare_run,
     pixels,
     png_data_uri,
+    png_text,
     run_job,
     s3_get,
     wait_until,
@@ -60,8 +61,8 @@ def test_events_outputs_and_manifest(stack: Stack) -> None:
         img = Image.open(io.BytesIO(data))
         assert img.size == (72, 64) == (out["width"], out["height"])
         assert out["content_type"] == "image/png"
-        assert "Seed: " + str(out["seed"]) in img.text["parameters"]
-        assert json.loads(img.text["atelier"])["request"]["prompt"] == "a lighthouse at dusk"
+        assert "Seed: " + str(out["seed"]) in png_text(img)["parameters"]
+        assert json.loads(png_text(img)["atelier"])["request"]["prompt"] == "a lighthouse at dusk"
         assert "X-Amz-Signature" in out["url"]  # presigned
 
     manifest = json.loads(s3_get(stack, f"outputs/{job_id}/manifest.json"))
@@ -88,7 +89,7 @@ def test_worker_refuses_pickle(stack: Stack) -> None:
     """A message in any serializer but JSON is refused, never deserialized."""
     import pickle
 
-    from kombu import Connection
+    from kombu.connection import Connection
 
     from producer.broker import celery_config
 
@@ -129,8 +130,8 @@ def test_drawn_seed_is_recorded_and_reproduces(stack: Stack) -> None:
 
 def test_worker_bytes_equal_bare_diffusers(stack: Stack, bare_pipe: Any) -> None:
     """The queue adds and loses nothing: same pixels as diffusers alone."""
-    req = {"prompt": "a castle on a hill", "negative_prompt": "fog", "seed": 99, "steps": 5,
-           "guidance_scale": 6.5, "width": 64, "height": 80}
+    req: dict[str, Any] = {"prompt": "a castle on a hill", "negative_prompt": "fog", "seed": 99,
+                           "steps": 5, "guidance_scale": 6.5, "width": 64, "height": 80}
     record, _ = run_job(stack, **req)
     worker_img = Image.open(io.BytesIO(s3_get(stack, record["outputs"][0]["key"])))
     bare = bare_run(bare_pipe, 99, prompt=req["prompt"], negative_prompt="fog",

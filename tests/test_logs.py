@@ -35,8 +35,13 @@ def test_json_lines_carry_the_job_id_of_their_context_only() -> None:
     with job_context("job-a"):
         log.info("inside %s", "a")
         seen = []
+
+        def elsewhere() -> None:
+            log.info("elsewhere")
+            seen.append(1)
+
         # Another thread has its own context: no job id leaks into it.
-        t = threading.Thread(target=lambda: (log.info("elsewhere"), seen.append(1)))
+        t = threading.Thread(target=elsewhere)
         t.start()
         t.join()
         log.info("explicit", extra={"job_id": "job-b"})

@@ -16,7 +16,7 @@ from producer.settings import Settings
 from producer.storage import LocalStorage
 from tests.helpers import BUCKET, Stack, pixels, run_job, s3_get
 
-P = {"prompt": "a copper kettle", "seed": 31, "steps": 3}
+P: dict[str, Any] = {"prompt": "a copper kettle", "seed": 31, "steps": 3}
 LORA = "tiny-sdxl-lora"
 
 

@@ -88,7 +88,8 @@ def watch_post_processing(client: Client, ids: list[str]) -> list[bool]:
     while len(done) < len(ids) and time.monotonic() < deadline:
         started = [j for j in ids
                    if any(e["type"] == EventType.STARTED for e in client.store.events(j))]
-        unacked = b"".join(client.store.redis.hvals("unacked"))
+        raw: Any = client.store.redis.hvals("unacked")  # bytes (decode_responses off)
+        unacked = b"".join(raw)
         for job_id in ids:
             if job_id in done:
                 continue

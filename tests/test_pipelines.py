@@ -36,18 +36,30 @@ def test_dtype_setting(setting: str, device: str, expected: torch.dtype) -> None
 
 
 def test_every_registry_scheduler_builds_from_its_model_family() -> None:
+    # The classes from their own modules: mypy reads ``diffusers.X`` as the dummy
+    # object diffusers' __init__ declares for installs without torch.
     import diffusers
+    from diffusers.schedulers.scheduling_edm_dpmsolver_multistep import (
+        EDMDPMSolverMultistepScheduler,
+    )
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import (
+        EulerAncestralDiscreteScheduler,
+    )
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteScheduler,
+    )
+    from diffusers.schedulers.scheduling_pndm import PNDMScheduler
 
     # Base configs of the two families: epsilon-prediction SDXL and EDM (Playground).
     bases = {
-        "playground-v2.5": diffusers.EDMDPMSolverMultistepScheduler().config,
-        "sdxl-turbo": diffusers.EulerAncestralDiscreteScheduler(
-            timestep_spacing="trailing").config,
+        "playground-v2.5": EDMDPMSolverMultistepScheduler().config,
+        "sdxl-turbo": EulerAncestralDiscreteScheduler(timestep_spacing="trailing").config,
     }
     # ... and of the other families, epsilon-prediction SD and flow-matching Flux.
-    families = {"sdxl": diffusers.EulerDiscreteScheduler().config,
-                "sd15": diffusers.PNDMScheduler().config,
-                "flux": diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0).config}
+    families = {"sdxl": EulerDiscreteScheduler().config,
+                "sd15": PNDMScheduler().config,
+                "flux": FlowMatchEulerDiscreteScheduler(shift=1.0).config}
     for spec in Registry.load():
         for name in spec.schedulers:
             cls_name, _ = SCHEDULERS[name]

@@ -108,7 +108,8 @@ def test_worker_reads_past_77_tokens_and_weights(stack: Stack, bare_pipe: Any) -
 
     # embeddings reach img2img and inpainting too (the same modules, other pipelines)
     image = png_data_uri((90, 160, 60))
-    for extra in ({}, {"mask": data_uri(mask_image())}):
+    extras: tuple[dict[str, Any], ...] = ({}, {"mask": data_uri(mask_image())})
+    for extra in extras:
         w, _ = run_job(stack, prompt="a (red:1.3) fox", negative_prompt="(fog:1.2)",
                        image=image, **req, **extra)
         p, _ = run_job(stack, prompt="a red fox", negative_prompt="fog", image=image, **req,

@@ -61,7 +61,7 @@ def take(client: Client, job_id: str) -> str:
         for raw in r.lrange(key, 0, -1):
             payload = json.loads(raw)
             if payload["headers"]["id"] == job_id:
-                r.lrem(key, 1, raw)
+                r.lrem(key, 1, raw)  # type: ignore[arg-type]  # redis-py: value is str; bytes work
                 tag = payload["properties"]["delivery_tag"]
                 info = payload["properties"]["delivery_info"]
                 r.hset(K.UNACKED, tag, json.dumps([payload, info["exchange"],
@@ -117,8 +117,10 @@ def test_an_expired_lease_is_taken_back_and_its_message_restored_at_the_head(
     assert payload["properties"]["delivery_tag"] != tag
     assert payload["headers"]["redelivered"] is True
     key = next(k for k in K.queue_keys(MODEL) if client.store.redis.llen(k))
-    assert json.loads(client.store.redis.lindex(key, -1))["headers"]["id"] == job_id
-    assert json.loads(client.store.redis.lindex(key, 0))["headers"]["id"] == ahead
+    head, tail = client.store.redis.lindex(key, -1), client.store.redis.lindex(key, 0)
+    assert head is not None and tail is not None
+    assert json.loads(head)["headers"]["id"] == job_id
+    assert json.loads(tail)["headers"]["id"] == ahead
     assert client.store.redis.hlen(K.UNACKED) == 0
     assert client.store.queue_position(client.get(job_id)) is not None  # waiting again
     assert reconciler.done == ["lease_expired"]  # type: ignore[attr-defined]
@@ -234,8 +236,9 @@ def test_dead_dispatcher_consumers_are_removed(settings: Settings, client: Clien
     client.submit(prompt="an event", model=MODEL)
     client.submit(prompt="another", model=MODEL)
     r.xreadgroup(K.DISPATCH_GROUP, "busy", {K.GLOBAL_EVENTS: ">"}, count=1)  # pending
-    [[_, [(eid, _)]]] = r.xreadgroup(K.DISPATCH_GROUP, "gone", {K.GLOBAL_EVENTS: ">"},
-                                     count=1)
+    # A RESP2 reply, [[stream, [(id, fields)]]]; redis-py's type covers RESP3's dict too.
+    reply: Any = r.xreadgroup(K.DISPATCH_GROUP, "gone", {K.GLOBAL_EVENTS: ">"}, count=1)
+    [[_, [(eid, _)]]] = reply
     r.xack(K.GLOBAL_EVENTS, K.DISPATCH_GROUP, eid)  # it handled its event, then died
     quick = settings.model_copy(update={"webhook_claim_idle_s": 0.2})
     rec = Reconciler(quick, client.store, r, client.registry, lambda *a: None, "t")

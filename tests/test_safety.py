@@ -83,7 +83,7 @@ def checked(session_dir: Path, redis_server: RedisServer, s3_server: S3Server,
 def test_flagged_images_are_blurred_or_withheld(checked: Stack) -> None:
     from worker.safety import blur
 
-    req = {"prompt": "a bowl of fruit", "seed": 6, "num_images": 2}
+    req: dict[str, Any] = {"prompt": "a bowl of fruit", "seed": 6, "num_images": 2}
     raw, _ = run_job(checked, model="tiny-unchecked", **req)
     blurred, _ = run_job(checked, model="tiny-blur", **req)
     withheld, events = run_job(checked, model="tiny-withhold", **req)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 import signal
 import time
+from typing import Any
 
 import pytest
+from redis import Redis
 
 from producer import constants as K
 from producer.contract import EventType, Status
@@ -29,6 +31,13 @@ from tests.helpers import (
 from tests.servers import Process
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+
+def delivery_tag(r: Redis, job_id: str) -> str:
+    """The delivery tag the job's record holds (its message's current one)."""
+    tag = r.hget(K.job_key(job_id), "tag")
+    assert isinstance(tag, bytes), tag
+    return tag.decode()
 
 FENCED = r"job \w+: fenced during (generation|upload)"
 
@@ -52,7 +61,7 @@ def test_a_run_frozen_past_its_lease_is_taken_over_and_writes_nothing(rig: Rig) 
     first_run = client.get(job_id)
     stale = rig.worker_of(first_run, workers)
     [second] = [w for w in workers if w is not stale]
-    first_tag = r.hget(K.job_key(job_id), "tag").decode()
+    first_tag = delivery_tag(r, job_id)
     stale.signal(signal.SIGSTOP)
     frozen_at = time.time()
     try:
@@ -63,7 +72,7 @@ def test_a_run_frozen_past_its_lease_is_taken_over_and_writes_nothing(rig: Rig) 
                                  **({"metadata": retry["data"]["metadata"]}
                                     if "metadata" in retry["data"] else {})}
         wait_for_event(client, job_id, EventType.STARTED, after=retry["id"], timeout=20)
-        new_tag = r.hget(K.job_key(job_id), "tag").decode()
+        new_tag = delivery_tag(r, job_id)
         assert new_tag != first_tag  # restored under a fresh delivery tag
     finally:
         stale.signal(signal.SIGCONT)
@@ -99,7 +108,7 @@ def test_a_stale_ack_past_the_visibility_timeout_then_a_second_loss(rig: Rig) ->
     visibility timeout (set short: this case is about that backstop), taken over,
     thawed (it acknowledges its message), and then the worker that took over is
     killed too. The job still ends, once, within the recovery bound of the kill."""
-    values = {"visibility_timeout_s": 4}
+    values: dict[str, Any] = {"visibility_timeout_s": 4}
     workers = [rig.worker(["sim-slow"], wait=False, **values) for _ in range(3)]
     for w in workers:
         w.wait_ready()
@@ -146,7 +155,7 @@ height = 64
 max_side = 512
 max_pixels = 262144
 """)
-    values = {"worker_heartbeat_s": 0.3, "reconcile_interval_s": 1}
+    values: dict[str, Any] = {"worker_heartbeat_s": 0.3, "reconcile_interval_s": 1}
     settings = rig.settings(**values)
     assert 10 >= 10 * settings.lease_ttl_s
     workers = [rig.worker(["sim-long"], wait=False, **values) for _ in range(2)]

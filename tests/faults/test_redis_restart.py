@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,12 +50,13 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
     # kombu's unacked set (the worker could not put it back while Redis was down): the
     # reconciler moves it back once it is older than the grace. The visibility timeout
     # is the default, a day: nothing here waits for it.
-    values = {"webhook_secret": WEBHOOK_SECRET,
-              "webhook_retry_schedule_s": ",".join(["0.5"] * 20),
-              "webhook_read_timeout_s": 2, "webhook_claim_idle_s": 3}
+    values: dict[str, Any] = {"webhook_secret": WEBHOOK_SECRET,
+                              "webhook_retry_schedule_s": ",".join(["0.5"] * 20),
+                              "webhook_read_timeout_s": 2, "webhook_claim_idle_s": 3}
     with Receiver() as receiver:
         workers = [rig.worker(wait=False, **values) for _ in range(2)]
         api = rig.api(**values)
+        assert api.port is not None  # rig.api gives it one
         dispatcher = rig.dispatcher(**values)
         for w in workers:
             w.wait_ready()

@@ -75,7 +75,7 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
                          str(s3_server.port)], worker_env(rig.values()), rig.tmp / "relay.log",
                         ready=b"relay ready", port=port)
         relay.start()
-        values = {"storage_url": f"s3://{BUCKET}/outputs",
+        values: dict[str, Any] = {"storage_url": f"s3://{BUCKET}/outputs",
                   "s3_endpoint_url": f"http://127.0.0.1:{port}",
                   "storage_retry_s": 40}
         rig.worker(**values)

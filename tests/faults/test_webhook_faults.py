@@ -19,7 +19,7 @@ from tests.receiver import Received, Receiver
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
-WEBHOOKS = {
+WEBHOOKS: dict[str, Any] = {
     "webhook_secret": WEBHOOK_SECRET,
     "webhook_read_timeout_s": 1.0,
     "webhook_connect_timeout_s": 1.0,
@@ -63,7 +63,7 @@ def test_flaky_and_hanging_receivers_get_every_terminal_event(rig: Rig) -> None:
         with lock:
             return 500 if rng.random() < 0.5 else 204
 
-    values = {**WEBHOOKS, "webhook_retry_schedule_s": ",".join(["0.2"] * 16)}
+    values: dict[str, Any] = {**WEBHOOKS, "webhook_retry_schedule_s": ",".join(["0.2"] * 16)}
     with Receiver() as receiver:
         flaky = receiver.script("/flaky", coin)
         hanging = receiver.script("/hangs", "hang:3", "hang:3", 204)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -48,7 +49,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> None:
     """Case 1: one set of objects, one terminal event, one completed webhook id."""
     with Receiver() as receiver:
-        values = {"webhook_secret": WEBHOOK_SECRET, "webhook_retry_schedule_s": "0.3,0.3,0.3"}
+        values: dict[str, Any] = {"webhook_secret": WEBHOOK_SECRET,
+                                  "webhook_retry_schedule_s": "0.3,0.3,0.3"}
         workers = [rig.worker(["tiny-sdxl"], wait=False, new_session=True, **values)
                    for _ in range(2)]
         for w in workers:
@@ -93,7 +95,7 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
     """Case 2: 50 jobs on 2 workers, 3 SIGKILLs at random moments, each killed worker
     replaced (as an orchestrator would): all 50 succeed, one terminal event each."""
     rng = random.Random(4)
-    values = {"max_attempts": 5}
+    values: dict[str, Any] = {"max_attempts": 5}
     workers = [rig.worker(wait=False, **values) for _ in range(2)]
     for w in workers:
         w.wait_ready()
@@ -134,7 +136,7 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
 def test_poison_job_ends_worker_lost_and_the_worker_serves_on(rig: Rig) -> None:
     """Case 6: a job that kills its worker every time ends ``worker_lost`` after
     ``MAX_ATTEMPTS`` runs; the worker that sees it go on serves the others."""
-    values = {"max_attempts": 2, "worker_concurrency": 1}
+    values: dict[str, Any] = {"max_attempts": 2, "worker_concurrency": 1}
     workers = [rig.worker(["sim", "sim-slow"], wait=False, **values) for _ in range(3)]
     for w in workers:
         w.wait_ready()
@@ -179,7 +181,7 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
     takes no new one, and exits 0."""
     # The default visibility timeout (a day) and lease (15 s): only an explicit
     # give-back can bring the held message to another worker within 3 s.
-    values = {"worker_concurrency": 2}
+    values: dict[str, Any] = {"worker_concurrency": 2}
     first = rig.worker(["sim-mid"], **values)
     client = rig.client(**values)
     running = client.submit(prompt="running at SIGTERM", model="sim-mid")
@@ -220,7 +222,7 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
 def test_heartbeats_show_live_workers_and_drop_dead_ones(rig: Rig) -> None:
     from producer.fleet import live_workers
 
-    values = {"worker_heartbeat_s": 0.3}
+    values: dict[str, Any] = {"worker_heartbeat_s": 0.3}
     stopped = rig.worker(wait=False, **values)
     killed = rig.worker(wait=False, **values)
     stopped.wait_ready()
