@@ -38,7 +38,7 @@ from bench.common import Bench, emit, load_average, log, percentile, simulated_m
 from producer import Client
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
-from producer.store import decode_event
+from producer.eventlog import decode_event
 from tests.servers import Worker
 
 MODEL = "sim-recovery"

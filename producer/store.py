@@ -258,7 +258,7 @@ class JobStore:
 
     def expired_leases(self, limit: int = 100) -> list[str]:
         """Jobs whose lease ran out (by Redis's clock), oldest first."""
-        now_s, now_us = self.redis.time()  # type: ignore[misc]
+        now_s, now_us = self.redis.time()
         now_ms = int(now_s) * 1000 + int(now_us) // 1000
         ids: Any = self.redis.zrangebyscore(K.LEASES, "-inf", now_ms, start=0, num=limit)
         return [i.decode() for i in ids]

@@ -239,7 +239,7 @@ class Rig:
 
     def events(self) -> list[dict[str, Any]]:
         """The whole global event stream (every event of every job of this test)."""
-        from producer.store import decode_event
+        from producer.eventlog import decode_event
 
         return [decode_event(eid, f) for eid, f in self._redis().xrange(K.GLOBAL_EVENTS)]
 

@@ -106,7 +106,9 @@ def test_submit_poll_and_outputs(api: httpx.Client) -> None:
     assert done["webhook_deliveries"] == [] and done.get("position") is None
     # The wire is the contract's typed record, key for key: no field it does not name,
     # none it requires missing, every value of its type.
-    for typed, value in [(RecordView, doc), (RecordView, done), (Output, done["outputs"][0])]:
+    pairs: list[tuple[Any, Any]] = [(RecordView, doc), (RecordView, done),
+                                    (Output, done["outputs"][0])]
+    for typed, value in pairs:
         TypeAdapter(typed).validate_python(value, strict=False)
         assert typed.__required_keys__ <= set(value), typed
         assert set(value) <= typed.__required_keys__ | typed.__optional_keys__, typed
@@ -142,7 +144,9 @@ def test_a_job_is_invisible_to_other_keys(api: httpx.Client, r: redis.Redis) -> 
     # B's cancel did nothing; A still sees it queued, with its position.
     mine = api.get(f"/v1/jobs/{jid}", headers=A).json()
     assert mine["status"] == "queued" and isinstance(mine["position"], int)
-    assert json.loads(r.hget(K.job_key(jid), "doc"))["owner"] == key_id(
+    raw = r.hget(K.job_key(jid), "doc")
+    assert raw is not None
+    assert json.loads(raw)["owner"] == key_id(
         hashlib.sha256(KEY_A.encode()).hexdigest())
     assert api.post(f"/v1/jobs/{jid}/cancel", headers=A).json()["status"] == "cancelled"
 
@@ -257,7 +261,7 @@ def read_sse(api: httpx.Client, jid: str, headers: dict[str, str], limit: int | 
     h = dict(headers)
     if last_id:
         h["Last-Event-ID"] = last_id
-    got = []
+    got: list[dict[str, Any]] = []
     with connect_sse(api, "GET", f"/v1/jobs/{jid}/events", headers=h) as source:
         assert source.response.headers["content-type"].startswith("text/event-stream")
         for sse in source.iter_sse():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -26,7 +27,7 @@ def store(redis_url: str) -> Iterator[JobStore]:
     s.redis.close()
 
 
-def doc(job_id: str, owner: str) -> dict:
+def doc(job_id: str, owner: str) -> Any:
     return {"id": job_id, "status": "queued", "owner": owner, "request": REQUEST,
             "created_at": "2026-12-01T00:00:00.000Z", "metadata": {}}
 
@@ -37,7 +38,8 @@ def test_the_key_names_its_job_for_the_same_body_only(store: JobStore) -> None:
     assert store.create(doc("j1", "key_a"), key.claim("j1", 60)).ok
     # Key order in the body does not matter; the owner does.
     again = IdempotencyKey.of("key_a", "order-42", {"seed": 1, "prompt": "x"})
-    assert store.claimed(again)["id"] == "j1"
+    named = store.claimed(again)
+    assert named is not None and named["id"] == "j1"
     assert store.claimed(IdempotencyKey.of("key_b", "order-42", {"prompt": "x", "seed": 1})) is None
     with pytest.raises(IdempotencyConflict):
         store.claimed(IdempotencyKey.of("key_a", "order-42", {"prompt": "x", "seed": 2}))

@@ -213,7 +213,9 @@ def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
     import io
 
     from PIL import Image
-    chunk = json.loads(Image.open(io.BytesIO(a)).text["atelier"])
+
+    from tests.helpers import png_text
+    chunk = json.loads(png_text(Image.open(io.BytesIO(a)))["atelier"])
     assert chunk["seed"] == 7 and chunk["request"]["steps"] == 2
     assert not {"webhook_events", "priority", "timeout_s", "expires_in_s", "metadata",
                 "output_format", "quality"} & set(chunk["request"])

@@ -55,7 +55,7 @@ def make_doc(db_url: str, models_file: str, tmp_path: Path) -> Any:
                         models_dir=str(tmp_path))
     registry = Registry.load(models_file)
 
-    def make(created_at: str | None = None, **fields: Any) -> dict[str, Any]:
+    def make(created_at: str | None = None, **fields: Any) -> Any:
         req = validate_request({"prompt": "a lighthouse at dusk", **fields}, registry, settings)
         return new_record(new_job_id(), req, created_at or now_iso())
 
@@ -122,7 +122,7 @@ def test_create_writes_queued_record_and_event(store: JobStore, make_doc: Any) -
 def test_second_create_of_same_id_is_refused(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     assert store.create(doc).ok
-    other = dict(doc, request={**doc["request"], "prompt": "something else"})
+    other: Any = dict(doc, request={**doc["request"], "prompt": "something else"})
     out = store.create(other)
     assert not out.ok
     assert out.detail == "queued"

@@ -28,6 +28,7 @@ def queue(redis_url: str) -> Iterator[WebhookQueue]:
 def add_event(q: WebhookQueue, job_id: str = "j1") -> str:
     eid = q.redis.xadd(K.GLOBAL_EVENTS, {"type": "job.succeeded", "job_id": job_id,
                                          "ts": "t", "data": "{}"})
+    assert isinstance(eid, bytes)
     return eid.decode()
 
 
