@@ -1,4 +1,5 @@
-"""The job logic without Celery: a Runner in this process, real Redis, local storage."""
+"""The job logic without Celery: a Lifecycle running Generation in this process, real Redis,
+local storage."""
 
 from __future__ import annotations
 
@@ -27,12 +28,19 @@ def tiny(models_dir: Path) -> Any:
 
 @pytest.fixture
 def runner(redis_url: str, tiny: Any, tmp_path: Path) -> Iterator[Any]:
-    from worker.runner import Runner
+    from worker.generation import Generation
+    from worker.lifecycle import Lifecycle
 
     settings = Settings(redis_url=redis_url, default_model="tiny-sdxl", progress_interval_s=0.05)
     store = JobStore.from_url(redis_url)
-    yield Runner(settings, {"tiny-sdxl": tiny}, store, LocalStorage(tmp_path / "out"), "test:1")
+    generation = Generation(settings, {"tiny-sdxl": tiny}, store, LocalStorage(tmp_path / "out"))
+    yield Lifecycle(settings, store, "test:1", [generation])
     store.redis.close()
+
+
+def work(runner: Any) -> Any:
+    """The runner's generation work (which holds the storage)."""
+    return runner.works["generate"]
 
 
 def create(runner: Any, **request: Any) -> str:
@@ -65,7 +73,7 @@ def test_runs_a_job_without_celery(runner: Any) -> None:
     record = runner.store.get(job_id)
     assert [o["key"] for o in record["outputs"]] == [f"{job_id}/0.webp", f"{job_id}/1.webp"]
     assert record["outputs"][0]["content_type"] == "image/webp"
-    manifest = json.loads(runner.storage.get(f"{job_id}/manifest.json"))
+    manifest = json.loads(work(runner).storage.get(f"{job_id}/manifest.json"))
     assert manifest["seeds"] == [1, 2] and manifest["worker"] == "test:1"
     # a second delivery of a finished job does nothing
     before = (record, types(runner.store, job_id))
@@ -89,7 +97,7 @@ def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
     assert record["status"] == Status.RUNNING and record["worker"] == "other:2"
     assert record["outputs"] == []
     assert len(types(runner.store, job_id)) == n_events
-    assert not (Path(runner.storage.root) / job_id).exists()
+    assert not (Path(work(runner).storage.root) / job_id).exists()
 
 
 def test_cancel_flag_seen_before_start(runner: Any) -> None:
@@ -166,8 +174,8 @@ class TakeOverOnFirstPut:
 
 def test_a_run_taken_over_during_upload_writes_no_more_objects(runner: Any) -> None:
     job_id = create(runner, steps=1, num_images=3)
-    storage = TakeOverOnFirstPut(runner.storage, runner.store, job_id)
-    runner.storage = storage
+    storage = TakeOverOnFirstPut(work(runner).storage, runner.store, job_id)
+    work(runner).storage = storage
     assert runner.run(job_id) is None
     assert storage.puts == [f"{job_id}/0.png"]  # not 1.png, 2.png, nor the manifest
     record = runner.store.get(job_id)
@@ -197,3 +205,16 @@ def test_one_monitor_thread_serves_every_job(runner: Any) -> None:
         assert EventType.PROGRESS not in seen[first_output:], seen
         # ~0.5 s of denoising, progress every 0.05 s: the monitor moved on to each job
         assert EventType.PROGRESS in seen[:first_output], seen
+
+
+def test_the_lifecycle_knows_nothing_of_images() -> None:
+    # A second kind of job (training) uses it unchanged: no diffusers, PIL or torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.lifecycle, worker.run; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'PIL', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
