@@ -100,5 +100,13 @@ def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
 
 
 def takes_size(pipe: Any) -> bool:
-    params = inspect.signature(pipe.__call__).parameters
-    return "width" in params and "height" in params
+    cls = type(pipe)
+    known = _TAKES_SIZE.get(cls)
+    if known is None:
+        # Once per pipeline class: inspect.signature costs a millisecond, with the GPU held.
+        params = inspect.signature(cls.__call__).parameters
+        known = _TAKES_SIZE[cls] = "width" in params and "height" in params
+    return known
+
+
+_TAKES_SIZE: dict[type, bool] = {}
