@@ -4,7 +4,7 @@ A simulated GPU (``pipeline = "simulated"``: ``--gpu-ms`` of ``time.sleep`` per 
 GIL released, as a CUDA kernel leaves it) returns 1024×1024 pictures that cost what a
 real SDXL output costs to store: a gradient with Gaussian noise, ~1.8 MB as PNG at
 compress level 6, ~0.3 s to encode here (worker/simulated.py says why that picture).
-Each job goes through the real worker: runner, step callback, monitor, PNG encoding,
+Each job goes through the real worker: lifecycle, step callback, monitor, PNG encoding,
 upload to moto's S3 server over HTTP, events, manifest, acknowledgement.
 
 Two workers are measured one after the other in the same run, on the same Redis and

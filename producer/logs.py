@@ -3,7 +3,7 @@
 ``ATELIER_LOG_FORMAT=text`` (the default) writes ``time level logger message`` lines;
 ``json`` writes one JSON object per line::
 
-    {"ts": "2026-11-22T03:40:00.123Z", "level": "INFO", "logger": "worker.runner",
+    {"ts": "2026-11-22T03:40:00.123Z", "level": "INFO", "logger": "worker.run",
      "message": "job 0f3c… succeeded", "job_id": "0f3c…"}
 
 ``job_id`` is on every line logged while a job runs: code that handles a job runs

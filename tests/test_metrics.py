@@ -287,7 +287,7 @@ def test_json_logs_carry_the_job_id(ran: Ran) -> None:
         assert len(about) >= 3, about
         assert all(d.get("job_id") == job_id for d in about), about
         loggers = {d["logger"] for d in about}
-        assert "worker.runner" in loggers and any(n.startswith("celery") for n in loggers)
+        assert "worker.run" in loggers and any(n.startswith("celery") for n in loggers)
     assert any("warm shutdown" in d["message"] for d in lines)
     # No line names one job while carrying the other's id.
     for d in lines:

@@ -1,4 +1,5 @@
-"""The job logic without Celery: a Runner in this process, real Redis, local storage."""
+"""The job logic without Celery: a Lifecycle running Generation in this process, real Redis,
+local storage."""
 
 from __future__ import annotations
 
@@ -28,12 +29,19 @@ def tiny(models_dir: Path) -> Any:
 
 @pytest.fixture
 def runner(redis_url: str, tiny: Any, tmp_path: Path) -> Iterator[Any]:
-    from worker.runner import Runner
+    from worker.generation import Generation
+    from worker.lifecycle import Lifecycle
 
     settings = Settings(redis_url=redis_url, default_model="tiny-sdxl", progress_interval_s=0.05)
     store = JobStore.from_url(redis_url)
-    yield Runner(settings, {"tiny-sdxl": tiny}, store, LocalStorage(tmp_path / "out"), "test:1")
+    generation = Generation(settings, {"tiny-sdxl": tiny}, store, LocalStorage(tmp_path / "out"))
+    yield Lifecycle(settings, store, "test:1", [generation])
     store.redis.close()
+
+
+def work(runner: Any) -> Any:
+    """The runner's generation work (which holds the storage)."""
+    return runner.works["generate"]
 
 
 def create(runner: Any, **request: Any) -> str:
@@ -66,7 +74,7 @@ def test_runs_a_job_without_celery(runner: Any) -> None:
     record = runner.store.get(job_id)
     assert [o["key"] for o in record["outputs"]] == [f"{job_id}/0.webp", f"{job_id}/1.webp"]
     assert record["outputs"][0]["content_type"] == "image/webp"
-    manifest = json.loads(runner.storage.get(f"{job_id}/manifest.json"))
+    manifest = json.loads(work(runner).storage.get(f"{job_id}/manifest.json"))
     assert manifest["seeds"] == [1, 2] and manifest["worker"] == "test:1"
     # a second delivery of a finished job does nothing
     before = (record, types(runner.store, job_id))
@@ -90,7 +98,7 @@ def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
     assert record["status"] == Status.RUNNING and record["worker"] == "other:2"
     assert record["outputs"] == []
     assert len(types(runner.store, job_id)) == n_events
-    assert not (Path(runner.storage.root) / job_id).exists()
+    assert not (Path(work(runner).storage.root) / job_id).exists()
 
 
 def test_cancel_flag_seen_before_start(runner: Any) -> None:
@@ -167,8 +175,8 @@ class TakeOverOnFirstPut:
 
 def test_a_run_taken_over_during_upload_writes_no_more_objects(runner: Any) -> None:
     job_id = create(runner, steps=1, num_images=3)
-    storage = TakeOverOnFirstPut(runner.storage, runner.store, job_id)
-    runner.storage = storage
+    storage = TakeOverOnFirstPut(work(runner).storage, runner.store, job_id)
+    work(runner).storage = storage
     assert runner.run(job_id) is None
     assert storage.puts == [f"{job_id}/0.png"]  # not 1.png, 2.png, nor the manifest
     record = runner.store.get(job_id)
@@ -208,7 +216,7 @@ def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
     second = create(runner, **same, webhook_events=["started", "completed"], priority=9,
                     timeout_s=120, expires_in_s=3600, metadata={"user": "u1"})
     assert runner.run(first) is runner.run(second) is Status.SUCCEEDED
-    a, b = (runner.storage.get(f"{j}/0.png") for j in (first, second))
+    a, b = (work(runner).storage.get(f"{j}/0.png") for j in (first, second))
     assert a == b
     import io
 
@@ -219,3 +227,16 @@ def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
     assert chunk["seed"] == 7 and chunk["request"]["steps"] == 2
     assert not {"webhook_events", "priority", "timeout_s", "expires_in_s", "metadata",
                 "output_format", "quality"} & set(chunk["request"])
+
+
+def test_the_lifecycle_knows_nothing_of_images() -> None:
+    # A second kind of job (training) uses it unchanged: no diffusers, PIL or torch.
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.lifecycle, worker.run; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'PIL', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -39,29 +39,28 @@ from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
 from producer.store import JobStore
+from worker.lifecycle import GENERATE, Lifecycle
 
 log = logging.getLogger("atelier.worker")
 
-_runner = None  # the process's Runner, set by main() before the worker consumes
+#: The process's Lifecycle, set by main() before the worker consumes.
+_lifecycle: Lifecycle | None = None
 
 
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "atelier-worker")
 
-    # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
-    @app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True,
-              throws=(JobEndedFailed,), bind=True)
     def generate(task: Any, job_id: str) -> None:
         # An adapter: parse the message, run plain code. Job failures are recorded on
         # the job itself; the message is acknowledged whatever the outcome.
-        if _runner is None:  # pragma: no cover - main() sets it before consuming
-            raise RuntimeError("worker has no runner")
+        if _lifecycle is None:  # pragma: no cover - main() sets it before consuming
+            raise RuntimeError("worker has no lifecycle")
         # The message's delivery tag names it in kombu's unacked hash: the job's lease
         # records it, so the reconciler can move this very message back if we vanish.
         tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
         try:
             with job_context(job_id):
-                status = _runner.run(job_id, tag)
+                status = _lifecycle.run(job_id, tag, GENERATE)
         except GiveBack as exc:
             # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
             # head of its queue now, not after the visibility timeout.
@@ -82,6 +81,10 @@ def create_app(settings: Settings) -> Celery:
             # Recorded already; raised so the task reads FAILURE in Flower, not SUCCESS.
             raise JobEndedFailed(job_id)
 
+    # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
+    # (Registered by call, not as a decorator: Celery's decorators are untyped.)
+    app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True,
+             throws=(JobEndedFailed,), bind=True)(generate)
     return app
 
 
@@ -105,14 +108,14 @@ class Heartbeat(threading.Thread):
     Each beat also renews the leases of the jobs the worker holds (``3 ×`` the period):
     a job's lease lives exactly as long as its worker's heartbeat, however long it runs."""
 
-    def __init__(self, store: JobStore, runner: Any, info: dict[str, Any],
+    def __init__(self, store: JobStore, lifecycle: Lifecycle, info: dict[str, Any],
                  period_s: float) -> None:
         super().__init__(name="heartbeat", daemon=True)
-        self.store, self.runner, self.info, self.period_s = store, runner, info, period_s
+        self.store, self.lifecycle, self.info, self.period_s = store, lifecycle, info, period_s
         self.stopped = threading.Event()
 
     def beat(self) -> None:
-        current, done = self.runner.activity()
+        current, done = self.lifecycle.activity()
         doc = {
             **self.info,
             "state": "busy" if current else "idle",
@@ -123,7 +126,7 @@ class Heartbeat(threading.Thread):
         }
         fleet.beat(self.store.redis, self.info["id"], doc, ttl_s=3 * self.period_s)
         # The leases of the jobs this worker holds live as long as its heartbeat does.
-        self.store.renew(self.info["id"], current, self.runner.settings.lease_ttl_s)
+        self.store.renew(self.info["id"], current, self.lifecycle.settings.lease_ttl_s)
 
     def run(self) -> None:
         while not self.stopped.wait(self.period_s):
@@ -161,8 +164,8 @@ def _route_library_logs(log_format: str) -> None:
     progress bars: send their records through ours instead, and draw no bars in a JSON
     log (one JSON object a line, nothing else)."""
     import diffusers.utils.logging as diffusers_logging
-    import huggingface_hub.utils as hub_utils
     import transformers.utils.logging as transformers_logging
+    from huggingface_hub.utils.tqdm import disable_progress_bars
 
     for lib in (diffusers_logging, transformers_logging):
         lib.disable_default_handler()
@@ -170,7 +173,7 @@ def _route_library_logs(log_format: str) -> None:
         if log_format == "json":
             lib.disable_progress_bar()
     if log_format == "json":
-        hub_utils.disable_progress_bars()
+        disable_progress_bars()
 
 
 def _quiet_shutdown(worker: Any) -> None:
@@ -193,7 +196,8 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Registry, list[str]]:
+    """The command line over the settings; the models to serve, checked."""
     parser = argparse.ArgumentParser(prog="atelier worker")
     parser.add_argument("--model", action="append", help="model to serve (repeatable); "
                         "default: ATELIER_DEFAULT_MODEL")
@@ -227,19 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if registry.get(n) is None]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; known: {registry.names()}")
+    return args, settings, registry, names
 
-    # 1. torch, in this process only.
+
+def _load_models(settings: Settings, registry: Registry, names: list[str],
+                 ) -> tuple[str, dict[str, Any]]:
+    """Steps 1-2: torch in this process only, then every model loaded and warmed."""
     import torch
 
     _route_library_logs(settings.log_format)
     from worker.pipelines import load_model, resolve_device, warm_up
-    from worker.runner import Runner
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-
-    # 2. Load and warm every model before consuming.
     models = {}
     for name in names:
         models[name] = load_model(registry[name], settings, device)
@@ -251,32 +256,71 @@ def main(argv: list[str] | None = None) -> int:
     # the denoising loop included).
     gc.collect()
     gc.freeze()
+    return device, models
 
-    store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
-    _check_redis(store)
-    global _runner
-    worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    storage = storage_from_settings(settings)
+
+def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
+                     models: dict[str, Any], device: str, worker_name: str) -> Lifecycle:
+    """The lifecycle with this worker's kinds of job (generation), and its metrics."""
+    from worker.generation import Generation
     from worker.loras import LoraCache
     from worker.metrics import WorkerMetrics
     from worker.safety import load_checker
 
+    storage = storage_from_settings(settings)
     metrics = WorkerMetrics()
-    _runner = Runner(settings, models, store, storage, worker_name,
-                     loras=LoraCache(settings, registry, storage),
-                     safety=load_checker(settings, device), metrics=metrics)
-    metrics.watch(_runner.activity, lambda: _memory(str(device)))
+    generation = Generation(settings, models, store, storage,
+                            loras=LoraCache(settings, registry, storage),
+                            safety=load_checker(settings, device))
+    lifecycle = Lifecycle(settings, store, worker_name, [generation], metrics=metrics)
+    metrics.watch(lifecycle.activity, lambda: _memory(str(device)))
     if settings.metrics_port:
         from producer.metrics import serve
 
         serve(metrics.registry, settings.metrics_port)
+    return lifecycle
+
+
+def _connect_signals(settings: Settings, worker_name: str, queues: str, device: str) -> None:
+    def _ready(sender: Any = None, **_: object) -> None:
+        log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
+        if settings.log_format == "json":
+            _quiet_shutdown(getattr(sender, "controller", None))
+
+    def _stopping(sig: str = "", how: str = "", **_: object) -> None:
+        log.info("atelier worker %s: %s shutdown (%s)", worker_name, how.lower(), sig)
+        # Celery's warm shutdown stops taking messages and waits for its tasks; a task
+        # still waiting for the GPU would start a whole new job first. Give it back.
+        if _lifecycle is not None:
+            _lifecycle.drain()
+
+    def _keep_logging(**_: object) -> None:
+        """Logging is ours (configured above): Celery adds no handler of its own."""
+
+    # Connected by call, not as decorators (Celery's are untyped); weak=False keeps these
+    # local functions alive.
+    worker_ready.connect(_ready, weak=False)
+    worker_shutting_down.connect(_stopping, weak=False)
+    setup_logging.connect(_keep_logging, weak=False)
+
+def main(argv: list[str] | None = None) -> int:
+    args, settings, registry, names = _parse(argv)
+    device, models = _load_models(settings, registry, names)
+
+    store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
+    _check_redis(store)
+    global _lifecycle
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    _lifecycle = lifecycle = _build_lifecycle(settings, registry, store, models, device,
+                                              worker_name)
     app = create_app(settings)
     from producer.reconciler import build as build_reconciler
 
+    metrics = lifecycle.metrics
     reconciler = build_reconciler(settings, store, registry, app, worker_name,
                                   counted=lambda reason: metrics.reconciled.labels(reason).inc())
     queues = ",".join(K.queue_name(n) for n in names)
-    heartbeat = Heartbeat(store, _runner, {
+    heartbeat = Heartbeat(store, lifecycle, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
         "models": names, "device": str(device), "device_name": _device_name(str(device)),
         "concurrency": settings.worker_concurrency, "started_at": now_iso(),
@@ -287,24 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("heartbeat failed: %s", exc)
     heartbeat.start()
     reconciler.start()
-
-    @worker_ready.connect(weak=False)
-    def _ready(sender: Any = None, **_: object) -> None:
-        log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
-        if settings.log_format == "json":
-            _quiet_shutdown(getattr(sender, "controller", None))
-
-    @worker_shutting_down.connect(weak=False)
-    def _stopping(sig: str = "", how: str = "", **_: object) -> None:
-        log.info("atelier worker %s: %s shutdown (%s)", worker_name, how.lower(), sig)
-        # Celery's warm shutdown stops taking messages and waits for its tasks; a task
-        # still waiting for the GPU would start a whole new job first. Give it back.
-        if _runner is not None:
-            _runner.drain()
-
-    @setup_logging.connect(weak=False)
-    def _keep_logging(**_: object) -> None:
-        """Logging is ours (configured above): Celery adds no handler of its own."""
+    _connect_signals(settings, worker_name, queues, device)
 
     # 3. Consume.
     try:

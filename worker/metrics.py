@@ -58,7 +58,7 @@ _TIMINGS = {  # a job record's timings key: (histogram name, help, buckets)
 class BusyClock:
     """Time the GPU was held: a running total, and the share of a recent window.
 
-    ``begin``/``end`` bracket each hold (one at a time: the runner's GPU lock); a hold
+    ``begin``/``end`` bracket each hold (one at a time: the lifecycle's GPU lock); a hold
     still going counts up to now, so the total grows smoothly during a long job.
     """
 
@@ -105,7 +105,7 @@ class BusyClock:
 
 
 class WorkerMetrics:
-    """What the runner reports: finished jobs and GPU holds."""
+    """What the lifecycle reports: finished jobs and GPU holds."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -129,7 +129,7 @@ class WorkerMetrics:
 
     def watch(self, activity: Callable[[], tuple[list[str], int]],
               memory: Callable[[], dict[str, int]]) -> None:
-        """Scrape-time gauges: ``activity`` is ``Runner.activity``, ``memory`` returns
+        """Scrape-time gauges: ``activity`` is ``Lifecycle.activity``, ``memory`` returns
         ``gpu_*_bytes`` on CUDA (see ``worker.app._memory``)."""
         self.registry.register(_Gauges(self.busy, activity, memory))
 

@@ -96,6 +96,11 @@ def needs_encoding(prompt: str, tokenizers: list[Any]) -> bool:
     runs = parse_weights(prompt)
     if runs != [(prompt, 1.0)]:
         return True
+    if prompt.isascii() and all(len(prompt) <= window(tok) for tok in tokenizers):
+        # No token is shorter than one character (byte-level BPE; lower-casing ASCII
+        # keeps its length): it fits, and tokenizing it twice more per job, while the
+        # job holds the GPU, would only say so.
+        return False
     return any(len(_tokens(tok, runs)[0]) > window(tok) for tok in tokenizers)
 
 

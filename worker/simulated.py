@@ -1,7 +1,7 @@
 """A stand-in for a GPU pipeline, for the benchmarks (``pipeline = "simulated"``).
 
 It has the call signature of a diffusers SDXL pipeline, so a job goes through the
-worker's real code (runner, step callback, monitor, encoding, upload, events), but it
+worker's real code (lifecycle, step callback, monitor, encoding, upload, events), but it
 computes nothing: each image costs ``gpu_ms`` of ``time.sleep``, split over the steps.
 Sleeping releases the GIL, as a CUDA kernel launch and synchronize do, so the other
 threads of the worker (post-processing of the previous job) run meanwhile, exactly as
@@ -54,7 +54,7 @@ class SimulatedPipeline:
     def __init__(self, gpu_ms: float, width: int, height: int) -> None:
         self.gpu_ms = gpu_ms
         self.default_size = (width, height)
-        self.scheduler: Any = None  # the runner sets one per job; unused here
+        self.scheduler: Any = None  # the generation sets one per job; unused here
         self.num_timesteps = 0
         self._pictures: dict[tuple[int, int, int], Any] = {}
         self._lock = threading.Lock()

@@ -1,0 +1,128 @@
+"""Generation, the work of a ``generate`` job: the stages the lifecycle drives.
+
+Before the GPU, :meth:`Generation.prepare` fetches the input images (``inputs.fetch``).
+Then :meth:`Generation.__call__`, holding the GPU:
+
+1. Decode the inputs: the init image and mask at the output size (``inputs.decode``).
+2. Generate: the pipeline call, progress and cancel through the run (``generate``).
+3. Check safety: flag images, to be blurred or withheld (``outputs.check_safety``).
+4. Release the GPU, so the next job generates while this one is post-processed
+   (``ATELIER_OVERLAP_POSTPROCESS=false`` keeps it through 5-7: for comparison only).
+5. Encode and upload every image, a ``job.output`` event each (``outputs.store_images``).
+6. Write the manifest (``outputs.manifest``).
+7. Succeed: one compare-and-set that only this run's token can make.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from producer.contract import Status, denoise_steps
+from producer.errors import InternalError
+from producer.settings import Settings
+from producer.storage import LocalStorage, S3Storage
+from producer.store import JobStore
+from worker.generation import inputs, outputs
+from worker.generation.generate import generate
+from worker.lifecycle import GENERATE
+from worker.loras import LoraCache
+from worker.pipelines import LoadedModel, library_versions
+from worker.run import Run
+from worker.safety import SafetyChecker
+
+__all__ = ["Generation"]
+
+
+class Generation:
+    """The process's models and what their jobs need beside them (storage, LoRAs, the
+    safety checker); one instance serves every generation job."""
+
+    kind = GENERATE
+
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, LoadedModel],
+        store: JobStore,
+        storage: LocalStorage | S3Storage,
+        loras: LoraCache | None = None,
+        safety: SafetyChecker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.store = store  # inline input images
+        self.storage = storage
+        self.safety = safety
+        self.versions = library_versions()
+        self._loras = loras
+
+    @property
+    def loras(self) -> LoraCache:
+        if self._loras is None:
+            from producer.registry import Registry
+
+            self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
+                                    self.storage)
+        return self._loras
+
+    def total(self, request: dict[str, Any]) -> int:
+        return denoise_steps(request)
+
+    def prepare(self, request: dict[str, Any]) -> inputs.Fetched | None:
+        # Before the GPU: a slow image server delays only this job, while the other
+        # slot's job keeps the GPU busy.
+        return inputs.fetch(request, self.settings, self.store)
+
+    def __call__(self, run: Run, fetched: inputs.Fetched | None) -> Status | None:
+        req = run.request
+        model = self.models.get(req["model"])
+        if model is None:  # the queue name guarantees this; a broken deployment may not
+            raise InternalError(f"this worker has not loaded model {req['model']!r}")
+        run.stage = "generation"
+        t0 = time.perf_counter()
+
+        # 1. Decode the inputs
+        decoded = inputs.decode(req, fetched)
+
+        # 2. Generate
+        images = generate(run, model, decoded, self.loras if req.get("loras") else None)
+        run.check_deadline()  # the VAE decode ran past it
+
+        # 3. Check safety
+        action = model.spec.safety_action or self.settings.safety_action
+        verdicts = outputs.check_safety(self.safety, action, images)
+        inference_ms = _ms(time.perf_counter() - t0)
+
+        # 4. Release the GPU. The deliberate oddity: with overlap (the default) the
+        #    steps below run while the other slot's job generates; the naive worker
+        #    (ATELIER_OVERLAP_POSTPROCESS=false, bench/duty_cycle.py's baseline) keeps
+        #    the GPU waiting through them, to measure what the overlap saves.
+        if self.settings.overlap_postprocess:
+            run.release_device()
+        run.stage = "post-processing"
+
+        # 5. Encode and upload every image
+        stored, encode_s, upload_s = outputs.store_images(
+            run, self.storage, outputs.items(req, images, verdicts),
+            self.settings.png_compress_level)
+
+        # 6. Write the manifest
+        timings = {"inference_ms": inference_ms, "encode_ms": _ms(encode_s)}
+        t2 = time.perf_counter()
+        manifest = outputs.manifest(
+            run, model_source=model.source, versions=self.versions, worker=run.doc["worker"],
+            checker=self.settings.safety_checker, inputs=decoded, verdicts=verdicts,
+            outputs=stored, timings=timings)
+        # No fence check here: the last job.output compare-and-set proved the token a
+        # moment ago (only the manifest's JSON was built since).
+        self.storage.put(self.storage.key(run.job_id, "manifest.json"), manifest,
+                         "application/json")
+        timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
+
+        # 7. Succeed
+        return run.succeed(stored, timings)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)

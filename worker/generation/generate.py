@@ -1,0 +1,112 @@
+"""Step 2 of a generation: the pipeline call, holding the GPU.
+
+The step callback only reads flags and the clock (``run.report``, ``run.check``): the
+monitor thread does the I/O, so nothing waits on Redis inside the denoising loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from producer.contract import sweep_cells
+from producer.errors import OutOfMemory
+from worker.loras import LoraCache, apply_loras, unload_loras
+from worker.pipelines import GENERATOR_DEVICE, LoadedModel
+from worker.prompts import conditioning
+from worker.run import Run
+
+
+def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None) -> list[Any]:
+    """The job's images (a sweep's cells one after the other), as PIL images."""
+    import torch
+
+    req = run.request
+    pipe = (model.pipe if inputs.image is None else
+            model.img2img if inputs.mask is None else model.inpaint)
+    pipe.scheduler = model.scheduler(req["scheduler"])
+    cells = sweep_cells(req)
+    done = [0]  # steps of the sweep's cells already run
+
+    def on_step_end(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # A sweep's total is fixed at the start; a job's is what the scheduler runs.
+        run.report(done[0] + i + 1, None if cells else getattr(p, "num_timesteps", None))
+        run.check()
+        return kwargs
+
+    kwargs = pipeline_kwargs(req, pipe, inputs, on_step_end)
+    # Loaded into the shared modules for this job only; unloaded below, whatever
+    # happens, before the GPU lock is released.
+    adapters = apply_loras(model.pipe, loras, req["loras"]) if loras is not None else []
+    try:
+        with run.watched(), torch.inference_mode():
+            # Long or weighted prompts become embeddings; plain ones stay text.
+            cond = conditioning(model.spec.pipeline, model.pipe, req["prompt"],
+                                req["negative_prompt"])
+            if cond is not None:
+                del kwargs["prompt"], kwargs["negative_prompt"]
+                kwargs.update(cond)
+            if not cells:
+                return list(pipe(**kwargs).images)
+            images: list[Any] = []
+            for cell in cells:
+                # Each cell exactly as a job of its own parameters would run.
+                pipe.scheduler = model.scheduler(req["scheduler"])
+                gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
+                images += pipe(**dict(
+                    kwargs, num_inference_steps=cell["steps"], generator=[gen],
+                    guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
+                )).images
+                done[0] += pipe.num_timesteps
+            return images
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of GPU memory: {exc}") from None
+    except MemoryError:
+        raise OutOfMemory("out of host memory") from None
+    finally:
+        if adapters:
+            unload_loras(model.pipe, adapters)
+
+
+def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
+                    on_step_end: Any) -> dict[str, Any]:
+    """The pipeline's arguments for the job (before prompt conditioning)."""
+    import torch
+
+    n = req["num_images"]
+    kwargs: dict[str, Any] = {
+        "prompt": req["prompt"],
+        "negative_prompt": req["negative_prompt"] or None,
+        "num_inference_steps": req["steps"],
+        "guidance_scale": req["guidance_scale"],
+        "num_images_per_prompt": n,
+        "generator": [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
+                      for i in range(n)],
+        "callback_on_step_end": on_step_end,
+        "output_type": "pil",
+    }
+    if inputs.image is None:
+        kwargs.update(width=req["width"], height=req["height"])
+        return kwargs
+    kwargs.update(image=inputs.image, strength=req["strength"])
+    if inputs.mask is not None:
+        kwargs.update(mask_image=inputs.mask)
+    if inputs.mask is not None or takes_size(pipe):
+        # (Flux's img2img would otherwise work at its default 1024², whatever the
+        # image; SD img2img pipelines take the image's size and no such argument.)
+        kwargs.update(width=req["width"], height=req["height"])
+    return kwargs
+
+
+def takes_size(pipe: Any) -> bool:
+    cls = type(pipe)
+    known = _TAKES_SIZE.get(cls)
+    if known is None:
+        # Once per pipeline class: inspect.signature costs a millisecond, with the GPU held.
+        params = inspect.signature(cls.__call__).parameters
+        known = _TAKES_SIZE[cls] = "width" in params and "height" in params
+    return known
+
+
+_TAKES_SIZE: dict[type, bool] = {}

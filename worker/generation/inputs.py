@@ -1,0 +1,91 @@
+"""Step 1 of a generation: its input images, fetched before the GPU is taken and decoded
+once it is (the init image of img2img, and the mask of inpainting)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from producer.errors import ImageFetchFailed, ImageInvalid
+from producer.settings import Settings
+from producer.store import JobStore
+
+
+@dataclass
+class Fetched:
+    """The raw bytes of a job's input images."""
+
+    image: bytes
+    mask: bytes | None = None
+
+
+@dataclass
+class Inputs:
+    """The decoded inputs at the output size, and what the manifest records of them."""
+
+    image: Any = None  # PIL image, or None for text-to-image
+    mask: Any = None  # greyscale PIL image, or None unless inpainting
+    image_sha256: str | None = None
+    mask_sha256: str | None = None
+
+
+def fetch(request: dict[str, Any], settings: Settings, store: JobStore) -> Fetched | None:
+    """The input images' bytes; None when the job has none (text-to-image)."""
+    if not request.get("image"):
+        return None
+    image = fetch_image(request["image"], settings, store)
+    mask = fetch_image(request["mask"], settings, store, "mask") if request.get("mask") else None
+    return Fetched(image, mask)
+
+
+def fetch_image(src: str, settings: Settings, store: JobStore,
+                field_name: str = "image") -> bytes:
+    from producer.netguard import EgressRefused
+    from producer.netguard import fetch as guarded_fetch
+
+    if src.startswith("sha256:"):  # given inline; the client stored the bytes
+        stored = store.get_input(src.removeprefix("sha256:"))
+        if stored is None:
+            raise ImageInvalid(f"{field_name}: the inline image is no longer stored")
+        return stored
+    try:
+        return guarded_fetch(src, max_bytes=settings.max_image_bytes,
+                             total_timeout=settings.image_fetch_timeout_s,
+                             allowlist=settings.egress_allowlist,
+                             allow_http=settings.allow_http)
+    except (EgressRefused, OSError, ValueError) as exc:
+        raise ImageFetchFailed(f"{field_name}: {exc}") from None
+
+
+def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
+    """The init image (and mask) at the output size; refused when unreadable, or when
+    the mask's size is not the image's as given (then they do not belong together)."""
+    if fetched is None:
+        return Inputs()
+    from PIL import Image
+
+    from producer.images import open_image
+
+    size = (request["width"], request["height"])
+    inputs = Inputs(image_sha256=hashlib.sha256(fetched.image).hexdigest())
+    img = _open(open_image, fetched.image, "image")
+    source_size = img.size  # the mask is checked against the image as given
+    inputs.image = img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
+    if fetched.mask is None:
+        return inputs
+    inputs.mask_sha256 = hashlib.sha256(fetched.mask).hexdigest()
+    mask = _open(open_image, fetched.mask, "mask")
+    if mask.size != source_size:
+        raise ImageInvalid(f"mask: is {mask.width}×{mask.height} but image is "
+                           f"{source_size[0]}×{source_size[1]}; they must be the same size")
+    mask = mask.convert("L")
+    inputs.mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
+    return inputs
+
+
+def _open(open_image: Any, raw: bytes, what: str) -> Any:
+    try:
+        return open_image(raw)
+    except ValueError as exc:
+        raise ImageInvalid(f"{what} {exc}") from None
