@@ -64,14 +64,14 @@ class Client:
             normalized = self._stash_inline_image(normalized)
         except redis.RedisError as exc:
             raise Unavailable(f"job store unavailable: {exc}") from exc
-        doc = new_record(job_id, normalized, now_iso(), owner)
+        record = new_record(job_id, normalized, now_iso(), owner)
         try:
             send_job(self.celery, job_id, normalized["model"], normalized["priority"])
         except Exception as exc:
             raise Unavailable(f"broker unavailable: {exc}") from exc
         try:
             # Refused only for a taken key, or if a lost reply hid our own write.
-            out = self.store.create(doc, claim)
+            out = self.store.create(record, claim)
         except redis.RedisError as exc:
             # The script may have run and only its reply been lost: look.
             try:
@@ -114,15 +114,15 @@ class Client:
         job = last.get("data", {}).get("job")
         if isinstance(job, dict) and Status(job.get("status", "queued")).is_terminal():
             return job
-        doc = self.store.get(job_id)
-        if not Status(doc["status"]).is_terminal():  # the log was trimmed or expired
-            raise TimeoutError(f"job {job_id} is still {doc['status']}")
-        return doc
+        record = self.store.get(job_id)
+        if not Status(record["status"]).is_terminal():  # the log was trimmed or expired
+            raise TimeoutError(f"job {job_id} is still {record['status']}")
+        return record
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask for cancellation and return the record as it stands (a running job
         becomes ``cancelled`` at its next denoising step; ``wait`` for it)."""
-        return self.store.request_cancel(job_id).doc
+        return self.store.request_cancel(job_id).record
 
     def close(self) -> None:
         self.store.redis.close()

@@ -221,7 +221,17 @@ class ErrorInfo(TypedDict):
     message: str
 
 
-class Output(TypedDict):
+class OutputFlags(TypedDict, total=False):
+    """What an output may add: the safety checker's verdict, a sweep cell's values."""
+
+    nsfw: Annotated[bool, Field(description="set when a safety checker ran")]
+    blurred: bool
+    withheld: bool
+    sweep: Annotated[dict[str, Any], Field(description="a sweep cell's values")]
+    contact_sheet: bool
+
+
+class Output(OutputFlags):
     """A stored image. ``key``, ``url``, ``content_type`` and ``sha256`` are null for a
     withheld one."""
 
@@ -234,11 +244,6 @@ class Output(TypedDict):
     content_type: str | None
     bytes: int
     sha256: str | None
-    nsfw: NotRequired[Annotated[bool, Field(description="set when a safety checker ran")]]
-    blurred: NotRequired[bool]
-    withheld: NotRequired[bool]
-    sweep: NotRequired[Annotated[dict[str, Any], Field(description="a sweep cell's values")]]
-    contact_sheet: NotRequired[bool]
 
 
 class _RecordFields(TypedDict):

@@ -163,42 +163,42 @@ class Reconciler:
         return reasons
 
     def _take_back(self, job_id: str, snap: Snapshot) -> str | None:
-        doc, tag = snap.doc, snap.tag or ""
+        record, tag = snap.record, snap.tag or ""
         lease = f"expired:{snap.lease}|{tag}"
         started = snap.status is Status.RUNNING
-        if started and doc["attempts"] >= self.settings.max_attempts:
+        if started and record["attempts"] >= self.settings.max_attempts:
             err = WorkerLost(
-                f"the worker running this job was lost {doc['attempts']} times "
+                f"the worker running this job was lost {record['attempts']} times "
                 f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})").to_error()
-            failed = dict(doc, status=Status.FAILED.value, finished_at=now_iso(), error=err)
+            failed = dict(record, status=Status.FAILED.value, finished_at=now_iso(), error=err)
             out = self.store.apply(job_id, allowed=Status.RUNNING.value, token=snap.token,
-                                   doc=failed, events=[terminal_event(failed)], lease=lease)
+                                   record=failed, events=[terminal_event(failed)], lease=lease)
             if not out.ok:
                 return None
             drop_messages(self.broker, [tag] if tag else [])
             log.warning("job %s: worker %s lost at attempt %d of %d: failed worker_lost",
-                        job_id, snap.lease, doc["attempts"], self.settings.max_attempts,
+                        job_id, snap.lease, record["attempts"], self.settings.max_attempts,
                         extra={"job_id": job_id})
             return "worker_lost"
-        attempt = doc["attempts"] + 1
+        attempt = record["attempts"] + 1
         events = ([(EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"})]
                   if started else [])
         out = self.store.apply(
             job_id, allowed=f"{Status.QUEUED.value},{Status.RUNNING.value}",
             token=snap.token, new_token=secrets.token_hex(8), events=events, lease=lease,
-            requeue=doc, announce=attempt if started else None,
+            requeue=record, announce=attempt if started else None,
         )
         if not out.ok:
             return None  # renewed, ended or taken back meanwhile
-        how = self._requeue(job_id, doc, [tag] if tag else [])
+        how = self._requeue(job_id, record, [tag] if tag else [])
         log.warning("job %s: lease of worker %s expired (%s); message %s", job_id, snap.lease,
                     "running" if started else "not started", how, extra={"job_id": job_id})
         return "lease_expired"
 
-    def _requeue(self, job_id: str, doc: dict[str, Any], tags: list[str]) -> str:
+    def _requeue(self, job_id: str, record: dict[str, Any], tags: list[str]) -> str:
         """Put the job's message back at the head of its queue: its unacked entry if
         the broker still has one, else (and only then) a new message."""
-        req = doc["request"]
+        req = record["request"]
         target = list_key(req["model"], int(req.get("priority", 5)))
         for tag in tags:
             if restore_message(self.broker, tag, target):
@@ -264,7 +264,7 @@ class Reconciler:
                 continue
             if snap.lease is not None or snap.status.is_terminal():
                 continue  # leased (or ended) since the candidates were read
-            how = self._requeue(job_id, snap.doc, [e.tag for e in entries])
+            how = self._requeue(job_id, snap.record, [e.tag for e in entries])
             if how == "already queued":
                 continue
             log.warning("job %s: %s waiting with its message in no queue; message %s",

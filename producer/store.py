@@ -4,7 +4,8 @@ A job is a hash ``atelier:job:{id}`` with three fields:
 
 - ``status``: duplicated from the record so the transition script can check it;
 - ``token``: the fence of the run that owns the job (``none`` until one starts);
-- ``doc``: the whole record as JSON;
+- ``doc``: the whole record as JSON (the field keeps the name it was first given, so
+  records already in Redis stay readable across an upgrade; the code says *record*);
 
 plus ``cancel`` once a cancel was asked for, ``lease`` and ``tag`` while a worker holds
 the job's message (the worker, and the message's delivery tag; the job is then in
@@ -61,7 +62,7 @@ NEW = "__new__"
 class Snapshot:
     """A job as read in one round trip; ``token`` is what a compare-and-set compares."""
 
-    doc: dict[str, Any]
+    record: dict[str, Any]
     status: Status
     token: str
     cancel_requested: bool
@@ -78,7 +79,7 @@ class Snapshot:
             return None if value is None else value.decode()
 
         return cls(
-            doc=json.loads(raw[b"doc"]),
+            record=json.loads(raw[b"doc"]),
             status=Status(raw[b"status"].decode()),
             token=raw.get(b"token", NO_TOKEN.encode()).decode(),
             cancel_requested=raw.get(b"cancel") == b"1",
@@ -135,7 +136,7 @@ class JobStore:
         *,
         allowed: str,
         token: str = ANY_TOKEN,
-        doc: dict[str, Any] | None = None,
+        record: dict[str, Any] | None = None,
         new_token: str | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
         claim: Claim | None = None,
@@ -147,7 +148,7 @@ class JobStore:
 
         ``allowed``: comma-separated statuses the job must be in (or ``NEW``: must not
         exist); ``token``: the fence the caller read (``ANY_TOKEN`` skips the check).
-        ``doc`` replaces the record; ``events`` are appended in order, to the job's log
+        ``record`` replaces the record; ``events`` are appended in order, to the job's log
         and the global stream, only if the check passes. ``claim`` (with ``NEW`` only):
         an idempotency key set in the same step, refused (``claimed``) if it exists.
         ``lease``: ``held:<worker>`` (that worker must hold the job) or
@@ -156,16 +157,16 @@ class JobStore:
         ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
         A terminal status clears the job's lease.
         """
-        status = doc["status"] if doc is not None else ""
+        status = record["status"] if record is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
-        metadata = (doc or requeue or {}).get("metadata")
-        index_doc = doc if allowed == NEW else requeue
+        metadata = (record or requeue or {}).get("metadata")
+        index_doc = record if allowed == NEW else requeue
         args: list[Any] = [
             allowed,
             token,
             status,
             new_token or "",
-            _dumps(doc) if doc is not None else "",
+            _dumps(record) if record is not None else "",
             now_iso(),
             self.result_ttl_s if terminal else 0,
             K.GLOBAL_EVENTS_MAXLEN,
@@ -182,7 +183,7 @@ class JobStore:
             args += [etype.value, _dumps(data)]
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
-                  K.queued_index_key(_model(doc or requeue)),
+                  K.queued_index_key(_model(record or requeue)),
                   claim.key if claim is not None else K.job_key(job_id), K.LEASES],
             args=args,
         )
@@ -193,7 +194,7 @@ class JobStore:
         """Write a new ``queued`` record and its ``job.queued`` event (and the
         idempotency key naming it, if any: refused with ``claimed`` when it exists)."""
         return self.apply(
-            record["id"], allowed=NEW, doc=dict(record), new_token=NO_TOKEN,
+            record["id"], allowed=NEW, record=dict(record), new_token=NO_TOKEN,
             events=[(EventType.QUEUED, {})], claim=claim,
         )
 
@@ -212,13 +213,13 @@ class JobStore:
             raise IdempotencyConflict(
                 "this Idempotency-Key was used with a different request body")
         try:
-            doc: dict[str, Any] | None = self.get(claim["job_id"])
+            record: dict[str, Any] | None = self.get(claim["job_id"])
         except JobNotFound:
-            doc = None
-        if doc is None or doc.get("owner") != idem.owner:
+            record = None
+        if record is None or record.get("owner") != idem.owner:
             self._release_claim(keys=[idem.key], args=[raw])
             return None
-        return doc
+        return record
 
     def put_input(self, raw: bytes) -> str:
         """Store an inline init image by the sha256 of its bytes; return the digest.
@@ -273,10 +274,10 @@ class JobStore:
             if snap.status.is_terminal():
                 return snap
             if snap.status is Status.QUEUED:
-                doc = dict(snap.doc, status=Status.CANCELLED.value, finished_at=now_iso())
+                record = dict(snap.record, status=Status.CANCELLED.value, finished_at=now_iso())
                 out = self.apply(
-                    job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
-                    events=[terminal_event(doc)],
+                    job_id, allowed=Status.QUEUED.value, token=snap.token, record=record,
+                    events=[terminal_event(record)],
                 )
                 if out.ok:
                     return self.load(job_id)
@@ -300,21 +301,21 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any]:
         """The record; a queued job past its ``expires_at`` is expired on the way."""
         snap = self.load(job_id)
-        if snap.status is Status.QUEUED and is_expired(snap.doc):
+        if snap.status is Status.QUEUED and is_expired(snap.record):
             self.expire(job_id, snap)
             snap = self.load(job_id)
-        return snap.doc
+        return snap.record
 
     def expire(self, job_id: str, snap: Snapshot) -> Outcome:
-        doc = dict(snap.doc, status=Status.EXPIRED.value, finished_at=now_iso())
+        record = dict(snap.record, status=Status.EXPIRED.value, finished_at=now_iso())
         return self.apply(
-            job_id, allowed=Status.QUEUED.value, token=snap.token, doc=doc,
-            events=[terminal_event(doc)],
+            job_id, allowed=Status.QUEUED.value, token=snap.token, record=record,
+            events=[terminal_event(record)],
         )
 
-    def queue_position(self, doc: dict[str, Any]) -> int | None:
+    def queue_position(self, record: dict[str, Any]) -> int | None:
         """How many queued jobs of the same model run before this one (None: not queued)."""
-        rank: Any = self.redis.zrank(K.queued_index_key(doc["request"]["model"]), doc["id"])
+        rank: Any = self.redis.zrank(K.queued_index_key(record["request"]["model"]), record["id"])
         return None if rank is None else int(rank)
 
     def queued_summary(self, model: str) -> tuple[int, str | None]:
@@ -399,8 +400,8 @@ class JobStore:
 
         Raises :class:`JobNotFound`.
         """
-        doc = self.get(job_id)
-        return Status(doc["status"]).is_terminal() and not self.events(job_id, after, count=1)
+        record = self.get(job_id)
+        return Status(record["status"]).is_terminal() and not self.events(job_id, after, count=1)
 
     def follow(
         self, job_id: str, after: str | None = None, timeout_s: float | None = None,
@@ -426,16 +427,16 @@ class JobStore:
             yield from cursor.take(batch)
 
 
-def _model(doc: dict[str, Any] | None) -> str:
-    return doc["request"]["model"] if doc else "_"
+def _model(record: dict[str, Any] | None) -> str:
+    return record["request"]["model"] if record else "_"
 
 
-def _queued_score(doc: dict[str, Any]) -> int:
-    created_ms = int(parse_iso(doc["created_at"]).timestamp() * 1000)
-    return K.queued_score(int(doc["request"].get("priority", 5)), created_ms)
+def _queued_score(record: dict[str, Any]) -> int:
+    created_ms = int(parse_iso(record["created_at"]).timestamp() * 1000)
+    return K.queued_score(int(record["request"].get("priority", 5)), created_ms)
 
 
-def is_expired(doc: dict[str, Any], now: datetime | None = None) -> bool:
-    if not doc.get("expires_at"):
+def is_expired(record: dict[str, Any], now: datetime | None = None) -> bool:
+    if not record.get("expires_at"):
         return False
-    return (now or datetime.now(UTC)) >= parse_iso(doc["expires_at"])
+    return (now or datetime.now(UTC)) >= parse_iso(record["expires_at"])

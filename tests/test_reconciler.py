@@ -76,9 +76,9 @@ def start(client: Client, job_id: str, worker: str, tag: str, ttl_s: float = 0.2
     held = client.store.hold(job_id, worker, tag, ttl_s)
     assert held.result == "ok" and held.snapshot is not None
     snap = held.snapshot
-    doc = dict(snap.doc, status=Status.RUNNING.value, attempts=snap.doc["attempts"] + 1,
+    doc = dict(snap.record, status=Status.RUNNING.value, attempts=snap.record["attempts"] + 1,
                worker=worker)
-    out = client.store.apply(job_id, allowed="queued,running", token=snap.token, doc=doc,
+    out = client.store.apply(job_id, allowed="queued,running", token=snap.token, record=doc,
                              new_token=f"run-{worker}", lease=f"held:{worker}",
                              events=[(EventType.STARTED, {"attempt": doc["attempts"]})])
     assert out.ok, out
@@ -164,7 +164,7 @@ def test_a_second_worker_drops_a_duplicate_of_a_held_job(client: Client) -> None
     # A start by a worker that does not hold the job is refused.
     snap = client.store.load(job_id)
     out = client.store.apply(job_id, allowed="queued", token=snap.token,
-                             doc=dict(snap.doc, status="running"), new_token="x",
+                             record=dict(snap.record, status="running"), new_token="x",
                              lease="held:host:2")
     assert not out.ok
     assert client.store.release(job_id, "host:1", "tag-b") is False  # not that message

@@ -89,7 +89,7 @@ def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
     thread, result = run_in_background(runner, job_id, until_step=2)
     snap = runner.store.load(job_id)
     taken = runner.store.apply(job_id, allowed="running", token=snap.token,
-                               doc=dict(snap.doc, worker="other:2"), new_token="other-run")
+                               record=dict(snap.record, worker="other:2"), new_token="other-run")
     assert taken.ok
     n_events = len(types(runner.store, job_id))
     thread.join(30)
@@ -106,7 +106,7 @@ def test_cancel_flag_seen_before_start(runner: Any) -> None:
     # a cancel that arrived while a crashed run held the job
     snap = runner.store.load(job_id)
     runner.store.apply(job_id, allowed="queued", token=snap.token,
-                       doc=dict(snap.doc, status="running", attempts=1), new_token="dead")
+                       record=dict(snap.record, status="running", attempts=1), new_token="dead")
     runner.store.request_cancel(job_id)
     assert runner.run(job_id) is None
     assert runner.store.get(job_id)["status"] == Status.CANCELLED
@@ -116,9 +116,9 @@ def test_cancel_flag_seen_before_start(runner: Any) -> None:
 def test_invalid_inline_image_is_image_invalid(runner: Any) -> None:
     job_id = create(runner, steps=2)
     snap = runner.store.load(job_id)
-    doc = dict(snap.doc, request=dict(snap.doc["request"], image="sha256:" + "0" * 64,
+    doc = dict(snap.record, request=dict(snap.record["request"], image="sha256:" + "0" * 64,
                                       strength=0.5))
-    runner.store.apply(job_id, allowed="queued", token=snap.token, doc=doc)
+    runner.store.apply(job_id, allowed="queued", token=snap.token, record=doc)
     assert runner.run(job_id) is Status.FAILED
     error = runner.store.get(job_id)["error"]
     assert error["code"] == "image_invalid" and "no longer stored" in error["message"]
@@ -141,7 +141,7 @@ def test_a_redelivered_job_counts_the_attempt_and_drops_stale_outputs(runner: An
     snap = runner.store.load(job_id)
     stale = {"index": 0, "key": "stale", "sha256": "0" * 64}
     runner.store.apply(job_id, allowed="queued", token=snap.token, new_token="dead-run",
-                       doc=dict(snap.doc, status="running", attempts=1, outputs=[stale]))
+                       record=dict(snap.record, status="running", attempts=1, outputs=[stale]))
     assert runner.run(job_id) is Status.SUCCEEDED
     record = runner.store.get(job_id)
     assert record["attempts"] == 2
@@ -168,7 +168,7 @@ class TakeOverOnFirstPut:
         if not self.puts:
             snap = self.store.load(self.job_id)
             assert self.store.apply(self.job_id, allowed="running", token=snap.token,
-                                    doc=snap.doc, new_token="winner").ok
+                                    record=snap.record, new_token="winner").ok
         self.puts.append(key)
         self.inner.put(key, data, content_type)
 

@@ -66,9 +66,9 @@ def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, dict[s
     """Take the job as a worker does; return the run's token and record."""
     snap = store.load(job_id)
     token = secrets.token_hex(8)
-    doc = dict(snap.doc, status="running", attempts=snap.doc["attempts"] + 1, worker=worker,
+    doc = dict(snap.record, status="running", attempts=snap.record["attempts"] + 1, worker=worker,
                started_at=now_iso())
-    out = store.apply(job_id, allowed="queued,running", token=snap.token, doc=doc,
+    out = store.apply(job_id, allowed="queued,running", token=snap.token, record=doc,
                       new_token=token, events=[(EventType.STARTED, {"worker": worker})])
     assert out.ok, out.detail
     return token, doc
@@ -77,7 +77,7 @@ def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, dict[s
 def finish(store: JobStore, job_id: str, token: str, doc: dict[str, Any],
            status: Status = Status.SUCCEEDED, **changes: Any) -> Any:
     done = dict(doc, status=status.value, finished_at=now_iso(), **changes)
-    return store.apply(job_id, allowed="running", token=token, doc=done,
+    return store.apply(job_id, allowed="running", token=token, record=done,
                        events=[(TERMINAL_EVENT_FOR[status], {"job": done})])
 
 
@@ -107,7 +107,7 @@ def test_create_writes_queued_record_and_event(store: JobStore, make_doc: Any) -
     assert snap.status is Status.QUEUED
     assert snap.token == NO_TOKEN
     assert snap.cancel_requested is False
-    assert snap.doc == doc
+    assert snap.record == doc
     events = store.events(doc["id"])
     assert types(events) == ["job.queued"]
     ev = events[0]
@@ -126,7 +126,7 @@ def test_second_create_of_same_id_is_refused(store: JobStore, make_doc: Any) -> 
     out = store.create(other)
     assert not out.ok
     assert out.detail == "queued"
-    assert store.load(doc["id"]).doc == doc
+    assert store.load(doc["id"]).record == doc
     assert types(store.events(doc["id"])) == ["job.queued"]
 
 
@@ -139,7 +139,7 @@ def test_load_and_get_of_missing_job(store: JobStore) -> None:
 
 def test_apply_on_missing_job_is_refused(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
-    out = store.apply(doc["id"], allowed="queued", doc=doc, events=[(EventType.STARTED, {})])
+    out = store.apply(doc["id"], allowed="queued", record=doc, events=[(EventType.STARTED, {})])
     assert not out.ok and out.detail == "__missing__"
     assert store.redis.keys("*") == []
 
@@ -162,18 +162,18 @@ def test_terminal_status_is_final(store: JobStore, make_doc: Any) -> None:
     # and skipping the token check.
     for allowed in ("succeeded", "running,succeeded", "queued,running,succeeded,failed"):
         failed = dict(running, status="failed", error={"code": "internal", "message": "x"})
-        out = store.apply(doc["id"], allowed=allowed, doc=failed,
+        out = store.apply(doc["id"], allowed=allowed, record=failed,
                           events=[(EventType.FAILED, {"job": failed})])
         assert not out.ok, allowed
         assert out.detail == "succeeded"
     # A restart of the job is refused too.
     out = store.apply(doc["id"], allowed="queued,running,succeeded", token=token,
-                      doc=dict(running, status="running"), new_token="t2",
+                      record=dict(running, status="running"), new_token="t2",
                       events=[(EventType.STARTED, {})])
     assert not out.ok
 
     assert raw_hash(store, doc["id"]) == hash_before
-    assert store.load(doc["id"]).doc == record.doc
+    assert store.load(doc["id"]).record == record.record
     assert store.events(doc["id"]) == events
     assert [t for _, t in global_events_of(store, doc["id"])] == types(events)
 
@@ -186,12 +186,12 @@ def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
     token_b, running_b = start(store, doc["id"], worker="b")
     assert token_a != token_b
     assert store.load(doc["id"]).token == token_b
-    assert store.load(doc["id"]).doc["attempts"] == 2
+    assert store.load(doc["id"]).record["attempts"] == 2
     n_events = len(store.events(doc["id"]))
 
     # Run a wakes up and writes progress, then its outcome: both fenced.
     prog = dict(running_a, progress={"step": 2, "total": 4})
-    out = store.apply(doc["id"], allowed="running", token=token_a, doc=prog,
+    out = store.apply(doc["id"], allowed="running", token=token_a, record=prog,
                       events=[(EventType.PROGRESS, {"step": 2, "total": 4})])
     assert not out.ok and out.detail == "fenced"
     out = finish(store, doc["id"], token_a, running_a, Status.FAILED)
@@ -200,7 +200,7 @@ def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
     out = finish(store, doc["id"], NO_TOKEN, running_a)
     assert not out.ok and out.detail == "fenced"
     snap = store.load(doc["id"])
-    assert snap.status is Status.RUNNING and snap.doc["worker"] == "b"
+    assert snap.status is Status.RUNNING and snap.record["worker"] == "b"
     assert len(store.events(doc["id"])) == n_events
 
     # The owner's write goes through.
@@ -216,7 +216,7 @@ def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> No
     token, running = start(store, doc["id"])
     for step in (1, 2, 3):
         store.apply(doc["id"], allowed="running", token=token,
-                    doc=dict(running, progress={"step": step, "total": 4}),
+                    record=dict(running, progress={"step": step, "total": 4}),
                     events=[(EventType.PROGRESS, {"step": step, "total": 4})])
     start(store, other["id"])
     out = finish(store, doc["id"], token, running)
@@ -244,7 +244,7 @@ def test_several_events_in_one_apply_keep_their_order(store: JobStore, make_doc:
     store.create(doc)
     snap = store.load(doc["id"])
     out = store.apply(doc["id"], allowed="queued", token=snap.token,
-                      doc=dict(doc, status="running"), new_token="t",
+                      record=dict(doc, status="running"), new_token="t",
                       events=[(EventType.RETRYING, {"attempt": 2}), (EventType.STARTED, {})])
     assert out.ok
     ids = out.detail.split(",")
@@ -280,7 +280,7 @@ def test_racing_finishers_have_exactly_one_winner(store: JobStore, make_doc: Any
     i, status, _ = winners[0]
     snap = store.load(doc["id"])
     assert snap.status is status
-    assert snap.doc["worker"] == f"racer-{i}"
+    assert snap.record["worker"] == f"racer-{i}"
     terminal = [e for e in store.events(doc["id"]) if EventType(e["type"]) in TERMINAL_EVENTS]
     assert len(terminal) == 1
     assert terminal[0]["type"] == TERMINAL_EVENT_FOR[status].value
@@ -295,20 +295,20 @@ def test_cancel_of_queued_job_is_immediate(store: JobStore, make_doc: Any) -> No
     store.create(doc)
     snap = store.request_cancel(doc["id"])
     assert snap.status is Status.CANCELLED
-    assert snap.doc["status"] == "cancelled"
-    assert snap.doc["finished_at"]
+    assert snap.record["status"] == "cancelled"
+    assert snap.record["finished_at"]
     events = store.events(doc["id"])
     assert types(events) == ["job.queued", "job.cancelled"]
     assert events[-1]["data"]["job"]["status"] == "cancelled"
     assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
     # A worker that now receives the message cannot start it.
     out = store.apply(doc["id"], allowed="queued,running", token=NO_TOKEN,
-                      doc=dict(doc, status="running"), new_token="t",
+                      record=dict(doc, status="running"), new_token="t",
                       events=[(EventType.STARTED, {})])
     assert not out.ok and out.detail == "cancelled"
     # Cancelling again changes nothing.
     again = store.request_cancel(doc["id"])
-    assert again.doc == snap.doc
+    assert again.record == snap.record
     assert len(store.events(doc["id"])) == 2
 
 
@@ -386,7 +386,7 @@ def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore,
         for step in (1, 2, 3, 4):
             time.sleep(0.02)
             store.apply(doc["id"], allowed="running", token=token,
-                        doc=dict(running, progress={"step": step, "total": 4}),
+                        record=dict(running, progress={"step": step, "total": 4}),
                         events=[(EventType.PROGRESS, {"step": step, "total": 4})])
         time.sleep(0.02)
         finish(store, doc["id"], token, running)
@@ -467,7 +467,7 @@ def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any,
     assert store.load(doc["id"]).status is status
     before, events = raw_hash(store, doc["id"]), store.events(doc["id"])
     every = ",".join(s.value for s in Status)
-    out = store.apply(doc["id"], allowed=every, doc=dict(doc, status="queued"),
+    out = store.apply(doc["id"], allowed=every, record=dict(doc, status="queued"),
                       new_token=NO_TOKEN, events=[(EventType.QUEUED, {})])
     assert not out.ok and out.detail == status.value
     assert raw_hash(store, doc["id"]) == before

@@ -116,7 +116,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> None:
         current, done = self.lifecycle.activity()
-        doc = {
+        state = {
             **self.info,
             "state": "busy" if current else "idle",
             "current_jobs": current,
@@ -124,7 +124,7 @@ class Heartbeat(threading.Thread):
             "memory": _memory(self.info["device"]),
             "last_seen": now_iso(),
         }
-        fleet.beat(self.store.redis, self.info["id"], doc, ttl_s=3 * self.period_s)
+        fleet.beat(self.store.redis, self.info["id"], state, ttl_s=3 * self.period_s)
         # The leases of the jobs this worker holds live as long as its heartbeat does.
         self.store.renew(self.info["id"], current, self.lifecycle.settings.lease_ttl_s)
 

@@ -153,7 +153,7 @@ class Lifecycle:
         prepared: Any = None
         failed: JobError | None = None
         try:
-            prepared = work.prepare(snap.doc["request"])
+            prepared = work.prepare(snap.record["request"])
         except JobError as exc:
             failed = exc  # recorded once started, like any failure of the job
         # An uncontended device right after the record was read: start from that read
@@ -233,12 +233,12 @@ class Lifecycle:
             snap = self.store.load(job_id)  # again: it may have changed while we waited
         if self._ended_unstarted(job_id, snap):
             return None
-        doc = snap.doc
-        attempt = doc["attempts"] + 1
+        record = snap.record
+        attempt = record["attempts"] + 1
         token = secrets.token_hex(8)
-        total = work.total(doc["request"])
+        total = work.total(record["request"])
         new = dict(
-            doc,
+            record,
             status=Status.RUNNING.value,
             attempts=attempt,
             worker=self.worker_name,
@@ -256,34 +256,34 @@ class Lifecycle:
             events.append((EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"}))
         events.append((EventType.STARTED, {"attempt": attempt, "worker": self.worker_name}))
         out = self.store.apply(
-            job_id, allowed=_STARTABLE, token=snap.token, doc=new, new_token=token,
+            job_id, allowed=_STARTABLE, token=snap.token, record=new, new_token=token,
             events=events, lease=f"held:{self.worker_name}",
         )
         if not out.ok:
             log.info("job %s: not started (%s)", job_id, out.detail)
             return None
-        timeout_s = doc["request"].get("timeout_s") or self.settings.job_timeout_s
+        timeout_s = record["request"].get("timeout_s") or self.settings.job_timeout_s
         return Run(job_id, token, new, time.monotonic() + timeout_s, total, self.store,
                    self.metrics, self.monitor, release_device)
 
     def _ended_unstarted(self, job_id: str, snap: Snapshot) -> bool:
         """Whether the job ends here without running: terminal already, cancelled
         before it started, expired in the queue, or out of attempts."""
-        doc = snap.doc
+        record = snap.record
         if snap.status.is_terminal():
             return True
         if snap.cancel_requested:
             self._end_unstarted(job_id, snap, Status.CANCELLED)
             return True
-        if snap.status is Status.QUEUED and is_expired(doc):
+        if snap.status is Status.QUEUED and is_expired(record):
             if self.store.expire(job_id, snap).ok:
-                self.metrics.job_ended(doc["request"]["model"], Status.EXPIRED.value,
+                self.metrics.job_ended(record["request"]["model"], Status.EXPIRED.value,
                                        None, None)
             return True
-        if snap.status is Status.RUNNING and doc["attempts"] >= self.settings.max_attempts:
+        if snap.status is Status.RUNNING and record["attempts"] >= self.settings.max_attempts:
             # Every earlier run died without a word: this job kills its worker.
             err = WorkerLost(
-                f"the worker running this job was lost {doc['attempts']} times "
+                f"the worker running this job was lost {record['attempts']} times "
                 f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})"
             )
             self._end_unstarted(job_id, snap, Status.FAILED, err.to_error())
@@ -292,11 +292,11 @@ class Lifecycle:
 
     def _end_unstarted(self, job_id: str, snap: Snapshot, status: Status,
                        error: dict[str, Any] | None = None) -> None:
-        doc = dict(snap.doc, status=status.value, finished_at=now_iso(), error=error)
-        out = self.store.apply(job_id, allowed=_STARTABLE, token=snap.token, doc=doc,
-                               events=[terminal_event(doc)])
+        record = dict(snap.record, status=status.value, finished_at=now_iso(), error=error)
+        out = self.store.apply(job_id, allowed=_STARTABLE, token=snap.token, record=record,
+                               events=[terminal_event(record)])
         if out.ok:
-            self.metrics.job_ended(doc["request"]["model"], status.value, error, None)
+            self.metrics.job_ended(record["request"]["model"], status.value, error, None)
 
 
 _STARTABLE = f"{Status.QUEUED.value},{Status.RUNNING.value}"

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ class Run:
 
     job_id: str
     token: str
-    doc: dict[str, Any]
+    record: dict[str, Any]
     deadline: float
     total: int
     store: JobStore
@@ -53,7 +53,7 @@ class Run:
 
     @property
     def request(self) -> dict[str, Any]:
-        request: dict[str, Any] = self.doc["request"]
+        request: dict[str, Any] = self.record["request"]
         return request
 
     # -- from the step callback: flags and the clock only, no I/O ---------------------
@@ -100,7 +100,7 @@ class Run:
     def emit(self, event: EventType, data: dict[str, Any], **changes: Any) -> None:
         """An event, with the record changed beside it."""
         with self.lock:
-            if not self._apply(dict(self.doc, **changes), [(event, data)]).ok:
+            if not self._apply(dict(self.record, **changes), [(event, data)]).ok:
                 self._lost()
 
     def publish_progress(self, step: int) -> bool:
@@ -110,22 +110,23 @@ class Run:
         with self.lock:
             if self.ended:
                 return False
-            if not self._apply(dict(self.doc, progress=progress),
+            if not self._apply(dict(self.record, progress=progress),
                                [(EventType.PROGRESS, progress)]).ok:
                 self._lost()
             return True
 
-    def succeed(self, outputs: list[dict[str, Any]], timings: dict[str, int]) -> Status | None:
+    def succeed(self, outputs: Sequence[Mapping[str, Any]],
+                timings: dict[str, int]) -> Status | None:
         return self.finish(Status.SUCCEEDED, outputs=outputs, timings=timings)
 
     def finish(
         self, status: Status, *, error: dict[str, Any] | None = None,
-        outputs: list[dict[str, Any]] | None = None, timings: dict[str, int] | None = None,
+        outputs: Sequence[Mapping[str, Any]] | None = None, timings: dict[str, int] | None = None,
     ) -> Status | None:
         """The terminal write; None when another run owns the job now."""
         finished = now_iso()
-        created = parse_iso(self.doc["created_at"]).timestamp()
-        started = parse_iso(self.doc["started_at"]).timestamp()
+        created = parse_iso(self.record["created_at"]).timestamp()
+        started = parse_iso(self.record["started_at"]).timestamp()
         all_timings = {
             "queued_ms": _ms(started - created),
             **(timings or {}),
@@ -133,15 +134,15 @@ class Run:
         }
         changes: dict[str, Any] = {
             "status": status.value, "finished_at": finished, "error": error,
-            "timings": all_timings, "progress": dict(self.doc["progress"]),
+            "timings": all_timings, "progress": dict(self.record["progress"]),
         }
         if status is Status.SUCCEEDED:
             changes["progress"] = {"step": self.total, "total": self.total}
         if outputs is not None:
             changes["outputs"] = outputs
         with self.lock:
-            doc = dict(self.doc, **changes)
-            out = self._apply(doc, [terminal_event(doc)])
+            record = dict(self.record, **changes)
+            out = self._apply(record, [terminal_event(record)])
             if not out.ok:
                 log.warning("job %s: %s not recorded (%s)", self.job_id, status, out.detail)
                 return None
@@ -149,14 +150,14 @@ class Run:
         log.info("job %s %s", self.job_id, status.value)
         return status
 
-    def _apply(self, doc: dict[str, Any], events: list[tuple[EventType, dict[str, Any]]],
+    def _apply(self, record: dict[str, Any], events: list[tuple[EventType, dict[str, Any]]],
                ) -> Outcome:
-        """The one fenced write (``lock`` held): the record becomes ``doc`` and the
+        """The one fenced write (``lock`` held): the job's record becomes ``record`` and the
         events are appended, only if this run's token is still the job's."""
         out = self.store.apply(self.job_id, allowed=Status.RUNNING.value, token=self.token,
-                               doc=doc, events=events)
+                               record=record, events=events)
         if out.ok:
-            self.doc = doc
+            self.record = record
         return out
 
     def _lost(self) -> None:

@@ -15,18 +15,18 @@ from producer.errors import JobNotFound
 def own_job(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
     """The record of ``job_id`` if ``who`` owns it; 404 otherwise."""
     try:
-        doc = state.store.get(job_id)
+        record = state.store.get(job_id)
     except JobNotFound:
-        doc = None
-    if doc is None or doc.get("owner") != who.owner:
+        record = None
+    if record is None or record.get("owner") != who.owner:
         raise ApiError(404, "not_found", f"no job {job_id!r}")
-    return doc
+    return record
 
 
-def view(state: ApiState, doc: dict[str, Any]) -> dict[str, Any]:
+def view(state: ApiState, record: dict[str, Any]) -> dict[str, Any]:
     """The record as the API shows it (:class:`producer.api.schemas.JobRecord`)."""
-    out = {k: v for k, v in doc.items() if k != "owner"}
-    if doc["status"] == Status.QUEUED:
-        out["position"] = state.store.queue_position(doc)
-    out["webhook_deliveries"] = state.store.deliveries(doc["id"])
+    out = {k: v for k, v in record.items() if k != "owner"}
+    if record["status"] == Status.QUEUED:
+        out["position"] = state.store.queue_position(record)
+    out["webhook_deliveries"] = state.store.deliveries(record["id"])
     return out

@@ -84,21 +84,21 @@ def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONRes
                        "a request with this Idempotency-Key is in progress") from None
     log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
              extra={"job_id": job_id})
-    doc = state.store.get(job_id)
-    return JSONResponse(view(state, doc), status_code=202,
+    record = state.store.get(job_id)
+    return JSONResponse(view(state, record), status_code=202,
                         headers={"Location": f"/v1/jobs/{job_id}"})
 
 
 def _replay(state: ApiState, key: IdempotencyKey) -> JSONResponse | None:
     """The answer to a request whose key already names a job, or None while it names none."""
     try:
-        doc = state.store.claimed(key)
+        record = state.store.claimed(key)
     except IdempotencyConflict as exc:
         raise ApiError(409, exc.code, str(exc)) from None
-    if doc is None:
+    if record is None:
         return None
-    return JSONResponse(view(state, doc), status_code=202, headers={
-        "Location": f"/v1/jobs/{doc['id']}", "Idempotent-Replayed": "true"})
+    return JSONResponse(view(state, record), status_code=202, headers={
+        "Location": f"/v1/jobs/{record['id']}", "Idempotent-Replayed": "true"})
 
 
 def admit(state: ApiState, model: str) -> None:

@@ -111,7 +111,7 @@ class Generation:
         timings = {"inference_ms": inference_ms, "encode_ms": _ms(encode_s)}
         t2 = time.perf_counter()
         manifest = outputs.manifest(
-            run, model_source=model.source, versions=self.versions, worker=run.doc["worker"],
+            run, model_source=model.source, versions=self.versions, worker=run.record["worker"],
             checker=self.settings.safety_checker, inputs=decoded, verdicts=verdicts,
             outputs=stored, timings=timings)
         # No fence check here: the last job.output compare-and-set proved the token a

@@ -9,7 +9,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from producer.contract import CONTENT_TYPES, EXTENSIONS, EventType, sweep_cells
+from producer.contract import (
+    CONTENT_TYPES,
+    EXTENSIONS,
+    EventType,
+    Output,
+    OutputFlags,
+    sweep_cells,
+)
 from producer.storage import LocalStorage, S3Storage
 from worker import encode as encoding
 from worker.run import Run
@@ -33,7 +40,7 @@ class Item:
     size: tuple[int, int]
     seed: int | None
     request: dict[str, Any]
-    extra: dict[str, Any]
+    extra: OutputFlags
 
 
 @dataclass
@@ -68,9 +75,11 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
         else:
             item = Item(image, images[i].size, req["seed"] + i, req, {})
         if verdicts is not None:
-            item.extra.update(nsfw=flags[i])
-            if flags[i]:
-                item.extra.update({"blurred" if image is not None else "withheld": True})
+            item.extra["nsfw"] = flags[i]
+            if flags[i] and image is not None:
+                item.extra["blurred"] = True
+            elif flags[i]:
+                item.extra["withheld"] = True
         out.append(item)
     if cells:  # the contact sheet: one more output, after the cells
         from worker.grid import contact_sheet
@@ -82,10 +91,10 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
     return out
 
 
-def output_entry(index: int, item: Item, stored: Stored | None) -> dict[str, Any]:
+def output_entry(index: int, item: Item, stored: Stored | None) -> Output:
     """An output of the record (and of its ``job.output`` event); a withheld image has
     no object."""
-    return {
+    entry: Output = {
         "index": index,
         "key": stored.key if stored else None,
         "url": stored.url if stored else None,
@@ -97,16 +106,17 @@ def output_entry(index: int, item: Item, stored: Stored | None) -> dict[str, Any
         "sha256": hashlib.sha256(stored.data).hexdigest() if stored else None,
         **item.extra,
     }
+    return entry
 
 
 def store_images(run: Run, storage: LocalStorage | S3Storage, to_store: list[Item],
-                 png_compress_level: int) -> tuple[list[dict[str, Any]], float, float]:
+                 png_compress_level: int) -> tuple[list[Output], float, float]:
     """Encode and store each item, with a ``job.output`` event each; returns the
     outputs and the seconds spent encoding and uploading."""
     fmt = run.request["output_format"]
     content_type = CONTENT_TYPES[fmt]
     encode_s = upload_s = 0.0
-    outputs: list[dict[str, Any]] = []
+    outputs: list[Output] = []
     for i, item in enumerate(to_store):
         stored = None
         if item.image is not None:
@@ -126,7 +136,7 @@ def store_images(run: Run, storage: LocalStorage | S3Storage, to_store: list[Ite
 
 def manifest(run: Run, *, model_source: dict[str, Any], versions: dict[str, str],
              worker: str, checker: str | None, inputs: Any, verdicts: Verdicts | None,
-             outputs: list[dict[str, Any]], timings: dict[str, int]) -> bytes:
+             outputs: list[Output], timings: dict[str, int]) -> bytes:
     """``manifest.json``: what made the outputs, enough to make them again."""
     req = run.request
     body = {
@@ -142,7 +152,7 @@ def manifest(run: Run, *, model_source: dict[str, Any], versions: dict[str, str]
         "model": model_source,
         "versions": versions,
         "worker": worker,
-        "attempt": run.doc["attempts"],
+        "attempt": run.record["attempts"],
         "timings": timings,
         "outputs": [{k: v for k, v in o.items() if k != "url"} for o in outputs],
     }

@@ -55,10 +55,10 @@ def cancel_job(job_id: str, state: StateDep, who: Auth) -> JSONResponse:
     """A queued job is cancelled at once, a running one at its next step (follow
     its events or poll). A job that already ended otherwise is a 409."""
     own_job(state, job_id, who)
-    doc = state.store.request_cancel(job_id).doc
-    if Status(doc["status"]).is_terminal() and doc["status"] != Status.CANCELLED:
-        raise ApiError(409, "job_finished", f"job {job_id} already {doc['status']}")
-    return JSONResponse(view(state, doc))
+    record = state.store.request_cancel(job_id).record
+    if Status(record["status"]).is_terminal() and record["status"] != Status.CANCELLED:
+        raise ApiError(409, "job_finished", f"job {job_id} already {record['status']}")
+    return JSONResponse(view(state, record))
 
 
 @router.get(
