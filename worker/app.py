@@ -35,6 +35,7 @@ from producer.contract import Status, now_iso
 from producer.errors import GiveBack, JobEndedFailed
 from producer.logs import configure as configure_logging
 from producer.logs import job_context
+from producer.loops import run_every
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
@@ -129,14 +130,8 @@ class Heartbeat(threading.Thread):
         self.store.renew(self.info["id"], current, self.lifecycle.settings.lease_ttl_s)
 
     def run(self) -> None:
-        while not self.stopped.wait(self.period_s):
-            try:
-                self.beat()
-            except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
-            except Exception:
-                # Never let the thread die: the leases of every job held here live on it.
-                log.exception("heartbeat failed")
+        # Never let the thread die: the leases of every job held here live on it.
+        run_every(self.stopped, lambda: self.period_s, self.beat, "heartbeat")
 
     def stop(self) -> None:
         self.stopped.set()
