@@ -160,7 +160,6 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
         return _load_simulated(spec, device)
     import diffusers
     import torch
-    from diffusers import AutoencoderKL
 
     pipe_cls, img2img_cls, inpaint_cls = (getattr(diffusers, c) for c in FAMILIES[spec.pipeline])
     opts = spec.options
@@ -171,23 +170,9 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
                          f"this worker runs on {device}")
     dtype = resolve_dtype(settings.dtype, spec, device)
     local = _local_path(spec, settings)
-    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
-    if local is None:
-        # A hub model: the revision and variant select exact files.
-        if spec.revision:
-            kwargs["revision"] = spec.revision
-        if spec.variant:
-            kwargs["variant"] = spec.variant
-    if spec.pipeline == "sd15":
-        # The checkpoint's own NSFW checker is not loaded: atelier's optional one
-        # (ATELIER_SAFETY_CHECKER) works for every family.
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if spec.vae_source:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(
-            spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
-        )
     t0 = time.perf_counter()
-    pipe = pipe_cls.from_pretrained(str(local or spec.source), **kwargs)
+    pipe = pipe_cls.from_pretrained(str(local or spec.source),
+                                    **_pretrained_kwargs(spec, local, dtype))
     if tuned:
         apply_options(pipe, opts)
     place(pipe, opts, device)
@@ -205,26 +190,54 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
         place(inpaint, opts, device)
     if tuned:
         compile_unet(pipe, opts)  # in place: img2img and inpaint share the compiled module
+    source = _model_source(spec, local, dtype, device)
+    log.info("loaded %s from %s in %.1f s (options %s)", spec.name, local or spec.source,
+             time.perf_counter() - t0, opts.active() or "stock")
+    del torch
+    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source,
+                       inpaint=inpaint)
+
+
+def _pretrained_kwargs(spec: ModelSpec, local: Path | None, dtype: Any) -> dict[str, Any]:
+    """``from_pretrained``'s arguments: dtype, safetensors only, exact hub files."""
+    from diffusers import AutoencoderKL
+
+    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
+    if local is None:
+        # A hub model: the revision and variant select exact files.
+        if spec.revision:
+            kwargs["revision"] = spec.revision
+        if spec.variant:
+            kwargs["variant"] = spec.variant
+    if spec.pipeline == "sd15":
+        # The checkpoint's own NSFW checker is not loaded: atelier's optional one
+        # (ATELIER_SAFETY_CHECKER) works for every family.
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if spec.vae_source:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(
+            spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
+        )
+    return kwargs
+
+
+def _model_source(spec: ModelSpec, local: Path | None, dtype: Any,
+                  device: str) -> dict[str, Any]:
+    """What the manifest records of the loaded model, with its weight files' hashes."""
     root = local
     if root is None:
         from huggingface_hub import snapshot_download
 
         root = Path(snapshot_download(spec.source, revision=spec.revision, local_files_only=True))
-    source = {
+    return {
         "name": spec.name,
         "source": spec.source,
         "revision": spec.revision,
         "variant": spec.variant,
         "dtype": str(dtype).removeprefix("torch."),
         "device": device,
-        "options": opts.active(),
+        "options": spec.options.active(),
         "weights": weight_hashes(root),
     }
-    log.info("loaded %s from %s in %.1f s (options %s)", spec.name, root,
-             time.perf_counter() - t0, opts.active() or "stock")
-    del torch
-    return LoadedModel(spec, device, dtype, pipe, img2img, pipe.scheduler.config, source,
-                       inpaint=inpaint)
 
 
 def apply_options(pipe: Any, opts: PipelineOptions) -> None:
