@@ -39,7 +39,7 @@ def delivery_tag(r: Redis, job_id: str) -> str:
     assert isinstance(tag, bytes), tag
     return tag.decode()
 
-FENCED = r"job \w+: fenced during (generation|upload)"
+FENCED = r"job \w+: fenced during (generation|post-processing)"
 
 
 def _wait_log(worker: Process, pattern: str, timeout: float = 20) -> None:
