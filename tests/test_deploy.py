@@ -540,7 +540,7 @@ def test_sigterm_lets_the_running_job_finish(
         from producer import Client
 
         with Client(settings) as client:
-            long_job = client.submit(prompt="a long one", steps=150, seed=1)
+            long_job = client.submit(prompt="a long one", steps=60, seed=1)
             waiting = client.submit(prompt="waits its turn", steps=2, seed=2)
             for event in client.events(long_job):
                 if event["type"] == "job.progress":  # generating now

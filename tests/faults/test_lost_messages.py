@@ -1,7 +1,8 @@
 """Messages the broker lost (the reconciler's second duty): a queued job whose message
 was deleted from its list (reconciled by the dispatcher alone, the workers scaled to
 zero), and a broker Redis (separate from the job store) that lost every key. The jobs
-still run, once, with the default settings."""
+still run, once, with the default settings (the first case shortens the one timeout it is
+about, the reconcile grace)."""
 
 from __future__ import annotations
 
@@ -36,10 +37,12 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     deleted from the broker's list (what kombu's BRPOP window, or a flushed key, leaves).
     Past the reconcile grace the dispatcher's reconciler re-publishes it, so the queue's
     depth shows the job again (what KEDA scales on), and the worker that then starts
-    runs it once."""
+    runs it once. The case is about ``RECONCILE_GRACE_S``: it runs at 10 s, not the
+    default 30, and asserts the re-publish lands in the window that setting opens."""
     from producer.broker import queue_depth
 
-    dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=")
+    grace = {"reconcile_grace_s": 10}
+    dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=", **grace)
     client = rig.client()
     r = client.store.redis
     job_id = client.submit(prompt="lost message", model="sim")
@@ -50,7 +53,7 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
             assert r.lrem(key, 1, raw) == 1  # type: ignore[arg-type]  # redis-py: value is str; bytes work
     assert queue_depth(r, "sim") == 1  # only the other job's message is left
     submitted = time.time()
-    settings = rig.settings()
+    settings = rig.settings(**grace)
     wait_until(lambda: queue_depth(r, "sim") == 2, settings.reconcile_grace_s + 20,
                interval=0.2, message=lambda: "the lost message republished; the dispatcher's "
                                              f"log:\n{dispatcher.log()[-2000:]}")
