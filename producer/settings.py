@@ -139,6 +139,9 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: An event stream with nothing to say sends a comment this often.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: Events an event stream may have waiting for its client; a client further behind
+    #: (stalled) gets the end of its stream and resumes with ``Last-Event-ID``.
+    sse_queue_max: int = Field(default=1000, ge=1)
 
     # -- webhooks -----------------------------------------------------------------------
     #: Seconds to wait before each retry of a failed delivery (jitter ±20 % is added);

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis as AsyncRedis
 
 from producer import scripts as S
+from producer.api.hub import Hub
 from producer.api.keys import KeyRing
 from producer.client import Client
 from producer.errors import Unavailable
@@ -32,23 +33,35 @@ class Backends:
     client: Client
     #: The broker's Redis (queue depths for admission control and /v1/queues).
     broker: redis.Redis
-    #: An asyncio client for event streams: a stream waiting holds no thread.
+    #: The asyncio client (event streams, auth): at most :data:`producer.api.hub.CALLS`
+    #: calls at once (``hub.gate``), so its pool stays that small.
     aredis: AsyncRedis
-    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`).
+    #: The event streams of this process: one reader, fanned out (producer/api/hub.py).
+    hub: Hub
+    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`), on ``aredis``.
     rate_limit: Any
 
     @classmethod
     def open(cls, settings: Settings, registry: Registry) -> Backends:
         client = Client(settings, registry=registry)
+        aredis = async_redis_client(settings.redis_url, health_check_interval=30)
+        # The reader's own client: one blocking XREAD at a time, so one connection; a
+        # read blocks at most 5 s, so a socket silent for longer is a dead one.
+        def reader() -> AsyncRedis:
+            return async_redis_client(settings.redis_url, health_check_interval=30,
+                                      socket_timeout=15)
         return cls(
             client=client,
             broker=redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
                                 health_check_interval=30),
-            aredis=async_redis_client(settings.redis_url, health_check_interval=30),
-            rate_limit=client.store.redis.register_script(S.RATE_LIMIT),
+            aredis=aredis,
+            hub=Hub(reader, aredis, settings.sse_heartbeat_s, settings.sse_queue_max,
+                    expire=client.store.get),
+            rate_limit=aredis.register_script(S.RATE_LIMIT),
         )
 
     async def aclose(self) -> None:
+        await self.hub.aclose()
         await self.aredis.aclose()
         self.broker.close()
         self.client.close()
@@ -81,8 +94,9 @@ class ApiState:
     def __post_init__(self) -> None:
         self.metrics = ApiMetrics(self)
 
-    def open(self) -> None:
+    async def open(self) -> None:
         self.backends = Backends.open(self.settings, self.registry)
+        await self.backends.hub.start()
 
     async def aclose(self) -> None:
         if self.backends is not None:
