@@ -4,12 +4,12 @@ error handlers, the request metrics; and ``atelier api``'s :func:`main`."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import errors, openapi
 from producer.api.keys import KeyRing
@@ -43,20 +43,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     attach(app, state)
     errors.install(app)
 
-    @app.middleware("http")
-    async def _measure(request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.observe(request.method, getattr(route, "path", "unmatched"),
-                              response.status_code, t0)
-        return response
-
+    app.add_middleware(_Measure, state=state)
     for module in (jobs, models, queues, workers, health):
         app.include_router(module.router)
     openapi.install(app)
     return app
+
+
+class _Measure:
+    """Request counts and latency (to the response's headers), as a plain ASGI
+    middleware: unlike ``@app.middleware("http")`` it does not relay a streamed body
+    through a second task, which every event of every stream would pay for."""
+
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        seen = False
+
+        async def measured(message: Message) -> None:
+            nonlocal seen
+            if message["type"] == "http.response.start" and not seen:
+                seen = True
+                self.observe(scope, message["status"], t0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured)
+        except Exception:
+            if not seen:
+                self.observe(scope, 500, t0)
+            raise
+
+    def observe(self, scope: Scope, status: int, t0: float) -> None:
+        route = scope.get("route")
+        self.state.metrics.observe(scope["method"], getattr(route, "path", "unmatched"),
+                                   status, t0)
 
 
 def main(settings: Settings, host: str, port: int) -> int:

@@ -23,7 +23,7 @@ no gap and no repeat. Usage, for any route that streams::
 
     async with hub.subscribe(job_id, after) as watch:
         async for event in watch:      # None: nothing new for a heartbeat interval
-            ...
+            ...                        # (watch.batches(): what waits, as one list)
     watch.reason  # why it ended: "terminal", "gone", "behind", "unavailable", "closed"
 """
 
@@ -50,7 +50,7 @@ log = logging.getLogger("atelier.api.hub")
 
 #: Redis calls the hub (and the API's other asyncio calls) make at once, besides the
 #: reader's own connection: the bound on the asyncio pool's size.
-CALLS = 4
+CALLS = 3
 #: How long streams wait for Redis to come back before they end (the client resumes).
 DOWN_S = 30.0
 #: Entries read per job and per call (replay and live).
@@ -101,22 +101,29 @@ class Watch:
         return self._events()
 
     async def _events(self) -> AsyncIterator[Event | None]:
+        async for batch in self.batches():
+            if batch is None:
+                yield None
+            for event in batch or ():
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[Event] | None]:
+        """As iterating, but every event waiting at once in one list (a stream writes
+        them in one go); None for a heartbeat."""
         async for event in self.hub.replay(self.job_id, self.last):
             self.last, self.sent = event["id"], time.monotonic()
-            yield event
+            yield [event]
             if _terminal(event):
                 self.finish("terminal")
                 return
         while True:
-            while self.pending:
-                event = self.pending.popleft()
-                if self.last is not None and event_key(event["id"]) <= event_key(self.last):
-                    continue  # the replay had it
-                self.last, self.sent = event["id"], time.monotonic()
-                yield event
-                if _terminal(event):
+            batch = self._take()
+            if batch:
+                yield batch
+                if _terminal(batch[-1]):
                     self.finish("terminal")
                     return
+                continue
             if self.reason is not None:
                 return
             if self.beat:
@@ -125,6 +132,21 @@ class Watch:
                 continue
             self.wake.clear()
             await self.wake.wait()
+
+    def _take(self) -> list[Event]:
+        """The waiting events the replay did not give, up to a terminal one."""
+        out: list[Event] = []
+        while self.pending:
+            event = self.pending.popleft()
+            if self.last is not None and event_key(event["id"]) <= event_key(self.last):
+                continue  # the replay had it
+            out.append(event)
+            self.last = event["id"]
+            if _terminal(event):
+                break
+        if out:
+            self.sent = time.monotonic()
+        return out
 
 
 def _terminal(event: Event) -> bool:

@@ -82,11 +82,11 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
     retry = f"retry: {RETRY_MS}\n".encode()
     try:
         async with state.up.hub.subscribe(job_id, after) as watch:
-            async for event in watch:
-                if event is None:
+            async for batch in watch.batches():
+                if batch is None:
                     yield b": keep-alive\n\n"
                     continue
-                yield retry + frame(event)
+                yield retry + b"".join(frame(event) for event in batch)
                 retry = b""
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         # Redis down while this stream joined or replayed: end it; the client retries.
