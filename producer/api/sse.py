@@ -84,7 +84,9 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
         async with state.up.hub.subscribe(job_id, after) as watch:
             async for batch in watch.batches():
                 if batch is None:
-                    yield b": keep-alive\n\n"
+                    # A comment line alone: with no blank line after it, no client
+                    # (httpx-sse included) dispatches an empty event for it.
+                    yield b": keep-alive\n"
                     continue
                 yield retry + b"".join(frame(event) for event in batch)
                 retry = b""
