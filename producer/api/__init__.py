@@ -20,7 +20,9 @@ The package::
     openapi.py      what FastAPI cannot see: hand-read request bodies, links
     records.py      a job as its owner sees it (anyone else: 404)
     submit.py       taking a job in: body limit, validation, Idempotency-Key, admission
-    sse.py          a job's events as server-sent events
+    hub.py          every event stream of the process: one Redis reader fanned out to
+                    capped per-stream queues, one heartbeat/check timer
+    sse.py          a job's events as server-sent events (over the hub)
     routes/         one router per resource: jobs, models, queues, workers, health
 
 Where the routes to come go (each a router in ``routes/``, included in ``app.py``):
@@ -31,8 +33,11 @@ Where the routes to come go (each a router in ``routes/``, included in ``app.py`
 - ``routes/images.py``: ``POST /v1/images/generations`` and ``/v1/images/edits``
   (OpenAI-compatible): jobs taken in through :mod:`~producer.api.submit`, waited for,
   answered in OpenAI's shapes (its error shape from an exception handler of its own).
+  ``stream: true`` reads the job's events with ``state.up.hub.subscribe(job_id)``.
 - ``routes/studio.py`` with ``studio/`` (static files shipped in the package):
   ``GET /``, the studio page, and the signed output URLs of ``file://`` storage.
+  The page follows a job through ``GET /v1/jobs/{id}/events`` (fetch, not EventSource:
+  it sends the key), so it shares the hub like every other stream.
 """
 
 from producer.api.app import create_app, main
