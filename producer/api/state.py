@@ -43,13 +43,22 @@ class Backends:
 
     @classmethod
     def open(cls, settings: Settings, registry: Registry) -> Backends:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialWithJitterBackoff
+
         client = Client(settings, registry=registry)
-        aredis = async_redis_client(settings.redis_url, health_check_interval=30)
+        # A client made from a URL retries nothing unless told: after a Redis restart
+        # the first call on each pooled connection would fail (a 503, a stream ended).
+        def retry() -> Retry:
+            return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), 3)
+
+        aredis = async_redis_client(settings.redis_url, health_check_interval=30,
+                                    retry=retry())
         # The reader's own client: one blocking XREAD at a time, so one connection; a
         # read blocks at most 5 s, so a socket silent for longer is a dead one.
         def reader() -> AsyncRedis:
             return async_redis_client(settings.redis_url, health_check_interval=30,
-                                      socket_timeout=15)
+                                      socket_timeout=15, retry=retry())
         return cls(
             client=client,
             broker=redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
