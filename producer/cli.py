@@ -272,6 +272,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(args)
 
 
+def cmd_studio(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.studio import run_studio
+
+    return run_studio(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="atelier-output")
     p.add_argument("--device")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("studio", help="the studio web page on a private redis-server, "
+                       "worker and API, until Ctrl-C")
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--device")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("submit", help="submit a job")
     _add_request_args(p)

@@ -1,0 +1,266 @@
+"""The studio page (``GET /``) in a real browser: Debian's chromium, driven by
+Playwright (never a downloaded browser), against a real API, worker and redis-server.
+
+One stack and one browser for the module: its own redis-server (so no other module's
+worker takes these jobs), a tiny-sdxl worker with ``file://`` storage (the outputs
+reach the browser through the API's signed URLs, as under ``make studio``) and
+previews every 0.1 s, the API with one key. Each state is saved as a screenshot in
+the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import stack_values, wait_until, worker_env
+from tests.servers import Process, RedisServer, Worker, api_process
+
+pytestmark = pytest.mark.slow
+
+KEY = "studio-key-0123456789"
+CHROMIUM = shutil.which("chromium")
+
+
+class Studio:
+    def __init__(self, url: str, api: httpx.Client) -> None:
+        self.url, self.api = url, api
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+           models_file: str) -> Iterator[Studio]:
+    root = tmp_path_factory.mktemp("studio")
+    redis = RedisServer(root / "redis").start()
+    values = stack_values(redis.url, models_dir, models_file, f"file://{root / 'store'}",
+                          preview_interval_s=0.1, api_keys=KEY, rate_limit_per_s=0)
+    procs: list[Process] = []
+    try:
+        procs.append(Worker(worker_env(values), root / "worker.log", ["tiny-sdxl"]).start())
+        api = api_process(worker_env(values), root / "api.log")
+        procs.append(api.start())
+        url = f"http://127.0.0.1:{api.port}"
+        with httpx.Client(base_url=url, timeout=30,
+                          headers={"Authorization": f"Bearer {KEY}"}) as client:
+            yield Studio(url, client)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed (apt-get install -y chromium; .ci/run does it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"the page raised: {errors}"
+
+
+def shot(page: Any, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def open_with_key(page: Any, studio: Studio) -> None:
+    """The address ``make studio`` prints: the key in the fragment."""
+    page.goto(f"{studio.url}/#key={KEY}")
+    page.wait_for_selector("#form-generate select[name=model] option", state="attached")
+
+
+def wait_js(page: Any, expression: str, timeout: float = 120) -> Any:
+    """Wait until ``expression`` is truthy in the page. (Playwright's wait_for_function
+    evaluates a string, which the page's Content-Security-Policy forbids, as it should.)"""
+    return wait_until(lambda: page.evaluate(expression), timeout, interval=0.05,
+                      message=f"in the page: {expression}")
+
+
+def ended(page: Any, status: str, timeout: float = 120) -> None:
+    wait_js(page, f"document.querySelector('#watch').dataset.status === '{status}'", timeout)
+
+
+def status(page: Any) -> str:
+    return str(page.get_attribute("#watch", "data-status"))
+
+
+def test_the_key_prompt(page: Any, studio: Studio, tmp_path: Path) -> None:
+    page.goto(studio.url + "/")
+    key = page.locator("#key-input")
+    key.wait_for()
+    assert page.evaluate("document.activeElement.id") == "key-input"
+    assert page.locator("#app").is_hidden()
+    shot(page, tmp_path, "key-prompt")
+    key.fill("not-a-key")
+    page.keyboard.press("Enter")
+    error = page.locator("#key-error")
+    error.wait_for()
+    assert "unknown API key" in error.inner_text()
+    assert key.get_attribute("aria-invalid") is not None
+    shot(page, tmp_path, "key-refused")
+    key.fill(KEY)
+    page.get_by_role("button", name="Use this key").click()
+    page.wait_for_selector("#form-generate select[name=model] option", state="attached")
+    assert "tiny-sdxl" in page.locator("#form-generate select[name=model]").inner_text()
+    # kept for the tab: a reload asks no more
+    page.reload()
+    page.wait_for_selector("#form-generate select[name=model] option", state="attached")
+    assert page.locator("#key-panel").is_hidden()
+    assert page.evaluate("sessionStorage.getItem('atelier.key')") == KEY
+    # the key never shows in the address
+    page.goto(f"{studio.url}/#key={KEY}")
+    page.wait_for_selector("#form-generate select[name=model] option", state="attached")
+    assert KEY not in page.url
+
+
+# Records what the watched job showed, as it showed it: each progress value and each
+# preview picture (a MutationObserver sees every change, however quick).
+RECORD_CHANGES = """() => {
+  window.seen = {bar: [], previews: []};
+  const bar = document.querySelector('[data-watch=bar]');
+  const img = document.querySelector('[data-watch=preview]');
+  new MutationObserver(() => {
+    const v = bar.getAttribute('value');
+    if (v !== null && window.seen.bar.at(-1) !== Number(v)) window.seen.bar.push(Number(v));
+  }).observe(bar, {attributes: true});
+  new MutationObserver(() => {
+    const src = img.getAttribute('src');
+    if (src && window.seen.previews.at(-1) !== src) window.seen.previews.push(src);
+  }).observe(img, {attributes: true, attributeFilter: ['src']});
+}"""
+
+
+def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: Path) -> None:
+    open_with_key(page, studio)
+    page.evaluate("() => { document.querySelector('[data-watch=bar]').value = 0; }")
+    page.evaluate(RECORD_CHANGES)
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Steps").fill("60")
+    page.get_by_label("Seed").fill("7")
+    assert page.get_by_label("Live preview").is_checked()
+    page.get_by_role("button", name="Generate").click()
+
+    # mid-job: the bar has moved and a preview is shown
+    wait_js(page, "(window.seen.bar.filter(v => v > 0).length >= 2 && "
+                  "window.seen.previews.length >= 1) || document.querySelector('#watch')"
+                  ".dataset.status === 'succeeded'")
+    shot(page, tmp_path, "mid-job")
+    assert status(page) == "running", "progress and a preview came while the job ran"
+    ended(page, "succeeded")
+    shot(page, tmp_path, "finished")
+    seen = page.evaluate("window.seen")
+    bar = seen["bar"]
+    assert bar == sorted(bar) and bar[-1] == 60 and len(set(bar)) >= 3, bar
+    assert len(set(seen["previews"])) >= 2, "the preview changed as the job ran"
+    assert all(p.startswith("data:image/webp;base64,") for p in seen["previews"])
+
+    # the final image, loaded at its natural size
+    image = page.locator("#watch .results img")
+    image.wait_for()
+    wait_js(page, "document.querySelector('#watch .results img').complete && "
+                  "document.querySelector('#watch .results img').naturalWidth > 0", 30)
+    assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
+    job_id = page.get_attribute("#watch", "data-job-id")
+    record = studio.api.get(f"/v1/jobs/{job_id}").json()
+    assert record["status"] == "succeeded" and record["request"]["seed"] == 7
+
+    # after a reload the gallery lists it first, with its image
+    page.reload()
+    tile = page.locator("[data-gallery=list] li").first
+    tile.wait_for()
+    assert tile.get_attribute("data-job-id") == job_id
+    wait_js(page, "document.querySelector('[data-gallery=list] li img')?.naturalWidth === 64", 30)
+    shot(page, tmp_path, "gallery")
+    tile.get_by_role("button").click()
+    dialog = page.locator("#detail")
+    dialog.wait_for()
+    assert "a lighthouse at dusk" in dialog.inner_text()
+    assert "succeeded" in dialog.inner_text() and "inference_ms" in dialog.inner_text()
+    download = dialog.get_by_role("link", name="Download image 1")
+    assert download.get_attribute("download") == f"{job_id}-0.png"
+    shot(page, tmp_path, "detail")
+    dialog.get_by_role("button", name="Again with this seed").click()
+    assert dialog.is_hidden()
+    assert page.get_by_label("Seed").input_value() == "7"
+    assert page.get_by_label("Steps").input_value() == "60"
+    assert page.evaluate("document.activeElement.name") == "prompt"
+
+
+def test_a_refusal_shows_next_to_its_field(page: Any, studio: Studio, tmp_path: Path) -> None:
+    open_with_key(page, studio)
+    before = studio.api.get("/v1/jobs").json()["data"]
+    page.get_by_label("Prompt", exact=True).fill("too wide")
+    page.get_by_label("Width").fill("1024")  # tiny-sdxl's max_side is 512
+    page.get_by_role("button", name="Generate").click()
+    error = page.locator(".field[data-field=width] .field-error")
+    error.wait_for()
+    assert "512" in error.inner_text()
+    width = page.get_by_label("Width")
+    assert width.get_attribute("aria-invalid") == "true"
+    assert error.get_attribute("id") in (width.get_attribute("aria-describedby") or "")
+    assert page.evaluate("document.activeElement.name") == "width"
+    assert page.locator(".field[data-field=height] .field-error").is_hidden()
+    assert page.locator("#watch").is_hidden()
+    shot(page, tmp_path, "field-error")
+    assert studio.api.get("/v1/jobs").json()["data"] == before  # nothing was queued
+
+
+def test_cancel_a_running_job(page: Any, studio: Studio, tmp_path: Path) -> None:
+    open_with_key(page, studio)
+    page.get_by_label("Prompt", exact=True).fill("a long one")
+    page.get_by_label("Steps").fill("150")
+    page.get_by_role("button", name="Generate").click()
+    wait_js(page, "Number(document.querySelector('[data-watch=bar]').getAttribute('value')) > 0")
+    assert status(page) == "running"
+    shot(page, tmp_path, "running")
+    page.get_by_role("button", name="Cancel job").click()
+    ended(page, "cancelled", 60)
+    shot(page, tmp_path, "cancelled")
+    job_id = page.get_attribute("#watch", "data-job-id")
+    record = studio.api.get(f"/v1/jobs/{job_id}").json()
+    assert record["status"] == "cancelled"
+    assert record["progress"]["step"] < 150
+    assert page.locator("[data-watch=cancel]").is_hidden()
+    assert page.locator(f"[data-gallery=list] li[data-job-id='{job_id}']").count() == 1
+
+
+def test_submit_with_the_keyboard_only(page: Any, studio: Studio, tmp_path: Path) -> None:
+    open_with_key(page, studio)
+    # the prompt has the focus once the page is ready
+    assert page.evaluate("document.activeElement.name") == "prompt"
+    page.keyboard.type("typed, never clicked")
+    visited = []
+    for _ in range(30):
+        page.keyboard.press("Tab")
+        focused = page.evaluate("document.activeElement.name || document.activeElement.textContent")
+        visited.append(focused)
+        if focused == "Generate":
+            break
+    assert visited[-1] == "Generate", visited
+    assert {"model", "width", "steps", "seed", "num_images"} <= set(visited)
+    page.keyboard.press("Enter")
+    ended(page, "succeeded")
+    shot(page, tmp_path, "keyboard")
+    job_id = page.get_attribute("#watch", "data-job-id")
+    assert studio.api.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == \
+        "typed, never clicked"
