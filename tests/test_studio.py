@@ -1,16 +1,22 @@
 """The studio page (``GET /``) in a real browser: Debian's chromium, driven by
-Playwright (never a downloaded browser), against a real API, worker and redis-server.
+Playwright (never a downloaded browser), against the stack ``make studio`` starts.
 
-One stack and one browser for the module: its own redis-server (so no other module's
-worker takes these jobs), a tiny-sdxl worker with ``file://`` storage (the outputs
-reach the browser through the API's signed URLs, as under ``make studio``) and
-previews every 0.1 s, the API with one key. Each state is saved as a screenshot in
-the test's tmp dir.
+One stack and one browser for the module. The stack is ``atelier studio`` itself, as a
+user runs it: a private redis-server, a tiny-sdxl worker (previews every 0.2 s) with
+``file://`` storage, whose outputs reach the browser through the API's signed URLs,
+and the API with a fresh key, which the test reads from the address it prints. The
+last test stops it with Ctrl-C. Each state is saved as a screenshot in the test's tmp
+dir.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,40 +24,41 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import stack_values, wait_until, worker_env
-from tests.servers import Process, RedisServer, Worker, api_process
+from tests.helpers import wait_until
+from tests.servers import Process
 
 pytestmark = pytest.mark.slow
 
-KEY = "studio-key-0123456789"
 CHROMIUM = shutil.which("chromium")
+ADDRESS = re.compile(r"open (http://127\.0\.0\.1:\d+)/#key=(\S+)")
 
 
 class Studio:
-    def __init__(self, url: str, api: httpx.Client) -> None:
-        self.url, self.api = url, api
+    def __init__(self, proc: Process, tmpdir: Path) -> None:
+        self.proc, self.tmpdir = proc, tmpdir
+        match = ADDRESS.search(proc.log())
+        assert match, proc.log()
+        self.url, self.key = match.groups()
+        self.api = httpx.Client(base_url=self.url, timeout=30,
+                                headers={"Authorization": f"Bearer {self.key}"})
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-           models_file: str) -> Iterator[Studio]:
+def studio(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Studio]:
     root = tmp_path_factory.mktemp("studio")
-    redis = RedisServer(root / "redis").start()
-    values = stack_values(redis.url, models_dir, models_file, f"file://{root / 'store'}",
-                          preview_interval_s=0.1, api_keys=KEY, rate_limit_per_s=0)
-    procs: list[Process] = []
+    tmpdir = root / "tmp"  # the studio's folder goes in here: the last test checks it goes
+    tmpdir.mkdir()
+    env = {**os.environ, "ATELIER_MODELS_DIR": str(models_dir), "ATELIER_DEVICE": "cpu",
+           "ATELIER_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
+    proc = Process([sys.executable, "-m", "producer.cli", "studio"], env,
+                   root / "studio.log", ready=b"Ctrl-C stops it all", grace=60)
     try:
-        procs.append(Worker(worker_env(values), root / "worker.log", ["tiny-sdxl"]).start())
-        api = api_process(worker_env(values), root / "api.log")
-        procs.append(api.start())
-        url = f"http://127.0.0.1:{api.port}"
-        with httpx.Client(base_url=url, timeout=30,
-                          headers={"Authorization": f"Bearer {KEY}"}) as client:
-            yield Studio(url, client)
+        proc.start(timeout=240)
+        studio = Studio(proc, tmpdir)
+        with studio.api:
+            yield studio
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        redis.stop()
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +92,17 @@ def shot(page: Any, tmp_path: Path, name: str) -> Path:
 
 def open_with_key(page: Any, studio: Studio) -> None:
     """The address ``make studio`` prints: the key in the fragment."""
-    page.goto(f"{studio.url}/#key={KEY}")
+    page.goto(f"{studio.url}/#key={studio.key}")
     page.wait_for_selector("#form-generate select[name=model] option", state="attached")
 
 
 def wait_js(page: Any, expression: str, timeout: float = 120) -> Any:
     """Wait until ``expression`` is truthy in the page. (Playwright's wait_for_function
     evaluates a string, which the page's Content-Security-Policy forbids, as it should.)"""
+    watched = "document.querySelector('#watch')?.innerText"
     return wait_until(lambda: page.evaluate(expression), timeout, interval=0.05,
-                      message=f"in the page: {expression}")
+                      message=lambda: f"in the page: {expression}; the watch shows "
+                                      f"{page.evaluate(watched)!r}")
 
 
 def ended(page: Any, status: str, timeout: float = 120) -> None:
@@ -118,7 +127,7 @@ def test_the_key_prompt(page: Any, studio: Studio, tmp_path: Path) -> None:
     assert "unknown API key" in error.inner_text()
     assert key.get_attribute("aria-invalid") is not None
     shot(page, tmp_path, "key-refused")
-    key.fill(KEY)
+    key.fill(studio.key)
     page.get_by_role("button", name="Use this key").click()
     page.wait_for_selector("#form-generate select[name=model] option", state="attached")
     assert "tiny-sdxl" in page.locator("#form-generate select[name=model]").inner_text()
@@ -126,11 +135,11 @@ def test_the_key_prompt(page: Any, studio: Studio, tmp_path: Path) -> None:
     page.reload()
     page.wait_for_selector("#form-generate select[name=model] option", state="attached")
     assert page.locator("#key-panel").is_hidden()
-    assert page.evaluate("sessionStorage.getItem('atelier.key')") == KEY
+    assert page.evaluate("sessionStorage.getItem('atelier.key')") == studio.key
     # the key never shows in the address
-    page.goto(f"{studio.url}/#key={KEY}")
+    page.goto(f"{studio.url}/#key={studio.key}")
     page.wait_for_selector("#form-generate select[name=model] option", state="attached")
-    assert KEY not in page.url
+    assert studio.key not in page.url
 
 
 # Records what the watched job showed, as it showed it: each progress value and each
@@ -264,3 +273,26 @@ def test_submit_with_the_keyboard_only(page: Any, studio: Studio, tmp_path: Path
     job_id = page.get_attribute("#watch", "data-job-id")
     assert studio.api.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == \
         "typed, never clicked"
+    # on a phone: one column, nothing wider than the screen
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
+    form, watch = (page.locator(s).bounding_box() for s in ("#form-generate", "#watch"))
+    assert form is not None and watch is not None and watch["y"] > form["y"] + form["height"]
+    shot(page, tmp_path, "phone")
+
+
+def test_ctrl_c_stops_it_all(studio: Studio) -> None:
+    """Last: Ctrl-C (SIGINT) ends ``atelier studio`` and every process it started."""
+    studio.proc.signal(signal.SIGINT)
+    assert studio.proc.proc is not None
+    assert studio.proc.proc.wait(60) == 0, studio.proc.log()[-3000:]
+
+    def lingering() -> list[str]:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        return [line for line in ps.splitlines() if str(studio.tmpdir) in line]
+
+    wait_until(lambda: not lingering(), 10, interval=0.2,
+               message=lambda: f"no process of the studio left: {lingering()}")
+    assert list(studio.tmpdir.iterdir()) == []
+    with pytest.raises(httpx.TransportError):
+        studio.api.get("/healthz")

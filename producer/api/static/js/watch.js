@@ -58,12 +58,13 @@ export class JobWatch {
     const data = event.data || {};
     if (event.type === "job.started") this.#status("running", "");
     else if (event.type === "job.retrying") this.#status("queued", `retrying (attempt ${data.attempt}: ${data.reason})`);
-    else if (event.type === "job.progress") this.#progress(data);
+    else if (event.type === "job.progress") {
+      if (this.root.dataset.status !== "running") this.#status("running", "");
+      this.#progress(data);
+    }
   }
 
   #progress({ step, total, phase, loss, preview }) {
-    this.root.dataset.status = "running";
-    this.status.textContent = LABELS.running;
     if (total) {
       this.bar.max = total;
       this.bar.value = step;
