@@ -55,6 +55,7 @@ $("#key-form").addEventListener("submit", async (event) => {
 
 $("#key-change").addEventListener("click", () => {
   forgetKey();
+  sessionStorage.removeItem(WATCHING);
   $("#key-input").value = "";
   askKey();
 });
@@ -90,7 +91,8 @@ function buildForms() {
       onSubmit: async (values) => {
         try {
           const record = await kind.submit(values);
-          watch.watch(record);
+          gallery.add(record);
+          follow(record);
         } catch (error) {
           if (error instanceof ApiError && error.status === 401) return askKey(error.message);
           schemaForm.showError(error instanceof ApiError ? error : { message: String(error) });
@@ -102,6 +104,25 @@ function buildForms() {
     state.forms.set(kind.id, { kind, form: schemaForm, tab, panel });
   }
   showForm(FORMS[0].id);
+}
+
+// -- the job being watched: followed again after a reload ---------------------------
+
+const WATCHING = "atelier.watching";
+
+function follow(record) {
+  sessionStorage.setItem(WATCHING, record.id);
+  watch.watch(record);
+}
+
+async function resumeWatch() {
+  const id = sessionStorage.getItem(WATCHING);
+  if (!id) return;
+  try {
+    follow(await call(`/v1/jobs/${encodeURIComponent(id)}`));
+  } catch {
+    sessionStorage.removeItem(WATCHING); // gone (expired, another key)
+  }
 }
 
 // -- start ----------------------------------------------------------------------------
@@ -121,6 +142,7 @@ async function start() {
   $("#app").hidden = false;
   buildForms();
   state.forms.get(FORMS[0].id).form.input("prompt").focus();
+  resumeWatch();
   await gallery.reset();
 }
 
