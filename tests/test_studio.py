@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.helpers import wait_until
 from tests.servers import Process
@@ -170,13 +171,17 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     page.get_by_role("button", name="Generate").click()
 
     # mid-job: the bar has moved and a preview is shown
-    wait_js(page, "(window.seen.bar.filter(v => v > 0).length >= 2 && "
-                  "window.seen.previews.length >= 1) || document.querySelector('#watch')"
-                  ".dataset.status === 'succeeded'")
+    wait_js(page, "(window.seen.bar.filter(v => v > 0).length >= 2 && window.seen.bar.at(-1)"
+                  " >= 20 && window.seen.previews.length >= 2) || "
+                  "document.querySelector('#watch').dataset.status === 'succeeded'")
     shot(page, tmp_path, "mid-job")
     assert status(page) == "running", "progress and a preview came while the job ran"
+    job_id = page.get_attribute("#watch", "data-job-id")
+    tile = page.locator(f"[data-gallery=list] li[data-job-id='{job_id}']")
+    assert tile.locator(".badge").inner_text() == "running"  # on its tile too
     ended(page, "succeeded")
     shot(page, tmp_path, "finished")
+    assert tile.locator(".badge").inner_text() == "succeeded"
     seen = page.evaluate("window.seen")
     bar = seen["bar"]
     assert bar == sorted(bar) and bar[-1] == 60 and len(set(bar)) >= 3, bar
@@ -189,7 +194,6 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     wait_js(page, "document.querySelector('#watch .results img').complete && "
                   "document.querySelector('#watch .results img').naturalWidth > 0", 30)
     assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
-    job_id = page.get_attribute("#watch", "data-job-id")
     record = studio.api.get(f"/v1/jobs/{job_id}").json()
     assert record["status"] == "succeeded" and record["request"]["seed"] == 7
 
@@ -208,6 +212,12 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     download = dialog.get_by_role("link", name="Download image 1")
     assert download.get_attribute("download") == f"{job_id}-0.png"
     shot(page, tmp_path, "detail")
+    with page.expect_download() as got:
+        download.click()
+    saved = tmp_path / got.value.suggested_filename
+    got.value.save_as(saved)
+    assert saved.name == f"{job_id}-0.png"
+    assert Image.open(saved).size == (64, 64)
     dialog.get_by_role("button", name="Again with this seed").click()
     assert dialog.is_hidden()
     assert page.get_by_label("Seed").input_value() == "7"

@@ -85,6 +85,18 @@ export class Gallery {
     this.empty.hidden = true;
   }
 
+  /** A watched job's new status on its tile. */
+  setStatus(jobId, status) {
+    const tile = this.list.querySelector(`[data-job-id="${CSS.escape(jobId)}"] .tile`);
+    if (!tile) return;
+    tile.dataset.status = status;
+    const badge = tile.querySelector(".badge");
+    badge.className = `badge badge-${status}`;
+    badge.textContent = status;
+    const placeholder = tile.querySelector(".placeholder");
+    if (placeholder) placeholder.textContent = status;
+  }
+
   #item(record) {
     const first = record.outputs?.[0];
     const thumb = first
@@ -114,6 +126,7 @@ export class Gallery {
     const t = record.timings || {};
     body.replaceChildren(
       element("div", { class: "results" }, ...(record.outputs || []).map((o) => outputFigure(record, o))),
+      element("div", { class: "actions" }, again),
       element("h3", { text: "Status" }),
       table([["status", record.status], ["job", record.id], ["error", record.error && `${record.error.code}: ${record.error.message}`],
         ["created", record.created_at], ["started", record.started_at], ["finished", record.finished_at],
@@ -122,7 +135,6 @@ export class Gallery {
       table(Object.entries(request)),
       element("h3", { text: "Timings (ms)" }),
       table(Object.entries(t)),
-      element("div", { class: "actions" }, again),
     );
     this.dialog.showModal();
     again.focus();

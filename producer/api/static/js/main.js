@@ -13,7 +13,10 @@ const $ = (selector) => document.querySelector(selector);
 
 const state = { models: [], defaultModel: "", forms: new Map() };
 
-const watch = new JobWatch($("#watch"), { onEnd: (record) => gallery.add(record) });
+const watch = new JobWatch($("#watch"), {
+  onEnd: (record) => gallery.add(record),
+  onStatus: (jobId, status) => gallery.setStatus(jobId, status),
+});
 const gallery = new Gallery($("#gallery"), $("#detail"), {
   again(request) {
     const { kind, form } = state.forms.get("generate");

@@ -12,10 +12,11 @@ const LABELS = {
 
 export class JobWatch {
   /** @param {HTMLElement} root the section it renders into
-   *  @param {{onEnd: (record) => void}} hooks */
-  constructor(root, { onEnd } = {}) {
+   *  @param {{onEnd: (record) => void, onStatus: (jobId, status) => void}} hooks */
+  constructor(root, { onEnd, onStatus } = {}) {
     this.root = root;
     this.onEnd = onEnd;
+    this.onStatus = onStatus;
     this.abort = null;
     this.status = root.querySelector("[data-watch=status]");
     this.bar = root.querySelector("[data-watch=bar]");
@@ -92,6 +93,7 @@ export class JobWatch {
   }
 
   #status(status, detail) {
+    if (status !== this.root.dataset.status) this.onStatus?.(this.jobId, status);
     this.root.dataset.status = status;
     this.status.textContent = LABELS[status] || status;
     this.root.querySelector("[data-watch=detail]").textContent = detail || "";
