@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -53,10 +52,10 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Env]:
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     tmp = tmp_path_factory.mktemp("joblist")
     server = RedisServer(tmp / "redis").start()
-    rig = Rig(tmp, server, models_dir)
+    rig = Rig(tmp, server, tmp / "models")  # simulated GPUs: no model to build
     store = JobStore.from_url(server.url)
     try:
         worker = rig.worker(["sim"], wait=False)  # starts while the API does
