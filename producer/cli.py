@@ -296,6 +296,21 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(args)
 
 
+def _add_jobs_parser(sub: Any) -> None:
+    p = sub.add_parser("jobs", help="list jobs, newest first")
+    p.add_argument("--status", choices=[str(x) for x in Status])
+    p.add_argument("--model")
+    p.add_argument("--kind", choices=[str(x) for x in Kind])
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="1-100 (default 20)")
+    p.add_argument("--cursor", help="start after this (a 'more:' line gives it)")
+    whose = p.add_mutually_exclusive_group()
+    whose.add_argument("--owner", help="an API key's jobs, by its id (key_...); "
+                       "default: jobs submitted without a key")
+    whose.add_argument("--key", help="an API key's jobs, by the key")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,18 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("jobs", help="list jobs, newest first")
-    p.add_argument("--status", choices=[str(x) for x in Status])
-    p.add_argument("--model")
-    p.add_argument("--kind", choices=[str(x) for x in Kind])
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="1-100 (default 20)")
-    p.add_argument("--cursor", help="start after this (a 'more:' line gives it)")
-    whose = p.add_mutually_exclusive_group()
-    whose.add_argument("--owner", help="an API key's jobs, by its id (key_...); "
-                       "default: jobs submitted without a key")
-    whose.add_argument("--key", help="an API key's jobs, by the key")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_jobs)
+    _add_jobs_parser(sub)
 
     p = sub.add_parser("events", help="print a job's events until it ends")
     p.add_argument("id")

@@ -156,8 +156,7 @@ class JobStore:
         ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
         ``requeue``: the record whose job waits in its queue again (the queue index).
         ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
-        A terminal status clears the job's lease; a new status moves the job in the job
-        list (:mod:`producer.joblist`).
+        A terminal status clears the job's lease; a new one moves it in the job list.
         """
         status = record["status"] if record is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
