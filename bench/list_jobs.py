@@ -205,7 +205,7 @@ def main() -> None:
         "rows": [alone, big, small],
         "api_p50_ratio": round(big["api_p50_ms"] / small["api_p50_ms"], 3),
         "store_p50_ratio": round(big["store_p50_ms"] / small["store_p50_ms"], 3),
-        "fill_s": round(fill_s, 1), "fill_jobs_per_s": round(args.jobs / fill_s),
+        "fill_s": round(fill_s, 2), "fill_jobs_per_s": round(args.jobs / fill_s),
         "fill": "JobStore.create + one terminal JobStore.apply per job (80 % of them; "
                 "10 % failed, 10 % left queued), the store's own script, pipelined",
         "index_bytes_per_job": round(index_bytes / args.jobs),

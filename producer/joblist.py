@@ -13,11 +13,12 @@ The index (keys in :mod:`producer.constants`, scripts in :mod:`producer.scripts`
 - written by the transition script (:data:`producer.scripts.APPLY`) in the step that
   changes the status, so the list and the records never disagree;
 - a finished job's entry goes into ``atelier:list-expiry``, scored by when its record
-  expires. Due entries are pruned a few at each terminal transition and up to
-  :data:`PRUNE_ON_READ` at each page read (each prune is 9 ``ZREM``), so the list does not
-  outlive the records: with at least one terminal transition or read per four jobs
-  finishing, the backlog drains. A member whose record is gone anyway (evicted under
-  ``maxmemory``) is dropped from the set being read and skipped.
+  expires. Due entries are pruned up to 4 at each terminal transition (which adds one)
+  and up to :data:`PRUNE_ON_READ` at each page read, each prune 9 ``ZREM``: the backlog
+  drains as long as jobs keep finishing or pages are read, and a page's own work stays
+  bounded. A member whose record is gone anyway (evicted under ``maxmemory``, or expired
+  before its prune) is dropped from the set being read and skipped, at most 1,000 such
+  per page.
 
 Jobs written before the list existed join it at their next status change.
 """
