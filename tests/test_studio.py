@@ -291,6 +291,35 @@ def test_submit_with_the_keyboard_only(page: Any, studio: Studio, tmp_path: Path
     shot(page, tmp_path, "phone")
 
 
+def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) -> None:
+    """The events stream of a job is cut after two events (the network, a proxy): the
+    page asks again with Last-Event-ID, gets the rest from the real API, and shows the
+    job's end. (A reload resumes the watched job, so the cut stream is its first.)"""
+    job = studio.api.post("/v1/jobs", json={"prompt": "resumed", "steps": 6}).json()
+    wait_until(lambda: studio.api.get(f"/v1/jobs/{job['id']}").json()["status"]
+               == "succeeded", 60, interval=0.1, message="the job succeeds")
+    asked: list[str | None] = []
+    cut: list[str] = []
+
+    def events(route: Any) -> None:
+        asked.append(route.request.headers.get("last-event-id"))
+        if len(asked) > 1:
+            route.continue_()
+            return
+        frames = route.fetch().text().split("\n\n")  # the whole log: the job has ended
+        cut.append("\n\n".join(frames[:2]) + "\n\n")
+        route.fulfill(status=200, body=cut[0], headers={"Content-Type": "text/event-stream"})
+
+    open_with_key(page, studio)
+    page.route(f"**/v1/jobs/{job['id']}/events", events)
+    page.evaluate(f"sessionStorage.setItem('atelier.watching', '{job['id']}')")
+    page.reload()
+    ended(page, "succeeded", 30)
+    last_of_cut = re.findall(r"^id: (\S+)$", cut[0], re.M)[-1]
+    assert asked == [None, last_of_cut]
+    assert page.locator("[data-watch=step]").inner_text() == "step 6 of 6"
+
+
 def test_ctrl_c_stops_it_all(studio: Studio) -> None:
     """Last: Ctrl-C (SIGINT) ends ``atelier studio`` and every process it started."""
     studio.proc.signal(signal.SIGINT)
