@@ -298,25 +298,24 @@ def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) ->
     job = studio.api.post("/v1/jobs", json={"prompt": "resumed", "steps": 6}).json()
     wait_until(lambda: studio.api.get(f"/v1/jobs/{job['id']}").json()["status"]
                == "succeeded", 60, interval=0.1, message="the job succeeds")
+    log = studio.api.get(f"/v1/jobs/{job['id']}/events").text  # it has ended: the whole log
+    cut = "\n\n".join(log.split("\n\n")[:2]) + "\n\n"
     asked: list[str | None] = []
-    cut: list[str] = []
 
     def events(route: Any) -> None:
         asked.append(route.request.headers.get("last-event-id"))
-        if len(asked) > 1:
+        if len(asked) == 1:
+            route.fulfill(status=200, body=cut, headers={"Content-Type": "text/event-stream"})
+        else:
             route.continue_()
-            return
-        frames = route.fetch().text().split("\n\n")  # the whole log: the job has ended
-        cut.append("\n\n".join(frames[:2]) + "\n\n")
-        route.fulfill(status=200, body=cut[0], headers={"Content-Type": "text/event-stream"})
 
     open_with_key(page, studio)
     page.route(f"**/v1/jobs/{job['id']}/events", events)
     page.evaluate(f"sessionStorage.setItem('atelier.watching', '{job['id']}')")
     page.reload()
     ended(page, "succeeded", 30)
-    last_of_cut = re.findall(r"^id: (\S+)$", cut[0], re.M)[-1]
-    assert asked == [None, last_of_cut]
+    ids = re.findall(r"^id: (\S+)$", cut, re.M)
+    assert len(ids) == 2 and asked == [None, ids[-1]]
     assert page.locator("[data-watch=step]").inner_text() == "step 6 of 6"
 
 
