@@ -5,6 +5,8 @@
 import { call, followEvents } from "./api.js";
 import { outputFigure } from "./gallery.js";
 
+const TERMINAL_STATUSES = new Set(["succeeded", "failed", "cancelled", "expired"]);
+
 const LABELS = {
   queued: "Queued", running: "Running", succeeded: "Done", failed: "Failed",
   cancelled: "Cancelled", expired: "Expired",
@@ -42,6 +44,7 @@ export class JobWatch {
     this.cancelButton.hidden = false;
     this.cancelButton.disabled = false;
     this.#status(record.status, record.position != null ? `position ${record.position + 1} in the queue` : "");
+    if (TERMINAL_STATUSES.has(record.status)) return this.#ended(record); // nothing to follow
     try {
       const end = await followEvents(record.id, (event) => this.#event(event), {
         signal: abort.signal,
