@@ -295,7 +295,7 @@ def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) ->
     """The events stream of a running job is cut after two events (the network, a
     proxy): the page asks again with Last-Event-ID and follows the rest from the real
     API to the job's end. (A reload resumes the watched job: the cut stream is its first.)"""
-    job = studio.api.post("/v1/jobs", json={"prompt": "resumed", "steps": 150}).json()
+    job = studio.api.post("/v1/jobs", json={"prompt": "resumed", "steps": 20}).json()
     frames: list[str] = []
     with studio.api.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
         for line in stream.iter_lines():  # the first two frames, as the API sent them
@@ -316,7 +316,7 @@ def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) ->
     page.route(f"**/v1/jobs/{job['id']}/events", events)
     page.evaluate(f"sessionStorage.setItem('atelier.watching', '{job['id']}')")
     page.reload()
-    wait_js(page, "document.querySelector('[data-watch=step]').textContent === 'step 150 of 150'"
+    wait_js(page, "document.querySelector('[data-watch=step]').textContent === 'step 20 of 20'"
                   " && document.querySelector('#watch').dataset.status === 'succeeded'")
     ids = re.findall(r"^id: (\S+)$", cut, re.M)
     assert len(ids) == 2 and asked == [None, ids[-1]]
