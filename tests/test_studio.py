@@ -322,6 +322,27 @@ def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) ->
     assert len(ids) == 2 and asked == [None, ids[-1]]
 
 
+def test_the_gallery_loads_more_on_scroll(page: Any, studio: Studio, tmp_path: Path) -> None:
+    """More jobs than a page (24): the rest come as the end of the list scrolls into
+    view, newest first, each once. (sd-1.5 has no worker here: its jobs stay queued.)"""
+    for i in range(30):
+        res = studio.api.post("/v1/jobs", json={"prompt": f"queued {i}", "model": "sd-1.5"})
+        assert res.status_code == 202, res.text
+    mine = studio.api.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    assert len(mine) > 30
+    open_with_key(page, studio)
+    tiles = page.locator("[data-gallery=list] li")
+    wait_js(page, "document.querySelectorAll('[data-gallery=list] li').length === 24", 30)
+    assert tiles.count() == 24  # the first page; the end of the list is out of view
+    page.locator("[data-gallery=more]").scroll_into_view_if_needed()
+    wait_js(page, f"document.querySelectorAll('[data-gallery=list] li').length === {len(mine)}",
+            30)
+    shown = page.eval_on_selector_all("[data-gallery=list] li",
+                                      "els => els.map(e => e.dataset.jobId)")
+    assert shown == [record["id"] for record in mine]
+    shot(page, tmp_path, "gallery-scrolled")
+
+
 def test_ctrl_c_stops_it_all(studio: Studio) -> None:
     """Last: Ctrl-C (SIGINT) ends ``atelier studio`` and every process it started."""
     studio.proc.signal(signal.SIGINT)
