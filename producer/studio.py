@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import signal
 import sys
 import time
 
@@ -19,6 +20,8 @@ PREVIEW_INTERVAL_S = "0.2"
 def run_studio(args: argparse.Namespace) -> int:
     """Start everything, print the address, wait for Ctrl-C (or a child dying)."""
     _need_worker_extra()
+    # Ctrl-C is KeyboardInterrupt even where the shell started us ignoring SIGINT (`&`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     key = "studio-" + secrets.token_urlsafe(18)
     port = args.port or free_port()
     with EmbeddedStack(args.model, args.device, "atelier-studio-",
