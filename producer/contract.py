@@ -194,7 +194,10 @@ class JobRequest(BaseModel):
     sweep: Sweep | None = None
     #: Live previews: the job's ``job.progress`` events carry a small WebP of the
     #: predicted clean image (DESIGN "Previews").
-    preview: bool = False
+    preview: bool = Field(default=False, description=(
+        "Live previews: job.progress events carry `preview`, a data:image/webp;base64 "
+        "picture of the predicted clean image (at most PREVIEW_MAX_SIDE px, one per "
+        "PREVIEW_INTERVAL_S), in the job's own event stream only."))
 
     @field_validator("prompt")
     @classmethod
