@@ -1,7 +1,9 @@
 """Step 2 of a generation: the pipeline call, holding the GPU.
 
 The step callback only reads flags and the clock (``run.report``, ``run.check``): the
-monitor thread does the I/O, so nothing waits on Redis inside the denoising loop.
+monitor thread does the I/O, so nothing waits on Redis inside the denoising loop. With
+``preview: true`` the scheduler's ``step`` also keeps a reference to its x0 for the
+monitor thread to render (``worker/preview.py``); nothing else changes in the loop.
 """
 
 from __future__ import annotations
