@@ -317,7 +317,15 @@ def _add_jobs_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_jobs)
 
 
-def _add_studio_parser(sub: Any) -> None:
+def _add_embedded_parsers(sub: Any) -> None:
+    """demo and studio: the commands that start the embedded stack."""
+    p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
+    _add_request_args(p, ["steps", "seed", "width", "height"])
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--out", default="atelier-output")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("studio", help="the studio web page on a private redis-server, "
                        "worker and API, until Ctrl-C")
     p.add_argument("--model", default="tiny-sdxl")
@@ -331,14 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
-    _add_request_args(p, ["steps", "seed", "width", "height"])
-    p.add_argument("--model", default="tiny-sdxl")
-    p.add_argument("--out", default="atelier-output")
-    p.add_argument("--device")
-    p.set_defaults(func=cmd_demo)
-
-    _add_studio_parser(sub)
+    _add_embedded_parsers(sub)
 
     p = sub.add_parser("submit", help="submit a job")
     _add_request_args(p)
