@@ -1,0 +1,244 @@
+"""The OpenAI-compatible image routes, driven by OpenAI's own SDKs: the ``openai``
+Python package, and the ``openai`` npm package through node (``tests/node``), against a
+real uvicorn (``atelier api``) and the shared stack's tiny-sdxl worker."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+from PIL import Image
+
+from producer import constants as K
+from tests.helpers import Stack, wait_until, worker_env
+from tests.servers import ROOT, Process, api_process
+
+pytestmark = pytest.mark.slow
+
+KEY, OTHER = "key-openai-0123456789", "key-openai-other-0123"
+PROMPT = "a lighthouse at dusk"
+NODE_DIR = ROOT / "tests" / "node"
+
+
+def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
+    return worker_env({
+        **stack.values, "api_keys": f"{KEY},{OTHER}", "rate_limit_per_s": 0,
+        "openai_model_aliases": "gpt-image-1=tiny-sdxl,dall-e-3=tiny-sdxl",
+        "max_body_bytes": 262144, **extra})
+
+
+@pytest.fixture(scope="module")
+def api(stack: Stack, session_dir: Path) -> Iterator[Process]:
+    proc = api_process(api_env(stack), session_dir / "logs" / "api-openai.log").start()
+    yield proc
+    proc.stop()
+
+
+def sdk(proc: Process, key: str = KEY) -> openai.OpenAI:
+    # No retries: a refusal is the answer under test, not something to ride out.
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{proc.port}/v1", api_key=key,
+                         max_retries=0, timeout=120)
+
+
+def record(proc: Process, job_id: str, key: str = KEY) -> dict[str, Any]:
+    res = httpx.get(f"http://127.0.0.1:{proc.port}/v1/jobs/{job_id}",
+                    headers={"Authorization": f"Bearer {key}"})
+    assert res.status_code == 200, res.text
+    doc: dict[str, Any] = res.json()
+    return doc
+
+
+def job_count(stack: Stack) -> int:
+    r = redis.Redis.from_url(stack.settings.redis_url)
+    try:
+        return sum(1 for _ in r.scan_iter(K.JOB + "*", count=1000))
+    finally:
+        r.close()
+
+
+def png(size: tuple[int, int], color: tuple[int, ...], mode: str = "RGB") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_generate_b64_json_two_images_through_an_alias(api: Process) -> None:
+    raw = sdk(api).images.with_raw_response.generate(
+        model="gpt-image-1", prompt=PROMPT, n=2, size="64x64", quality="low")
+    result = raw.parse()
+    job = record(api, raw.headers["x-atelier-job-id"])
+    assert job["status"] == "succeeded"
+    assert job["request"]["model"] == "tiny-sdxl" and job["request"]["num_images"] == 2
+    # quality low: half the model's 4 default steps.
+    assert job["request"]["steps"] == 2
+    assert result.data is not None and len(result.data) == 2
+    assert (result.output_format, result.size, result.quality) == ("png", "64x64", "low")
+    for image, output in zip(result.data, job["outputs"], strict=True):
+        assert image.url is None and image.b64_json is not None
+        data = base64.b64decode(image.b64_json)
+        assert hashlib.sha256(data).hexdigest() == output["sha256"]
+        assert Image.open(io.BytesIO(data)).size == (64, 64)
+
+
+def test_generate_url_in_webp(api: Process) -> None:
+    raw = sdk(api).images.with_raw_response.generate(
+        model="tiny-sdxl", prompt=PROMPT, response_format="url", output_format="webp",
+        output_compression=50, user="user-42")
+    result = raw.parse()
+    job = record(api, raw.headers["x-atelier-job-id"])
+    assert job["request"]["output_format"] == "webp" and job["request"]["quality"] == 50
+    assert job["metadata"] == {"openai_user": "user-42"}
+    assert result.safety_identifier == "user-42"
+    assert result.data is not None and result.data[0].b64_json is None
+    url = result.data[0].url
+    assert url is not None
+    body = httpx.get(url).content
+    assert hashlib.sha256(body).hexdigest() == job["outputs"][0]["sha256"]
+    assert Image.open(io.BytesIO(body)).format == "WEBP"
+
+
+def test_edit_with_a_mask_inpaints_where_it_is_transparent(api: Process, stack: Stack) -> None:
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # the left half is repainted
+    out = io.BytesIO()
+    mask.save(out, "PNG")
+    raw = sdk(api).images.with_raw_response.edit(
+        model="dall-e-3", image=("in.png", png((64, 64), (200, 30, 30)), "image/png"),
+        mask=("mask.png", out.getvalue(), "image/png"), prompt="a blue sky",
+        extra_body={"seed": 5})
+    result = raw.parse()
+    job = record(api, raw.headers["x-atelier-job-id"])
+    req = job["request"]
+    assert job["status"] == "succeeded" and req["seed"] == 5 and req["strength"] == 1.0
+    assert (req["width"], req["height"]) == (64, 64) and result.size == "64x64"
+    # The mask the worker used is atelier's: white (repainted) where OpenAI's was clear.
+    atelier_mask = Image.open(io.BytesIO(
+        stack.client().store.get_input(req["mask"].removeprefix("sha256:"))))
+    assert atelier_mask.getpixel((10, 10)) == 255 and atelier_mask.getpixel((50, 10)) == 0
+    assert result.data is not None and result.data[0].b64_json is not None
+
+
+def test_refusals_name_the_field_and_enqueue_nothing(api: Process, stack: Stack) -> None:
+    client = sdk(api)
+    before = job_count(stack)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(model="gpt-image-1", prompt=PROMPT, size="100x60")
+    assert bad.value.param == "size" and "multiple of 8" in bad.value.message
+    assert bad.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt=PROMPT, background="transparent")
+    assert bad.value.param == "background"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt=PROMPT, extra_body={"cfg_rescale": 1})
+    assert bad.value.param == "cfg_rescale" and bad.value.code == "unknown_parameter"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.edit(image=("a.png", png((64, 64), (1, 2, 3)), "image/png"),
+                           mask=("m.png", png((64, 64), (0, 0, 0)), "image/png"),
+                           prompt=PROMPT)
+    assert bad.value.param == "mask" and "alpha" in bad.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.images.generate(model="gpt-image-9", prompt=PROMPT)
+    assert missing.value.param == "model" and missing.value.code == "model_not_found"
+    with pytest.raises(openai.AuthenticationError) as denied:
+        sdk(api, "not-a-key").images.generate(prompt=PROMPT)
+    assert denied.value.code == "invalid_api_key"
+    assert job_count(stack) == before
+
+
+def test_a_client_that_leaves_finds_its_job_again(api: Process) -> None:
+    """The job of a request whose client went away runs to the end; the same request
+    with the same Idempotency-Key answers with that job's images."""
+    url = f"http://127.0.0.1:{api.port}/v1/images/generations"
+    headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "leave-1"}
+    body = {"prompt": PROMPT, "size": "64x64", "steps": 40}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, headers=headers, timeout=httpx.Timeout(30, read=0.5))
+    raw = sdk(api).images.with_raw_response.generate(
+        prompt=PROMPT, size="64x64", extra_body={"steps": 40},
+        extra_headers={"Idempotency-Key": "leave-1"})
+    assert raw.headers["idempotent-replayed"] == "true"
+    job = record(api, raw.headers["x-atelier-job-id"])
+    assert job["status"] == "succeeded" and job["request"]["steps"] == 40
+    assert raw.parse().data is not None
+
+
+def test_stream_sends_the_completed_image(api: Process) -> None:
+    stream = sdk(api).images.generate(prompt=PROMPT, size="64x64", stream=True,
+                                      partial_images=2, output_format="jpeg")
+    job_id = stream.response.headers["x-atelier-job-id"]
+    events = list(stream)
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert len(completed) == 1 and completed[0].output_format == "jpeg"
+    data = base64.b64decode(completed[0].b64_json)
+    assert hashlib.sha256(data).hexdigest() == record(api, job_id)["outputs"][0]["sha256"]
+
+
+@pytest.fixture(scope="module")
+def strict_api(stack: Stack, session_dir: Path) -> Iterator[Process]:
+    """An API with a tight rate limit and a short wait: each case here is about one."""
+    env = api_env(stack, rate_limit_per_s=0.2, rate_limit_burst=2, openai_wait_s=1.5)
+    proc = api_process(env, session_dir / "logs" / "api-openai-strict.log").start()
+    yield proc
+    proc.stop()
+
+
+def test_the_rate_limit_is_a_rate_limit_error_with_retry_after(strict_api: Process) -> None:
+    client = sdk(strict_api)
+    for _ in range(2):
+        with pytest.raises(openai.NotFoundError):  # charged, refused for its model
+            client.images.generate(model="gpt-image-9", prompt=PROMPT)
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.images.generate(model="gpt-image-1", prompt=PROMPT)
+    assert limited.value.code == "rate_limit_exceeded"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_wait_past_openai_wait_s_names_the_job_and_is_not_retried(
+    strict_api: Process, stack: Stack
+) -> None:
+    before = job_count(stack)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{strict_api.port}/v1",
+                           api_key=OTHER, max_retries=2)
+    t0 = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as late:
+        client.images.generate(model="tiny-idle", prompt=PROMPT)  # no worker serves it
+    assert late.value.status_code == 504 and late.value.code == "wait_timeout"
+    assert time.monotonic() - t0 < 10  # one wait, no retry
+    job_id = late.value.response.headers["x-atelier-job-id"]
+    assert record(strict_api, job_id, OTHER)["status"] == "queued"
+    assert job_count(stack) == before + 1
+    httpx.post(f"http://127.0.0.1:{strict_api.port}/v1/jobs/{job_id}/cancel",
+               headers={"Authorization": f"Bearer {OTHER}"})
+
+
+def test_the_node_sdk_generates_and_streams(api: Process) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the openai npm package cannot run")
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        pytest.fail("tests/node/node_modules is missing: run `npm ci` in tests/node "
+                    "(make test does)")
+    res = subprocess.run(
+        [node, str(NODE_DIR / "images.mjs")], capture_output=True, text=True, timeout=120,
+        env={"PATH": "/usr/bin:/bin", "OPENAI_BASE_URL": f"http://127.0.0.1:{api.port}/v1",
+             "OPENAI_API_KEY": KEY})
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    generated = base64.b64decode(out["generate"]["b64_json"])
+    assert Image.open(io.BytesIO(generated)).size == (64, 64)
+    job = record(api, out["generate"]["job_id"])
+    assert hashlib.sha256(generated).hexdigest() == job["outputs"][0]["sha256"]
+    assert out["stream"]["types"][-1] == "image_generation.completed"
+    wait_until(lambda: record(api, out["stream"]["job_id"])["status"] == "succeeded", 10)
