@@ -56,7 +56,8 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(description="What to draw (atelier: 1-4000 characters).")
+    prompt: str = Field(min_length=1, max_length=4000,
+                        description="What to draw (atelier: 1-4000 characters).")
     model: str | None = Field(default=None, description="A registry model or an alias "
                               "(ATELIER_OPENAI_MODEL_ALIASES); default: the default model.")
     n: int | None = Field(default=None, ge=1, le=10, description="Images (atelier: 1-8).")
@@ -84,31 +85,32 @@ class _Common(BaseModel):
                                           description="As user, and preferred to it.")
     frame_count: int | None = Field(default=None, description="gif only: refused.")
     frame_duration_ms: int | None = Field(default=None, description="gif only: refused.")
-    svg: dict[str, Any] | None = Field(default=None, description="svg only: refused.")
     # atelier's own request fields (DESIGN.md "Job request"), checked as on /v1/jobs.
     negative_prompt: str | None = None
     seed: int | None = None
     steps: int | None = Field(default=None, description="Wins over quality.")
     guidance_scale: float | None = None
     scheduler: str | None = None
-    loras: list[LoraRef] | None = None
     priority: int | None = None
-    metadata: dict[str, Any] | None = None
     webhook: str | None = None
-    webhook_events: list[Literal["started", "progress", "output", "completed"]] | None = None
     timeout_s: int | None = None
     expires_in_s: int | None = None
 
 
 class GenerationBody(_Common):
-    """``POST /v1/images/generations``."""
+    """``POST /v1/images/generations``: JSON, so atelier's structured fields too."""
 
     moderation: Literal["low", "auto"] | None = Field(default=None, description="Ignored.")
     style: Literal["vivid", "natural"] | None = Field(default=None, description="Ignored.")
+    svg: dict[str, Any] | None = Field(default=None, description="svg only: refused.")
+    loras: list[LoraRef] | None = None
+    metadata: dict[str, Any] | None = None
+    webhook_events: list[Literal["started", "progress", "output", "completed"]] | None = None
 
 
 class EditFields(_Common):
-    """``POST /v1/images/edits``, less its files."""
+    """``POST /v1/images/edits``, less its files: a form's fields are text, so only
+    atelier's scalar fields are taken."""
 
     input_fidelity: Literal["high", "low"] | None = Field(default=None,
                                                           description="Ignored.")
@@ -198,7 +200,7 @@ def translate(body: _Common, spec: ModelSpec,
         if value is not None:
             data[name] = value.copy() if isinstance(value, dict) else value
     if "loras" in data:
-        data["loras"] = [ref.model_dump() for ref in body.loras or []]
+        data["loras"] = [ref.model_dump() for ref in data["loras"]]
     user = body.safety_identifier or body.user
     if user:
         data["metadata"] = {**data.get("metadata", {}), "openai_user": user}
@@ -221,7 +223,7 @@ def _refuse_unmade(body: _Common) -> None:
                           "make opaque images (auto or opaque).", "background",
                           "invalid_value")
     for name in ("frame_count", "frame_duration_ms", "svg"):
-        if getattr(body, name) is not None:
+        if getattr(body, name, None) is not None:
             raise OpenAIError(400, f"{name} is only for gif or svg output, which is not "
                               "made here.", name, "invalid_value")
 
@@ -247,6 +249,19 @@ def fit(image_size: tuple[int, int], spec: ModelSpec) -> tuple[int, int]:
     while w * h > spec.max_pixels and (w > low or h > low):
         w, h = max(low, w - step), max(low, h - step)
     return w, h
+
+
+def form_schema() -> dict[str, Any]:
+    """The OpenAPI schema of the edit form: :class:`EditForm`, each optional field a
+    plain one (a form has no null: a field left out is unset)."""
+    schema = EditForm.model_json_schema(ref_template="#/components/schemas/{model}")
+    for prop in schema["properties"].values():
+        kinds = [k for k in prop.pop("anyOf", []) if k.get("type") != "null"]
+        if kinds:
+            prop.update(kinds[0])
+        if prop.get("default", 0) is None:
+            del prop["default"]
+    return schema
 
 
 def param_of(field: str) -> str:

@@ -23,8 +23,8 @@ from producer.api.openai_form import read_form
 from producer.api.openai_request import (
     Ask,
     EditFields,
-    EditForm,
     GenerationBody,
+    form_schema,
     param_of,
     parse,
     resolve_model,
@@ -73,9 +73,8 @@ async def generations(request: Request, state: StateDep, who: Auth) -> Response:
 @router.post(
     "/edits", response_model=ImagesResponse, operation_id="openai_images_edit",
     summary="Edit an image (OpenAI-compatible)", responses=_ANSWERS,
-    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": EditForm.model_json_schema(ref_template="#/components/schemas/{model}")}}},
-        "parameters": [_IDEMPOTENCY]},
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form_schema()}}}, "parameters": [_IDEMPOTENCY]},
 )
 async def edits(request: Request, state: StateDep, who: Auth) -> Response:
     """OpenAI's `images.edit`: img2img, or inpainting with a mask, waited for."""
