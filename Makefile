@@ -34,7 +34,14 @@ lint: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/atelier-site
 
-test: lint docs
+# The openai npm package tests/test_openai.py drives through node (skipped only where
+# node is absent).
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+$(NODE_DEPS): tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/test_openai.py skips its node case"; fi
+
+test: lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
