@@ -8,8 +8,10 @@ import base64
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,3 +244,22 @@ def test_the_node_sdk_generates_and_streams(api: Process) -> None:
     assert hashlib.sha256(generated).hexdigest() == job["outputs"][0]["sha256"]
     assert out["stream"]["types"][-1] == "image_generation.completed"
     wait_until(lambda: record(api, out["stream"]["job_id"])["status"] == "succeeded", 10)
+
+
+def test_the_docs_examples_run_as_they_stand(api: Process, tmp_path: Path) -> None:
+    """docs/openai.md's calls, with only OPENAI_BASE_URL and OPENAI_API_KEY set."""
+    page = (ROOT / "docs" / "openai.md").read_text()
+    blocks = re.findall(r"<!-- checked -->\n```python\n(.*?)```", page, re.DOTALL)
+    assert len(blocks) == 3
+    (tmp_path / "sunlit_lounge.png").write_bytes(png((64, 64), (240, 220, 180)))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": KEY,
+           "OPENAI_BASE_URL": f"http://127.0.0.1:{api.port}/v1"}
+    for code in blocks:
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("otter.png", "composition.png"):
+        assert Image.open(tmp_path / name).size == (64, 64)
