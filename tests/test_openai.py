@@ -24,6 +24,8 @@ import redis
 from PIL import Image
 
 from producer import constants as K
+from producer.api import create_app
+from producer.settings import Settings
 from tests.helpers import Stack, wait_until, worker_env
 from tests.servers import ROOT, Process, api_process
 
@@ -74,6 +76,16 @@ def png(size: tuple[int, int], color: tuple[int, ...], mode: str = "RGB") -> byt
     out = io.BytesIO()
     Image.new(mode, size, color).save(out, "PNG")
     return out.getvalue()
+
+
+def test_an_alias_to_no_model_stops_the_api_at_start(models_file: str) -> None:
+    for aliases, why in (("gpt-image-1=playground-v9", "no model 'playground-v9'"),
+                         ("tiny-sdxl=playground-v2.5", "a model's own name")):
+        with pytest.raises(ValueError, match="ATELIER_OPENAI_MODEL_ALIASES") as refused:
+            create_app(Settings(models_file=models_file, openai_model_aliases=aliases))
+        assert why in str(refused.value)
+    with pytest.raises(ValueError, match="alias=model pairs"):
+        Settings(openai_model_aliases="gpt-image-1")
 
 
 def test_generate_b64_json_two_images_through_an_alias(api: Process) -> None:
