@@ -162,6 +162,13 @@ def test_refusals_name_the_field_and_enqueue_nothing(api: Process, stack: Stack)
                            mask=("m.png", png((64, 64), (0, 0, 0)), "image/png"),
                            prompt=PROMPT)
     assert bad.value.param == "mask" and "alpha" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as bad:  # the image guards
+        client.images.edit(image=("a.png", b"GIF89a not a picture", "image/png"),
+                           prompt=PROMPT)
+    assert bad.value.param == "image" and "PNG, JPEG or WEBP" in bad.value.message
+    with pytest.raises(openai.APIStatusError) as big:  # MAX_BODY_BYTES, multipart too
+        client.images.edit(image=("a.png", b"\0" * 300_000, "image/png"), prompt=PROMPT)
+    assert big.value.status_code == 413 and big.value.code == "payload_too_large"
     with pytest.raises(openai.NotFoundError) as missing:
         client.images.generate(model="gpt-image-9", prompt=PROMPT)
     assert missing.value.param == "model" and missing.value.code == "model_not_found"
