@@ -193,6 +193,10 @@ def test_a_client_that_leaves_finds_its_job_again(api: Process) -> None:
     job = record(api, raw.headers["x-atelier-job-id"])
     assert job["status"] == "succeeded" and job["request"]["steps"] == 40
     assert raw.parse().data is not None
+    # The API saw the first client go (its wait stopped: 499, nginx's "client closed").
+    metrics = httpx.get(f"http://127.0.0.1:{api.port}/metrics").text
+    assert ('atelier_api_requests_total{method="POST",route="/v1/images/generations",'
+            'status="499"} 1.0') in metrics
 
 
 def test_stream_sends_the_completed_image(api: Process) -> None:

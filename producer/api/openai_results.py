@@ -57,18 +57,15 @@ def job_headers(job_id: str) -> dict[str, str]:
     return {"X-Atelier-Job-Id": job_id, "x-should-retry": "false"}
 
 
-async def follow(state: ApiState, job_id: str, deadline: float,
-                 request: Request | None = None) -> AsyncIterator[dict[str, Any] | None]:
+async def follow(state: ApiState, job_id: str,
+                 deadline: float) -> AsyncIterator[dict[str, Any] | None]:
     """The job's events up to its terminal one, and None each quiet poll; it ends at
-    ``deadline`` (monotonic) too. Raises :class:`ClientGone` when ``request``'s client
-    has disconnected."""
+    ``deadline`` (monotonic) too."""
     cursor = Cursor(None)
     while not cursor.done:
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        if request is not None and await request.is_disconnected():
-            raise ClientGone(job_id)
         block = max(1, int(min(left, POLL_S) * 1000))
         batch = await read_events(state.up.aredis, job_id, cursor.last, block_ms=block)
         if not batch:
@@ -87,8 +84,33 @@ async def follow(state: ApiState, job_id: str, deadline: float,
 
 async def final_record(state: ApiState, job_id: str, wait_s: float,
                        request: Request) -> dict[str, Any]:
-    """The job's record once it is terminal; 504 after ``wait_s``."""
-    async for event in follow(state, job_id, time.monotonic() + wait_s, request):
+    """The job's record once it is terminal; 504 after ``wait_s``; :class:`ClientGone`
+    as soon as the client disconnects (the wait stops, the job goes on)."""
+    outcome: list[dict[str, Any] | Exception] = []
+
+    async def wait(scope: anyio.CancelScope) -> None:
+        try:
+            outcome.append(await _terminal(state, job_id, wait_s))
+        except Exception as exc:  # noqa: BLE001 (raised below, outside the task group)
+            outcome.append(exc)
+        scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(wait, group.cancel_scope)
+        # The body is read: the next message is the disconnect (or, once the answer is
+        # sent, its stand-in), so this returns only when the client has gone.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        group.cancel_scope.cancel()
+    if not outcome:
+        raise ClientGone(job_id)
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _terminal(state: ApiState, job_id: str, wait_s: float) -> dict[str, Any]:
+    async for event in follow(state, job_id, time.monotonic() + wait_s):
         if event is not None and EventType(event["type"]) in TERMINAL_EVENTS:
             break
     record: dict[str, Any] = await anyio.to_thread.run_sync(state.store.get, job_id)
