@@ -104,6 +104,11 @@ def test_generate_b64_json_two_images_through_an_alias(api: Process) -> None:
         data = base64.b64decode(image.b64_json)
         assert hashlib.sha256(data).hexdigest() == output["sha256"]
         assert Image.open(io.BytesIO(data)).size == (64, 64)
+    # GET /v1/models keeps atelier's shape, and says what each alias runs.
+    models = httpx.get(f"http://127.0.0.1:{api.port}/v1/models",
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert models["aliases"] == {"gpt-image-1": "tiny-sdxl", "dall-e-3": "tiny-sdxl"}
+    assert "tiny-sdxl" in {m["name"] for m in models["models"]}
 
 
 def test_generate_url_in_webp(api: Process) -> None:
