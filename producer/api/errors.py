@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from producer.errors import Unavailable
 
@@ -38,14 +39,26 @@ def error_response(exc: ApiError) -> JSONResponse:
 Renderer = Callable[[ApiError], JSONResponse]
 
 
-def _translate(exc: Exception) -> ApiError:
+def _allowed(request: Request) -> str:
+    """Every method the request's path answers: Starlette's 405 names only those of the
+    first route with that path (``/v1/jobs`` has a POST route and a GET route)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def _translate(request: Request, exc: Exception) -> ApiError:
     """Whatever went wrong in a route, as the refusal it is."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return ApiError(exc.status_code, code, str(exc.detail),
-                        headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return ApiError(exc.status_code, code, str(exc.detail), headers=headers)
     if isinstance(exc, RequestValidationError):
         fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
                   for e in exc.errors()]
@@ -63,7 +76,7 @@ def install(app: FastAPI, shapes: dict[str, Renderer] | None = None) -> None:
     others = dict(shapes or {})
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        refusal = _translate(exc)
+        refusal = _translate(request, exc)
         for prefix, render in others.items():
             if request.url.path.startswith(prefix):
                 return render(refusal)

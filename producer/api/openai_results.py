@@ -161,7 +161,10 @@ async def images_response(state: ApiState, record: dict[str, Any], ask: Ask,
             raw = await anyio.to_thread.run_sync(state.up.storage.get, output["key"])
             data.append({"b64_json": base64.b64encode(raw).decode()})
         else:
-            data.append({"url": state.up.storage.url(output["key"])})
+            # A presigned S3 URL, or the API's own signed one for file:// storage.
+            local = state.files.storage is not None
+            url = (state.files.url if local else state.up.storage.url)(output["key"])
+            data.append({"url": url})
     body: dict[str, Any] = {
         "created": int(parse_iso(record["finished_at"]).timestamp()),
         "data": data, "background": "opaque", "output_format": ask.output_format,
