@@ -7,7 +7,8 @@ a time), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (server-sent events
 ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, and OpenAI's
 ``POST /v1/images/generations`` and ``/v1/images/edits``. Every refusal has one
 shape, ``{"error": {"code", "message", "fields"?}}``, but on the OpenAI routes OpenAI's.
-Auth and rate limit: :mod:`producer.api.auth`; idempotency and admission: :mod:`producer.api.submit`.
+Auth and rate limit: :mod:`producer.api.auth`; idempotency and admission:
+:mod:`producer.api.submit`.
 
 The package::
 
