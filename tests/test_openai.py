@@ -104,6 +104,10 @@ def test_generate_b64_json_two_images_through_an_alias(api: Process) -> None:
         data = base64.b64decode(image.b64_json)
         assert hashlib.sha256(data).hexdigest() == output["sha256"]
         assert Image.open(io.BytesIO(data)).size == (64, 64)
+    # A job like any other: listed with the key's jobs.
+    listed = httpx.get(f"http://127.0.0.1:{api.port}/v1/jobs",
+                       headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert job["id"] in {j["id"] for j in listed["data"]}
     # GET /v1/models keeps atelier's shape, and says what each alias runs.
     models = httpx.get(f"http://127.0.0.1:{api.port}/v1/models",
                        headers={"Authorization": f"Bearer {KEY}"}).json()
