@@ -208,15 +208,31 @@ def test_a_client_that_leaves_finds_its_job_again(api: Process) -> None:
             'status="499"} 1.0') in metrics
 
 
-def test_stream_sends_the_completed_image(api: Process) -> None:
+def test_stream_sends_partial_images_from_previews_then_the_image(api: Process) -> None:
     stream = sdk(api).images.generate(prompt=PROMPT, size="64x64", stream=True,
-                                      partial_images=2, output_format="jpeg")
+                                      partial_images=2, output_format="jpeg",
+                                      extra_body={"steps": 16})
     job_id = stream.response.headers["x-atelier-job-id"]
     events = list(stream)
+    partial = [e for e in events if e.type == "image_generation.partial_image"]
     completed = [e for e in events if e.type == "image_generation.completed"]
+    assert [e.type for e in events[-1:]] == ["image_generation.completed"]
     assert len(completed) == 1 and completed[0].output_format == "jpeg"
+    # Previews, re-encoded as asked, at most partial_images of them, numbered from 0.
+    assert 1 <= len(partial) <= 2, [e.type for e in events]
+    assert [e.partial_image_index for e in partial] == list(range(len(partial)))
+    for event in partial:
+        picture = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        assert picture.format == "JPEG" and max(picture.size) <= 64
+    assert record(api, job_id)["request"]["preview"] is True
     data = base64.b64decode(completed[0].b64_json)
     assert hashlib.sha256(data).hexdigest() == record(api, job_id)["outputs"][0]["sha256"]
+    # An edit streams image_edit.* events.
+    edit = sdk(api).images.edit(image=("in.png", png((64, 64), (9, 90, 200)), "image/png"),
+                                prompt=PROMPT, stream=True, partial_images=1,
+                                extra_body={"steps": 24})  # strength 0.6: 14 steps
+    types = [e.type for e in edit]
+    assert types[-1] == "image_edit.completed" and types.count("image_edit.partial_image") == 1
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +291,7 @@ def test_the_node_sdk_generates_and_streams(api: Process) -> None:
     job = record(api, out["generate"]["job_id"])
     assert hashlib.sha256(generated).hexdigest() == job["outputs"][0]["sha256"]
     assert out["stream"]["types"][-1] == "image_generation.completed"
+    assert 1 <= out["stream"]["partials"] <= 2
     wait_until(lambda: record(api, out["stream"]["job_id"])["status"] == "succeeded", 10)
 
 

@@ -201,6 +201,9 @@ def translate(body: _Common, spec: ModelSpec,
             data[name] = value.copy() if isinstance(value, dict) else value
     if "loras" in data:
         data["loras"] = [ref.model_dump() for ref in data["loras"]]
+    if body.stream and body.partial_images:
+        # The partial images are the job's previews (DESIGN "Previews").
+        data["preview"] = True
     user = body.safety_identifier or body.user
     if user:
         data["metadata"] = {**data.get("metadata", {}), "openai_user": user}

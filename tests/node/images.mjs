@@ -12,6 +12,7 @@ const { data: result, response } = await client.images
 const { data: stream, response: streamed } = await client.images.generate({
   model: "gpt-image-1", prompt: "a lighthouse at dusk", size: "64x64",
   stream: true, partial_images: 2,
+  steps: 16, // atelier's own field (enough steps for previews to come)
 }).withResponse();
 const types = [];
 let partials = 0;
