@@ -202,6 +202,12 @@ def test_a_client_that_leaves_finds_its_job_again(api: Process) -> None:
     job = record(api, raw.headers["x-atelier-job-id"])
     assert job["status"] == "succeeded" and job["request"]["steps"] == 40
     assert raw.parse().data is not None
+    # The same key with another body is a conflict, and the SDK does not retry it.
+    with pytest.raises(openai.ConflictError) as conflict:
+        openai.OpenAI(base_url=f"http://127.0.0.1:{api.port}/v1", api_key=KEY).images.generate(
+            prompt="another prompt", extra_headers={"Idempotency-Key": "leave-1"})
+    assert conflict.value.code == "idempotency_conflict"
+    assert conflict.value.response.headers["x-should-retry"] == "false"
     # The API saw the first client go (its wait stopped: 499, nginx's "client closed").
     metrics = httpx.get(f"http://127.0.0.1:{api.port}/metrics").text
     assert ('atelier_api_requests_total{method="POST",route="/v1/images/generations",'

@@ -64,8 +64,11 @@ def from_api_error(exc: ApiError) -> OpenAIError:
     """An atelier refusal in OpenAI's terms: a 422 (invalid request) is OpenAI's 400."""
     status = 400 if exc.status == 422 else exc.status
     param = exc.fields[0]["field"] if exc.fields else None
-    return OpenAIError(status, exc.message, param, CODES.get(exc.code, exc.code),
-                       exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.code == "idempotency_conflict":
+        # The SDKs retry a 409; this one answers the same however often it is asked.
+        headers["x-should-retry"] = "false"
+    return OpenAIError(status, exc.message, param, CODES.get(exc.code, exc.code), headers)
 
 
 def render(exc: ApiError) -> JSONResponse:
