@@ -38,10 +38,17 @@ lint: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/atelier-site
 
+# The openai npm package tests/test_openai.py drives through node (skipped only where
+# node is absent).
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+$(NODE_DEPS): tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/test_openai.py skips its node case"; fi
+
 # Two pytest processes, one test module each at a time (--dist loadfile keeps a module's
 # fixtures in one process): much of the suite waits on leases and timeouts at the
 # settings users have, and the other process uses that time.
-test: lint docs
+test: lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).

@@ -146,6 +146,29 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: An event stream with nothing to say sends a comment this often.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: ``POST /v1/images/*`` (OpenAI-compatible) waits this long for its job before it
+    #: answers 504 (the job goes on; ``X-Atelier-Job-Id`` names it).
+    openai_wait_s: float = Field(default=300.0, gt=0)
+    #: Model names OpenAI clients send, as ``alias=registry-model`` pairs, comma-separated
+    #: (``gpt-image-1=playground-v2.5,dall-e-3=playground-v2.5``).
+    openai_model_aliases: str = ""
+
+    @field_validator("openai_model_aliases")
+    @classmethod
+    def _aliases(cls, v: str) -> str:
+        for pair in (p.strip() for p in v.split(",")):
+            alias, sep, target = pair.partition("=")
+            if pair and not (sep and alias.strip() and target.strip()):
+                raise ValueError("ATELIER_OPENAI_MODEL_ALIASES must be comma-separated "
+                                 f"alias=model pairs (got {pair!r})")
+        return v
+
+    @property
+    def model_aliases(self) -> dict[str, str]:
+        """``openai_model_aliases`` as a mapping, alias to registry model."""
+        pairs = (p.partition("=") for p in self.openai_model_aliases.split(",") if p.strip())
+        return {alias.strip(): target.strip() for alias, _, target in pairs}
+
     #: The API's address as its clients reach it (``https://atelier.example.com``), for
     #: the links it gives out; unset: the address each request came to.
     public_url: str | None = None

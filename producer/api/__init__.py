@@ -4,9 +4,11 @@ Routes (DESIGN.md): ``POST /v1/jobs``, ``GET /v1/jobs`` (the caller's jobs, a pa
 a time), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (server-sent events),
 ``POST /v1/jobs/{id}/cancel``, ``GET /v1/models``, ``GET /v1/queues``,
 ``GET /v1/workers``, ``GET /v1/files/{key}`` (``file://`` outputs at signed URLs),
-``GET /healthz``, ``GET /readyz``, ``GET /metrics``. Every refusal has one shape:
-``{"error": {"code", "message", "fields"?}}``. Auth and rate limit:
-:mod:`producer.api.auth`; idempotency and admission: :mod:`producer.api.submit`.
+``GET /healthz``, ``GET /readyz``, ``GET /metrics``, and OpenAI's
+``POST /v1/images/generations`` and ``/v1/images/edits``. Every refusal has one
+shape, ``{"error": {"code", "message", "fields"?}}``, but on the OpenAI routes OpenAI's.
+Auth and rate limit: :mod:`producer.api.auth`; idempotency and admission:
+:mod:`producer.api.submit`.
 
 The package::
 
@@ -24,16 +26,17 @@ The package::
     files.py        signed, expiring URLs of file:// outputs (``GET /v1/files/{key}``)
     submit.py       taking a job in: body limit, validation, Idempotency-Key, admission
     sse.py          a job's events as server-sent events
-    routes/         one router per resource: jobs, models, queues, workers, files, health
+    openai_*.py     the OpenAI-compatible routes: request (OpenAI's fields as a job
+                    request), form (the edit's multipart), results (the wait, the
+                    answers, the image events), errors (OpenAI's error shape)
+    routes/         one router per resource: jobs, images (OpenAI), models, queues,
+                    workers, files, health
 
 Where the routes to come go (each a router in ``routes/``, included in ``app.py``):
 
 - ``routes/trainings.py``: ``POST /v1/trainings``, a job of kind ``train`` taken in
   through :mod:`~producer.api.submit` with its own request validation; everything
   else about it is ``/v1/jobs/{id}``.
-- ``routes/images.py``: ``POST /v1/images/generations`` and ``/v1/images/edits``
-  (OpenAI-compatible): jobs taken in through :mod:`~producer.api.submit`, waited for,
-  answered in OpenAI's shapes (its error shape from an exception handler of its own).
 - ``routes/studio.py`` with ``studio/`` (static files shipped in the package):
   ``GET /``, the studio page (the signed output URLs of ``file://`` storage are
   ``routes/files.py``).
