@@ -177,7 +177,7 @@ def _check_family(fields: Fields, spec: ModelSpec) -> list[FieldError]:
 def _check_images(fields: Fields, spec: ModelSpec | None,
                   settings: Settings) -> list[FieldError]:
     """``image`` and ``mask``: inline ones decoded once, URLs checked; their companions."""
-    errors = []
+    errors: list[FieldError] = []
     sizes: dict[str, tuple[int, int]] = {}
     for name in ("image", "mask"):
         src = fields.valid(name)
