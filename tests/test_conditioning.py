@@ -129,8 +129,29 @@ def test_control_equals_bare_diffusers_and_shares_the_base_modules(
     cpipe.set_progress_bar_config(disable=True)
     assert generate(cpipe, image=ctrl, guidance_scale=5.0,
                     controlnet_conditioning_scale=1.0).tobytes() == controlled.tobytes()
-    # loaded once: the second job took it from the cache
+    # loaded once: the later jobs took it, and its pipeline, from the caches
     assert sdxl.cond.controlnets.loads == 1
+    sdxl.run(control=[entry()], control_images=[ctrl])
+    assert sdxl.last_pipe is pipe
+
+
+def test_controlnet_cache_keeps_within_its_budget(sdxl: Loaded) -> None:
+    from worker.generation.conditioning import _nbytes
+
+    nets = sdxl.cond.controlnets
+    ctrl = control_image()
+    first = sdxl.run(control=[entry()], control_images=[ctrl])
+    size = _nbytes(nets.get("tiny-sdxl-canny", "cpu", sdxl.model.dtype, "x"))
+    budget, nets.max_bytes = nets.max_bytes, size  # room for one
+    try:
+        sdxl.run(control=[entry("tiny-sdxl-depth")], control_images=[ctrl])
+        assert [n.split("|")[0] for n in nets.cached_names()] == ["tiny-sdxl-depth"]
+        assert all(k[2][0].startswith("tiny-sdxl-depth") for k in sdxl.cond._pipes)
+        loads = nets.loads
+        again = sdxl.run(control=[entry()], control_images=[ctrl])  # loaded again
+        assert nets.loads == loads + 1 and again.tobytes() == first.tobytes()
+    finally:
+        nets.max_bytes = budget
 
 
 def test_two_controlnets_and_the_guidance_window(sdxl: Loaded) -> None:
