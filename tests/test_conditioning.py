@@ -308,3 +308,23 @@ def test_sd15_control_and_references_equal_bare_diffusers(models_dir: Path,
     bare.set_ip_adapter_scale({"down": {"block_1": [0.0, 0.8]}})
     assert generate(bare, ip_adapter_image=ref, guidance_scale=7.5).tobytes() == \
         referenced.tobytes()
+
+
+def test_an_adapter_that_does_not_load_leaves_nothing(sdxl: Loaded, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from producer.errors import InternalError
+    from producer.registry import IpAdapterSpec
+
+    model, spec = sdxl.model, sdxl.model.spec
+    unet = model.pipe.unet
+    processors = dict(unet.attn_processors)
+    model.spec = replace(spec, name="tiny-broken", ip_adapter=IpAdapterSpec(
+        source=str(tmp_path), weight_name="missing.safetensors"))
+    try:
+        with pytest.raises(InternalError, match=r"^references: the IP-Adapter of tiny-broken"):
+            sdxl.cond.ip_adapters.attach(model, model.pipe, [{"scale": 1.0, "mode": "full"}],
+                                         [reference_image()])
+    finally:
+        model.spec = spec
+    assert dict(unet.attn_processors) == processors and unet.encoder_hid_proj is None

@@ -3,7 +3,9 @@ nothing written; inline control and reference images stashed like ``image``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -82,3 +84,39 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
     assert params["references"] == [{"scale": 0.6, "mode": "style"}]  # no input image
     plain = client.get(client.submit(prompt=P))["request"]
     assert not {"control", "references"} & set(plain)
+
+
+@pytest.mark.parametrize(("toml", "says"), [
+    ('[controlnets.x]\nsource = "a/b"\nfamily = "flux"\nkind = "canny"', "family must be one of"),
+    ('[controlnets.x]\nsource = "a/b"\nfamily = "sdxl"', "needs a string source, family and kind"),
+    ('[controlnets.x]\nsource = "a/b"\nfamily = "sdxl"\nkind = "canny"\nscale = 1',
+     "unknown keys ['scale']"),
+    ('[models."tiny-sdxl".ip_adapter]\nsource = "h94/IP-Adapter"\nweight_name = "a.bin"',
+     "weight_name must be a .safetensors file"),
+    ('[models."tiny-flux".ip_adapter]\nsource = "x"\nweight_name = "a.safetensors"',
+     "ip_adapter applies to sdxl, sd15 only"),
+])
+def test_registry_entries_are_checked(tmp_path: Path, toml: str, says: str) -> None:
+    from producer.registry import Registry
+
+    path = tmp_path / "models.toml"
+    path.write_text(toml)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Registry.load(str(path))
+
+
+def test_tiny_controlnet_and_ip_adapter_build_to_the_same_bytes(tmp_path: Path,
+                                                                models_dir: Path) -> None:
+    from worker.tiny import ensure_builtin
+    from worker.tiny_refs import IP_ADAPTER_FILE, build_tiny_controlnet, build_tiny_ip_adapter
+
+    base = models_dir / "tiny-sdxl"
+    net = build_tiny_controlnet(tmp_path / "cn", base) / "diffusion_pytorch_model.safetensors"
+    adapter = build_tiny_ip_adapter(tmp_path / "ip", base)
+    built = ensure_builtin("tiny-sdxl-controlnet", models_dir)
+    assert net.read_bytes() == (built / net.name).read_bytes()
+    assert (adapter / IP_ADAPTER_FILE).read_bytes() == \
+        (ensure_builtin("tiny-sdxl-ip-adapter", models_dir) / IP_ADAPTER_FILE).read_bytes()
+    encoder = "image_encoder/model.safetensors"
+    assert (adapter / encoder).read_bytes() == (models_dir / "tiny-sdxl-ip-adapter" /
+                                                encoder).read_bytes()

@@ -83,7 +83,11 @@ class ControlNets:
         spec = self.registry.controlnet(name)
         if spec is None:  # the producer checked; a registry changed in between
             raise InternalError(f"{field}: unknown ControlNet {name!r} on this worker")
-        model = self._load(spec, device, dtype)
+        try:
+            model = self._load(spec, device, dtype)
+        except (OSError, ValueError) as exc:
+            raise InternalError(f"{field}: ControlNet {name!r} did not load from "
+                                f"{spec.source!r}: {exc}") from None
         size = _nbytes(model)
         self.loads += 1
         with self._lock:
@@ -208,8 +212,14 @@ class IpAdapters:
         kwargs: dict[str, Any] = {"image_encoder_folder": spec.image_encoder}
         if local is None and spec.revision:
             kwargs["revision"] = spec.revision
-        pipe.load_ip_adapter(str(local or spec.source), subfolder=spec.subfolder,
-                             weight_name=spec.weight_name, **kwargs)
+        try:
+            pipe.load_ip_adapter(str(local or spec.source), subfolder=spec.subfolder,
+                                 weight_name=spec.weight_name, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # Nothing half-loaded stays: the UNet's own processors, no projection.
+            _detach(pipe, _Adapter(base, {}, None, None, None, own))
+            raise InternalError(f"references: the IP-Adapter of {model.spec.name} did not "
+                                f"load from {spec.source!r}: {exc}") from None
         adapter = _Adapter(base, dict(unet.attn_processors), unet.encoder_hid_proj,
                            pipe.image_encoder, pipe.feature_extractor, own)
         self.loads += 1
