@@ -76,7 +76,7 @@ def generate(pipe: Any, **kwargs: Any) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        out = pipe(prompt=PROMPT, num_inference_steps=3, width=64, height=64,
+        out = pipe(prompt=PROMPT, num_inference_steps=2, width=64, height=64,
                    generator=[torch.Generator("cpu").manual_seed(SEED)], **kwargs)
     return np.asarray(out.images[0])
 
