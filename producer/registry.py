@@ -21,9 +21,10 @@ PIPELINES = ("sdxl", "sd15", "flux", "simulated")
 MODEL_FAMILIES = ("sdxl", "sd15", "flux")
 #: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
 OPTION_PIPELINES = ("sdxl",)
-#: Families whose diffusers pipelines take ControlNets and IP-Adapters here (Flux's
-#: ControlNet and IP-Adapter pipelines are not wired in).
-CONDITIONING_PIPELINES = ("sdxl", "sd15")
+#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's
+#: IP-Adapter, XLabs' with its own loader, is not wired in).
+CONTROLNET_PIPELINES = ("sdxl", "sd15", "flux")
+IP_ADAPTER_PIPELINES = ("sdxl", "sd15")
 SCHEDULERS = (
     "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "edm_dpmpp_2m",
     "edm_euler", "flow_euler",
@@ -295,8 +296,8 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
             problems.append("gpu_ms must be 0..600000")
     elif "gpu_ms" in raw:
         problems.append("gpu_ms applies to simulated pipelines only")
-    if spec.ip_adapter is not None and spec.pipeline not in CONDITIONING_PIPELINES:
-        problems.append(f"ip_adapter applies to {', '.join(CONDITIONING_PIPELINES)} only")
+    if spec.ip_adapter is not None and spec.pipeline not in IP_ADAPTER_PIPELINES:
+        problems.append(f"ip_adapter applies to {', '.join(IP_ADAPTER_PIPELINES)} only")
     if "options" in raw and spec.pipeline not in OPTION_PIPELINES:
         problems.append(f"options apply to {', '.join(OPTION_PIPELINES)} pipelines only")
     if problems:
@@ -356,8 +357,8 @@ def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
         raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
     if any(not isinstance(raw.get(k), str) for k in ("source", "family", "kind")):
         raise ValueError(f"{where} needs a string source, family and kind")
-    if raw["family"] not in CONDITIONING_PIPELINES:
-        raise ValueError(f"{where}: family must be one of {CONDITIONING_PIPELINES}")
+    if raw["family"] not in CONTROLNET_PIPELINES:
+        raise ValueError(f"{where}: family must be one of {CONTROLNET_PIPELINES}")
     return ControlNetSpec(name=name, **raw)
 
 

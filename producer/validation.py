@@ -36,7 +36,13 @@ from producer.contract import (
 from producer.errors import InvalidRequest, UnknownModel
 from producer.images import decode_data_uri, open_image
 from producer.netguard import is_public, parse_allowlist
-from producer.registry import CONDITIONING_PIPELINES, WEIGHTING_PIPELINES, ModelSpec, Registry
+from producer.registry import (
+    CONTROLNET_PIPELINES,
+    IP_ADAPTER_PIPELINES,
+    WEIGHTING_PIPELINES,
+    ModelSpec,
+    Registry,
+)
 from producer.settings import Settings
 
 FieldError = dict[str, str]
@@ -229,12 +235,14 @@ def _check_conditioning(fields: Fields, registry: Registry, spec: ModelSpec | No
     errors: list[FieldError] = []
     control = fields.valid("control") or []
     refs = fields.valid("references") or []
-    if spec is not None and spec.pipeline not in CONDITIONING_PIPELINES:
-        for name, given in (("control", control), ("references", refs)):
-            if given:
+    if spec is not None:
+        for name, given, families in (("control", control, CONTROLNET_PIPELINES),
+                                      ("references", refs, IP_ADAPTER_PIPELINES)):
+            if given and spec.pipeline not in families:
                 errors.append({"field": name, "message": f"{spec.name} ({spec.pipeline}) takes "
-                               f"none; only {', '.join(CONDITIONING_PIPELINES)} models do"})
-        return errors
+                               f"none; only {', '.join(families)} models do"})
+        if spec.pipeline not in CONTROLNET_PIPELINES:
+            return errors
     for i, entry in enumerate(control):
         field = f"control.{i}"
         cn = registry.controlnet(entry["name"])
@@ -248,7 +256,8 @@ def _check_conditioning(fields: Fields, registry: Registry, spec: ModelSpec | No
         if entry.get("end", 1.0) <= entry.get("start", 0.0):
             errors.append({"field": f"{field}.end", "message": "must be greater than start"})
         _check_source(f"{field}.image", entry["image"], settings, errors)
-    if refs and spec is not None and spec.ip_adapter is None:
+    if (refs and spec is not None and spec.ip_adapter is None
+            and spec.pipeline in IP_ADAPTER_PIPELINES):
         errors.append({"field": "references", "message": f"{spec.name} has no ip_adapter in "
                        "the registry: it takes no reference images"})
     for i, entry in enumerate(refs):

@@ -58,10 +58,10 @@ class Loaded:
             req = {"control": control}
             inputs = type("I", (), {"control": control_images})
             pipe, ckw = self.cond.pipeline(model, req, inputs, task)
-            assert ckw == control_kwargs(control, control_images or [], task)
+            assert ckw == control_kwargs(control, control_images or [], task,
+                                         model.spec.pipeline)
             kwargs.update(ckw)
-        pipe.scheduler = model.scheduler("euler" if model.spec.pipeline == "sdxl"
-                                         else "dpmpp_2m_karras")
+        pipe.scheduler = model.scheduler(model.spec.scheduler)
         try:
             if refs:
                 kwargs.update(self.cond.ip_adapters.attach(model, pipe, refs, ref_images or []))
@@ -328,3 +328,31 @@ def test_an_adapter_that_does_not_load_leaves_nothing(sdxl: Loaded, tmp_path: Pa
     finally:
         model.spec = spec
     assert dict(unet.attn_processors) == processors and unet.encoder_hid_proj is None
+
+
+def test_flux_control_equals_bare_diffusers(models_dir: Path, one_thread: None) -> None:
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
+
+    flux = Loaded("tiny-flux", models_dir)
+    ctrl, init = control_image(), Image.new("RGB", (64, 64), (20, 90, 160))
+    net = entry("tiny-flux-canny")
+    base = flux.run()
+    controlled = flux.run(control=[net], control_images=[ctrl])
+    two = flux.run(control=[net, {**net, "scale": 0.5}], control_images=[ctrl, ctrl])
+    assert type(flux.last_pipe.controlnet).__name__ == "FluxMultiControlNetModel"
+    plain_i2i = flux.run(1, image=init, strength=0.7)
+    i2i = flux.run(1, control=[net], control_images=[ctrl], image=init, strength=0.7)
+    assert type(flux.last_pipe).__name__ == "FluxControlNetImg2ImgPipeline"
+    inpaint = flux.run(2, control=[net], control_images=[ctrl], image=init, strength=0.7,
+                       mask_image=mask_image())
+    assert type(flux.last_pipe).__name__ == "FluxControlNetInpaintPipeline"
+    assert inpaint.shape == (64, 64, 3) and inpaint.tobytes() != i2i.tobytes()
+    assert len({base.tobytes(), controlled.tobytes(), two.tobytes()}) == 3
+    assert i2i.tobytes() != plain_i2i.tobytes()
+    bare = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
+    cnet = FluxControlNetModel.from_pretrained(str(models_dir / "tiny-flux-controlnet"),
+                                               use_safetensors=True)
+    cpipe = FluxControlNetPipeline.from_pipe(bare, controlnet=cnet)
+    cpipe.set_progress_bar_config(disable=True)
+    assert generate(cpipe, control_image=ctrl, guidance_scale=0.0,
+                    controlnet_conditioning_scale=1.0).tobytes() == controlled.tobytes()

@@ -49,7 +49,9 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
      ["control.0.image"]),
     ("bad-data", {"control": [{"name": CN, "image": "data:image/png;base64,AAAA"}]},
      ["control.0.image"]),
-    ("flux", {"model": "tiny-flux", "control": [{"name": CN, "image": IMG}]}, ["control"]),
+    ("flux-sdxl-net", {"model": "tiny-flux", "control": [{"name": CN, "image": IMG}]},
+     ["control.0.name"]),
+    ("flux-refs", {"model": "tiny-flux", "references": [{"image": IMG}]}, ["references"]),
     ("ref-scale", {"references": [{"image": IMG, "scale": -0.1}]}, ["references.0.scale"]),
     ("ref-mode", {"references": [{"image": IMG, "mode": "layout"}]}, ["references.0.mode"]),
     ("ref-too-many", {"references": [{"image": IMG}] * 5}, ["references"]),
@@ -87,7 +89,8 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
 
 
 @pytest.mark.parametrize(("toml", "says"), [
-    ('[controlnets.x]\nsource = "a/b"\nfamily = "flux"\nkind = "canny"', "family must be one of"),
+    ('[controlnets.x]\nsource = "a/b"\nfamily = "simulated"\nkind = "canny"',
+     "family must be one of"),
     ('[controlnets.x]\nsource = "a/b"\nfamily = "sdxl"', "needs a string source, family and kind"),
     ('[controlnets.x]\nsource = "a/b"\nfamily = "sdxl"\nkind = "canny"\nscale = 1',
      "unknown keys ['scale']"),

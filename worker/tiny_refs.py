@@ -21,16 +21,33 @@ IP_ADAPTER_FILE = "ip-adapter.safetensors"
 
 def build_tiny_controlnet(dest: str | os.PathLike[str], base: str | os.PathLike[str],
                           seed: int = SEED + 200) -> Path:
-    """A ControlNet made with ``ControlNetModel.from_unet`` from the tiny model's UNet,
-    every weight then drawn at random from ``seed`` (from_unet zero-initializes the
-    output convolutions, which would make the control image change nothing)."""
+    """A ControlNet made with ``ControlNetModel.from_unet`` from the tiny model's UNet
+    (``FluxControlNetModel.from_transformer`` from tiny-flux's transformer), every
+    weight then drawn at random from ``seed`` (both zero-initialize the output
+    projections, which would make the control image change nothing)."""
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import (
+        ControlNetModel,
+        FluxControlNetModel,
+        FluxTransformer2DModel,
+        UNet2DConditionModel,
+    )
 
-    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", use_safetensors=True)
+    flux = (Path(base) / "transformer").is_dir()
+    if flux:
+        transformer = FluxTransformer2DModel.from_pretrained(Path(base) / "transformer",
+                                                             use_safetensors=True)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", use_safetensors=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+        if flux:
+            controlnet = FluxControlNetModel.from_transformer(
+                transformer, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2)
+        else:
+            controlnet = ControlNetModel.from_unet(unet,
+                                                   conditioning_embedding_out_channels=(8, 16))
         with torch.no_grad():
             for p in controlnet.parameters():
                 p.copy_(torch.randn_like(p) * 0.05)
@@ -113,7 +130,8 @@ def ensure(name: str, root: Path) -> Path | None:
         ("-controlnet", build_tiny_controlnet, "config.json", SEED + 200),
         ("-ip-adapter", build_tiny_ip_adapter, IP_ADAPTER_FILE, SEED + 300),
     ):
-        if stem.endswith(suffix) and stem.removesuffix(suffix) in ("tiny-sdxl", "tiny-sd15"):
+        bases = ("tiny-sdxl", "tiny-sd15") + (("tiny-flux",) if suffix == "-controlnet" else ())
+        if stem.endswith(suffix) and stem.removesuffix(suffix) in bases:
             dest = root / name
             if not (dest / marker).exists():
                 base = ensure_builtin(stem.removesuffix(suffix), root)

@@ -1,5 +1,5 @@
-"""Conditioning on images: ControlNets (``control``) and IP-Adapter references
-(``references``), for the families diffusers has both for here (SDXL, SD 1.5).
+"""Conditioning on images: ControlNets (``control``: SDXL, SD 1.5, FLUX) and IP-Adapter
+references (``references``: SDXL, SD 1.5).
 
 - A job with control images runs diffusers' ControlNet pipeline of its task (text-to-
   image, img2img, inpainting), made with ``from_pipe`` from the loaded model: every
@@ -39,6 +39,14 @@ CONTROLNET_PIPELINES: dict[str, tuple[str, str, str]] = {
              "StableDiffusionXLControlNetInpaintPipeline"),
     "sd15": ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
              "StableDiffusionControlNetInpaintPipeline"),
+    "flux": ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
+             "FluxControlNetInpaintPipeline"),
+}
+#: Family → its ControlNet model class, and the class that combines several.
+CONTROLNET_MODELS: dict[str, tuple[str, str]] = {
+    "sdxl": ("ControlNetModel", "MultiControlNetModel"),
+    "sd15": ("ControlNetModel", "MultiControlNetModel"),
+    "flux": ("FluxControlNetModel", "FluxMultiControlNetModel"),
 }
 #: Canny hysteresis thresholds (those of diffusers' and ControlNet's canny examples).
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -102,10 +110,11 @@ class ControlNets:
         return model
 
     def _load(self, spec: ControlNetSpec, device: str, dtype: Any) -> Any:
-        from diffusers import ControlNetModel
+        import diffusers
 
         from worker.pipelines import _dtype_kwarg
 
+        model_cls = getattr(diffusers, CONTROLNET_MODELS[spec.family][0])
         kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
         local = _builtin(spec.source, self.settings)
         if local is None:
@@ -113,7 +122,7 @@ class ControlNets:
                 kwargs["revision"] = spec.revision
             if spec.variant:
                 kwargs["variant"] = spec.variant
-        model = ControlNetModel.from_pretrained(str(local or spec.source), **kwargs)
+        model = model_cls.from_pretrained(str(local or spec.source), **kwargs)
         log.info("loaded ControlNet %s from %s", spec.name, local or spec.source)
         return model.to(device)
 
@@ -131,20 +140,25 @@ def control_pipe(model: Any, nets: list[Any], task: int) -> Any:
     """The family's ControlNet pipeline for ``task`` (0 text-to-image, 1 img2img,
     2 inpainting), sharing every module of ``model.pipe``."""
     import diffusers
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+    import diffusers.models.controlnets as controlnets
 
     from worker.pipelines import _dtype_kwarg
 
-    cls = getattr(diffusers, CONTROLNET_PIPELINES[model.spec.pipeline][task])
-    controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    family = model.spec.pipeline
+    cls = getattr(diffusers, CONTROLNET_PIPELINES[family][task])
+    multi = getattr(controlnets, CONTROLNET_MODELS[family][1])
+    controlnet = nets[0] if len(nets) == 1 else multi(nets)
     pipe = cls.from_pipe(model.pipe, controlnet=controlnet, **_dtype_kwarg(model.dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def control_kwargs(entries: list[dict[str, Any]], images: list[Any], task: int) -> dict[str, Any]:
+def control_kwargs(entries: list[dict[str, Any]], images: list[Any], task: int,
+                   family: str = "sdxl") -> dict[str, Any]:
     """The ControlNet pipeline's arguments: the control images, scales and the part of
-    the denoising each one steers (lists for a multi-ControlNet, floats for one)."""
+    the denoising each one steers (lists for a multi-ControlNet, floats for one). SD's
+    text-to-image ControlNet pipelines take the control image as ``image``; their
+    img2img and inpainting ones, and all of Flux's, as ``control_image``."""
     one = len(entries) == 1
 
     def pick(key: str) -> Any:
@@ -152,7 +166,8 @@ def control_kwargs(entries: list[dict[str, Any]], images: list[Any], task: int) 
         return values[0] if one else values
 
     return {
-        "image" if task == 0 else "control_image": images[0] if one else images,
+        "image" if task == 0 and family != "flux" else "control_image":
+            images[0] if one else images,
         "controlnet_conditioning_scale": pick("scale"),
         "control_guidance_start": pick("start"),
         "control_guidance_end": pick("end"),
@@ -309,4 +324,4 @@ class Conditioning:
             pipe = control_pipe(model, nets, task)
             if cached.issuperset(key[2]):
                 self._pipes[key] = (pipe, nets)
-        return pipe, control_kwargs(entries, inputs.control, task)
+        return pipe, control_kwargs(entries, inputs.control, task, model.spec.pipeline)
