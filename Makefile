@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/duty_cycle.py
 	$(BIN)/python bench/pipeline_efficiency.py
 	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/list_jobs.py
 
 # On a CUDA machine with the model's weights at hand (or hub access).
 bench-gpu: install

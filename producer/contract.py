@@ -42,6 +42,14 @@ class Status(enum.StrEnum):
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 
 
+class Kind(enum.StrEnum):
+    """What a job does (DESIGN "Job kinds"): every kind shares the lifecycle. A record
+    written before kinds existed has none and is a ``generate`` job."""
+
+    GENERATE = "generate"
+    TRAIN = "train"
+
+
 class EventType(enum.StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
@@ -281,6 +289,7 @@ class Output(OutputFlags):
 
 class _RecordFields(TypedDict):
     id: str
+    kind: Kind
     status: Status
     request: dict[str, Any]
     created_at: str
@@ -353,7 +362,8 @@ def parse_iso(value: str) -> datetime:
 
 
 def new_record(
-    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None
+    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None,
+    kind: Kind = Kind.GENERATE,
 ) -> Record:
     expires_at = None
     if request.get("expires_in_s"):
@@ -362,6 +372,7 @@ def new_record(
         expires_at = expires_at.replace("+00:00", "Z")
     return {
         "id": job_id,
+        "kind": kind,
         "status": Status.QUEUED,
         "request": request,
         "created_at": created_at,

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     #: ``s3://bucket/prefix`` or ``file:///path``.
     storage_url: str = "file://./atelier-output"
     s3_endpoint_url: str | None = None
-    #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days).
+    #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days);
+    #: so do the signed URLs the API gives for ``file://`` outputs (up to 5 min more: they
+    #: are rounded so that a record read twice gives the same URL, which browsers cache).
     presign_ttl_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
     #: TOML file whose ``[models.NAME]`` tables add to or override the built-in registry.
     models_file: str | None = None
@@ -142,6 +144,27 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: An event stream with nothing to say sends a comment this often.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: The API's address as its clients reach it (``https://atelier.example.com``), for
+    #: the links it gives out; unset: the address each request came to.
+    public_url: str | None = None
+    #: HMAC key of the URLs at which the API serves ``file://`` outputs (at least 32
+    #: characters; every replica needs the same one). Unset: a random one per process,
+    #: so its URLs stop working when it restarts and on other replicas.
+    file_url_secret: str | None = Field(default=None, repr=False)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v and not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("ATELIER_PUBLIC_URL must be an http:// or https:// address")
+        return v.rstrip("/") if v else None
+
+    @field_validator("file_url_secret")
+    @classmethod
+    def _file_url_secret(cls, v: str | None) -> str | None:
+        if v and len(v) < 32:
+            raise ValueError("ATELIER_FILE_URL_SECRET must be at least 32 characters")
+        return v or None
 
     # -- webhooks -----------------------------------------------------------------------
     #: Seconds to wait before each retry of a failed delivery (jitter ±20 % is added);

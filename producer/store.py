@@ -52,6 +52,7 @@ from producer.errors import IdempotencyConflict, JobNotFound
 from producer.eventlog import Cursor, decode_batch, decode_event, events_query
 from producer.idempotency import Claim as Claim
 from producer.idempotency import IdempotencyKey
+from producer.joblist import list_entry
 from producer.redis_url import redis_client
 
 NO_TOKEN = "none"
@@ -155,7 +156,7 @@ class JobStore:
         ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
         ``requeue``: the record whose job waits in its queue again (the queue index).
         ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
-        A terminal status clears the job's lease.
+        A terminal status clears the job's lease; a new one moves it in the job list.
         """
         status = record["status"] if record is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
@@ -176,6 +177,7 @@ class JobStore:
             claim.ttl_s if claim is not None else 0,
             lease,
             "" if announce is None else announce,
+            list_entry(record) if record is not None else "",
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event

@@ -95,3 +95,13 @@ def test_recovery() -> None:
     assert r["lost"] == 0 and r["duplicate_outcomes"] == 0
     positive(r, "recovery_s_p50", "recovery_s_max")
     assert r["recovery_s_max"] >= r["recovery_s_p50"]
+
+
+def test_list_jobs() -> None:
+    r = run_bench("list_jobs.py", "--jobs", "200", "--reads", "5")
+    assert r["bench"] == "list_jobs" and r["jobs"] == 200
+    assert [row["owner_jobs"] for row in r["rows"]] == [100, 200, 100]
+    for row in r["rows"]:
+        positive(row, "store_p50_ms", "store_deep_p50_ms", "store_filtered_p50_ms",
+                 "api_p50_ms", "api_filtered_p50_ms")
+    positive(r, "api_p50_ratio", "store_p50_ratio", "fill_s", "index_bytes_per_job")

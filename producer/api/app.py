@@ -11,8 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from producer.api import errors, openapi
+from producer.api import errors, files, openapi
 from producer.api.keys import KeyRing
+from producer.api.routes import files as file_routes
 from producer.api.routes import health, jobs, models, queues, workers
 from producer.api.state import ApiState, attach
 from producer.logs import configure as configure_logging
@@ -47,13 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _measure(request: Request,
                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
+        files.bind_base(str(request.base_url))  # the links this request's answers give
         response = await call_next(request)
         route = request.scope.get("route")
         state.metrics.observe(request.method, getattr(route, "path", "unmatched"),
                               response.status_code, t0)
         return response
 
-    for module in (jobs, models, queues, workers, health):
+    for module in (jobs, models, queues, workers, file_routes, health):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from producer.errors import Unavailable
 
@@ -37,11 +38,23 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc)
 
 
+def _allowed(request: Request) -> str:
+    """Every method the request's path answers: Starlette's 405 names only those of the
+    first route with that path (``/v1/jobs`` has a POST route and a GET route)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(ApiError(exc.status_code, code, str(exc.detail),
-                                   headers=getattr(exc, "headers", None)))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed(request)}
+    return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=headers))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -32,6 +32,12 @@ class ErrorBody(BaseModel):
 JobRecord = RecordView
 
 
+class JobPage(BaseModel):
+    data: list[RecordView] = Field(description="The caller's jobs, newest first.")
+    next_cursor: str | None = Field(
+        description="Pass it as `cursor` for the next page; null on the last page.")
+
+
 class ModelList(BaseModel):
     models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
 

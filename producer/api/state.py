@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis as AsyncRedis
 
 from producer import scripts as S
+from producer.api.files import FileLinks
 from producer.api.keys import KeyRing
 from producer.client import Client
 from producer.errors import Unavailable
@@ -77,9 +78,12 @@ class ApiState:
     keyring: KeyRing
     backends: Backends | None = None
     metrics: ApiMetrics = field(init=False)
+    #: Signed URLs of ``file://`` outputs (:mod:`producer.api.files`).
+    files: FileLinks = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ApiMetrics(self)
+        self.files = FileLinks(self.settings)
 
     def open(self) -> None:
         self.backends = Backends.open(self.settings, self.registry)
