@@ -239,6 +239,23 @@ def _typed(key: str, value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, _KINDS.get(key, object))
 
 
+def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The typed values of a model's raw table: floats as floats, the nested tables as
+    their dataclasses."""
+    if "guidance_scale" in raw:
+        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
+    if "gpu_ms" in raw:
+        raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
+    if "options" in raw:
+        raw = {**raw, "options": _options(name, raw["options"], origin)}
+    if "ip_adapter" in raw:
+        if raw.get("pipeline", "sdxl") not in IP_ADAPTER_PIPELINES:
+            raise ValueError(f"{origin}: model {name!r}: ip_adapter applies to "
+                             f"{', '.join(IP_ADAPTER_PIPELINES)} only")
+        raw = {**raw, "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin)}
+    return raw
+
+
 def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     unknown = set(raw) - known
@@ -249,14 +266,7 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     wrong = sorted(k for k, v in raw.items() if not _typed(k, v))
     if wrong:
         raise ValueError(f"{origin}: model {name!r} has values of the wrong type for {wrong}")
-    if "guidance_scale" in raw:
-        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
-    if "gpu_ms" in raw:
-        raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
-    if "options" in raw:
-        raw = {**raw, "options": _options(name, raw["options"], origin)}
-    if "ip_adapter" in raw:
-        raw = {**raw, "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin)}
+    raw = _converted(name, raw, origin)
     spec = ModelSpec(name=name, **{**raw, "schedulers": tuple(raw.get("schedulers", ()))
                                    or (raw.get("scheduler", "euler"),)})
     problems = []
@@ -296,8 +306,6 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
             problems.append("gpu_ms must be 0..600000")
     elif "gpu_ms" in raw:
         problems.append("gpu_ms applies to simulated pipelines only")
-    if spec.ip_adapter is not None and spec.pipeline not in IP_ADAPTER_PIPELINES:
-        problems.append(f"ip_adapter applies to {', '.join(IP_ADAPTER_PIPELINES)} only")
     if "options" in raw and spec.pipeline not in OPTION_PIPELINES:
         problems.append(f"options apply to {', '.join(OPTION_PIPELINES)} pipelines only")
     if problems:
