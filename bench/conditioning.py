@@ -66,7 +66,8 @@ def main() -> None:
     from worker.pipelines import load_model
 
     torch.set_num_threads(1)
-    models_dir = tempfile.mkdtemp(prefix="atelier-bench-cond-")
+    tmp = tempfile.TemporaryDirectory(prefix="atelier-bench-cond-")
+    models_dir = tmp.name
     settings = Settings(models_dir=models_dir, device="cpu")
     registry = Registry.load()
     model = load_model(registry["tiny-sdxl"], settings, "cpu")
@@ -112,6 +113,7 @@ def main() -> None:
           "repeat": args.repeat, "median_ms": median, "added_ms": added,
           "first_run_ms": first, "note": "img2img_control is against img2img"},
          started, load_before)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":
