@@ -9,7 +9,7 @@ first ControlNet / IP-Adapter load is reported apart), then timed ``--repeat`` t
 the configurations interleaved so load from other processes falls on all alike; the
 median per configuration and its difference from the plain job are reported.
 
-    python bench/conditioning.py [--repeat 9]
+    python bench/conditioning.py [--repeat 9] [--steps 4]
 
 Last stdout line: {"bench": "conditioning", "median_ms": {...}, "added_ms": {...},
 "first_load_ms": {...}, ...}
@@ -52,6 +52,7 @@ class _Run:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     started, load_before = time.perf_counter(), load_average()
 
@@ -66,9 +67,12 @@ def main() -> None:
     from worker.pipelines import load_model
 
     torch.set_num_threads(1)
+    # The tiny models in ATELIER_MODELS_DIR when set (built there if missing), else in a
+    # folder of this run's own.
     tmp = tempfile.TemporaryDirectory(prefix="atelier-bench-cond-")
-    models_dir = tmp.name
-    settings = Settings(models_dir=models_dir, device="cpu")
+    settings = Settings(device="cpu")
+    if "models_dir" not in settings.model_fields_set:
+        settings = Settings(device="cpu", models_dir=tmp.name)
     registry = Registry.load()
     model = load_model(registry["tiny-sdxl"], settings, "cpu")
     cond = Conditioning(settings, registry)
@@ -77,8 +81,8 @@ def main() -> None:
     cn = {"name": "tiny-sdxl-canny", "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
           "preprocess": "none"}
     ref = {"image": "-", "scale": 0.6, "mode": "full"}
-    base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": 4, "guidance_scale": 5.0,
-            "scheduler": "euler", "seed": 1, "num_images": 1, "width": 64, "height": 64,
+    base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": args.steps,
+            "guidance_scale": 5.0, "scheduler": "euler", "seed": 1, "num_images": 1, "width": 64, "height": 64,
             "strength": 0.75, "loras": []}
     configs: dict[str, tuple[dict[str, Any], Any]] = {
         "plain": ({}, lambda: Inputs()),
@@ -109,7 +113,7 @@ def main() -> None:
     median = {n: round(statistics.median(t), 1) for n, t in times.items()}
     added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
     added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
-    emit({"bench": "conditioning", "model": "tiny-sdxl", "size": 64, "steps": 4,
+    emit({"bench": "conditioning", "model": "tiny-sdxl", "size": 64, "steps": args.steps,
           "repeat": args.repeat, "median_ms": median, "added_ms": added,
           "first_run_ms": first, "note": "img2img_control is against img2img"},
          started, load_before)
