@@ -82,7 +82,8 @@ def main() -> None:
           "preprocess": "none"}
     ref = {"image": "-", "scale": 0.6, "mode": "full"}
     base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": args.steps,
-            "guidance_scale": 5.0, "scheduler": "euler", "seed": 1, "num_images": 1, "width": 64, "height": 64,
+            "guidance_scale": 5.0, "scheduler": "euler", "seed": 1, "num_images": 1,
+            "width": 64, "height": 64,
             "strength": 0.75, "loras": []}
     configs: dict[str, tuple[dict[str, Any], Any]] = {
         "plain": ({}, lambda: Inputs()),
