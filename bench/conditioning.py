@@ -9,7 +9,7 @@ first ControlNet / IP-Adapter load is reported apart), then timed ``--repeat`` t
 the configurations interleaved so load from other processes falls on all alike; the
 median per configuration and its difference from the plain job are reported.
 
-    python bench/conditioning.py [--repeat 9] [--steps 4]
+    python bench/conditioning.py [--repeat 9] [--steps 4] [--only control,reference]
 
 Last stdout line: {"bench": "conditioning", "median_ms": {...}, "added_ms": {...},
 "first_load_ms": {...}, ...}
@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated configurations")
     args = parser.parse_args()
     started, load_before = time.perf_counter(), load_average()
 
@@ -97,6 +98,9 @@ def main() -> None:
         "img2img_control": ({"control": [cn]}, lambda: Inputs(image=init, control=[ctrl])),
     }
 
+    if args.only:
+        configs = {n: c for n, c in configs.items() if n in {"plain", *args.only.split(",")}}
+
     def once(name: str) -> float:
         extra, inputs = configs[name]
         t0 = time.perf_counter()
@@ -113,7 +117,8 @@ def main() -> None:
         log(f"round {i + 1}/{args.repeat}")
     median = {n: round(statistics.median(t), 1) for n, t in times.items()}
     added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
-    added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
+    if "img2img_control" in median and "img2img" in median:
+        added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
     emit({"bench": "conditioning", "model": "tiny-sdxl", "size": 64, "steps": args.steps,
           "repeat": args.repeat, "median_ms": median, "added_ms": added,
           "first_run_ms": first, "note": "img2img_control is against img2img"},
