@@ -105,7 +105,7 @@ def main() -> None:
         extra, inputs = configs[name]
         t0 = time.perf_counter()
         run: Any = _Run({**base, **extra})  # what generate reads of a Run
-        generate(run, model, inputs(), None, cond)
+        generate(run, model, inputs(), None, refs=cond)
         return (time.perf_counter() - t0) * 1000
 
     first = {name: round(once(name)) for name in configs}

@@ -96,11 +96,15 @@ else
   end
 end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
--- a failure must leave the record as it was.
+-- a failure must leave the record as it was. Each event is three arguments: its type,
+-- its data for the job's own log, and its data for the global stream ('' when the
+-- same; a preview picture rides only in the job's log).
 local ids = {}
-for i = 16, #ARGV, 2 do
+for i = 16, #ARGV, 3 do
+  local shared = ARGV[i + 2]
+  if shared == '' then shared = ARGV[i + 1] end
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
-                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
+                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', shared)
   redis.call('XADD', KEYS[2], id,
              'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   table.insert(ids, id)

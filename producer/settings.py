@@ -90,6 +90,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1, le=8)
     #: Minimum seconds between two ``job.progress`` events of a job.
     progress_interval_s: float = Field(default=0.5, ge=0.0)
+    #: Minimum seconds between two previews of a job (``preview: true``): a preview
+    #: rides on a ``job.progress`` event, at most one per interval.
+    preview_interval_s: float = Field(default=1.0, ge=0.0)
+    #: Longest side of a preview, px (never larger than the image itself).
+    preview_max_side: int = Field(default=256, ge=8, le=1024)
     #: Records and event logs of finished jobs are kept this long.
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     #: Largest init image accepted, encoded bytes.

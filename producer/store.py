@@ -46,6 +46,7 @@ from producer.contract import (
     Status,
     now_iso,
     parse_iso,
+    shared_data,
     terminal_event,
 )
 from producer.errors import IdempotencyConflict, JobNotFound
@@ -150,7 +151,8 @@ class JobStore:
         ``allowed``: comma-separated statuses the job must be in (or ``NEW``: must not
         exist); ``token``: the fence the caller read (``ANY_TOKEN`` skips the check).
         ``record`` replaces the record; ``events`` are appended in order, to the job's log
-        and the global stream, only if the check passes. ``claim`` (with ``NEW`` only):
+        and the global stream (less the log-only fields, a preview: :func:`shared_data`),
+        only if the check passes. ``claim`` (with ``NEW`` only):
         an idempotency key set in the same step, refused (``claimed``) if it exists.
         ``lease``: ``held:<worker>`` (that worker must hold the job) or
         ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
@@ -182,7 +184,8 @@ class JobStore:
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
                 data = {**data, "metadata": metadata}
-            args += [etype.value, _dumps(data)]
+            shared = shared_data(data)
+            args += [etype.value, _dumps(data), "" if shared is data else _dumps(shared)]
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
                   K.queued_index_key(_model(record or requeue)),

@@ -64,7 +64,9 @@ def test_pipeline_efficiency(models_dir: Path) -> None:
     r = run_bench("pipeline_efficiency.py", "--images", "2", "--rounds", "1",
                   models_dir=models_dir)
     assert r["bench"] == "pipeline_efficiency" and r["images"] == 2
-    positive(r, "worker_images_per_s", "bare_images_per_s", "ratio")
+    positive(r, "worker_images_per_s", "bare_images_per_s", "ratio", "preview_images_per_s",
+             "preview_ratio")
+    assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
 
 
 def test_gpu_without_cuda_exits_cleanly() -> None:

@@ -106,3 +106,13 @@ def test_through_the_api(stack: Stack, session_dir: Path) -> None:
     assert [r["status"] for r in records] == ["succeeded", "succeeded"], records
     assert records[0]["request"]["control"][0]["preprocess"] == "canny"
     assert records[1]["request"]["references"][0]["mode"] == "style"
+
+
+def test_previews_of_a_conditioned_job(stack: Stack) -> None:
+    req: dict[str, Any] = {**P, "steps": 12, "control": [CONTROL], "references": [REFERENCE]}
+    previewed, events = run_job(stack, **req, preview=True)
+    plain, _ = run_job(stack, **req)
+    previews = [e for e in events if e["type"] == "job.progress" and "preview" in e["data"]]
+    assert previews, [e["data"] for e in events if e["type"] == "job.progress"]
+    assert previews[0]["data"]["preview"].startswith("data:image/webp;base64,")
+    assert px(stack, previewed) == px(stack, plain)  # previews change no pixel

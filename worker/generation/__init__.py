@@ -101,6 +101,7 @@ class Generation:
         # 2. Generate
         conditioned = req.get("control") or req.get("references")
         images = generate(run, model, decoded, self.loras if req.get("loras") else None,
+                          self.settings.preview_max_side,
                           self.conditioning if conditioned else None)
         run.check_deadline()  # the VAE decode ran past it
 

@@ -1,7 +1,9 @@
 """Step 2 of a generation: the pipeline call, holding the GPU.
 
 The step callback only reads flags and the clock (``run.report``, ``run.check``): the
-monitor thread does the I/O, so nothing waits on Redis inside the denoising loop.
+monitor thread does the I/O, so nothing waits on Redis inside the denoising loop. With
+``preview: true`` the scheduler's ``step`` also keeps a reference to its x0 for the
+monitor thread to render (``worker/preview.py``); nothing else changes in the loop.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from producer.errors import OutOfMemory
 from worker.generation.conditioning import Conditioning
 from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel
+from worker.preview import Previewer, map_family, watch_scheduler
 from worker.prompts import conditioning
 from worker.run import Run
 
 
 def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
-             refs: Conditioning | None = None) -> list[Any]:
+             preview_max_side: int = 256, refs: Conditioning | None = None) -> list[Any]:
     """The job's images (a sweep's cells one after the other), as PIL images."""
     import torch
 
@@ -29,7 +32,8 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
     control: dict[str, Any] = {}
     if inputs.control and refs is not None:  # the family's ControlNet pipeline
         pipe, control = refs.pipeline(model, req, inputs, task)
-    pipe.scheduler = model.scheduler(req["scheduler"])
+    previewer = previews(run, model, req, preview_max_side)
+    pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
     cells = sweep_cells(req)
     done = [0]  # steps of the sweep's cells already run
 
@@ -56,7 +60,7 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
             if cond is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
                 kwargs.update(cond)
-            return _run_cells(pipe, model, req, kwargs, cells, done)
+            return _run_cells(pipe, model, req, kwargs, cells, done, previewer)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         raise OutOfMemory(f"out of GPU memory: {exc}") from None
@@ -71,7 +75,8 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
 
 
 def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[str, Any],
-               cells: list[dict[str, Any]], done: list[int]) -> list[Any]:
+               cells: list[dict[str, Any]], done: list[int],
+               previewer: Previewer | None) -> list[Any]:
     """One pipeline call, or one per sweep cell."""
     import torch
 
@@ -80,7 +85,7 @@ def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[
     images: list[Any] = []
     for cell in cells:
         # Each cell exactly as a job of its own parameters would run.
-        pipe.scheduler = model.scheduler(req["scheduler"])
+        pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
         gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
         images += pipe(**dict(
             kwargs, num_inference_steps=cell["steps"], generator=[gen],
@@ -88,6 +93,23 @@ def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[
         )).images
         done[0] += pipe.num_timesteps
     return images
+
+
+def previews(run: Run, model: LoadedModel, req: dict[str, Any],
+             max_side: int) -> Previewer | None:
+    """The job's previewer, given to the run for its monitor thread; None without
+    ``preview: true`` or for a family without a latent-to-RGB map (simulated)."""
+    if not req.get("preview"):
+        return None
+    family = map_family(model.spec.pipeline, model.pipe)
+    if family is None:
+        return None
+    run.preview = Previewer(family, req["width"], req["height"], max_side)
+    return run.preview
+
+
+def watched(scheduler: Any, previewer: Previewer | None) -> Any:
+    return scheduler if previewer is None else watch_scheduler(scheduler, previewer.latest)
 
 
 def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
