@@ -11,7 +11,7 @@ DEVICE ?=
 # loose range so GPU hosts choose their own CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint docs typecheck install clean bench bench-gpu
+.PHONY: demo studio test lint docs typecheck install clean bench bench-gpu
 
 $(BIN)/atelier: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(BIN)/atelier
 
 demo: install
 	$(BIN)/atelier demo "$(PROMPT)" --model "$(MODEL)" $(if $(DEVICE),--device "$(DEVICE)")
+
+# The studio page on the same embedded stack plus the API; prints its address with a key.
+studio: install
+	$(BIN)/atelier studio --model "$(MODEL)" $(if $(DEVICE),--device "$(DEVICE)") $(if $(PORT),--port "$(PORT)")
 
 lint: install
 	$(BIN)/ruff check .

@@ -296,6 +296,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(args)
 
 
+def cmd_studio(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.studio import run_studio
+
+    return run_studio(args)
+
+
 def _add_jobs_parser(sub: Any) -> None:
     p = sub.add_parser("jobs", help="list jobs, newest first")
     p.add_argument("--status", choices=[str(x) for x in Status])
@@ -311,16 +317,29 @@ def _add_jobs_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_jobs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_embedded_parsers(sub: Any) -> None:
+    """demo and studio: the commands that start the embedded stack."""
     p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
     _add_request_args(p, ["steps", "seed", "width", "height"])
     p.add_argument("--model", default="tiny-sdxl")
     p.add_argument("--out", default="atelier-output")
     p.add_argument("--device")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("studio", help="the studio web page on a private redis-server, "
+                       "worker and API, until Ctrl-C")
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--device")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="default: a free port")
+    p.set_defaults(func=cmd_studio)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atelier", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_embedded_parsers(sub)
 
     p = sub.add_parser("submit", help="submit a job")
     _add_request_args(p)

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from producer.api import errors, files, openapi
 from producer.api.keys import KeyRing
 from producer.api.routes import files as file_routes
-from producer.api.routes import health, jobs, models, queues, workers
+from producer.api.routes import health, jobs, models, queues, studio, workers
 from producer.api.state import ApiState, attach
 from producer.logs import configure as configure_logging
 from producer.registry import Registry
@@ -55,8 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               response.status_code, t0)
         return response
 
-    for module in (jobs, models, queues, workers, file_routes, health):
+    for module in (jobs, models, queues, workers, file_routes, health, studio):
         app.include_router(module.router)
+    app.mount("/static", studio.static_files(), name="static")
     openapi.install(app)
     return app
 

@@ -40,6 +40,7 @@ class JobPage(BaseModel):
 
 class ModelList(BaseModel):
     models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
+    default_model: str = Field(description="The model of a request that names none.")
 
 
 class QueueReport(BaseModel):
