@@ -107,3 +107,11 @@ def test_list_jobs() -> None:
         positive(row, "store_p50_ms", "store_deep_p50_ms", "store_filtered_p50_ms",
                  "api_p50_ms", "api_filtered_p50_ms")
     positive(r, "api_p50_ratio", "store_p50_ratio", "fill_s", "index_bytes_per_job")
+
+
+def test_conditioning(models_dir: Path) -> None:
+    r = run_bench("conditioning.py", "--repeat", "1", "--steps", "2", "--only",
+                  "two_controls,reference", models_dir=models_dir)
+    assert r["bench"] == "conditioning" and r["repeat"] == 1
+    assert set(r["added_ms"]) == {"two_controls", "reference"}
+    positive(r["median_ms"], *r["median_ms"])
