@@ -61,9 +61,12 @@ def test_duty_cycle() -> None:
 
 
 def test_pipeline_efficiency(models_dir: Path) -> None:
+    # 24 steps: jobs long enough that their progress (and so a preview) is published
+    # at least once, however fast the machine (the monitor publishes at most every
+    # PROGRESS_INTERVAL_S and may take up to 0.25 s to move to the next job).
     r = run_bench("pipeline_efficiency.py", "--images", "2", "--rounds", "1",
-                  models_dir=models_dir)
-    assert r["bench"] == "pipeline_efficiency" and r["images"] == 2
+                  "--steps", "24", models_dir=models_dir)
+    assert r["bench"] == "pipeline_efficiency" and r["images"] == 2 and r["steps"] == 24
     positive(r, "worker_images_per_s", "bare_images_per_s", "ratio", "preview_images_per_s",
              "preview_ratio")
     assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
