@@ -1,4 +1,4 @@
-"""The Python client a web backend uses: submit, get, wait, events, cancel."""
+"""The Python client a web backend uses: submit, get, list, wait, events, cancel."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from producer.broker import make_celery, send_job
 from producer.contract import Status, new_record, now_iso
 from producer.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.images import decode_data_uri
+from producer.joblist import DEFAULT_LIMIT, JobList, JobPage
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import Claim, JobStore
@@ -36,6 +37,7 @@ class Client:
         self.registry = registry or Registry.load(self.settings.models_file)
         self.store = store or JobStore.from_url(self.settings.redis_url, self.settings.result_ttl_s)
         self.celery = make_celery(self.settings, "atelier-producer")
+        self.jobs = JobList(self.store)
 
     def submit(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
         """Validate, record and enqueue a job; return its id.
@@ -85,17 +87,41 @@ class Client:
         return job_id
 
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
-        """Keep a ``data:`` init image (and mask) beside the record, by its sha256."""
+        """Keep ``data:`` input images (init image, mask, control and reference images)
+        beside the record, by their sha256."""
+        def stash(src: Any) -> Any:
+            if isinstance(src, str) and src.startswith("data:"):
+                raw = decode_data_uri(src, self.settings.max_image_bytes)
+                return f"sha256:{self.store.put_input(raw)}"
+            return src
+
         out = dict(normalized)
         for name in ("image", "mask"):
-            src = normalized.get(name)
-            if src and src.startswith("data:"):
-                raw = decode_data_uri(src, self.settings.max_image_bytes)
-                out[name] = f"sha256:{self.store.put_input(raw)}"
+            if normalized.get(name):
+                out[name] = stash(normalized[name])
+        for name in ("control", "references"):
+            if normalized.get(name):
+                out[name] = [{**e, "image": stash(e["image"])} for e in normalized[name]]
         return out
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)
+
+    def list(
+        self, *, owner: str | None = None, status: str | None = None,
+        model: str | None = None, kind: str | None = None, limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of jobs, newest first: ``{"data": [records], "next_cursor"}``; pass
+        ``next_cursor`` as ``cursor`` for the next page (None: this was the last).
+
+        ``owner``: whose jobs: None, those submitted without an API key (this client's);
+        an API key's id (:func:`producer.api.key_id`) for that key's. Filters: ``status``,
+        ``model``, ``kind``; ``limit`` 1-100. Raises
+        :class:`~producer.errors.InvalidRequest` naming each bad parameter.
+        """
+        return self.jobs.page(owner, status=status, model=model, kind=kind, limit=limit,
+                              cursor=cursor)
 
     def events(
         self, job_id: str, after: str | None = None, timeout: float | None = None

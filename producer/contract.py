@@ -42,6 +42,14 @@ class Status(enum.StrEnum):
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 
 
+class Kind(enum.StrEnum):
+    """What a job does (DESIGN "Job kinds"): every kind shares the lifecycle. A record
+    written before kinds existed has none and is a ``generate`` job."""
+
+    GENERATE = "generate"
+    TRAIN = "train"
+
+
 class EventType(enum.StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
@@ -74,6 +82,20 @@ def terminal_event(record: Mapping[str, Any]) -> tuple[EventType, dict[str, Any]
     return TERMINAL_EVENT_FOR[Status(record["status"])], data
 
 
+#: Event data fields only the job's own log carries: the global stream (and so the
+#: webhooks it feeds) leaves them out. A preview is a picture of a few kB, meant for
+#: the job's watchers, not for every consumer of every job's events.
+LOG_ONLY_FIELDS = frozenset({"preview"})
+
+
+def shared_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data as the global stream and webhooks carry it: ``data`` itself when
+    it has no log-only field, else a copy without them."""
+    if LOG_ONLY_FIELDS.isdisjoint(data):
+        return data
+    return {k: v for k, v in data.items() if k not in LOG_ONLY_FIELDS}
+
+
 MAX_LORAS = 4
 
 
@@ -84,6 +106,35 @@ class LoraRef(BaseModel):
 
     name: str = Field(min_length=1, max_length=1024)
     scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
+
+
+MAX_CONTROLS = 2
+MAX_REFERENCES = 4
+
+
+class ControlRef(BaseModel):
+    """One ControlNet of a request: a ``[controlnets.NAME]`` entry and its control image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    image: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    #: ``canny``: the worker derives an edge map from ``image`` (OpenCV's Canny).
+    preprocess: Literal["none", "canny"] = "none"
+
+
+class ReferenceRef(BaseModel):
+    """One IP-Adapter reference image: ``full`` (every attention layer), ``style``
+    (InstantStyle's style layer only) or ``subject`` (the layout/content layer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(min_length=1)
+    scale: float = Field(default=0.6, ge=0, le=2, allow_inf_nan=False)
+    mode: Literal["full", "subject", "style"] = "full"
 
 
 MAX_SWEEP_IMAGES = 16
@@ -178,6 +229,16 @@ class JobRequest(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     #: A parameter grid: every combination is one image, plus a labelled contact sheet.
     sweep: Sweep | None = None
+    #: Live previews: the job's ``job.progress`` events carry a small WebP of the
+    #: predicted clean image (DESIGN "Previews").
+    preview: bool = Field(default=False, description=(
+        "Live previews: job.progress events carry `preview`, a data:image/webp;base64 "
+        "picture of the predicted clean image (at most PREVIEW_MAX_SIDE px, one per "
+        "PREVIEW_INTERVAL_S), in the job's own event stream only."))
+    #: ControlNets steering the layout by images (edges, depth, pose), combined.
+    control: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS)
+    #: IP-Adapter image prompts: a subject or a style carried into the picture.
+    references: list[ReferenceRef] = Field(default_factory=list, max_length=MAX_REFERENCES)
 
     @field_validator("prompt")
     @classmethod
@@ -248,6 +309,7 @@ class Output(OutputFlags):
 
 class _RecordFields(TypedDict):
     id: str
+    kind: Kind
     status: Status
     request: dict[str, Any]
     created_at: str
@@ -297,13 +359,18 @@ class Event(TypedDict):
 #: stay out, so two jobs that generate the same picture give the same bytes.
 GENERATION_PARAMS = (
     "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
-    "scheduler", "seed", "num_images", "strength", "loras", "sweep",
+    "scheduler", "seed", "num_images", "strength", "loras", "sweep", "control", "references",
 )
 
 
 def generation_params(request: dict[str, Any]) -> dict[str, Any]:
-    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`)."""
-    return {k: request[k] for k in GENERATION_PARAMS if k in request}
+    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
+    control and reference entries without their images (input images stay out)."""
+    out = {k: request[k] for k in GENERATION_PARAMS if k in request}
+    for key in ("control", "references"):
+        if key in out:
+            out[key] = [{k: v for k, v in e.items() if k != "image"} for e in out[key]]
+    return out
 
 
 def now_iso() -> str:
@@ -315,7 +382,8 @@ def parse_iso(value: str) -> datetime:
 
 
 def new_record(
-    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None
+    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None,
+    kind: Kind = Kind.GENERATE,
 ) -> Record:
     expires_at = None
     if request.get("expires_in_s"):
@@ -324,6 +392,7 @@ def new_record(
         expires_at = expires_at.replace("+00:00", "Z")
     return {
         "id": job_id,
+        "kind": kind,
         "status": Status.QUEUED,
         "request": request,
         "created_at": created_at,

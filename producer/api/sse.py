@@ -26,6 +26,7 @@ import redis
 
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
+from producer.api.records import view_event
 from producer.api.state import ApiState
 
 #: The reconnection delay a client is asked to wait (ms), sent with the first event.
@@ -56,16 +57,25 @@ _FRAMES_KEPT = 4096
 
 
 def frame(event: dict[str, Any]) -> bytes:
+    """The event's frame; encoded once per event, unless it carries outputs (their
+    URLs are signed per request: :func:`producer.api.records.view_event`)."""
     key = (event["job_id"], event["id"])
+    data = event.get("data")
+    if isinstance(data, dict) and {"output", "job"} & data.keys():
+        return _encode(event)
     cached = _FRAMES.get(key)
     if cached is not None:
         return cached
-    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-    out = f"id: {event['id']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+    out = _encode(event)
     _FRAMES[key] = out
     if len(_FRAMES) > _FRAMES_KEPT:
         _FRAMES.popitem(last=False)
     return out
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
 
 
 async def own(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
@@ -88,7 +98,7 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
                     # (httpx-sse included) dispatches an empty event for it.
                     yield b": keep-alive\n"
                     continue
-                yield retry + b"".join(frame(event) for event in batch)
+                yield retry + b"".join(frame(view_event(state, event)) for event in batch)
                 retry = b""
     except (redis.ConnectionError, redis.TimeoutError, OSError):
         # Redis down while this stream joined or replayed: end it; the client retries.

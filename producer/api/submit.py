@@ -1,8 +1,8 @@
 """Taking a job in: the body read under its size limit, the request validated, the
 ``Idempotency-Key`` honoured, the model's queue admitting it, then enqueued.
 
-``POST /v1/jobs`` uses all of it; the routes to come that make jobs (trainings, the
-OpenAI-compatible images) take the same steps with their own request validation.
+``POST /v1/jobs`` uses all of it (:func:`submit`); the other routes that make jobs (the
+OpenAI-compatible images, trainings) take the same steps through :func:`take`.
 
 - Admission: a model whose queue holds ``max_queue_depth`` messages refuses new jobs
   with 503 and ``Retry-After``; nothing is enqueued.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -59,15 +60,29 @@ def idempotency_header(request: Request) -> str | None:
     return idem
 
 
-def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONResponse:
-    """Validate and enqueue ``data`` for ``who`` (blocking: run it in a thread)."""
-    try:
-        normalized = validate_request(data, state.registry, state.settings)
-    except InvalidRequest as exc:
-        raise ApiError(422, exc.code, str(exc), exc.fields) from None
-    key = IdempotencyKey.of(who.owner, idem, data) if idem is not None else None
+@dataclass
+class Taken:
+    """A job taken in: its record as it stands, and whether an earlier request with the
+    same ``Idempotency-Key`` made it (nothing new was enqueued)."""
+
+    record: dict[str, Any]
+    replayed: bool
+
+
+def take(state: ApiState, data: Any, idem: str | None, who: Caller,
+         fingerprint: Any = None) -> Taken:
+    """Validate and enqueue ``data`` for ``who`` (blocking: run it in a thread).
+
+    ``fingerprint`` is what an ``Idempotency-Key`` is bound to (default: ``data``); a
+    route whose body is not the job request (the OpenAI-compatible ones) passes its own.
+    Raises :class:`~producer.errors.InvalidRequest` (nothing enqueued) and
+    :class:`ApiError` for every other refusal.
+    """
+    normalized = validate_request(data, state.registry, state.settings)
+    body = data if fingerprint is None else fingerprint
+    key = IdempotencyKey.of(who.owner, idem, body) if idem is not None else None
     if key is not None and (replay := _replay(state, key)) is not None:
-        return replay
+        return Taken(replay, True)
     admit(state, normalized["model"])
     job_id = new_job_id()
     # The key is written with the record, in one step: a replica that dies before that
@@ -79,26 +94,33 @@ def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONRes
         # A concurrent request with this key won the race: answer with its job.
         replay = _replay(state, key) if key is not None else None
         if replay is not None:
-            return replay
+            return Taken(replay, True)
         raise ApiError(409, "idempotency_in_progress",
                        "a request with this Idempotency-Key is in progress") from None
     log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
              extra={"job_id": job_id})
-    record = state.store.get(job_id)
-    return JSONResponse(view(state, record), status_code=202,
-                        headers={"Location": f"/v1/jobs/{job_id}"})
+    return Taken(state.store.get(job_id), False)
 
 
-def _replay(state: ApiState, key: IdempotencyKey) -> JSONResponse | None:
-    """The answer to a request whose key already names a job, or None while it names none."""
+def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONResponse:
+    """``POST /v1/jobs``: :func:`take`, answered 202 with the record (blocking)."""
     try:
-        record = state.store.claimed(key)
+        taken = take(state, data, idem, who)
+    except InvalidRequest as exc:
+        raise ApiError(422, exc.code, str(exc), exc.fields) from None
+    job_id = taken.record["id"]
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    if taken.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view(state, taken.record), status_code=202, headers=headers)
+
+
+def _replay(state: ApiState, key: IdempotencyKey) -> dict[str, Any] | None:
+    """The record of the job a request's key already names, or None while it names none."""
+    try:
+        return state.store.claimed(key)
     except IdempotencyConflict as exc:
         raise ApiError(409, exc.code, str(exc)) from None
-    if record is None:
-        return None
-    return JSONResponse(view(state, record), status_code=202, headers={
-        "Location": f"/v1/jobs/{record['id']}", "Idempotent-Replayed": "true"})
 
 
 def admit(state: ApiState, model: str) -> None:
