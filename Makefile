@@ -57,6 +57,7 @@ bench: install
 	$(BIN)/python bench/duty_cycle.py
 	$(BIN)/python bench/pipeline_efficiency.py
 	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/sse_fanout.py
 	$(BIN)/python bench/list_jobs.py
 	$(BIN)/python bench/conditioning.py
 

@@ -50,6 +50,9 @@ DISPATCH_GROUP = "atelier-dispatchers"
 WEBHOOK_RETRIES = f"{PREFIX}:webhooks:retry"
 #: Per-API-key rate limiter state (GCRA: the theoretical arrival time).
 RATE_LIMIT = f"{PREFIX}:ratelimit:"
+#: Per API process: a stream its event reader also reads, so that appending to it wakes
+#: the reader's blocked XREAD when the set of watched jobs changes (producer/api/hub.py).
+SSE_WAKE = f"{PREFIX}:sse:wake:"
 #: ``Idempotency-Key`` reservations, per API key.
 IDEMPOTENCY = f"{PREFIX}:idem:"
 #: Worker heartbeats: one JSON string per worker, expiring unless refreshed.

@@ -3,8 +3,9 @@ reader stands.
 
 The writing side is the store's (:meth:`producer.store.JobStore.apply`). The reading
 side is shared by :meth:`~producer.store.JobStore.follow` (blocking, for the client and
-the CLI) and the API's event stream (:func:`read_events`, asyncio: a stream waiting
-for its next event holds a connection, not a thread).
+the CLI) and :func:`read_events` (asyncio). The API's streams read through its hub
+(``producer/api/hub.py``: one reader for all of them), which decodes with
+:func:`decode_event`.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any
 
 class Cursor:
     """Where a reader of a job's log stands: the last event id it has, and whether that
-    was the terminal event (nothing comes after it). :meth:`JobStore.follow` and the
-    API's event stream (``producer/api/sse.py``, on an asyncio client) share it."""
+    was the terminal event (nothing comes after it), as :meth:`JobStore.follow` reads."""
 
     def __init__(self, after: str | None = None) -> None:
         self.last = after

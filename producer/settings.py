@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: An event stream with nothing to say sends a comment this often.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: Events an event stream may have waiting for its client; a client further behind
+    #: (stalled) gets the end of its stream and resumes with ``Last-Event-ID``.
+    sse_queue_max: int = Field(default=1000, ge=1)
     #: ``POST /v1/images/*`` (OpenAI-compatible) waits this long for its job before it
     #: answers 504 (the job goes on; ``X-Atelier-Job-Id`` names it).
     openai_wait_s: float = Field(default=300.0, gt=0)

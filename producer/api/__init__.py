@@ -25,7 +25,9 @@ The package::
                     a browser can load
     files.py        signed, expiring URLs of file:// outputs (``GET /v1/files/{key}``)
     submit.py       taking a job in: body limit, validation, Idempotency-Key, admission
-    sse.py          a job's events as server-sent events
+    hub.py          every event stream of the process: one Redis reader fanned out to
+                    capped per-stream queues, one heartbeat/check timer
+    sse.py          a job's events as server-sent events (over the hub)
     openai_*.py     the OpenAI-compatible routes: request (OpenAI's fields as a job
                     request), form (the edit's multipart), results (the wait, the
                     answers, the image events), errors (OpenAI's error shape)

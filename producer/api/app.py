@@ -4,12 +4,13 @@ error handlers, the request metrics; and ``atelier api``'s :func:`main`."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from producer.api import errors, files, openai_errors, openapi
 from producer.api.keys import KeyRing
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.open()
+        await state.open()
         try:
             yield
         finally:
@@ -47,17 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, shapes={openai_errors.PREFIX: openai_errors.render})
     app.add_exception_handler(openai_errors.OpenAIError, _openai_error)
 
-    @app.middleware("http")
-    async def _measure(request: Request,
-                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t0 = time.perf_counter()
-        files.bind_base(str(request.base_url))  # the links this request's answers give
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.observe(request.method, getattr(route, "path", "unmatched"),
-                              response.status_code, t0)
-        return response
-
+    app.add_middleware(_Measure, state=state)
     for module in (jobs, images, models, queues, workers, file_routes, health, studio):
         app.include_router(module.router)
     app.mount("/static", studio.static_files(), name="static")
@@ -82,6 +73,54 @@ async def _openai_error(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+class _Measure:
+    """Request counts and latency (to the response's headers), as a plain ASGI
+    middleware: unlike ``@app.middleware("http")`` it does not relay a streamed body
+    through a second task, which every event of every stream would pay for."""
+
+    def __init__(self, app: ASGIApp, state: ApiState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        files.bind_base(str(Request(scope).base_url))  # the links this request's answers give
+        seen = False
+
+        async def measured(message: Message) -> None:
+            nonlocal seen
+            if message["type"] == "http.response.start" and not seen:
+                seen = True
+                self.observe(scope, message["status"], t0)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured)
+        except Exception:
+            if not seen:
+                self.observe(scope, 500, t0)
+            raise
+
+    def observe(self, scope: Scope, status: int, t0: float) -> None:
+        route = scope.get("route")
+        self.state.metrics.observe(scope["method"], getattr(route, "path", "unmatched"),
+                                   status, t0)
+
+
+def _tune_gc() -> None:
+    """Thousands of open streams are ~1M long-lived objects (~200 each), and CPython's
+    default thresholds made full collections of them stop the loop for 0.2-2 s while
+    streams opened (measured: bench/sse_fanout.py). Collections are made rarer (young
+    generation 50,000 objects, a full one after 5,000 young ones) and what the app
+    holds from start-up is frozen out of them."""
+    import gc
+
+    gc.set_threshold(50_000, 50, 100)
+    gc.freeze()
+
+
 def main(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
@@ -89,9 +128,11 @@ def main(settings: Settings, host: str, port: int) -> int:
         raise SystemExit("atelier api: set ATELIER_API_KEYS (comma-separated keys or "
                          "sha256:<hex> digests); the API does not run without keys")
     configure_logging(settings.log_format)
+    app = create_app(settings)
+    _tune_gc()
     # JSON: uvicorn's own loggers (uvicorn.error, uvicorn.access) propagate to the root
     # handler configured above; text keeps uvicorn's usual lines.
     extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info",
+    uvicorn.run(app, host=host, port=port, log_level="info",
                 timeout_graceful_shutdown=5, proxy_headers=False, **extra)
     return 0

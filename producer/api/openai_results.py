@@ -15,7 +15,9 @@ event ``{"type": "error", "error": {...}}``, which both SDKs raise as ``APIError
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import time
@@ -31,7 +33,6 @@ from producer.api.openai_request import Ask
 from producer.api.state import ApiState
 from producer.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
 from producer.errors import JobNotFound
-from producer.eventlog import Cursor, read_events
 from producer.images import decode_data_uri, open_image
 
 #: How often a wait looks whether its client is still there (and a stream may send a
@@ -60,26 +61,43 @@ def job_headers(job_id: str) -> dict[str, str]:
 async def follow(state: ApiState, job_id: str,
                  deadline: float) -> AsyncIterator[dict[str, Any] | None]:
     """The job's events up to its terminal one, and None each quiet poll; it ends at
-    ``deadline`` (monotonic) too."""
-    cursor = Cursor(None)
-    while not cursor.done:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        block = max(1, int(min(left, POLL_S) * 1000))
-        batch = await read_events(state.up.aredis, job_id, cursor.last, block_ms=block)
-        if not batch:
-            # Quiet: a queued job may have expired meanwhile (reading expires it), or
-            # its log gone with its record.
-            try:
-                if await anyio.to_thread.run_sync(state.store.ended, job_id, cursor.last):
-                    return
-            except JobNotFound:
+    ``deadline`` (monotonic) too. Read through the process's hub (one Redis reader for
+    every stream: producer/api/hub.py); a task moves them to a queue this loop can wait
+    on with a timeout (cancelling a wait inside the hub's iterator would end it)."""
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(state.settings.sse_queue_max)
+
+    async def pump() -> None:
+        try:
+            async with state.up.hub.subscribe(job_id) as watch:
+                async for event in watch:
+                    if event is not None:
+                        await queue.put(event)
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            pass  # Redis down: the caller's next read of the record says so
+        finally:
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)  # the end
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return
-            yield None
-            continue
-        for event in cursor.take(batch):
-            yield event
+            try:
+                item = await asyncio.wait_for(queue.get(), min(left, POLL_S))
+            except TimeoutError:
+                if task.done() and queue.empty():
+                    return  # ended with a full queue: no room was left for its mark
+                yield None
+                continue
+            if item is None:
+                return
+            yield item
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def final_record(state: ApiState, job_id: str, wait_s: float,

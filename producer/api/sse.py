@@ -1,32 +1,34 @@
 """A job's events as server-sent events (``GET /v1/jobs/{id}/events``).
 
-The log is read as :meth:`producer.store.JobStore.follow` reads it (one
-:class:`~producer.eventlog.Cursor`, :meth:`~producer.store.JobStore.ended` when quiet),
-on an asyncio client, so a waiting stream holds a connection and no thread. Each event
-is a frame ``id`` (the event id: resume with ``Last-Event-ID``), ``event`` (its type),
-``data`` (the event as JSON); the first frame also carries ``retry``, so no client sees
-an event without data. Comments are heartbeats; the stream ends after the terminal
-event.
+Every stream of the process is a watcher of the process's one event reader
+(:class:`producer.api.hub.Hub`): it holds no connection and no thread while it waits.
+Each event is a frame ``id`` (the event id: resume with ``Last-Event-ID``), ``event``
+(its type), ``data`` (the event as JSON); the first frame also carries ``retry``, so no
+client sees an event without data. Comments are heartbeats (``SSE_HEARTBEAT_S``); the
+stream ends after the terminal event, or early, cleanly, when the client fell too far
+behind (``SSE_QUEUE_MAX``) or Redis stayed down: the client resumes with
+``Last-Event-ID`` and loses nothing.
+
+Other routes that stream (the studio page, OpenAI's ``stream: true``) use
+:meth:`Hub.subscribe <producer.api.hub.Hub.subscribe>` directly, or :func:`stream` for
+these same frames.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import redis
 
+from producer.api.auth import Caller
+from producer.api.errors import ApiError
 from producer.api.records import view_event
 from producer.api.state import ApiState
-from producer.errors import JobNotFound
-from producer.eventlog import Cursor, read_events
 
-#: How long an event stream waits for Redis to come back before it ends.
-SSE_DOWN_S = 30.0
 #: The reconnection delay a client is asked to wait (ms), sent with the first event.
 RETRY_MS = 2000
 
@@ -48,40 +50,56 @@ EVENT_SCHEMA = {
 }
 
 
+#: Frames of recent events, by event id: a watched job's event goes to many streams,
+#: and is encoded once.
+_FRAMES: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+_FRAMES_KEPT = 4096
+
+
 def frame(event: dict[str, Any]) -> bytes:
+    """The event's frame; encoded once per event, unless it carries outputs (their
+    URLs are signed per request: :func:`producer.api.records.view_event`)."""
+    key = (event["job_id"], event["id"])
+    data = event.get("data")
+    if isinstance(data, dict) and {"output", "job"} & data.keys():
+        return _encode(event)
+    cached = _FRAMES.get(key)
+    if cached is not None:
+        return cached
+    out = _encode(event)
+    _FRAMES[key] = out
+    if len(_FRAMES) > _FRAMES_KEPT:
+        _FRAMES.popitem(last=False)
+    return out
+
+
+def _encode(event: dict[str, Any]) -> bytes:
     data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
     return f"id: {event['id']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
 
 
+async def own(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
+    """:func:`producer.api.records.own_job` on the asyncio client (no thread)."""
+    record = await state.up.hub.record(job_id)
+    if record is None or record.get("owner") != who.owner:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return record
+
+
 async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterator[bytes]:
-    """The frames of ``job_id``'s events after ``after``, until its terminal event."""
-    cursor = Cursor(after)
-    block = int(state.settings.sse_heartbeat_s * 1000)
+    """The frames of ``job_id``'s events after ``after``, until its terminal event (or
+    a clean early end: the client resumes with ``Last-Event-ID``)."""
     retry = f"retry: {RETRY_MS}\n".encode()
-    down_since: float | None = None
-    while not cursor.done:
-        try:
-            batch = await read_events(state.up.aredis, job_id, cursor.last, block_ms=block)
-        except (redis.ConnectionError, redis.TimeoutError):
-            # Redis restarting (or a pooled connection it closed): the pool reconnects on
-            # the next call, so the stream goes on where it was. After SSE_DOWN_S of
-            # outage it ends; the client resumes with Last-Event-ID.
-            down_since = down_since or time.monotonic()
-            if time.monotonic() - down_since > SSE_DOWN_S:
-                return
-            yield b": reconnecting\n\n"
-            await anyio.sleep(0.5)
-            continue
-        down_since = None
-        if not batch:
-            # Quiet: a queued job may have expired meanwhile (reading expires it).
-            try:
-                if await anyio.to_thread.run_sync(state.store.ended, job_id, cursor.last):
-                    return
-            except JobNotFound:
-                return
-            yield b": keep-alive\n\n"
-            continue
-        for event in cursor.take(batch):
-            yield retry + frame(view_event(state, event))  # outputs' URLs as served
-            retry = b""
+    try:
+        async with state.up.hub.subscribe(job_id, after) as watch:
+            async for batch in watch.batches():
+                if batch is None:
+                    # A comment line alone: with no blank line after it, no client
+                    # (httpx-sse included) dispatches an empty event for it.
+                    yield b": keep-alive\n"
+                    continue
+                yield retry + b"".join(frame(view_event(state, event)) for event in batch)
+                retry = b""
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        # Redis down while this stream joined or replayed: end it; the client retries.
+        return

@@ -14,6 +14,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from producer import scripts as S
 from producer.api.files import FileLinks
+from producer.api.hub import Hub
 from producer.api.keys import KeyRing
 from producer.client import Client
 from producer.errors import Unavailable
@@ -34,26 +35,47 @@ class Backends:
     client: Client
     #: The broker's Redis (queue depths for admission control and /v1/queues).
     broker: redis.Redis
-    #: An asyncio client for event streams: a stream waiting holds no thread.
+    #: The asyncio client (event streams, auth): at most :data:`producer.api.hub.CALLS`
+    #: calls at once (``hub.gate``), so its pool stays that small.
     aredis: AsyncRedis
-    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`).
+    #: The event streams of this process: one reader, fanned out (producer/api/hub.py).
+    hub: Hub
+    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`), on ``aredis``.
     rate_limit: Any
     #: Output storage: the OpenAI-compatible routes answer with images' bytes or URLs.
     storage: LocalStorage | S3Storage
 
     @classmethod
     def open(cls, settings: Settings, registry: Registry) -> Backends:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialWithJitterBackoff
+
         client = Client(settings, registry=registry)
+        # A client made from a URL retries nothing unless told: after a Redis restart
+        # the first call on each pooled connection would fail (a 503, a stream ended).
+        def retry() -> Retry:
+            return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), 3)
+
+        aredis = async_redis_client(settings.redis_url, health_check_interval=30,
+                                    retry=retry())
+        # The reader's own client: one blocking XREAD at a time, so one connection; a
+        # read blocks at most 5 s, so a socket silent for longer is a dead one.
+        def reader() -> AsyncRedis:
+            return async_redis_client(settings.redis_url, health_check_interval=30,
+                                      socket_timeout=15, retry=retry())
         return cls(
             client=client,
             broker=redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
                                 health_check_interval=30),
-            aredis=async_redis_client(settings.redis_url, health_check_interval=30),
-            rate_limit=client.store.redis.register_script(S.RATE_LIMIT),
+            aredis=aredis,
+            hub=Hub(reader, aredis, settings.sse_heartbeat_s, settings.sse_queue_max,
+                    expire=client.store.get),
+            rate_limit=aredis.register_script(S.RATE_LIMIT),
             storage=storage_from_settings(settings),
         )
 
     async def aclose(self) -> None:
+        await self.hub.aclose()
         await self.aredis.aclose()
         self.broker.close()
         self.client.close()
@@ -89,8 +111,9 @@ class ApiState:
         self.metrics = ApiMetrics(self)
         self.files = FileLinks(self.settings)
 
-    def open(self) -> None:
+    async def open(self) -> None:
         self.backends = Backends.open(self.settings, self.registry)
+        await self.backends.hub.start()
 
     async def aclose(self) -> None:
         if self.backends is not None:

@@ -108,7 +108,7 @@ async def job_events(
     if any(value and not sse.LAST_EVENT_ID.fullmatch(value) for value in (last_event_id, after)):
         raise ApiError(400, "invalid_request", "Last-Event-ID is not an event id",
                        [{"field": "Last-Event-ID", "message": "expected <ms>-<seq>"}])
-    await anyio.to_thread.run_sync(own_job, state, job_id, who)
+    await sse.own(state, job_id, who)
     return StreamingResponse(
         sse.stream(state, job_id, last_event_id or after or None),
         media_type="text/event-stream",
