@@ -42,6 +42,14 @@ class Status(enum.StrEnum):
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
 
 
+class Kind(enum.StrEnum):
+    """What a job does (DESIGN "Job kinds"): every kind shares the lifecycle. A record
+    written before kinds existed has none and is a ``generate`` job."""
+
+    GENERATE = "generate"
+    TRAIN = "train"
+
+
 class EventType(enum.StrEnum):
     QUEUED = "job.queued"
     STARTED = "job.started"
@@ -52,6 +60,7 @@ class EventType(enum.StrEnum):
     CANCELLED = "job.cancelled"
     EXPIRED = "job.expired"
     RETRYING = "job.retrying"
+    CHECKPOINT = "job.checkpoint"
 
 
 TERMINAL_EVENTS = frozenset(
@@ -229,6 +238,7 @@ class OutputFlags(TypedDict, total=False):
     withheld: bool
     sweep: Annotated[dict[str, Any], Field(description="a sweep cell's values")]
     contact_sheet: bool
+    adapter: Annotated[bool, Field(description="a training's adapter.safetensors")]
 
 
 class Output(OutputFlags):
@@ -248,6 +258,7 @@ class Output(OutputFlags):
 
 class _RecordFields(TypedDict):
     id: str
+    kind: Kind
     status: Status
     request: dict[str, Any]
     created_at: str
@@ -315,7 +326,8 @@ def parse_iso(value: str) -> datetime:
 
 
 def new_record(
-    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None
+    job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None,
+    kind: Kind = Kind.GENERATE,
 ) -> Record:
     expires_at = None
     if request.get("expires_in_s"):
@@ -324,6 +336,7 @@ def new_record(
         expires_at = expires_at.replace("+00:00", "Z")
     return {
         "id": job_id,
+        "kind": kind,
         "status": Status.QUEUED,
         "request": request,
         "created_at": created_at,
@@ -332,7 +345,8 @@ def new_record(
         "expires_at": expires_at,
         "attempts": 0,
         "worker": None,
-        "progress": {"step": 0, "total": denoise_steps(request)},
+        "progress": {"step": 0, "total": (request["steps"] if kind == Kind.TRAIN
+                                          else denoise_steps(request))},
         "outputs": [],
         "error": None,
         "timings": {},

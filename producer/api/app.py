@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from producer.api import errors, openapi
 from producer.api.keys import KeyRing
-from producer.api.routes import health, jobs, models, queues, workers
+from producer.api.routes import health, jobs, models, queues, trainings, workers
 from producer.api.state import ApiState, attach
 from producer.logs import configure as configure_logging
 from producer.registry import Registry
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               response.status_code, t0)
         return response
 
-    for module in (jobs, models, queues, workers, health):
+    for module in (jobs, trainings, models, queues, workers, health):
         app.include_router(module.router)
     openapi.install(app)
     return app

@@ -20,12 +20,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from producer import constants as K
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view
 from producer.api.state import ApiState
 from producer.broker import queue_depth
 from producer.client import new_job_id
+from producer.contract import Kind
 from producer.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
 from producer.idempotency import IdempotencyKey
 from producer.validation import validate_request
@@ -59,22 +61,30 @@ def idempotency_header(request: Request) -> str | None:
     return idem
 
 
-def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONResponse:
-    """Validate and enqueue ``data`` for ``who`` (blocking: run it in a thread)."""
+def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
+           kind: Kind = Kind.GENERATE) -> JSONResponse:
+    """Validate and enqueue ``data``, a job of ``kind``, for ``who`` (blocking: run it in
+    a thread)."""
     try:
-        normalized = validate_request(data, state.registry, state.settings)
+        if kind is Kind.TRAIN:
+            from producer.train_validation import validate_training
+
+            normalized = validate_training(data, state.registry, state.settings)
+        else:
+            normalized = validate_request(data, state.registry, state.settings)
     except InvalidRequest as exc:
         raise ApiError(422, exc.code, str(exc), exc.fields) from None
     key = IdempotencyKey.of(who.owner, idem, data) if idem is not None else None
     if key is not None and (replay := _replay(state, key)) is not None:
         return replay
-    admit(state, normalized["model"])
+    admit(state, K.lane(normalized["model"], kind))
     job_id = new_job_id()
     # The key is written with the record, in one step: a replica that dies before that
     # leaves the key free, so the client's retry creates the job.
     claim = key.claim(job_id, state.settings.idempotency_ttl_s) if key is not None else None
     try:
-        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim)
+        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim,
+                                kind=kind)
     except KeyClaimed:
         # A concurrent request with this key won the race: answer with its job.
         replay = _replay(state, key) if key is not None else None

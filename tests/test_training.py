@@ -1,0 +1,164 @@
+"""Trainings (DreamBooth LoRA), on tiny-sdxl at 64 px: submitted, refused by name,
+run by a real ``--train`` worker on its already-loaded base, which is restored exactly.
+
+One module worker (private Redis, file storage) serves the cases that need one.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from producer import Client
+from producer.contract import EventType, Status
+from producer.errors import InvalidRequest
+from producer.registry import Registry
+from producer.settings import Settings
+from producer.train_validation import validate_training
+from tests.helpers import stack_values, worker_env
+from tests.servers import RedisServer, Worker
+
+PROMPT = "a photo of sks dog"
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> bytes:
+    img = Image.new("RGB", size, color)
+    for x in range(0, size[0], 8):  # a pattern to learn, not a flat colour
+        for y in range(0, size[1], 16):
+            img.putpixel((x, y), (255 - color[0], 255 - color[1], 255 - color[2]))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_uri(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+def zip_uri(entries: dict[str, bytes]) -> str:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return data_uri(buf.getvalue(), "application/zip")
+
+
+SUBJECT = [data_uri(png((200, 40, 40))), data_uri(png((180, 60, 30), (64, 96)))]
+
+
+# -- refused at submit, by name, nothing enqueued ----------------------------------------
+
+def refused(data: dict[str, Any], settings: Settings | None = None) -> dict[str, str]:
+    with pytest.raises(InvalidRequest) as info:
+        validate_training(data, Registry.load(), settings or Settings(default_model="tiny-sdxl"))
+    return {f["field"]: f["message"] for f in info.value.fields}
+
+
+def test_bad_trainings_are_refused_by_field() -> None:
+    ok = {"images": SUBJECT, "instance_prompt": PROMPT}
+    validate_training(ok, Registry.load(), Settings(default_model="tiny-sdxl"))
+    assert "images" in refused({**ok, "images": []})
+    assert "class_prompt" in refused({**ok, "prior_preservation": True})
+    assert "captions" in refused({**ok, "captions": ["one"]})
+    assert "model" in refused({**ok, "model": "tiny-flux"})
+    assert "lr_scheduler" in refused({**ok, "lr_scheduler": "step"})
+    assert "resolution" in refused({**ok, "resolution": 1024})
+    assert "learning_rate" in refused({**ok, "learning_rate": 0.5})
+    bad = refused({**ok, "images": [zip_uri({"../evil.png": png((1, 2, 3))})]})
+    assert "leaves the archive" in bad["images.0"]
+    bad = refused({**ok, "images": [zip_uri({"a.png": png((1, 2, 3)), "notes.txt": b"hi"})]})
+    assert "notes.txt" in bad["images.0"]
+    bad = refused({**ok, "images": [zip_uri({"a.png": b"not a png"})]})
+    assert "a.png" in bad["images.0"]
+    # A bomb: entries past the cap, and a small zip that inflates past the size cap.
+    bad = refused({**ok, "images": [zip_uri({f"{i}.png": b"x" for i in range(20)})]},
+                  Settings(default_model="tiny-sdxl", train_zip_max_entries=10))
+    assert "20 entries" in bad["images.0"]
+    bad = refused({**ok, "images": [zip_uri({"big.png": b"\0" * 4_000_000})]},
+                  Settings(default_model="tiny-sdxl", train_zip_max_bytes=1_000_000))
+    assert "bytes uncompressed" in bad["images.0"]
+    bad = refused({**ok, "images": [*SUBJECT, zip_uri({"a.png": png((1, 2, 3))})]})
+    assert "only entry" in bad["images.2"]
+    bad = refused({**ok, "images": ["http://10.0.0.1/x.png", "storage:../x.png"]})
+    assert set(bad) == {"images.0", "images.1"}
+
+
+# -- a real --train worker ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+        models_file: str) -> Iterator[tuple[Client, Worker]]:
+    tmp = tmp_path_factory.mktemp("training")
+    redis = RedisServer(tmp / "redis").start()
+    values = stack_values(redis.url, models_dir, models_file, f"file://{tmp / 'out'}",
+                          job_timeout_s=120, progress_interval_s=0.05)
+    worker = Worker(worker_env(values), tmp / "worker.log", ["tiny-sdxl"],
+                    extra_args=["--train"])
+    try:
+        worker.start()
+        client = Client(Settings(**values))
+        yield client, worker
+        client.close()
+    finally:
+        worker.stop()
+        redis.stop()
+
+
+def generate(client: Client) -> str:
+    job = client.submit(prompt="a dog on a beach", model="tiny-sdxl", seed=7, steps=3)
+    record = client.wait(job, timeout=60)
+    assert record["status"] == Status.SUCCEEDED, record["error"]
+    return str(record["outputs"][0]["sha256"])
+
+
+def test_training_runs_and_the_base_is_restored(rig: tuple[Client, Worker]) -> None:
+    client, _ = rig
+    before = generate(client)
+    job = client.train(images=SUBJECT, instance_prompt=PROMPT, model="tiny-sdxl", steps=24,
+                       learning_rate=1e-3, resolution=64, seed=3, num_validation_images=1,
+                       lr_scheduler="constant_with_warmup", lr_warmup_steps=4)
+    events = list(client.events(job, timeout=120))
+    record = events[-1]["data"]["job"]
+    assert record["status"] == Status.SUCCEEDED, record["error"]
+    assert record["kind"] == "train" and record["progress"] == {"step": 24, "total": 24}
+    progress = [e["data"] for e in events if e["type"] == EventType.PROGRESS]
+    assert progress and {"step", "total", "phase", "loss", "lr"} <= set(progress[0])
+    assert {p["phase"] for p in progress} <= {"training", "validation"}
+    # Warmup: the rate climbs to learning_rate over the first 4 steps.
+    early = [p for p in progress if p["phase"] == "training" and p["step"] < 4]
+    assert all(p["lr"] < 1e-3 for p in early)
+    [image, adapter] = record["outputs"]
+    assert image["key"].endswith("/0.png") and image["width"] == 64
+    assert adapter["adapter"] and adapter["key"].endswith(f"{job}/adapter.safetensors")
+
+    storage = client.settings.storage_url.removeprefix("file://")
+    from safetensors.torch import load
+
+    state = load((Path(storage) / adapter["key"]).read_bytes())
+    assert state and all(k.startswith("unet.") and ".lora" in k for k in state)
+    manifest = json.loads((Path(storage) / job / "manifest.json").read_text())
+    assert len(manifest["loss"]) == 24 and len(manifest["training_images_sha256"]) == 2
+    assert manifest["hyperparameters"]["rank"] == 4 and manifest["model"]["weights"]
+    # The base is the base again: the same generation gives the same bytes.
+    assert generate(client) == before
+
+
+def test_cancel_mid_training(rig: tuple[Client, Worker]) -> None:
+    client, _ = rig
+    job = client.train(images=SUBJECT[:1], instance_prompt=PROMPT, model="tiny-sdxl",
+                       steps=2000, resolution=64, seed=1)
+    for ev in client.events(job, timeout=60):
+        if ev["type"] == EventType.PROGRESS and ev["data"]["step"] >= 2:
+            client.cancel(job)
+            break
+    record = client.wait(job, timeout=30)
+    assert record["status"] == Status.CANCELLED
+    assert record["progress"]["step"] < 100
