@@ -11,6 +11,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,19 +94,30 @@ def test_bad_trainings_are_refused_by_field() -> None:
 
 # -- a real --train worker ---------------------------------------------------------------
 
+@dataclass
+class Rig:
+    client: Client
+    worker: Worker
+    env: dict[str, str]
+    tmp: Path
+
+    def train_worker(self, name: str) -> Worker:
+        return Worker(self.env, self.tmp / f"{name}.log", ["tiny-sdxl"], extra_args=["--train"])
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-        models_file: str) -> Iterator[tuple[Client, Worker]]:
+        models_file: str) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("training")
     redis = RedisServer(tmp / "redis").start()
     values = stack_values(redis.url, models_dir, models_file, f"file://{tmp / 'out'}",
                           job_timeout_s=120, progress_interval_s=0.05)
-    worker = Worker(worker_env(values), tmp / "worker.log", ["tiny-sdxl"],
-                    extra_args=["--train"])
+    env = worker_env(values)
+    worker = Worker(env, tmp / "worker.log", ["tiny-sdxl"], extra_args=["--train"])
     try:
         worker.start()
         client = Client(Settings(**values))
-        yield client, worker
+        yield Rig(client, worker, env, tmp)
         client.close()
     finally:
         worker.stop()
@@ -119,8 +131,8 @@ def generate(client: Client) -> str:
     return str(record["outputs"][0]["sha256"])
 
 
-def test_training_runs_and_the_base_is_restored(rig: tuple[Client, Worker]) -> None:
-    client, _ = rig
+def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
+    client = rig.client
     before = generate(client)
     job = client.train(images=SUBJECT, instance_prompt=PROMPT, model="tiny-sdxl", steps=24,
                        learning_rate=1e-3, resolution=64, seed=3, num_validation_images=1,
@@ -151,8 +163,8 @@ def test_training_runs_and_the_base_is_restored(rig: tuple[Client, Worker]) -> N
     assert generate(client) == before
 
 
-def test_cancel_mid_training(rig: tuple[Client, Worker]) -> None:
-    client, _ = rig
+def test_cancel_mid_training(rig: Rig) -> None:
+    client = rig.client
     job = client.train(images=SUBJECT[:1], instance_prompt=PROMPT, model="tiny-sdxl",
                        steps=2000, resolution=64, seed=1)
     for ev in client.events(job, timeout=60):
@@ -162,3 +174,35 @@ def test_cancel_mid_training(rig: tuple[Client, Worker]) -> None:
     record = client.wait(job, timeout=30)
     assert record["status"] == Status.CANCELLED
     assert record["progress"]["step"] < 100
+
+
+def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
+    """Killed mid-way (SIGKILL), resumed by another worker from the newest checkpoint:
+    the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the
+    module's worker."""
+    client = rig.client
+    req = {"images": SUBJECT, "instance_prompt": PROMPT, "model": "tiny-sdxl", "steps": 16,
+           "checkpoint_every": 4, "resolution": 64, "seed": 11, "num_validation_images": 0,
+           "learning_rate": 1e-3}
+    job = client.train(req)
+    for ev in client.events(job, timeout=120):
+        if ev["type"] == EventType.CHECKPOINT and ev["data"]["step"] >= 8:
+            assert ev["data"]["key"].endswith(f"{job}/checkpoints/{ev['data']['step']:08d}"
+                                              "/state.json")
+            rig.worker.kill()
+            break
+    second = rig.train_worker("second").start()
+    try:
+        record = client.wait(job, timeout=180)
+        assert record["status"] == Status.SUCCEEDED, record["error"]
+        assert record["attempts"] == 2 and record["resumed_from_step"] >= 8
+        ref = client.wait(client.train(req), timeout=120)
+        assert ref["status"] == Status.SUCCEEDED and "resumed_from_step" not in ref
+    finally:
+        second.stop()
+    [resumed] = [o for o in record["outputs"] if o.get("adapter")]
+    [uninterrupted] = [o for o in ref["outputs"] if o.get("adapter")]
+    assert resumed["sha256"] == uninterrupted["sha256"]
+    # The two newest checkpoints are kept, the older ones pruned.
+    root = Path(client.settings.storage_url.removeprefix("file://")) / job / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if any(p.iterdir())) == ["00000008", "00000012"]

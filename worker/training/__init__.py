@@ -25,7 +25,7 @@ from producer.store import JobStore
 from worker.lifecycle import TRAIN
 from worker.pipelines import LoadedModel, library_versions
 from worker.run import Run
-from worker.training import inputs, outputs
+from worker.training import checkpoints, inputs, outputs
 from worker.training.loop import Example, Trainer, latent_dist, time_ids
 
 __all__ = ["Training"]
@@ -63,13 +63,20 @@ class Training:
                         instances, latent_dist(model, [i.image for i in instances]), strict=True)]
         trainer = Trainer(model, req, examples)
         try:
-            # 3. Train.
+            # 3. Train, from the newest checkpoint of an earlier attempt if there is one.
+            resumed = checkpoints.load(run, self.storage, trainer)
+            if resumed is not None:
+                with run.lock:  # written with the next progress event
+                    run.record = dict(run.record, resumed_from_step=resumed)
+            every = req["checkpoint_every"]
             with run.watched():
-                for step in range(req["steps"]):
+                for step in range(resumed or 0, req["steps"]):
                     run.check()
                     loss = trainer.step(step)
                     run.report(step + 1, req["steps"], phase="training", loss=round(loss, 6),
                                lr=trainer.lr.get_last_lr()[0])
+                    if (step + 1) % every == 0 and step + 1 < req["steps"]:
+                        checkpoints.save(run, self.storage, trainer, step + 1)
                 train_ms = _ms(time.perf_counter() - t0)
                 # 4. The adapter, and validation images made with it.
                 adapter = outputs.adapter_bytes(trainer)
@@ -89,7 +96,7 @@ class Training:
         manifest = outputs.manifest(
             run, trainer=trainer, model_source=model.source, versions=self.versions,
             image_sha256=[i.sha256 for i in instances], outputs=stored, timings=timings,
-            resumed_from=None)
+            resumed_from=resumed)
         self.storage.put(self.storage.key(run.job_id, "manifest.json"), manifest,
                          "application/json")
         return run.succeed(stored, timings)

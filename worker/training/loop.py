@@ -110,6 +110,15 @@ class Trainer:
                                 num_training_steps=req["steps"])
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
 
+    def named_trainable(self) -> list[tuple[str, Any]]:
+        """The trained parameters by a stable name (checkpoints), in optimizer order."""
+        pipe = self.model.pipe
+        modules = [("unet", pipe.unet)]
+        if self.request["train_text_encoder"]:
+            modules += [(f"text_encoder_{i}", e) for i, e in enumerate(self.encoders)]
+        return [(f"{prefix}.{name}", p) for prefix, m in modules
+                for name, p in m.named_parameters() if p.requires_grad]
+
     @staticmethod
     def _trainable(module: Any) -> list[Any]:
         import torch
