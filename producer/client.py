@@ -46,6 +46,9 @@ class Client:
         """
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
         normalized = validate_request(data, self.registry, self.settings)
+        from producer.train_adapters import check_job_loras
+
+        check_job_loras(normalized, self.store)
         return self.enqueue(normalized)
 
     def train(self, request: dict[str, Any] | None = None, **fields: Any) -> str:

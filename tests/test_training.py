@@ -124,8 +124,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
         redis.stop()
 
 
-def generate(client: Client) -> str:
-    job = client.submit(prompt="a dog on a beach", model="tiny-sdxl", seed=7, steps=3)
+def generate(client: Client, **extra: Any) -> str:
+    job = client.submit(prompt="a dog on a beach", model="tiny-sdxl", seed=7, steps=3, **extra)
     record = client.wait(job, timeout=60)
     assert record["status"] == Status.SUCCEEDED, record["error"]
     return str(record["outputs"][0]["sha256"])
@@ -136,7 +136,8 @@ def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     before = generate(client)
     job = client.train(images=SUBJECT, instance_prompt=PROMPT, model="tiny-sdxl", steps=24,
                        learning_rate=1e-3, resolution=64, seed=3, num_validation_images=1,
-                       lr_scheduler="constant_with_warmup", lr_warmup_steps=4)
+                       lr_scheduler="constant_with_warmup", lr_warmup_steps=4,
+                       train_text_encoder=True)
     events = list(client.events(job, timeout=120))
     record = events[-1]["data"]["job"]
     assert record["status"] == Status.SUCCEEDED, record["error"]
@@ -155,12 +156,19 @@ def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     from safetensors.torch import load
 
     state = load((Path(storage) / adapter["key"]).read_bytes())
-    assert state and all(k.startswith("unet.") and ".lora" in k for k in state)
+    assert all(".lora" in k for k in state)
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
     manifest = json.loads((Path(storage) / job / "manifest.json").read_text())
     assert len(manifest["loss"]) == 24 and len(manifest["training_images_sha256"]) == 2
     assert manifest["hyperparameters"]["rank"] == 4 and manifest["model"]["weights"]
     # The base is the base again: the same generation gives the same bytes.
     assert generate(client) == before
+    # The adapter, by the training's id, changes the picture; off again after.
+    assert generate(client, loras=[{"name": f"job:{job}", "scale": 1.0}]) != before
+    assert generate(client) == before
+    with pytest.raises(InvalidRequest) as info:
+        client.submit(prompt="x", model="tiny-sdxl", loras=[{"name": "job:" + "0" * 32}])
+    assert info.value.fields[0]["field"] == "loras.0.name"
 
 
 def test_cancel_mid_training(rig: Rig) -> None:
@@ -174,6 +182,9 @@ def test_cancel_mid_training(rig: Rig) -> None:
     record = client.wait(job, timeout=30)
     assert record["status"] == Status.CANCELLED
     assert record["progress"]["step"] < 100
+    with pytest.raises(InvalidRequest) as info:  # no adapter to use
+        client.submit(prompt="x", model="tiny-sdxl", loras=[{"name": f"job:{job}"}])
+    assert "cancelled" in info.value.fields[0]["message"]
 
 
 def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
@@ -183,7 +194,8 @@ def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     client = rig.client
     req = {"images": SUBJECT, "instance_prompt": PROMPT, "model": "tiny-sdxl", "steps": 16,
            "checkpoint_every": 4, "resolution": 64, "seed": 11, "num_validation_images": 0,
-           "learning_rate": 1e-3}
+           "learning_rate": 1e-3, "prior_preservation": True, "class_prompt": "a photo of dog",
+           "num_class_images": 2}
     job = client.train(req)
     for ev in client.events(job, timeout=120):
         if ev["type"] == EventType.CHECKPOINT and ev["data"]["step"] >= 8:
@@ -203,6 +215,13 @@ def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     [resumed] = [o for o in record["outputs"] if o.get("adapter")]
     [uninterrupted] = [o for o in ref["outputs"] if o.get("adapter")]
     assert resumed["sha256"] == uninterrupted["sha256"]
+    # Class images: made once by the first attempt, read back by the resumed one.
+    out = Path(client.settings.storage_url.removeprefix("file://"))
+    made = json.loads((out / job / "manifest.json").read_text())["class_images"]
+    assert made == {"made": 0, "reused": 2}
+    assert json.loads((out / ref["id"] / "manifest.json").read_text())["class_images"] == {
+        "made": 2, "reused": 0}
+    assert sorted(p.name for p in (out / job / "class_images").iterdir()) == ["0.png", "1.png"]
     # The two newest checkpoints are kept, the older ones pruned.
     root = Path(client.settings.storage_url.removeprefix("file://")) / job / "checkpoints"
     assert sorted(p.name for p in root.iterdir() if any(p.iterdir())) == ["00000008", "00000012"]

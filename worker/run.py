@@ -218,7 +218,8 @@ class Monitor(threading.Thread):
                     run.cancel.set()
                 step = run.step
                 now = time.monotonic()
-                if step > sent and now - last_emit >= self.interval_s:
+                # (A training's step starts again at each phase: any change counts.)
+                if step != sent and now - last_emit >= self.interval_s:
                     if run.publish_progress(step):
                         sent, last_emit = step, now
             except Fenced:

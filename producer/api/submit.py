@@ -30,6 +30,7 @@ from producer.client import new_job_id
 from producer.contract import Kind
 from producer.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
 from producer.idempotency import IdempotencyKey
+from producer.train_adapters import check_job_loras
 from producer.validation import validate_request
 
 log = logging.getLogger("atelier.api")
@@ -72,6 +73,7 @@ def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
             normalized = validate_training(data, state.registry, state.settings)
         else:
             normalized = validate_request(data, state.registry, state.settings)
+            check_job_loras(normalized, state.store, who.owner, check_owner=True)
     except InvalidRequest as exc:
         raise ApiError(422, exc.code, str(exc), exc.fields) from None
     key = IdempotencyKey.of(who.owner, idem, data) if idem is not None else None

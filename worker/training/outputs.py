@@ -91,7 +91,8 @@ def store(run: Run, storage: Any, adapter: bytes, images: list[Any], level: int,
 
 def manifest(run: Run, *, trainer: Trainer, model_source: dict[str, Any],
              versions: dict[str, str], image_sha256: list[str], outputs: list[Output],
-             timings: dict[str, int], resumed_from: int | None) -> bytes:
+             timings: dict[str, int], resumed_from: int | None,
+             class_images: dict[str, int] | None = None) -> bytes:
     body = {
         "job_id": run.job_id,
         "kind": "train",
@@ -102,6 +103,7 @@ def manifest(run: Run, *, trainer: Trainer, model_source: dict[str, Any],
         "mixed_precision": trainer.accelerator.mixed_precision,
         "loss": trainer.losses,
         "resumed_from_step": resumed_from,
+        "class_images": class_images,
         "versions": versions,
         "worker": run.record["worker"],
         "attempt": run.record["attempts"],
