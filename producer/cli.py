@@ -283,6 +283,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--device", args.device]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
+    if args.train:
+        argv += ["--train"]
     os.execv(sys.executable, argv)
     return EXIT_OK  # pragma: no cover
 
@@ -352,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append")
     p.add_argument("--device")
     p.add_argument("--concurrency", type=int)
+    p.add_argument("--train", action="store_true", help="also run the models' trainings")
     p.set_defaults(func=cmd_worker)
     return parser
 
