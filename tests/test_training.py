@@ -187,6 +187,50 @@ def test_cancel_mid_training(rig: Rig) -> None:
     assert "cancelled" in info.value.fields[0]["message"]
 
 
+def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -> None:
+    import httpx
+
+    from tests.servers import api_process
+
+    env = {**rig.env, "ATELIER_API_KEYS": "owner-key,other-key"}
+    api = api_process(env, rig.tmp / "api.log")
+    api.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as http:
+            owner = {"Authorization": "Bearer owner-key"}
+            other = {"Authorization": "Bearer other-key"}
+            bad = http.post("/v1/trainings", headers=owner, json={
+                "images": [], "instance_prompt": PROMPT, "prior_preservation": True})
+            assert bad.status_code == 422
+            assert {f["field"] for f in bad.json()["error"]["fields"]} == {"images",
+                                                                           "class_prompt"}
+            res = http.post("/v1/trainings", headers=owner, json={
+                "images": SUBJECT, "instance_prompt": PROMPT, "steps": 6, "resolution": 64,
+                "num_validation_images": 0, "model": "tiny-sdxl"})
+            assert res.status_code == 202, res.text
+            job = res.json()
+            assert job["kind"] == "train" and res.headers["Location"] == f"/v1/jobs/{job['id']}"
+            queues = http.get("/v1/queues", headers=owner).json()["queues"]
+            assert {"model": "tiny-sdxl", "kind": "train", "queue": "atelier.train.tiny-sdxl"
+                    }.items() <= next(q for q in queues if q["kind"] == "train"
+                                      and q["model"] == "tiny-sdxl").items()
+            with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=owner) as stream:
+                body = "".join(stream.iter_text())
+            assert "event: job.succeeded" in body and '"phase":"training"' in body
+            use = {"prompt": "a photo of sks dog", "model": "tiny-sdxl", "steps": 2,
+                   "loras": [{"name": f"job:{job['id']}", "scale": 0.8}]}
+            refused = http.post("/v1/jobs", headers=other, json=use)
+            assert refused.status_code == 422
+            assert refused.json()["error"]["fields"][0]["field"] == "loras.0.name"
+            made = http.post("/v1/jobs", headers=owner, json=use)
+            assert made.status_code == 202, made.text
+            gen = made.json()["id"]
+            with http.stream("GET", f"/v1/jobs/{gen}/events", headers=owner) as stream:
+                assert "event: job.succeeded" in "".join(stream.iter_text())
+    finally:
+        api.stop()
+
+
 def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     """Killed mid-way (SIGKILL), resumed by another worker from the newest checkpoint:
     the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the

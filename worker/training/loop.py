@@ -70,7 +70,10 @@ class Trainer:
         from diffusers import DDPMScheduler, EDMEulerScheduler
 
         config = self.model.base_scheduler_config
-        self.edm = "EDM" in str(config.get("_class_name", ""))
+        # Playground v2.5's own scheduler config is an EDM one; a model whose default
+        # scheduler is an EDM one trains the EDM way too.
+        self.edm = ("EDM" in str(config.get("_class_name", ""))
+                    or self.model.spec.scheduler.startswith("edm_"))
         self.noise: Any
         if self.edm:
             self.noise = EDMEulerScheduler(sigma_data=config.get("sigma_data", 0.5))
