@@ -55,7 +55,11 @@ class Trainer:
         self.sdxl = hasattr(pipe, "text_encoder_2")
         self.device = torch.device(self.model.device)
         cuda = self.device.type == "cuda"
-        mixed = "no" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # On CUDA: mixed precision in the loaded weights' half type (fp16 gets
+        # accelerate's loss scaler), bf16 over fp32 weights where the device has it.
+        half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.model.dtype)
+        mixed = ("no" if not cuda else half or
+                 ("bf16" if torch.cuda.is_bf16_supported() else "no"))
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
         self.encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
                          if e is not None]
@@ -63,6 +67,8 @@ class Trainer:
                        for p in m.parameters()}
         self._edm()
         self._add_lora()
+        if cuda:  # activations recomputed in the backward pass: memory for time
+            pipe.unet.enable_gradient_checkpointing()
 
     # -- set up --------------------------------------------------------------------------
 
@@ -261,6 +267,8 @@ class Trainer:
         """The base as before: the adapters unloaded, flags and modes as they were."""
         pipe = self.model.pipe
         pipe.unload_lora_weights()
+        if pipe.unet.is_gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
         for m in [pipe.unet, pipe.vae, *self.encoders]:
             for p in m.parameters():
                 p.requires_grad_(self._flags.get(id(p), True))
