@@ -11,7 +11,7 @@ DEVICE ?=
 # loose range so GPU hosts choose their own CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint docs typecheck install clean bench bench-gpu
+.PHONY: demo studio test lint docs typecheck install clean bench bench-gpu
 
 $(BIN)/atelier: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(BIN)/atelier
 demo: install
 	$(BIN)/atelier demo "$(PROMPT)" --model "$(MODEL)" $(if $(DEVICE),--device "$(DEVICE)")
 
+# The studio page on the same embedded stack plus the API; prints its address with a key.
+studio: install
+	$(BIN)/atelier studio --model "$(MODEL)" $(if $(DEVICE),--device "$(DEVICE)") $(if $(PORT),--port "$(PORT)")
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy producer worker tests bench
@@ -34,10 +38,17 @@ lint: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/atelier-site
 
+# The openai npm package tests/test_openai.py drives through node (skipped only where
+# node is absent).
+NODE_DEPS := tests/node/node_modules/.package-lock.json
+$(NODE_DEPS): tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund; \
+	else echo "npm not found: tests/test_openai.py skips its node case"; fi
+
 # Two pytest processes, one test module each at a time (--dist loadfile keeps a module's
 # fixtures in one process): much of the suite waits on leases and timeouts at the
 # settings users have, and the other process uses that time.
-test: lint docs
+test: lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
@@ -46,6 +57,7 @@ bench: install
 	$(BIN)/python bench/duty_cycle.py
 	$(BIN)/python bench/pipeline_efficiency.py
 	$(BIN)/python bench/recovery.py
+	$(BIN)/python bench/list_jobs.py
 
 # On a CUDA machine with the model's weights at hand (or hub access).
 bench-gpu: install

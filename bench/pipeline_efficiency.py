@@ -18,10 +18,16 @@ device time the worker loses, not how fast two cores denoise.
 The two alternate in ``--rounds`` chunks (the bare loop in its own long-lived
 process), so that load from other processes during the run falls on both alike.
 
+Previews: each round also runs the worker's chunk again with ``preview: true`` (the
+same requests, the worker's default ``PREVIEW_INTERVAL_S`` and ``PREVIEW_MAX_SIDE``),
+the two worker chunks in alternating order; ``preview_ratio`` is images/s with previews
+over images/s without (target ≥ 0.98). ``previews`` counts the previews the jobs'
+progress events carried (every job of ~0.3 s gets one: the throttle restarts per job).
+
     python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
-"bare_images_per_s", "ratio", ...}
+"bare_images_per_s", "ratio", ..., "preview_images_per_s", "preview_ratio", "previews"}
 """
 
 from __future__ import annotations
@@ -125,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     chunks = [args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
               for i in range(args.rounds)]
-    bare_s = worker_s = 0.0
+    bare_s = worker_s = preview_s = 0.0
     per_round: list[float] = []
+    preview_rounds: list[float] = []
+    preview_ids: list[str] = []
     load_before = load_average()
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
@@ -138,22 +146,24 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(2):  # connections, the first upload
                 client.wait(client.submit(REQUEST, seed=i), timeout=120)
             seed = 1000
-            for n in chunks:
-                # Alternate, so that load from other processes falls on both alike.
+            for r, n in enumerate(chunks):
+                # Alternate, so that load from other processes falls on all alike.
                 log(f"bare loop: {n} images")
                 b = reference.run(n, seed)
-                log(f"worker: {n} jobs")
-                t0 = time.perf_counter()
-                ids = [client.submit(REQUEST, seed=seed + i) for i in range(n)]
-                records = [client.wait(job_id, timeout=300) for job_id in ids]
-                w = time.perf_counter() - t0
+                timed: dict[bool, float] = {}
+                for preview in (False, True) if r % 2 == 0 else (True, False):
+                    log(f"worker: {n} jobs, previews {'on' if preview else 'off'}")
+                    timed[preview], ids = run_chunk(client, n, seed, preview)
+                    if preview:
+                        preview_ids += ids
                 bare_s += b
-                worker_s += w
-                per_round.append(round(b / w, 3))
-                bad = [r for r in records if r["status"] != "succeeded"]
-                if bad:
-                    raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
+                worker_s += timed[False]
+                preview_s += timed[True]
+                per_round.append(round(b / timed[False], 3))
+                preview_rounds.append(round(timed[False] / timed[True], 3))
                 seed += n
+            previews = sum(1 for job_id in preview_ids for e in client.store.events(job_id)
+                           if "preview" in e["data"])
 
     worker_ips = args.images / worker_s
     bare_ips = args.images / bare_s
@@ -167,8 +177,26 @@ def main(argv: list[str] | None = None) -> int:
         "round_ratios": per_round,
         "ratio_median_round": round(statistics.median(per_round), 4),
         "storage": args.storage,
+        "preview_images_per_s": round(args.images / preview_s, 3),
+        "preview_ratio": round(worker_s / preview_s, 4),
+        "preview_round_ratios": preview_rounds,
+        "preview_ratio_median_round": round(statistics.median(preview_rounds), 4),
+        "previews": previews,
     }, started=t_start, load_before=load_before)
     return 0
+
+
+def run_chunk(client: Any, n: int, seed: int, preview: bool) -> tuple[float, list[str]]:
+    """n jobs through the worker, submit to the last one stored: seconds, and the ids."""
+    extra = {"preview": True} if preview else {}
+    t0 = time.perf_counter()
+    ids = [client.submit(REQUEST, seed=seed + i, **extra) for i in range(n)]
+    records = [client.wait(job_id, timeout=300) for job_id in ids]
+    took = time.perf_counter() - t0
+    bad = [r for r in records if r["status"] != "succeeded"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
+    return took, ids
 
 
 if __name__ == "__main__":

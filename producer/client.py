@@ -1,4 +1,4 @@
-"""The Python client a web backend uses: submit, get, wait, events, cancel."""
+"""The Python client a web backend uses: submit, get, list, wait, events, cancel."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from producer.broker import make_celery, send_job
 from producer.contract import Kind, Status, new_record, now_iso
 from producer.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.images import decode_data_uri
+from producer.joblist import DEFAULT_LIMIT, JobList, JobPage
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.store import Claim, JobStore
@@ -37,6 +38,7 @@ class Client:
         self.registry = registry or Registry.load(self.settings.models_file)
         self.store = store or JobStore.from_url(self.settings.redis_url, self.settings.result_ttl_s)
         self.celery = make_celery(self.settings, "atelier-producer")
+        self.jobs = JobList(self.store)
 
     def submit(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
         """Validate, record and enqueue a job; return its id.
@@ -124,6 +126,22 @@ class Client:
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)
+
+    def list(
+        self, *, owner: str | None = None, status: str | None = None,
+        model: str | None = None, kind: str | None = None, limit: int = DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> JobPage:
+        """A page of jobs, newest first: ``{"data": [records], "next_cursor"}``; pass
+        ``next_cursor`` as ``cursor`` for the next page (None: this was the last).
+
+        ``owner``: whose jobs: None, those submitted without an API key (this client's);
+        an API key's id (:func:`producer.api.key_id`) for that key's. Filters: ``status``,
+        ``model``, ``kind``; ``limit`` 1-100. Raises
+        :class:`~producer.errors.InvalidRequest` naming each bad parameter.
+        """
+        return self.jobs.page(owner, status=status, model=model, kind=kind, limit=limit,
+                              cursor=cursor)
 
     def events(
         self, job_id: str, after: str | None = None, timeout: float | None = None

@@ -26,6 +26,20 @@ GLOBAL_EVENTS_MAXLEN = 100_000
 #: the position in the queue: higher priority first, then oldest first (what Celery's
 #: Redis transport serves). Maintained by the store's transition script.
 QUEUED_INDEX = f"{PREFIX}:queued:"
+#: The job list (``GET /v1/jobs``, producer/joblist.py): per owner, one sorted set for
+#: every combination of the filters (status, kind, model; ``*`` for any), so that no
+#: filter scans. ``list_key(owner, status, kind, model)``. Every member has score 0 and
+#: is ``<created_ms, 13 digits>:<job id>``, so that lexical order is creation order
+#: and a page is one ZRANGE BYLEX from its cursor. Maintained by the store's transition
+#: script in the step that changes the status.
+JOB_LIST = f"{PREFIX}:list:"
+#: Sorted set of the list entries of finished jobs, scored by when their record expires
+#: (ms, Redis time): each member says which sets to leave (``<status>\t<entry>``).
+#: Pruned as records expire, a few at each terminal transition and more at each read,
+#: so that the list never outlives the records.
+JOB_LIST_EXPIRY = f"{PREFIX}:list-expiry"
+#: Owner part of :data:`JOB_LIST` keys for jobs submitted with no API key (the client).
+NO_OWNER = "_"
 #: Per-job list of webhook delivery attempts (JSON), newest last.
 DELIVERIES = f"{PREFIX}:deliveries:"
 #: Most delivery attempts kept per job.
@@ -114,6 +128,12 @@ QUEUED_BAND = 10**13
 def queued_score(priority: int, created_ms: int) -> int:
     """Score in :func:`queued_index_key`: priority bands, oldest first within one."""
     return (9 - priority) * QUEUED_BAND + created_ms
+
+
+def list_key(owner: str | None, status: str = "*", kind: str = "*", model: str = "*") -> str:
+    """One set of the job list: ``owner``'s jobs (None: the client's) with this status,
+    kind and model (``*``: any). The model goes last: a registry name may hold ``:``."""
+    return f"{JOB_LIST}{owner or NO_OWNER}:{status}:{kind}:{model}"
 
 
 def deliveries_key(job_id: str) -> str:

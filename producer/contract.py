@@ -83,6 +83,20 @@ def terminal_event(record: Mapping[str, Any]) -> tuple[EventType, dict[str, Any]
     return TERMINAL_EVENT_FOR[Status(record["status"])], data
 
 
+#: Event data fields only the job's own log carries: the global stream (and so the
+#: webhooks it feeds) leaves them out. A preview is a picture of a few kB, meant for
+#: the job's watchers, not for every consumer of every job's events.
+LOG_ONLY_FIELDS = frozenset({"preview"})
+
+
+def shared_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data as the global stream and webhooks carry it: ``data`` itself when
+    it has no log-only field, else a copy without them."""
+    if LOG_ONLY_FIELDS.isdisjoint(data):
+        return data
+    return {k: v for k, v in data.items() if k not in LOG_ONLY_FIELDS}
+
+
 MAX_LORAS = 4
 
 
@@ -187,6 +201,12 @@ class JobRequest(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     #: A parameter grid: every combination is one image, plus a labelled contact sheet.
     sweep: Sweep | None = None
+    #: Live previews: the job's ``job.progress`` events carry a small WebP of the
+    #: predicted clean image (DESIGN "Previews").
+    preview: bool = Field(default=False, description=(
+        "Live previews: job.progress events carry `preview`, a data:image/webp;base64 "
+        "picture of the predicted clean image (at most PREVIEW_MAX_SIDE px, one per "
+        "PREVIEW_INTERVAL_S), in the job's own event stream only."))
 
     @field_validator("prompt")
     @classmethod

@@ -37,6 +37,28 @@ def decode_data_uri(value: str, max_bytes: int) -> bytes:
 
 def open_image(raw: bytes, max_pixels: int = MAX_INPUT_PIXELS) -> Any:
     """Decode an init image with Pillow, restricted to PNG/JPEG/WEBP and bounded in size."""
+    return _decode(raw, max_pixels).convert("RGB")
+
+
+def alpha_mask(raw: bytes, max_pixels: int = MAX_INPUT_PIXELS) -> bytes:
+    """An OpenAI edit mask (its fully transparent pixels are the ones to repaint) as
+    atelier's mask (white is repainted, black kept), a greyscale PNG: white where the
+    mask is transparent, black where it is opaque, grey between.
+
+    ValueError when the picture has no alpha channel (OpenAI refuses such a mask too).
+    """
+    from PIL import Image
+
+    img = _decode(raw, max_pixels)
+    if "A" not in img.getbands() and "transparency" not in img.info:
+        raise ValueError("has no alpha channel (its transparent pixels mark what to repaint)")
+    alpha = img.convert("RGBA").getchannel("A")
+    out = io.BytesIO()
+    Image.eval(alpha, lambda a: 255 - a).save(out, "PNG")
+    return out.getvalue()
+
+
+def _decode(raw: bytes, max_pixels: int) -> Any:
     from PIL import Image
 
     try:
@@ -48,4 +70,4 @@ def open_image(raw: bytes, max_pixels: int = MAX_INPUT_PIXELS) -> Any:
         raise ValueError("is too large to decode") from None
     except (OSError, SyntaxError):  # Pillow's UnidentifiedImageError is an OSError
         raise ValueError("is not a readable PNG, JPEG or WEBP image") from None
-    return img.convert("RGB")
+    return img

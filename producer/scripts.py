@@ -4,7 +4,14 @@
 A script is how a check and the writes it guards happen in one step: Redis runs it
 whole, with nothing interleaved. The store's scripts (:class:`producer.store.JobStore`)
 come first, then the idempotency key's, the dispatcher's and the API's rate limit.
+
+Most scripts name their keys in ``KEYS``. The job list's sets are the exception: which
+sets a job is in follows from its owner, kind, model and status, read inside the
+script, so their names are built there from :data:`producer.constants.JOB_LIST`
+(atelier runs on one Redis, or a Sentinel-managed primary; not on Redis Cluster).
 """
+
+from producer import constants as K
 
 #: Shared by the scripts below: Redis's own clock (one clock for every worker's lease,
 #: whatever their hosts' clocks say) and the terminal statuses.
@@ -18,7 +25,42 @@ local function is_terminal(s)
 end
 """
 
-APPLY = PRELUDE + """
+#: The job list (producer/joblist.py). A job's *entry* is
+#: ``<member>\t<owner>\t<kind>\t<model>``; it is in the 8 sets of its owner that its
+#: status, kind and model match (each filter given or ``*``). ``list_prune`` takes out of
+#: the list up to ``budget`` finished jobs whose records have expired.
+JOB_LIST = f"""
+local LIST, JOB, EXPIRY = '{K.JOB_LIST}', '{K.JOB}', '{K.JOB_LIST_EXPIRY}'
+""" + """
+local function list_sets(entry, status, op)
+  local member, owner, kind, model = string.match(entry, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+  if not member then return end
+  local base = LIST .. owner .. ':' .. status .. ':'
+  for _, key in ipairs({base .. '*:*', base .. kind .. ':*', base .. '*:' .. model,
+                        base .. kind .. ':' .. model}) do
+    if op == 'add' then redis.call('ZADD', key, 0, member) else redis.call('ZREM', key, member) end
+  end
+end
+-- A status change: out of the old status's sets, into the new one's. The sets of any
+-- status are written each time too (a no-op but for a job from before the list).
+local function list_move(entry, old, new)
+  list_sets(entry, '*', 'add')
+  if old then list_sets(entry, old, 'rem') end
+  list_sets(entry, new, 'add')
+end
+local function list_prune(now, budget)
+  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now, 'LIMIT', 0, budget)
+  for _, item in ipairs(due) do
+    local status, entry = string.match(item, '^([^\t]*)\t(.*)$')
+    list_sets(entry, '*', 'rem')
+    list_sets(entry, status, 'rem')
+    redis.call('ZREM', EXPIRY, item)
+  end
+  return #due
+end
+"""
+
+APPLY = PRELUDE + JOB_LIST + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if ARGV[1] == '__new__' then
   if status then return {0, status} end
@@ -54,11 +96,15 @@ else
   end
 end
 -- Events first: an XADD with an explicit id is the only call here that can fail, and
--- a failure must leave the record as it was.
+-- a failure must leave the record as it was. Each event is three arguments: its type,
+-- its data for the job's own log, and its data for the global stream ('' when the
+-- same; a preview picture rides only in the job's log).
 local ids = {}
-for i = 15, #ARGV, 2 do
+for i = 16, #ARGV, 3 do
+  local shared = ARGV[i + 2]
+  if shared == '' then shared = ARGV[i + 1] end
   local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
-                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
+                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', shared)
   redis.call('XADD', KEYS[2], id,
              'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
   table.insert(ids, id)
@@ -67,6 +113,15 @@ if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
   -- The queue index holds exactly the jobs waiting for a worker.
   if ARGV[3] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[9]) end
+  -- The job list (ARGV[15]: the job's entry) follows the status in the same step; a
+  -- finished job leaves it when its record expires.
+  if ARGV[15] ~= '' and ARGV[3] ~= status then
+    list_move(ARGV[15], status, ARGV[3])
+    if is_terminal(ARGV[3]) and tonumber(ARGV[7]) > 0 then
+      redis.call('ZADD', EXPIRY, now_ms() + tonumber(ARGV[7]) * 1000, ARGV[3] .. '\t' .. ARGV[15])
+      list_prune(now_ms(), 4)
+    end
+  end
 end
 if string.sub(ARGV[13], 1, 8) == 'expired:' or is_terminal(ARGV[3]) then
   -- Taken back, or ended: nobody holds the job any more.
@@ -162,4 +217,35 @@ local wait = new_tat - now - burst * interval
 if wait > 0 then return math.ceil(wait) end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
 return 0
+"""
+
+
+# A page of the job list: up to ARGV[2] members of the set KEYS[1] after the cursor
+# ARGV[1] ('' from the newest), newest first, each with its record; ARGV[3] expired
+# jobs pruned first. A member whose record is gone anyway (evicted under maxmemory) is
+# dropped from this set and skipped, a bounded number of times.
+LIST_PAGE = PRELUDE + JOB_LIST + """
+list_prune(now_ms(), tonumber(ARGV[3]))
+local want = tonumber(ARGV[2])
+local from = '+'
+if ARGV[1] ~= '' then from = '(' .. ARGV[1] end
+local out, found, dropped = {}, 0, 0
+while found < want and dropped < 1000 do
+  local batch = redis.call('ZRANGE', KEYS[1], from, '-', 'BYLEX', 'REV', 'LIMIT', 0, want - found)
+  if #batch == 0 then break end
+  for _, member in ipairs(batch) do
+    local id = string.match(member, '^%d+:(.*)$')
+    local doc = id and redis.call('HGET', JOB .. id, 'doc')
+    if doc then
+      table.insert(out, member)
+      table.insert(out, doc)
+      found = found + 1
+    else
+      redis.call('ZREM', KEYS[1], member)
+      dropped = dropped + 1
+    end
+    from = '(' .. member
+  end
+end
+return out
 """

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     #: ``s3://bucket/prefix`` or ``file:///path``.
     storage_url: str = "file://./atelier-output"
     s3_endpoint_url: str | None = None
-    #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days).
+    #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days);
+    #: so do the signed URLs the API gives for ``file://`` outputs (up to 5 min more: they
+    #: are rounded so that a record read twice gives the same URL, which browsers cache).
     presign_ttl_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
     #: TOML file whose ``[models.NAME]`` tables add to or override the built-in registry.
     models_file: str | None = None
@@ -94,6 +96,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=2, ge=1, le=8)
     #: Minimum seconds between two ``job.progress`` events of a job.
     progress_interval_s: float = Field(default=0.5, ge=0.0)
+    #: Minimum seconds between two previews of a job (``preview: true``): a preview
+    #: rides on a ``job.progress`` event, at most one per interval.
+    preview_interval_s: float = Field(default=1.0, ge=0.0)
+    #: Longest side of a preview, px (never larger than the image itself).
+    preview_max_side: int = Field(default=256, ge=8, le=1024)
     #: Records and event logs of finished jobs are kept this long.
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     #: Largest init image accepted, encoded bytes.
@@ -145,6 +152,50 @@ class Settings(BaseSettings):
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=60)
     #: An event stream with nothing to say sends a comment this often.
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    #: ``POST /v1/images/*`` (OpenAI-compatible) waits this long for its job before it
+    #: answers 504 (the job goes on; ``X-Atelier-Job-Id`` names it).
+    openai_wait_s: float = Field(default=300.0, gt=0)
+    #: Model names OpenAI clients send, as ``alias=registry-model`` pairs, comma-separated
+    #: (``gpt-image-1=playground-v2.5,dall-e-3=playground-v2.5``).
+    openai_model_aliases: str = ""
+
+    @field_validator("openai_model_aliases")
+    @classmethod
+    def _aliases(cls, v: str) -> str:
+        for pair in (p.strip() for p in v.split(",")):
+            alias, sep, target = pair.partition("=")
+            if pair and not (sep and alias.strip() and target.strip()):
+                raise ValueError("ATELIER_OPENAI_MODEL_ALIASES must be comma-separated "
+                                 f"alias=model pairs (got {pair!r})")
+        return v
+
+    @property
+    def model_aliases(self) -> dict[str, str]:
+        """``openai_model_aliases`` as a mapping, alias to registry model."""
+        pairs = (p.partition("=") for p in self.openai_model_aliases.split(",") if p.strip())
+        return {alias.strip(): target.strip() for alias, _, target in pairs}
+
+    #: The API's address as its clients reach it (``https://atelier.example.com``), for
+    #: the links it gives out; unset: the address each request came to.
+    public_url: str | None = None
+    #: HMAC key of the URLs at which the API serves ``file://`` outputs (at least 32
+    #: characters; every replica needs the same one). Unset: a random one per process,
+    #: so its URLs stop working when it restarts and on other replicas.
+    file_url_secret: str | None = Field(default=None, repr=False)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        if v and not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("ATELIER_PUBLIC_URL must be an http:// or https:// address")
+        return v.rstrip("/") if v else None
+
+    @field_validator("file_url_secret")
+    @classmethod
+    def _file_url_secret(cls, v: str | None) -> str | None:
+        if v and len(v) < 32:
+            raise ValueError("ATELIER_FILE_URL_SECRET must be at least 32 characters")
+        return v or None
 
     # -- webhooks -----------------------------------------------------------------------
     #: Seconds to wait before each retry of a failed delivery (jitter ±20 % is added);

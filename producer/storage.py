@@ -45,6 +45,18 @@ class LocalStorage(_Keys):
             raise ValueError(f"key {key!r} escapes the storage root")
         return path
 
+    def path_of(self, key: str) -> Path | None:
+        """The file ``key`` names, or None for a key that names none under the root
+        (empty, absolute, with ``.``/``..`` parts, a NUL byte or a backslash, or a link
+        leading out of the root)."""
+        if (not key or "\x00" in key or "\\" in key
+                or any(part in ("", ".", "..") for part in key.split("/"))):
+            return None
+        try:
+            return self._path(key)
+        except (ValueError, OSError):
+            return None
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -46,12 +46,14 @@ from producer.contract import (
     Status,
     now_iso,
     parse_iso,
+    shared_data,
     terminal_event,
 )
 from producer.errors import IdempotencyConflict, JobNotFound
 from producer.eventlog import Cursor, decode_batch, decode_event, events_query
 from producer.idempotency import Claim as Claim
 from producer.idempotency import IdempotencyKey
+from producer.joblist import list_entry
 from producer.redis_url import redis_client
 
 NO_TOKEN = "none"
@@ -149,13 +151,14 @@ class JobStore:
         ``allowed``: comma-separated statuses the job must be in (or ``NEW``: must not
         exist); ``token``: the fence the caller read (``ANY_TOKEN`` skips the check).
         ``record`` replaces the record; ``events`` are appended in order, to the job's log
-        and the global stream, only if the check passes. ``claim`` (with ``NEW`` only):
+        and the global stream (less the log-only fields, a preview: :func:`shared_data`),
+        only if the check passes. ``claim`` (with ``NEW`` only):
         an idempotency key set in the same step, refused (``claimed``) if it exists.
         ``lease``: ``held:<worker>`` (that worker must hold the job) or
         ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
         ``requeue``: the record whose job waits in its queue again (the queue index).
         ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
-        A terminal status clears the job's lease.
+        A terminal status clears the job's lease; a new one moves it in the job list.
         """
         status = record["status"] if record is not None else ""
         terminal = bool(status) and Status(status).is_terminal()
@@ -176,11 +179,13 @@ class JobStore:
             claim.ttl_s if claim is not None else 0,
             lease,
             "" if announce is None else announce,
+            list_entry(record) if record is not None else "",
         ]
         for etype, data in events:
             if metadata:  # metadata is echoed in every event
                 data = {**data, "metadata": metadata}
-            args += [etype.value, _dumps(data)]
+            shared = shared_data(data)
+            args += [etype.value, _dumps(data), "" if shared is data else _dumps(shared)]
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
                   K.queued_index_key(_model(record or requeue)),

@@ -359,7 +359,7 @@ def _normalize(req: JobRequest, spec: ModelSpec, settings: Settings) -> dict[str
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
     # Features a request does not use leave no key: its record (and the request in its
     # PNGs) reads exactly as before they existed.
-    for key in ("mask", "loras", "sweep"):
+    for key in ("mask", "loras", "sweep", "preview"):
         if not out.get(key):
             out.pop(key, None)
     if req.sweep is not None:

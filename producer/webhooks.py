@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from producer.contract import EventType
+from producer.contract import EventType, shared_data
 from producer.netguard import EgressRefused, post
 from producer.settings import Settings
 
@@ -51,6 +51,9 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def event_body(event: dict[str, Any]) -> bytes:
+    # Events come from the global stream, which has no previews; a retry reads the
+    # job's own log, which may: a webhook never carries one.
+    event = {**event, "data": shared_data(event["data"])}
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 

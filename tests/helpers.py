@@ -109,6 +109,7 @@ def stack_values(redis_url: str, models_dir: Path, models_file: str, storage_url
         "job_timeout_s": 60,
         "max_attempts": 2,
         "progress_interval_s": 0.1,
+        "preview_interval_s": 0.1,
         "storage_retry_s": 5,
         "restore_interval_s": 1,
         "allow_http": "true",

@@ -80,10 +80,11 @@ def test_openapi_describes_every_route(api: httpx.Client) -> None:
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
     for path, method in [
-        ("/v1/jobs", "post"), ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"),
         ("/v1/jobs/{job_id}/events", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
         ("/v1/models", "get"), ("/v1/queues", "get"), ("/v1/workers", "get"),
-        ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
+        ("/v1/files/{key}", "get"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/metrics", "get"),
     ]:
         assert method in paths[path], path
     body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]

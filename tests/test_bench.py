@@ -64,7 +64,9 @@ def test_pipeline_efficiency(models_dir: Path) -> None:
     r = run_bench("pipeline_efficiency.py", "--images", "2", "--rounds", "1",
                   models_dir=models_dir)
     assert r["bench"] == "pipeline_efficiency" and r["images"] == 2
-    positive(r, "worker_images_per_s", "bare_images_per_s", "ratio")
+    positive(r, "worker_images_per_s", "bare_images_per_s", "ratio", "preview_images_per_s",
+             "preview_ratio")
+    assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
 
 
 def test_gpu_without_cuda_exits_cleanly() -> None:
@@ -95,3 +97,13 @@ def test_recovery() -> None:
     assert r["lost"] == 0 and r["duplicate_outcomes"] == 0
     positive(r, "recovery_s_p50", "recovery_s_max")
     assert r["recovery_s_max"] >= r["recovery_s_p50"]
+
+
+def test_list_jobs() -> None:
+    r = run_bench("list_jobs.py", "--jobs", "200", "--reads", "5")
+    assert r["bench"] == "list_jobs" and r["jobs"] == 200
+    assert [row["owner_jobs"] for row in r["rows"]] == [100, 200, 100]
+    for row in r["rows"]:
+        positive(row, "store_p50_ms", "store_deep_p50_ms", "store_filtered_p50_ms",
+                 "api_p50_ms", "api_filtered_p50_ms")
+    positive(r, "api_p50_ratio", "store_p50_ratio", "fill_s", "index_bytes_per_job")

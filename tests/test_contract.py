@@ -253,6 +253,8 @@ BAD += [
                                    "sweep": {"steps": [1, 4]}}, "sweep", {}),
     ("negative-at-guidance-1", {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
      "negative_prompt", {}),
+    ("preview-not-bool", {"prompt": P, "preview": "yes"}, "preview", {}),
+    ("preview-number", {"prompt": P, "preview": 1}, "preview", {}),
 ]
 
 
@@ -307,7 +309,11 @@ def test_family_features_that_apply_are_accepted(client: Client) -> None:
 def test_unused_new_fields_leave_no_key(client: Client) -> None:
 
     req = validate_request({"prompt": P}, client.registry, client.settings)
-    assert not {"mask", "loras", "sweep"} & set(req)
+    assert not {"mask", "loras", "sweep", "preview"} & set(req)
+    off = validate_request({"prompt": P, "preview": False}, client.registry, client.settings)
+    assert "preview" not in off
+    assert validate_request({"prompt": P, "preview": True}, client.registry,
+                            client.settings)["preview"] is True
     swept = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
                               "sweep": {"guidance_scale": [0.0, 2.0]}},
                              client.registry, client.settings)

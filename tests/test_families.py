@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,23 +69,37 @@ def test_one_worker_serves_every_model_it_loaded(families: Stack) -> None:
     assert records["tiny-sdxl-turbo"]["request"]["guidance_scale"] == 0.0
 
 
+def assert_previews(events: list[dict[str, Any]], size: tuple[int, int]) -> None:
+    previews = [e["data"]["preview"] for e in events
+                if e["type"] == "job.progress" and "preview" in e["data"]]
+    assert previews, [(e["type"], e["ts"], sorted(e["data"])) for e in events]
+    for uri in previews:
+        raw = base64.b64decode(uri.removeprefix("data:image/webp;base64,"))
+        assert Image.open(io.BytesIO(raw), formats=["WEBP"]).size == size
+
+
 def test_flux_equals_bare_diffusers(families: Stack, models_dir: Path) -> None:
     from diffusers import FluxPipeline
 
-    record, _ = run_job(families, prompt="a tin robot", model="tiny-flux", seed=8, width=80,
-                        height=64)
+    # With previews on: made from the packed 16-channel latents, they change nothing.
+    record, events = run_job(families, prompt="a tin robot", model="tiny-flux", seed=8,
+                             width=80, height=64, steps=48, preview=True)
     pipe = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    bare = bare_run(pipe, 8, prompt="a tin robot", num_inference_steps=4, guidance_scale=0.0,
+    bare = bare_run(pipe, 8, prompt="a tin robot", num_inference_steps=48, guidance_scale=0.0,
                     width=80, height=64)
     assert px(families, record) == pixels(bare)
+    assert_previews(events, (80, 64))
 
 
 def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_dir: Path) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    plain, _ = run_job(families, prompt="a red fox", model="tiny-sd15", seed=4)
-    weighted, _ = run_job(families, prompt="a (red:1.4) fox", model="tiny-sd15", seed=4)
+    # Enough steps for progress events, with previews on: they change nothing.
+    plain, events = run_job(families, prompt="a red fox", model="tiny-sd15", seed=4, steps=16,
+                            preview=True)
+    weighted, _ = run_job(families, prompt="a (red:1.4) fox", model="tiny-sd15", seed=4,
+                          steps=16)
     long_a, _ = run_job(families, prompt="fox " * 25 + "red", model="tiny-sd15", seed=4)
     long_b, _ = run_job(families, prompt="fox " * 25 + "blue", model="tiny-sd15", seed=4)
     pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "tiny-sd15"),
@@ -92,9 +107,10 @@ def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_di
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
                                                              use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
-    bare = bare_run(pipe, 4, prompt="a red fox", num_inference_steps=4, guidance_scale=7.5,
+    bare = bare_run(pipe, 4, prompt="a red fox", num_inference_steps=16, guidance_scale=7.5,
                     width=64, height=64)
     assert px(families, plain) == pixels(bare)
+    assert_previews(events, (64, 64))
     assert px(families, weighted) != px(families, plain)
     assert px(families, long_a) != px(families, long_b)  # the part after 75 tokens counts
 

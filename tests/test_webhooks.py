@@ -99,7 +99,7 @@ def test_completed_webhook_is_signed_and_carries_the_job(
 
 def test_webhook_events_filter(stack: Stack, receiver: Receiver, dispatcher: Process) -> None:
     url = receiver.url("/all")
-    job_id = submit(stack, webhook=url, steps=6,
+    job_id = submit(stack, webhook=url, steps=12, preview=True,
                     webhook_events=["started", "progress", "output", "completed"])
     log = stack.client().wait(job_id, timeout=60)
     assert log["status"] == "succeeded"
@@ -108,6 +108,10 @@ def test_webhook_events_filter(stack: Stack, receiver: Receiver, dispatcher: Pro
     got = receiver.wait_for("/all", len(wanted))
     payloads = [verify(g) for g in got]
     assert sorted(p["id"] for p in payloads) == sorted(e["id"] for e in wanted)
+    # The job's log has its previews; its webhooks leave them out.
+    assert any("preview" in e["data"] for e in wanted)
+    progress = [p for p in payloads if p["type"] == "job.progress"]
+    assert progress and not [p for p in progress if "preview" in p["data"]]
     assert {p["type"] for p in payloads} >= {"job.started", "job.progress", "job.output",
                                              "job.succeeded"}
     only_started = submit(stack, webhook=receiver.url("/started"), webhook_events=["started"])

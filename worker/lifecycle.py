@@ -108,7 +108,8 @@ class Lifecycle:
         """The process's one monitor thread, started on first use."""
         with self._monitor_lock:
             if self._monitor is None or not self._monitor.is_alive():
-                self._monitor = Monitor(self.settings.progress_interval_s)
+                self._monitor = Monitor(self.settings.progress_interval_s,
+                                        self.settings.preview_interval_s)
                 self._monitor.start()
             return self._monitor
 

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from producer.contract import EventType, Status, now_iso, parse_iso, terminal_event
 from producer.errors import Fenced, JobCancelled, JobTimeout
@@ -23,6 +23,14 @@ from producer.store import JobStore, Outcome
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+
+class Preview(Protocol):
+    """A run's live previews (``worker/preview.py``): rendered on the monitor thread."""
+
+    def render(self) -> str | None:
+        """A picture of the newest state not yet rendered (a data URI), or None."""
+        ...
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Run:
     lock: threading.Lock = field(default_factory=threading.Lock)
     #: Set (under ``lock``) when the watched block has ended: no progress after it.
     ended: bool = False
+    #: Set by a work whose request asked for previews, before its watched block.
+    preview: Preview | None = None
 
     @property
     def request(self) -> dict[str, Any]:
@@ -103,15 +113,17 @@ class Run:
             if not self._apply(dict(self.record, **changes), [(event, data)]).ok:
                 self._lost()
 
-    def publish_progress(self, step: int) -> bool:
+    def publish_progress(self, step: int, preview: str | None = None) -> bool:
         """A progress event, unless the watched block has ended meanwhile (the job's
-        own events follow it, and no progress event may come after them)."""
+        own events follow it, and no progress event may come after them). A preview
+        rides on the event only: the record's ``progress`` stays small."""
         progress = {"step": step, "total": self.total, **self.fields}
+        data = progress if preview is None else {**progress, "preview": preview}
         with self.lock:
             if self.ended:
                 return False
             if not self._apply(dict(self.record, progress=progress),
-                               [(EventType.PROGRESS, progress)]).ok:
+                               [(EventType.PROGRESS, data)]).ok:
                 self._lost()
             return True
 
@@ -175,9 +187,10 @@ class Monitor(threading.Thread):
     cancel list for at most ``block_s``, so it moves to the next job within that.
     """
 
-    def __init__(self, progress_interval_s: float) -> None:
+    def __init__(self, progress_interval_s: float, preview_interval_s: float = 1.0) -> None:
         super().__init__(name="atelier-monitor", daemon=True)
         self.interval_s = progress_interval_s
+        self.preview_interval_s = preview_interval_s
         self._guard = threading.Lock()
         self._run: Run | None = None
         self._wake = threading.Event()
@@ -203,7 +216,7 @@ class Monitor(threading.Thread):
 
     def run(self) -> None:
         watched: Run | None = None
-        sent, last_emit = 0, 0.0
+        sent, last_emit, last_preview = 0, 0.0, 0.0
         while True:
             run = self._current()
             if run is None:
@@ -211,7 +224,7 @@ class Monitor(threading.Thread):
                 self._wake.clear()
                 continue
             if run is not watched:
-                watched, sent, last_emit = run, 0, 0.0
+                watched, sent, last_emit, last_preview = run, 0, 0.0, 0.0
             try:
                 # Blocks up to block_s; returns at once when a cancel is pushed.
                 if run.store.wait_for_cancel(run.job_id, self.block_s):
@@ -220,14 +233,34 @@ class Monitor(threading.Thread):
                 now = time.monotonic()
                 # (A training's step starts again at each phase: any change counts.)
                 if step != sent and now - last_emit >= self.interval_s:
-                    if run.publish_progress(step):
+                    # The picture is made here, off the denoising loop, at most one
+                    # per preview interval.
+                    picture = None
+                    if run.preview is not None and now - last_preview >= self.preview_interval_s:
+                        picture = _render(run)
+                    if run.publish_progress(step, picture):
                         sent, last_emit = step, now
+                        if picture is not None:
+                            last_preview = now
             except Fenced:
                 self.unwatch(run)
             except Exception:
                 log.warning("job %s: progress update failed", run.job_id, exc_info=True,
                             extra={"job_id": run.job_id})
                 time.sleep(self.block_s)
+
+def _render(run: Run) -> str | None:
+    """The run's next preview; a preview that fails ends the run's previews, not its
+    progress (events never fail a job)."""
+    assert run.preview is not None
+    try:
+        return run.preview.render()
+    except Exception:
+        log.warning("job %s: preview failed; no more previews for it", run.job_id,
+                    exc_info=True, extra={"job_id": run.job_id})
+        run.preview = None
+        return None
+
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)

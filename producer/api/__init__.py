@@ -1,11 +1,14 @@
 """The HTTP API: ``atelier api`` (FastAPI on uvicorn).
 
-Routes (DESIGN.md): ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events``
-(server-sent events), ``POST /v1/jobs/{id}/cancel``, ``GET /v1/models``,
-``GET /v1/queues``, ``GET /v1/workers``, ``GET /healthz``, ``GET /readyz``,
-``GET /metrics``. Every refusal has one shape: ``{"error": {"code", "message",
-"fields"?}}``. Auth and rate limit: :mod:`producer.api.auth`; idempotency and
-admission: :mod:`producer.api.submit`.
+Routes (DESIGN.md): ``POST /v1/jobs``, ``GET /v1/jobs`` (the caller's jobs, a page at
+a time), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (server-sent events),
+``POST /v1/jobs/{id}/cancel``, ``GET /v1/models``, ``GET /v1/queues``,
+``GET /v1/workers``, ``GET /v1/files/{key}`` (``file://`` outputs at signed URLs),
+``GET /healthz``, ``GET /readyz``, ``GET /metrics``, and OpenAI's
+``POST /v1/images/generations`` and ``/v1/images/edits``. Every refusal has one
+shape, ``{"error": {"code", "message", "fields"?}}``, but on the OpenAI routes OpenAI's.
+Auth and rate limit: :mod:`producer.api.auth`; idempotency and admission:
+:mod:`producer.api.submit`.
 
 The package::
 
@@ -18,21 +21,25 @@ The package::
     auth.py         the caller (a bearer key), its rate limit, admin-only routes
     schemas.py      the response schemas (ErrorBody, ...; the record is the contract's)
     openapi.py      what FastAPI cannot see: hand-read request bodies, links
-    records.py      a job as its owner sees it (anyone else: 404)
+    records.py      a job as its owner sees it (anyone else: 404), with output URLs
+                    a browser can load
+    files.py        signed, expiring URLs of file:// outputs (``GET /v1/files/{key}``)
     submit.py       taking a job in: body limit, validation, Idempotency-Key, admission
     sse.py          a job's events as server-sent events
-    routes/         one router per resource: jobs, models, queues, workers, health
+    openai_*.py     the OpenAI-compatible routes: request (OpenAI's fields as a job
+                    request), form (the edit's multipart), results (the wait, the
+                    answers, the image events), errors (OpenAI's error shape)
+    routes/         one router per resource: jobs, images (OpenAI), models, queues,
+                    workers, files, health
 
 Where the routes to come go (each a router in ``routes/``, included in ``app.py``):
 
 - ``routes/trainings.py``: ``POST /v1/trainings``, a job of kind ``train`` taken in
   through :mod:`~producer.api.submit` with its own request validation; everything
   else about it is ``/v1/jobs/{id}``.
-- ``routes/images.py``: ``POST /v1/images/generations`` and ``/v1/images/edits``
-  (OpenAI-compatible): jobs taken in through :mod:`~producer.api.submit`, waited for,
-  answered in OpenAI's shapes (its error shape from an exception handler of its own).
 - ``routes/studio.py`` with ``studio/`` (static files shipped in the package):
-  ``GET /``, the studio page, and the signed output URLs of ``file://`` storage.
+  ``GET /``, the studio page (the signed output URLs of ``file://`` storage are
+  ``routes/files.py``).
 """
 
 from producer.api.app import create_app, main

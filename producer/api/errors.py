@@ -1,8 +1,10 @@
 """The one shape of every refusal, ``{"error": {"code", "message", "fields"?}}``, and
-the handlers that give it to whatever goes wrong in a route."""
+the handlers that give it to whatever goes wrong in a route (the OpenAI-compatible
+routes answer in OpenAI's shape: :mod:`producer.api.openai_errors`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -10,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from producer.errors import Unavailable
 
@@ -32,38 +35,53 @@ def error_response(exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": body}, status_code=exc.status, headers=exc.headers)
 
 
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc)
+#: Renders a refusal in another shape (the OpenAI-compatible routes' own).
+Renderer = Callable[[ApiError], JSONResponse]
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(ApiError(exc.status_code, code, str(exc.detail),
-                                   headers=getattr(exc, "headers", None)))
+def _allowed(request: Request) -> str:
+    """Every method the request's path answers: Starlette's 405 names only those of the
+    first route with that path (``/v1/jobs`` has a POST route and a GET route)."""
+    methods: set[str] = set()
+    for route in request.app.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-              for e in exc.errors()]
-    return error_response(ApiError(422, "invalid_request", "invalid request", fields))
+def _translate(request: Request, exc: Exception) -> ApiError:
+    """Whatever went wrong in a route, as the refusal it is."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed(request)}
+        return ApiError(exc.status_code, code, str(exc.detail), headers=headers)
+    if isinstance(exc, RequestValidationError):
+        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                  for e in exc.errors()]
+        return ApiError(422, "invalid_request", "invalid request", fields)
+    if isinstance(exc, Unavailable):
+        return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
+    assert isinstance(exc, redis.RedisError)
+    return ApiError(503, "unavailable", f"job store unavailable: {exc}",
+                    headers={"Retry-After": "1"})
 
 
-async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"}))
+def install(app: FastAPI, shapes: dict[str, Renderer] | None = None) -> None:
+    """Give every refusal the one shape, whoever raises it; under a path prefix of
+    ``shapes``, the shape its renderer gives instead."""
+    others = dict(shapes or {})
 
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        refusal = _translate(request, exc)
+        for prefix, render in others.items():
+            if request.url.path.startswith(prefix):
+                return render(refusal)
+        return error_response(refusal)
 
-async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(ApiError(503, "unavailable", f"job store unavailable: {exc}",
-                                   headers={"Retry-After": "1"}))
-
-
-def install(app: FastAPI) -> None:
-    """Give every refusal the one shape, whoever raises it."""
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Unavailable, _unavailable)
-    app.add_exception_handler(redis.RedisError, _redis_down)
+    for kind in (ApiError, StarletteHTTPException, RequestValidationError, Unavailable,
+                 redis.RedisError):
+        app.add_exception_handler(kind, handle)

@@ -1,14 +1,17 @@
 """A job as a caller sees it: only its own (anyone else's is a 404), without its owner,
-with its place in the queue and its webhook deliveries."""
+with its place in the queue, its webhook deliveries, and outputs a browser can load
+(signed URLs of the API's own for ``file://`` storage: :mod:`producer.api.files`)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from producer import constants as K
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.state import ApiState
-from producer.contract import Status
+from producer.contract import Kind, Status
 from producer.errors import JobNotFound
 
 
@@ -23,10 +26,48 @@ def own_job(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
     return record
 
 
+def _shown(state: ApiState, record: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in record.items() if k != "owner"}
+    out.setdefault("kind", Kind.GENERATE.value)  # a record from before kinds
+    out["outputs"] = state.files.outputs(record.get("outputs") or [])
+    return out
+
+
 def view(state: ApiState, record: dict[str, Any]) -> dict[str, Any]:
     """The record as the API shows it (:class:`producer.api.schemas.JobRecord`)."""
-    out = {k: v for k, v in record.items() if k != "owner"}
-    if record["status"] == Status.QUEUED:
-        out["position"] = state.store.queue_position(record)
-    out["webhook_deliveries"] = state.store.deliveries(record["id"])
+    return views(state, [record])[0]
+
+
+def views(state: ApiState, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records as the API shows them, their queue places and deliveries read in one
+    round trip."""
+    pipe = state.store.redis.pipeline(transaction=False)
+    for record in records:
+        if record["status"] == Status.QUEUED:
+            pipe.zrank(K.queued_index_key(record["request"]["model"]), record["id"])
+        pipe.lrange(K.deliveries_key(record["id"]), 0, -1)
+    replies = iter(pipe.execute() if records else [])
+    out = []
+    for record in records:
+        shown = _shown(state, record)
+        if record["status"] == Status.QUEUED:
+            rank = next(replies)
+            shown["position"] = None if rank is None else int(rank)
+        shown["webhook_deliveries"] = [json.loads(x) for x in next(replies)]
+        out.append(shown)
     return out
+
+
+def view_event(state: ApiState, event: dict[str, Any]) -> dict[str, Any]:
+    """An event as the API shows it: the output or record it carries with the URLs a
+    browser can load."""
+    data = event.get("data")
+    if not isinstance(data, dict) or not ({"output", "job"} & data.keys()):
+        return event
+    data = dict(data)
+    if isinstance(data.get("output"), dict):
+        data["output"] = state.files.outputs([data["output"]])[0]
+    if isinstance(data.get("job"), dict):
+        data["job"] = dict(data["job"], outputs=state.files.outputs(
+            data["job"].get("outputs") or []))
+    return dict(event, data=data)

@@ -32,8 +32,17 @@ class ErrorBody(BaseModel):
 JobRecord = RecordView
 
 
+class JobPage(BaseModel):
+    data: list[RecordView] = Field(description="The caller's jobs, newest first.")
+    next_cursor: str | None = Field(
+        description="Pass it as `cursor` for the next page; null on the last page.")
+
+
 class ModelList(BaseModel):
     models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
+    default_model: str = Field(description="The model of a request that names none.")
+    aliases: dict[str, str] = Field(description="Model names OpenAI clients may send "
+                                    "(ATELIER_OPENAI_MODEL_ALIASES), each to its model.")
 
 
 class QueueReport(BaseModel):
@@ -75,3 +84,52 @@ WHY: dict[int, str] = {
 def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a route that refuses with ``statuses``."""
     return {code: {"model": ErrorBody, "description": WHY[code]} for code in sorted(statuses)}
+
+
+# -- the OpenAI-compatible routes (OpenAI's own shapes) -------------------------------
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, requests (429) or server_error.")
+    param: str | None = Field(description="The OpenAI field refused, if one is.")
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = Field(default=None, description="With response_format b64_json.")
+    url: str | None = Field(default=None, description="With response_format url.")
+
+
+class ImagesResponse(BaseModel):
+    created: int = Field(description="When the job finished (Unix seconds).")
+    data: list[ImageData]
+    background: str
+    output_format: str
+    quality: str
+    size: str
+    safety_identifier: str | None = None
+
+
+#: Why an OpenAI-compatible route answers each error status.
+OPENAI_WHY: dict[int, str] = {
+    **WHY,
+    400: "A field is refused (param names it), or the job failed on its input image.",
+    404: "No such model (param: model).",
+    409: "An earlier Idempotency-Key came with another body, or the job was cancelled.",
+    500: "The job failed (code: atelier's error code).",
+    503: "Unavailable (Redis, the broker, a full queue: see Retry-After), or the job "
+         "expired in the queue.",
+    504: "The job is still running after ATELIER_OPENAI_WAIT_S (it goes on; "
+         "X-Atelier-Job-Id names it).",
+}
+
+
+def openai_refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """:func:`refusals` in OpenAI's error shape."""
+    return {code: {"model": OpenAIErrorBody, "description": OPENAI_WHY[code]}
+            for code in sorted(statuses)}

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import redis
 
+from producer.api.records import view_event
 from producer.api.state import ApiState
 from producer.errors import JobNotFound
 from producer.eventlog import Cursor, read_events
@@ -82,5 +83,5 @@ async def stream(state: ApiState, job_id: str, after: str | None) -> AsyncIterat
             yield b": keep-alive\n\n"
             continue
         for event in cursor.take(batch):
-            yield retry + frame(event)
+            yield retry + frame(view_event(state, event))  # outputs' URLs as served
             retry = b""

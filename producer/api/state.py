@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis as AsyncRedis
 
 from producer import scripts as S
+from producer.api.files import FileLinks
 from producer.api.keys import KeyRing
 from producer.client import Client
 from producer.errors import Unavailable
@@ -21,6 +22,7 @@ from producer.metrics import RedisGauges, queue_gauges
 from producer.redis_url import async_redis_client, redis_client
 from producer.registry import Registry
 from producer.settings import Settings
+from producer.storage import LocalStorage, S3Storage, storage_from_settings
 from producer.store import JobStore
 
 
@@ -36,6 +38,8 @@ class Backends:
     aredis: AsyncRedis
     #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`).
     rate_limit: Any
+    #: Output storage: the OpenAI-compatible routes answer with images' bytes or URLs.
+    storage: LocalStorage | S3Storage
 
     @classmethod
     def open(cls, settings: Settings, registry: Registry) -> Backends:
@@ -46,6 +50,7 @@ class Backends:
                                 health_check_interval=30),
             aredis=async_redis_client(settings.redis_url, health_check_interval=30),
             rate_limit=client.store.redis.register_script(S.RATE_LIMIT),
+            storage=storage_from_settings(settings),
         )
 
     async def aclose(self) -> None:
@@ -77,9 +82,12 @@ class ApiState:
     keyring: KeyRing
     backends: Backends | None = None
     metrics: ApiMetrics = field(init=False)
+    #: Signed URLs of ``file://`` outputs (:mod:`producer.api.files`).
+    files: FileLinks = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ApiMetrics(self)
+        self.files = FileLinks(self.settings)
 
     def open(self) -> None:
         self.backends = Backends.open(self.settings, self.registry)

@@ -1,8 +1,8 @@
 """Taking a job in: the body read under its size limit, the request validated, the
 ``Idempotency-Key`` honoured, the model's queue admitting it, then enqueued.
 
-``POST /v1/jobs`` uses all of it; the routes to come that make jobs (trainings, the
-OpenAI-compatible images) take the same steps with their own request validation.
+``POST /v1/jobs`` uses all of it (:func:`submit`); the other routes that make jobs (the
+OpenAI-compatible images, trainings) take the same steps through :func:`take`.
 
 - Admission: a model whose queue holds ``max_queue_depth`` messages refuses new jobs
   with 503 and ``Retry-After``; nothing is enqueued.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -62,23 +63,37 @@ def idempotency_header(request: Request) -> str | None:
     return idem
 
 
-def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
-           kind: Kind = Kind.GENERATE) -> JSONResponse:
-    """Validate and enqueue ``data``, a job of ``kind``, for ``who`` (blocking: run it in
-    a thread)."""
-    try:
-        if kind is Kind.TRAIN:
-            from producer.train_validation import validate_training
+@dataclass
+class Taken:
+    """A job taken in: its record as it stands, and whether an earlier request with the
+    same ``Idempotency-Key`` made it (nothing new was enqueued)."""
 
-            normalized = validate_training(data, state.registry, state.settings)
-        else:
-            normalized = validate_request(data, state.registry, state.settings)
-            check_job_loras(normalized, state.store, who.owner, check_owner=True)
-    except InvalidRequest as exc:
-        raise ApiError(422, exc.code, str(exc), exc.fields) from None
-    key = IdempotencyKey.of(who.owner, idem, data) if idem is not None else None
+    record: dict[str, Any]
+    replayed: bool
+
+
+def take(state: ApiState, data: Any, idem: str | None, who: Caller,
+         fingerprint: Any = None, kind: Kind = Kind.GENERATE) -> Taken:
+    """Validate and enqueue ``data``, a job of ``kind``, for ``who`` (blocking: run it in
+    a thread).
+
+    ``fingerprint`` is what an ``Idempotency-Key`` is bound to (default: ``data``); a
+    route whose body is not the job request (the OpenAI-compatible ones) passes its own.
+    Raises :class:`~producer.errors.InvalidRequest` (nothing enqueued) and
+    :class:`ApiError` for every other refusal.
+    """
+    if kind is Kind.TRAIN:
+        from producer.train_validation import validate_training
+
+        normalized = validate_training(data, state.registry, state.settings)
+    else:
+        normalized = validate_request(data, state.registry, state.settings)
+        # loras: job:<training id>: the caller's own training that succeeded.
+        check_job_loras(normalized, state.store, who.owner, check_owner=True)
+    body = data if fingerprint is None else fingerprint
+    key = IdempotencyKey.of(who.owner, idem, body) if idem is not None else None
     if key is not None and (replay := _replay(state, key)) is not None:
-        return replay
+        return Taken(replay, True)
     admit(state, K.lane(normalized["model"], kind))
     job_id = new_job_id()
     # The key is written with the record, in one step: a replica that dies before that
@@ -91,26 +106,35 @@ def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
         # A concurrent request with this key won the race: answer with its job.
         replay = _replay(state, key) if key is not None else None
         if replay is not None:
-            return replay
+            return Taken(replay, True)
         raise ApiError(409, "idempotency_in_progress",
                        "a request with this Idempotency-Key is in progress") from None
     log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
              extra={"job_id": job_id})
-    record = state.store.get(job_id)
-    return JSONResponse(view(state, record), status_code=202,
-                        headers={"Location": f"/v1/jobs/{job_id}"})
+    return Taken(state.store.get(job_id), False)
 
 
-def _replay(state: ApiState, key: IdempotencyKey) -> JSONResponse | None:
-    """The answer to a request whose key already names a job, or None while it names none."""
+def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
+           kind: Kind = Kind.GENERATE) -> JSONResponse:
+    """``POST /v1/jobs`` (``POST /v1/trainings``: ``kind`` train): :func:`take`, answered
+    202 with the record (blocking)."""
     try:
-        record = state.store.claimed(key)
+        taken = take(state, data, idem, who, kind=kind)
+    except InvalidRequest as exc:
+        raise ApiError(422, exc.code, str(exc), exc.fields) from None
+    job_id = taken.record["id"]
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    if taken.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view(state, taken.record), status_code=202, headers=headers)
+
+
+def _replay(state: ApiState, key: IdempotencyKey) -> dict[str, Any] | None:
+    """The record of the job a request's key already names, or None while it names none."""
+    try:
+        return state.store.claimed(key)
     except IdempotencyConflict as exc:
         raise ApiError(409, exc.code, str(exc)) from None
-    if record is None:
-        return None
-    return JSONResponse(view(state, record), status_code=202, headers={
-        "Location": f"/v1/jobs/{record['id']}", "Idempotent-Replayed": "true"})
 
 
 def admit(state: ApiState, model: str) -> None:

@@ -86,7 +86,8 @@ class Generation:
         decoded = inputs.decode(req, fetched)
 
         # 2. Generate
-        images = generate(run, model, decoded, self.loras if req.get("loras") else None)
+        images = generate(run, model, decoded, self.loras if req.get("loras") else None,
+                          self.settings.preview_max_side)
         run.check_deadline()  # the VAE decode ran past it
 
         # 3. Check safety

@@ -1,7 +1,9 @@
 """Step 2 of a generation: the pipeline call, holding the GPU.
 
 The step callback only reads flags and the clock (``run.report``, ``run.check``): the
-monitor thread does the I/O, so nothing waits on Redis inside the denoising loop.
+monitor thread does the I/O, so nothing waits on Redis inside the denoising loop. With
+``preview: true`` the scheduler's ``step`` also keeps a reference to its x0 for the
+monitor thread to render (``worker/preview.py``); nothing else changes in the loop.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from producer.contract import sweep_cells
 from producer.errors import OutOfMemory
 from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel
+from worker.preview import Previewer, map_family, watch_scheduler
 from worker.prompts import conditioning
 from worker.run import Run
 
 
-def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None) -> list[Any]:
+def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
+             preview_max_side: int = 256) -> list[Any]:
     """The job's images (a sweep's cells one after the other), as PIL images."""
     import torch
 
     req = run.request
     pipe = (model.pipe if inputs.image is None else
             model.img2img if inputs.mask is None else model.inpaint)
-    pipe.scheduler = model.scheduler(req["scheduler"])
+    previewer = previews(run, model, req, preview_max_side)
+    pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
     cells = sweep_cells(req)
     done = [0]  # steps of the sweep's cells already run
 
@@ -51,7 +56,7 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None)
             images: list[Any] = []
             for cell in cells:
                 # Each cell exactly as a job of its own parameters would run.
-                pipe.scheduler = model.scheduler(req["scheduler"])
+                pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
                 gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
                 images += pipe(**dict(
                     kwargs, num_inference_steps=cell["steps"], generator=[gen],
@@ -67,6 +72,23 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None)
     finally:
         if adapters:
             unload_loras(model.pipe, adapters)
+
+
+def previews(run: Run, model: LoadedModel, req: dict[str, Any],
+             max_side: int) -> Previewer | None:
+    """The job's previewer, given to the run for its monitor thread; None without
+    ``preview: true`` or for a family without a latent-to-RGB map (simulated)."""
+    if not req.get("preview"):
+        return None
+    family = map_family(model.spec.pipeline, model.pipe)
+    if family is None:
+        return None
+    run.preview = Previewer(family, req["width"], req["height"], max_side)
+    return run.preview
+
+
+def watched(scheduler: Any, previewer: Previewer | None) -> Any:
+    return scheduler if previewer is None else watch_scheduler(scheduler, previewer.latest)
 
 
 def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,

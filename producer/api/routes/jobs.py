@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, get, cancel, and stream a job's events."""
+"""``/v1/jobs``: submit, list, get, cancel, and stream a job's events."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from producer.api import sse
 from producer.api.auth import AUTH_STATUSES, Auth
 from producer.api.errors import ApiError
 from producer.api.openapi import job_links, request_body
-from producer.api.records import own_job, view
-from producer.api.schemas import JobRecord, refusals
+from producer.api.records import own_job, view, views
+from producer.api.schemas import JobPage, JobRecord, refusals
 from producer.api.state import StateDep
 from producer.api.submit import idempotency_header, read_json, submit
-from producer.contract import JobRequest, Status
+from producer.contract import JobRequest, Kind, Status
+from producer.joblist import CURSOR_PATTERN, DEFAULT_LIMIT, MAX_LIMIT, MODEL_MAX_LENGTH
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -41,6 +42,29 @@ async def submit_job(request: Request, state: StateDep, who: Auth) -> JSONRespon
     data = await read_json(request, state.settings.max_body_bytes)
     idem = idempotency_header(request)
     return await anyio.to_thread.run_sync(submit, state, data, idem, who)
+
+
+@router.get("", response_model=JobPage, operation_id="list_jobs", summary="List your jobs",
+            responses=refusals(*AUTH_STATUSES, 422))
+def list_jobs(
+    state: StateDep, who: Auth,
+    status: Annotated[Status | None, Query(description="Only jobs in this status.")] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=MODEL_MAX_LENGTH,
+                                       description="Only jobs of this model.")] = None,
+    kind: Annotated[Kind | None, Query(description="Only jobs of this kind.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT,
+                                description="Jobs per page.")] = DEFAULT_LIMIT,
+    cursor: Annotated[str | None, Query(
+        pattern=CURSOR_PATTERN,
+        description="Where the page starts: `next_cursor` of the page before.")] = None,
+) -> JSONResponse:
+    """The caller's own jobs, newest first, a page at a time. A page costs the same
+    however many jobs there are; finished jobs leave the list when their records expire
+    (`RESULT_TTL_S`)."""
+    page = state.up.client.list(owner=who.owner, status=status, model=model, kind=kind,
+                                limit=limit, cursor=cursor)
+    return JSONResponse({"data": views(state, page["data"]),
+                         "next_cursor": page["next_cursor"]})
 
 
 @router.get("/{job_id}", response_model=JobRecord, operation_id="get_job",

@@ -1,4 +1,5 @@
-"""``GET /v1/models``: the registry's models, their defaults and limits."""
+"""``GET /v1/models``: the registry's models, their defaults and limits, and the aliases
+OpenAI clients may use (atelier's own shape, not OpenAI's model list)."""
 
 from __future__ import annotations
 
@@ -15,4 +16,6 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 @router.get("", response_model=ModelList, operation_id="list_models",
             responses=refusals(*AUTH_STATUSES), summary="The model registry")
 def models(state: StateDep, who: Auth) -> JSONResponse:
-    return JSONResponse({"models": [spec.public() for spec in state.registry]})
+    return JSONResponse({"models": [spec.public() for spec in state.registry],
+                         "default_model": state.settings.default_model,
+                         "aliases": state.settings.model_aliases})
