@@ -258,6 +258,27 @@ def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -
         api.stop()
 
 
+def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
+    import subprocess
+    import sys
+
+    photos, out = rig.tmp / "photos", rig.tmp / "cli-out"
+    photos.mkdir()
+    for i, uri in enumerate(SUBJECT):
+        (photos / f"{i}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    (photos / "notes.txt").write_text("not an image: left out")
+    res = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "train", "--images", str(photos), "--prompt",
+         PROMPT, "--model", "tiny-sdxl", "--steps", "3", "--resolution", "64",
+         "--num-validation-images", "1", "--wait", "--out", str(out), "--json"],
+        env=rig.env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads(res.stdout)
+    assert record["kind"] == "train" and len(record["request"]["images"]) == 2
+    names = sorted(p.name.split("-", 1)[1] for p in out.iterdir())
+    assert names == ["0.png", "adapter.safetensors"]
+
+
 def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     """Killed mid-way (SIGKILL), resumed by another worker from the newest checkpoint:
     the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the
