@@ -113,7 +113,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
     values = stack_values(redis.url, models_dir, models_file, f"file://{tmp / 'out'}",
                           job_timeout_s=120, progress_interval_s=0.05)
     env = worker_env(values)
-    worker = Worker(env, tmp / "worker.log", ["tiny-sdxl"], extra_args=["--train"])
+    worker = Worker(env, tmp / "worker.log", ["tiny-sdxl", "tiny-sdxl-edm"],
+                    extra_args=["--train"])
     try:
         worker.start()
         client = Client(Settings(**values))
@@ -196,6 +197,21 @@ def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     with pytest.raises(InvalidRequest) as info:
         client.submit(prompt="x", model="tiny-sdxl", loras=[{"name": "job:" + "0" * 32}])
     assert info.value.fields[0]["field"] == "loras.0.name"
+
+
+def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
+    """tiny-sdxl-edm (Playground v2.5's EDM scheduler config and VAE latent statistics)."""
+    import math
+
+    client = rig.client
+    record = client.wait(client.train(images=SUBJECT, instance_prompt=PROMPT, steps=6,
+                                      model="tiny-sdxl-edm", resolution=64, seed=2,
+                                      num_validation_images=1), timeout=120)
+    assert record["status"] == Status.SUCCEEDED, record["error"]
+    storage = Path(client.settings.storage_url.removeprefix("file://"))
+    manifest = json.loads((storage / record["id"] / "manifest.json").read_text())
+    assert manifest["edm"] is True and len(manifest["loss"]) == 6
+    assert all(math.isfinite(v) for v in manifest["loss"])
 
 
 def test_cancel_mid_training(rig: Rig) -> None:
