@@ -214,6 +214,31 @@ def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     assert all(math.isfinite(v) for v in manifest["loss"])
 
 
+def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
+    """A zip given inline is read by the worker in memory (dot files and folders left
+    out); ``storage:`` keys are read from the bucket."""
+    client = rig.client
+    photos = [base64.b64decode(u.split(",", 1)[1]) for u in SUBJECT]
+    zipped = zip_uri({"dog/b.png": photos[1], "dog/a.png": photos[0], "dog/.DS_Store": b"x"})
+    storage = Path(client.settings.storage_url.removeprefix("file://"))
+    (storage / "uploads").mkdir(parents=True, exist_ok=True)
+    (storage / "uploads" / "a.png").write_bytes(photos[0])
+    common: dict[str, Any] = {"instance_prompt": PROMPT, "steps": 2, "model": "tiny-sdxl",
+                              "resolution": 64, "num_validation_images": 0}
+    from_zip = client.wait(client.train(images=[zipped], **common), timeout=60)
+    stored = client.wait(client.train(images=["storage:uploads/a.png"], **common), timeout=60)
+    missing = client.wait(client.train(images=["storage:uploads/none.png"], **common),
+                          timeout=60)
+    assert from_zip["status"] == stored["status"] == Status.SUCCEEDED
+    import hashlib
+
+    manifest = json.loads((storage / from_zip["id"] / "manifest.json").read_text())
+    assert manifest["training_images_sha256"] == [hashlib.sha256(p).hexdigest() for p in photos]
+    assert missing["status"] == Status.FAILED
+    assert missing["error"]["code"] == "image_fetch_failed"
+    assert "images.0" in missing["error"]["message"]
+
+
 def test_cancel_mid_training(rig: Rig) -> None:
     client = rig.client
     job = client.train(images=SUBJECT[:1], instance_prompt=PROMPT, model="tiny-sdxl",
