@@ -139,8 +139,6 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One option set, in this (fresh) process."""
-    if args.child == "train":
-        return train_child(args)
     from dataclasses import asdict, replace
 
     import torch
@@ -233,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)), flush=True)
+        print(json.dumps(train_child(args) if args.child == "train" else child(args)),
+              flush=True)
         return 0
 
     sets = [s for s in args.sets.split(",") if s]
