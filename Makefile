@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python bench/pipeline_efficiency.py
 	$(BIN)/python bench/recovery.py
 	$(BIN)/python bench/list_jobs.py
+	$(BIN)/python bench/conditioning.py
 
 # On a CUDA machine with the model's weights at hand (or hub access).
 bench-gpu: install

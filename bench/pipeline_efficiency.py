@@ -24,7 +24,7 @@ the two worker chunks in alternating order; ``preview_ratio`` is images/s with p
 over images/s without (target ≥ 0.98). ``previews`` counts the previews the jobs'
 progress events carried (every job of ~0.3 s gets one: the throttle restarts per job).
 
-    python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3]
+    python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3] [--steps 4]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
 "bare_images_per_s", "ratio", ..., "preview_images_per_s", "preview_ratio", "previews"}
@@ -85,7 +85,7 @@ class Bare:
     def __init__(self, bench: Bench, models_dir: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--bare-server",
-             "--models-dir", models_dir],
+             "--models-dir", models_dir, "--steps", str(REQUEST["steps"])],
             env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True,
         )
@@ -120,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=24,
                         help="alternations of bare loop and worker (default 24)")
     parser.add_argument("--storage", choices=["file", "s3"], default="file")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="denoising steps per image, both sides (default 4)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    REQUEST["steps"] = args.steps
     if args.bare_server:
         bare_server(args.models_dir)
         return 0
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_ratios": per_round,
         "ratio_median_round": round(statistics.median(per_round), 4),
         "storage": args.storage,
+        "steps": args.steps,
         "preview_images_per_s": round(args.images / preview_s, 3),
         "preview_ratio": round(worker_s / preview_s, 4),
         "preview_round_ratios": preview_rounds,

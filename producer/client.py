@@ -104,17 +104,25 @@ class Client:
         return job_id
 
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
-        """Keep a ``data:`` init image (and mask) beside the record, by its sha256."""
+        """Keep ``data:`` input images (init image, mask, control and reference images)
+        beside the record, by their sha256."""
+        def stash(src: Any) -> Any:
+            if isinstance(src, str) and src.startswith("data:"):
+                raw = decode_data_uri(src, self.settings.max_image_bytes)
+                return f"sha256:{self.store.put_input(raw)}"
+            return src
+
         out = dict(normalized)
         if isinstance(normalized.get("images"), list):  # a training's images (and zip)
             out["images"] = [self._stash_training_image(src) if src.startswith("data:")
                              else src for src in normalized["images"]]
             return out
         for name in ("image", "mask"):
-            src = normalized.get(name)
-            if src and src.startswith("data:"):
-                raw = decode_data_uri(src, self.settings.max_image_bytes)
-                out[name] = f"sha256:{self.store.put_input(raw)}"
+            if normalized.get(name):
+                out[name] = stash(normalized[name])
+        for name in ("control", "references"):
+            if normalized.get(name):
+                out[name] = [{**e, "image": stash(e["image"])} for e in normalized[name]]
         return out
 
     def _stash_training_image(self, src: str) -> str:

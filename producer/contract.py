@@ -109,6 +109,35 @@ class LoraRef(BaseModel):
     scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
 
 
+MAX_CONTROLS = 2
+MAX_REFERENCES = 4
+
+
+class ControlRef(BaseModel):
+    """One ControlNet of a request: a ``[controlnets.NAME]`` entry and its control image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    image: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    #: ``canny``: the worker derives an edge map from ``image`` (OpenCV's Canny).
+    preprocess: Literal["none", "canny"] = "none"
+
+
+class ReferenceRef(BaseModel):
+    """One IP-Adapter reference image: ``full`` (every attention layer), ``style``
+    (InstantStyle's style layer only) or ``subject`` (the layout/content layer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(min_length=1)
+    scale: float = Field(default=0.6, ge=0, le=2, allow_inf_nan=False)
+    mode: Literal["full", "subject", "style"] = "full"
+
+
 MAX_SWEEP_IMAGES = 16
 #: Sweep axes in grid order: the first one given runs along the columns, the second
 #: along the rows.
@@ -207,6 +236,10 @@ class JobRequest(BaseModel):
         "Live previews: job.progress events carry `preview`, a data:image/webp;base64 "
         "picture of the predicted clean image (at most PREVIEW_MAX_SIDE px, one per "
         "PREVIEW_INTERVAL_S), in the job's own event stream only."))
+    #: ControlNets steering the layout by images (edges, depth, pose), combined.
+    control: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS)
+    #: IP-Adapter image prompts: a subject or a style carried into the picture.
+    references: list[ReferenceRef] = Field(default_factory=list, max_length=MAX_REFERENCES)
 
     @field_validator("prompt")
     @classmethod
@@ -328,13 +361,18 @@ class Event(TypedDict):
 #: stay out, so two jobs that generate the same picture give the same bytes.
 GENERATION_PARAMS = (
     "model", "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale",
-    "scheduler", "seed", "num_images", "strength", "loras", "sweep",
+    "scheduler", "seed", "num_images", "strength", "loras", "sweep", "control", "references",
 )
 
 
 def generation_params(request: dict[str, Any]) -> dict[str, Any]:
-    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`)."""
-    return {k: request[k] for k in GENERATION_PARAMS if k in request}
+    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
+    control and reference entries without their images (input images stay out)."""
+    out = {k: request[k] for k in GENERATION_PARAMS if k in request}
+    for key in ("control", "references"):
+        if key in out:
+            out[key] = [{k: v for k, v in e.items() if k != "image"} for e in out[key]]
+    return out
 
 
 def now_iso() -> str:

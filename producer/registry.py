@@ -25,6 +25,10 @@ MODEL_FAMILIES = ("sdxl", "sd15", "flux")
 TRAINABLE_PIPELINES = ("sdxl", "sd15")
 #: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
 OPTION_PIPELINES = ("sdxl",)
+#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's
+#: IP-Adapter, XLabs' with its own loader, is not wired in).
+CONTROLNET_PIPELINES = ("sdxl", "sd15", "flux")
+IP_ADAPTER_PIPELINES = ("sdxl", "sd15")
 SCHEDULERS = (
     "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "edm_dpmpp_2m",
     "edm_euler", "flow_euler",
@@ -137,6 +141,36 @@ def _options(name: str, raw: Any, origin: str) -> PipelineOptions:
 
 
 @dataclass(frozen=True)
+class IpAdapterSpec:
+    """A model's IP-Adapter (``[models.NAME.ip_adapter]``): what ``load_ip_adapter``
+    reads. ``source`` a hub repo, a local folder, or ``builtin:NAME``; ``weight_name``
+    a .safetensors file in ``subfolder``; ``image_encoder`` the CLIP vision tower's
+    folder (relative to ``subfolder`` unless it holds a ``/``, as diffusers reads it)."""
+
+    source: str
+    weight_name: str
+    subfolder: str = ""
+    image_encoder: str = "image_encoder"
+    revision: str | None = None
+
+
+def _ip_adapter(name: str, raw: Any, origin: str) -> IpAdapterSpec:
+    where = f"{origin}: model {name!r}: ip_adapter"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a table")
+    known = {f.name for f in fields(IpAdapterSpec)}
+    if set(raw) - known:
+        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
+    if any(not isinstance(v, str) for v in raw.values()) or not {"source", "weight_name"} <= set(
+            raw):
+        raise ValueError(f"{where} needs string source and weight_name (and string "
+                         "subfolder, image_encoder, revision if given)")
+    if not raw["weight_name"].endswith(".safetensors"):
+        raise ValueError(f"{where}: weight_name must be a .safetensors file")
+    return IpAdapterSpec(**raw)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     source: str
@@ -165,6 +199,8 @@ class ModelSpec:
     options: PipelineOptions = field(default_factory=PipelineOptions)
     #: ``simulated`` only: milliseconds the stand-in GPU spends per image.
     gpu_ms: float = 0.0
+    #: The IP-Adapter a request's ``references`` use; None: the model takes none.
+    ip_adapter: IpAdapterSpec | None = None
 
     def public(self) -> dict[str, Any]:
         """What ``GET /v1/models`` and ``atelier models`` show."""
@@ -184,6 +220,7 @@ class ModelSpec:
             "schedulers": list(self.schedulers),
             "cfg": self.cfg,
             "size_multiple": self.size_multiple,
+            "references": self.ip_adapter is not None,
         }
 
 
@@ -193,7 +230,7 @@ _KINDS: dict[str, type | tuple[type, ...]] = {
     "scheduler": str, "schedulers": list, "steps": int, "guidance_scale": (int, float),
     "width": int, "height": int, "max_side": int, "max_pixels": int, "vae_source": str,
     "cfg": bool, "size_multiple": int, "safety_action": str,
-    "options": dict, "gpu_ms": (int, float),
+    "options": dict, "gpu_ms": (int, float), "ip_adapter": dict,
 }
 
 
@@ -206,6 +243,23 @@ def _typed(key: str, value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, _KINDS.get(key, object))
 
 
+def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The typed values of a model's raw table: floats as floats, the nested tables as
+    their dataclasses."""
+    if "guidance_scale" in raw:
+        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
+    if "gpu_ms" in raw:
+        raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
+    if "options" in raw:
+        raw = {**raw, "options": _options(name, raw["options"], origin)}
+    if "ip_adapter" in raw:
+        if raw.get("pipeline", "sdxl") not in IP_ADAPTER_PIPELINES:
+            raise ValueError(f"{origin}: model {name!r}: ip_adapter applies to "
+                             f"{', '.join(IP_ADAPTER_PIPELINES)} only")
+        raw = {**raw, "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin)}
+    return raw
+
+
 def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     known = {f.name for f in fields(ModelSpec)} - {"name"}
     unknown = set(raw) - known
@@ -216,12 +270,7 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
     wrong = sorted(k for k, v in raw.items() if not _typed(k, v))
     if wrong:
         raise ValueError(f"{origin}: model {name!r} has values of the wrong type for {wrong}")
-    if "guidance_scale" in raw:
-        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
-    if "gpu_ms" in raw:
-        raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
-    if "options" in raw:
-        raw = {**raw, "options": _options(name, raw["options"], origin)}
+    raw = _converted(name, raw, origin)
     spec = ModelSpec(name=name, **{**raw, "schedulers": tuple(raw.get("schedulers", ()))
                                    or (raw.get("scheduler", "euler"),)})
     problems = []
@@ -298,21 +347,51 @@ def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
     return LoraSpec(name=name, source=src, family=raw["family"])
 
 
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet a request may name in ``control`` (``[controlnets.NAME]``)."""
+
+    name: str
+    source: str  # a hub repo id, a local folder, or builtin:NAME (built for tests)
+    family: str  # the pipeline family it was trained for
+    kind: str  # what its control image is: canny, depth, pose, …
+    revision: str | None = None
+    variant: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "kind": self.kind}
+
+
+def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
+    where = f"{origin}: controlnet {name!r}"
+    known = {"source", "family", "kind", "revision", "variant"}
+    if set(raw) - known:
+        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
+    if any(not isinstance(raw.get(k), str) for k in ("source", "family", "kind")):
+        raise ValueError(f"{where} needs a string source, family and kind")
+    if raw["family"] not in CONTROLNET_PIPELINES:
+        raise ValueError(f"{where}: family must be one of {CONTROLNET_PIPELINES}")
+    return ControlNetSpec(name=name, **raw)
+
+
 def _builtin_text() -> str:
     return resources.files("producer").joinpath("models.toml").read_text()
 
 
 class Registry:
     def __init__(self, specs: dict[str, ModelSpec],
-                 loras: dict[str, LoraSpec] | None = None) -> None:
+                 loras: dict[str, LoraSpec] | None = None,
+                 controlnets: dict[str, ControlNetSpec] | None = None) -> None:
         self._specs = specs
         self._loras = loras or {}
+        self._controlnets = controlnets or {}
 
     @classmethod
     def load(cls, models_file: str | None = None) -> Registry:
         base = tomllib.loads(_builtin_text())
         raw: dict[str, dict[str, Any]] = dict(base.get("models", {}))
         raw_loras: dict[str, dict[str, Any]] = dict(base.get("loras", {}))
+        raw_cn: dict[str, dict[str, Any]] = dict(base.get("controlnets", {}))
         if models_file:
             parsed = tomllib.loads(Path(models_file).read_text())
             for name, entry in parsed.get("models", {}).items():
@@ -323,9 +402,18 @@ class Registry:
                 raw[name] = merged
             for name, entry in parsed.get("loras", {}).items():
                 raw_loras[name] = {**raw_loras.get(name, {}), **entry}
+            for name, entry in parsed.get("controlnets", {}).items():
+                raw_cn[name] = {**raw_cn.get(name, {}), **entry}
         origin = models_file or "models.toml"
         return cls({n: _spec(n, r, origin) for n, r in raw.items()},
-                   {n: _lora(n, r, origin) for n, r in raw_loras.items()})
+                   {n: _lora(n, r, origin) for n, r in raw_loras.items()},
+                   {n: _controlnet(n, r, origin) for n, r in raw_cn.items()})
+
+    def controlnet(self, name: str) -> ControlNetSpec | None:
+        return self._controlnets.get(name)
+
+    def controlnet_names(self) -> list[str]:
+        return sorted(self._controlnets)
 
     def lora(self, name: str) -> LoraSpec | None:
         return self._loras.get(name)

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(default=6, ge=0, le=9)
     #: Host memory for recently used LoRA state dicts (MiB); 0 caches none.
     lora_cache_mb: int = Field(default=1024, ge=0)
+    #: Device memory for ControlNet models a worker keeps loaded (MiB), least recently
+    #: used out first; one larger than this still runs its job but is not kept.
+    controlnet_cache_mb: int = Field(default=8192, ge=0)
     #: Optional safety checker: a folder or hub repo holding a diffusers
     #: StableDiffusionSafetyChecker (safetensors) and its CLIP image-processor config,
     #: or ``builtin:tiny-safety-checker``; empty: off.

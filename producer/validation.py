@@ -7,7 +7,7 @@ alike. It runs, in order:
 2. the model and its limits: size, pixels, what its family can do, schedulers;
 3. the input images: inline ones decoded, URLs checked, ``mask`` and ``strength``
    against ``image``;
-4. LoRAs and sweeps;
+4. LoRAs, sweeps, ControlNets and reference images;
 5. delivery: the seed range, the webhook URL, ``timeout_s``;
 6. normalization: the model's defaults filled in and a seed drawn, so the record says
    exactly what ran.
@@ -36,7 +36,13 @@ from producer.contract import (
 from producer.errors import InvalidRequest, UnknownModel
 from producer.images import decode_data_uri, open_image
 from producer.netguard import is_public, parse_allowlist
-from producer.registry import WEIGHTING_PIPELINES, ModelSpec, Registry
+from producer.registry import (
+    CONTROLNET_PIPELINES,
+    IP_ADAPTER_PIPELINES,
+    WEIGHTING_PIPELINES,
+    ModelSpec,
+    Registry,
+)
 from producer.settings import Settings
 
 FieldError = dict[str, str]
@@ -66,6 +72,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     # 4. LoRAs and sweeps.
     errors += _check_loras(fields.valid("loras") or [], registry, spec)
     errors += _check_sweep(fields, spec)
+    errors += _check_conditioning(fields, registry, spec, settings)
     # 5. Delivery.
     errors += _check_delivery(fields, settings)
     if errors:
@@ -177,19 +184,15 @@ def _check_family(fields: Fields, spec: ModelSpec) -> list[FieldError]:
 def _check_images(fields: Fields, spec: ModelSpec | None,
                   settings: Settings) -> list[FieldError]:
     """``image`` and ``mask``: inline ones decoded once, URLs checked; their companions."""
-    errors = []
+    errors: list[FieldError] = []
     sizes: dict[str, tuple[int, int]] = {}
     for name in ("image", "mask"):
         src = fields.valid(name)
         if src is None:
             continue
-        if src.startswith("data:"):
-            try:
-                sizes[name] = open_image(decode_data_uri(src, settings.max_image_bytes)).size
-            except ValueError as exc:
-                errors.append({"field": name, "message": str(exc)})
-        elif why := _refused_url(src, settings):
-            errors.append({"field": name, "message": why + " or a data: URI"})
+        size = _check_source(name, src, settings, errors)
+        if size is not None:
+            sizes[name] = size
     if fields.valid("mask") is not None and not fields.given("image"):
         errors.append({"field": "mask", "message": "is only allowed with image (inpainting "
                        "repaints the masked part of image)"})
@@ -208,6 +211,58 @@ def _check_images(fields: Fields, spec: ModelSpec | None,
         if int(steps * strength) < 1:
             errors.append({"field": "strength", "message": f"strength {strength} × steps "
                            f"{steps} leaves no denoising step; raise either"})
+    return errors
+
+
+def _check_source(name: str, src: str, settings: Settings,
+                  errors: list[FieldError]) -> tuple[int, int] | None:
+    """An input image's source: a ``data:`` URI decoded (its size returned) or a URL the
+    worker may fetch; what is wrong is appended to ``errors`` under ``name``."""
+    if src.startswith("data:"):
+        try:
+            size: tuple[int, int] = open_image(decode_data_uri(src, settings.max_image_bytes)).size
+            return size
+        except ValueError as exc:
+            errors.append({"field": name, "message": str(exc)})
+    elif why := _refused_url(src, settings):
+        errors.append({"field": name, "message": why + " or a data: URI"})
+    return None
+
+
+def _check_conditioning(fields: Fields, registry: Registry, spec: ModelSpec | None,
+                        settings: Settings) -> list[FieldError]:
+    """``control`` (ControlNets of the model's family) and ``references`` (the model's
+    IP-Adapter): names, ranges and images."""
+    errors: list[FieldError] = []
+    control = fields.valid("control") or []
+    refs = fields.valid("references") or []
+    if spec is not None:
+        for name, given, families in (("control", control, CONTROLNET_PIPELINES),
+                                      ("references", refs, IP_ADAPTER_PIPELINES)):
+            if given and spec.pipeline not in families:
+                errors.append({"field": name, "message": f"{spec.name} ({spec.pipeline}) takes "
+                               f"none; only {', '.join(families)} models do"})
+        if spec.pipeline not in CONTROLNET_PIPELINES:
+            return errors
+    for i, entry in enumerate(control):
+        field = f"control.{i}"
+        cn = registry.controlnet(entry["name"])
+        if cn is None:
+            known = ", ".join(registry.controlnet_names()) or "none"
+            errors.append({"field": f"{field}.name", "message": f"unknown ControlNet "
+                           f"{entry['name']!r}; known: {known}"})
+        elif spec is not None and cn.family != spec.pipeline:
+            errors.append({"field": f"{field}.name", "message": f"{cn.name!r} is for "
+                           f"{cn.family} models; {spec.name} is {spec.pipeline}"})
+        if entry.get("end", 1.0) <= entry.get("start", 0.0):
+            errors.append({"field": f"{field}.end", "message": "must be greater than start"})
+        _check_source(f"{field}.image", entry["image"], settings, errors)
+    if (refs and spec is not None and spec.ip_adapter is None
+            and spec.pipeline in IP_ADAPTER_PIPELINES):
+        errors.append({"field": "references", "message": f"{spec.name} has no ip_adapter in "
+                       "the registry: it takes no reference images"})
+    for i, entry in enumerate(refs):
+        _check_source(f"references.{i}.image", entry["image"], settings, errors)
     return errors
 
 
@@ -359,7 +414,7 @@ def _normalize(req: JobRequest, spec: ModelSpec, settings: Settings) -> dict[str
     out["timeout_s"] = req.timeout_s or settings.job_timeout_s
     # Features a request does not use leave no key: its record (and the request in its
     # PNGs) reads exactly as before they existed.
-    for key in ("mask", "loras", "sweep", "preview"):
+    for key in ("mask", "loras", "sweep", "preview", "control", "references"):
         if not out.get(key):
             out.pop(key, None)
     if req.sweep is not None:

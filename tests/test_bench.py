@@ -61,9 +61,12 @@ def test_duty_cycle() -> None:
 
 
 def test_pipeline_efficiency(models_dir: Path) -> None:
+    # 24 steps: jobs long enough that their progress (and so a preview) is published
+    # at least once, however fast the machine (the monitor publishes at most every
+    # PROGRESS_INTERVAL_S and may take up to 0.25 s to move to the next job).
     r = run_bench("pipeline_efficiency.py", "--images", "2", "--rounds", "1",
-                  models_dir=models_dir)
-    assert r["bench"] == "pipeline_efficiency" and r["images"] == 2
+                  "--steps", "24", models_dir=models_dir)
+    assert r["bench"] == "pipeline_efficiency" and r["images"] == 2 and r["steps"] == 24
     positive(r, "worker_images_per_s", "bare_images_per_s", "ratio", "preview_images_per_s",
              "preview_ratio")
     assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
@@ -107,3 +110,11 @@ def test_list_jobs() -> None:
         positive(row, "store_p50_ms", "store_deep_p50_ms", "store_filtered_p50_ms",
                  "api_p50_ms", "api_filtered_p50_ms")
     positive(r, "api_p50_ratio", "store_p50_ratio", "fill_s", "index_bytes_per_job")
+
+
+def test_conditioning(models_dir: Path) -> None:
+    r = run_bench("conditioning.py", "--repeat", "1", "--steps", "2", "--only",
+                  "two_controls,reference", models_dir=models_dir)
+    assert r["bench"] == "conditioning" and r["repeat"] == 1
+    assert set(r["added_ms"]) == {"two_controls", "reference"}
+    positive(r["median_ms"], *r["median_ms"])

@@ -306,6 +306,11 @@ def ensure_builtin(name: str, models_dir: str | os.PathLike[str]) -> Path:
         if not dest.exists():
             build_tiny_lora(dest, ensure_tiny_sdxl(root / "tiny-sdxl"))
         return dest
+    from worker.tiny_refs import ensure as ensure_conditioning
+
+    built = ensure_conditioning(name, root)
+    if built is not None:
+        return built
     raise ValueError(f"unknown builtin {name!r}")
 
 

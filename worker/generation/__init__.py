@@ -24,6 +24,7 @@ from producer.settings import Settings
 from producer.storage import LocalStorage, S3Storage
 from producer.store import JobStore
 from worker.generation import inputs, outputs
+from worker.generation.conditioning import Conditioning
 from worker.generation.generate import generate
 from worker.lifecycle import GENERATE
 from worker.loras import LoraCache
@@ -48,6 +49,7 @@ class Generation:
         storage: LocalStorage | S3Storage,
         loras: LoraCache | None = None,
         safety: SafetyChecker | None = None,
+        conditioning: Conditioning | None = None,
     ) -> None:
         self.settings = settings
         self.models = models
@@ -56,6 +58,7 @@ class Generation:
         self.safety = safety
         self.versions = library_versions()
         self._loras = loras
+        self._conditioning = conditioning
 
     @property
     def loras(self) -> LoraCache:
@@ -65,6 +68,16 @@ class Generation:
             self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
                                     self.storage)
         return self._loras
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """ControlNets and IP-Adapters, made on the first job that uses them."""
+        if self._conditioning is None:
+            from producer.registry import Registry
+
+            self._conditioning = Conditioning(self.settings,
+                                              Registry.load(self.settings.models_file))
+        return self._conditioning
 
     def total(self, request: dict[str, Any]) -> int:
         return denoise_steps(request)
@@ -86,8 +99,10 @@ class Generation:
         decoded = inputs.decode(req, fetched)
 
         # 2. Generate
+        conditioned = req.get("control") or req.get("references")
         images = generate(run, model, decoded, self.loras if req.get("loras") else None,
-                          self.settings.preview_max_side)
+                          self.settings.preview_max_side,
+                          self.conditioning if conditioned else None)
         run.check_deadline()  # the VAE decode ran past it
 
         # 3. Check safety

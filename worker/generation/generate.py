@@ -13,6 +13,7 @@ from typing import Any
 
 from producer.contract import sweep_cells
 from producer.errors import OutOfMemory
+from worker.generation.conditioning import Conditioning
 from worker.loras import LoraCache, apply_loras, unload_loras
 from worker.pipelines import GENERATOR_DEVICE, LoadedModel
 from worker.preview import Previewer, map_family, watch_scheduler
@@ -21,13 +22,16 @@ from worker.run import Run
 
 
 def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
-             preview_max_side: int = 256) -> list[Any]:
+             preview_max_side: int = 256, refs: Conditioning | None = None) -> list[Any]:
     """The job's images (a sweep's cells one after the other), as PIL images."""
     import torch
 
     req = run.request
-    pipe = (model.pipe if inputs.image is None else
-            model.img2img if inputs.mask is None else model.inpaint)
+    task = 0 if inputs.image is None else 1 if inputs.mask is None else 2
+    pipe = (model.pipe, model.img2img, model.inpaint)[task]
+    control: dict[str, Any] = {}
+    if inputs.control and refs is not None:  # the family's ControlNet pipeline
+        pipe, control = refs.pipeline(model, req, inputs, task)
     previewer = previews(run, model, req, preview_max_side)
     pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
     cells = sweep_cells(req)
@@ -39,11 +43,16 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
         run.check()
         return kwargs
 
-    kwargs = pipeline_kwargs(req, pipe, inputs, on_step_end)
+    kwargs = {**pipeline_kwargs(req, pipe, inputs, on_step_end), **control}
     # Loaded into the shared modules for this job only; unloaded below, whatever
     # happens, before the GPU lock is released.
     adapters = apply_loras(model.pipe, loras, req["loras"]) if loras is not None else []
+    referenced = bool(inputs.references) and refs is not None
     try:
+        if referenced:
+            assert refs is not None
+            kwargs.update(refs.ip_adapters.attach(model, pipe, req["references"],
+                                                  inputs.references))
         with run.watched(), torch.inference_mode():
             # Long or weighted prompts become embeddings; plain ones stay text.
             cond = conditioning(model.spec.pipeline, model.pipe, req["prompt"],
@@ -51,27 +60,39 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
             if cond is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
                 kwargs.update(cond)
-            if not cells:
-                return list(pipe(**kwargs).images)
-            images: list[Any] = []
-            for cell in cells:
-                # Each cell exactly as a job of its own parameters would run.
-                pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
-                gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
-                images += pipe(**dict(
-                    kwargs, num_inference_steps=cell["steps"], generator=[gen],
-                    guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
-                )).images
-                done[0] += pipe.num_timesteps
-            return images
+            return _run_cells(pipe, model, req, kwargs, cells, done, previewer)
     except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
         raise OutOfMemory(f"out of GPU memory: {exc}") from None
     except MemoryError:
         raise OutOfMemory("out of host memory") from None
     finally:
+        if referenced:
+            assert refs is not None
+            refs.ip_adapters.detach(model, pipe)
         if adapters:
             unload_loras(model.pipe, adapters)
+
+
+def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[str, Any],
+               cells: list[dict[str, Any]], done: list[int],
+               previewer: Previewer | None) -> list[Any]:
+    """One pipeline call, or one per sweep cell."""
+    import torch
+
+    if not cells:
+        return list(pipe(**kwargs).images)
+    images: list[Any] = []
+    for cell in cells:
+        # Each cell exactly as a job of its own parameters would run.
+        pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
+        gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
+        images += pipe(**dict(
+            kwargs, num_inference_steps=cell["steps"], generator=[gen],
+            guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
+        )).images
+        done[0] += pipe.num_timesteps
+    return images
 
 
 def previews(run: Run, model: LoadedModel, req: dict[str, Any],

@@ -1,10 +1,11 @@
 """Step 1 of a generation: its input images, fetched before the GPU is taken and decoded
-once it is (the init image of img2img, and the mask of inpainting)."""
+once it is (the init image of img2img, the mask of inpainting, control images and
+reference images)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import ImageFetchFailed, ImageInvalid
@@ -16,8 +17,10 @@ from producer.store import JobStore
 class Fetched:
     """The raw bytes of a job's input images."""
 
-    image: bytes
+    image: bytes | None
     mask: bytes | None = None
+    control: list[bytes] = field(default_factory=list)
+    references: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -28,15 +31,27 @@ class Inputs:
     mask: Any = None  # greyscale PIL image, or None unless inpainting
     image_sha256: str | None = None
     mask_sha256: str | None = None
+    #: Control images at the output size (edge maps already derived), in request order.
+    control: list[Any] = field(default_factory=list)
+    #: Reference images as given (the IP-Adapter's image processor sizes them).
+    references: list[Any] = field(default_factory=list)
+    control_sha256: list[str] = field(default_factory=list)
+    references_sha256: list[str] = field(default_factory=list)
 
 
 def fetch(request: dict[str, Any], settings: Settings, store: JobStore) -> Fetched | None:
     """The input images' bytes; None when the job has none (text-to-image)."""
-    if not request.get("image"):
+    control, refs = request.get("control", []), request.get("references", [])
+    if not (request.get("image") or control or refs):
         return None
-    image = fetch_image(request["image"], settings, store)
+    image = fetch_image(request["image"], settings, store) if request.get("image") else None
     mask = fetch_image(request["mask"], settings, store, "mask") if request.get("mask") else None
-    return Fetched(image, mask)
+    return Fetched(
+        image, mask,
+        [fetch_image(c["image"], settings, store, f"control.{i}.image")
+         for i, c in enumerate(control)],
+        [fetch_image(r["image"], settings, store, f"references.{i}.image")
+         for i, r in enumerate(refs)])
 
 
 def fetch_image(src: str, settings: Settings, store: JobStore,
@@ -68,7 +83,11 @@ def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
     from producer.images import open_image
 
     size = (request["width"], request["height"])
-    inputs = Inputs(image_sha256=hashlib.sha256(fetched.image).hexdigest())
+    inputs = Inputs()
+    _decode_conditioning(request, fetched, inputs, size)
+    if fetched.image is None:
+        return inputs
+    inputs.image_sha256 = hashlib.sha256(fetched.image).hexdigest()
     img = _open(open_image, fetched.image, "image")
     source_size = img.size  # the mask is checked against the image as given
     inputs.image = img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
@@ -82,6 +101,27 @@ def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
     mask = mask.convert("L")
     inputs.mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
     return inputs
+
+
+def _decode_conditioning(request: dict[str, Any], fetched: Fetched, inputs: Inputs,
+                         size: tuple[int, int]) -> None:
+    """Control images at the output size (``preprocess: canny`` derives the edge map
+    there), and reference images as given."""
+    from PIL import Image
+
+    from producer.images import open_image
+    from worker.generation.conditioning import canny
+
+    for i, (entry, raw) in enumerate(zip(request.get("control", []), fetched.control,
+                                         strict=True)):
+        img = _open(open_image, raw, f"control.{i}.image")
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        inputs.control.append(canny(img) if entry.get("preprocess") == "canny" else img)
+        inputs.control_sha256.append(hashlib.sha256(raw).hexdigest())
+    for i, raw in enumerate(fetched.references):
+        inputs.references.append(_open(open_image, raw, f"references.{i}.image"))
+        inputs.references_sha256.append(hashlib.sha256(raw).hexdigest())
 
 
 def _open(open_image: Any, raw: bytes, what: str) -> Any:

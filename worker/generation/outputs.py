@@ -147,6 +147,9 @@ def manifest(run: Run, *, model_source: dict[str, Any], versions: dict[str, str]
             "checker": checker, "action": verdicts.action,
             "flagged": [i for i, f in enumerate(verdicts.flags) if f]},
         "mask_sha256": inputs.mask_sha256,
+        **({"control_sha256": inputs.control_sha256} if inputs.control_sha256 else {}),
+        **({"references_sha256": inputs.references_sha256} if inputs.references_sha256
+           else {}),
         "seeds": ([c["seed"] for c in sweep_cells(req)]
                   or [req["seed"] + i for i in range(req["num_images"])]),
         "model": model_source,

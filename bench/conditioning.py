@@ -1,0 +1,130 @@
+"""What ControlNets and reference images add to a tiny-sdxl job's generation time.
+
+In one process, on one torch thread, the worker's own generation step
+(``worker.generation.generate.generate``) runs tiny-sdxl at 64², 4 steps, guidance 5,
+Euler, with: nothing; one ControlNet; one with ``preprocess: canny`` (the edge map
+derived when the inputs are decoded, timed with it); two ControlNets; one reference;
+four references; img2img with a ControlNet. Each configuration is warmed once (the
+first ControlNet / IP-Adapter load is reported apart), then timed ``--repeat`` times,
+the configurations interleaved so load from other processes falls on all alike; the
+median per configuration and its difference from the plain job are reported.
+
+    python bench/conditioning.py [--repeat 9] [--steps 4] [--only control,reference]
+
+Last stdout line: {"bench": "conditioning", "median_ms": {...}, "added_ms": {...},
+"first_load_ms": {...}, ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import emit, load_average, log
+
+
+class _Run:
+    """What generate() reads of a run: the request, progress and cancel checks."""
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+
+    def report(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def watched(self) -> Iterator[None]:
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated configurations")
+    args = parser.parse_args()
+    started, load_before = time.perf_counter(), load_average()
+
+    import torch
+    from PIL import Image
+
+    from producer.registry import Registry
+    from producer.settings import Settings
+    from worker.generation.conditioning import Conditioning, canny
+    from worker.generation.generate import generate
+    from worker.generation.inputs import Inputs
+    from worker.pipelines import load_model
+
+    torch.set_num_threads(1)
+    # The tiny models in ATELIER_MODELS_DIR when set (built there if missing), else in a
+    # folder of this run's own.
+    tmp = tempfile.TemporaryDirectory(prefix="atelier-bench-cond-")
+    settings = Settings(device="cpu")
+    if "models_dir" not in settings.model_fields_set:
+        settings = Settings(device="cpu", models_dir=tmp.name)
+    registry = Registry.load()
+    model = load_model(registry["tiny-sdxl"], settings, "cpu")
+    cond = Conditioning(settings, registry)
+    ctrl = Image.effect_noise((64, 64), 60).convert("RGB")
+    init = Image.new("RGB", (64, 64), (20, 90, 160))
+    cn = {"name": "tiny-sdxl-canny", "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
+          "preprocess": "none"}
+    ref = {"image": "-", "scale": 0.6, "mode": "full"}
+    base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": args.steps,
+            "guidance_scale": 5.0, "scheduler": "euler", "seed": 1, "num_images": 1,
+            "width": 64, "height": 64,
+            "strength": 0.75, "loras": []}
+    configs: dict[str, tuple[dict[str, Any], Any]] = {
+        "plain": ({}, lambda: Inputs()),
+        "control": ({"control": [cn]}, lambda: Inputs(control=[ctrl])),
+        "control_canny": ({"control": [cn]}, lambda: Inputs(control=[canny(ctrl)])),
+        "two_controls": ({"control": [cn, {**cn, "name": "tiny-sdxl-depth"}]},
+                         lambda: Inputs(control=[ctrl, ctrl])),
+        "reference": ({"references": [ref]}, lambda: Inputs(references=[ctrl])),
+        "four_references": ({"references": [ref] * 4}, lambda: Inputs(references=[ctrl] * 4)),
+        "img2img": ({}, lambda: Inputs(image=init)),
+        "img2img_control": ({"control": [cn]}, lambda: Inputs(image=init, control=[ctrl])),
+    }
+
+    if args.only:
+        configs = {n: c for n, c in configs.items() if n in {"plain", *args.only.split(",")}}
+
+    def once(name: str) -> float:
+        extra, inputs = configs[name]
+        t0 = time.perf_counter()
+        run: Any = _Run({**base, **extra})  # what generate reads of a Run
+        generate(run, model, inputs(), None, refs=cond)
+        return (time.perf_counter() - t0) * 1000
+
+    first = {name: round(once(name)) for name in configs}
+    log(f"first runs (loads included): {first}")
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for i in range(args.repeat):
+        for name in configs:
+            times[name].append(once(name))
+        log(f"round {i + 1}/{args.repeat}")
+    median = {n: round(statistics.median(t), 1) for n, t in times.items()}
+    added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
+    if "img2img_control" in median and "img2img" in median:
+        added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
+    emit({"bench": "conditioning", "model": "tiny-sdxl", "size": 64, "steps": args.steps,
+          "repeat": args.repeat, "median_ms": median, "added_ms": added,
+          "first_run_ms": first, "note": "img2img_control is against img2img"},
+         started, load_before)
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
