@@ -19,7 +19,11 @@ children on the CPU, for checking the plumbing with ``--model tiny-sdxl`` (no me
 or floor figures then).
 
     python bench/gpu.py [--model playground-v2.5] [--images 3] [--steps 50] [--size 1024]
-                        [--sets stock,bf16,fast,compiled,small-card] [--peak-tflops T]
+                        [--sets stock,bf16,fast,compiled,small-card,train] [--peak-tflops T]
+
+The ``train`` set times DreamBooth LoRA training instead (``it_per_s``: optimizer steps
+per second at ``--size``², batch 1, rank 4; ``peak_mem_gib``), as a ``--train`` worker
+runs it.
 
 Last stdout line: {"bench": "gpu", "device", "model", "results": [{"set", "it_per_s",
 "s_per_image", "peak_mem_gib", "floor_ratio", ...}, ...]}
@@ -65,6 +69,8 @@ OPTION_SETS: dict[str, tuple[dict[str, Any], str]] = {
     "compiled": ({"channels_last": True, "fuse_qkv": True,
                   "compile": "max-autotune-no-cudagraphs", "compile_fullgraph": True}, "auto"),
     "small-card": ({"cpu_offload": True, "vae_tiling": True, "vae_slicing": True}, "auto"),
+    # Not a generation: DreamBooth LoRA training steps (train_child).
+    "train": ({}, "auto"),
 }
 
 
@@ -73,6 +79,62 @@ def peak_tflops(device_name: str) -> float | None:
         if key in device_name:
             return value
     return None
+
+
+def train_child(args: argparse.Namespace) -> dict[str, Any]:
+    """SDXL DreamBooth LoRA training on the loaded base, as a --train worker runs it
+    (``worker.training.loop.Trainer``: rank 4, batch 1, accelerate's mixed precision,
+    gradient checkpointing on CUDA): optimizer steps per second at ``--size``² and peak
+    memory, over ``--steps`` steps after 3 of warm-up."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from producer.registry import Registry
+    from producer.settings import Settings
+    from worker.pipelines import load_model
+    from worker.training.loop import Example, Trainer, latent_dist, time_ids
+
+    settings = Settings(device=args.device)
+    spec = Registry.load(settings.models_file)[args.model]
+    model = load_model(spec, settings, args.device)
+    cuda = args.device.startswith("cuda")
+    size = args.size
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+              for _ in range(2)]
+    examples = [Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
+                for m, s in latent_dist(model, images)]
+    request = {"seed": 1, "rank": 4, "learning_rate": 1e-4, "train_text_encoder": False,
+               "lr_scheduler": "constant", "lr_warmup_steps": 0, "steps": args.steps + 3,
+               "batch_size": 1, "gradient_accumulation": 1, "prior_loss_weight": 1.0}
+    trainer = Trainer(model, request, examples)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    try:
+        for step in range(3):
+            trainer.step(step)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        for step in range(3, 3 + args.steps):
+            trainer.step(step)
+        sync()
+        seconds = time.perf_counter() - t0
+    finally:
+        trainer.restore()
+    return {
+        "set": "train", "mixed_precision": trainer.accelerator.mixed_precision,
+        "edm": trainer.edm, "dtype": str(model.dtype).removeprefix("torch."),
+        "it_per_s": round(args.steps / seconds, 3), "s_per_image": None,
+        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                         if cuda else None),
+        "floor_s": None, "floor_ratio": None,
+    }
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--sets", default="stock,bf16,fast,compiled,small-card")
+    parser.add_argument("--sets", default="stock,bf16,fast,compiled,small-card,train")
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, or cpu "
                         "(the CPU only checks the plumbing)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, "
@@ -169,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)), flush=True)
+        print(json.dumps(train_child(args) if args.child == "train" else child(args)),
+              flush=True)
         return 0
 
     sets = [s for s in args.sets.split(",") if s]

@@ -81,9 +81,12 @@ def celery_priority(priority: int) -> int:
 
 
 def send_job(app: Celery, job_id: str, model: str, priority: int) -> None:
-    """Publish a job's message: the body is ``[job_id]``; the record holds the request."""
+    """Publish a job's message: the body is ``[job_id]``; the record holds the request.
+
+    ``model`` is the job's lane (:func:`producer.constants.lane`): a model's name for a
+    generation, ``train.<model>`` for a training, whose task is ``atelier.train``."""
     app.send_task(
-        K.TASK_GENERATE,
+        K.task_of(model),
         args=[job_id],
         # The task id is the job id: Celery's log lines and task events (Flower) name
         # the job, and the reconciler finds a job's message by it.
@@ -110,7 +113,7 @@ def list_key(model: str, priority: int) -> str:
 
 def _job_of(payload: dict[str, Any]) -> str | None:
     headers = payload.get("headers") or {}
-    if headers.get("task") != K.TASK_GENERATE:
+    if headers.get("task") not in K.TASKS:
         return None
     job = headers.get("id")
     return job if isinstance(job, str) else None

@@ -47,7 +47,11 @@ def follow_with_progress(client: Client, job_id: str, quiet: bool = False,
             if kind is EventType.STARTED:
                 bar.update(task, description="generating")
             elif kind is EventType.PROGRESS:
-                bar.update(task, completed=ev["data"]["step"], total=ev["data"]["total"])
+                data = ev["data"]
+                if "phase" in data:  # a training: its phase and loss
+                    loss = f" loss {data['loss']:.4f}" if data.get("loss") is not None else ""
+                    bar.update(task, description=f"{data['phase']}{loss}")
+                bar.update(task, completed=data["step"], total=data["total"])
             elif kind is EventType.OUTPUT:
                 bar.update(task, description="uploading")
             elif kind is EventType.RETRYING:
@@ -119,10 +123,27 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         return _report(settings, record, args)
 
 
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from producer import train_cli
+
+    with Client(settings) as client:
+        job_id = client.train(train_cli.request_from_args(args))
+        if not args.wait:
+            _print_json({"id": job_id}) if args.json else print(job_id)
+            return EXIT_OK
+        record = follow_with_progress(client, job_id, quiet=args.json)
+        return _report(settings, record, args)
+
+
 def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace) -> int:
     paths = []
     if getattr(args, "out", None) and record["status"] == Status.SUCCEEDED:
-        paths = download_outputs(settings, record, Path(args.out))
+        if record.get("kind") == "train":
+            from producer.train_cli import download
+
+            paths = download(settings, record, Path(args.out))
+        else:
+            paths = download_outputs(settings, record, Path(args.out))
     if args.json:
         _print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
     else:
@@ -222,10 +243,10 @@ def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         _print_json(report)
     else:
-        print(f"{'model':<18} {'depth':>6} {'queued':>6}  oldest")
+        print(f"{'model':<18} {'kind':<8} {'depth':>6} {'queued':>6}  oldest")
         for q in report:
             age = f"{q['oldest_age_s']:.1f} s" if q["oldest_age_s"] is not None else "-"
-            print(f"{q['model']:<18} {q['depth']:>6} {q['queued']:>6}  {age}")
+            print(f"{q['model']:<18} {q['kind']:<8} {q['depth']:>6} {q['queued']:>6}  {age}")
     return EXIT_OK
 
 
@@ -286,6 +307,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         argv += ["--device", args.device]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
+    if args.train:
+        argv += ["--train"]
     os.execv(sys.executable, argv)
     return EXIT_OK  # pragma: no cover
 
@@ -348,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
 
+    from producer.train_cli import add_parser as add_train_parser
+
+    add_train_parser(sub, cmd_train)
+
     for name, func, helptext in (("status", cmd_status, "show a job"),
                                  ("cancel", cmd_cancel, "cancel a job")):
         p = sub.add_parser(name, help=helptext)
@@ -387,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append")
     p.add_argument("--device")
     p.add_argument("--concurrency", type=int)
+    p.add_argument("--train", action="store_true", help="also run the models' trainings")
     p.set_defaults(func=cmd_worker)
     return parser
 

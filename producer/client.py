@@ -9,8 +9,9 @@ from typing import Any
 
 import redis
 
+from producer import constants as K
 from producer.broker import make_celery, send_job
-from producer.contract import Status, new_record, now_iso
+from producer.contract import Kind, Status, new_record, now_iso
 from producer.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.images import decode_data_uri
 from producer.joblist import DEFAULT_LIMIT, JobList, JobPage
@@ -47,11 +48,26 @@ class Client:
         """
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
         normalized = validate_request(data, self.registry, self.settings)
+        from producer.train_adapters import check_job_loras
+
+        check_job_loras(normalized, self.store)
         return self.enqueue(normalized)
+
+    def train(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
+        """Validate, record and enqueue a training (DreamBooth LoRA); return its id.
+
+        Its adapter, once it succeeds, is ``job:<id>`` in a generation's ``loras``.
+        Raises as :meth:`submit` does.
+        """
+        from producer.train_validation import validate_training
+
+        data: Any = request if request is not None and not fields else {**(request or {}), **fields}
+        normalized = validate_training(data, self.registry, self.settings)
+        return self.enqueue(normalized, kind=Kind.TRAIN)
 
     def enqueue(
         self, normalized: dict[str, Any], job_id: str | None = None, owner: str | None = None,
-        claim: Claim | None = None,
+        claim: Claim | None = None, kind: Kind = Kind.GENERATE,
     ) -> str:
         """Send the message, then write the record.
 
@@ -66,9 +82,10 @@ class Client:
             normalized = self._stash_inline_image(normalized)
         except redis.RedisError as exc:
             raise Unavailable(f"job store unavailable: {exc}") from exc
-        record = new_record(job_id, normalized, now_iso(), owner)
+        record = new_record(job_id, normalized, now_iso(), owner, kind)
         try:
-            send_job(self.celery, job_id, normalized["model"], normalized["priority"])
+            send_job(self.celery, job_id, K.lane(normalized["model"], kind),
+                     normalized["priority"])
         except Exception as exc:
             raise Unavailable(f"broker unavailable: {exc}") from exc
         try:
@@ -96,6 +113,10 @@ class Client:
             return src
 
         out = dict(normalized)
+        if isinstance(normalized.get("images"), list):  # a training's images (and zip)
+            out["images"] = [self._stash_training_image(src) if src.startswith("data:")
+                             else src for src in normalized["images"]]
+            return out
         for name in ("image", "mask"):
             if normalized.get(name):
                 out[name] = stash(normalized[name])
@@ -103,6 +124,13 @@ class Client:
             if normalized.get(name):
                 out[name] = [{**e, "image": stash(e["image"])} for e in normalized[name]]
         return out
+
+    def _stash_training_image(self, src: str) -> str:
+        """``sha256:<hex>`` of an inline training image, ``sha256:<hex>.zip`` of a zip."""
+        from producer.train_contract import is_zip_source
+
+        digest = self.store.put_input(_inline_bytes(src, self.settings))
+        return f"sha256:{digest}" + (".zip" if is_zip_source(src) else "")
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)
@@ -159,3 +187,12 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _inline_bytes(src: str, settings: Settings) -> bytes:
+    from producer.train_contract import is_zip_source
+    from producer.train_validation import decode_zip_uri
+
+    if is_zip_source(src):
+        return decode_zip_uri(src, settings.train_zip_max_bytes)
+    return decode_data_uri(src, settings.max_image_bytes)

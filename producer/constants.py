@@ -81,9 +81,27 @@ RECONCILE_REASONS = ("lease_expired", "worker_lost", "message_lost", "dispatcher
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 
-#: Celery task name: the message body is ``[job_id]``; the record holds the request.
+#: Celery task names, one per kind of job: the message body is ``[job_id]``; the record
+#: holds the request.
 TASK_GENERATE = "atelier.generate"
+TASK_TRAIN = "atelier.train"
+TASKS = (TASK_GENERATE, TASK_TRAIN)
 QUEUE_PREFIX = "atelier."
+#: A model's trainings wait in a lane of their own, ``train.<model>`` (queue
+#: ``atelier.train.<model>``), consumed only by workers started with ``--train``.
+TRAIN_LANE = "train."
+
+
+def lane(model: str, kind: str = "generate") -> str:
+    """Where a job of ``kind`` for ``model`` waits: the model's name for generations,
+    ``train.<model>`` for trainings. Queues, queue lists and the queued index are per
+    lane (a registry name never starts with ``train.``)."""
+    return TRAIN_LANE + model if kind == "train" else model
+
+
+def task_of(lane_name: str) -> str:
+    """The Celery task a lane's messages name."""
+    return TASK_TRAIN if lane_name.startswith(TRAIN_LANE) else TASK_GENERATE
 
 
 def job_key(job_id: str) -> str:
@@ -130,7 +148,8 @@ def worker_key(worker_id: str) -> str:
 
 
 def queue_name(model: str) -> str:
-    """One Celery queue per model, so a worker consumes only what it has loaded."""
+    """One Celery queue per model (per lane: see :func:`lane`), so a worker consumes only
+    what it has loaded."""
     return QUEUE_PREFIX + model
 
 

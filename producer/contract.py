@@ -60,6 +60,7 @@ class EventType(enum.StrEnum):
     CANCELLED = "job.cancelled"
     EXPIRED = "job.expired"
     RETRYING = "job.retrying"
+    CHECKPOINT = "job.checkpoint"
 
 
 TERMINAL_EVENTS = frozenset(
@@ -290,6 +291,7 @@ class OutputFlags(TypedDict, total=False):
     withheld: bool
     sweep: Annotated[dict[str, Any], Field(description="a sweep cell's values")]
     contact_sheet: bool
+    adapter: Annotated[bool, Field(description="a training's adapter.safetensors")]
 
 
 class Output(OutputFlags):
@@ -401,7 +403,8 @@ def new_record(
         "expires_at": expires_at,
         "attempts": 0,
         "worker": None,
-        "progress": {"step": 0, "total": denoise_steps(request)},
+        "progress": {"step": 0, "total": (request["steps"] if kind == Kind.TRAIN
+                                          else denoise_steps(request))},
         "outputs": [],
         "error": None,
         "timings": {},

@@ -21,15 +21,19 @@ from producer.store import JobStore
 
 
 def queue_report(store: JobStore, broker: redis.Redis, registry: Registry) -> list[dict[str, Any]]:
-    """Per model: messages in its queue, jobs still queued, and the oldest one's age."""
+    """Per model, then per model that trains (``kind: train``, queue
+    ``atelier.train.<model>``): messages in its queue, jobs still queued, and the oldest
+    one's age."""
     out = []
     now = time.time()
-    for spec in registry:
-        queued, oldest = store.queued_summary(spec.name)
+    for lane in registry.lanes():
+        queued, oldest = store.queued_summary(lane)
+        train = lane.startswith(K.TRAIN_LANE)
         out.append({
-            "model": spec.name,
-            "queue": K.queue_name(spec.name),
-            "depth": queue_depth(broker, spec.name),
+            "model": lane.removeprefix(K.TRAIN_LANE) if train else lane,
+            "kind": "train" if train else "generate",
+            "queue": K.queue_name(lane),
+            "depth": queue_depth(broker, lane),
             "queued": queued,
             "oldest_queued_at": oldest,
             "oldest_age_s": round(now - parse_iso(oldest).timestamp(), 3) if oldest else None,

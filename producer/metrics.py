@@ -68,6 +68,8 @@ def queue_gauges(report: Callable[[], list[dict[str, Any]]]) -> Callable[[], Ite
             "atelier_queue_oldest_age_seconds",
             "Age of the model's oldest queued job (0 when none is queued)", labels=["model"])
         for row in report():
+            if row.get("kind", "generate") != "generate":
+                continue  # trainings' queues: GET /v1/queues (KEDA reads their lists)
             depth.add_metric([row["model"]], row["depth"])
             queued.add_metric([row["model"]], row["queued"])
             oldest.add_metric([row["model"]], row["oldest_age_s"] or 0.0)

@@ -57,7 +57,7 @@ from producer.errors import JobNotFound, WorkerLost
 from producer.loops import run_every
 from producer.registry import Registry
 from producer.settings import Settings
-from producer.store import JobStore, Snapshot
+from producer.store import JobStore, Snapshot, lane_of
 
 log = logging.getLogger("atelier.reconciler")
 
@@ -199,27 +199,28 @@ class Reconciler:
         """Put the job's message back at the head of its queue: its unacked entry if
         the broker still has one, else (and only then) a new message."""
         req = record["request"]
-        target = list_key(req["model"], int(req.get("priority", 5)))
+        lane = lane_of(record)  # a model's queue, or its trainings' (train.<model>)
+        target = list_key(lane, int(req.get("priority", 5)))
         for tag in tags:
             if restore_message(self.broker, tag, target):
                 return "restored"
-        waiting, _ = waiting_jobs(self.broker, req["model"])
+        waiting, _ = waiting_jobs(self.broker, lane)
         if job_id in waiting or job_id in unacked_messages(self.broker):
             return "already queued"
-        self.publish(job_id, req["model"], int(req.get("priority", 5)))
+        self.publish(job_id, lane, int(req.get("priority", 5)))
         return "re-published"
 
     # -- 2. lost messages -----------------------------------------------------------------
 
     def republish_lost(self) -> int:
         done = 0
-        for spec in self.registry:
+        for lane in self.registry.lanes():
             try:
-                done += self._republish_lost(spec.name)
+                done += self._republish_lost(lane)
             except redis.RedisError:
                 raise
             except Exception:
-                log.exception("reconciler: checking queue %s failed", K.queue_name(spec.name))
+                log.exception("reconciler: checking queue %s failed", K.queue_name(lane))
         return done
 
     def _candidates(self, model: str) -> list[str]:

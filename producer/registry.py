@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from producer import constants as K
+
 #: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
 #: model at all, a stand-in that sleeps ``gpu_ms`` per image (the GIL released, as a GPU
 #: kernel would) and returns a fixed picture; the benchmarks use it to measure
@@ -19,6 +21,8 @@ from typing import Any
 PIPELINES = ("sdxl", "sd15", "flux", "simulated")
 #: Families of real models (what a LoRA adapter can be made for).
 MODEL_FAMILIES = ("sdxl", "sd15", "flux")
+#: Families whose models can train (DreamBooth LoRA: ``POST /v1/trainings``).
+TRAINABLE_PIPELINES = ("sdxl", "sd15")
 #: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
 OPTION_PIPELINES = ("sdxl",)
 #: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's
@@ -425,6 +429,12 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._specs)
+
+    def lanes(self) -> list[str]:
+        """Every queue's lane: each model's, then the trainings' of each model that can
+        train (``train.<model>``, :func:`producer.constants.lane`)."""
+        return [*self.names(), *(K.lane(s.name, "train") for s in self
+                                 if s.pipeline in TRAINABLE_PIPELINES)]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._specs.values())

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     egress_allowlist: str = ""
     #: Default and ceiling of a job's ``timeout_s``.
     job_timeout_s: int = Field(default=600, ge=1)
+    #: Default and ceiling of a training's ``timeout_s``.
+    train_timeout_s: int = Field(default=4 * 3600, ge=1)
+    #: A training's ``.zip`` of images: at most this many entries, and this many bytes
+    #: uncompressed in all (each entry at most ``max_image_bytes``).
+    train_zip_max_entries: int = Field(default=256, ge=1)
+    train_zip_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     #: Runs of one job before it ends ``worker_lost``.
     max_attempts: int = Field(default=3, ge=1, le=100)
     #: Redis visibility timeout; 0 derives it (see ``effective_visibility_timeout_s``).

@@ -73,6 +73,9 @@ class LocalStorage(_Keys):
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
 
@@ -128,6 +131,9 @@ class S3Storage(_Keys):
         obj = self.client.get_object(Bucket=self.bucket, Key=key)
         body: bytes = obj["Body"].read()
         return body
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def url(self, key: str) -> str:
         url: str = self.client.generate_presigned_url(

@@ -320,7 +320,7 @@ class JobStore:
 
     def queue_position(self, record: dict[str, Any]) -> int | None:
         """How many queued jobs of the same model run before this one (None: not queued)."""
-        rank: Any = self.redis.zrank(K.queued_index_key(record["request"]["model"]), record["id"])
+        rank: Any = self.redis.zrank(K.queued_index_key(lane_of(record)), record["id"])
         return None if rank is None else int(rank)
 
     def queued_summary(self, model: str) -> tuple[int, str | None]:
@@ -433,7 +433,12 @@ class JobStore:
 
 
 def _model(record: dict[str, Any] | None) -> str:
-    return record["request"]["model"] if record else "_"
+    """The lane the record's job waits in (its model, or ``train.<model>``)."""
+    return lane_of(record) if record else "_"
+
+
+def lane_of(record: dict[str, Any]) -> str:
+    return K.lane(record["request"]["model"], record.get("kind") or "generate")
 
 
 def _queued_score(record: dict[str, Any]) -> int:

@@ -48,6 +48,7 @@ from producer.settings import Settings
 FieldError = dict[str, str]
 
 #: ``(text:1.3)``: the weighting syntax only CLIP-prompted families read (worker/prompts.py).
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 _WEIGHTED = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)")
 
 
@@ -280,6 +281,11 @@ def _check_loras(loras: list[dict[str, Any]], registry: Registry,
         if name in seen:
             errors.append({"field": field, "message": f"{name!r} is repeated"})
         seen.add(name)
+        if name.startswith("job:"):
+            if not _JOB_ID.fullmatch(name.removeprefix("job:")):
+                errors.append({"field": field, "message": "job:<id> must name a training by "
+                               "its id (32 hex characters)"})
+            continue
         if name.startswith("storage:"):
             key = name.removeprefix("storage:")
             if (not key.endswith(".safetensors") or key.startswith("/")

@@ -73,6 +73,11 @@ max_pixels = 262144
 """
 
 
+def generation_queues(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``/v1/queues`` rows of generation queues, by model (trainings' rows left out)."""
+    return {q["model"]: q for q in rows if q["kind"] == "generate"}
+
+
 def settings_env(**values: Any) -> dict[str, str]:
     """Settings as ATELIER_* environment variables (for subprocesses)."""
     return {f"ATELIER_{k.upper()}": str(v) for k, v in values.items() if v is not None}

@@ -191,8 +191,9 @@ class Worker(Process):
     READY = b"atelier worker ready"
 
     def __init__(self, env: dict[str, str], log_path: Path, models: list[str],
-                 concurrency: int | None = None, new_session: bool = False) -> None:
-        argv = [sys.executable, "-m", "worker"]
+                 concurrency: int | None = None, new_session: bool = False,
+                 extra_args: list[str] | None = None) -> None:
+        argv = [sys.executable, "-m", "worker", *(extra_args or [])]
         for m in models:
             argv += ["--model", m]
         if concurrency:

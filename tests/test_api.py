@@ -19,7 +19,7 @@ from producer import constants as K
 from producer.api import key_id
 from producer.broker import queue_depth
 from producer.contract import Output, RecordView
-from tests.helpers import Stack, worker_env
+from tests.helpers import Stack, generation_queues, worker_env
 from tests.servers import Process, api_process
 
 pytestmark = pytest.mark.slow
@@ -222,7 +222,7 @@ def test_queue_positions_and_queue_report(api: httpx.Client) -> None:
     pos = {name: api.get(f"/v1/jobs/{d['id']}", headers=A).json()["position"]
            for name, d in (("low", low), ("high", high), ("mid", mid))}
     assert pos["high"] < pos["mid"] < pos["low"]
-    queues = {q["model"]: q for q in api.get("/v1/queues", headers=B).json()["queues"]}
+    queues = generation_queues(api.get("/v1/queues", headers=B).json()["queues"])
     idle = queues["tiny-idle"]
     assert idle["queued"] >= 3 and idle["depth"] >= 3 and idle["oldest_age_s"] >= 0
     assert idle["queue"] == "atelier.tiny-idle"
@@ -231,7 +231,7 @@ def test_queue_positions_and_queue_report(api: httpx.Client) -> None:
     assert api.get(f"/v1/jobs/{mid['id']}", headers=A).json()["position"] == pos["mid"] - 1
     for d in (low, mid):
         api.post(f"/v1/jobs/{d['id']}/cancel", headers=A)
-    assert {q["model"]: q for q in api.get("/v1/queues", headers=B).json()["queues"]}[
+    assert generation_queues(api.get("/v1/queues", headers=B).json()["queues"])[
         "tiny-idle"]["queued"] == idle["queued"] - 3
 
 

@@ -394,8 +394,10 @@ def test_scaled_objects_sum_the_model_queue() -> None:
         c = only_container(dep)
         model = arg_after(c["command"], "--model")
         triggers = spec["triggers"]
-        # The ten lists of the model's Celery queue, each exactly once.
-        assert [t["metadata"]["listName"] for t in triggers] == K.queue_keys(model)
+        # The ten lists of the model's Celery queue (a training worker: of its trainings'
+        # queue, atelier.train.<model>), each exactly once.
+        lane = K.lane(model, "train" if "--train" in c["command"] else "generate")
+        assert [t["metadata"]["listName"] for t in triggers] == K.queue_keys(lane)
         assert spec["minReplicaCount"] == 0
         assert spec["maxReplicaCount"] >= 1
         mods = spec["advanced"]["scalingModifiers"]

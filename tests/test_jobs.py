@@ -17,6 +17,7 @@ from producer.contract import EventType, Status
 from tests.helpers import (
     Stack,
     bare_run,
+    generation_queues,
     pixels,
     png_data_uri,
     png_text,
@@ -318,11 +319,11 @@ def test_cli_queues_workers_and_status_read_the_fleet(stack: Stack) -> None:
 
     with stack.client() as client:
         queued = client.submit(prompt="waits", model="tiny-idle")
-        before = {q["model"]: q for q in json.loads(cli("queues", "--json"))}
+        before = generation_queues(json.loads(cli("queues", "--json")))
         assert before["tiny-idle"]["queued"] >= 1 and before["tiny-idle"]["depth"] >= 1
         assert "tiny-idle" in cli("queues")
         client.cancel(queued)
-        after = {q["model"]: q for q in json.loads(cli("queues", "--json"))}
+        after = generation_queues(json.loads(cli("queues", "--json")))
         assert after["tiny-idle"]["queued"] == before["tiny-idle"]["queued"] - 1
         workers = json.loads(cli("workers", "--json"))
         mine = [w for w in workers if w["pid"] == stack.worker.proc.pid]  # type: ignore[union-attr]

@@ -23,7 +23,7 @@ def write(tmp_path: Path, text: str) -> str:
 def test_builtin_names(builtin: Registry) -> None:
     assert builtin.names() == ["flux.1-schnell", "playground-v2.5", "sd-1.5", "sdxl-base-1.0",
                                "sdxl-turbo", "tiny-flux", "tiny-sd15", "tiny-sdxl",
-                               "tiny-sdxl-turbo"]
+                               "tiny-sdxl-edm", "tiny-sdxl-turbo"]
     assert {s.name for s in builtin} == set(builtin.names())
     assert builtin.get("nope") is None
     with pytest.raises(KeyError):

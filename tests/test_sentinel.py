@@ -20,7 +20,7 @@ import redis
 from producer.broker import celery_config
 from producer.redis_url import check_redis_url, kombu_broker, parse_sentinel_url
 from producer.settings import Settings
-from tests.helpers import wait_until, worker_env
+from tests.helpers import generation_queues, wait_until, worker_env
 from tests.servers import ROOT, Process, Worker, api_process, free_port
 
 SERVICE = "atelier-main"
@@ -220,7 +220,7 @@ def test_store_and_broker_through_sentinel(sentinel: Sentinel, tmp_path: Path,
                 body = "".join(stream.iter_text())
             assert "event: job.succeeded" in body
             assert http.get(f"/v1/jobs/{api_id}").json()["status"] == "succeeded"
-            queues = {q["model"]: q for q in http.get("/v1/queues").json()["queues"]}
+            queues = generation_queues(http.get("/v1/queues").json()["queues"])
             assert queues["tiny-sdxl"]["depth"] == 0
 
         # 3. The CLI: queues (the broker client), and the worker readiness probe.

@@ -40,7 +40,7 @@ from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
 from producer.store import JobStore
-from worker.lifecycle import GENERATE, Lifecycle
+from worker.lifecycle import GENERATE, TRAIN, Lifecycle
 
 log = logging.getLogger("atelier.worker")
 
@@ -51,7 +51,18 @@ _lifecycle: Lifecycle | None = None
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "atelier-worker")
 
-    def generate(task: Any, job_id: str) -> None:
+    for name, kind in ((K.TASK_GENERATE, GENERATE), (K.TASK_TRAIN, TRAIN)):
+        # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
+        # (Registered by call, not as a decorator: Celery's decorators are untyped.)
+        app.task(name=name, acks_late=True, reject_on_worker_lost=True,
+                 throws=(JobEndedFailed,), bind=True)(_task(kind))
+    return app
+
+
+def _task(kind: str) -> Any:
+    """The Celery task of one kind of job: the same adapter for every kind."""
+
+    def run_job(task: Any, job_id: str) -> None:
         # An adapter: parse the message, run plain code. Job failures are recorded on
         # the job itself; the message is acknowledged whatever the outcome.
         if _lifecycle is None:  # pragma: no cover - main() sets it before consuming
@@ -61,7 +72,7 @@ def create_app(settings: Settings) -> Celery:
         tag = (getattr(task.request, "properties", None) or {}).get("delivery_tag")
         try:
             with job_context(job_id):
-                status = _lifecycle.run(job_id, tag, GENERATE)
+                status = _lifecycle.run(job_id, tag, kind)
         except GiveBack as exc:
             # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
             # head of its queue now, not after the visibility timeout.
@@ -82,11 +93,8 @@ def create_app(settings: Settings) -> Celery:
             # Recorded already; raised so the task reads FAILURE in Flower, not SUCCESS.
             raise JobEndedFailed(job_id)
 
-    # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
-    # (Registered by call, not as a decorator: Celery's decorators are untyped.)
-    app.task(name=K.TASK_GENERATE, acks_late=True, reject_on_worker_lost=True,
-             throws=(JobEndedFailed,), bind=True)(generate)
-    return app
+    run_job.__name__ = run_job.__qualname__ = kind
+    return run_job
 
 
 def _check_redis(store: JobStore) -> None:
@@ -200,6 +208,8 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Regist
     parser.add_argument("--concurrency", type=int, help="jobs held at once "
                         "(default ATELIER_WORKER_CONCURRENCY)")
     parser.add_argument("--loglevel", help="default ATELIER_LOG_LEVEL (INFO)")
+    parser.add_argument("--train", action="store_true", help="also run trainings of the "
+                        "models served (queues atelier.train.<model>)")
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -255,8 +265,10 @@ def _load_models(settings: Settings, registry: Registry, names: list[str],
 
 
 def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
-                     models: dict[str, Any], device: str, worker_name: str) -> Lifecycle:
-    """The lifecycle with this worker's kinds of job (generation), and its metrics."""
+                     models: dict[str, Any], device: str, worker_name: str,
+                     train: bool = False) -> Lifecycle:
+    """The lifecycle with this worker's kinds of job (generation; trainings with
+    ``--train``), and its metrics."""
     from worker.generation import Generation
     from worker.loras import LoraCache
     from worker.metrics import WorkerMetrics
@@ -267,7 +279,13 @@ def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
     generation = Generation(settings, models, store, storage,
                             loras=LoraCache(settings, registry, storage),
                             safety=load_checker(settings, device))
-    lifecycle = Lifecycle(settings, store, worker_name, [generation], metrics=metrics)
+    works: list[Any] = [generation]
+    if train:
+        from worker.training import Training
+
+        works.append(Training(settings, models, store, storage, device=str(device),
+                              generation=generation))
+    lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics)
     metrics.watch(lifecycle.activity, lambda: _memory(str(device)))
     if settings.metrics_port:
         from producer.metrics import serve
@@ -307,14 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     global _lifecycle
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     _lifecycle = lifecycle = _build_lifecycle(settings, registry, store, models, device,
-                                              worker_name)
+                                              worker_name, train=args.train)
     app = create_app(settings)
     from producer.reconciler import build as build_reconciler
 
     metrics = lifecycle.metrics
     reconciler = build_reconciler(settings, store, registry, app, worker_name,
                                   counted=lambda reason: metrics.reconciled.labels(reason).inc())
-    queues = ",".join(K.queue_name(n) for n in names)
+    lanes = [*names, *(K.lane(n, TRAIN) for n in names if args.train)]
+    queues = ",".join(K.queue_name(n) for n in lanes)
     heartbeat = Heartbeat(store, lifecycle, {
         "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
         "models": names, "device": str(device), "device_name": _device_name(str(device)),

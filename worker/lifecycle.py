@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The kind of every job so far (a record without ``kind`` is one).
 GENERATE = "generate"
+#: The kind of a training (DreamBooth LoRA: ``worker/training``).
+TRAIN = "train"
 
 
 class Work(Protocol):

@@ -73,6 +73,9 @@ class LoraCache:
         from safetensors.torch import load, load_file
 
         try:
+            if name.startswith("job:"):  # a training's adapter
+                key = self.storage.key(name.removeprefix("job:"), "adapter.safetensors")
+                return load(self._get_object(key, field))
             if name.startswith("storage:"):
                 key = name.removeprefix("storage:")
                 raw = self._get_object(key, field)

@@ -231,7 +231,8 @@ class Monitor(threading.Thread):
                     run.cancel.set()
                 step = run.step
                 now = time.monotonic()
-                if step > sent and now - last_emit >= self.interval_s:
+                # (A training's step starts again at each phase: any change counts.)
+                if step != sent and now - last_emit >= self.interval_s:
                     # The picture is made here, off the denoising loop, at most one
                     # per preview interval.
                     picture = None

@@ -288,7 +288,7 @@ def ensure_builtin(name: str, models_dir: str | os.PathLike[str]) -> Path:
     """The path of a ``builtin:NAME`` model or adapter, built first if missing."""
     root = Path(models_dir)
     builders = {"tiny-sdxl": build_tiny_sdxl, "tiny-sd15": build_tiny_sd15,
-                "tiny-flux": build_tiny_flux}
+                "tiny-flux": build_tiny_flux, "tiny-sdxl-edm": build_tiny_sdxl_edm}
     if name in builders:
         dest = root / name
         if not (dest / MARKER).exists():
@@ -343,3 +343,35 @@ def build_tiny_safety_checker(dest: str | os.PathLike[str], threshold: float = 1
     processor = CLIPImageProcessor(size={"shortest_edge": 32},
                                    crop_size={"height": 32, "width": 32})
     return _save(model, dest, processor)
+
+
+def build_tiny_sdxl_edm(dest: str | os.PathLike[str]) -> Path:
+    """tiny-sdxl with Playground v2.5's EDM scheduler config and VAE latent statistics
+    (``latents_mean``/``latents_std``): what tests train the EDM way on."""
+    import json
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-edm-", dir=dest.parent))
+    try:
+        build_tiny_sdxl(tmp / "m")
+        model = tmp / "m"
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+            "_class_name": "EDMDPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+            "dynamic_thresholding_ratio": 0.995, "euler_at_final": False,
+            "final_sigmas_type": "zero", "lower_order_final": True, "num_train_timesteps": 1000,
+            "prediction_type": "epsilon", "rho": 7.0, "sample_max_value": 1.0,
+            "sigma_data": 0.5, "sigma_max": 80.0, "sigma_min": 0.002, "solver_order": 2,
+            "solver_type": "midpoint", "thresholding": False}, indent=2))
+        vae_config = model / "vae" / "config.json"
+        config = json.loads(vae_config.read_text())
+        config.update(latents_mean=[-1.6574, 1.886, -1.383, 2.5155],
+                      latents_std=[8.4927, 5.9022, 6.5498, 5.2299])
+        vae_config.write_text(json.dumps(config, indent=2))
+        shutil.rmtree(dest, ignore_errors=True)
+        model.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from producer.api import errors, files, openai_errors, openapi
 from producer.api.keys import KeyRing
 from producer.api.routes import files as file_routes
-from producer.api.routes import health, images, jobs, models, queues, studio, workers
+from producer.api.routes import health, images, jobs, models, queues, studio, trainings, workers
 from producer.api.state import ApiState, attach
 from producer.logs import configure as configure_logging
 from producer.registry import Registry
@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(openai_errors.OpenAIError, _openai_error)
 
     app.add_middleware(_Measure, state=state)
-    for module in (jobs, images, models, queues, workers, file_routes, health, studio):
+    for module in (jobs, trainings, images, models, queues, workers, file_routes, health,
+                   studio):
         app.include_router(module.router)
     app.mount("/static", studio.static_files(), name="static")
     openapi.install(app)

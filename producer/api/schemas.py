@@ -47,7 +47,9 @@ class ModelList(BaseModel):
 
 class QueueReport(BaseModel):
     model: str
-    queue: str = Field(description="The Celery queue of the model.")
+    kind: str = Field(description="`generate`, or `train` for the model's trainings.")
+    queue: str = Field(description="The Celery queue of the model (`atelier.<model>`) or of "
+                       "its trainings (`atelier.train.<model>`).")
     depth: int = Field(description="Messages waiting in the queue.")
     queued: int = Field(description="Jobs waiting for a worker.")
     oldest_queued_at: str | None

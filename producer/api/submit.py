@@ -21,14 +21,17 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from producer import constants as K
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view
 from producer.api.state import ApiState
 from producer.broker import queue_depth
 from producer.client import new_job_id
+from producer.contract import Kind
 from producer.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
 from producer.idempotency import IdempotencyKey
+from producer.train_adapters import check_job_loras
 from producer.validation import validate_request
 
 log = logging.getLogger("atelier.api")
@@ -70,26 +73,35 @@ class Taken:
 
 
 def take(state: ApiState, data: Any, idem: str | None, who: Caller,
-         fingerprint: Any = None) -> Taken:
-    """Validate and enqueue ``data`` for ``who`` (blocking: run it in a thread).
+         fingerprint: Any = None, kind: Kind = Kind.GENERATE) -> Taken:
+    """Validate and enqueue ``data``, a job of ``kind``, for ``who`` (blocking: run it in
+    a thread).
 
     ``fingerprint`` is what an ``Idempotency-Key`` is bound to (default: ``data``); a
     route whose body is not the job request (the OpenAI-compatible ones) passes its own.
     Raises :class:`~producer.errors.InvalidRequest` (nothing enqueued) and
     :class:`ApiError` for every other refusal.
     """
-    normalized = validate_request(data, state.registry, state.settings)
+    if kind is Kind.TRAIN:
+        from producer.train_validation import validate_training
+
+        normalized = validate_training(data, state.registry, state.settings)
+    else:
+        normalized = validate_request(data, state.registry, state.settings)
+        # loras: job:<training id>: the caller's own training that succeeded.
+        check_job_loras(normalized, state.store, who.owner, check_owner=True)
     body = data if fingerprint is None else fingerprint
     key = IdempotencyKey.of(who.owner, idem, body) if idem is not None else None
     if key is not None and (replay := _replay(state, key)) is not None:
         return Taken(replay, True)
-    admit(state, normalized["model"])
+    admit(state, K.lane(normalized["model"], kind))
     job_id = new_job_id()
     # The key is written with the record, in one step: a replica that dies before that
     # leaves the key free, so the client's retry creates the job.
     claim = key.claim(job_id, state.settings.idempotency_ttl_s) if key is not None else None
     try:
-        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim)
+        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim,
+                                kind=kind)
     except KeyClaimed:
         # A concurrent request with this key won the race: answer with its job.
         replay = _replay(state, key) if key is not None else None
@@ -102,10 +114,12 @@ def take(state: ApiState, data: Any, idem: str | None, who: Caller,
     return Taken(state.store.get(job_id), False)
 
 
-def submit(state: ApiState, data: Any, idem: str | None, who: Caller) -> JSONResponse:
-    """``POST /v1/jobs``: :func:`take`, answered 202 with the record (blocking)."""
+def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
+           kind: Kind = Kind.GENERATE) -> JSONResponse:
+    """``POST /v1/jobs`` (``POST /v1/trainings``: ``kind`` train): :func:`take`, answered
+    202 with the record (blocking)."""
     try:
-        taken = take(state, data, idem, who)
+        taken = take(state, data, idem, who, kind=kind)
     except InvalidRequest as exc:
         raise ApiError(422, exc.code, str(exc), exc.fields) from None
     job_id = taken.record["id"]
