@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from producer.client import Client
-from producer.contract import EXTENSIONS, EventType, Kind, Status
+from producer.contract import EXTENSIONS, EventType, Status
 from producer.errors import InvalidRequest, JobNotFound, Unavailable
-from producer.joblist import DEFAULT_LIMIT
+from producer.jobs_cli import add_parser as add_jobs_parser
 from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
@@ -176,29 +176,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
-    owner = args.owner
-    if args.key:
-        from producer.api.keys import key_digest, key_id
-
-        owner = key_id(key_digest(args.key))
-    with Client(settings) as client:
-        page = client.list(owner=owner, status=args.status, model=args.model, kind=args.kind,
-                           limit=args.limit, cursor=args.cursor)
-    if args.json:
-        _print_json(page)
-        return EXIT_OK
-    for r in page["data"]:
-        shown = sum(1 for o in r["outputs"] if o.get("url"))
-        print(f"{r['id']}  {r['created_at']}  {r['status']:<9}  {r['request']['model']:<18}"
-              f"  {shown} image(s)  {r['request'].get('prompt', '')[:40]!r}")
-    if not page["data"]:
-        print("no jobs")
-    if page["next_cursor"]:
-        print(f"more: atelier jobs --cursor {page['next_cursor']}", file=sys.stderr)
-    return EXIT_OK
-
-
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
         for ev in client.events(args.id, after=args.after):
@@ -325,21 +302,6 @@ def cmd_studio(args: argparse.Namespace, settings: Settings) -> int:
     return run_studio(args)
 
 
-def _add_jobs_parser(sub: Any) -> None:
-    p = sub.add_parser("jobs", help="list jobs, newest first")
-    p.add_argument("--status", choices=[str(x) for x in Status])
-    p.add_argument("--model")
-    p.add_argument("--kind", choices=[str(x) for x in Kind])
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="1-100 (default 20)")
-    p.add_argument("--cursor", help="start after this (a 'more:' line gives it)")
-    whose = p.add_mutually_exclusive_group()
-    whose.add_argument("--owner", help="an API key's jobs, by its id (key_...); "
-                       "default: jobs submitted without a key")
-    whose.add_argument("--key", help="an API key's jobs, by the key")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_jobs)
-
-
 def _add_embedded_parsers(sub: Any) -> None:
     """demo and studio: the commands that start the embedded stack."""
     p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
@@ -382,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    _add_jobs_parser(sub)
+    add_jobs_parser(sub)
 
     p = sub.add_parser("events", help="print a job's events until it ends")
     p.add_argument("id")

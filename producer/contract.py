@@ -383,6 +383,13 @@ def parse_iso(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
+def is_expired(record: Mapping[str, Any], now: datetime | None = None) -> bool:
+    """Past the record's ``expires_at`` (a queued job that ran out of time to start)."""
+    if not record.get("expires_at"):
+        return False
+    return (now or datetime.now(UTC)) >= parse_iso(record["expires_at"])
+
+
 def new_record(
     job_id: str, request: dict[str, Any], created_at: str, owner: str | None = None,
     kind: Kind = Kind.GENERATE,

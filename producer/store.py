@@ -44,6 +44,7 @@ from producer.contract import (
     EventType,
     Record,
     Status,
+    is_expired,
     now_iso,
     parse_iso,
     shared_data,
@@ -445,8 +446,3 @@ def _queued_score(record: dict[str, Any]) -> int:
     created_ms = int(parse_iso(record["created_at"]).timestamp() * 1000)
     return K.queued_score(int(record["request"].get("priority", 5)), created_ms)
 
-
-def is_expired(record: dict[str, Any], now: datetime | None = None) -> bool:
-    if not record.get("expires_at"):
-        return False
-    return (now or datetime.now(UTC)) >= parse_iso(record["expires_at"])

@@ -34,10 +34,10 @@ from typing import Any, Protocol
 
 import redis
 
-from producer.contract import EventType, Status, now_iso, terminal_event
+from producer.contract import EventType, Status, is_expired, now_iso, terminal_event
 from producer.errors import Fenced, GiveBack, JobCancelled, JobError, WorkerLost
 from producer.settings import Settings
-from producer.store import JobStore, Snapshot, is_expired
+from producer.store import JobStore, Snapshot
 from worker.metrics import BusyClock, WorkerMetrics
 from worker.run import Monitor, Run
 

@@ -42,9 +42,8 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType, Status
+from producer.contract import TERMINAL_EVENTS, EventType, Status, is_expired
 from producer.eventlog import decode_event
-from producer.store import is_expired
 
 log = logging.getLogger("atelier.api.hub")
 
