@@ -11,12 +11,13 @@ the CLI) and :func:`read_events` (asyncio). The API's streams read through its h
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 
 from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType
+from producer.contract import TERMINAL_EVENTS, EventType, shared_data
 
 
 def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
@@ -74,3 +75,20 @@ def decode_batch(res: Any) -> list[dict[str, Any]]:
     if not res:
         return []
     return [decode_event(eid, fields) for eid, fields in res[0][1]]
+
+
+def event_args(events: Sequence[tuple[EventType, dict[str, Any]]],
+                metadata: Any) -> list[str]:
+    """Three script arguments per event: its type, its data for the job's log, and its
+    data for the global stream ('' when the same: no log-only field such as a preview)."""
+    args: list[str] = []
+    for etype, data in events:
+        if metadata:  # metadata is echoed in every event
+            data = {**data, "metadata": metadata}
+        shared = shared_data(data)
+        args += [etype.value, _compact(data), "" if shared is data else _compact(shared)]
+    return args
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

@@ -47,11 +47,10 @@ from producer.contract import (
     is_expired,
     now_iso,
     parse_iso,
-    shared_data,
     terminal_event,
 )
 from producer.errors import IdempotencyConflict, JobNotFound
-from producer.eventlog import Cursor, decode_batch, decode_event, events_query
+from producer.eventlog import Cursor, decode_batch, decode_event, event_args, events_query
 from producer.idempotency import Claim as Claim
 from producer.idempotency import IdempotencyKey
 from producer.joblist import list_entry
@@ -182,11 +181,7 @@ class JobStore:
             "" if announce is None else announce,
             list_entry(record) if record is not None else "",
         ]
-        for etype, data in events:
-            if metadata:  # metadata is echoed in every event
-                data = {**data, "metadata": metadata}
-            shared = shared_data(data)
-            args += [etype.value, _dumps(data), "" if shared is data else _dumps(shared)]
+        args += event_args(events, metadata)
         ok, detail = self._apply(
             keys=[K.job_key(job_id), K.events_key(job_id), K.GLOBAL_EVENTS,
                   K.queued_index_key(_model(record or requeue)),
