@@ -22,7 +22,12 @@ Previews: each round also runs the worker's chunk again with ``preview: true`` (
 same requests, the worker's default ``PREVIEW_INTERVAL_S`` and ``PREVIEW_MAX_SIDE``),
 the two worker chunks in alternating order; ``preview_ratio`` is images/s with previews
 over images/s without (target ≥ 0.98). ``previews`` counts the previews the jobs'
-progress events carried (every job of ~0.3 s gets one: the throttle restarts per job).
+progress events carried. A job gets one only if it is still denoising when the monitor
+first publishes its progress (up to ~0.25 s after it starts, then one per
+``PREVIEW_INTERVAL_S``): the default 4-step jobs (~0.2 s on a quiet 2-core machine) may
+get none, and then ``preview_ratio`` is null, since it would measure nothing. Measure
+previews on jobs that have them: ``--steps 24 --images 40 --rounds 8`` (~1 s a job, one
+preview each, ~2.5 minutes).
 
     python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3] [--steps 4]
 
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "storage": args.storage,
         "steps": args.steps,
         "preview_images_per_s": round(args.images / preview_s, 3),
-        "preview_ratio": round(worker_s / preview_s, 4),
+        # No picture was made: the preview arm measured nothing (see the docstring).
+        "preview_ratio": round(worker_s / preview_s, 4) if previews else None,
         "preview_round_ratios": preview_rounds,
         "preview_ratio_median_round": round(statistics.median(preview_rounds), 4),
         "previews": previews,
