@@ -50,6 +50,9 @@ def save(run: Run, storage: Any, trainer: Trainer, step: int) -> None:
         "data_position": step * run.request["gradient_accumulation"] * run.request["batch_size"],
         "rng": "per step: torch.Generator seeded from (seed, step); per epoch order: "
                "(seed, epoch)",
+        # fp16 on CUDA: the loss scale and its growth tracker (floats and ints), so a
+        # resumed run scales (and skips overflowing steps) as the first one would have.
+        "loss_scaler": _scaler_state(trainer),
     }
     run.check_fence()
     storage.put(f"{prefix}/lora.safetensors", st_save(lora), "application/octet-stream")
@@ -96,5 +99,16 @@ def load(run: Run, storage: Any, trainer: Trainer) -> int | None:
     sched = trainer.lr.state_dict()
     sched.update(state["lr_scheduler"])
     trainer.lr.load_state_dict(sched)
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if state.get("loss_scaler") and scaler is not None:
+        scaler.load_state_dict(state["loss_scaler"])
     trainer.losses[:] = state["losses"]
     return int(state["step"])
+
+
+def _scaler_state(trainer: Trainer) -> dict[str, Any] | None:
+    """accelerate's GradScaler state (fp16 only; None otherwise)."""
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in scaler.state_dict().items()}
