@@ -29,8 +29,8 @@ from tests.servers import AWS_ENV, RedisServer, S3Server, Worker, stop, wait_por
 
 BUCKET = "atelier-bench"
 
-__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "emit", "load_average", "log", "percentile",
-           "simulated_model", "stop", "wait_port"]
+__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "Reference", "emit", "load_average", "log",
+           "percentile", "simulated_model", "stop", "wait_port"]
 
 
 def simulated_model(name: str, gpu_ms: float, size: int, steps: int = 10) -> str:
@@ -163,3 +163,39 @@ def load_average() -> float:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return -1.0
+
+
+class Reference:
+    """A bench's bare reference loop in a long-lived child process (``script
+    --bare-server ...``), driven by lines: each :meth:`run` sends its arguments as one
+    line and reads back ``{"seconds": ...}``; the child says ``{"ready": true}`` once
+    loaded and warmed."""
+
+    def __init__(self, bench: Bench, script: str, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(script).resolve()), "--bare-server", *args],
+            env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True,
+        )
+        bench.procs.append(self)
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bare loop exited with {self.proc.wait()}")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def run(self, *args: int) -> float:
+        """Seconds the child took for one request (e.g. ``n`` images from ``seed``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(" ".join(str(a) for a in args) + "\n")
+        self.proc.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        stop(self.proc)

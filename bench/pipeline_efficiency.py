@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, Bench, emit, load_average, log, stop
+from bench.common import Bench, Reference, emit, load_average, log
 
 REQUEST = {"prompt": "a lighthouse at dusk, oil on canvas", "steps": 4, "guidance_scale": 5.0,
            "width": 64, "height": 64, "scheduler": "euler"}
@@ -86,36 +85,6 @@ def bare_server(models_dir: str) -> None:
         print(json.dumps({"images": n, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-class Bare:
-    def __init__(self, bench: Bench, models_dir: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--bare-server",
-             "--models-dir", models_dir, "--steps", str(REQUEST["steps"])],
-            env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )
-        bench.procs.append(self)
-        self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bare loop exited with {self.proc.wait()}")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def run(self, n: int, seed: int) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{n} {seed}\n")
-        self.proc.stdin.flush()
-        return float(self._read()["seconds"])
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        stop(self.proc)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -147,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
         worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False)
-        reference = Bare(bench, args.models_dir)
+        reference = Reference(bench, __file__,
+                              ["--models-dir", args.models_dir, "--steps", str(args.steps)])
         worker.wait_ready(timeout=180)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
         with Client(settings) as client:

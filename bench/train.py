@@ -25,7 +25,6 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, Bench, emit, load_average, log, stop
+from bench.common import Bench, Reference, emit, load_average, log
 
 PROMPT = "a photo of sks dog"
 
@@ -105,36 +104,6 @@ def bare_server(models_dir: str) -> None:
         print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-class Bare:
-    def __init__(self, bench: Bench, models_dir: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--bare-server",
-             "--models-dir", models_dir],
-            env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
-        )
-        bench.procs.append(self)
-        self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"bare loop exited with {self.proc.wait()}")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def run(self, n: int) -> float:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
-        return float(self._read()["seconds"])
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        stop(self.proc)
-
 
 def worker_rate(client: Any, job_id: str) -> tuple[int, float]:
     """(steps, seconds) between the first and last training progress events."""
@@ -177,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         extra_args=["--train"])
         worker.start(wait=False)
         bench.procs.append(worker)
-        reference = Bare(bench, args.models_dir)
+        reference = Reference(bench, __file__, ["--models-dir", args.models_dir])
         worker.wait_ready(timeout=180)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
         req = {"images": subject(), "instance_prompt": PROMPT, "model": "tiny-sdxl",

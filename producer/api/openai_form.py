@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from producer.api.openai_errors import OpenAIError
+from producer.api.submit import read_body
 from producer.images import alpha_mask, open_image
 
 INTS = {"n", "partial_images", "output_compression", "seed", "steps", "priority",
@@ -81,15 +82,7 @@ async def read_form(request: Request, limit: int, max_image_bytes: int) -> EditR
 async def _read_body(request: Request, limit: int) -> bytes:
     too_big = OpenAIError(413, f"The body is larger than {limit} bytes.", None,
                           "payload_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
+    return await read_body(request, limit, too_big)
 
 
 def _put(fields: dict[str, Any], key: str, text: str) -> None:

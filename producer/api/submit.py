@@ -37,10 +37,9 @@ from producer.validation import validate_request
 log = logging.getLogger("atelier.api")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past ``limit`` bytes (counted while reading, whatever
-    Content-Length says), 400 when it is not JSON."""
-    too_big = ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
+async def read_body(request: Request, limit: int, too_big: Exception) -> bytes:
+    """The body, or ``too_big`` raised past ``limit`` bytes (counted while reading,
+    whatever Content-Length says)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise too_big
@@ -49,8 +48,15 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise too_big
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past ``limit`` bytes, 400 when it is not JSON."""
+    too_big = ApiError(413, "payload_too_large", f"the body is larger than {limit} bytes")
+    body = await read_body(request, limit, too_big)
     try:
-        return json.loads(bytes(body))
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
 
