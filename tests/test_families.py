@@ -83,10 +83,10 @@ def test_flux_equals_bare_diffusers(families: Stack, models_dir: Path) -> None:
 
     # With previews on: made from the packed 16-channel latents, they change nothing.
     record, events = run_job(families, prompt="a tin robot", model="tiny-flux", seed=8,
-                             width=80, height=64, steps=48, preview=True)
+                             width=80, height=64, steps=96, preview=True)
     pipe = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    bare = bare_run(pipe, 8, prompt="a tin robot", num_inference_steps=48, guidance_scale=0.0,
+    bare = bare_run(pipe, 8, prompt="a tin robot", num_inference_steps=96, guidance_scale=0.0,
                     width=80, height=64)
     assert px(families, record) == pixels(bare)
     assert_previews(events, (80, 64))
@@ -96,10 +96,10 @@ def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_di
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     # Enough steps for progress events, with previews on: they change nothing.
-    plain, events = run_job(families, prompt="a red fox", model="tiny-sd15", seed=4, steps=16,
+    plain, events = run_job(families, prompt="a red fox", model="tiny-sd15", seed=4, steps=32,
                             preview=True)
     weighted, _ = run_job(families, prompt="a (red:1.4) fox", model="tiny-sd15", seed=4,
-                          steps=16)
+                          steps=32)
     long_a, _ = run_job(families, prompt="fox " * 25 + "red", model="tiny-sd15", seed=4)
     long_b, _ = run_job(families, prompt="fox " * 25 + "blue", model="tiny-sd15", seed=4)
     pipe = StableDiffusionPipeline.from_pretrained(str(models_dir / "tiny-sd15"),
@@ -107,7 +107,7 @@ def test_sd15_equals_bare_diffusers_and_reads_weights(families: Stack, models_di
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config,
                                                              use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
-    bare = bare_run(pipe, 4, prompt="a red fox", num_inference_steps=16, guidance_scale=7.5,
+    bare = bare_run(pipe, 4, prompt="a red fox", num_inference_steps=32, guidance_scale=7.5,
                     width=64, height=64)
     assert px(families, plain) == pixels(bare)
     assert_previews(events, (64, 64))

@@ -115,13 +115,13 @@ def watch_progress(stack: Stack, job_id: str) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_progress_events_carry_previews_of_the_clean_image(stack: Stack) -> None:
     with stack.client() as client:
-        job_id = client.submit(prompt="a lighthouse at dusk", steps=16, seed=5, preview=True)
+        job_id = client.submit(prompt="a lighthouse at dusk", steps=32, seed=5, preview=True)
         records: list[list[dict[str, Any]]] = []
         watcher = threading.Thread(target=lambda: records.append(watch_progress(stack, job_id)))
         watcher.start()
         events = list(client.events(job_id, timeout=60))
         watcher.join(timeout=30)
-        plain = client.submit(prompt="a lighthouse at dusk", steps=16, seed=5)
+        plain = client.submit(prompt="a lighthouse at dusk", steps=32, seed=5)
         plain_events = list(client.events(plain, timeout=60))
     assert events[-1]["type"] == "job.succeeded"
     progress = [e for e in events if e["type"] == "job.progress"]

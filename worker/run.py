@@ -176,6 +176,10 @@ class Run:
         self.fenced.set()
         raise Fenced(self.job_id)
 
+#: The monitor's wait on a run's cancel list until the run's first progress is published.
+FIRST_BLOCK_S = 0.02
+
+
 class Monitor(threading.Thread):
     """Beside the device loop of whichever run is watched (one at a time): publishes
     its throttled progress, and turns a cancel request (pushed to the job's cancel
@@ -226,8 +230,11 @@ class Monitor(threading.Thread):
             if run is not watched:
                 watched, sent, last_emit, last_preview = run, 0, 0.0, 0.0
             try:
-                # Blocks up to block_s; returns at once when a cancel is pushed.
-                if run.store.wait_for_cancel(run.job_id, self.block_s):
+                # Blocks up to block_s; returns at once when a cancel is pushed. Until a
+                # run's first progress is out, in short waits: a job of well under a
+                # second gets its progress (and its preview) too.
+                block = self.block_s if sent else min(self.block_s, FIRST_BLOCK_S)
+                if run.store.wait_for_cancel(run.job_id, block):
                     run.cancel.set()
                 step = run.step
                 now = time.monotonic()
