@@ -2,8 +2,8 @@
 reader stands.
 
 The writing side is the store's (:meth:`producer.store.JobStore.apply`). The reading
-side is shared by :meth:`~producer.store.JobStore.follow` (blocking, for the client and
-the CLI) and :func:`read_events` (asyncio). The API's streams read through its hub
+side is :meth:`~producer.store.JobStore.follow` (blocking, for the client and the
+CLI); the API's streams read through its hub
 (``producer/api/hub.py``: one reader for all of them), which decodes with
 :func:`decode_event`.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from typing import Any
-
-from redis.asyncio import Redis as AsyncRedis
 
 from producer import constants as K
 from producer.contract import TERMINAL_EVENTS, EventType, shared_data
@@ -52,15 +50,6 @@ class Cursor:
                 self.done = True
                 break
         return out
-
-
-async def read_events(
-    client: AsyncRedis, job_id: str, after: str | None, block_ms: int | None = None,
-    count: int = 100,
-) -> list[dict[str, Any]]:
-    """:meth:`JobStore.events` on an asyncio client: a blocked read holds no thread."""
-    key, cursor, kwargs = events_query(job_id, after, block_ms, count)
-    return decode_batch(await client.xread({key: cursor}, **kwargs))
 
 
 def events_query(job_id: str, after: str | None, block_ms: int | None,
