@@ -83,7 +83,7 @@ class Lifecycle:
         self.works = {w.kind: w for w in works}
         self.metrics = metrics or WorkerMetrics()
         # One job at a time per device; post-processing runs outside it.
-        self.gpu = threading.Lock()
+        self.gpu = DeviceLock()
         # For the heartbeat: jobs held now, and messages handled since start.
         self._lock = threading.Lock()
         self.current: set[str] = set()
@@ -97,6 +97,7 @@ class Lifecycle:
     def drain(self) -> None:
         """Start no more jobs: the ones waiting for the device go back to the queue."""
         self.draining.set()
+        self.gpu.stop_waiting()
 
     def activity(self) -> tuple[list[str], int]:
         """Jobs held now (the heartbeat renews their leases), and messages handled since
@@ -198,9 +199,8 @@ class Lifecycle:
 
     def _wait_for_gpu(self, job_id: str) -> None:
         # A slot waits here while the other computes; at shutdown it stops waiting.
-        while not self.gpu.acquire(timeout=0.05):
-            if self.draining.is_set():
-                raise GiveBack(job_id)
+        if not self.gpu.acquire():
+            raise GiveBack(job_id)
 
     def _hold(self, job_id: str, tag: str, grace_s: float = 5.0) -> Snapshot | None:
         """Lease the job to this worker and read it, in one round trip.
@@ -305,11 +305,46 @@ class Lifecycle:
 _STARTABLE = f"{Status.QUEUED.value},{Status.RUNNING.value}"
 
 
+class DeviceLock:
+    """One job at a time on the device. A waiter sleeps until the device is free or the
+    worker drains (:meth:`stop_waiting`), with no timed wake-ups: the slot that waits
+    does so beside a job that is computing, and every wake-up of a Python thread there
+    takes the GIL from the denoising loop (a ``Lock.acquire(timeout=0.05)`` poll woke
+    six times in each tiny job)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held = False
+        self._stopped = False
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the device; False when it is busy and ``blocking`` is false, or when
+        waiting stopped (a free device is still taken after that)."""
+        with self._cond:
+            while self._held:
+                if not blocking or self._stopped:
+                    return False
+                self._cond.wait()
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._cond.notify()
+
+    def stop_waiting(self) -> None:
+        """Wake every waiter to give its job back (warm shutdown)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+
 class _Device:
     """The device lock, already acquired, and the busy clock running while it is held;
     released once, by the work (``run.release_device``) or at the run's end."""
 
-    def __init__(self, lock: threading.Lock, busy: BusyClock) -> None:
+    def __init__(self, lock: DeviceLock, busy: BusyClock) -> None:
         self._lock, self._busy = lock, busy
         self._held = True
         busy.begin()
