@@ -214,37 +214,45 @@ class Reconciler:
 
     def republish_lost(self) -> int:
         done = 0
-        for lane in self.registry.lanes():
+        for lane, candidates in self._candidates(self.registry.lanes()).items():
             try:
-                done += self._republish_lost(lane)
+                done += self._republish_lost(lane, candidates)
             except redis.RedisError:
                 raise
             except Exception:
                 log.exception("reconciler: checking queue %s failed", K.queue_name(lane))
         return done
 
-    def _candidates(self, model: str) -> list[str]:
-        """Jobs of ``model`` waiting longer than the grace and leased by nobody."""
-        now_s, now_us = self.store.redis.time()
-        cutoff = int(now_s) * 1000 + int(now_us) // 1000 - int(
-            self.settings.reconcile_grace_s * 1000)
-        key = K.queued_index_key(model)
+    def _candidates(self, lanes: list[str]) -> dict[str, list[str]]:
+        """Per lane, the jobs waiting longer than the grace and leased by nobody; lanes
+        read less than a grace ago as long queues are skipped. Three round trips for
+        every lane together (a registry has tens of lanes, and a pass that spends one
+        round trip or more on each keeps a worker's Python busy beside its GPU)."""
         pipe = self.store.redis.pipeline(transaction=False)
-        for band in range(10):
-            low = band * K.QUEUED_BAND
-            pipe.zrangebyscore(key, low, low + max(cutoff, 0))
-        old = [j.decode() for ids in pipe.execute() for j in ids]
-        if not old:
-            return []
-        scores: Any = self.store.redis.zmscore(K.LEASES, old)
-        return [j for j, score in zip(old, scores, strict=True) if score is None]
+        pipe.time()
+        for lane in lanes:
+            pipe.exists(K.RECONCILE_SCAN + lane)
+        (now_s, now_us), *scanned = pipe.execute()
+        cutoff = max(int(now_s) * 1000 + int(now_us) // 1000
+                     - int(self.settings.reconcile_grace_s * 1000), 0)
+        lanes = [lane for lane, skip in zip(lanes, scanned, strict=True) if not skip]
+        for lane in lanes:
+            key = K.queued_index_key(lane)
+            for band in range(10):
+                low = band * K.QUEUED_BAND
+                pipe.zrangebyscore(key, low, low + cutoff)
+        found = pipe.execute()
+        old = {lane: [j.decode() for ids in found[i * 10:(i + 1) * 10] for j in ids]
+               for i, lane in enumerate(lanes)}
+        every = [j for ids in old.values() for j in ids]
+        if not every:
+            return {}
+        scores: Any = self.store.redis.zmscore(K.LEASES, every)
+        unleased = {j for j, score in zip(every, scores, strict=True) if score is None}
+        return {lane: kept for lane, ids in old.items()
+                if (kept := [j for j in ids if j in unleased])}
 
-    def _republish_lost(self, model: str) -> int:
-        if self.store.redis.exists(K.RECONCILE_SCAN + model):
-            return 0  # a long queue, read less than a grace ago
-        candidates = self._candidates(model)
-        if not candidates:
-            return 0
+    def _republish_lost(self, model: str, candidates: list[str]) -> int:
         waiting, read = waiting_jobs(self.broker, model)
         if max(read, len(candidates)) > LONG_QUEUE:
             self.store.redis.set(K.RECONCILE_SCAN + model, "1",
