@@ -127,13 +127,17 @@ class Run:
                 self._lost()
             return True
 
-    def succeed(self, outputs: Sequence[Mapping[str, Any]],
-                timings: dict[str, int]) -> Status | None:
-        return self.finish(Status.SUCCEEDED, outputs=outputs, timings=timings)
+    def succeed(self, outputs: Sequence[Mapping[str, Any]], timings: dict[str, int],
+                events: Sequence[tuple[EventType, dict[str, Any]]] = ()) -> Status | None:
+        """The success write; ``events`` go just before the terminal one, in the same
+        compare-and-set."""
+        return self.finish(Status.SUCCEEDED, outputs=outputs, timings=timings,
+                           events=events)
 
     def finish(
         self, status: Status, *, error: dict[str, Any] | None = None,
         outputs: Sequence[Mapping[str, Any]] | None = None, timings: dict[str, int] | None = None,
+        events: Sequence[tuple[EventType, dict[str, Any]]] = (),
     ) -> Status | None:
         """The terminal write; None when another run owns the job now."""
         finished = now_iso()
@@ -154,7 +158,7 @@ class Run:
             changes["outputs"] = outputs
         with self.lock:
             record = dict(self.record, **changes)
-            out = self._apply(record, [terminal_event(record)])
+            out = self._apply(record, [*events, terminal_event(record)])
             if not out.ok:
                 log.warning("job %s: %s not recorded (%s)", self.job_id, status, out.detail)
                 return None

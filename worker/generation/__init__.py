@@ -8,7 +8,8 @@ Then :meth:`Generation.__call__`, holding the GPU:
 3. Check safety: flag images, to be blurred or withheld (``outputs.check_safety``).
 4. Release the GPU, so the next job generates while this one is post-processed
    (``ATELIER_OVERLAP_POSTPROCESS=false`` keeps it through 5-7: for comparison only).
-5. Encode and upload every image, a ``job.output`` event each (``outputs.store_images``).
+5. Encode and upload every image, a ``job.output`` event each (``outputs.store_images``;
+   the last one's goes with step 7's write).
 6. Write the manifest (``outputs.manifest``).
 7. Succeed: one compare-and-set that only this run's token can make.
 """
@@ -130,14 +131,13 @@ class Generation:
             run, model_source=model.source, versions=self.versions, worker=run.record["worker"],
             checker=self.settings.safety_checker, inputs=decoded, verdicts=verdicts,
             outputs=stored, timings=timings)
-        # No fence check here: the last job.output compare-and-set proved the token a
-        # moment ago (only the manifest's JSON was built since).
+        run.check_fence()  # the manifest names this run's attempt: never the winner's
         self.storage.put(self.storage.key(run.job_id, "manifest.json"), manifest,
                          "application/json")
         timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
 
         # 7. Succeed
-        return run.succeed(stored, timings)
+        return run.succeed(stored, timings, events=outputs.last_event(stored))
 
 
 def _ms(seconds: float) -> int:
