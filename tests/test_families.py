@@ -161,3 +161,15 @@ def test_flux_sweep(families: Stack) -> None:
     assert record["status"] == Status.SUCCEEDED, record
     assert len(record["outputs"]) == 5 and record["outputs"][4]["contact_sheet"]
     assert record["progress"] == {"step": 6, "total": 6}
+
+
+def test_flux_control_with_img2img_and_inpainting(families: Stack) -> None:
+    # Flux's ControlNet img2img and inpainting pipelines take no negative_prompt at all
+    req: dict[str, Any] = {"prompt": "a lake", "model": "tiny-flux", "seed": 2,
+                           "image": png_data_uri((0, 0, 200)), "strength": 0.75,
+                           "control": [{"name": "tiny-flux-canny",
+                                        "image": data_uri(mask_image())}]}
+    img2img, _ = run_job(families, **req)
+    inpaint, _ = run_job(families, **req, mask=data_uri(mask_image()))
+    plain, _ = run_job(families, **{k: v for k, v in req.items() if k != "control"})
+    assert len({px(families, r) for r in (img2img, inpaint, plain)}) == 3
