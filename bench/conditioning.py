@@ -1,15 +1,18 @@
-"""What ControlNets and reference images add to a tiny-sdxl job's generation time.
+"""What ControlNets and reference images add to a tiny model's generation time.
 
 In one process, on one torch thread, the worker's own generation step
-(``worker.generation.generate.generate``) runs tiny-sdxl at 64², 4 steps, guidance 5,
-Euler, with: nothing; one ControlNet; one with ``preprocess: canny`` (the edge map
-derived when the inputs are decoded, timed with it); two ControlNets; one reference;
-four references; img2img with a ControlNet. Each configuration is warmed once (the
-first ControlNet / IP-Adapter load is reported apart), then timed ``--repeat`` times,
-the configurations interleaved so load from other processes falls on all alike; the
-median per configuration and its difference from the plain job are reported.
+(``worker.generation.generate.generate``) runs the model (``--model``: tiny-sdxl at
+64², guidance 5, Euler; or tiny-flux at 64², no guidance, flow-matching Euler; 4 steps)
+with: nothing; one ControlNet; one with ``preprocess: canny`` (the edge map derived
+when the inputs are decoded, timed with it); two ControlNets (tiny-flux's are its one
+tiny ControlNet twice); one reference; four references; img2img with a ControlNet.
+Each configuration is warmed once (the first ControlNet / IP-Adapter load is reported
+apart), then timed ``--repeat`` times, the configurations interleaved so load from
+other processes falls on all alike; the median per configuration and its difference
+from the plain job are reported.
 
-    python bench/conditioning.py [--repeat 9] [--steps 4] [--only control,reference]
+    python bench/conditioning.py [--model tiny-flux] [--repeat 9] [--steps 4]
+                                 [--only control,reference]
 
 Last stdout line: {"bench": "conditioning", "median_ms": {...}, "added_ms": {...},
 "first_load_ms": {...}, ...}
@@ -31,6 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import emit, load_average, log
 
+#: Per model: its guidance and scheduler, and the two ControlNets of ``two_controls``.
+MODELS: dict[str, tuple[float, str, tuple[str, str]]] = {
+    "tiny-sdxl": (5.0, "euler", ("tiny-sdxl-canny", "tiny-sdxl-depth")),
+    "tiny-flux": (0.0, "flow_euler", ("tiny-flux-canny", "tiny-flux-canny")),
+}
+
 
 class _Run:
     """What generate() reads of a run: the request, progress and cancel checks."""
@@ -51,6 +60,7 @@ class _Run:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny-sdxl")
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", default="", help="comma-separated configurations")
@@ -75,22 +85,23 @@ def main() -> None:
     if "models_dir" not in settings.model_fields_set:
         settings = Settings(device="cpu", models_dir=tmp.name)
     registry = Registry.load()
-    model = load_model(registry["tiny-sdxl"], settings, "cpu")
+    model = load_model(registry[args.model], settings, "cpu")
     cond = Conditioning(settings, registry)
+    guidance, scheduler, (net, net_2) = MODELS[args.model]
     ctrl = Image.effect_noise((64, 64), 60).convert("RGB")
     init = Image.new("RGB", (64, 64), (20, 90, 160))
-    cn = {"name": "tiny-sdxl-canny", "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
+    cn = {"name": net, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
           "preprocess": "none"}
     ref = {"image": "-", "scale": 0.6, "mode": "full"}
     base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": args.steps,
-            "guidance_scale": 5.0, "scheduler": "euler", "seed": 1, "num_images": 1,
+            "guidance_scale": guidance, "scheduler": scheduler, "seed": 1, "num_images": 1,
             "width": 64, "height": 64,
             "strength": 0.75, "loras": []}
     configs: dict[str, tuple[dict[str, Any], Any]] = {
         "plain": ({}, lambda: Inputs()),
         "control": ({"control": [cn]}, lambda: Inputs(control=[ctrl])),
         "control_canny": ({"control": [cn]}, lambda: Inputs(control=[canny(ctrl)])),
-        "two_controls": ({"control": [cn, {**cn, "name": "tiny-sdxl-depth"}]},
+        "two_controls": ({"control": [cn, {**cn, "name": net_2}]},
                          lambda: Inputs(control=[ctrl, ctrl])),
         "reference": ({"references": [ref]}, lambda: Inputs(references=[ctrl])),
         "four_references": ({"references": [ref] * 4}, lambda: Inputs(references=[ctrl] * 4)),
@@ -119,7 +130,7 @@ def main() -> None:
     added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
     if "img2img_control" in median and "img2img" in median:
         added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
-    emit({"bench": "conditioning", "model": "tiny-sdxl", "size": 64, "steps": args.steps,
+    emit({"bench": "conditioning", "model": args.model, "size": 64, "steps": args.steps,
           "repeat": args.repeat, "median_ms": median, "added_ms": added,
           "first_run_ms": first, "note": "img2img_control is against img2img"},
          started, load_before)

@@ -25,10 +25,13 @@ MODEL_FAMILIES = ("sdxl", "sd15", "flux")
 TRAINABLE_PIPELINES = ("sdxl", "sd15")
 #: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
 OPTION_PIPELINES = ("sdxl",)
-#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's
-#: IP-Adapter, XLabs' with its own loader, is not wired in).
+#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's:
+#: XLabs' layout, through diffusers' FluxIPAdapterMixin).
 CONTROLNET_PIPELINES = ("sdxl", "sd15", "flux")
-IP_ADAPTER_PIPELINES = ("sdxl", "sd15")
+IP_ADAPTER_PIPELINES = ("sdxl", "sd15", "flux")
+#: Families whose references take the ``style`` and ``subject`` modes: InstantStyle's
+#: layers are UNet attention layers, which Flux's transformer does not have.
+REFERENCE_MODE_PIPELINES = ("sdxl", "sd15")
 SCHEDULERS = (
     "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "edm_dpmpp_2m",
     "edm_euler", "flow_euler",
@@ -145,17 +148,22 @@ class IpAdapterSpec:
     """A model's IP-Adapter (``[models.NAME.ip_adapter]``): what ``load_ip_adapter``
     reads. ``source`` a hub repo, a local folder, or ``builtin:NAME``; ``weight_name``
     a .safetensors file in ``subfolder``; ``image_encoder`` the CLIP vision tower's
-    folder (relative to ``subfolder`` unless it holds a ``/``, as diffusers reads it)."""
+    folder in ``source`` (relative to ``subfolder`` unless it holds a ``/``, as
+    diffusers reads it). ``image_encoder_source`` (Flux models only, whose adapters
+    ship without an encoder): the tower's own hub repo or folder instead."""
 
     source: str
     weight_name: str
     subfolder: str = ""
     image_encoder: str = "image_encoder"
     revision: str | None = None
+    image_encoder_source: str | None = None
 
 
-def _ip_adapter(name: str, raw: Any, origin: str) -> IpAdapterSpec:
+def _ip_adapter(name: str, raw: Any, origin: str, family: str) -> IpAdapterSpec:
     where = f"{origin}: model {name!r}: ip_adapter"
+    if family not in IP_ADAPTER_PIPELINES:
+        raise ValueError(f"{where} applies to {', '.join(IP_ADAPTER_PIPELINES)} only")
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a table")
     known = {f.name for f in fields(IpAdapterSpec)}
@@ -164,9 +172,12 @@ def _ip_adapter(name: str, raw: Any, origin: str) -> IpAdapterSpec:
     if any(not isinstance(v, str) for v in raw.values()) or not {"source", "weight_name"} <= set(
             raw):
         raise ValueError(f"{where} needs string source and weight_name (and string "
-                         "subfolder, image_encoder, revision if given)")
+                         "subfolder, image_encoder, image_encoder_source, revision if given)")
     if not raw["weight_name"].endswith(".safetensors"):
         raise ValueError(f"{where}: weight_name must be a .safetensors file")
+    if "image_encoder_source" in raw and (family != "flux" or "image_encoder" in raw):
+        raise ValueError(f"{where}: image_encoder_source is for flux models, in place of "
+                         "image_encoder (a folder of source)")
     return IpAdapterSpec(**raw)
 
 
@@ -253,10 +264,8 @@ def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
     if "options" in raw:
         raw = {**raw, "options": _options(name, raw["options"], origin)}
     if "ip_adapter" in raw:
-        if raw.get("pipeline", "sdxl") not in IP_ADAPTER_PIPELINES:
-            raise ValueError(f"{origin}: model {name!r}: ip_adapter applies to "
-                             f"{', '.join(IP_ADAPTER_PIPELINES)} only")
-        raw = {**raw, "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin)}
+        raw = {**raw, "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin,
+                                                raw.get("pipeline", "sdxl"))}
     return raw
 
 

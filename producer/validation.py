@@ -39,6 +39,7 @@ from producer.netguard import is_public, parse_allowlist
 from producer.registry import (
     CONTROLNET_PIPELINES,
     IP_ADAPTER_PIPELINES,
+    REFERENCE_MODE_PIPELINES,
     WEIGHTING_PIPELINES,
     ModelSpec,
     Registry,
@@ -257,12 +258,31 @@ def _check_conditioning(fields: Fields, registry: Registry, spec: ModelSpec | No
         if entry.get("end", 1.0) <= entry.get("start", 0.0):
             errors.append({"field": f"{field}.end", "message": "must be greater than start"})
         _check_source(f"{field}.image", entry["image"], settings, errors)
-    if (refs and spec is not None and spec.ip_adapter is None
-            and spec.pipeline in IP_ADAPTER_PIPELINES):
-        errors.append({"field": "references", "message": f"{spec.name} has no ip_adapter in "
-                       "the registry: it takes no reference images"})
+    if refs and spec is not None and spec.pipeline in IP_ADAPTER_PIPELINES:
+        errors += _check_references(fields, spec, refs, control)
     for i, entry in enumerate(refs):
         _check_source(f"references.{i}.image", entry["image"], settings, errors)
+    return errors
+
+
+def _check_references(fields: Fields, spec: ModelSpec, refs: list[dict[str, Any]],
+                      control: list[dict[str, Any]]) -> list[FieldError]:
+    """What the model's family and adapter allow of ``references``."""
+    if spec.ip_adapter is None:
+        return [{"field": "references", "message": f"{spec.name} has no ip_adapter in the "
+                 "registry: it takes no reference images"}]
+    errors: list[FieldError] = []
+    if spec.pipeline not in REFERENCE_MODE_PIPELINES:
+        for i, entry in enumerate(refs):
+            if entry.get("mode", "full") != "full":
+                errors.append({"field": f"references.{i}.mode", "message": f"{spec.name} "
+                               f"({spec.pipeline}) takes mode full only: {entry['mode']} is "
+                               "InstantStyle's choice of UNet attention layers, which a "
+                               "Flux transformer does not have"})
+    if spec.pipeline == "flux" and control and fields.given("image"):
+        task = "inpainting" if fields.given("mask") else "img2img"
+        errors.append({"field": "references", "message": f"Flux's ControlNet {task} pipeline "
+                       "takes no reference images: leave out references, control or image"})
     return errors
 
 

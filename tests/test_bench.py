@@ -118,3 +118,8 @@ def test_conditioning(models_dir: Path) -> None:
     assert r["bench"] == "conditioning" and r["repeat"] == 1
     assert set(r["added_ms"]) == {"two_controls", "reference"}
     positive(r["median_ms"], *r["median_ms"])
+    flux = run_bench("conditioning.py", "--model", "tiny-flux", "--repeat", "1", "--steps",
+                     "2", "--only", "four_references,img2img_control", models_dir=models_dir)
+    assert flux["model"] == "tiny-flux"
+    assert set(flux["added_ms"]) == {"four_references", "img2img_control"}
+    positive(flux["median_ms"], *flux["median_ms"])

@@ -161,3 +161,46 @@ def test_flux_sweep(families: Stack) -> None:
     assert record["status"] == Status.SUCCEEDED, record
     assert len(record["outputs"]) == 5 and record["outputs"][4]["contact_sheet"]
     assert record["progress"] == {"step": 6, "total": 6}
+
+
+def test_flux_reference_jobs_and_the_base_bytes_after(families: Stack, models_dir: Path,
+                                                      tmp_path: Path) -> None:
+    import boto3
+
+    from worker.tiny import build_tiny_lora
+
+    req: dict[str, Any] = {"prompt": "a tin robot", "model": "tiny-flux", "seed": 6}
+    ref = {"image": png_data_uri((30, 160, 90)), "scale": 1.0}
+    before, _ = run_job(families, **req)
+    referenced, _ = run_job(families, **req, references=[ref])
+    two, _ = run_job(families, **req, references=[ref, {"image": data_uri(mask_image()),
+                                                         "scale": 0.5}])
+    after, _ = run_job(families, **req)
+    assert len({px(families, r) for r in (before, referenced, two)}) == 3
+    assert after["outputs"][0]["sha256"] == before["outputs"][0]["sha256"]
+    assert [r["mode"] for r in two["request"]["references"]] == ["full", "full"]
+    # with a LoRA, and as a sweep's cell: the job of its values
+    path = build_tiny_lora(tmp_path / "flux-ref.safetensors", models_dir / "tiny-flux",
+                           family="flux")
+    s3 = boto3.client("s3", endpoint_url=families.settings.s3_endpoint_url)
+    s3.put_object(Bucket=BUCKET, Key="adapters/flux-ref.safetensors", Body=path.read_bytes())
+    lora = [{"name": "storage:adapters/flux-ref.safetensors", "scale": 1.0}]
+    styled, _ = run_job(families, **req, references=[ref], loras=lora)
+    swept, _ = run_job(families, prompt=req["prompt"], model="tiny-flux", references=[ref],
+                       loras=lora, sweep={"seeds": [6, 7]})
+    assert px(families, styled) not in {px(families, referenced), px(families, before)}
+    assert px(families, swept, 0) == px(families, styled)
+    assert run_job(families, **req)[0]["outputs"][0]["sha256"] == \
+        before["outputs"][0]["sha256"]
+
+
+def test_flux_control_with_img2img_and_inpainting(families: Stack) -> None:
+    # Flux's ControlNet img2img and inpainting pipelines take no negative_prompt at all
+    req: dict[str, Any] = {"prompt": "a lake", "model": "tiny-flux", "seed": 2,
+                           "image": png_data_uri((0, 0, 200)), "strength": 0.75,
+                           "control": [{"name": "tiny-flux-canny",
+                                        "image": data_uri(mask_image())}]}
+    img2img, _ = run_job(families, **req)
+    inpaint, _ = run_job(families, **req, mask=data_uri(mask_image()))
+    plain, _ = run_job(families, **{k: v for k, v in req.items() if k != "control"})
+    assert len({px(families, r) for r in (img2img, inpaint, plain)}) == 3

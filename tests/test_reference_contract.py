@@ -51,7 +51,16 @@ BAD: list[tuple[str, dict[str, Any], list[str]]] = [
      ["control.0.image"]),
     ("flux-sdxl-net", {"model": "tiny-flux", "control": [{"name": CN, "image": IMG}]},
      ["control.0.name"]),
-    ("flux-refs", {"model": "tiny-flux", "references": [{"image": IMG}]}, ["references"]),
+    ("flux-ref-style", {"model": "tiny-flux", "references": [
+        {"image": IMG}, {"image": IMG, "mode": "style"}]}, ["references.1.mode"]),
+    ("flux-ref-subject", {"model": "tiny-flux", "references": [
+        {"image": IMG, "mode": "subject"}]}, ["references.0.mode"]),
+    ("flux-ref-control-img2img", {"model": "tiny-flux", "image": IMG, "control": [
+        {"name": "tiny-flux-canny", "image": IMG}], "references": [{"image": IMG}]},
+     ["references"]),
+    ("flux-ref-control-inpaint", {"model": "tiny-flux", "image": IMG, "mask": IMG, "control": [
+        {"name": "tiny-flux-canny", "image": IMG}], "references": [{"image": IMG}]},
+     ["references"]),
     ("ref-scale", {"references": [{"image": IMG, "scale": -0.1}]}, ["references.0.scale"]),
     ("ref-mode", {"references": [{"image": IMG, "mode": "layout"}]}, ["references.0.mode"]),
     ("ref-too-many", {"references": [{"image": IMG}] * 5}, ["references"]),
@@ -88,6 +97,18 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
     assert not {"control", "references"} & set(plain)
 
 
+def test_flux_takes_full_references_with_control_and_with_img2img(client: Client) -> None:
+    net = [{"name": "tiny-flux-canny", "image": IMG}]
+    refs = [{"image": IMG}, {"image": IMG, "mode": "full", "scale": 1.2}]
+    with_control = client.get(client.submit(prompt=P, model="tiny-flux", control=net,
+                                            references=refs))["request"]
+    assert [(r["mode"], r["scale"]) for r in with_control["references"]] == \
+        [("full", 0.6), ("full", 1.2)]
+    img2img = client.get(client.submit(prompt=P, model="tiny-flux", image=IMG,
+                                       references=refs[:1]))["request"]
+    assert img2img["references"][0]["mode"] == "full" and img2img["strength"] is not None
+
+
 @pytest.mark.parametrize(("toml", "says"), [
     ('[controlnets.x]\nsource = "a/b"\nfamily = "simulated"\nkind = "canny"',
      "family must be one of"),
@@ -96,8 +117,15 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
      "unknown keys ['scale']"),
     ('[models."tiny-sdxl".ip_adapter]\nsource = "h94/IP-Adapter"\nweight_name = "a.bin"',
      "weight_name must be a .safetensors file"),
-    ('[models."tiny-flux".ip_adapter]\nsource = "x"\nweight_name = "a.safetensors"',
-     "ip_adapter applies to sdxl, sd15 only"),
+    ('[models.s]\npipeline = "simulated"\nsource = "builtin:simulated"\n'
+     '[models.s.ip_adapter]\nsource = "x"\nweight_name = "a.safetensors"',
+     "ip_adapter applies to sdxl, sd15, flux only"),
+    ('[models."tiny-sdxl".ip_adapter]\nsource = "x"\nweight_name = "a.safetensors"\n'
+     'image_encoder_source = "openai/clip-vit-large-patch14"',
+     "image_encoder_source is for flux models, in place of image_encoder"),
+    ('[models."tiny-flux".ip_adapter]\nsource = "x"\nweight_name = "a.safetensors"\n'
+     'image_encoder = "enc"\nimage_encoder_source = "openai/clip-vit-large-patch14"',
+     "image_encoder_source is for flux models, in place of image_encoder"),
 ])
 def test_registry_entries_are_checked(tmp_path: Path, toml: str, says: str) -> None:
     from producer.registry import Registry
@@ -110,8 +138,15 @@ def test_registry_entries_are_checked(tmp_path: Path, toml: str, says: str) -> N
 
 def test_tiny_controlnet_and_ip_adapter_build_to_the_same_bytes(tmp_path: Path,
                                                                 models_dir: Path) -> None:
+    from safetensors import safe_open
+
     from worker.tiny import ensure_builtin
-    from worker.tiny_refs import IP_ADAPTER_FILE, build_tiny_controlnet, build_tiny_ip_adapter
+    from worker.tiny_refs import (
+        FLUX_IP_ADAPTER_FILE,
+        IP_ADAPTER_FILE,
+        build_tiny_controlnet,
+        build_tiny_ip_adapter,
+    )
 
     base = models_dir / "tiny-sdxl"
     net = build_tiny_controlnet(tmp_path / "cn", base) / "diffusion_pytorch_model.safetensors"
@@ -123,3 +158,13 @@ def test_tiny_controlnet_and_ip_adapter_build_to_the_same_bytes(tmp_path: Path,
     encoder = "image_encoder/model.safetensors"
     assert (adapter / encoder).read_bytes() == (models_dir / "tiny-sdxl-ip-adapter" /
                                                 encoder).read_bytes()
+    flux = build_tiny_ip_adapter(tmp_path / "flux-ip", ensure_builtin("tiny-flux", models_dir))
+    built = ensure_builtin("tiny-flux-ip-adapter", models_dir)
+    assert (flux / FLUX_IP_ADAPTER_FILE).read_bytes() == \
+        (built / FLUX_IP_ADAPTER_FILE).read_bytes()
+    with safe_open(str(built / FLUX_IP_ADAPTER_FILE), framework="pt") as f:
+        keys = set(f.keys())  # XLabs' layout: tiny-flux has one double block
+    assert keys == {f"ip_adapter_proj_model.{m}.{p}" for m in ("proj", "norm")
+                    for p in ("weight", "bias")} | {
+        f"double_blocks.0.processor.ip_adapter_double_stream_{kv}_proj.{p}"
+        for kv in ("k", "v") for p in ("weight", "bias")}

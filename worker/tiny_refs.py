@@ -3,8 +3,9 @@
 Built like the tiny pipelines (worker/tiny.py): fixed seeds, random weights, saved as
 safetensors, and loaded through the paths real weights take: a ControlNet folder read
 by ``ControlNetModel.from_pretrained``, an IP-Adapter folder (``ip-adapter.safetensors``
-with ``image_proj.*`` and ``ip_adapter.*`` keys, as h94/IP-Adapter's files, and an
-``image_encoder/`` CLIP vision tower) read by ``load_ip_adapter``.
+with ``image_proj.*`` and ``ip_adapter.*`` keys, as h94/IP-Adapter's files; for
+tiny-flux ``ip_adapter.safetensors`` in XLabs' layout; and an ``image_encoder/`` CLIP
+vision tower) read by ``load_ip_adapter``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from typing import Any
 
 from worker.tiny import SEED, _save
 
-#: The file name the tiny IP-Adapters are saved under (the registry's weight_name).
+#: The file names the tiny IP-Adapters are saved under (the registry's weight_name):
+#: h94's style for the UNets, XLabs' for tiny-flux.
 IP_ADAPTER_FILE = "ip-adapter.safetensors"
+FLUX_IP_ADAPTER_FILE = "ip_adapter.safetensors"
+#: The tiny image encoders' embedding size (what the image projections read).
+IMAGE_EMBED_DIM = 16
 
 
 def build_tiny_controlnet(dest: str | os.PathLike[str], base: str | os.PathLike[str],
@@ -56,28 +61,26 @@ def build_tiny_controlnet(dest: str | os.PathLike[str], base: str | os.PathLike[
 
 def build_tiny_ip_adapter(dest: str | os.PathLike[str], base: str | os.PathLike[str],
                           seed: int = SEED + 300) -> Path:
-    """An IP-Adapter for the tiny model's UNet: a tiny CLIPVisionModelWithProjection in
-    ``image_encoder/`` and the adapter (an image projection to 4 tokens, and a key and
-    value projection per cross-attention layer) in diffusers' layout."""
-    import shutil
-    import tempfile
-
+    """An IP-Adapter for the tiny model: a tiny CLIPVisionModelWithProjection in
+    ``image_encoder/`` and the adapter weights. For a UNet, diffusers' layout (an image
+    projection to 4 tokens, a key and value projection per cross-attention layer, no
+    bias) in ``ip-adapter.safetensors``; for tiny-flux's transformer, XLabs' Flux layout
+    (``ip_adapter_proj_model.*`` and a biased key and value projection per double block,
+    ``double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj``) in
+    ``ip_adapter.safetensors``, as XLabs-AI/flux-ip-adapter ships it."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    dest = Path(dest)
+    if (Path(base) / "transformer").is_dir():
+        return _build_tiny_flux_ip_adapter(Path(dest), Path(base), seed)
+    from diffusers import UNet2DConditionModel
+
     unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", use_safetensors=True)
     cross = unet.config.cross_attention_dim
-    embed_dim = 16
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-            image_size=32, patch_size=8, projection_dim=embed_dim))
+        encoder = _tiny_image_encoder()
         state: dict[str, Any] = {
-            "image_proj.proj.weight": torch.randn(4 * cross, embed_dim) * 0.2,
+            "image_proj.proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM) * 0.2,
             "image_proj.proj.bias": torch.randn(4 * cross) * 0.2,
             "image_proj.norm.weight": torch.ones(cross),
             "image_proj.norm.bias": torch.zeros(cross),
@@ -85,11 +88,55 @@ def build_tiny_ip_adapter(dest: str | os.PathLike[str], base: str | os.PathLike[
         for key_id, hidden in _cross_attention_layers(unet):
             for proj in ("to_k_ip", "to_v_ip"):
                 state[f"ip_adapter.{key_id}.{proj}.weight"] = torch.randn(hidden, cross) * 0.3
+    return _save_adapter(Path(dest), encoder, state, IP_ADAPTER_FILE)
+
+
+def _build_tiny_flux_ip_adapter(dest: Path, base: Path, seed: int) -> Path:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer",
+                                                         use_safetensors=True)
+    joint = transformer.config.joint_attention_dim
+    inner = transformer.inner_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = _tiny_image_encoder()
+        state: dict[str, Any] = {
+            "ip_adapter_proj_model.proj.weight": torch.randn(4 * joint, IMAGE_EMBED_DIM) * 0.2,
+            "ip_adapter_proj_model.proj.bias": torch.randn(4 * joint) * 0.2,
+            "ip_adapter_proj_model.norm.weight": torch.ones(joint),
+            "ip_adapter_proj_model.norm.bias": torch.zeros(joint),
+        }
+        for i in range(transformer.config.num_layers):  # the double (joint) blocks
+            for proj in ("k", "v"):
+                key = f"double_blocks.{i}.processor.ip_adapter_double_stream_{proj}_proj"
+                state[f"{key}.weight"] = torch.randn(inner, joint) * 0.3
+                state[f"{key}.bias"] = torch.randn(inner) * 0.1
+    return _save_adapter(dest, encoder, state, FLUX_IP_ADAPTER_FILE)
+
+
+def _tiny_image_encoder() -> Any:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        image_size=32, patch_size=8, projection_dim=IMAGE_EMBED_DIM))
+
+
+def _save_adapter(dest: Path, encoder: Any, state: dict[str, Any], file: str) -> Path:
+    """The encoder in ``image_encoder/`` and ``state`` in ``file``, written to a
+    temporary folder renamed into place."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
     try:
         encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / IP_ADAPTER_FILE))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / file))
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -121,8 +168,8 @@ def _cross_attention_layers(unet: Any) -> list[tuple[int, int]]:
 
 def ensure(name: str, root: Path) -> Path | None:
     """The path of a tiny ControlNet or IP-Adapter builtin (``tiny-sdxl-controlnet``,
-    ``tiny-sdxl-controlnet@2`` for another seed, ``tiny-sd15-ip-adapter``, …), built
-    first if missing; None for another name."""
+    ``tiny-sdxl-controlnet@2`` for another seed, ``tiny-sd15-ip-adapter``,
+    ``tiny-flux-ip-adapter``, …), built first if missing; None for another name."""
     from worker.tiny import ensure_builtin
 
     stem, _, variant = name.partition("@")
@@ -130,10 +177,11 @@ def ensure(name: str, root: Path) -> Path | None:
         ("-controlnet", build_tiny_controlnet, "config.json", SEED + 200),
         ("-ip-adapter", build_tiny_ip_adapter, IP_ADAPTER_FILE, SEED + 300),
     ):
-        bases = ("tiny-sdxl", "tiny-sd15") + (("tiny-flux",) if suffix == "-controlnet" else ())
-        if stem.endswith(suffix) and stem.removesuffix(suffix) in bases:
+        if stem.endswith(suffix) and stem.removesuffix(suffix) in ("tiny-sdxl", "tiny-sd15",
+                                                                   "tiny-flux"):
             dest = root / name
-            if not (dest / marker).exists():
+            built = dest / (FLUX_IP_ADAPTER_FILE if stem == "tiny-flux-ip-adapter" else marker)
+            if not built.exists():
                 base = ensure_builtin(stem.removesuffix(suffix), root)
                 builder(dest, base, seed + int(variant or 0))
             return dest

@@ -1,5 +1,5 @@
 """Conditioning on images: ControlNets (``control``: SDXL, SD 1.5, FLUX) and IP-Adapter
-references (``references``: SDXL, SD 1.5).
+references (``references``: SDXL, SD 1.5, FLUX).
 
 - A job with control images runs diffusers' ControlNet pipeline of its task (text-to-
   image, img2img, inpainting), made with ``from_pipe`` from the loaded model: every
@@ -16,6 +16,11 @@ references (``references``: SDXL, SD 1.5).
   mode: diffusers' masked multi-image path with full masks, where every image attends
   on its own and is added with its own per-layer scale (what one adapter per image
   would compute, without a copy of the adapter per image).
+- Flux (XLabs' adapter, diffusers' ``FluxIPAdapterMixin``) works the same way on the
+  transformer's double blocks, mode ``full`` only. Its attention processor loops over
+  adapters, not images: N references are N adapters that share the one loaded set of
+  weights (each processor's key and value projections listed N times, the image
+  projection N times), each with its scale; no weight is copied.
 """
 
 from __future__ import annotations
@@ -197,7 +202,7 @@ def mode_scale(unet_config: Any, mode: str, scale: float) -> float | dict[str, A
 
 @dataclass
 class _Adapter:
-    """A model's IP-Adapter modules, loaded once, and the UNet's own processors."""
+    """A model's IP-Adapter modules, loaded once, and the denoiser's own processors."""
 
     base_processors: dict[str, Any]
     ip_processors: dict[str, Any]
@@ -206,6 +211,11 @@ class _Adapter:
     feature_extractor: Any
     #: The pipeline's own (None, or a checkpoint's feature extractor), put back after.
     base_modules: dict[str, Any]
+
+
+def _denoiser(pipe: Any) -> Any:
+    """The module the adapter goes in: a Flux pipeline's transformer, else the UNet."""
+    return pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
 
 
 class IpAdapters:
@@ -220,42 +230,64 @@ class IpAdapters:
         spec = model.spec.ip_adapter
         if spec is None:  # the producer checked
             raise InternalError(f"references: {model.spec.name} has no ip_adapter")
-        pipe, unet = model.pipe, model.pipe.unet
-        base = dict(unet.attn_processors)
+        pipe = model.pipe
+        net = _denoiser(pipe)
+        base = dict(net.attn_processors)
         own = {"image_encoder": pipe.image_encoder, "feature_extractor": pipe.feature_extractor}
         local = _builtin(spec.source, self.settings)
-        kwargs: dict[str, Any] = {"image_encoder_folder": spec.image_encoder}
-        if local is None and spec.revision:
-            kwargs["revision"] = spec.revision
+        kwargs = self._load_kwargs(spec, local, model)
         try:
             pipe.load_ip_adapter(str(local or spec.source), subfolder=spec.subfolder,
                                  weight_name=spec.weight_name, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            # Nothing half-loaded stays: the UNet's own processors, no projection.
+            # Nothing half-loaded stays: the denoiser's own processors, no projection.
             _detach(pipe, _Adapter(base, {}, None, None, None, own))
             raise InternalError(f"references: the IP-Adapter of {model.spec.name} did not "
                                 f"load from {spec.source!r}: {exc}") from None
-        adapter = _Adapter(base, dict(unet.attn_processors), unet.encoder_hid_proj,
+        adapter = _Adapter(base, dict(net.attn_processors), net.encoder_hid_proj,
                            pipe.image_encoder, pipe.feature_extractor, own)
         self.loads += 1
         log.info("loaded IP-Adapter of %s from %s", model.spec.name, local or spec.source)
         _detach(pipe, adapter)
         return adapter
 
+    def _load_kwargs(self, spec: Any, local: Path | None, model: Any) -> dict[str, Any]:
+        """``load_ip_adapter``'s image encoder (and revision) arguments. SD's loader reads
+        the encoder from the adapter's repo; Flux's takes a repo or folder of its own
+        (``image_encoder_source``, else ``image_encoder`` in the adapter's, placed as SD's
+        loader places it) and its dtype, which is fp16 unless told."""
+        kwargs: dict[str, Any] = {}
+        if local is None and spec.revision:
+            kwargs["revision"] = spec.revision
+        if model.spec.pipeline != "flux":
+            return {**kwargs, "image_encoder_folder": spec.image_encoder}
+        if spec.image_encoder_source is not None:
+            encoder = _builtin(spec.image_encoder_source, self.settings)
+            where, sub = str(encoder or spec.image_encoder_source), ""
+        else:
+            where = str(local or spec.source)
+            sub = (spec.image_encoder if "/" in spec.image_encoder
+                   else Path(spec.subfolder, spec.image_encoder).as_posix())
+        return {**kwargs, "image_encoder_pretrained_model_name_or_path": where,
+                "image_encoder_subfolder": sub, "image_encoder_dtype": model.dtype}
+
     def attach(self, model: Any, pipe: Any, refs: list[dict[str, Any]],
                images: list[Any]) -> dict[str, Any]:
-        """Put the adapter in ``pipe`` (its UNet is the model's), set the references'
+        """Put the adapter in ``pipe`` (its denoiser is the model's), set the references'
         scales, and return the pipeline arguments that pass the images."""
+        _check_takes(model, pipe, refs)
         adapter = self._loaded.get(model.spec.name)
         if adapter is None:
             adapter = self._loaded[model.spec.name] = self._load(model)
-        unet = pipe.unet
-        unet.set_attn_processor(dict(adapter.ip_processors))
-        unet.encoder_hid_proj = adapter.projection
-        unet.config.encoder_hid_dim_type = "ip_image_proj"
+        net = _denoiser(pipe)
+        net.set_attn_processor(dict(adapter.ip_processors))
+        net.encoder_hid_proj = adapter.projection
+        net.config.encoder_hid_dim_type = "ip_image_proj"
         pipe.register_modules(image_encoder=adapter.image_encoder,
                               feature_extractor=adapter.feature_extractor)
-        configs = [mode_scale(unet.config, r["mode"], float(r["scale"])) for r in refs]
+        if model.spec.pipeline == "flux":
+            return _flux_adapters(net, adapter, refs, images)
+        configs = [mode_scale(net.config, r["mode"], float(r["scale"])) for r in refs]
         if len(refs) == 1:
             pipe.set_ip_adapter_scale(configs[0])
             return {"ip_adapter_image": images[0]}
@@ -263,7 +295,7 @@ class IpAdapters:
 
     def detach(self, model: Any, pipe: Any) -> None:
         adapter = self._loaded.get(model.spec.name)
-        if adapter is not None:
+        if adapter is not None and hasattr(pipe, "set_ip_adapter_scale"):  # (else refused)
             _detach(pipe, adapter)
 
 
@@ -287,11 +319,49 @@ def _per_image(pipe: Any, configs: list[Any], images: list[Any]) -> dict[str, An
             "cross_attention_kwargs": {"ip_adapter_masks": masks}}
 
 
+def _check_takes(model: Any, pipe: Any, refs: list[dict[str, Any]]) -> None:
+    """What the producer refuses at submit, refused here too rather than run otherwise."""
+    if not hasattr(pipe, "set_ip_adapter_scale"):
+        raise InternalError(f"references: {type(pipe).__name__} takes no reference images")
+    for i, r in enumerate(refs):
+        if model.spec.pipeline == "flux" and r["mode"] != "full":
+            raise InternalError(f"references.{i}.mode: Flux takes mode full only")
+
+
+def _flux_adapters(transformer: Any, adapter: _Adapter, refs: list[dict[str, Any]],
+                   images: list[Any]) -> dict[str, Any]:
+    """One Flux adapter per reference, all made of the loaded one's modules: every IP
+    processor (the double blocks') gets its key and value projections once per
+    reference and the references' scales, the transformer the image projection once per
+    reference; the pipeline encodes one image per adapter."""
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    n = len(refs)
+    _share(adapter, n, [float(r["scale"]) for r in refs])
+    if n > 1:
+        layer = adapter.projection.image_projection_layers[0]
+        transformer.encoder_hid_proj = MultiIPAdapterImageProjection([layer] * n)
+    return {"ip_adapter_image": list(images)}
+
+
+def _share(adapter: _Adapter, n: int, scales: list[float]) -> None:
+    """The loaded Flux processors' projections listed ``n`` times (the same modules)."""
+    from torch import nn
+
+    for proc in adapter.ip_processors.values():
+        if hasattr(proc, "to_k_ip"):
+            proc.to_k_ip = nn.ModuleList([proc.to_k_ip[0]] * n)
+            proc.to_v_ip = nn.ModuleList([proc.to_v_ip[0]] * n)
+            proc.scale = list(scales)
+
+
 def _detach(pipe: Any, adapter: _Adapter) -> None:
-    unet = pipe.unet
-    unet.set_attn_processor(dict(adapter.base_processors))
-    unet.encoder_hid_proj = None
-    unet.config.encoder_hid_dim_type = None
+    net = _denoiser(pipe)
+    net.set_attn_processor(dict(adapter.base_processors))
+    net.encoder_hid_proj = None
+    net.config.encoder_hid_dim_type = None
+    if hasattr(pipe, "transformer"):
+        _share(adapter, 1, [1.0])  # back to the one adapter that was loaded
     pipe.register_modules(**adapter.base_modules)
 
 

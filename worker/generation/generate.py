@@ -129,27 +129,29 @@ def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
         "callback_on_step_end": on_step_end,
         "output_type": "pil",
     }
+    if kwargs["negative_prompt"] is None and "negative_prompt" not in parameters(pipe):
+        del kwargs["negative_prompt"]  # (Flux's ControlNet img2img and inpainting pipelines)
     if inputs.image is None:
         kwargs.update(width=req["width"], height=req["height"])
         return kwargs
     kwargs.update(image=inputs.image, strength=req["strength"])
     if inputs.mask is not None:
         kwargs.update(mask_image=inputs.mask)
-    if inputs.mask is not None or takes_size(pipe):
+    if inputs.mask is not None or {"width", "height"} <= parameters(pipe):
         # (Flux's img2img would otherwise work at its default 1024², whatever the
         # image; SD img2img pipelines take the image's size and no such argument.)
         kwargs.update(width=req["width"], height=req["height"])
     return kwargs
 
 
-def takes_size(pipe: Any) -> bool:
+def parameters(pipe: Any) -> frozenset[str]:
+    """The names the pipeline's call takes."""
     cls = type(pipe)
-    known = _TAKES_SIZE.get(cls)
+    known = _PARAMETERS.get(cls)
     if known is None:
         # Once per pipeline class: inspect.signature costs a millisecond, with the GPU held.
-        params = inspect.signature(cls.__call__).parameters
-        known = _TAKES_SIZE[cls] = "width" in params and "height" in params
+        known = _PARAMETERS[cls] = frozenset(inspect.signature(cls.__call__).parameters)
     return known
 
 
-_TAKES_SIZE: dict[type, bool] = {}
+_PARAMETERS: dict[type, frozenset[str]] = {}
