@@ -64,7 +64,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": K.queue_name(settings.default_model),
         "task_create_missing_queues": True,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": True,
+        # Flower enables them itself while it runs (Settings.task_events).
+        "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
     }
 

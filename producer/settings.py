@@ -135,6 +135,11 @@ class Settings(BaseSettings):
     #: generates meanwhile. false holds the GPU through post-processing too: the
     #: naive worker, kept to measure what the overlap gains (bench/duty_cycle.py).
     overlap_postprocess: bool = True
+    #: Send Celery task events (``-E``) from the start. Off by default, as in Celery:
+    #: Flower turns them on while it runs (its ``enable_events`` option, a remote
+    #: control command every few seconds), and no one else reads them, while each job
+    #: would publish three beside the GPU.
+    task_events: bool = False
 
     # -- HTTP API ---------------------------------------------------------------------
     #: Keys that may also read ``/v1/workers`` (fleet-wide: it shows every worker's

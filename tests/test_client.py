@@ -51,6 +51,9 @@ def test_broker_config_is_json_only_and_at_least_once() -> None:
     assert conf["broker_transport_options"]["unacked_mutex_expire"] <= max(
         2, settings.restore_interval_s)
     assert celery_priority(9) == 0 and celery_priority(0) == 9  # Redis serves 0 first
+    # Task events wait for a monitor to ask (Flower does), unless a deployment says so.
+    assert conf["worker_send_task_events"] is False
+    assert celery_config(Settings(task_events=True))["worker_send_task_events"] is True
 
 
 def test_visibility_timeout_follows_every_setting_it_depends_on() -> None:

@@ -95,6 +95,8 @@ class Ran:
     receiver: Receiver
     ok: str = ""
     bad: str = ""
+    #: The worker's replies to the first enable_events (as Flower sends it).
+    enabled: list[Any] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -123,6 +125,11 @@ def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
             # Subscribed once a worker heartbeat (every 2 s) has come through.
             capture.wait_for(lambda e: e["type"] == "worker-heartbeat")
             ran = Ran(values, worker, worker_port, dispatcher, dispatcher_port, receiver)
+            # Task events start when a monitor asks, as Flower does every few seconds
+            # (its enable_events option: a remote control command the worker answers).
+            ran.enabled = wait_until(
+                lambda: capture.app.control.enable_events(reply=True, timeout=2), 30,
+                interval=1.0, message="the worker's reply to enable_events")
             with Client(settings) as client:
                 ran.ok = client.submit(prompt="a lighthouse", steps=2,
                                        webhook=receiver.url("/ok"))
@@ -254,6 +261,8 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_celery_task_events_show_jobs_for_flower(ran: Ran) -> None:
+    # Off until a monitor asked for them (ATELIER_TASK_EVENTS is off by default).
+    assert [next(iter(r.values())) for r in ran.enabled] == [{"ok": "task events enabled"}]
     # A succeeded job reads SUCCESS in Flower, a failed one FAILURE, naming the job.
     for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):
         mine = [e for e in ran.events if e.get("uuid") == job_id]
