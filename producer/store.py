@@ -380,11 +380,15 @@ class JobStore:
         """Whether a cancel was asked for, waiting up to ``timeout_s`` for one.
 
         Wakes at once on the cancel list; also reads the flag, whose list item an
-        earlier run of the same job may have taken.
+        earlier run of the same job may have taken. One round trip: the flag is read
+        in the same pipeline, after the wait (the monitor thread calls this several
+        times a job, beside the device).
         """
-        if self.redis.blpop([K.cancel_key(job_id)], timeout=timeout_s):
-            return True
-        return self.redis.hget(K.job_key(job_id), "cancel") == b"1"
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.blpop([K.cancel_key(job_id)], timeout=timeout_s)
+        pipe.hget(K.job_key(job_id), "cancel")
+        popped, flag = pipe.execute()
+        return bool(popped) or flag == b"1"
 
     def events(
         self, job_id: str, after: str | None = None, block_ms: int | None = None,
