@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,14 +133,24 @@ def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
 
 
 def _save(pipe: Any, dest: Path, *extra: Any) -> Path:
-    """``save_pretrained`` (safetensors) into a temporary folder, then rename it into
-    place; ``extra`` objects (a processor config) are saved beside it."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    """``save_pretrained`` (safetensors) into place; ``extra`` objects (a processor
+    config) are saved beside it."""
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for obj in extra:
             obj.save_pretrained(tmp)
+
+    return write_folder(dest, write)
+
+
+def write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` fills a temporary folder beside ``dest``, which is then renamed into
+    place: a reader never sees half a model, and a failed build leaves nothing."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from worker.tiny import SEED, _save
+from worker.tiny import SEED, _save, write_folder
 
 #: The file names the tiny IP-Adapters are saved under (the registry's weight_name):
 #: h94's style for the UNets, XLabs' for tiny-flux.
@@ -125,25 +125,14 @@ def _tiny_image_encoder() -> Any:
 
 
 def _save_adapter(dest: Path, encoder: Any, state: dict[str, Any], file: str) -> Path:
-    """The encoder in ``image_encoder/`` and ``state`` in ``file``, written to a
-    temporary folder renamed into place."""
-    import shutil
-    import tempfile
-
+    """The encoder in ``image_encoder/`` and ``state`` in ``file``, put in place whole."""
     from safetensors.torch import save_file
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
+    def write(tmp: Path) -> None:
         encoder.save_pretrained(tmp / "image_encoder", safe_serialization=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / file))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+    return write_folder(dest, write)
 
 
 def _cross_attention_layers(unet: Any) -> list[tuple[int, int]]:
