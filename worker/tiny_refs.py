@@ -79,12 +79,7 @@ def build_tiny_ip_adapter(dest: str | os.PathLike[str], base: str | os.PathLike[
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = _tiny_image_encoder()
-        state: dict[str, Any] = {
-            "image_proj.proj.weight": torch.randn(4 * cross, IMAGE_EMBED_DIM) * 0.2,
-            "image_proj.proj.bias": torch.randn(4 * cross) * 0.2,
-            "image_proj.norm.weight": torch.ones(cross),
-            "image_proj.norm.bias": torch.zeros(cross),
-        }
+        state = _image_projection("image_proj", cross)
         for key_id, hidden in _cross_attention_layers(unet):
             for proj in ("to_k_ip", "to_v_ip"):
                 state[f"ip_adapter.{key_id}.{proj}.weight"] = torch.randn(hidden, cross) * 0.3
@@ -102,18 +97,26 @@ def _build_tiny_flux_ip_adapter(dest: Path, base: Path, seed: int) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = _tiny_image_encoder()
-        state: dict[str, Any] = {
-            "ip_adapter_proj_model.proj.weight": torch.randn(4 * joint, IMAGE_EMBED_DIM) * 0.2,
-            "ip_adapter_proj_model.proj.bias": torch.randn(4 * joint) * 0.2,
-            "ip_adapter_proj_model.norm.weight": torch.ones(joint),
-            "ip_adapter_proj_model.norm.bias": torch.zeros(joint),
-        }
+        state = _image_projection("ip_adapter_proj_model", joint)
         for i in range(transformer.config.num_layers):  # the double (joint) blocks
             for proj in ("k", "v"):
                 key = f"double_blocks.{i}.processor.ip_adapter_double_stream_{proj}_proj"
                 state[f"{key}.weight"] = torch.randn(inner, joint) * 0.3
                 state[f"{key}.bias"] = torch.randn(inner) * 0.1
     return _save_adapter(dest, encoder, state, FLUX_IP_ADAPTER_FILE)
+
+
+def _image_projection(prefix: str, dim: int) -> dict[str, Any]:
+    """An image projection to 4 tokens of ``dim`` under ``prefix`` (h94's ``image_proj``,
+    XLabs' ``ip_adapter_proj_model``), drawn from the current seed."""
+    import torch
+
+    return {
+        f"{prefix}.proj.weight": torch.randn(4 * dim, IMAGE_EMBED_DIM) * 0.2,
+        f"{prefix}.proj.bias": torch.randn(4 * dim) * 0.2,
+        f"{prefix}.norm.weight": torch.ones(dim),
+        f"{prefix}.norm.bias": torch.zeros(dim),
+    }
 
 
 def _tiny_image_encoder() -> Any:
