@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     #: torch intra-op threads on the CPU (0: torch's default).
     torch_threads: int = Field(default=0, ge=0)
+    #: The worker's ``sys.setswitchinterval``, in ms: how long the thread that feeds the
+    #: device waits for the GIL when another thread (post-processing, Celery, the
+    #: monitor) holds it. Python's default is 5 ms.
+    gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
     api_keys: str = ""
     webhook_secret: str | None = None
     egress_allowlist: str = ""

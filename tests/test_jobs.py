@@ -84,6 +84,9 @@ def test_worker_warms_up_before_it_consumes(stack: Stack) -> None:
     assert stack.worker is not None
     log = stack.worker.log()
     assert log.index("warmed tiny-sdxl") < log.index("atelier worker ready")
+    # The default ATELIER_GIL_SWITCH_INTERVAL_MS, applied in the worker process (not
+    # Python's 5 ms, which makes the denoising thread wait on post-processing's GIL).
+    assert "(GIL switch interval 0.5 ms)" in log
 
 
 def test_worker_refuses_pickle(stack: Stack) -> None:

@@ -70,7 +70,8 @@ def test_celery_task_lines_take_the_job_id_from_the_task() -> None:
     assert "job_id" not in second
 
 
-@pytest.mark.parametrize("name,value", [("log_format", "yaml"), ("metrics_port", "70000")])
+@pytest.mark.parametrize("name,value", [("log_format", "yaml"), ("metrics_port", "70000"),
+                                        ("gil_switch_interval_ms", "0")])
 def test_bad_operations_settings_name_their_variable(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:

@@ -2,8 +2,9 @@
 
 ``python -m worker --model tiny-sdxl`` (or ``atelier worker``). Order matters:
 
-1. read settings, set torch threads, pick the device (CUDA is first touched here, in
-   the process that will run the jobs; the threads pool never forks);
+1. read settings, set torch threads and the GIL's switch interval, pick the device
+   (CUDA is first touched here, in the process that will run the jobs; the threads
+   pool never forks);
 2. load and warm every model, before a single message is taken;
 3. start a Celery worker on the threads pool: ``worker_concurrency`` slots take turns
    on the GPU (one generation at a time), so one job's encoding and upload overlap the
@@ -19,6 +20,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -249,6 +251,12 @@ def _load_models(settings: Settings, registry: Registry, names: list[str],
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    # The thread that feeds the device gives the GIL up at every torch op and must win
+    # it back each time; when another thread holds it (post-processing, Celery's
+    # consumer, the monitor), Python's default makes it wait up to 5 ms. Measured with
+    # bench/pipeline_efficiency.py (docs/benchmarks.md): ratio 0.93-0.95 at 5 ms,
+    # 0.98-0.99 at 0.5 ms.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     device = resolve_device(settings.device)
     models = {}
     for name in names:
@@ -296,7 +304,8 @@ def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
 
 def _connect_signals(settings: Settings, worker_name: str, queues: str, device: str) -> None:
     def _ready(sender: Any = None, **_: object) -> None:
-        log.info("atelier worker ready: %s serving %s on %s", worker_name, queues, device)
+        log.info("atelier worker ready: %s serving %s on %s (GIL switch interval %g ms)",
+                 worker_name, queues, device, round(sys.getswitchinterval() * 1000, 3))
         if settings.log_format == "json":
             _quiet_shutdown(getattr(sender, "controller", None))
 
