@@ -32,7 +32,8 @@ preview each, ~2.5 minutes).
     python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3] [--steps 4]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
-"bare_images_per_s", "ratio", ..., "preview_images_per_s", "preview_ratio", "previews"}
+"bare_images_per_s", "ratio", ..., "bare_ms_per_image", "worker_inference_ms_mean",
+"worker_ms_per_image", "preview_images_per_s", "preview_ratio", "previews"}
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     per_round: list[float] = []
     preview_rounds: list[float] = []
     preview_ids: list[str] = []
+    inference_ms: list[int] = []  # the worker's own timing of each no-preview job
     load_before = load_average()
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
@@ -131,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 timed: dict[bool, float] = {}
                 for preview in (False, True) if r % 2 == 0 else (True, False):
                     log(f"worker: {n} jobs, previews {'on' if preview else 'off'}")
-                    timed[preview], ids = run_chunk(client, n, seed, preview)
+                    timed[preview], ids, took_ms = run_chunk(client, n, seed, preview)
                     if preview:
                         preview_ids += ids
+                    else:
+                        inference_ms += took_ms
                 bare_s += b
                 worker_s += timed[False]
                 preview_s += timed[True]
@@ -156,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_median_round": round(statistics.median(per_round), 4),
         "storage": args.storage,
         "steps": args.steps,
+        # Where the worker's time goes: its pipeline call (the record's
+        # timings.inference_ms: denoising, VAE, safety) against the bare loop's time per
+        # image; what the ratio loses beyond their quotient is outside the call.
+        "bare_ms_per_image": round(bare_s / args.images * 1000, 1),
+        "worker_inference_ms_mean": round(statistics.fmean(inference_ms), 1),
+        "worker_ms_per_image": round(worker_s / args.images * 1000, 1),
         "preview_images_per_s": round(args.images / preview_s, 3),
         # No picture was made: the preview arm measured nothing (see the docstring).
         "preview_ratio": round(worker_s / preview_s, 4) if previews else None,
@@ -166,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_chunk(client: Any, n: int, seed: int, preview: bool) -> tuple[float, list[str]]:
-    """n jobs through the worker, submit to the last one stored: seconds, and the ids."""
+def run_chunk(client: Any, n: int, seed: int, preview: bool,
+              ) -> tuple[float, list[str], list[int]]:
+    """n jobs through the worker, submit to the last one stored: seconds, the ids, and
+    each job's own ``timings.inference_ms``."""
     extra = {"preview": True} if preview else {}
     t0 = time.perf_counter()
     ids = [client.submit(REQUEST, seed=seed + i, **extra) for i in range(n)]
@@ -176,7 +188,7 @@ def run_chunk(client: Any, n: int, seed: int, preview: bool) -> tuple[float, lis
     bad = [r for r in records if r["status"] != "succeeded"]
     if bad:
         raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
-    return took, ids
+    return took, ids, [r["timings"]["inference_ms"] for r in records]
 
 
 if __name__ == "__main__":

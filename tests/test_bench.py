@@ -68,7 +68,8 @@ def test_pipeline_efficiency(models_dir: Path) -> None:
                   "--steps", "24", models_dir=models_dir)
     assert r["bench"] == "pipeline_efficiency" and r["images"] == 2 and r["steps"] == 24
     positive(r, "worker_images_per_s", "bare_images_per_s", "ratio", "preview_images_per_s",
-             "preview_ratio")
+             "preview_ratio", "bare_ms_per_image", "worker_inference_ms_mean",
+             "worker_ms_per_image")
     assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
 
 
