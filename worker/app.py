@@ -254,8 +254,8 @@ def _load_models(settings: Settings, registry: Registry, names: list[str],
     # The thread that feeds the device gives the GIL up at every torch op and must win
     # it back each time; when another thread holds it (post-processing, Celery's
     # consumer, the monitor), Python's default makes it wait up to 5 ms. Measured with
-    # bench/pipeline_efficiency.py (docs/benchmarks.md): ratio 0.93-0.95 at 5 ms,
-    # 0.98-0.99 at 0.5 ms.
+    # bench/pipeline_efficiency.py (docs/benchmarks.md, 2026-12-07): median ratio 0.942
+    # at 5 ms, 0.970 at 0.5 ms.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     device = resolve_device(settings.device)
     models = {}
