@@ -27,6 +27,27 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VISIBILITY_BACKSTOP_S = 24 * 3600
 
 
+#: Above any CPU number Linux gives (its default NR_CPUS limit is 8192).
+MAX_CPUS = 8192
+
+
+def cpu_list(value: str) -> frozenset[int]:
+    """A Linux CPU list (``3``, ``0,2``, ``2-3``) as a set; ValueError naming
+    ATELIER_DEVICE_CPUS when it is not one."""
+    cpus: set[int] = set()
+    for part in (p.strip() for p in value.split(",")):
+        if not part and not value.strip():
+            continue
+        first, sep, last = part.partition("-")
+        last = last if sep else first
+        if (not (first.isdigit() and last.isdigit()) or int(last) < int(first)
+                or int(last) >= MAX_CPUS):
+            raise ValueError("ATELIER_DEVICE_CPUS must be a CPU list such as 3, 0,2 or 2-3 "
+                             f"(got {value!r})")
+        cpus.update(range(int(first), int(last) + 1))
+    return frozenset(cpus)
+
+
 def _default_models_dir() -> str:
     return str(Path.home() / ".cache" / "atelier" / "models")
 
@@ -70,6 +91,10 @@ class Settings(BaseSettings):
     #: device waits for the GIL when another thread (post-processing, Celery, the
     #: monitor) holds it. Python's default is 5 ms.
     gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
+    #: CPUs for the thread that holds the device, e.g. ``3`` or ``2-3``: it runs there
+    #: while it holds the device, every other worker thread on the worker's remaining
+    #: CPUs (Linux). Empty: no pinning.
+    device_cpus: str = ""
     api_keys: str = ""
     webhook_secret: str | None = None
     egress_allowlist: str = ""
@@ -173,6 +198,17 @@ class Settings(BaseSettings):
     #: Model names OpenAI clients send, as ``alias=registry-model`` pairs, comma-separated
     #: (``gpt-image-1=playground-v2.5,dall-e-3=playground-v2.5``).
     openai_model_aliases: str = ""
+
+    @field_validator("device_cpus")
+    @classmethod
+    def _device_cpus(cls, v: str) -> str:
+        cpu_list(v)  # raises naming the variable
+        return v
+
+    @property
+    def device_cpu_set(self) -> frozenset[int]:
+        """``device_cpus`` as a set of CPU numbers (empty: no pinning)."""
+        return cpu_list(self.device_cpus)
 
     @field_validator("openai_model_aliases")
     @classmethod

@@ -42,6 +42,7 @@ from producer.registry import Registry
 from producer.settings import Settings, get_settings
 from producer.storage import storage_from_settings
 from producer.store import JobStore
+from worker.affinity import Pinning
 from worker.lifecycle import GENERATE, TRAIN, Lifecycle
 
 log = logging.getLogger("atelier.worker")
@@ -302,10 +303,24 @@ def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
     return lifecycle
 
 
-def _connect_signals(settings: Settings, worker_name: str, queues: str, device: str) -> None:
+def _pin(settings: Settings) -> Pinning | None:
+    """ATELIER_DEVICE_CPUS: the main thread takes the host's CPUs (every thread started
+    after inherits them); the slot that holds the device moves to the device's."""
+    try:
+        pinning = Pinning.from_settings(settings)
+    except ValueError as exc:
+        raise SystemExit(f"atelier worker: {exc}") from None
+    if pinning is not None:
+        pinning.to_host()
+    return pinning
+
+
+def _connect_signals(settings: Settings, worker_name: str, queues: str, device: str,
+                     pinning: Pinning | None = None) -> None:
     def _ready(sender: Any = None, **_: object) -> None:
-        log.info("atelier worker ready: %s serving %s on %s (GIL switch interval %g ms)",
-                 worker_name, queues, device, round(sys.getswitchinterval() * 1000, 3))
+        pinned = f", {pinning.describe()}" if pinning is not None else ""
+        log.info("atelier worker ready: %s serving %s on %s (GIL switch interval %g ms%s)",
+                 worker_name, queues, device, round(sys.getswitchinterval() * 1000, 3), pinned)
         if settings.log_format == "json":
             _quiet_shutdown(getattr(sender, "controller", None))
 
@@ -327,6 +342,7 @@ def _connect_signals(settings: Settings, worker_name: str, queues: str, device: 
 
 def main(argv: list[str] | None = None) -> int:
     args, settings, registry, names = _parse(argv)
+    pinning = _pin(settings)  # before any other thread starts: they inherit it
     device, models = _load_models(settings, registry, names)
 
     store = JobStore.from_url(settings.redis_url, settings.result_ttl_s)
@@ -335,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     _lifecycle = lifecycle = _build_lifecycle(settings, registry, store, models, device,
                                               worker_name, train=args.train)
+    lifecycle.pinning = pinning
     app = create_app(settings)
     from producer.reconciler import build as build_reconciler
 
@@ -354,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("heartbeat failed: %s", exc)
     heartbeat.start()
     reconciler.start()
-    _connect_signals(settings, worker_name, queues, device)
+    _connect_signals(settings, worker_name, queues, device, pinning)
 
     # 3. Consume.
     try:

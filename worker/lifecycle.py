@@ -38,6 +38,7 @@ from producer.contract import EventType, Status, is_expired, now_iso, terminal_e
 from producer.errors import Fenced, GiveBack, JobCancelled, JobError, WorkerLost
 from producer.settings import Settings
 from producer.store import JobStore, Snapshot
+from worker.affinity import Pinning
 from worker.metrics import BusyClock, WorkerMetrics
 from worker.run import Monitor, Run
 
@@ -76,7 +77,8 @@ class Lifecycle:
     monitor thread, the held jobs the heartbeat renews)."""
 
     def __init__(self, settings: Settings, store: JobStore, worker_name: str,
-                 works: Iterable[Work], metrics: WorkerMetrics | None = None) -> None:
+                 works: Iterable[Work], metrics: WorkerMetrics | None = None,
+                 pinning: Pinning | None = None) -> None:
         self.settings = settings
         self.store = store
         self.worker_name = worker_name
@@ -84,6 +86,8 @@ class Lifecycle:
         self.metrics = metrics or WorkerMetrics()
         # One job at a time per device; post-processing runs outside it.
         self.gpu = DeviceLock()
+        #: ATELIER_DEVICE_CPUS: the slot holding the device runs on its own CPUs.
+        self.pinning = pinning
         # For the heartbeat: jobs held now, and messages handled since start.
         self._lock = threading.Lock()
         self.current: set[str] = set()
@@ -112,6 +116,9 @@ class Lifecycle:
                 self._monitor = Monitor(self.settings.progress_interval_s,
                                         self.settings.preview_interval_s)
                 self._monitor.start()
+                if self.pinning is not None:
+                    # Started by the slot that holds the device, whose CPUs it inherits.
+                    self.pinning.to_host(self._monitor.native_id)
             return self._monitor
 
     def run(self, job_id: str, tag: str | None = None, kind: str = GENERATE) -> Status | None:
@@ -165,7 +172,7 @@ class Lifecycle:
         fresh = prepared is None and failed is None and self.gpu.acquire(blocking=False)
         if not fresh:
             self._wait_for_gpu(job_id)
-        device = _Device(self.gpu, self.metrics.busy)
+        device = _Device(self.gpu, self.metrics.busy, self.pinning)
         try:
             if self.draining.is_set():
                 # Shutting down with the device just freed: this job has not started, so
@@ -342,11 +349,15 @@ class DeviceLock:
 
 class _Device:
     """The device lock, already acquired, and the busy clock running while it is held;
-    released once, by the work (``run.release_device``) or at the run's end."""
+    released once, by the work (``run.release_device``) or at the run's end, in the
+    thread that took it. With ATELIER_DEVICE_CPUS that thread runs on the device's CPUs
+    meanwhile."""
 
-    def __init__(self, lock: DeviceLock, busy: BusyClock) -> None:
-        self._lock, self._busy = lock, busy
+    def __init__(self, lock: DeviceLock, busy: BusyClock, pinning: Pinning | None) -> None:
+        self._lock, self._busy, self._pinning = lock, busy, pinning
         self._held = True
+        if pinning is not None:
+            pinning.to_device()
         busy.begin()
 
     def release(self) -> None:
@@ -359,6 +370,8 @@ class _Device:
             self._busy.end()
         finally:
             self._lock.release()
+            if self._pinning is not None:
+                self._pinning.to_host()  # post-processing runs beside the next job
 
 def _internal(exc: BaseException) -> dict[str, Any]:
     return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}
