@@ -158,6 +158,14 @@ class _Proc:
         stop(self.proc, grace=30)
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` onto ``cpus`` (Linux; threads it starts later
+    inherit their creator's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def load_average() -> float:
     try:
         return round(os.getloadavg()[0], 2)

@@ -10,10 +10,16 @@ real host). The bare loop: ``StableDiffusionXLPipeline`` loaded from the same
 folder in one process, called in a loop with the same request (64², 4 steps,
 guidance 5, Euler, a seeded generator, PIL output), nothing stored.
 
-Both run torch on one intra-op thread (``ATELIER_TORCH_THREADS=1``). On this 2-core
-machine that makes one core the "GPU" and leaves the other to what a GPU host's CPU
-does beside the GPU (encoding, upload, Redis, moto): the question asked is how much
-device time the worker loses, not how fast two cores denoise.
+Both run torch on one intra-op thread (``ATELIER_TORCH_THREADS=1``), on the same CPU
+core: ``--device-cpu`` (default: the last CPU this bench may use) is the "GPU" of both
+sides. The bare loop's process is pinned to it; the worker's slot that holds the device
+moves there (``ATELIER_DEVICE_CPUS``) and every other thread of the worker, Redis, moto
+and this script run on the other CPUs, as a GPU host's CPU does encoding, upload and
+Redis beside its GPU. The question asked is how much device time the worker loses, not
+how fast two cores denoise. Pinned, both sides time the same core: unpinned, they time
+whichever core the scheduler gave each process, and this machine's two vCPUs differ by
+up to 10 % (docs/benchmarks.md, 2026-12-07). The worker's other threads still take the
+GIL from its denoising loop, and that is measured. ``--device-cpu -1``: nothing pinned.
 
 The two alternate in ``--rounds`` chunks (the bare loop in its own long-lived
 process), so that load from other processes during the run falls on both alike.
@@ -29,11 +35,13 @@ get none, and then ``preview_ratio`` is null, since it would measure nothing. Me
 previews on jobs that have them: ``--steps 24 --images 40 --rounds 8`` (~1 s a job, one
 preview each, ~2.5 minutes).
 
-    python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3] [--steps 4]
+    python bench/pipeline_efficiency.py [--images 120] [--rounds 24] [--storage file|s3]
+                                        [--steps 4] [--device-cpu N]
 
 Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_s",
 "bare_images_per_s", "ratio", ..., "bare_ms_per_image", "worker_inference_ms_mean",
-"worker_ms_per_image", "preview_images_per_s", "preview_ratio", "previews"}
+"worker_ms_per_image", "device_cpu", "preview_images_per_s", "preview_ratio",
+"previews"}
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, Reference, emit, load_average, log
+from bench.common import Bench, Reference, emit, load_average, log, pin
 
 REQUEST = {"prompt": "a lighthouse at dusk, oil on canvas", "steps": 4, "guidance_scale": 5.0,
            "width": 64, "height": 64, "scheduler": "euler"}
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", choices=["file", "s3"], default="file")
     parser.add_argument("--steps", type=int, default=4,
                         help="denoising steps per image, both sides (default 4)")
+    parser.add_argument("--device-cpu", type=int, default=None,
+                        help="the CPU core that is both sides' device (default: the last "
+                             "one this bench may use; -1: pin nothing)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     REQUEST["steps"] = args.steps
@@ -106,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from producer import Client
 
+    allowed = sorted(os.sched_getaffinity(0))
+    device_cpu = args.device_cpu
+    if device_cpu is None:
+        device_cpu = allowed[-1] if len(allowed) > 1 else -1
+    if device_cpu >= 0 and (device_cpu not in allowed or len(allowed) < 2):
+        parser.error(f"--device-cpu {device_cpu}: needs one of {allowed} and another "
+                     "CPU for the rest")
+    pinned = device_cpu >= 0
     t_start = time.perf_counter()
     chunks = [args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
               for i in range(args.rounds)]
@@ -117,10 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
-        worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False)
+        worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False,
+                              device_cpus=str(device_cpu) if pinned else None)
         reference = Reference(bench, __file__,
                               ["--models-dir", args.models_dir, "--steps", str(args.steps)])
         worker.wait_ready(timeout=180)
+        if pinned:
+            # The device: the bare loop, and the worker's slot while it holds it. The
+            # rest (the worker pins its own other threads) on the other CPUs.
+            if f"device thread on CPUs {device_cpu}," not in worker.log():
+                raise RuntimeError("the worker did not pin its device thread:\n"
+                                   + worker.log()[-2000:])
+            host = set(allowed) - {device_cpu}
+            pin(reference.proc.pid, {device_cpu})
+            for server in (bench.redis, bench.s3_server):
+                if server is not None and server.proc is not None:
+                    pin(server.proc.pid, host)
+            os.sched_setaffinity(0, host)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
         with Client(settings) as client:
             for i in range(2):  # connections, the first upload
@@ -166,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "bare_ms_per_image": round(bare_s / args.images * 1000, 1),
         "worker_inference_ms_mean": round(statistics.fmean(inference_ms), 1),
         "worker_ms_per_image": round(worker_s / args.images * 1000, 1),
+        "device_cpu": device_cpu if pinned else None,
         "preview_images_per_s": round(args.images / preview_s, 3),
         # No picture was made: the preview arm measured nothing (see the docstring).
         "preview_ratio": round(worker_s / preview_s, 4) if previews else None,

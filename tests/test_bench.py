@@ -71,6 +71,9 @@ def test_pipeline_efficiency(models_dir: Path) -> None:
              "preview_ratio", "bare_ms_per_image", "worker_inference_ms_mean",
              "worker_ms_per_image")
     assert r["previews"] >= 1  # the preview jobs' progress events carried pictures
+    # Both sides' device is one CPU core (the bench refuses a worker that did not pin).
+    cpus = sorted(os.sched_getaffinity(0))
+    assert r["device_cpu"] == (cpus[-1] if len(cpus) > 1 else None)
 
 
 def test_gpu_without_cuda_exits_cleanly() -> None:
