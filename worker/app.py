@@ -275,7 +275,7 @@ def _load_models(settings: Settings, registry: Registry, names: list[str],
 
 def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
                      models: dict[str, Any], device: str, worker_name: str,
-                     train: bool = False) -> Lifecycle:
+                     train: bool = False, pinning: Pinning | None = None) -> Lifecycle:
     """The lifecycle with this worker's kinds of job (generation; trainings with
     ``--train``), and its metrics."""
     from worker.generation import Generation
@@ -294,7 +294,8 @@ def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
 
         works.append(Training(settings, models, store, storage, device=str(device),
                               generation=generation))
-    lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics)
+    lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics,
+                          pinning=pinning)
     metrics.watch(lifecycle.activity, lambda: _memory(str(device)))
     if settings.metrics_port:
         from producer.metrics import serve
@@ -350,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     global _lifecycle
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     _lifecycle = lifecycle = _build_lifecycle(settings, registry, store, models, device,
-                                              worker_name, train=args.train)
-    lifecycle.pinning = pinning
+                                              worker_name, train=args.train,
+                                              pinning=pinning)
     app = create_app(settings)
     from producer.reconciler import build as build_reconciler
 
