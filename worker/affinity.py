@@ -66,12 +66,12 @@ class Pinning:
             os.sched_setaffinity(thread, cpus)
         except OSError as exc:
             log.warning("ATELIER_DEVICE_CPUS: could not move a thread to CPUs %s: %s",
-                        _ranges(cpus), exc)
+                        _cpu_text(cpus), exc)
 
     def describe(self) -> str:
-        return f"device thread on CPUs {_ranges(self.device_cpus)}, " \
-               f"the rest on {_ranges(self.host_cpus)}"
+        return f"device thread on CPUs {_cpu_text(self.device_cpus)}, " \
+               f"the rest on {_cpu_text(self.host_cpus)}"
 
 
-def _ranges(cpus: frozenset[int]) -> str:
+def _cpu_text(cpus: frozenset[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus))
