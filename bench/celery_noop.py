@@ -1,6 +1,6 @@
 """The baseline of bench/overhead.py: a raw Celery task that does nothing.
 
-Same Redis, same broker configuration as atelier (``producer.broker.celery_config``:
+Same Redis, same broker configuration as atelier (``producer.jobs.broker.celery_config``:
 JSON, acks_late, prefetch 1, priority lists), same threads pool and concurrency, plus
 Celery's own Redis result backend so the caller learns that the task ran
 (``AsyncResult.get``, which waits on a pub/sub channel). This is the least any
@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:
 
 from celery import Celery  # noqa: E402
 
-from producer.broker import celery_config  # noqa: E402
-from producer.settings import Settings  # noqa: E402
+from producer.core.settings import Settings  # noqa: E402
+from producer.jobs.broker import celery_config  # noqa: E402
 
 QUEUE = "bench.noop"
 TASK = "bench.noop"
@@ -31,8 +31,12 @@ READY = "celery no-op worker ready"
 def make_app(settings: Settings) -> Celery:
     app = Celery("bench-noop", set_as_current=False)
     conf = celery_config(settings)
-    conf.update(task_ignore_result=False, result_backend=settings.redis_url,
-                task_default_queue=QUEUE, result_expires=600)
+    conf.update(
+        task_ignore_result=False,
+        result_backend=settings.redis_url,
+        task_default_queue=QUEUE,
+        result_expires=600,
+    )
     app.conf.update(conf)
 
     def noop() -> None:
@@ -55,9 +59,18 @@ def main() -> int:
     worker_ready.connect(_ready, weak=False)
 
     app = make_app(settings)
-    app.worker_main(["worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-                     f"--queues={QUEUE}", "--without-gossip", "--without-mingle",
-                     "--loglevel=WARNING", "--hostname=noop@%h"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={QUEUE}",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel=WARNING",
+            "--hostname=noop@%h",
+        ]
+    )
     return 0
 
 

@@ -24,20 +24,34 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from producer.settings import Settings  # noqa: E402
+from producer.core.settings import Settings  # noqa: E402
 from tests.servers import AWS_ENV, RedisServer, S3Server, Worker, stop, wait_port  # noqa: E402
 
 BUCKET = "atelier-bench"
 
-__all__ = ["AWS_ENV", "BUCKET", "ROOT", "Bench", "Reference", "emit", "load_average", "log",
-           "percentile", "simulated_model", "stop", "wait_port"]
+__all__ = [
+    "AWS_ENV",
+    "BUCKET",
+    "ROOT",
+    "Bench",
+    "Reference",
+    "emit",
+    "load_average",
+    "log",
+    "percentile",
+    "simulated_model",
+    "stop",
+    "wait_port",
+]
 
 
 def simulated_model(name: str, gpu_ms: float, size: int, steps: int = 10) -> str:
-    """A ``[models.NAME]`` table for a simulated GPU model (see worker/simulated.py)."""
-    return (f'[models."{name}"]\npipeline = "simulated"\nsource = "builtin:simulated"\n'
-            f"gpu_ms = {gpu_ms}\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"
-            f"max_side = {max(size, 512)}\nmax_pixels = {max(size, 512) ** 2}\n")
+    """A ``[models.NAME]`` table for a simulated GPU model (see worker/builtin/simulated.py)."""
+    return (
+        f'[models."{name}"]\npipeline = "simulated"\nsource = "builtin:simulated"\n'
+        f"gpu_ms = {gpu_ms}\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"
+        f"max_side = {max(size, 512)}\nmax_pixels = {max(size, 512) ** 2}\n"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -47,14 +61,19 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
 
-def emit(result: dict[str, Any], started: float | None = None,
-         load_before: float | None = None) -> None:
+def emit(
+    result: dict[str, Any], started: float | None = None, load_before: float | None = None
+) -> None:
     """The benchmark's result: one JSON object, the last line on stdout. Given when the
     run started (``time.perf_counter()``) and the load average then, it ends with the
     machine's load before and after and the run's wall time, for judging the figures."""
     if started is not None:
-        result = {**result, "load_avg_before": load_before, "load_avg_1m": load_average(),
-                  "wall_s": round(time.perf_counter() - started, 1)}
+        result = {
+            **result,
+            "load_avg_before": load_before,
+            "load_avg_1m": load_average(),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
     sys.stdout.flush()
     print(json.dumps(result), flush=True)
 
@@ -87,7 +106,8 @@ class Bench:
                 import boto3
 
                 boto3.client("s3", endpoint_url=self.s3_server.endpoint).create_bucket(
-                    Bucket=BUCKET)
+                    Bucket=BUCKET
+                )
         except BaseException:
             self.__exit__()
             raise
@@ -104,8 +124,9 @@ class Bench:
         assert self.redis is not None
         values: dict[str, Any] = {
             "redis_url": self.redis.url,
-            "storage_url": (f"s3://{BUCKET}/bench" if self.s3
-                            else f"file://{self.workdir / 'outputs'}"),
+            "storage_url": (
+                f"s3://{BUCKET}/bench" if self.s3 else f"file://{self.workdir / 'outputs'}"
+            ),
             "s3_endpoint_url": self.s3_server.endpoint if self.s3_server else None,
             "models_file": str(self.workdir / "models.toml"),
             "device": "cpu",
@@ -125,23 +146,33 @@ class Bench:
         env["OMP_NUM_THREADS"] = "1"
         return env
 
-    def worker(self, models: list[str], concurrency: int | None = None, wait: bool = True,
-               **settings: Any) -> Worker:
+    def worker(
+        self, models: list[str], concurrency: int | None = None, wait: bool = True, **settings: Any
+    ) -> Worker:
         name = "-".join(models)
-        w = Worker(self.env(**settings), self.workdir / "logs" / f"{name}.log", models,
-                   concurrency=concurrency)
+        w = Worker(
+            self.env(**settings),
+            self.workdir / "logs" / f"{name}.log",
+            models,
+            concurrency=concurrency,
+        )
         w.start(wait=False)
         self.procs.append(w)
         if wait:
             w.wait_ready(timeout=180)
         return w
 
-    def popen(self, argv: list[str], log_name: str, env: dict[str, str] | None = None,
-              ) -> subprocess.Popen[bytes]:
+    def popen(
+        self,
+        argv: list[str],
+        log_name: str,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         with open(self.workdir / "logs" / log_name, "ab") as out:
-            proc = subprocess.Popen(argv, env=env or self.env(), stdout=out,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
+            proc = subprocess.Popen(
+                argv, env=env or self.env(), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT
+            )
         self.procs.append(_Proc(proc))
         return proc
 
@@ -182,8 +213,12 @@ class Reference:
     def __init__(self, bench: Bench, script: str, args: list[str]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(script).resolve()), "--bare-server", *args],
-            env=bench.env(), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, text=True,
+            env=bench.env(),
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         bench.procs.append(self)
         self._read()

@@ -70,12 +70,12 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from producer.registry import Registry
-    from producer.settings import Settings
+    from producer.core.registry import Registry
+    from producer.core.settings import Settings
+    from worker.diffusion.pipelines import load_model
     from worker.generation.conditioning import Conditioning, canny
     from worker.generation.generate import generate
     from worker.generation.inputs import Inputs
-    from worker.pipelines import load_model
 
     torch.set_num_threads(1)
     # The tiny models in ATELIER_MODELS_DIR when set (built there if missing), else in a
@@ -90,19 +90,29 @@ def main() -> None:
     guidance, scheduler, (net, net_2) = MODELS[args.model]
     ctrl = Image.effect_noise((64, 64), 60).convert("RGB")
     init = Image.new("RGB", (64, 64), (20, 90, 160))
-    cn = {"name": net, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
-          "preprocess": "none"}
+    cn = {"name": net, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0, "preprocess": "none"}
     ref = {"image": "-", "scale": 0.6, "mode": "full"}
-    base = {"prompt": "a lighthouse", "negative_prompt": "", "steps": args.steps,
-            "guidance_scale": guidance, "scheduler": scheduler, "seed": 1, "num_images": 1,
-            "width": 64, "height": 64,
-            "strength": 0.75, "loras": []}
+    base = {
+        "prompt": "a lighthouse",
+        "negative_prompt": "",
+        "steps": args.steps,
+        "guidance_scale": guidance,
+        "scheduler": scheduler,
+        "seed": 1,
+        "num_images": 1,
+        "width": 64,
+        "height": 64,
+        "strength": 0.75,
+        "loras": [],
+    }
     configs: dict[str, tuple[dict[str, Any], Any]] = {
         "plain": ({}, lambda: Inputs()),
         "control": ({"control": [cn]}, lambda: Inputs(control=[ctrl])),
         "control_canny": ({"control": [cn]}, lambda: Inputs(control=[canny(ctrl)])),
-        "two_controls": ({"control": [cn, {**cn, "name": net_2}]},
-                         lambda: Inputs(control=[ctrl, ctrl])),
+        "two_controls": (
+            {"control": [cn, {**cn, "name": net_2}]},
+            lambda: Inputs(control=[ctrl, ctrl]),
+        ),
         "reference": ({"references": [ref]}, lambda: Inputs(references=[ctrl])),
         "four_references": ({"references": [ref] * 4}, lambda: Inputs(references=[ctrl] * 4)),
         "img2img": ({}, lambda: Inputs(image=init)),
@@ -130,10 +140,21 @@ def main() -> None:
     added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
     if "img2img_control" in median and "img2img" in median:
         added["img2img_control"] = round(median["img2img_control"] - median["img2img"], 1)
-    emit({"bench": "conditioning", "model": args.model, "size": 64, "steps": args.steps,
-          "repeat": args.repeat, "median_ms": median, "added_ms": added,
-          "first_run_ms": first, "note": "img2img_control is against img2img"},
-         started, load_before)
+    emit(
+        {
+            "bench": "conditioning",
+            "model": args.model,
+            "size": 64,
+            "steps": args.steps,
+            "repeat": args.repeat,
+            "median_ms": median,
+            "added_ms": added,
+            "first_run_ms": first,
+            "note": "img2img_control is against img2img",
+        },
+        started,
+        load_before,
+    )
     tmp.cleanup()
 
 

@@ -3,7 +3,7 @@
 A simulated GPU (``pipeline = "simulated"``: ``--gpu-ms`` of ``time.sleep`` per image,
 GIL released, as a CUDA kernel leaves it) returns 1024×1024 pictures that cost what a
 real SDXL output costs to store: a gradient with Gaussian noise, ~1.8 MB as PNG at
-compress level 6, ~0.3 s to encode here (worker/simulated.py says why that picture).
+compress level 6, ~0.3 s to encode here (worker/builtin/simulated.py says why that picture).
 Each job goes through the real worker: lifecycle, step callback, monitor, PNG encoding,
 upload to moto's S3 server over HTTP, events, manifest, acknowledgement.
 
@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Bench, emit, load_average, log, simulated_model
 from producer import Client
-from producer.contract import parse_iso
-from producer.settings import Settings
+from producer.core.contract import parse_iso
+from producer.core.settings import Settings
 
 SIZE = 1024
 
@@ -55,8 +55,7 @@ SIZE = 1024
 def run_jobs(settings: Settings, model: str, jobs: int) -> dict[str, Any]:
     with Client(settings) as client:
         t0 = time.time()
-        ids = [client.submit(prompt=f"duty cycle {i}", model=model, seed=i)
-               for i in range(jobs)]
+        ids = [client.submit(prompt=f"duty cycle {i}", model=model, seed=i) for i in range(jobs)]
         records = [client.wait(job_id, timeout=600) for job_id in ids]
         wall = time.time() - t0
     bad = [r for r in records if r["status"] != "succeeded"]
@@ -85,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     load_before = load_average()
-    toml = (simulated_model("sim-overlap", args.gpu_ms, args.size)
-            + simulated_model("sim-naive", args.gpu_ms, args.size))
+    toml = simulated_model("sim-overlap", args.gpu_ms, args.size) + simulated_model(
+        "sim-naive", args.gpu_ms, args.size
+    )
     with Bench(models_toml=toml, s3=True) as bench:
         overlap = bench.worker(["sim-overlap"], concurrency=args.concurrency, wait=False)
-        naive = bench.worker(["sim-naive"], concurrency=args.concurrency, wait=False,
-                             overlap_postprocess="false")
+        naive = bench.worker(
+            ["sim-naive"], concurrency=args.concurrency, wait=False, overlap_postprocess="false"
+        )
         overlap.wait_ready(timeout=180)
         naive.wait_ready(timeout=180)
         settings = bench.settings()
@@ -103,20 +104,24 @@ def main(argv: list[str] | None = None) -> int:
         slow = run_jobs(settings, "sim-naive", args.jobs)
 
     ideal = args.jobs * args.gpu_ms / 1000
-    emit({
-        "bench": "duty_cycle",
-        "gpu_ms": args.gpu_ms,
-        "jobs": args.jobs,
-        "efficiency": round(ideal / fast["span_s"], 4),
-        "naive_efficiency": round(ideal / slow["span_s"], 4),
-        "speedup": round(slow["wall_s"] / fast["wall_s"], 3),
-        "wall_efficiency": round(ideal / fast["wall_s"], 4),
-        "naive_wall_efficiency": round(ideal / slow["wall_s"], 4),
-        "concurrency": args.concurrency,
-        "encode_ms_p50": fast["encode_ms"],
-        "upload_ms_p50": fast["upload_ms"],
-        "png_bytes_p50": fast["bytes"],
-    }, started=t_start, load_before=load_before)
+    emit(
+        {
+            "bench": "duty_cycle",
+            "gpu_ms": args.gpu_ms,
+            "jobs": args.jobs,
+            "efficiency": round(ideal / fast["span_s"], 4),
+            "naive_efficiency": round(ideal / slow["span_s"], 4),
+            "speedup": round(slow["wall_s"] / fast["wall_s"], 3),
+            "wall_efficiency": round(ideal / fast["wall_s"], 4),
+            "naive_wall_efficiency": round(ideal / slow["wall_s"], 4),
+            "concurrency": args.concurrency,
+            "encode_ms_p50": fast["encode_ms"],
+            "upload_ms_p50": fast["upload_ms"],
+            "png_bytes_p50": fast["bytes"],
+        },
+        started=t_start,
+        load_before=load_before,
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """Generation speed on a CUDA device, for each set of pipeline options.
 
 For every option set (``--sets``; see OPTION_SETS) a fresh child process loads the
-model exactly as the worker does (``worker.pipelines.load_model`` + ``warm_up``, which
+model exactly as the worker does (``worker.diffusion.pipelines.load_model`` + ``warm_up``, which
 is where ``torch.compile`` compiles), then times ``--images`` generations at
 ``--size``² and ``--steps`` steps with the model's guidance (CFG) and scheduler:
 
@@ -66,8 +66,15 @@ OPTION_SETS: dict[str, tuple[dict[str, Any], str]] = {
     "stock": ({}, "auto"),
     "bf16": ({}, "bf16"),
     "fast": ({"channels_last": True, "fuse_qkv": True}, "auto"),
-    "compiled": ({"channels_last": True, "fuse_qkv": True,
-                  "compile": "max-autotune-no-cudagraphs", "compile_fullgraph": True}, "auto"),
+    "compiled": (
+        {
+            "channels_last": True,
+            "fuse_qkv": True,
+            "compile": "max-autotune-no-cudagraphs",
+            "compile_fullgraph": True,
+        },
+        "auto",
+    ),
     "small-card": ({"cpu_offload": True, "vae_tiling": True, "vae_slicing": True}, "auto"),
     # Not a generation: DreamBooth LoRA training steps (train_child).
     "train": ({}, "auto"),
@@ -90,9 +97,9 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from PIL import Image
 
-    from producer.registry import Registry
-    from producer.settings import Settings
-    from worker.pipelines import load_model
+    from producer.core.registry import Registry
+    from producer.core.settings import Settings
+    from worker.diffusion.pipelines import load_model
     from worker.training.loop import Example, Trainer, latent_dist, time_ids
 
     settings = Settings(device=args.device)
@@ -101,13 +108,25 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     cuda = args.device.startswith("cuda")
     size = args.size
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
-              for _ in range(2)]
-    examples = [Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
-                for m, s in latent_dist(model, images)]
-    request = {"seed": 1, "rank": 4, "learning_rate": 1e-4, "train_text_encoder": False,
-               "lr_scheduler": "constant", "lr_warmup_steps": 0, "steps": args.steps + 3,
-               "batch_size": 1, "gradient_accumulation": 1, "prior_loss_weight": 1.0}
+    images = [
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(2)
+    ]
+    examples = [
+        Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
+        for m, s in latent_dist(model, images)
+    ]
+    request = {
+        "seed": 1,
+        "rank": 4,
+        "learning_rate": 1e-4,
+        "train_text_encoder": False,
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "steps": args.steps + 3,
+        "batch_size": 1,
+        "gradient_accumulation": 1,
+        "prior_loss_weight": 1.0,
+    }
     trainer = Trainer(model, request, examples)
 
     def sync() -> None:
@@ -128,12 +147,15 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         trainer.restore()
     return {
-        "set": "train", "mixed_precision": trainer.accelerator.mixed_precision,
-        "edm": trainer.edm, "dtype": str(model.dtype).removeprefix("torch."),
-        "it_per_s": round(args.steps / seconds, 3), "s_per_image": None,
-        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                         if cuda else None),
-        "floor_s": None, "floor_ratio": None,
+        "set": "train",
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "edm": trainer.edm,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "it_per_s": round(args.steps / seconds, 3),
+        "s_per_image": None,
+        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None),
+        "floor_s": None,
+        "floor_ratio": None,
     }
 
 
@@ -143,9 +165,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from producer.registry import PipelineOptions, Registry
-    from producer.settings import Settings
-    from worker.pipelines import load_model, warm_up
+    from producer.core.registry import PipelineOptions, Registry
+    from producer.core.settings import Settings
+    from worker.diffusion.pipelines import load_model, warm_up
 
     options, dtype = OPTION_SETS[args.child]
     settings = Settings(device=args.device, dtype=dtype)
@@ -168,10 +190,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         t = time.perf_counter()
         with torch.inference_mode():
-            model.pipe(prompt="a lighthouse at dusk, oil on canvas", width=args.size,
-                       height=args.size, num_inference_steps=args.steps,
-                       guidance_scale=spec.guidance_scale, output_type=output_type,
-                       generator=torch.Generator("cpu").manual_seed(seed))
+            model.pipe(
+                prompt="a lighthouse at dusk, oil on canvas",
+                width=args.size,
+                height=args.size,
+                num_inference_steps=args.steps,
+                guidance_scale=spec.guidance_scale,
+                output_type=output_type,
+                generator=torch.Generator("cpu").manual_seed(seed),
+            )
         sync()
         return time.perf_counter() - t
 
@@ -188,8 +215,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(model.dtype).removeprefix("torch."),
         "it_per_s": round(args.steps / sorted(latent)[len(latent) // 2], 3),
         "s_per_image": round(s_image, 3),
-        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                         if cuda else None),
+        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None),
         "load_s": round(load_s, 1),
         "warmup_s": round(warm_s, 1),
     }
@@ -206,11 +232,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 def cuda_device() -> str | None:
     """The CUDA device's name, asked of a child process (this one never loads CUDA)."""
-    code = ("import torch\n"
-            "print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')")
+    code = "import torch\nprint(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=120, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     name = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
@@ -224,15 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--sets", default="stock,bf16,fast,compiled,small-card,train")
-    parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N, or cpu "
-                        "(the CPU only checks the plumbing)")
-    parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, "
-                        "when its name is not in the table")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cuda, cuda:N, or cpu (the CPU only checks the plumbing)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's dense bf16 peak, when its name is not in the table",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(train_child(args) if args.child == "train" else child(args)),
-              flush=True)
+        print(json.dumps(train_child(args) if args.child == "train" else child(args)), flush=True)
         return 0
 
     sets = [s for s in args.sets.split(",") if s]
@@ -244,22 +275,45 @@ def main(argv: list[str] | None = None) -> int:
     if device != "cpu":
         name = cuda_device()
         if name is None:
-            emit({"bench": "gpu", "status": "skipped",
-                  "reason": "needs a CUDA GPU: torch sees none on this machine",
-                  "results": []})
+            emit(
+                {
+                    "bench": "gpu",
+                    "status": "skipped",
+                    "reason": "needs a CUDA GPU: torch sees none on this machine",
+                    "results": [],
+                }
+            )
             return 0
         device = "cuda" if device == "auto" else device
     results = []
     for s in sets:
-        if device == "cpu" and (OPTION_SETS[s][0].get("cpu_offload")
-                                or OPTION_SETS[s][0].get("compile", "off") != "off"):
-            results.append({"set": s, "skipped": "needs CUDA (offload) or minutes of "
-                                                 "CPU compilation (compile)"})
+        if device == "cpu" and (
+            OPTION_SETS[s][0].get("cpu_offload") or OPTION_SETS[s][0].get("compile", "off") != "off"
+        ):
+            results.append(
+                {
+                    "set": s,
+                    "skipped": "needs CUDA (offload) or minutes of CPU compilation (compile)",
+                }
+            )
             continue
         log(f"{s}: {args.model} at {args.size}², {args.steps} steps, {args.images} images")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", s,
-               "--model", args.model, "--images", str(args.images), "--steps",
-               str(args.steps), "--size", str(args.size), "--device", device]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            s,
+            "--model",
+            args.model,
+            "--images",
+            str(args.images),
+            "--steps",
+            str(args.steps),
+            "--size",
+            str(args.size),
+            "--device",
+            device,
+        ]
         if args.peak_tflops:
             cmd += ["--peak-tflops", str(args.peak_tflops)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
@@ -267,9 +321,18 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"set": s, "error": out.stderr.strip().splitlines()[-1:]})
             continue
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    emit({"bench": "gpu", "status": "ok", "device": name or device, "model": args.model,
-          "size": args.size, "steps": args.steps, "images": args.images,
-          "results": results})
+    emit(
+        {
+            "bench": "gpu",
+            "status": "ok",
+            "device": name or device,
+            "model": args.model,
+            "size": args.size,
+            "steps": args.steps,
+            "images": args.images,
+            "results": results,
+        }
+    )
     return 0
 
 

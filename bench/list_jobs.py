@@ -43,12 +43,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Bench, emit, load_average, log, percentile
-from producer import constants as K
 from producer.api.keys import key_id
 from producer.client import new_job_id
-from producer.contract import Status, new_record, now_iso, terminal_event
-from producer.joblist import JobList
-from producer.store import JobStore
+from producer.core import keys as K
+from producer.core.contract import Status, new_record, now_iso, terminal_event
+from producer.jobs.joblist import JobList
+from producer.jobs.store import JobStore
 from tests.servers import api_process
 
 KEYS = {"small": "bench-list-key-small-0123456789", "big": "bench-list-key-big-0123456789"}
@@ -84,32 +84,67 @@ def fill(url: str, owner: str, count: int) -> float:
     for start in range(0, count, BATCH):
         for i in range(start, min(count, start + BATCH)):
             model = "m-one" if i % 2 else "m-two"
-            request = {"prompt": f"a lighthouse at dusk, number {i}", "negative_prompt": "",
-                       "model": model, "width": 64, "height": 64, "steps": 4,
-                       "guidance_scale": 5.0, "scheduler": "euler", "seed": i,
-                       "num_images": 1, "output_format": "png", "quality": 90,
-                       "webhook": None, "webhook_events": ["completed"], "metadata": {},
-                       "priority": 5, "timeout_s": 600, "expires_in_s": None}
+            request = {
+                "prompt": f"a lighthouse at dusk, number {i}",
+                "negative_prompt": "",
+                "model": model,
+                "width": 64,
+                "height": 64,
+                "steps": 4,
+                "guidance_scale": 5.0,
+                "scheduler": "euler",
+                "seed": i,
+                "num_images": 1,
+                "output_format": "png",
+                "quality": 90,
+                "webhook": None,
+                "webhook_events": ["completed"],
+                "metadata": {},
+                "priority": 5,
+                "timeout_s": 600,
+                "expires_in_s": None,
+            }
             record = new_record(new_job_id(), request, now_iso(), owner)
             store.create(record)
             status = (Status.SUCCEEDED, Status.FAILED, Status.QUEUED)[
-                0 if i % 10 < 8 else 1 if i % 10 == 8 else 2]
+                0 if i % 10 < 8 else 1 if i % 10 == 8 else 2
+            ]
             if status is Status.QUEUED:
                 continue
-            ended = dict(record, status=status.value, started_at=now_iso(),
-                         finished_at=now_iso(), attempts=1, worker="bench")
+            ended = dict(
+                record,
+                status=status.value,
+                started_at=now_iso(),
+                finished_at=now_iso(),
+                attempts=1,
+                worker="bench",
+            )
             if status is Status.SUCCEEDED:
-                ended["outputs"] = [{
-                    "index": 0, "key": f"{record['id']}/0.png",
-                    "url": f"file:///srv/atelier/{record['id']}/0.png", "seed": i,
-                    "width": 64, "height": 64, "content_type": "image/png", "bytes": 9000,
-                    "sha256": hashlib.sha256(record["id"].encode()).hexdigest()}]
-                ended["timings"] = {"queued_ms": 3, "inference_ms": 900, "encode_ms": 8,
-                                    "upload_ms": 2, "total_ms": 913}
+                ended["outputs"] = [
+                    {
+                        "index": 0,
+                        "key": f"{record['id']}/0.png",
+                        "url": f"file:///srv/atelier/{record['id']}/0.png",
+                        "seed": i,
+                        "width": 64,
+                        "height": 64,
+                        "content_type": "image/png",
+                        "bytes": 9000,
+                        "sha256": hashlib.sha256(record["id"].encode()).hexdigest(),
+                    }
+                ]
+                ended["timings"] = {
+                    "queued_ms": 3,
+                    "inference_ms": 900,
+                    "encode_ms": 8,
+                    "upload_ms": 2,
+                    "total_ms": 913,
+                }
             else:
                 ended["error"] = {"code": "internal", "message": "bench"}
-            store.apply(record["id"], allowed="queued", record=ended,
-                        events=[terminal_event(ended)])
+            store.apply(
+                record["id"], allowed="queued", record=ended, events=[terminal_event(ended)]
+            )
         replies = pipe.execute()
         refused = [x for x in replies if not int(x[0])]
         if refused:
@@ -182,8 +217,10 @@ def main() -> None:
     with Bench(s3=False) as bench:
         assert bench.redis is not None
         url = bench.redis.url
-        api_proc = api_process(bench.env(api_keys=",".join(KEYS.values()), rate_limit_per_s=0),
-                               bench.workdir / "logs" / "api.log")
+        api_proc = api_process(
+            bench.env(api_keys=",".join(KEYS.values()), rate_limit_per_s=0),
+            bench.workdir / "logs" / "api.log",
+        )
         bench.procs.append(api_proc)
         api_proc.start()
         store = JobStore.from_url(url)
@@ -196,20 +233,29 @@ def main() -> None:
             fill_s = fill(url, owner_of("big"), args.jobs)
             log(f"filled in {fill_s:.1f} s: measuring both owners, alternating")
             small, big = measure(jobs, api, ["small", "big"], args.reads)
-        index_bytes = sum(int(store.redis.memory_usage(k) or 0)
-                          for k in store.redis.scan_iter(f"{K.JOB_LIST}{owner_of('big')}:*",
-                                                         count=1000))
+        index_bytes = sum(
+            int(store.redis.memory_usage(k) or 0)
+            for k in store.redis.scan_iter(f"{K.JOB_LIST}{owner_of('big')}:*", count=1000)
+        )
         store.redis.close()
-    emit({
-        "bench": "list_jobs", "jobs": args.jobs, "reads": args.reads, "limit": 20,
-        "rows": [alone, big, small],
-        "api_p50_ratio": round(big["api_p50_ms"] / small["api_p50_ms"], 3),
-        "store_p50_ratio": round(big["store_p50_ms"] / small["store_p50_ms"], 3),
-        "fill_s": round(fill_s, 2), "fill_jobs_per_s": round(args.jobs / fill_s),
-        "fill": "JobStore.create + one terminal JobStore.apply per job (80 % of them; "
-                "10 % failed, 10 % left queued), the store's own script, pipelined",
-        "index_bytes_per_job": round(index_bytes / args.jobs),
-    }, started, load_before)
+    emit(
+        {
+            "bench": "list_jobs",
+            "jobs": args.jobs,
+            "reads": args.reads,
+            "limit": 20,
+            "rows": [alone, big, small],
+            "api_p50_ratio": round(big["api_p50_ms"] / small["api_p50_ms"], 3),
+            "store_p50_ratio": round(big["store_p50_ms"] / small["store_p50_ms"], 3),
+            "fill_s": round(fill_s, 2),
+            "fill_jobs_per_s": round(args.jobs / fill_s),
+            "fill": "JobStore.create + one terminal JobStore.apply per job (80 % of them; "
+            "10 % failed, 10 % left queued), the store's own script, pipelined",
+            "index_bytes_per_job": round(index_bytes / args.jobs),
+        },
+        started,
+        load_before,
+    )
 
 
 if __name__ == "__main__":

@@ -111,18 +111,22 @@ def main(argv: list[str] | None = None) -> int:
 
     p50 = statistics.median(lat_a) * 1000
     celery_p50 = statistics.median(lat_c) * 1000
-    emit({
-        "bench": "overhead",
-        "jobs": args.jobs,
-        "p50_ms": round(p50, 2),
-        "p99_ms": round(percentile(lat_a, 0.99) * 1000, 2),
-        "jobs_per_s": round(args.jobs / atelier_s, 1),
-        "celery_p50_ms": round(celery_p50, 2),
-        "celery_p99_ms": round(percentile(lat_c, 0.99) * 1000, 2),
-        "celery_jobs_per_s": round(args.jobs / celery_s, 1),
-        "ratio_p50": round(p50 / celery_p50, 3),
-        "storage": args.storage,
-    }, started=t_start, load_before=load_before)
+    emit(
+        {
+            "bench": "overhead",
+            "jobs": args.jobs,
+            "p50_ms": round(p50, 2),
+            "p99_ms": round(percentile(lat_a, 0.99) * 1000, 2),
+            "jobs_per_s": round(args.jobs / atelier_s, 1),
+            "celery_p50_ms": round(celery_p50, 2),
+            "celery_p99_ms": round(percentile(lat_c, 0.99) * 1000, 2),
+            "celery_jobs_per_s": round(args.jobs / celery_s, 1),
+            "ratio_p50": round(p50 / celery_p50, 3),
+            "storage": args.storage,
+        },
+        started=t_start,
+        load_before=load_before,
+    )
     return 0
 
 

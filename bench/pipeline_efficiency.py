@@ -59,8 +59,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Bench, Reference, emit, load_average, log, pin
 
-REQUEST = {"prompt": "a lighthouse at dusk, oil on canvas", "steps": 4, "guidance_scale": 5.0,
-           "width": 64, "height": 64, "scheduler": "euler"}
+REQUEST = {
+    "prompt": "a lighthouse at dusk, oil on canvas",
+    "steps": 4,
+    "guidance_scale": 5.0,
+    "width": 64,
+    "height": 64,
+    "scheduler": "euler",
+}
 
 
 def bare_server(models_dir: str) -> None:
@@ -69,7 +75,7 @@ def bare_server(models_dir: str) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from worker.tiny import ensure_tiny_sdxl
+    from worker.builtin.tiny import ensure_tiny_sdxl
 
     torch.set_num_threads(1)
     path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
@@ -78,10 +84,15 @@ def bare_server(models_dir: str) -> None:
 
     def one(seed: int) -> None:
         with torch.inference_mode():
-            pipe(prompt=REQUEST["prompt"], num_inference_steps=REQUEST["steps"],
-                 guidance_scale=REQUEST["guidance_scale"], width=REQUEST["width"],
-                 height=REQUEST["height"], output_type="pil",
-                 generator=torch.Generator("cpu").manual_seed(seed))
+            pipe(
+                prompt=REQUEST["prompt"],
+                num_inference_steps=REQUEST["steps"],
+                guidance_scale=REQUEST["guidance_scale"],
+                width=REQUEST["width"],
+                height=REQUEST["height"],
+                output_type="pil",
+                generator=torch.Generator("cpu").manual_seed(seed),
+            )
 
     for i in range(3):  # warm-up, as the worker does before consuming
         one(i)
@@ -94,20 +105,29 @@ def bare_server(models_dir: str) -> None:
         print(json.dumps({"images": n, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=120)
-    parser.add_argument("--models-dir", default=os.environ.get(
-        "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")))
-    parser.add_argument("--rounds", type=int, default=24,
-                        help="alternations of bare loop and worker (default 24)")
+    parser.add_argument(
+        "--models-dir",
+        default=os.environ.get(
+            "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")
+        ),
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=24, help="alternations of bare loop and worker (default 24)"
+    )
     parser.add_argument("--storage", choices=["file", "s3"], default="file")
-    parser.add_argument("--steps", type=int, default=4,
-                        help="denoising steps per image, both sides (default 4)")
-    parser.add_argument("--device-cpu", type=int, default=None,
-                        help="the CPU core that is both sides' device (default: the last "
-                             "one this bench may use; -1: pin nothing)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="denoising steps per image, both sides (default 4)"
+    )
+    parser.add_argument(
+        "--device-cpu",
+        type=int,
+        default=None,
+        help="the CPU core that is both sides' device (default: the last "
+        "one this bench may use; -1: pin nothing)",
+    )
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     REQUEST["steps"] = args.steps
@@ -122,12 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     if device_cpu is None:
         device_cpu = allowed[-1] if len(allowed) > 1 else -1
     if device_cpu >= 0 and (device_cpu not in allowed or len(allowed) < 2):
-        parser.error(f"--device-cpu {device_cpu}: needs one of {allowed} and another "
-                     "CPU for the rest")
+        parser.error(
+            f"--device-cpu {device_cpu}: needs one of {allowed} and another CPU for the rest"
+        )
     pinned = device_cpu >= 0
     t_start = time.perf_counter()
-    chunks = [args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
-              for i in range(args.rounds)]
+    chunks = [
+        args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
+        for i in range(args.rounds)
+    ]
     bare_s = worker_s = preview_s = 0.0
     per_round: list[float] = []
     preview_rounds: list[float] = []
@@ -136,17 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     with Bench(s3=args.storage == "s3") as bench:
         # Both loaded, warmed and idle before anything is timed.
-        worker = bench.worker(["tiny-sdxl"], models_dir=args.models_dir, wait=False,
-                              device_cpus=str(device_cpu) if pinned else None)
-        reference = Reference(bench, __file__,
-                              ["--models-dir", args.models_dir, "--steps", str(args.steps)])
+        worker = bench.worker(
+            ["tiny-sdxl"],
+            models_dir=args.models_dir,
+            wait=False,
+            device_cpus=str(device_cpu) if pinned else None,
+        )
+        reference = Reference(
+            bench, __file__, ["--models-dir", args.models_dir, "--steps", str(args.steps)]
+        )
         worker.wait_ready(timeout=180)
         if pinned:
             # The device: the bare loop, and the worker's slot while it holds it. The
             # rest (the worker pins its own other threads) on the other CPUs.
             if f"device thread on CPUs {device_cpu}," not in worker.log():
-                raise RuntimeError("the worker did not pin its device thread:\n"
-                                   + worker.log()[-2000:])
+                raise RuntimeError(
+                    "the worker did not pin its device thread:\n" + worker.log()[-2000:]
+                )
             host = set(allowed) - {device_cpu}
             pin(reference.proc.pid, {device_cpu})
             for server in (bench.redis, bench.s3_server):
@@ -176,41 +205,53 @@ def main(argv: list[str] | None = None) -> int:
                 per_round.append(round(b / timed[False], 3))
                 preview_rounds.append(round(timed[False] / timed[True], 3))
                 seed += n
-            previews = sum(1 for job_id in preview_ids for e in client.store.events(job_id)
-                           if "preview" in e["data"])
+            previews = sum(
+                1
+                for job_id in preview_ids
+                for e in client.store.events(job_id)
+                if "preview" in e["data"]
+            )
 
     worker_ips = args.images / worker_s
     bare_ips = args.images / bare_s
-    emit({
-        "bench": "pipeline_efficiency",
-        "images": args.images,
-        "worker_images_per_s": round(worker_ips, 3),
-        "bare_images_per_s": round(bare_ips, 3),
-        "ratio": round(worker_ips / bare_ips, 4),
-        "rounds": args.rounds,
-        "round_ratios": per_round,
-        "ratio_median_round": round(statistics.median(per_round), 4),
-        "storage": args.storage,
-        "steps": args.steps,
-        # Where the worker's time goes: its pipeline call (the record's
-        # timings.inference_ms: denoising, VAE, safety) against the bare loop's time per
-        # image; what the ratio loses beyond their quotient is outside the call.
-        "bare_ms_per_image": round(bare_s / args.images * 1000, 1),
-        "worker_inference_ms_mean": round(statistics.fmean(inference_ms), 1),
-        "worker_ms_per_image": round(worker_s / args.images * 1000, 1),
-        "device_cpu": device_cpu if pinned else None,
-        "preview_images_per_s": round(args.images / preview_s, 3),
-        # No picture was made: the preview arm measured nothing (see the docstring).
-        "preview_ratio": round(worker_s / preview_s, 4) if previews else None,
-        "preview_round_ratios": preview_rounds,
-        "preview_ratio_median_round": round(statistics.median(preview_rounds), 4),
-        "previews": previews,
-    }, started=t_start, load_before=load_before)
+    emit(
+        {
+            "bench": "pipeline_efficiency",
+            "images": args.images,
+            "worker_images_per_s": round(worker_ips, 3),
+            "bare_images_per_s": round(bare_ips, 3),
+            "ratio": round(worker_ips / bare_ips, 4),
+            "rounds": args.rounds,
+            "round_ratios": per_round,
+            "ratio_median_round": round(statistics.median(per_round), 4),
+            "storage": args.storage,
+            "steps": args.steps,
+            # Where the worker's time goes: its pipeline call (the record's
+            # timings.inference_ms: denoising, VAE, safety) against the bare loop's time per
+            # image; what the ratio loses beyond their quotient is outside the call.
+            "bare_ms_per_image": round(bare_s / args.images * 1000, 1),
+            "worker_inference_ms_mean": round(statistics.fmean(inference_ms), 1),
+            "worker_ms_per_image": round(worker_s / args.images * 1000, 1),
+            "device_cpu": device_cpu if pinned else None,
+            "preview_images_per_s": round(args.images / preview_s, 3),
+            # No picture was made: the preview arm measured nothing (see the docstring).
+            "preview_ratio": round(worker_s / preview_s, 4) if previews else None,
+            "preview_round_ratios": preview_rounds,
+            "preview_ratio_median_round": round(statistics.median(preview_rounds), 4),
+            "previews": previews,
+        },
+        started=t_start,
+        load_before=load_before,
+    )
     return 0
 
 
-def run_chunk(client: Any, n: int, seed: int, preview: bool,
-              ) -> tuple[float, list[str], list[int]]:
+def run_chunk(
+    client: Any,
+    n: int,
+    seed: int,
+    preview: bool,
+) -> tuple[float, list[str], list[int]]:
     """n jobs through the worker, submit to the last one stored: seconds, the ids, and
     each job's own ``timings.inference_ms``."""
     extra = {"preview": True} if preview else {}

@@ -36,17 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Bench, emit, load_average, log, percentile, simulated_model
 from producer import Client
-from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
-from producer.eventlog import decode_event
+from producer.core import keys as K
+from producer.core.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
+from producer.jobs.eventlog import decode_event
 from tests.servers import Worker
 
 MODEL = "sim-recovery"
 
 
 def start_worker(bench: Bench, n: int) -> Worker:
-    w = Worker(bench.env(), bench.workdir / "logs" / f"worker-{n}.log", [MODEL],
-               new_session=True)
+    w = Worker(bench.env(), bench.workdir / "logs" / f"worker-{n}.log", [MODEL], new_session=True)
     w.start(wait=False)
     bench.procs.append(w)
     return w
@@ -55,8 +54,11 @@ def start_worker(bench: Bench, n: int) -> Worker:
 def leased_to(r: Any, worker: Worker) -> list[str]:
     jobs = [j.decode() for j in r.zrange(K.LEASES, 0, -1)]
     holders = [r.hget(K.job_key(j), "lease") for j in jobs]
-    return [j for j, h in zip(jobs, holders, strict=True)
-            if h is not None and h.decode().endswith(f":{worker.pid}")]
+    return [
+        j
+        for j, h in zip(jobs, holders, strict=True)
+        if h is not None and h.decode().endswith(f":{worker.pid}")
+    ]
 
 
 def main() -> int:
@@ -91,8 +93,9 @@ def main() -> int:
             while len(ids) < args.jobs or moments:
                 now = time.monotonic() - t0
                 if len(ids) < args.jobs and now >= len(ids) / args.rate:
-                    ids.append(client.submit(prompt=f"recovery {len(ids)}", model=MODEL,
-                                             seed=len(ids)))
+                    ids.append(
+                        client.submit(prompt=f"recovery {len(ids)}", model=MODEL, seed=len(ids))
+                    )
                     continue
                 if moments and now >= moments[0]:
                     live = [w for w in workers if w.proc is not None and w.proc.poll() is None]
@@ -121,26 +124,35 @@ def main() -> int:
                             records[job_id] = doc
                 time.sleep(0.2)
             terminal = Counter(
-                decode_event(eid, f)["job_id"] for eid, f in r.xrange(K.GLOBAL_EVENTS)
-                if EventType(f[b"type"].decode()) in TERMINAL_EVENTS)
+                decode_event(eid, f)["job_id"]
+                for eid, f in r.xrange(K.GLOBAL_EVENTS)
+                if EventType(f[b"type"].decode()) in TERMINAL_EVENTS
+            )
     lost = sum(1 for j in ids if records.get(j, {}).get("status") != Status.SUCCEEDED)
-    recoveries = [parse_iso(records[j]["finished_at"]).timestamp() - t
-                  for j, t in held.items() if j in records]
+    recoveries = [
+        parse_iso(records[j]["finished_at"]).timestamp() - t
+        for j, t in held.items()
+        if j in records
+    ]
     attempts = Counter(r["attempts"] for r in records.values())
-    emit({
-        "bench": "recovery",
-        "jobs": len(ids),
-        "kills": kills,
-        "recovery_s_p50": round(percentile(recoveries, 0.5), 2) if recoveries else None,
-        "recovery_s_max": round(max(recoveries), 2) if recoveries else None,
-        "lost": lost,
-        "duplicate_outcomes": sum(max(0, terminal[j] - 1) for j in ids),
-        "jobs_held_by_victims": len(held),
-        "attempts": {str(k): v for k, v in sorted(attempts.items())},
-        "gpu_ms": args.gpu_ms,
-        "workers": args.workers,
-        "seed": args.seed,
-    }, started, load_before)
+    emit(
+        {
+            "bench": "recovery",
+            "jobs": len(ids),
+            "kills": kills,
+            "recovery_s_p50": round(percentile(recoveries, 0.5), 2) if recoveries else None,
+            "recovery_s_max": round(max(recoveries), 2) if recoveries else None,
+            "lost": lost,
+            "duplicate_outcomes": sum(max(0, terminal[j] - 1) for j in ids),
+            "jobs_held_by_victims": len(held),
+            "attempts": {str(k): v for k, v in sorted(attempts.items())},
+            "gpu_ms": args.gpu_ms,
+            "workers": args.workers,
+            "seed": args.seed,
+        },
+        started,
+        load_before,
+    )
     return 0
 
 

@@ -62,14 +62,17 @@ OPENING = 50
 
 # -- a client process -------------------------------------------------------------------
 
-async def one_stream(port: int, job_id: str, out: dict[str, Any], opened: asyncio.Event,
-                     gate: asyncio.Semaphore) -> None:
+
+async def one_stream(
+    port: int, job_id: str, out: dict[str, Any], opened: asyncio.Event, gate: asyncio.Semaphore
+) -> None:
     async with gate:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-            writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: bench\r\n"
-                         f"Authorization: Bearer {KEY}\r\nAccept: text/event-stream\r\n\r\n"
-                         .encode())
+            writer.write(
+                f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: bench\r\n"
+                f"Authorization: Bearer {KEY}\r\nAccept: text/event-stream\r\n\r\n".encode()
+            )
             status = await reader.readline()
             while (await reader.readline()) not in (b"\r\n", b""):
                 pass
@@ -90,8 +93,9 @@ async def one_stream(port: int, job_id: str, out: dict[str, Any], opened: asynci
     writer.close()
 
 
-async def read_frames(reader: asyncio.StreamReader, connected_ms: float,
-                      out: dict[str, Any]) -> str:
+async def read_frames(
+    reader: asyncio.StreamReader, connected_ms: float, out: dict[str, Any]
+) -> str:
     """Read a stream to its end, timing every frame: whole reads scanned with one regex
     (a frame split across reads waits in ``rest``), so that the client costs little."""
     rest = b""
@@ -117,12 +121,21 @@ async def read_frames(reader: asyncio.StreamReader, connected_ms: float,
 
 
 async def client_main(port: int, jobs: list[str], n: int) -> None:
-    out: dict[str, Any] = {"lags": [], "by_type": {}, "events": 0, "failed": 0, "ended": 0,
-                           "cut_off": 0, "pending": n}
+    out: dict[str, Any] = {
+        "lags": [],
+        "by_type": {},
+        "events": 0,
+        "failed": 0,
+        "ended": 0,
+        "cut_off": 0,
+        "pending": n,
+    }
     opened = asyncio.Event()
     gate = asyncio.Semaphore(OPENING)
-    tasks = [asyncio.create_task(one_stream(port, jobs[i % len(jobs)], out, opened, gate))
-             for i in range(n)]
+    tasks = [
+        asyncio.create_task(one_stream(port, jobs[i % len(jobs)], out, opened, gate))
+        for i in range(n)
+    ]
     await opened.wait()
     print("open", flush=True)
     await asyncio.gather(*tasks)
@@ -131,6 +144,7 @@ async def client_main(port: int, jobs: list[str], n: int) -> None:
 
 
 # -- the parent -------------------------------------------------------------------------
+
 
 def redis_sockets(pid: int, redis_port: int) -> set[int]:
     """The local ports of ``pid``'s TCP connections to ``redis_port`` (from /proc)."""
@@ -149,8 +163,11 @@ def redis_sockets(pid: int, redis_port: int) -> set[int]:
             for row in f:
                 cols = row.split()
                 local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
-                if (state == "01" and inode in inodes
-                        and int(remote.rsplit(":", 1)[1], 16) == redis_port):
+                if (
+                    state == "01"
+                    and inode in inodes
+                    and int(remote.rsplit(":", 1)[1], 16) == redis_port
+                ):
                     ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports
 
@@ -188,16 +205,26 @@ class Sampler(threading.Thread):
 
 def one_round(bench: Bench, api: Process, r: redis.Redis, n: int, args: Any) -> dict[str, Any]:
     base = f"http://127.0.0.1:{api.port}"
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"},
-                      timeout=30) as http:
-        jobs = [http.post("/v1/jobs", json={"prompt": f"fanout {n} {i}", "model": MODEL,
-                                            "steps": args.steps}).json()["id"]
-                for i in range(args.jobs)]
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    ) as http:
+        jobs = [
+            http.post(
+                "/v1/jobs", json={"prompt": f"fanout {n} {i}", "model": MODEL, "steps": args.steps}
+            ).json()["id"]
+            for i in range(args.jobs)
+        ]
     per = [n // args.clients + (i < n % args.clients) for i in range(args.clients)]
     me = str(Path(__file__).resolve())
-    clients = [subprocess.Popen([sys.executable, me, "--client", str(api.port), str(k),
-                                 *jobs], stdout=subprocess.PIPE, cwd=bench.workdir)
-               for k in per if k]
+    clients = [
+        subprocess.Popen(
+            [sys.executable, me, "--client", str(api.port), str(k), *jobs],
+            stdout=subprocess.PIPE,
+            cwd=bench.workdir,
+        )
+        for k in per
+        if k
+    ]
     assert api.proc is not None and bench.redis is not None
     sampler = Sampler(r, api.proc.pid, bench.redis.port)
     sampler.start()
@@ -252,8 +279,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--gpu-ms", type=float, default=2000.0)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--round-s", type=float, default=90.0,
-                        help="longest a round waits for its streams to end")
+    parser.add_argument(
+        "--round-s", type=float, default=90.0, help="longest a round waits for its streams to end"
+    )
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -269,8 +297,11 @@ def main() -> int:
         for n in (int(x) for x in args.streams.split(",")):
             rows.append(one_round(b, api, r, n, args))
         r.close()
-    emit({"bench": "sse_fanout", "rows": rows, "jobs_per_round": args.jobs,
-          "clients": args.clients}, started, load_before)
+    emit(
+        {"bench": "sse_fanout", "rows": rows, "jobs_per_round": args.jobs, "clients": args.clients},
+        started,
+        load_before,
+    )
     return 0
 
 

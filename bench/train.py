@@ -56,7 +56,7 @@ def bare_server(models_dir: str) -> None:
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    from worker.tiny import ensure_tiny_sdxl
+    from worker.builtin.tiny import ensure_tiny_sdxl
 
     torch.set_num_threads(1)
     path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
@@ -66,13 +66,20 @@ def bare_server(models_dir: str) -> None:
     for m in (unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False)
     torch.manual_seed(0)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     with torch.no_grad():
-        pe, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
+        pe, _, pooled, _ = pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         x = torch.from_numpy(np.full((64, 64, 3), 0.5, dtype=np.float32)).permute(2, 0, 1)
         dist = pipe.vae.encode(x.unsqueeze(0)).latent_dist
     time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=torch.float32)
@@ -80,13 +87,18 @@ def bare_server(models_dir: str) -> None:
     unet.train()
 
     def step() -> None:
-        latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)) \
-            * pipe.vae.config.scaling_factor
+        latents = (
+            dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
+        ) * pipe.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (1,), generator=gen)
         noisy = noise_sched.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=pe,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=pe,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        ).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -104,10 +116,9 @@ def bare_server(models_dir: str) -> None:
         print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0}), flush=True)
 
 
-
 def worker_rate(client: Any, job_id: str) -> tuple[int, float]:
     """(steps, seconds) between the first and last training progress events."""
-    from producer.contract import parse_iso
+    from producer.core.contract import parse_iso
 
     points = []
     for ev in client.events(job_id, timeout=300):
@@ -125,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=int, default=1000)
-    parser.add_argument("--models-dir", default=os.environ.get(
-        "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")))
+    parser.add_argument(
+        "--models-dir",
+        default=os.environ.get(
+            "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")
+        ),
+    )
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
@@ -142,16 +157,24 @@ def main(argv: list[str] | None = None) -> int:
         env = bench.env(models_dir=args.models_dir, progress_interval_s=0.2)
         from tests.servers import Worker
 
-        worker = Worker(env, bench.workdir / "logs" / "train-worker.log", ["tiny-sdxl"],
-                        extra_args=["--train"])
+        worker = Worker(
+            env, bench.workdir / "logs" / "train-worker.log", ["tiny-sdxl"], extra_args=["--train"]
+        )
         worker.start(wait=False)
         bench.procs.append(worker)
         reference = Reference(bench, __file__, ["--models-dir", args.models_dir])
         worker.wait_ready(timeout=180)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
-        req = {"images": subject(), "instance_prompt": PROMPT, "model": "tiny-sdxl",
-               "resolution": 64, "steps": args.steps, "num_validation_images": 0,
-               "checkpoint_every": args.checkpoint_every, "seed": 1}
+        req = {
+            "images": subject(),
+            "instance_prompt": PROMPT,
+            "model": "tiny-sdxl",
+            "resolution": 64,
+            "steps": args.steps,
+            "num_validation_images": 0,
+            "checkpoint_every": args.checkpoint_every,
+            "seed": 1,
+        }
         with Client(settings) as client:
             for r in range(args.rounds):
                 log(f"round {r + 1}: bare loop, {args.steps} steps")
@@ -162,15 +185,19 @@ def main(argv: list[str] | None = None) -> int:
                 worker_s += s
     bare_rate = args.steps * args.rounds / bare_s
     worker_rate_ = worker_steps / worker_s
-    emit({
-        "bench": "train",
-        "steps": args.steps * args.rounds,
-        "worker_steps_per_s": round(worker_rate_, 3),
-        "bare_steps_per_s": round(bare_rate, 3),
-        "ratio": round(worker_rate_ / bare_rate, 4),
-        "rounds": args.rounds,
-        "checkpoint_every": args.checkpoint_every,
-    }, started=t_start, load_before=load_before)
+    emit(
+        {
+            "bench": "train",
+            "steps": args.steps * args.rounds,
+            "worker_steps_per_s": round(worker_rate_, 3),
+            "bare_steps_per_s": round(bare_rate, 3),
+            "ratio": round(worker_rate_ / bare_rate, 4),
+            "rounds": args.rounds,
+            "checkpoint_every": args.checkpoint_every,
+        },
+        started=t_start,
+        load_before=load_before,
+    )
     return 0
 
 

@@ -1,8 +1,8 @@
 """atelier for producers: the job contract, the client, the store. Never imports torch."""
 
 from producer.client import Client
-from producer.contract import Event, EventType, Output, Record, Status
-from producer.errors import (
+from producer.core.contract import Event, EventType, Output, Record, Status
+from producer.core.errors import (
     AtelierError,
     InvalidRequest,
     JobError,
@@ -10,8 +10,8 @@ from producer.errors import (
     Unavailable,
     UnknownModel,
 )
-from producer.settings import Settings, get_settings
-from producer.validation import validate_request
+from producer.core.settings import Settings, get_settings
+from producer.requests.generate import validate_request
 
 __all__ = [
     "AtelierError",

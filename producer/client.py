@@ -9,16 +9,16 @@ from typing import Any
 
 import redis
 
-from producer import constants as K
-from producer.broker import make_celery, send_job
-from producer.contract import Kind, Status, new_record, now_iso
-from producer.errors import JobNotFound, KeyClaimed, Unavailable
-from producer.images import decode_data_uri
-from producer.joblist import DEFAULT_LIMIT, JobList, JobPage
-from producer.registry import Registry
-from producer.settings import Settings, get_settings
-from producer.store import Claim, JobStore
-from producer.validation import validate_request
+from producer.core import keys as K
+from producer.core.contract import Kind, Status, new_record, now_iso
+from producer.core.errors import JobNotFound, KeyClaimed, Unavailable
+from producer.core.images import decode_data_uri
+from producer.core.registry import Registry
+from producer.core.settings import Settings, get_settings
+from producer.jobs.broker import make_celery, send_job
+from producer.jobs.joblist import DEFAULT_LIMIT, JobList, JobPage
+from producer.jobs.store import Claim, JobStore
+from producer.requests.generate import validate_request
 
 
 def new_job_id() -> str:
@@ -43,12 +43,12 @@ class Client:
     def submit(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
         """Validate, record and enqueue a job; return its id.
 
-        Raises :class:`~producer.errors.InvalidRequest` (nothing written) or
-        :class:`~producer.errors.Unavailable` (nothing left behind).
+        Raises :class:`~producer.core.errors.InvalidRequest` (nothing written) or
+        :class:`~producer.core.errors.Unavailable` (nothing left behind).
         """
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
         normalized = validate_request(data, self.registry, self.settings)
-        from producer.train_adapters import check_job_loras
+        from producer.requests.adapters import check_job_loras
 
         check_job_loras(normalized, self.store)
         return self.enqueue(normalized)
@@ -59,15 +59,19 @@ class Client:
         Its adapter, once it succeeds, is ``job:<id>`` in a generation's ``loras``.
         Raises as :meth:`submit` does.
         """
-        from producer.train_validation import validate_training
+        from producer.requests.train import validate_training
 
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
         normalized = validate_training(data, self.registry, self.settings)
         return self.enqueue(normalized, kind=Kind.TRAIN)
 
     def enqueue(
-        self, normalized: dict[str, Any], job_id: str | None = None, owner: str | None = None,
-        claim: Claim | None = None, kind: Kind = Kind.GENERATE,
+        self,
+        normalized: dict[str, Any],
+        job_id: str | None = None,
+        owner: str | None = None,
+        claim: Claim | None = None,
+        kind: Kind = Kind.GENERATE,
     ) -> str:
         """Send the message, then write the record.
 
@@ -84,8 +88,7 @@ class Client:
             raise Unavailable(f"job store unavailable: {exc}") from exc
         record = new_record(job_id, normalized, now_iso(), owner, kind)
         try:
-            send_job(self.celery, job_id, K.lane(normalized["model"], kind),
-                     normalized["priority"])
+            send_job(self.celery, job_id, K.lane(normalized["model"], kind), normalized["priority"])
         except Exception as exc:
             raise Unavailable(f"broker unavailable: {exc}") from exc
         try:
@@ -106,6 +109,7 @@ class Client:
     def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
         """Keep ``data:`` input images (init image, mask, control and reference images)
         beside the record, by their sha256."""
+
         def stash(src: Any) -> Any:
             if isinstance(src, str) and src.startswith("data:"):
                 raw = decode_data_uri(src, self.settings.max_image_bytes)
@@ -114,8 +118,10 @@ class Client:
 
         out = dict(normalized)
         if isinstance(normalized.get("images"), list):  # a training's images (and zip)
-            out["images"] = [self._stash_training_image(src) if src.startswith("data:")
-                             else src for src in normalized["images"]]
+            out["images"] = [
+                self._stash_training_image(src) if src.startswith("data:") else src
+                for src in normalized["images"]
+            ]
             return out
         for name in ("image", "mask"):
             if normalized.get(name):
@@ -127,7 +133,7 @@ class Client:
 
     def _stash_training_image(self, src: str) -> str:
         """``sha256:<hex>`` of an inline training image, ``sha256:<hex>.zip`` of a zip."""
-        from producer.train_contract import is_zip_source
+        from producer.core.train_contract import is_zip_source
 
         digest = self.store.put_input(_inline_bytes(src, self.settings))
         return f"sha256:{digest}" + (".zip" if is_zip_source(src) else "")
@@ -136,8 +142,13 @@ class Client:
         return self.store.get(job_id)
 
     def list(
-        self, *, owner: str | None = None, status: str | None = None,
-        model: str | None = None, kind: str | None = None, limit: int = DEFAULT_LIMIT,
+        self,
+        *,
+        owner: str | None = None,
+        status: str | None = None,
+        model: str | None = None,
+        kind: str | None = None,
+        limit: int = DEFAULT_LIMIT,
         cursor: str | None = None,
     ) -> JobPage:
         """A page of jobs, newest first: ``{"data": [records], "next_cursor"}``; pass
@@ -146,10 +157,11 @@ class Client:
         ``owner``: whose jobs: None, those submitted without an API key (this client's);
         an API key's id (:func:`producer.api.key_id`) for that key's. Filters: ``status``,
         ``model``, ``kind``; ``limit`` 1-100. Raises
-        :class:`~producer.errors.InvalidRequest` naming each bad parameter.
+        :class:`~producer.core.errors.InvalidRequest` naming each bad parameter.
         """
-        return self.jobs.page(owner, status=status, model=model, kind=kind, limit=limit,
-                              cursor=cursor)
+        return self.jobs.page(
+            owner, status=status, model=model, kind=kind, limit=limit, cursor=cursor
+        )
 
     def events(
         self, job_id: str, after: str | None = None, timeout: float | None = None
@@ -190,8 +202,8 @@ class Client:
 
 
 def _inline_bytes(src: str, settings: Settings) -> bytes:
-    from producer.train_contract import is_zip_source
-    from producer.train_validation import decode_zip_uri
+    from producer.core.train_contract import is_zip_source
+    from producer.requests.train import decode_zip_uri
 
     if is_zip_source(src):
         return decode_zip_uri(src, settings.train_zip_max_bytes)

@@ -28,7 +28,7 @@ def models_file(session_dir: Path) -> str:
 @pytest.fixture(scope="session")
 def models_dir(session_dir: Path) -> Path:
     """tiny-sdxl, built once per session (the worker would build it too)."""
-    from worker.tiny import ensure_tiny_sdxl
+    from worker.builtin.tiny import ensure_tiny_sdxl
 
     root = session_dir / "models"
     ensure_tiny_sdxl(root / "tiny-sdxl")
@@ -60,11 +60,17 @@ def s3_server() -> Iterator[S3Server]:
 
 
 @pytest.fixture(scope="session")
-def stack(session_dir: Path, redis_server: RedisServer, s3_server: S3Server, models_dir: Path,
-          models_file: str) -> Iterator[Stack]:
+def stack(
+    session_dir: Path,
+    redis_server: RedisServer,
+    s3_server: S3Server,
+    models_dir: Path,
+    models_file: str,
+) -> Iterator[Stack]:
     """The shared stack: S3 storage and one worker holding two jobs at a time."""
-    values = stack_values(redis_server.url, models_dir, models_file, f"s3://{BUCKET}/outputs",
-                          s3_server.endpoint)
+    values = stack_values(
+        redis_server.url, models_dir, models_file, f"s3://{BUCKET}/outputs", s3_server.endpoint
+    )
     worker = Worker(worker_env(values), session_dir / "logs" / "worker.log", ["tiny-sdxl"])
     worker.start()
     yield Stack(values, worker)
@@ -76,8 +82,9 @@ def bare_pipe(models_dir: Any) -> Any:
     """tiny-sdxl in this process, through diffusers alone."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe

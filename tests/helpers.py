@@ -22,16 +22,21 @@ import boto3
 from PIL import Image, PngImagePlugin
 
 from producer import Client
-from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType, Status
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.contract import TERMINAL_EVENTS, EventType, Status
+from producer.core.settings import Settings
 from tests.servers import AWS_ENV, Process, RedisServer, Worker, api_process, dispatcher_process
 
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, *, interval: float = 0.05,
-               message: str | Callable[[], str] | None = None) -> T:
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    *,
+    interval: float = 0.05,
+    message: str | Callable[[], str] | None = None,
+) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns a truthy value, and
     return that value. After ``timeout`` seconds, raise AssertionError saying what was
     awaited (``message``, or a callable building it then, for details read at the time)
@@ -95,8 +100,14 @@ class Stack:
         return Client(self.settings)
 
 
-def stack_values(redis_url: str, models_dir: Path, models_file: str, storage_url: str,
-                 s3_endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
+def stack_values(
+    redis_url: str,
+    models_dir: Path,
+    models_file: str,
+    storage_url: str,
+    s3_endpoint: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     values: dict[str, Any] = {
         "redis_url": redis_url,
         "storage_url": storage_url,
@@ -130,7 +141,7 @@ def worker_env(values: dict[str, Any]) -> dict[str, str]:
 #: The webhook signing key of the suite's dispatchers.
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"atelier-fault-webhook-secret-32b").decode()
 
-#: Simulated GPUs (worker/simulated.py): the worker's real code path, no weights, so
+#: Simulated GPUs (worker/builtin/simulated.py): the worker's real code path, no weights, so
 #: a worker starts in seconds and a job's length is set by ``gpu_ms``.
 MODELS = """
 [models."sim"]
@@ -186,8 +197,14 @@ class Rig:
         models_file = tmp / "models.toml"
         models_file.write_text(MODELS)
         self.base = stack_values(
-            redis.url, models_dir, str(models_file), f"file://{self.out}",
-            default_model="sim", max_attempts=3, rate_limit_per_s=0, api_keys="fault-key",
+            redis.url,
+            models_dir,
+            str(models_file),
+            f"file://{self.out}",
+            default_model="sim",
+            max_attempts=3,
+            rate_limit_per_s=0,
+            api_keys="fault-key",
         )
         self.procs: list[Process] = []
         self._clients: list[Client] = []
@@ -213,11 +230,22 @@ class Rig:
         self._n += 1
         return self.tmp / "logs" / f"{self._n:02d}-{kind}.log"
 
-    def worker(self, models: list[str] | None = None, *, wait: bool = True,
-               concurrency: int | None = None, new_session: bool = False,
-               **extra: Any) -> Worker:
-        w = Worker(worker_env(self.values(**extra)), self._log("worker"), models or ["sim"],
-                   concurrency=concurrency, new_session=new_session)
+    def worker(
+        self,
+        models: list[str] | None = None,
+        *,
+        wait: bool = True,
+        concurrency: int | None = None,
+        new_session: bool = False,
+        **extra: Any,
+    ) -> Worker:
+        w = Worker(
+            worker_env(self.values(**extra)),
+            self._log("worker"),
+            models or ["sim"],
+            concurrency=concurrency,
+            new_session=new_session,
+        )
         self.procs.append(w)
         w.start(wait=wait)
         return w
@@ -245,16 +273,18 @@ class Rig:
 
     def events(self) -> list[dict[str, Any]]:
         """The whole global event stream (every event of every job of this test)."""
-        from producer.eventlog import decode_event
+        from producer.jobs.eventlog import decode_event
 
         return [decode_event(eid, f) for eid, f in self._redis().xrange(K.GLOBAL_EVENTS)]
 
     def terminal_counts(self) -> Counter[str]:
-        return Counter(e["job_id"] for e in self.events()
-                       if EventType(e["type"]) in TERMINAL_EVENTS)
+        return Counter(
+            e["job_id"] for e in self.events() if EventType(e["type"]) in TERMINAL_EVENTS
+        )
 
-    def wait_terminal(self, client: Client, job_ids: list[str],
-                      timeout: float) -> dict[str, dict[str, Any]]:
+    def wait_terminal(
+        self, client: Client, job_ids: list[str], timeout: float
+    ) -> dict[str, dict[str, Any]]:
         """Every job's record once all are terminal; fails naming those that are not."""
         pending = set(job_ids)
         records: dict[str, dict[str, Any]] = {}
@@ -269,8 +299,10 @@ class Rig:
 
         def not_terminal() -> str:
             states = Counter(client.get(j)["status"] for j in pending)
-            return (f"every job terminal; {len(pending)} are not: {dict(states)}; "
-                    f"e.g. {sorted(pending)[:3]}")
+            return (
+                f"every job terminal; {len(pending)} are not: {dict(states)}; "
+                f"e.g. {sorted(pending)[:3]}"
+            )
 
         wait_until(all_terminal, timeout, interval=0.1, message=not_terminal)
         return records
@@ -280,8 +312,11 @@ class Rig:
         r = self._redis()
         jobs = [j.decode() for j in r.zrange(K.LEASES, 0, -1)]
         holders = [r.hget(K.job_key(j), "lease") for j in jobs]
-        return [j for j, h in zip(jobs, holders, strict=True)
-                if h is not None and h.decode().endswith(f":{worker.pid}")]
+        return [
+            j
+            for j, h in zip(jobs, holders, strict=True)
+            if h is not None and h.decode().endswith(f":{worker.pid}")
+        ]
 
     def worker_of(self, doc: dict[str, Any], workers: list[Worker]) -> Worker:
         """The worker process a record names (``host:pid``)."""
@@ -290,8 +325,9 @@ class Rig:
         return w
 
 
-def wait_for_event(client: Client, job_id: str, etype: EventType,
-                   timeout: float = 60, after: str | None = None) -> dict[str, Any]:
+def wait_for_event(
+    client: Client, job_id: str, etype: EventType, timeout: float = 60, after: str | None = None
+) -> dict[str, Any]:
     """The job's first event of type ``etype`` (after event id ``after``)."""
     for ev in client.events(job_id, after=after, timeout=timeout):
         if ev["type"] == etype:
@@ -312,7 +348,7 @@ def assert_one_outcome(rig: Rig, client: Client, job_id: str) -> list[dict[str, 
 
 def finished_after(doc: dict[str, Any], instant: float) -> float:
     """Seconds from ``instant`` (``time.time()``) to the job's end."""
-    from producer.contract import parse_iso
+    from producer.core.contract import parse_iso
 
     return parse_iso(doc["finished_at"]).timestamp() - instant
 
@@ -336,9 +372,16 @@ class Submitter(threading.Thread):
     202 (key, job id), replays included, so a test can check one key = one job.
     """
 
-    def __init__(self, urls: list[str], count: int, body: dict[str, Any],
-                 key: str = "fault-key", pace_s: float = 0.0, deadline_s: float = 90,
-                 prefix: str = "fault-") -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        count: int,
+        body: dict[str, Any],
+        key: str = "fault-key",
+        pace_s: float = 0.0,
+        deadline_s: float = 90,
+        prefix: str = "fault-",
+    ) -> None:
         super().__init__(name="submitter", daemon=True)
         self.urls, self.count, self.body = urls, count, body
         self.headers = {"Authorization": f"Bearer {key}"}
@@ -363,8 +406,11 @@ class Submitter(threading.Thread):
                         url = self.urls[turn % len(self.urls)]
                         turn += 1
                         try:
-                            resp = http.post(f"{url}/v1/jobs", json={**self.body, "seed": i},
-                                             headers={**self.headers, "Idempotency-Key": idem})
+                            resp = http.post(
+                                f"{url}/v1/jobs",
+                                json={**self.body, "seed": i},
+                                headers={**self.headers, "Idempotency-Key": idem},
+                            )
                         except httpx.HTTPError as exc:
                             self.failures.append(f"{idem}: {type(exc).__name__}")
                         else:
@@ -375,13 +421,16 @@ class Submitter(threading.Thread):
                                 break
                             retryable = resp.status_code >= 500 or (
                                 resp.status_code == 409
-                                and "in_progress" in resp.json()["error"]["code"])
+                                and "in_progress" in resp.json()["error"]["code"]
+                            )
                             self.failures.append(f"{idem}: {resp.status_code} {resp.text}")
                             if not retryable:
                                 raise AssertionError(f"{idem}: {resp.status_code} {resp.text}")
                         if time.monotonic() > deadline:
-                            raise AssertionError(f"{idem}: no 202 in {self.deadline_s} s; "
-                                                 f"last failures {self.failures[-3:]}")
+                            raise AssertionError(
+                                f"{idem}: no 202 in {self.deadline_s} s; "
+                                f"last failures {self.failures[-3:]}"
+                            )
                         time.sleep(0.2)
                     if self.pace_s:
                         time.sleep(self.pace_s)

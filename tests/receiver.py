@@ -40,8 +40,8 @@ class Receiver:
                 body = self.rfile.read(length)
                 with receiver.lock:
                     receiver.received.append(
-                        Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                 body))
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                    )
                     script = receiver.scripts.get(self.path.split("?", 1)[0], [204])
                     n = sum(1 for r in receiver.received if r.path == self.path)
                     action = script[min(n, len(script)) - 1]

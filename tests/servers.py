@@ -64,10 +64,24 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--dir", str(self.workdir), "--maxmemory-policy", "noeviction"]
-        args += ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else [
-            "--appendonly", "no"]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(self.workdir),
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        args += (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.appendonly
+            else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
         return self
@@ -91,7 +105,8 @@ class S3Server:
     def start(self) -> S3Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port, timeout=30, proc=self.proc)
         return self
@@ -112,9 +127,16 @@ class Process:
     """A subprocess of ours logging to a file: started, waited for (a port, or a line
     in its log), stopped by its pid."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path,
-                 ready: bytes | None = None, port: int | None = None,
-                 grace: float = 15.0, new_session: bool = False) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        ready: bytes | None = None,
+        port: int | None = None,
+        grace: float = 15.0,
+        new_session: bool = False,
+    ) -> None:
         self.argv, self.env, self.log_path = argv, env, log_path
         self.ready, self.port, self.grace = ready, port, grace
         #: Lead its own process group (pgid = pid), so :meth:`kill_group` reaches every
@@ -127,15 +149,20 @@ class Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=ROOT,
-                                         start_new_session=self.new_session)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=self.new_session,
+            )
         if wait:
             self.wait_ready(timeout)
         return self
 
     def log(self) -> str:
-        return self.log_path.read_bytes()[self._log_offset:].decode(errors="replace")
+        return self.log_path.read_bytes()[self._log_offset :].decode(errors="replace")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         assert self.proc is not None
@@ -144,13 +171,15 @@ class Process:
         if self.ready is None:
             return
         deadline = time.monotonic() + timeout
-        while self.ready not in self.log_path.read_bytes()[self._log_offset:]:
+        while self.ready not in self.log_path.read_bytes()[self._log_offset :]:
             if self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.argv[2:]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+                    f"{self.argv[2:]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.argv[2:]} not ready after {timeout} s:\n"
-                                   f"{self.log()[-4000:]}")
+                raise TimeoutError(
+                    f"{self.argv[2:]} not ready after {timeout} s:\n{self.log()[-4000:]}"
+                )
             time.sleep(0.05)
 
     def kill(self) -> None:
@@ -190,16 +219,21 @@ class Worker(Process):
 
     READY = b"atelier worker ready"
 
-    def __init__(self, env: dict[str, str], log_path: Path, models: list[str],
-                 concurrency: int | None = None, new_session: bool = False,
-                 extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        models: list[str],
+        concurrency: int | None = None,
+        new_session: bool = False,
+        extra_args: list[str] | None = None,
+    ) -> None:
         argv = [sys.executable, "-m", "worker", *(extra_args or [])]
         for m in models:
             argv += ["--model", m]
         if concurrency:
             argv += ["--concurrency", str(concurrency)]
-        super().__init__(argv, env, log_path, ready=self.READY, grace=30,
-                         new_session=new_session)
+        super().__init__(argv, env, log_path, ready=self.READY, grace=30, new_session=new_session)
         self.models, self.concurrency = models, concurrency
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> Worker:
@@ -216,8 +250,9 @@ def _cli(*args: str) -> list[str]:
 
 def api_process(env: dict[str, str], log_path: Path) -> Process:
     port = free_port()
-    return Process(_cli("api", "--host", "127.0.0.1", "--port", str(port)), env, log_path,
-                   port=port)
+    return Process(
+        _cli("api", "--host", "127.0.0.1", "--port", str(port)), env, log_path, port=port
+    )
 
 
 def dispatcher_process(env: dict[str, str], log_path: Path) -> Process:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from producer import Client
-from producer.settings import Settings
+from producer.core.settings import Settings
 from tests.helpers import stack_values, wait_until, worker_env
 from tests.servers import RedisServer, Worker
 from worker.affinity import Pinning
@@ -73,21 +73,30 @@ def test_the_device_holder_runs_on_the_device_cpus_and_goes_back() -> None:
 
 @needs_two
 def test_a_worker_pins_the_device_holder_and_nothing_else(
-        session_dir: Path, redis_server: RedisServer, models_dir: Path) -> None:
+    session_dir: Path, redis_server: RedisServer, models_dir: Path
+) -> None:
     models_file = session_dir / "pinned-models.toml"
     models_file.write_text(SIMULATED)
     device = ",".join(str(c) for c in sorted(DEVICE))
-    values = stack_values(redis_server.url, models_dir, str(models_file),
-                          f"file://{session_dir / 'pinned-outputs'}", default_model="sim-pinned",
-                          device_cpus=device)
+    values = stack_values(
+        redis_server.url,
+        models_dir,
+        str(models_file),
+        f"file://{session_dir / 'pinned-outputs'}",
+        default_model="sim-pinned",
+        device_cpus=device,
+    )
     worker = Worker(worker_env(values), session_dir / "logs" / "pinned.log", ["sim-pinned"])
     worker.start()
     try:
         assert f"device thread on CPUs {device}, the rest on" in worker.log()
         with Client(Settings(**values)) as client:
             job_id = client.submit(prompt="pinned", seed=1)
-            wait_until(lambda: (client.get(job_id)["progress"] or {}).get("step", 0) >= 1,
-                       30, message="the job's first step")
+            wait_until(
+                lambda: (client.get(job_id)["progress"] or {}).get("step", 0) >= 1,
+                30,
+                message="the job's first step",
+            )
             during = threads_cpus(worker.pid)
             record = client.wait(job_id, timeout=60)
         assert record["status"] == "succeeded"
@@ -96,9 +105,11 @@ def test_a_worker_pins_the_device_holder_and_nothing_else(
         assert all(cpus in (DEVICE, HOST) for cpus in during.values()), during
         assert during[worker.pid] == HOST  # the main thread (Celery's consumer)
         # Let go with the device: every thread on the host's CPUs again.
-        wait_until(lambda: set(threads_cpus(worker.pid).values()) == {HOST}, 10,
-                   message=lambda: f"all threads back on {sorted(HOST)}: "
-                                   f"{threads_cpus(worker.pid)}")
+        wait_until(
+            lambda: set(threads_cpus(worker.pid).values()) == {HOST},
+            10,
+            message=lambda: f"all threads back on {sorted(HOST)}: {threads_cpus(worker.pid)}",
+        )
     finally:
         worker.stop()
 
@@ -122,10 +133,15 @@ def test_a_bad_cpu_list_names_the_variable(value: str) -> None:
 
 def test_a_worker_with_an_unusable_cpu_list_exits_saying_why(tmp_path: Path) -> None:
     beyond = max(CPUS or [0]) + 1
-    env = {**os.environ, "ATELIER_DEVICE_CPUS": str(beyond),
-           "ATELIER_MODELS_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "worker", "--model", "tiny-sdxl"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "ATELIER_DEVICE_CPUS": str(beyond), "ATELIER_MODELS_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "--model", "tiny-sdxl"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert f"ATELIER_DEVICE_CPUS={beyond}" in out.stderr
     assert "loaded" not in out.stderr  # refused before any model is loaded

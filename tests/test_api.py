@@ -15,10 +15,10 @@ import redis
 from httpx_sse import connect_sse
 from pydantic import TypeAdapter
 
-from producer import constants as K
 from producer.api import key_id
-from producer.broker import queue_depth
-from producer.contract import Output, RecordView
+from producer.core import keys as K
+from producer.core.contract import Output, RecordView
+from producer.jobs.broker import queue_depth
 from tests.helpers import Stack, generation_queues, worker_env
 from tests.servers import Process, api_process
 
@@ -61,8 +61,9 @@ def r(stack: Stack) -> Iterator[redis.Redis]:
     client.close()
 
 
-def wait_status(api: httpx.Client, job_id: str, headers: dict[str, str],
-                statuses: set[str], timeout: float = 60) -> dict[str, Any]:
+def wait_status(
+    api: httpx.Client, job_id: str, headers: dict[str, str], statuses: set[str], timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         doc = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
@@ -80,10 +81,17 @@ def test_openapi_describes_every_route(api: httpx.Client) -> None:
     spec = api.get("/openapi.json").json()
     paths = spec["paths"]
     for path, method in [
-        ("/v1/jobs", "post"), ("/v1/jobs", "get"), ("/v1/jobs/{job_id}", "get"),
-        ("/v1/jobs/{job_id}/events", "get"), ("/v1/jobs/{job_id}/cancel", "post"),
-        ("/v1/models", "get"), ("/v1/queues", "get"), ("/v1/workers", "get"),
-        ("/v1/files/{key}", "get"), ("/healthz", "get"), ("/readyz", "get"),
+        ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
+        ("/v1/jobs/{job_id}", "get"),
+        ("/v1/jobs/{job_id}/events", "get"),
+        ("/v1/jobs/{job_id}/cancel", "post"),
+        ("/v1/models", "get"),
+        ("/v1/queues", "get"),
+        ("/v1/workers", "get"),
+        ("/v1/files/{key}", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
         ("/metrics", "get"),
     ]:
         assert method in paths[path], path
@@ -94,8 +102,9 @@ def test_openapi_describes_every_route(api: httpx.Client) -> None:
 
 
 def test_submit_poll_and_outputs(api: httpx.Client) -> None:
-    res = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "seed": 7,
-                                                 "metadata": {"order": 1}})
+    res = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "seed": 7, "metadata": {"order": 1}}
+    )
     assert res.status_code == 202, res.text
     doc = res.json()
     assert res.headers["location"] == f"/v1/jobs/{doc['id']}"
@@ -107,8 +116,11 @@ def test_submit_poll_and_outputs(api: httpx.Client) -> None:
     assert done["webhook_deliveries"] == [] and done.get("position") is None
     # The wire is the contract's typed record, key for key: no field it does not name,
     # none it requires missing, every value of its type.
-    pairs: list[tuple[Any, Any]] = [(RecordView, doc), (RecordView, done),
-                                    (Output, done["outputs"][0])]
+    pairs: list[tuple[Any, Any]] = [
+        (RecordView, doc),
+        (RecordView, done),
+        (Output, done["outputs"][0]),
+    ]
     for typed, value in pairs:
         TypeAdapter(typed).validate_python(value, strict=False)
         assert typed.__required_keys__ <= set(value), typed
@@ -116,8 +128,12 @@ def test_submit_poll_and_outputs(api: httpx.Client) -> None:
 
 
 def test_auth_failures(api: httpx.Client) -> None:
-    for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic a2V5"},
-                    {"Authorization": "Bearer not-a-key"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic a2V5"},
+        {"Authorization": "Bearer not-a-key"},
+    ):
         res = api.get("/v1/models", headers=headers)
         assert res.status_code == 401, headers
         assert res.headers["www-authenticate"] == "Bearer"
@@ -137,8 +153,11 @@ def test_a_job_is_invisible_to_other_keys(api: httpx.Client, r: redis.Redis) -> 
     doc = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle"}).json()
     jid = doc["id"]
     assert r.hget(K.job_key(jid), "status") == b"queued"
-    for method, path in [("GET", f"/v1/jobs/{jid}"), ("GET", f"/v1/jobs/{jid}/events"),
-                         ("POST", f"/v1/jobs/{jid}/cancel")]:
+    for method, path in [
+        ("GET", f"/v1/jobs/{jid}"),
+        ("GET", f"/v1/jobs/{jid}/events"),
+        ("POST", f"/v1/jobs/{jid}/cancel"),
+    ]:
         res = api.request(method, path, headers=B)
         assert res.status_code == 404, (method, path)
         assert res.json()["error"]["code"] == "not_found"
@@ -147,8 +166,7 @@ def test_a_job_is_invisible_to_other_keys(api: httpx.Client, r: redis.Redis) -> 
     assert mine["status"] == "queued" and isinstance(mine["position"], int)
     raw = r.hget(K.job_key(jid), "doc")
     assert raw is not None
-    assert json.loads(raw)["owner"] == key_id(
-        hashlib.sha256(KEY_A.encode()).hexdigest())
+    assert json.loads(raw)["owner"] == key_id(hashlib.sha256(KEY_A.encode()).hexdigest())
     assert api.post(f"/v1/jobs/{jid}/cancel", headers=A).json()["status"] == "cancelled"
 
 
@@ -157,19 +175,25 @@ def test_refusals_have_one_shape_and_write_nothing(
 ) -> None:
     broker = redis.Redis.from_url(stack.settings.effective_broker_url)
     before = (job_count(r), queue_depth(broker, "tiny-sdxl"), queue_depth(broker, "tiny-idle"))
-    res = api.post("/v1/jobs", headers=A, content=b"{not json",
-                   params={}, )
+    res = api.post(
+        "/v1/jobs",
+        headers=A,
+        content=b"{not json",
+        params={},
+    )
     assert res.status_code == 400 and res.json()["error"]["code"] == "invalid_json"
-    res = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "width": 65, "steps": 0,
-                                                 "colour": "red"})
+    res = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "width": 65, "steps": 0, "colour": "red"}
+    )
     assert res.status_code == 422
     err = res.json()["error"]
     assert err["code"] == "invalid_request"
     assert {f["field"] for f in err["fields"]} == {"width", "steps", "colour"}
     res = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "nope"})
     assert res.status_code == 422 and res.json()["error"]["code"] == "unknown_model"
-    res = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT,
-                                                 "webhook": "https://10.0.0.1/hook"})
+    res = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "webhook": "https://10.0.0.1/hook"}
+    )
     assert res.status_code == 422
     assert res.json()["error"]["fields"][0]["field"] == "webhook"
     big = json.dumps({"prompt": PROMPT, "metadata": {"x": "y" * 70000}})
@@ -213,14 +237,19 @@ def test_idempotency_key(api: httpx.Client, r: redis.Redis, stack: Stack) -> Non
 
 
 def test_queue_positions_and_queue_report(api: httpx.Client) -> None:
-    low = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle",
-                                                 "priority": 1}).json()
-    high = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle",
-                                                  "priority": 8}).json()
-    mid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle",
-                                                 "priority": 5}).json()
-    pos = {name: api.get(f"/v1/jobs/{d['id']}", headers=A).json()["position"]
-           for name, d in (("low", low), ("high", high), ("mid", mid))}
+    low = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle", "priority": 1}
+    ).json()
+    high = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle", "priority": 8}
+    ).json()
+    mid = api.post(
+        "/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle", "priority": 5}
+    ).json()
+    pos = {
+        name: api.get(f"/v1/jobs/{d['id']}", headers=A).json()["position"]
+        for name, d in (("low", low), ("high", high), ("mid", mid))
+    }
     assert pos["high"] < pos["mid"] < pos["low"]
     queues = generation_queues(api.get("/v1/queues", headers=B).json()["queues"])
     idle = queues["tiny-idle"]
@@ -231,8 +260,10 @@ def test_queue_positions_and_queue_report(api: httpx.Client) -> None:
     assert api.get(f"/v1/jobs/{mid['id']}", headers=A).json()["position"] == pos["mid"] - 1
     for d in (low, mid):
         api.post(f"/v1/jobs/{d['id']}/cancel", headers=A)
-    assert generation_queues(api.get("/v1/queues", headers=B).json()["queues"])[
-        "tiny-idle"]["queued"] == idle["queued"] - 3
+    assert (
+        generation_queues(api.get("/v1/queues", headers=B).json()["queues"])["tiny-idle"]["queued"]
+        == idle["queued"] - 3
+    )
 
 
 def test_cancel_states(api: httpx.Client) -> None:
@@ -257,8 +288,13 @@ def test_metrics_count_requests(api: httpx.Client) -> None:
 # -- server-sent events ---------------------------------------------------------------
 
 
-def read_sse(api: httpx.Client, jid: str, headers: dict[str, str], limit: int | None = None,
-             last_id: str | None = None) -> list[dict[str, Any]]:
+def read_sse(
+    api: httpx.Client,
+    jid: str,
+    headers: dict[str, str],
+    limit: int | None = None,
+    last_id: str | None = None,
+) -> list[dict[str, Any]]:
     h = dict(headers)
     if last_id:
         h["Last-Event-ID"] = last_id
@@ -285,7 +321,8 @@ def test_sse_streams_the_whole_log_and_ends(api: httpx.Client) -> None:
     assert types[0] == "job.queued" and types[1] == "job.started"
     assert types[-1] == "job.succeeded" and "job.output" in types
     assert [e["id"] for e in events] == sorted(
-        [e["id"] for e in events], key=lambda i: tuple(map(int, i.split("-"))))
+        [e["id"] for e in events], key=lambda i: tuple(map(int, i.split("-")))
+    )
     assert events[-1]["data"]["job"]["status"] == "succeeded"
 
 
@@ -310,8 +347,9 @@ def test_sse_reconnects_see_every_event_exactly_once(api: httpx.Client, stack: S
 
 
 def test_sse_retry_comes_in_the_first_event_frame(api: httpx.Client) -> None:
-    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT,
-                                                 "model": "tiny-idle"}).json()["id"]
+    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle"}).json()[
+        "id"
+    ]
     with api.stream("GET", f"/v1/jobs/{jid}/events", headers=A) as res:
         lines = res.iter_lines()
         assert next(lines) == "retry: 2000"
@@ -324,8 +362,9 @@ def test_sse_retry_comes_in_the_first_event_frame(api: httpx.Client) -> None:
 
 
 def test_sse_heartbeats_while_queued_then_cancel_ends_it(api: httpx.Client) -> None:
-    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT,
-                                                 "model": "tiny-idle"}).json()["id"]
+    jid = api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "model": "tiny-idle"}).json()[
+        "id"
+    ]
     lines: list[str] = []
     with api.stream("GET", f"/v1/jobs/{jid}/events", headers=A) as res:
         t0 = time.monotonic()
@@ -369,9 +408,7 @@ def test_rate_limit_is_shared_by_replicas(stack: Stack, session_dir: Path) -> No
             p.stop()
 
 
-def test_admission_control_refuses_when_the_queue_is_full(
-    stack: Stack, session_dir: Path
-) -> None:
+def test_admission_control_refuses_when_the_queue_is_full(stack: Stack, session_dir: Path) -> None:
     # Its own Redis database: tiny-idle's queue there starts empty.
     db_url = stack.settings.redis_url.rsplit("/", 1)[0] + "/7"
     r = redis.Redis.from_url(db_url)
@@ -381,15 +418,19 @@ def test_admission_control_refuses_when_the_queue_is_full(
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}") as api:
             body = {"prompt": PROMPT, "model": "tiny-idle"}
-            assert [api.post("/v1/jobs", headers=A, json=body).status_code
-                    for _ in range(2)] == [202, 202]
+            assert [api.post("/v1/jobs", headers=A, json=body).status_code for _ in range(2)] == [
+                202,
+                202,
+            ]
             res = api.post("/v1/jobs", headers=A, json=body)
             assert res.status_code == 503 and res.headers["retry-after"] == "7"
             assert res.json()["error"]["code"] == "queue_full"
             assert queue_depth(r, "tiny-idle") == 2 and job_count(r) == 2
             # Another model's queue is not full.
-            assert api.post("/v1/jobs", headers=A,
-                            json={"prompt": PROMPT, "steps": 1}).status_code == 202
+            assert (
+                api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "steps": 1}).status_code
+                == 202
+            )
     finally:
         proc.stop()
         r.flushdb()
@@ -397,7 +438,7 @@ def test_admission_control_refuses_when_the_queue_is_full(
 
 
 def test_rate_limiter_with_a_fractional_interval(redis_url: str) -> None:
-    from producer.scripts import RATE_LIMIT
+    from producer.jobs.scripts import RATE_LIMIT
 
     r = redis.Redis.from_url(redis_url)
     limiter = r.register_script(RATE_LIMIT)

@@ -13,21 +13,28 @@ import pytest
 import redis
 
 from producer import Client, Unavailable
-from producer.broker import celery_config, celery_priority
-from producer.settings import Settings
+from producer.core.settings import Settings
+from producer.jobs.broker import celery_config, celery_priority
 from tests.servers import ROOT, free_port
 
 
 def test_unreachable_broker_leaves_no_record(redis_url: str, models_file: str) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    settings = Settings(redis_url=redis_url.rsplit("/", 1)[0] + "/12", broker_url=dead,
-                        default_model="tiny-sdxl", models_file=models_file)
+    settings = Settings(
+        redis_url=redis_url.rsplit("/", 1)[0] + "/12",
+        broker_url=dead,
+        default_model="tiny-sdxl",
+        models_file=models_file,
+    )
     r = redis.Redis.from_url(settings.redis_url)
     r.flushdb()
     with Client(settings) as client:
         client.celery.conf.broker_connection_timeout = 1
-        client.celery.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0,
-                                                        "interval_step": 0.1}
+        client.celery.conf.task_publish_retry_policy = {
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.1,
+        }
         started = time.monotonic()
         with pytest.raises(Unavailable, match="broker unavailable"):
             client.submit(prompt="goes nowhere")
@@ -49,7 +56,8 @@ def test_broker_config_is_json_only_and_at_least_once() -> None:
     assert conf["broker_transport_options"]["priority_steps"] == list(range(10))
     # A worker killed mid-sweep holds the restore lock no longer than a sweep interval.
     assert conf["broker_transport_options"]["unacked_mutex_expire"] <= max(
-        2, settings.restore_interval_s)
+        2, settings.restore_interval_s
+    )
     assert celery_priority(9) == 0 and celery_priority(0) == 9  # Redis serves 0 first
     # Task events wait for a monitor to ask (Flower does), unless a deployment says so.
     assert conf["worker_send_task_events"] is False
@@ -66,8 +74,14 @@ def test_visibility_timeout_follows_every_setting_it_depends_on() -> None:
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True,
-                          text=True, env={**os.environ, **env}, cwd=ROOT, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
@@ -76,8 +90,14 @@ def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
     assert res.returncode == 3 and "Redis unavailable" in res.stderr
     res = run_cli("status", "nope", ATELIER_REDIS_URL=redis_url)
     assert res.returncode == 4 and "no job" in res.stderr
-    res = run_cli("submit", "x", "--steps", "0", ATELIER_REDIS_URL=redis_url,
-                  ATELIER_DEFAULT_MODEL="tiny-sdxl")
+    res = run_cli(
+        "submit",
+        "x",
+        "--steps",
+        "0",
+        ATELIER_REDIS_URL=redis_url,
+        ATELIER_DEFAULT_MODEL="tiny-sdxl",
+    )
     assert res.returncode == 2 and "steps" in res.stderr
     res = run_cli("models", ATELIER_MODELS_FILE=str(tmp_path / "missing.toml"))
     assert res.returncode == 2 and "bad settings" in res.stderr
@@ -87,8 +107,9 @@ def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
 
 
 def test_cli_processes_refuse_to_start_without_their_secrets(redis_url: str) -> None:
-    res = run_cli("api", "--port", str(free_port()), ATELIER_REDIS_URL=redis_url,
-                  ATELIER_API_KEYS="")
+    res = run_cli(
+        "api", "--port", str(free_port()), ATELIER_REDIS_URL=redis_url, ATELIER_API_KEYS=""
+    )
     assert res.returncode != 0 and "ATELIER_API_KEYS" in res.stderr
     res = run_cli("dispatcher", ATELIER_REDIS_URL=redis_url, ATELIER_WEBHOOK_SECRET="")
     assert res.returncode == 2 and "ATELIER_WEBHOOK_SECRET" in res.stderr

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.registry import Registry
-from producer.settings import Settings
+from producer.core.registry import Registry
+from producer.core.settings import Settings
 from tests.helpers import mask_image
 
 PROMPT = "a lighthouse"
@@ -36,17 +36,23 @@ class Loaded:
     """A tiny model loaded as the worker loads it, with the worker's conditioning."""
 
     def __init__(self, name: str, models_dir: Path) -> None:
+        from worker.diffusion.pipelines import load_model
         from worker.generation.conditioning import Conditioning
-        from worker.pipelines import load_model
 
         settings = Settings(models_dir=str(models_dir), device="cpu")
         registry = Registry.load()
         self.model = load_model(registry[name], settings, "cpu")
         self.cond = Conditioning(settings, registry)
 
-    def run(self, task: int = 0, control: list[dict[str, Any]] | None = None,
-            control_images: list[Any] | None = None, refs: list[dict[str, Any]] | None = None,
-            ref_images: list[Any] | None = None, **extra: Any) -> np.ndarray:
+    def run(
+        self,
+        task: int = 0,
+        control: list[dict[str, Any]] | None = None,
+        control_images: list[Any] | None = None,
+        refs: list[dict[str, Any]] | None = None,
+        ref_images: list[Any] | None = None,
+        **extra: Any,
+    ) -> np.ndarray:
         """One generation the way worker/generation/generate.py orders it: the task's
         pipeline (the ControlNet one with control), the adapter attached and detached."""
         from worker.generation.conditioning import control_kwargs
@@ -58,8 +64,7 @@ class Loaded:
             req = {"control": control}
             inputs = type("I", (), {"control": control_images})
             pipe, ckw = self.cond.pipeline(model, req, inputs, task)
-            assert ckw == control_kwargs(control, control_images or [], task,
-                                         model.spec.pipeline)
+            assert ckw == control_kwargs(control, control_images or [], task, model.spec.pipeline)
             kwargs.update(ckw)
         pipe.scheduler = model.scheduler(model.spec.scheduler)
         try:
@@ -76,8 +81,14 @@ def generate(pipe: Any, **kwargs: Any) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        out = pipe(prompt=PROMPT, num_inference_steps=2, width=64, height=64,
-                   generator=[torch.Generator("cpu").manual_seed(SEED)], **kwargs)
+        out = pipe(
+            prompt=PROMPT,
+            num_inference_steps=2,
+            width=64,
+            height=64,
+            generator=[torch.Generator("cpu").manual_seed(SEED)],
+            **kwargs,
+        )
     return np.asarray(out.images[0])
 
 
@@ -97,12 +108,20 @@ def sdxl(models_dir: Path, one_thread: None) -> Loaded:
 
 
 def entry(name: str = "tiny-sdxl-canny", **values: Any) -> dict[str, Any]:
-    return {"name": name, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0,
-            "preprocess": "none", **values}
+    return {
+        "name": name,
+        "image": "-",
+        "scale": 1.0,
+        "start": 0.0,
+        "end": 1.0,
+        "preprocess": "none",
+        **values,
+    }
 
 
 def test_control_equals_bare_diffusers_and_shares_the_base_modules(
-        sdxl: Loaded, models_dir: Path) -> None:
+    sdxl: Loaded, models_dir: Path
+) -> None:
     from diffusers import (
         ControlNetModel,
         EulerDiscreteScheduler,
@@ -116,19 +135,22 @@ def test_control_equals_bare_diffusers_and_shares_the_base_modules(
     pipe, model = sdxl.last_pipe, sdxl.model.pipe
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer"):
         assert getattr(pipe, name) is getattr(model, name), name  # no second copy
-    assert sdxl.run(control=[entry(scale=0.0)], control_images=[ctrl]).tobytes() == \
-        base.tobytes()
+    assert sdxl.run(control=[entry(scale=0.0)], control_images=[ctrl]).tobytes() == base.tobytes()
     assert controlled.tobytes() != base.tobytes()
     # the same inputs through diffusers alone
-    bare = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
-    net = ControlNetModel.from_pretrained(str(models_dir / "tiny-sdxl-controlnet"),
-                                          use_safetensors=True)
+    bare = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
+    net = ControlNetModel.from_pretrained(
+        str(models_dir / "tiny-sdxl-controlnet"), use_safetensors=True
+    )
     cpipe = StableDiffusionXLControlNetPipeline.from_pipe(bare, controlnet=net)
     cpipe.scheduler = EulerDiscreteScheduler.from_config(cpipe.scheduler.config)
     cpipe.set_progress_bar_config(disable=True)
-    assert generate(cpipe, image=ctrl, guidance_scale=5.0,
-                    controlnet_conditioning_scale=1.0).tobytes() == controlled.tobytes()
+    assert (
+        generate(cpipe, image=ctrl, guidance_scale=5.0, controlnet_conditioning_scale=1.0).tobytes()
+        == controlled.tobytes()
+    )
     # loaded once: the later jobs took it, and its pipeline, from the caches
     assert sdxl.cond.controlnets.loads == 1
     sdxl.run(control=[entry()], control_images=[ctrl])
@@ -159,8 +181,9 @@ def test_two_controlnets_and_the_guidance_window(sdxl: Loaded) -> None:
 
     ctrl = control_image()
     one = sdxl.run(control=[entry()], control_images=[ctrl])
-    two = sdxl.run(control=[entry(), entry("tiny-sdxl-depth", scale=0.8)],
-                   control_images=[ctrl, canny(ctrl)])
+    two = sdxl.run(
+        control=[entry(), entry("tiny-sdxl-depth", scale=0.8)], control_images=[ctrl, canny(ctrl)]
+    )
     assert type(sdxl.last_pipe.controlnet).__name__ == "MultiControlNetModel"
     assert two.tobytes() != one.tobytes()
     late = sdxl.run(control=[entry(start=0.5)], control_images=[ctrl])
@@ -173,13 +196,17 @@ def test_control_with_img2img_and_inpainting(sdxl: Loaded) -> None:
     ctrl = control_image()
     cases: list[tuple[int, dict[str, Any]]] = [
         (1, {"image": init, "strength": 0.7}),
-        (2, {"image": init, "strength": 0.7, "mask_image": mask_image()})]
+        (2, {"image": init, "strength": 0.7, "mask_image": mask_image()}),
+    ]
     for task, extra in cases:
         plain = sdxl.run(task, **extra)
         controlled = sdxl.run(task, control=[entry()], control_images=[ctrl], **extra)
         name = type(sdxl.last_pipe).__name__
-        assert name == ("StableDiffusionXLControlNetImg2ImgPipeline" if task == 1
-                        else "StableDiffusionXLControlNetInpaintPipeline")
+        assert name == (
+            "StableDiffusionXLControlNetImg2ImgPipeline"
+            if task == 1
+            else "StableDiffusionXLControlNetInpaintPipeline"
+        )
         assert controlled.shape == (64, 64, 3)
         assert controlled.tobytes() != plain.tobytes()
 
@@ -210,13 +237,13 @@ def test_mode_scales_are_instantstyle_layers(sdxl: Loaded) -> None:
     real_sdxl = SimpleNamespace(  # SDXL base's blocks: InstantStyle's published layers
         layers_per_block=2,
         down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    )
     assert mode_scale(real_sdxl, "style", 1.0) == {"up": {"block_0": [0.0, 1.0, 0.0]}}
     assert mode_scale(real_sdxl, "subject", 1.0) == {"down": {"block_2": [0.0, 1.0]}}
 
 
-def test_references_equal_bare_diffusers_and_leave_nothing(sdxl: Loaded,
-                                                           models_dir: Path) -> None:
+def test_references_equal_bare_diffusers_and_leave_nothing(sdxl: Loaded, models_dir: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from worker.generation.conditioning import mode_scale
@@ -235,49 +262,54 @@ def test_references_equal_bare_diffusers_and_leave_nothing(sdxl: Loaded,
     assert sdxl.model.pipe.image_encoder is None
     assert sdxl.cond.ip_adapters.loads == 1  # loaded once, attached per job
     # diffusers alone, with the same adapter loaded the documented way
-    bare = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
+    bare = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
     bare.scheduler = EulerDiscreteScheduler.from_config(bare.scheduler.config)
     bare.set_progress_bar_config(disable=True)
-    bare.load_ip_adapter(str(models_dir / "tiny-sdxl-ip-adapter"), subfolder="",
-                         weight_name="ip-adapter.safetensors")
+    bare.load_ip_adapter(
+        str(models_dir / "tiny-sdxl-ip-adapter"), subfolder="", weight_name="ip-adapter.safetensors"
+    )
     for mode, got in (("full", full), ("style", style)):
         bare.set_ip_adapter_scale(mode_scale(bare.unet.config, mode, 0.6))
-        assert generate(bare, ip_adapter_image=ref, guidance_scale=5.0).tobytes() == \
-            got.tobytes(), mode
+        assert (
+            generate(bare, ip_adapter_image=ref, guidance_scale=5.0).tobytes() == got.tobytes()
+        ), mode
     # scale 0 skips the adapter's attention: checked, the base pixels on this CPU
     zero = sdxl.run(refs=[{"scale": 0.0, "mode": "full"}], ref_images=[ref])
     assert zero.tobytes() == base.tobytes()
 
 
-def test_several_references_are_one_adapter_per_image(sdxl: Loaded,
-                                                      models_dir: Path) -> None:
+def test_several_references_are_one_adapter_per_image(sdxl: Loaded, models_dir: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from worker.generation.conditioning import canny, mode_scale
 
-    refs: list[dict[str, Any]] = [{"scale": 0.6, "mode": "full"},
-                                  {"scale": 1.0, "mode": "style"}]
+    refs: list[dict[str, Any]] = [{"scale": 0.6, "mode": "full"}, {"scale": 1.0, "mode": "style"}]
     images = [reference_image(), canny(control_image())]
     got = sdxl.run(refs=refs, ref_images=images)
     single = sdxl.run(refs=refs[:1], ref_images=images[:1])
     assert got.tobytes() != single.tobytes()
     # what the same adapter loaded once per image computes, each with its own scale
-    bare = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
+    bare = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
     bare.scheduler = EulerDiscreteScheduler.from_config(bare.scheduler.config)
     bare.set_progress_bar_config(disable=True)
-    bare.load_ip_adapter(str(models_dir / "tiny-sdxl-ip-adapter"), subfolder="",
-                         weight_name=["ip-adapter.safetensors"] * 2)
-    bare.set_ip_adapter_scale([mode_scale(bare.unet.config, r["mode"], r["scale"])
-                               for r in refs])
+    bare.load_ip_adapter(
+        str(models_dir / "tiny-sdxl-ip-adapter"),
+        subfolder="",
+        weight_name=["ip-adapter.safetensors"] * 2,
+    )
+    bare.set_ip_adapter_scale([mode_scale(bare.unet.config, r["mode"], r["scale"]) for r in refs])
     want = generate(bare, ip_adapter_image=images, guidance_scale=5.0)
     # the images are encoded as one batch here, one by one there: the same up to rounding
     assert np.abs(want.astype(int) - got.astype(int)).max() <= 1
 
 
-def test_sd15_control_and_references_equal_bare_diffusers(models_dir: Path,
-                                                          one_thread: None) -> None:
+def test_sd15_control_and_references_equal_bare_diffusers(
+    models_dir: Path, one_thread: None
+) -> None:
     from diffusers import (
         ControlNetModel,
         DPMSolverMultistepScheduler,
@@ -291,40 +323,53 @@ def test_sd15_control_and_references_equal_bare_diffusers(models_dir: Path,
     referenced = sd15.run(refs=[{"scale": 0.8, "mode": "subject"}], ref_images=[ref])
     base = sd15.run()
     assert len({controlled.tobytes(), referenced.tobytes(), base.tobytes()}) == 3
-    bare = StableDiffusionPipeline.from_pretrained(str(models_dir / "tiny-sd15"),
-                                                   use_safetensors=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    net = ControlNetModel.from_pretrained(str(models_dir / "tiny-sd15-controlnet"),
-                                          use_safetensors=True)
+    bare = StableDiffusionPipeline.from_pretrained(
+        str(models_dir / "tiny-sd15"),
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    net = ControlNetModel.from_pretrained(
+        str(models_dir / "tiny-sd15-controlnet"), use_safetensors=True
+    )
     cpipe = StableDiffusionControlNetPipeline.from_pipe(bare, controlnet=net)
     for p in (bare, cpipe):
-        p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config,
-                                                              use_karras_sigmas=True)
+        p.scheduler = DPMSolverMultistepScheduler.from_config(
+            p.scheduler.config, use_karras_sigmas=True
+        )
         p.set_progress_bar_config(disable=True)
-    assert generate(cpipe, image=ctrl, guidance_scale=7.5,
-                    controlnet_conditioning_scale=1.0).tobytes() == controlled.tobytes()
-    bare.load_ip_adapter(str(models_dir / "tiny-sd15-ip-adapter"), subfolder="",
-                         weight_name="ip-adapter.safetensors")
+    assert (
+        generate(cpipe, image=ctrl, guidance_scale=7.5, controlnet_conditioning_scale=1.0).tobytes()
+        == controlled.tobytes()
+    )
+    bare.load_ip_adapter(
+        str(models_dir / "tiny-sd15-ip-adapter"), subfolder="", weight_name="ip-adapter.safetensors"
+    )
     bare.set_ip_adapter_scale({"down": {"block_1": [0.0, 0.8]}})
-    assert generate(bare, ip_adapter_image=ref, guidance_scale=7.5).tobytes() == \
-        referenced.tobytes()
+    assert (
+        generate(bare, ip_adapter_image=ref, guidance_scale=7.5).tobytes() == referenced.tobytes()
+    )
 
 
 def test_an_adapter_that_does_not_load_leaves_nothing(sdxl: Loaded, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from producer.errors import InternalError
-    from producer.registry import IpAdapterSpec
+    from producer.core.errors import InternalError
+    from producer.core.registry import IpAdapterSpec
 
     model, spec = sdxl.model, sdxl.model.spec
     unet = model.pipe.unet
     processors = dict(unet.attn_processors)
-    model.spec = replace(spec, name="tiny-broken", ip_adapter=IpAdapterSpec(
-        source=str(tmp_path), weight_name="missing.safetensors"))
+    model.spec = replace(
+        spec,
+        name="tiny-broken",
+        ip_adapter=IpAdapterSpec(source=str(tmp_path), weight_name="missing.safetensors"),
+    )
     try:
         with pytest.raises(InternalError, match=r"^references: the IP-Adapter of tiny-broken"):
-            sdxl.cond.ip_adapters.attach(model, model.pipe, [{"scale": 1.0, "mode": "full"}],
-                                         [reference_image()])
+            sdxl.cond.ip_adapters.attach(
+                model, model.pipe, [{"scale": 1.0, "mode": "full"}], [reference_image()]
+            )
     finally:
         model.spec = spec
     assert dict(unet.attn_processors) == processors and unet.encoder_hid_proj is None
@@ -343,19 +388,25 @@ def test_flux_control_equals_bare_diffusers(models_dir: Path, one_thread: None) 
     plain_i2i = flux.run(1, image=init, strength=0.7)
     i2i = flux.run(1, control=[net], control_images=[ctrl], image=init, strength=0.7)
     assert type(flux.last_pipe).__name__ == "FluxControlNetImg2ImgPipeline"
-    inpaint = flux.run(2, control=[net], control_images=[ctrl], image=init, strength=0.7,
-                       mask_image=mask_image())
+    inpaint = flux.run(
+        2, control=[net], control_images=[ctrl], image=init, strength=0.7, mask_image=mask_image()
+    )
     assert type(flux.last_pipe).__name__ == "FluxControlNetInpaintPipeline"
     assert inpaint.shape == (64, 64, 3) and inpaint.tobytes() != i2i.tobytes()
     assert len({base.tobytes(), controlled.tobytes(), two.tobytes()}) == 3
     assert i2i.tobytes() != plain_i2i.tobytes()
     bare = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
-    cnet = FluxControlNetModel.from_pretrained(str(models_dir / "tiny-flux-controlnet"),
-                                               use_safetensors=True)
+    cnet = FluxControlNetModel.from_pretrained(
+        str(models_dir / "tiny-flux-controlnet"), use_safetensors=True
+    )
     cpipe = FluxControlNetPipeline.from_pipe(bare, controlnet=cnet)
     cpipe.set_progress_bar_config(disable=True)
-    assert generate(cpipe, control_image=ctrl, guidance_scale=0.0,
-                    controlnet_conditioning_scale=1.0).tobytes() == controlled.tobytes()
+    assert (
+        generate(
+            cpipe, control_image=ctrl, guidance_scale=0.0, controlnet_conditioning_scale=1.0
+        ).tobytes()
+        == controlled.tobytes()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -372,14 +423,18 @@ def bare_flux(models_dir: Path, adapters: int) -> Any:
     bare = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
     bare.set_progress_bar_config(disable=True)
     folder = models_dir / "tiny-flux-ip-adapter"
-    bare.load_ip_adapter(str(folder), weight_name=["ip_adapter.safetensors"] * adapters,
-                         image_encoder_pretrained_model_name_or_path=str(
-                             folder / "image_encoder"), image_encoder_dtype=torch.float32)
+    bare.load_ip_adapter(
+        str(folder),
+        weight_name=["ip_adapter.safetensors"] * adapters,
+        image_encoder_pretrained_model_name_or_path=str(folder / "image_encoder"),
+        image_encoder_dtype=torch.float32,
+    )
     return bare
 
 
-def test_flux_references_equal_bare_diffusers_and_leave_nothing(flux: Loaded,
-                                                                models_dir: Path) -> None:
+def test_flux_references_equal_bare_diffusers_and_leave_nothing(
+    flux: Loaded, models_dir: Path
+) -> None:
     ref = reference_image()
     transformer = flux.model.pipe.transformer
     processors = dict(transformer.attn_processors)
@@ -403,11 +458,11 @@ def test_flux_references_equal_bare_diffusers_and_leave_nothing(flux: Loaded,
 
 
 def test_flux_several_references_are_adapters_sharing_one_set_of_weights(
-        flux: Loaded, models_dir: Path) -> None:
+    flux: Loaded, models_dir: Path
+) -> None:
     from worker.generation.conditioning import canny
 
-    refs: list[dict[str, Any]] = [{"scale": 0.6, "mode": "full"},
-                                  {"scale": 1.0, "mode": "full"}]
+    refs: list[dict[str, Any]] = [{"scale": 0.6, "mode": "full"}, {"scale": 1.0, "mode": "full"}]
     images = [reference_image(), canny(control_image())]
     two = flux.run(refs=refs, ref_images=images)
     single = flux.run(refs=refs[:1], ref_images=images[:1])
@@ -415,8 +470,7 @@ def test_flux_several_references_are_adapters_sharing_one_set_of_weights(
     # what diffusers computes with the adapter loaded twice, each with its own scale
     bare = bare_flux(models_dir, 2)
     bare.set_ip_adapter_scale([0.6, 1.0])
-    assert generate(bare, ip_adapter_image=images, guidance_scale=0.0).tobytes() == \
-        two.tobytes()
+    assert generate(bare, ip_adapter_image=images, guidance_scale=0.0).tobytes() == two.tobytes()
     # while attached: two adapters made of the one loaded set of modules, no copy
     model, pipe = flux.model, flux.model.pipe
     params = sum(p.numel() for p in pipe.transformer.parameters())
@@ -431,22 +485,23 @@ def test_flux_several_references_are_adapters_sharing_one_set_of_weights(
     finally:
         flux.cond.ip_adapters.detach(model, pipe)
     per_adapter = sum(p.numel() for p in proc.parameters()) + sum(
-        p.numel() for p in layers[0].parameters())
+        p.numel() for p in layers[0].parameters()
+    )
     assert attached == params + per_adapter  # one set, however many references
     assert len(proc.to_k_ip) == 1 and proc.scale == [1.0]  # the loaded adapter again
     assert flux.run().tobytes() == flux.run().tobytes()
 
 
 def test_flux_references_with_img2img_inpainting_and_control(flux: Loaded) -> None:
-    from producer.errors import InternalError
+    from producer.core.errors import InternalError
 
     ref, ctrl = reference_image(), control_image()
     init = Image.new("RGB", (64, 64), (20, 90, 160))
     refs: list[dict[str, Any]] = [{"scale": 1.0, "mode": "full"}]
     cases: list[tuple[int, dict[str, Any], str]] = [
         (1, {"image": init, "strength": 0.7}, "FluxImg2ImgPipeline"),
-        (2, {"image": init, "strength": 0.7, "mask_image": mask_image()},
-         "FluxInpaintPipeline")]
+        (2, {"image": init, "strength": 0.7, "mask_image": mask_image()}, "FluxInpaintPipeline"),
+    ]
     for task, extra, name in cases:
         plain = flux.run(task, **extra)
         referenced = flux.run(task, refs=refs, ref_images=[ref], **extra)
@@ -460,8 +515,15 @@ def test_flux_references_with_img2img_inpainting_and_control(flux: Loaded) -> No
     # Flux's ControlNet img2img pipeline takes no ip_adapter_image: refused, not ignored
     # (the producer refuses such a job at submit)
     with pytest.raises(InternalError, match=r"^references: FluxControlNetImg2ImgPipeline"):
-        flux.run(1, control=net, control_images=[ctrl], refs=refs, ref_images=[ref],
-                 image=init, strength=0.7)
+        flux.run(
+            1,
+            control=net,
+            control_images=[ctrl],
+            refs=refs,
+            ref_images=[ref],
+            image=init,
+            strength=0.7,
+        )
     flux.run(1, control=net, control_images=[ctrl], image=init, strength=0.7)
     assert not hasattr(flux.last_pipe, "image_encoder")  # nothing registered on it
     with pytest.raises(InternalError, match=r"^references\.0\.mode: Flux takes mode full"):

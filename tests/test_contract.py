@@ -19,10 +19,10 @@ import pytest
 import redis
 
 from producer import Client, InvalidRequest, Settings, UnknownModel
-from producer import constants as K
-from producer.contract import MAX_SEED
-from producer.registry import Registry
-from producer.validation import validate_request
+from producer.core import keys as K
+from producer.core.contract import MAX_SEED
+from producer.core.registry import Registry
+from producer.requests.generate import validate_request
 
 #: A database no other test file uses, so its contents are ours alone.
 DB = 13
@@ -100,8 +100,12 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("empty-prompt", {"prompt": ""}, "prompt", {}),
     ("prompt-too-long", {"prompt": "x" * 4001}, "prompt", {}),
     ("prompt-not-str", {"prompt": 42}, "prompt", {}),
-    ("negative-prompt-too-long", {"prompt": P, "negative_prompt": "y" * 4001},
-     "negative_prompt", {}),
+    (
+        "negative-prompt-too-long",
+        {"prompt": P, "negative_prompt": "y" * 4001},
+        "negative_prompt",
+        {},
+    ),
     ("unknown-field", {"prompt": P, "sampler": "euler"}, "sampler", {}),
     ("unknown-model", {"prompt": P, "model": "sd-9000"}, "model", {}),
     ("width-not-multiple-of-8", {"prompt": P, "width": 100}, "width", {}),
@@ -109,8 +113,12 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("width-below-64", {"prompt": P, "width": 56}, "width", {}),
     ("width-above-max-side", {"prompt": P, "width": 520}, "width", {}),
     ("height-above-max-side", {"prompt": P, "height": 1024}, "height", {}),
-    ("pixels-above-max", {"prompt": P, "model": "playground-v2.5", "width": 2048,
-                          "height": 2048}, "width", {}),
+    (
+        "pixels-above-max",
+        {"prompt": P, "model": "playground-v2.5", "width": 2048, "height": 2048},
+        "width",
+        {},
+    ),
     ("steps-0", {"prompt": P, "steps": 0}, "steps", {}),
     ("steps-151", {"prompt": P, "steps": 151}, "steps", {}),
     ("guidance-negative", {"prompt": P, "guidance_scale": -1}, "guidance_scale", {}),
@@ -120,8 +128,12 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("guidance-string", {"prompt": P, "guidance_scale": "3"}, "guidance_scale", {}),
     ("scheduler-not-allowed", {"prompt": P, "scheduler": "edm_euler"}, "scheduler", {}),
     ("scheduler-unknown", {"prompt": P, "scheduler": "magic"}, "scheduler", {}),
-    ("scheduler-of-other-model", {"prompt": P, "model": "tiny-idle", "scheduler": "unipc"},
-     "scheduler", {}),
+    (
+        "scheduler-of-other-model",
+        {"prompt": P, "model": "tiny-idle", "scheduler": "unipc"},
+        "scheduler",
+        {},
+    ),
     ("seed-negative", {"prompt": P, "seed": -1}, "seed", {}),
     ("seed-2**32", {"prompt": P, "seed": 2**32}, "seed", {}),
     ("seed-float", {"prompt": P, "seed": 1.0}, "seed", {}),
@@ -131,59 +143,109 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("image-ftp", {"prompt": P, "image": "ftp://example.com/a.png"}, "image", {}),
     ("image-bare-path", {"prompt": P, "image": "/etc/passwd"}, "image", {}),
     ("image-file-url", {"prompt": P, "image": "file:///etc/passwd"}, "image", {}),
-    ("image-https-with-credentials", {"prompt": P, "image": "https://u:p@example.com/a.png"},
-     "image", {}),
-    ("image-data-not-image", {"prompt": P, "image": "data:image/png;base64,"
-                              + base64.b64encode(b"hello, not a png").decode()}, "image", {}),
+    (
+        "image-https-with-credentials",
+        {"prompt": P, "image": "https://u:p@example.com/a.png"},
+        "image",
+        {},
+    ),
+    (
+        "image-data-not-image",
+        {
+            "prompt": P,
+            "image": "data:image/png;base64," + base64.b64encode(b"hello, not a png").decode(),
+        },
+        "image",
+        {},
+    ),
     ("image-data-not-base64", {"prompt": P, "image": "data:image/png;base64,@@@!"}, "image", {}),
-    ("image-data-not-base64-encoded", {"prompt": P, "image": "data:image/png,rawbytes"},
-     "image", {}),
-    ("image-data-gif", {"prompt": P, "image": "data:image/gif;base64,"
-                        + base64.b64encode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").decode()},
-     "image", {}),
-    ("image-data-too-large", {"prompt": P, "image": png_data_uri((64, 64), noise=True)},
-     "image", {"max_image_bytes": 4096}),
-    ("image-data-not-image-type", {"prompt": P, "image": png_data_uri().replace(
-        "data:image/png", "data:text/plain")}, "image", {}),
+    (
+        "image-data-not-base64-encoded",
+        {"prompt": P, "image": "data:image/png,rawbytes"},
+        "image",
+        {},
+    ),
+    (
+        "image-data-gif",
+        {
+            "prompt": P,
+            "image": "data:image/gif;base64,"
+            + base64.b64encode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").decode(),
+        },
+        "image",
+        {},
+    ),
+    (
+        "image-data-too-large",
+        {"prompt": P, "image": png_data_uri((64, 64), noise=True)},
+        "image",
+        {"max_image_bytes": 4096},
+    ),
+    (
+        "image-data-not-image-type",
+        {"prompt": P, "image": png_data_uri().replace("data:image/png", "data:text/plain")},
+        "image",
+        {},
+    ),
     ("image-not-str", {"prompt": P, "image": 7}, "image", {}),
     ("strength-without-image", {"prompt": P, "strength": 0.5}, "strength", {}),
     ("strength-1.5", {"prompt": P, "image": png_data_uri(), "strength": 1.5}, "strength", {}),
-    ("strength-negative", {"prompt": P, "image": png_data_uri(), "strength": -0.1},
-     "strength", {}),
+    ("strength-negative", {"prompt": P, "image": png_data_uri(), "strength": -0.1}, "strength", {}),
     ("output-format-gif", {"prompt": P, "output_format": "gif"}, "output_format", {}),
     ("quality-0", {"prompt": P, "quality": 0}, "quality", {}),
     ("quality-101", {"prompt": P, "quality": 101}, "quality", {}),
-    ("webhook-http", {"prompt": P, "webhook": "http://hooks.example.com/x"}, "webhook",
-     {"allow_http": False}),
-    ("webhook-ftp", {"prompt": P, "webhook": "ftp://hooks.example.com/x"}, "webhook",
-     {"allow_http": True}),
+    (
+        "webhook-http",
+        {"prompt": P, "webhook": "http://hooks.example.com/x"},
+        "webhook",
+        {"allow_http": False},
+    ),
+    (
+        "webhook-ftp",
+        {"prompt": P, "webhook": "ftp://hooks.example.com/x"},
+        "webhook",
+        {"allow_http": True},
+    ),
     ("webhook-no-host", {"prompt": P, "webhook": "https:///x"}, "webhook", {}),
-    ("webhook-events-unknown", {"prompt": P, "webhook_events": ["completed", "finished"]},
-     "webhook_events", {}),
-    ("webhook-events-duplicate", {"prompt": P, "webhook_events": ["started", "started"]},
-     "webhook_events", {}),
-    ("webhook-events-not-list", {"prompt": P, "webhook_events": "completed"},
-     "webhook_events", {}),
+    (
+        "webhook-events-unknown",
+        {"prompt": P, "webhook_events": ["completed", "finished"]},
+        "webhook_events",
+        {},
+    ),
+    (
+        "webhook-events-duplicate",
+        {"prompt": P, "webhook_events": ["started", "started"]},
+        "webhook_events",
+        {},
+    ),
+    ("webhook-events-not-list", {"prompt": P, "webhook_events": "completed"}, "webhook_events", {}),
     ("metadata-too-large", {"prompt": P, "metadata": {"blob": "z" * 4096}}, "metadata", {}),
     ("metadata-not-object", {"prompt": P, "metadata": ["a"]}, "metadata", {}),
     ("metadata-nan", {"prompt": P, "metadata": {"x": math.nan}}, "metadata", {}),
     ("priority-10", {"prompt": P, "priority": 10}, "priority", {}),
     ("priority-negative", {"prompt": P, "priority": -1}, "priority", {}),
     ("timeout-0", {"prompt": P, "timeout_s": 0}, "timeout_s", {}),
-    ("timeout-above-setting", {"prompt": P, "timeout_s": 601}, "timeout_s",
-     {"job_timeout_s": 600}),
+    ("timeout-above-setting", {"prompt": P, "timeout_s": 601}, "timeout_s", {"job_timeout_s": 600}),
     ("expires-in-0", {"prompt": P, "expires_in_s": 0}, "expires_in_s", {}),
     ("bool-for-int-steps", {"prompt": P, "steps": True}, "steps", {}),
     ("bool-for-int-width", {"prompt": P, "width": True}, "width", {}),
     ("bool-for-int-priority", {"prompt": P, "priority": False}, "priority", {}),
     ("bool-for-float", {"prompt": P, "guidance_scale": True}, "guidance_scale", {}),
     ("string-for-int", {"prompt": P, "steps": "20"}, "steps", {}),
-    ("strength-leaves-no-step", {"prompt": P, "image": png_data_uri(), "strength": 0.2,
-                                 "steps": 4}, "strength", {}),
-    ("default-strength-leaves-no-step", {"prompt": P, "image": png_data_uri(), "steps": 1},
-     "strength", {}),
-    ("seed-plus-images-overflows", {"prompt": P, "seed": 2**32 - 2, "num_images": 3}, "seed",
-     {}),
+    (
+        "strength-leaves-no-step",
+        {"prompt": P, "image": png_data_uri(), "strength": 0.2, "steps": 4},
+        "strength",
+        {},
+    ),
+    (
+        "default-strength-leaves-no-step",
+        {"prompt": P, "image": png_data_uri(), "steps": 1},
+        "strength",
+        {},
+    ),
+    ("seed-plus-images-overflows", {"prompt": P, "seed": 2**32 - 2, "num_images": 3}, "seed", {}),
     ("expires-in-too-far", {"prompt": P, "expires_in_s": 10**12}, "expires_in_s", {}),
     ("model-empty", {"prompt": P, "model": ""}, "model", {}),
     ("body-list", ["a red fox"], "body", {}),
@@ -194,46 +256,114 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
 # Issue 7's fields: inpainting, LoRAs, sweeps, model families.
 BAD += [
     ("mask-without-image", {"prompt": P, "mask": png_data_uri()}, "mask", {}),
-    ("mask-other-size", {"prompt": P, "image": png_data_uri((16, 16)),
-                         "mask": png_data_uri((24, 16))}, "mask", {}),
-    ("mask-not-image", {"prompt": P, "image": png_data_uri(), "mask": "data:image/png;base64,"
-                        + base64.b64encode(b"not a png").decode()}, "mask", {}),
-    ("mask-ftp", {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
-     "mask", {}),
+    (
+        "mask-other-size",
+        {"prompt": P, "image": png_data_uri((16, 16)), "mask": png_data_uri((24, 16))},
+        "mask",
+        {},
+    ),
+    (
+        "mask-not-image",
+        {
+            "prompt": P,
+            "image": png_data_uri(),
+            "mask": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
+        },
+        "mask",
+        {},
+    ),
+    (
+        "mask-ftp",
+        {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
+        "mask",
+        {},
+    ),
     ("mask-not-str", {"prompt": P, "image": png_data_uri(), "mask": 1}, "mask", {}),
     ("lora-unknown", {"prompt": P, "loras": [{"name": "nope"}]}, "loras", {}),
     ("lora-no-name", {"prompt": P, "loras": [{"scale": 1.0}]}, "loras", {}),
-    ("lora-extra-key", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "weight": 1}]},
-     "loras", {}),
-    ("lora-scale-5", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": 5.0}]},
-     "loras", {}),
-    ("lora-scale-nan", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": math.nan}]},
-     "loras", {}),
+    (
+        "lora-extra-key",
+        {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "weight": 1}]},
+        "loras",
+        {},
+    ),
+    (
+        "lora-scale-5",
+        {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": 5.0}]},
+        "loras",
+        {},
+    ),
+    (
+        "lora-scale-nan",
+        {"prompt": P, "loras": [{"name": "tiny-sdxl-lora", "scale": math.nan}]},
+        "loras",
+        {},
+    ),
     ("lora-repeated", {"prompt": P, "loras": [{"name": "tiny-sdxl-lora"}] * 2}, "loras", {}),
-    ("lora-five", {"prompt": P, "loras": [{"name": f"storage:{i}.safetensors"}
-                                          for i in range(5)]}, "loras", {}),
-    ("lora-storage-not-safetensors", {"prompt": P, "loras": [{"name": "storage:a.ckpt"}]},
-     "loras", {}),
-    ("lora-storage-dotdot", {"prompt": P, "loras": [{"name": "storage:../x.safetensors"}]},
-     "loras", {}),
-    ("lora-storage-absolute", {"prompt": P, "loras": [{"name": "storage:/x.safetensors"}]},
-     "loras", {}),
+    (
+        "lora-five",
+        {"prompt": P, "loras": [{"name": f"storage:{i}.safetensors"} for i in range(5)]},
+        "loras",
+        {},
+    ),
+    (
+        "lora-storage-not-safetensors",
+        {"prompt": P, "loras": [{"name": "storage:a.ckpt"}]},
+        "loras",
+        {},
+    ),
+    (
+        "lora-storage-dotdot",
+        {"prompt": P, "loras": [{"name": "storage:../x.safetensors"}]},
+        "loras",
+        {},
+    ),
+    (
+        "lora-storage-absolute",
+        {"prompt": P, "loras": [{"name": "storage:/x.safetensors"}]},
+        "loras",
+        {},
+    ),
     ("loras-not-list", {"prompt": P, "loras": "tiny-sdxl-lora"}, "loras", {}),
-    ("lora-of-other-family", {"prompt": P, "model": "tiny-sd15",
-                              "loras": [{"name": "tiny-sdxl-lora"}]}, "loras", {}),
-    ("flux-negative-prompt", {"prompt": P, "model": "tiny-flux", "negative_prompt": "fog"},
-     "negative_prompt", {}),
-    ("flux-guidance", {"prompt": P, "model": "tiny-flux", "guidance_scale": 3.5},
-     "guidance_scale", {}),
+    (
+        "lora-of-other-family",
+        {"prompt": P, "model": "tiny-sd15", "loras": [{"name": "tiny-sdxl-lora"}]},
+        "loras",
+        {},
+    ),
+    (
+        "flux-negative-prompt",
+        {"prompt": P, "model": "tiny-flux", "negative_prompt": "fog"},
+        "negative_prompt",
+        {},
+    ),
+    (
+        "flux-guidance",
+        {"prompt": P, "model": "tiny-flux", "guidance_scale": 3.5},
+        "guidance_scale",
+        {},
+    ),
     ("flux-width-not-16", {"prompt": P, "model": "tiny-flux", "width": 72}, "width", {}),
     ("flux-weighting", {"prompt": "a (red:1.3) fox", "model": "tiny-flux"}, "prompt", {}),
-    ("turbo-negative-without-guidance", {"prompt": P, "model": "tiny-sdxl-turbo",
-                                         "negative_prompt": "fog"}, "negative_prompt", {}),
+    (
+        "turbo-negative-without-guidance",
+        {"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog"},
+        "negative_prompt",
+        {},
+    ),
     ("sweep-no-axis", {"prompt": P, "sweep": {}}, "sweep", {}),
-    ("sweep-three-axes", {"prompt": P, "sweep": {"seeds": [1], "steps": [2],
-                                                 "guidance_scale": [3.0]}}, "sweep", {}),
-    ("sweep-too-many", {"prompt": P, "sweep": {"seeds": [1, 2, 3, 4, 5],
-                                               "steps": [1, 2, 3, 4]}}, "sweep", {}),
+    (
+        "sweep-three-axes",
+        {"prompt": P, "sweep": {"seeds": [1], "steps": [2], "guidance_scale": [3.0]}},
+        "sweep",
+        {},
+    ),
+    (
+        "sweep-too-many",
+        {"prompt": P, "sweep": {"seeds": [1, 2, 3, 4, 5], "steps": [1, 2, 3, 4]}},
+        "sweep",
+        {},
+    ),
     ("sweep-axis-too-long", {"prompt": P, "sweep": {"seeds": list(range(17))}}, "sweep", {}),
     ("sweep-repeated", {"prompt": P, "sweep": {"seeds": [1, 1]}}, "sweep", {}),
     ("sweep-unknown-axis", {"prompt": P, "sweep": {"sampler": ["euler"]}}, "sweep", {}),
@@ -242,17 +372,32 @@ BAD += [
     ("sweep-bad-guidance", {"prompt": P, "sweep": {"guidance_scale": [math.inf]}}, "sweep", {}),
     ("sweep-empty-axis", {"prompt": P, "sweep": {"seeds": []}}, "sweep", {}),
     ("sweep-not-object", {"prompt": P, "sweep": [1, 2]}, "sweep", {}),
-    ("sweep-with-num-images", {"prompt": P, "num_images": 2, "sweep": {"seeds": [1, 2]}},
-     "num_images", {}),
+    (
+        "sweep-with-num-images",
+        {"prompt": P, "num_images": 2, "sweep": {"seeds": [1, 2]}},
+        "num_images",
+        {},
+    ),
     ("sweep-seeds-with-seed", {"prompt": P, "seed": 3, "sweep": {"seeds": [1, 2]}}, "seed", {}),
-    ("sweep-steps-with-steps", {"prompt": P, "steps": 3, "sweep": {"steps": [1, 2]}}, "steps",
-     {}),
-    ("sweep-guidance-of-flux", {"prompt": P, "model": "tiny-flux",
-                                "sweep": {"guidance_scale": [0.0, 1.0]}}, "sweep", {}),
-    ("sweep-steps-leave-no-step", {"prompt": P, "image": png_data_uri(), "strength": 0.5,
-                                   "sweep": {"steps": [1, 4]}}, "sweep", {}),
-    ("negative-at-guidance-1", {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
-     "negative_prompt", {}),
+    ("sweep-steps-with-steps", {"prompt": P, "steps": 3, "sweep": {"steps": [1, 2]}}, "steps", {}),
+    (
+        "sweep-guidance-of-flux",
+        {"prompt": P, "model": "tiny-flux", "sweep": {"guidance_scale": [0.0, 1.0]}},
+        "sweep",
+        {},
+    ),
+    (
+        "sweep-steps-leave-no-step",
+        {"prompt": P, "image": png_data_uri(), "strength": 0.5, "sweep": {"steps": [1, 4]}},
+        "sweep",
+        {},
+    ),
+    (
+        "negative-at-guidance-1",
+        {"prompt": P, "negative_prompt": "fog", "guidance_scale": 1.0},
+        "negative_prompt",
+        {},
+    ),
     ("preview-not-bool", {"prompt": P, "preview": "yes"}, "preview", {}),
     ("preview-number", {"prompt": P, "preview": 1}, "preview", {}),
 ]
@@ -267,8 +412,9 @@ def submit_raw(client: Client, body: Any) -> str:
     return client.enqueue(normalized)
 
 
-@pytest.mark.parametrize(("body", "field", "overrides"),
-                         [pytest.param(b, f, o, id=i) for i, b, f, o in BAD])
+@pytest.mark.parametrize(
+    ("body", "field", "overrides"), [pytest.param(b, f, o, id=i) for i, b, f, o in BAD]
+)
 def test_bad_request_is_refused_named_and_not_enqueued(
     rdb: redis.Redis, make_settings: Any, body: Any, field: str, overrides: dict[str, Any]
 ) -> None:
@@ -296,11 +442,15 @@ def test_bad_request_is_refused_named_and_not_enqueued(
 def test_family_features_that_apply_are_accepted(client: Client) -> None:
 
     reg, st = client.registry, client.settings
-    flux = validate_request({"prompt": "a (red) fox", "model": "tiny-flux", "width": 80,
-                             "guidance_scale": 0}, reg, st)
+    flux = validate_request(
+        {"prompt": "a (red) fox", "model": "tiny-flux", "width": 80, "guidance_scale": 0}, reg, st
+    )
     assert flux["guidance_scale"] == 0.0 and flux["steps"] == 4
-    turbo = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
-                              "guidance_scale": 1.5}, reg, st)
+    turbo = validate_request(
+        {"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog", "guidance_scale": 1.5},
+        reg,
+        st,
+    )
     assert turbo["scheduler"] == "euler_a" and turbo["steps"] == 1
     sd15 = validate_request({"prompt": "a (red:1.3) fox", "model": "tiny-sd15"}, reg, st)
     assert sd15["guidance_scale"] == 7.5
@@ -312,32 +462,51 @@ def test_unused_new_fields_leave_no_key(client: Client) -> None:
     assert not {"mask", "loras", "sweep", "preview"} & set(req)
     off = validate_request({"prompt": P, "preview": False}, client.registry, client.settings)
     assert "preview" not in off
-    assert validate_request({"prompt": P, "preview": True}, client.registry,
-                            client.settings)["preview"] is True
-    swept = validate_request({"prompt": P, "model": "tiny-sdxl-turbo", "negative_prompt": "fog",
-                              "sweep": {"guidance_scale": [0.0, 2.0]}},
-                             client.registry, client.settings)
+    assert (
+        validate_request({"prompt": P, "preview": True}, client.registry, client.settings)[
+            "preview"
+        ]
+        is True
+    )
+    swept = validate_request(
+        {
+            "prompt": P,
+            "model": "tiny-sdxl-turbo",
+            "negative_prompt": "fog",
+            "sweep": {"guidance_scale": [0.0, 2.0]},
+        },
+        client.registry,
+        client.settings,
+    )
     assert swept["sweep"] == {"guidance_scale": [0.0, 2.0]}
 
 
 def test_sweep_is_normalized(client: Client) -> None:
-    from producer.contract import denoise_steps, sweep_cells
+    from producer.core.contract import denoise_steps, sweep_cells
 
-    req = validate_request({"prompt": P, "steps": 3, "sweep": {"guidance_scale": [2, 4.5],
-                                                                "seeds": [7, 8, 9]}},
-                           client.registry, client.settings)
+    req = validate_request(
+        {"prompt": P, "steps": 3, "sweep": {"guidance_scale": [2, 4.5], "seeds": [7, 8, 9]}},
+        client.registry,
+        client.settings,
+    )
     assert req["sweep"] == {"seeds": [7, 8, 9], "guidance_scale": [2.0, 4.5]}
     assert req["seed"] == 7
     cells = sweep_cells(req)
     assert len(cells) == 6 and denoise_steps(req) == 18
-    assert cells[4] == {"seed": 8, "steps": 3, "guidance_scale": 4.5,
-                        "label": {"seeds": 8, "guidance_scale": 4.5}}
+    assert cells[4] == {
+        "seed": 8,
+        "steps": 3,
+        "guidance_scale": 4.5,
+        "label": {"seeds": 8, "guidance_scale": 4.5},
+    }
 
 
 def test_lora_refusals_name_the_entry(client: Client) -> None:
     with pytest.raises(InvalidRequest) as info:
-        client.submit(prompt=P, loras=[{"name": "tiny-sdxl-lora", "scale": 0.5},
-                                       {"name": "nope", "scale": 1.0}])
+        client.submit(
+            prompt=P,
+            loras=[{"name": "tiny-sdxl-lora", "scale": 0.5}, {"name": "nope", "scale": 1.0}],
+        )
     assert [f["field"] for f in info.value.fields] == ["loras.1.name"]
     assert "unknown LoRA 'nope'" in info.value.fields[0]["message"]
 
@@ -381,14 +550,14 @@ def test_every_bad_field_is_named(client: Client, rdb: redis.Redis) -> None:
     assert rdb.keys("*") == []
 
 
-def test_model_dependent_checks_use_the_requested_model(client: Client,
-                                                        rdb: redis.Redis) -> None:
+def test_model_dependent_checks_use_the_requested_model(client: Client, rdb: redis.Redis) -> None:
     # 1024 is fine for playground-v2.5 but above tiny-sdxl's max_side (512).
     with pytest.raises(InvalidRequest) as info:
         client.submit(prompt=P, width=1024, height=1024, scheduler="edm_euler")
     assert {f["field"] for f in info.value.fields} == {"width", "height", "scheduler"}
-    job_id = client.submit(prompt=P, model="playground-v2.5", width=1024, height=1024,
-                           scheduler="edm_euler")
+    job_id = client.submit(
+        prompt=P, model="playground-v2.5", width=1024, height=1024, scheduler="edm_euler"
+    )
     assert client.get(job_id)["request"]["scheduler"] == "edm_euler"
 
 
@@ -427,10 +596,20 @@ def test_normalization_keeps_given_values(make_settings: Any, models_file: str) 
     settings = make_settings(job_timeout_s=300)
     registry = Registry.load(models_file)
     out = validate_request(
-        {"prompt": P, "model": "tiny-idle", "width": 128, "height": 96, "steps": 7,
-         "guidance_scale": 0, "scheduler": "ddim", "seed": 0, "timeout_s": 300,
-         "num_images": 8},
-        registry, settings,
+        {
+            "prompt": P,
+            "model": "tiny-idle",
+            "width": 128,
+            "height": 96,
+            "steps": 7,
+            "guidance_scale": 0,
+            "scheduler": "ddim",
+            "seed": 0,
+            "timeout_s": 300,
+            "num_images": 8,
+        },
+        registry,
+        settings,
     )
     assert out["model"] == "tiny-idle"
     assert (out["width"], out["height"], out["steps"]) == (128, 96, 7)
@@ -461,16 +640,24 @@ def test_strength_defaults_only_with_an_image(make_settings: Any, models_file: s
     assert without["strength"] is None
     # JPEG and WEBP data URIs and https URLs are accepted as well.
     for fmt in ("JPEG", "WEBP"):
-        assert validate_request({"prompt": P, "image": png_data_uri(fmt=fmt)}, registry,
-                                settings)["strength"] == 0.6
+        assert (
+            validate_request({"prompt": P, "image": png_data_uri(fmt=fmt)}, registry, settings)[
+                "strength"
+            ]
+            == 0.6
+        )
     url = "https://images.example.com/cat.png"
     assert validate_request({"prompt": P, "image": url}, registry, settings)["image"] == url
 
 
 def test_img2img_request_through_client(client: Client, rdb: redis.Redis) -> None:
-    job_id = client.submit(prompt=P, image=png_data_uri(), strength=0.8,
-                           webhook="https://hooks.example.com/in",
-                           webhook_events=["started", "completed"])
+    job_id = client.submit(
+        prompt=P,
+        image=png_data_uri(),
+        strength=0.8,
+        webhook="https://hooks.example.com/in",
+        webhook_events=["started", "completed"],
+    )
     req = client.get(job_id)["request"]
     assert req["strength"] == 0.8
     assert req["webhook"] == "https://hooks.example.com/in"
@@ -483,16 +670,24 @@ def test_http_webhook_and_image_allowed_by_setting(make_settings: Any, models_fi
     with pytest.raises(InvalidRequest) as info:
         validate_request(body, registry, make_settings(allow_http=False))
     assert {f["field"] for f in info.value.fields} == {"webhook", "image"}
-    out = validate_request(body, registry, make_settings(allow_http=True,
-                                                         egress_allowlist="127.0.0.1"))
+    out = validate_request(
+        body, registry, make_settings(allow_http=True, egress_allowlist="127.0.0.1")
+    )
     assert out["webhook"] == body["webhook"]
 
 
-@pytest.mark.parametrize("url", [
-    "https://127.0.0.1/hook", "https://10.1.2.3/hook", "https://169.254.169.254/latest",
-    "https://[::1]/hook", "https://[::ffff:10.0.0.1]/hook", "https://[fd00::1]/hook",
-    "https://192.168.0.10:8443/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://127.0.0.1/hook",
+        "https://10.1.2.3/hook",
+        "https://169.254.169.254/latest",
+        "https://[::1]/hook",
+        "https://[::ffff:10.0.0.1]/hook",
+        "https://[fd00::1]/hook",
+        "https://192.168.0.10:8443/hook",
+    ],
+)
 def test_literal_private_addresses_are_refused_at_submit(
     make_settings: Any, models_file: str, url: str
 ) -> None:
@@ -500,12 +695,12 @@ def test_literal_private_addresses_are_refused_at_submit(
     for field in ("webhook", "image"):
         with pytest.raises(InvalidRequest) as info:
             validate_request({"prompt": P, field: url}, registry, make_settings())
-        assert info.value.fields == [
-            {"field": field, "message": info.value.fields[0]["message"]}]
+        assert info.value.fields == [{"field": field, "message": info.value.fields[0]["message"]}]
         assert "not a public address" in info.value.fields[0]["message"]
     # A host name is checked when it is called (its address can change): accepted here.
-    assert validate_request({"prompt": P, "webhook": "https://hooks.example.com/x"},
-                            registry, make_settings())["webhook"]
+    assert validate_request(
+        {"prompt": P, "webhook": "https://hooks.example.com/x"}, registry, make_settings()
+    )["webhook"]
 
 
 def test_metadata_at_the_limit_is_accepted(make_settings: Any, models_file: str) -> None:

@@ -17,13 +17,30 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_writes_an_image_and_stops_everything(tmp_path: Path, models_dir: Path) -> None:
-    env = {**os.environ, "ATELIER_MODELS_DIR": str(models_dir), "ATELIER_DEVICE": "cpu",
-           "ATELIER_TORCH_THREADS": "1"}
+    env = {
+        **os.environ,
+        "ATELIER_MODELS_DIR": str(models_dir),
+        "ATELIER_DEVICE": "cpu",
+        "ATELIER_TORCH_THREADS": "1",
+    }
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "demo", "a lighthouse at dusk", "--out", str(out),
-         "--seed", "3"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "demo",
+            "a lighthouse at dusk",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     path = Path(res.stdout.strip().splitlines()[-1])
@@ -43,10 +60,19 @@ def test_demo_cleans_up_when_terminated(tmp_path: Path, models_dir: Path) -> Non
 
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
-    env = {**os.environ, "ATELIER_MODELS_DIR": str(models_dir), "ATELIER_DEVICE": "cpu",
-           "TMPDIR": str(tmpdir)}
-    proc = subprocess.Popen([sys.executable, "-m", "producer.cli", "demo", "x"], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "ATELIER_MODELS_DIR": str(models_dir),
+        "ATELIER_DEVICE": "cpu",
+        "TMPDIR": str(tmpdir),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "demo", "x"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def worker_log() -> list[Path]:
         found = list(tmpdir.glob("atelier-demo-*/worker.log"))
@@ -68,6 +94,10 @@ def test_demo_cleans_up_when_terminated(tmp_path: Path, models_dir: Path) -> Non
         return [line for line in ps.splitlines() if str(tmpdir) in line]
 
     # redis-server ran with --dir in there; the worker logs there
-    wait_until(lambda: not lingering(), 10, interval=0.2,
-               message=lambda: f"no process of the demo left: {lingering()}")
+    wait_until(
+        lambda: not lingering(),
+        10,
+        interval=0.2,
+        message=lambda: f"no process of the demo left: {lingering()}",
+    )
     assert list(tmpdir.iterdir()) == []

@@ -21,10 +21,10 @@ import pytest
 import redis
 import yaml
 
-from producer import constants as K
-from producer.broker import queue_depth
-from producer.redis_url import is_sentinel, parse_sentinel_url
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.redis_url import is_sentinel, parse_sentinel_url
+from producer.core.settings import Settings
+from producer.jobs.broker import queue_depth
 from tests.helpers import settings_env, worker_env
 from tests.servers import ROOT, RedisServer, Worker
 
@@ -37,6 +37,7 @@ HEAVY = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "pef
 
 
 # -- reading the files ------------------------------------------------------------------
+
 
 def compose() -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())  # resolves <<: merge keys
@@ -81,8 +82,11 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
     sources = config_sources()
     env: dict[str, str] = {}
     for src in container.get("envFrom") or []:
-        kind, ref = (("ConfigMap", src["configMapRef"]) if "configMapRef" in src
-                     else ("Secret", src["secretRef"]))
+        kind, ref = (
+            ("ConfigMap", src["configMapRef"])
+            if "configMapRef" in src
+            else ("Secret", src["secretRef"])
+        )
         assert (kind, ref["name"]) in sources, f"{container['name']}: no {kind} {ref['name']}"
         env.update(sources[(kind, ref["name"])])
     for item in container.get("env") or []:
@@ -92,8 +96,9 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
 
 def settings_from(env: dict[str, str]) -> Settings:
     """The Settings a process with exactly ``env`` would build (ATELIER_* only)."""
-    values: dict[str, Any] = {k.removeprefix("ATELIER_").lower(): v for k, v in env.items()
-                              if k.startswith("ATELIER_")}
+    values: dict[str, Any] = {
+        k.removeprefix("ATELIER_").lower(): v for k, v in env.items() if k.startswith("ATELIER_")
+    }
     return Settings(**values)
 
 
@@ -134,14 +139,14 @@ def port_of(container: dict[str, Any], port: int | str) -> int:
 
 # -- settings names -----------------------------------------------------------------------
 
+
 def all_atelier_env() -> list[tuple[str, str]]:
     """(where, NAME) for every ATELIER_* name the deploy files set."""
     found = [(f"compose {n}", k) for n, svc in services().items() for k in service_env(svc)]
     for (kind, name), data in config_sources().items():
         found += [(f"{kind} {name}", k) for k in data]
     for name, dep in deployments().items():
-        found += [(f"Deployment {name}", e["name"])
-                  for e in only_container(dep).get("env") or []]
+        found += [(f"Deployment {name}", e["name"]) for e in only_container(dep).get("env") or []]
     for path in (API_DOCKERFILE, WORKER_DOCKERFILE):
         found += [(path.name, k) for k in re.findall(r"\b(ATELIER_[A-Z0-9_]+)=", path.read_text())]
     found += [(f"compose {COMPOSE.name} x-", k) for k in compose().get("x-atelier-env", {})]
@@ -170,6 +175,7 @@ def test_every_service_env_is_valid_settings() -> None:
 
 
 # -- docker-compose.yml -----------------------------------------------------------------------
+
 
 def test_compose_api_port_lines_up() -> None:
     api = services()["api"]
@@ -251,8 +257,13 @@ def compose_command() -> list[str] | None:
     """``docker compose`` (the plugin), else the standalone ``docker-compose``; neither
     needs a Docker engine to validate a file against the compose schema."""
     docker = shutil.which("docker")
-    if docker is not None and subprocess.run([docker, "compose", "version"],
-                                             capture_output=True, timeout=30).returncode == 0:
+    if (
+        docker is not None
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=30
+        ).returncode
+        == 0
+    ):
         return [docker, "compose"]
     standalone = shutil.which("docker-compose")
     return [standalone] if standalone else None
@@ -262,19 +273,26 @@ def test_compose_config_validates() -> None:
     cmd = compose_command()
     if cmd is None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    res = subprocess.run([*cmd, "-f", str(COMPOSE), "--profile", "ops", "config", "-q"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = subprocess.run(
+        [*cmd, "-f", str(COMPOSE), "--profile", "ops", "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr
 
 
 # -- images ---------------------------------------------------------------------------------
 
+
 def _pip_installs(dockerfile: Path) -> list[str]:
     """Every ``pip install …`` command of the file's RUN lines."""
     text = dockerfile.read_text().replace("\\\n", " ")
     runs = [line.strip() for line in text.splitlines() if line.strip().startswith("RUN ")]
-    return [cmd.strip() for run in runs for cmd in re.split(r"&&|;", run[4:])
-            if "pip install" in cmd]
+    return [
+        cmd.strip() for run in runs for cmd in re.split(r"&&|;", run[4:]) if "pip install" in cmd
+    ]
 
 
 def test_api_image_installs_no_torch() -> None:
@@ -287,7 +305,8 @@ def test_api_image_installs_no_torch() -> None:
     assert not deps & HEAVY, deps & HEAVY
     assert HEAVY - {"safetensors", "accelerate"} <= {
         re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower()
-        for d in project["optional-dependencies"]["worker"]}
+        for d in project["optional-dependencies"]["worker"]
+    }
 
 
 def test_worker_image_on_cuda_keeps_base_torch() -> None:
@@ -311,6 +330,7 @@ def test_dockerignore_keeps_the_venv_out() -> None:
 
 
 # -- Kubernetes ---------------------------------------------------------------------------------
+
 
 def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
@@ -462,10 +482,18 @@ def keda_stack(tmp_path: Path, models_dir: Path) -> Iterator[tuple[RedisServer, 
     models_file.write_text(TINY_AS_KEDA_MODEL)
     server = RedisServer(tmp_path / "redis").start()
     try:
-        yield server, {
-            "redis_url": server.url, "storage_url": f"file://{tmp_path / 'out'}",
-            "models_file": str(models_file), "models_dir": str(models_dir),
-            "default_model": KEDA_MODEL, "device": "cpu", "torch_threads": 1}
+        yield (
+            server,
+            {
+                "redis_url": server.url,
+                "storage_url": f"file://{tmp_path / 'out'}",
+                "models_file": str(models_file),
+                "models_dir": str(models_dir),
+                "default_model": KEDA_MODEL,
+                "device": "cpu",
+                "torch_threads": 1,
+            },
+        )
     finally:
         server.stop()
 
@@ -489,8 +517,10 @@ def test_keda_lists_hold_exactly_the_queued_jobs(
 
         priorities = [p % 10 for p in range(23)]  # every priority, some twice or thrice
         with Client(settings) as client:
-            ids = [client.submit(prompt=f"job {i}", priority=p, seed=i)
-                   for i, p in enumerate(priorities)]
+            ids = [
+                client.submit(prompt=f"job {i}", priority=p, seed=i)
+                for i, p in enumerate(priorities)
+            ]
             # No worker yet: every job waits in exactly one of the lists KEDA reads, the
             # one of its priority (list i holds atelier priority 9 - i).
             assert sum(lengths()) == len(ids) == queue_depth(r, KEDA_MODEL)
@@ -534,8 +564,7 @@ def test_sigterm_lets_the_running_job_finish(
     server, base = keda_stack
     worker = None
     try:
-        values = {**base, "job_timeout_s": 120, "worker_concurrency": 1,
-                  "progress_interval_s": 0.1}
+        values = {**base, "job_timeout_s": 120, "worker_concurrency": 1, "progress_interval_s": 0.1}
         settings = Settings(**values)
         worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
         worker.start()

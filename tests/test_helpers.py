@@ -17,8 +17,9 @@ def test_returns_the_first_truthy_value() -> None:
 
 def test_times_out_saying_what_was_awaited_and_the_last_value() -> None:
     start = time.monotonic()
-    with pytest.raises(AssertionError,
-                       match=r"not true after 0.2 s: the queue drains \(last value: 0\)"):
+    with pytest.raises(
+        AssertionError, match=r"not true after 0.2 s: the queue drains \(last value: 0\)"
+    ):
         wait_until(lambda: 0, 0.2, interval=0.01, message="the queue drains")
     assert 0.2 <= time.monotonic() - start < 2
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import redis
 
-from producer.errors import IdempotencyConflict
-from producer.idempotency import IdempotencyKey
-from producer.store import JobStore
+from producer.core.errors import IdempotencyConflict
+from producer.jobs.idempotency import IdempotencyKey
+from producer.jobs.store import JobStore
 
 #: A database no other test file uses; emptied around each test.
 DB = 10
@@ -28,8 +28,14 @@ def store(redis_url: str) -> Iterator[JobStore]:
 
 
 def doc(job_id: str, owner: str) -> Any:
-    return {"id": job_id, "status": "queued", "owner": owner, "request": REQUEST,
-            "created_at": "2026-12-01T00:00:00.000Z", "metadata": {}}
+    return {
+        "id": job_id,
+        "status": "queued",
+        "owner": owner,
+        "request": REQUEST,
+        "created_at": "2026-12-01T00:00:00.000Z",
+        "metadata": {},
+    }
 
 
 def test_the_key_names_its_job_for_the_same_body_only(store: JobStore) -> None:

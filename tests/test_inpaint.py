@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.contract import Status
+from producer.core.contract import Status
 from tests.helpers import (
     Stack,
     bare_run,
@@ -49,8 +49,13 @@ def test_inpaint_equals_diffusers_and_the_mask_matters(stack: Stack, bare_pipe: 
 
     image = png_data_uri((200, 30, 30))
     mask = data_uri(mask_image())
-    req: dict[str, Any] = {"prompt": "a garden", "seed": 5, "steps": 4, "image": image,
-                           "strength": 0.75}
+    req: dict[str, Any] = {
+        "prompt": "a garden",
+        "seed": 5,
+        "steps": 4,
+        "image": image,
+        "strength": 0.75,
+    }
     inpaint, _ = run_job(stack, **req, mask=mask)
     img2img, _ = run_job(stack, **req)
     assert inpaint["status"] == img2img["status"] == Status.SUCCEEDED, inpaint
@@ -63,9 +68,18 @@ def test_inpaint_equals_diffusers_and_the_mask_matters(stack: Stack, bare_pipe: 
     assert "mask" not in manifest["request"]
 
     pipe = StableDiffusionXLInpaintPipeline.from_pipe(bare_pipe)
-    bare = bare_run(pipe, 5, prompt="a garden", num_inference_steps=4, guidance_scale=5.0,
-                    image=Image.new("RGB", (64, 64), (200, 30, 30)), mask_image=mask_image(),
-                    strength=0.75, width=64, height=64)
+    bare = bare_run(
+        pipe,
+        5,
+        prompt="a garden",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        image=Image.new("RGB", (64, 64), (200, 30, 30)),
+        mask_image=mask_image(),
+        strength=0.75,
+        width=64,
+        height=64,
+    )
     worker_img = Image.open(io.BytesIO(s3_get(stack, inpaint["outputs"][0]["key"])))
     assert pixels(worker_img) == pixels(bare)
 

@@ -20,15 +20,15 @@ import pytest
 import redis
 from pydantic import TypeAdapter
 
-from producer import constants as K
 from producer.api import key_id
 from producer.api.files import FileLinks
 from producer.client import new_job_id
-from producer.contract import Kind, RecordView, Status, new_record, now_iso, terminal_event
-from producer.errors import InvalidRequest
-from producer.joblist import JobList
-from producer.settings import Settings
-from producer.store import JobStore
+from producer.core import keys as K
+from producer.core.contract import Kind, RecordView, Status, new_record, now_iso, terminal_event
+from producer.core.errors import InvalidRequest
+from producer.core.settings import Settings
+from producer.jobs.joblist import JobList
+from producer.jobs.store import JobStore
 from tests.helpers import Rig, wait_until, worker_env
 from tests.servers import RedisServer, Worker
 
@@ -68,8 +68,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         server.stop()
 
 
-def add_job(store: JobStore, owner: str | None, model: str, status: Status,
-            created: datetime, kind: Kind = Kind.GENERATE, legacy: bool = False) -> str:
+def add_job(
+    store: JobStore,
+    owner: str | None,
+    model: str,
+    status: Status,
+    created: datetime,
+    kind: Kind = Kind.GENERATE,
+    legacy: bool = False,
+) -> str:
     """A job written as the API and a worker would write it (through the store's
     transitions), created at ``created``; ``legacy``: a record from before kinds."""
     created_at = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -83,11 +90,17 @@ def add_job(store: JobStore, owner: str | None, model: str, status: Status,
         return job_id
     snap = store.load(job_id)
     running = dict(snap.record, status=Status.RUNNING.value, started_at=now_iso())
-    assert store.apply(job_id, allowed="queued", token=snap.token, record=running,
-                       new_token=f"run-{job_id}").ok
+    assert store.apply(
+        job_id, allowed="queued", token=snap.token, record=running, new_token=f"run-{job_id}"
+    ).ok
     ended = dict(running, status=status.value, finished_at=now_iso())
-    assert store.apply(job_id, allowed="running", token=f"run-{job_id}", record=ended,
-                       events=[terminal_event(ended)]).ok
+    assert store.apply(
+        job_id,
+        allowed="running",
+        token=f"run-{job_id}",
+        record=ended,
+        events=[terminal_event(ended)],
+    ).ok
     return job_id
 
 
@@ -113,15 +126,26 @@ def flat(pages: list[list[str]]) -> list[str]:
 
 def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
     t0 = datetime.now(UTC) - timedelta(seconds=10)
-    plan = [("m-one", Status.SUCCEEDED), ("m-two", Status.QUEUED), ("m-one", Status.FAILED),
-            ("m-one", Status.SUCCEEDED), ("m-two", Status.SUCCEEDED), ("m-one", Status.QUEUED),
-            ("m-one", Status.SUCCEEDED)]
-    jobs = [(add_job(env.store, OWNER_A, m, s, t0 + timedelta(milliseconds=i), legacy=i == 0),
-             m, s) for i, (m, s) in enumerate(plan)]
-    trained = add_job(env.store, OWNER_A, "m-one", Status.QUEUED,
-                      t0 + timedelta(milliseconds=50), kind=Kind.TRAIN)
-    theirs = [add_job(env.store, OWNER_B, "m-one", Status.SUCCEEDED,
-                      t0 + timedelta(milliseconds=i)) for i in (3, 60)]
+    plan = [
+        ("m-one", Status.SUCCEEDED),
+        ("m-two", Status.QUEUED),
+        ("m-one", Status.FAILED),
+        ("m-one", Status.SUCCEEDED),
+        ("m-two", Status.SUCCEEDED),
+        ("m-one", Status.QUEUED),
+        ("m-one", Status.SUCCEEDED),
+    ]
+    jobs = [
+        (add_job(env.store, OWNER_A, m, s, t0 + timedelta(milliseconds=i), legacy=i == 0), m, s)
+        for i, (m, s) in enumerate(plan)
+    ]
+    trained = add_job(
+        env.store, OWNER_A, "m-one", Status.QUEUED, t0 + timedelta(milliseconds=50), kind=Kind.TRAIN
+    )
+    theirs = [
+        add_job(env.store, OWNER_B, "m-one", Status.SUCCEEDED, t0 + timedelta(milliseconds=i))
+        for i in (3, 60)
+    ]
     newest_first = [trained] + [j for j, _, _ in reversed(jobs)]
 
     got = pages(env.api, A, limit=3)
@@ -130,8 +154,9 @@ def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
     # Two filters at once, one per page.
     want = [j for j, m, s in reversed(jobs) if m == "m-one" and s is Status.SUCCEEDED]
     assert pages(env.api, A, status="succeeded", model="m-one", limit=1) == [[j] for j in want]
-    assert flat(pages(env.api, A, status="queued", limit=2)) == [
-        trained] + [j for j, _, s in reversed(jobs) if s is Status.QUEUED]
+    assert flat(pages(env.api, A, status="queued", limit=2)) == [trained] + [
+        j for j, _, s in reversed(jobs) if s is Status.QUEUED
+    ]
     assert pages(env.api, A, kind="train") == [[trained]]
     # A record from before kinds is a generate job.
     assert flat(pages(env.api, A, kind="generate", limit=100)) == newest_first[1:]
@@ -149,9 +174,24 @@ def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
     client = env.rig.client()
     assert [r["id"] for r in client.list(owner=OWNER_A, limit=100)["data"]] == newest_first
     res = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "jobs", "--key", KEY_A, "--status",
-         "succeeded", "--limit", "2", "--json"], capture_output=True, text=True, timeout=60,
-        env=worker_env(env.rig.values()))
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "jobs",
+            "--key",
+            KEY_A,
+            "--status",
+            "succeeded",
+            "--limit",
+            "2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=worker_env(env.rig.values()),
+    )
     assert res.returncode == 0, res.stderr
     page = json.loads(res.stdout)
     everyone = [j for j, _, s in reversed(jobs) if s is Status.SUCCEEDED]
@@ -160,9 +200,14 @@ def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
 
 def test_bad_parameters_are_refused_naming_the_field(env: Env) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "ten"}, "limit"),
-        ({"status": "done"}, "status"), ({"kind": "paint"}, "kind"),
-        ({"cursor": "page-2"}, "cursor"), ({"model": ""}, "model")]
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"status": "done"}, "status"),
+        ({"kind": "paint"}, "kind"),
+        ({"cursor": "page-2"}, "cursor"),
+        ({"model": ""}, "model"),
+    ]
     for params, field in cases:
         res = env.api.get("/v1/jobs", params=params, headers=A)
         assert res.status_code == 422, (params, res.text)
@@ -209,8 +254,13 @@ def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
     res = env.api.post("/v1/jobs", headers=C, json={"prompt": "a lighthouse", "model": "sim"})
     assert res.status_code == 202, res.text
     job_id = res.json()["id"]
-    done = wait_until(lambda: (lambda d: d if d["status"] in {"succeeded", "failed"} else None)(
-        env.api.get(f"/v1/jobs/{job_id}", headers=C).json()), 60, message="the job ends")
+    done = wait_until(
+        lambda: (lambda d: d if d["status"] in {"succeeded", "failed"} else None)(
+            env.api.get(f"/v1/jobs/{job_id}", headers=C).json()
+        ),
+        60,
+        message="the job ends",
+    )
     assert done["status"] == "succeeded", done
     output = done["outputs"][0]
     base = str(env.api.base_url).rstrip("/")
@@ -226,26 +276,29 @@ def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
     listed = env.api.get("/v1/jobs", params={"model": "sim"}, headers=C).json()["data"][0]
     assert listed["outputs"][0]["url"].startswith(f"{base}/v1/files/")
     with env.api.stream("GET", f"/v1/jobs/{job_id}/events", headers=C) as stream:
-        frames = [json.loads(line[5:]) for line in stream.iter_lines()
-                  if line.startswith("data:")]
+        frames = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
     sent = [f["data"]["output"]["url"] for f in frames if f["type"] == "job.output"]
     assert sent and all(u.startswith(f"{base}/v1/files/") for u in sent)
     assert httpx.get(sent[0], timeout=10).content == on_disk
 
-    links = FileLinks(Settings(storage_url=f"file://{env.rig.out}", file_url_secret=SECRET,
-                               public_url=base))
+    links = FileLinks(
+        Settings(storage_url=f"file://{env.rig.out}", file_url_secret=SECRET, public_url=base)
+    )
     query = parse_qs(urlsplit(output["url"]).query)
     signature = query["signature"][0]
     refusals = {
         # expired (signed by the server's key, a day ago)
         links.url(output["key"], now=time.time() - 2 * 86400): (403, "url_expired"),
         # tampered: another signature, another key, another expiry
-        output["url"].replace(signature, ("A" if signature[0] != "A" else "B")
-                              + signature[1:]): (403, "invalid_signature"),
-        output["url"].replace(output["key"], f"{job_id}/manifest.json"):
-            (403, "invalid_signature"),
-        output["url"].replace(f"expires={query['expires'][0]}", "expires=9999999999"):
-            (403, "invalid_signature"),
+        output["url"].replace(signature, ("A" if signature[0] != "A" else "B") + signature[1:]): (
+            403,
+            "invalid_signature",
+        ),
+        output["url"].replace(output["key"], f"{job_id}/manifest.json"): (403, "invalid_signature"),
+        output["url"].replace(f"expires={query['expires'][0]}", "expires=9999999999"): (
+            403,
+            "invalid_signature",
+        ),
         # signed, but naming nothing under the storage root (dots sent encoded, as
         # httpx would resolve them), or a link out of it
         links.url(f"{job_id}/../../secret.png").replace("..", "%2E%2E"): (404, "not_found"),
@@ -259,4 +312,6 @@ def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
         assert (res.status_code, res.json()["error"]["code"]) == (status, code), url
     res = httpx.get(output["url"].split("?")[0], timeout=10)
     assert res.status_code == 422 and {f["field"] for f in res.json()["error"]["fields"]} == {
-        "query.expires", "query.signature"}
+        "query.expires",
+        "query.signature",
+    }

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.contract import EventType, Status
+from producer.core.contract import EventType, Status
 from tests.helpers import (
     Stack,
     bare_run,
@@ -30,8 +30,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_events_outputs_and_manifest(stack: Stack) -> None:
-    record, events = run_job(stack, prompt="a lighthouse at dusk", width=72, height=64,
-                             steps=6, seed=7, num_images=2, metadata={"user": "u1"})
+    record, events = run_job(
+        stack,
+        prompt="a lighthouse at dusk",
+        width=72,
+        height=64,
+        steps=6,
+        seed=7,
+        num_images=2,
+        metadata={"user": "u1"},
+    )
     assert record["status"] == Status.SUCCEEDED, record
     types = [e["type"] for e in events]
     # queued → started → progress… → output ×2 → succeeded, nothing else, in order
@@ -95,21 +103,33 @@ def test_worker_refuses_pickle(stack: Stack) -> None:
 
     from kombu.connection import Connection
 
-    from producer.broker import celery_config
+    from producer.jobs.broker import celery_config
 
     body = pickle.dumps(((), {}, {}))
     options = celery_config(stack.settings)["broker_transport_options"]
     with Connection(stack.settings.redis_url, transport_options=options) as conn:
         producer = conn.Producer()
-        producer.publish(body, routing_key="atelier.tiny-sdxl", exchange="atelier.tiny-sdxl",
-                         content_type="application/x-python-serialize",
-                         content_encoding="binary",
-                         headers={"task": "atelier.generate", "id": "pickled-1",
-                                  "argsrepr": "()", "kwargsrepr": "{}"})
+        producer.publish(
+            body,
+            routing_key="atelier.tiny-sdxl",
+            exchange="atelier.tiny-sdxl",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={
+                "task": "atelier.generate",
+                "id": "pickled-1",
+                "argsrepr": "()",
+                "kwargsrepr": "{}",
+            },
+        )
     assert stack.worker is not None
     worker = stack.worker
-    wait_until(lambda: "Refusing to deserialize" in worker.log(), 20, interval=0.1,
-               message=lambda: f"the worker refuses the pickle:\n{worker.log()[-2000:]}")
+    wait_until(
+        lambda: "Refusing to deserialize" in worker.log(),
+        20,
+        interval=0.1,
+        message=lambda: f"the worker refuses the pickle:\n{worker.log()[-2000:]}",
+    )
     # and the worker goes on serving
     record, _ = run_job(stack, prompt="after the pickle", steps=1)
     assert record["status"] == Status.SUCCEEDED
@@ -134,12 +154,27 @@ def test_drawn_seed_is_recorded_and_reproduces(stack: Stack) -> None:
 
 def test_worker_bytes_equal_bare_diffusers(stack: Stack, bare_pipe: Any) -> None:
     """The queue adds and loses nothing: same pixels as diffusers alone."""
-    req: dict[str, Any] = {"prompt": "a castle on a hill", "negative_prompt": "fog", "seed": 99,
-                           "steps": 5, "guidance_scale": 6.5, "width": 64, "height": 80}
+    req: dict[str, Any] = {
+        "prompt": "a castle on a hill",
+        "negative_prompt": "fog",
+        "seed": 99,
+        "steps": 5,
+        "guidance_scale": 6.5,
+        "width": 64,
+        "height": 80,
+    }
     record, _ = run_job(stack, **req)
     worker_img = Image.open(io.BytesIO(s3_get(stack, record["outputs"][0]["key"])))
-    bare = bare_run(bare_pipe, 99, prompt=req["prompt"], negative_prompt="fog",
-                    num_inference_steps=5, guidance_scale=6.5, width=64, height=80)
+    bare = bare_run(
+        bare_pipe,
+        99,
+        prompt=req["prompt"],
+        negative_prompt="fog",
+        num_inference_steps=5,
+        guidance_scale=6.5,
+        width=64,
+        height=80,
+    )
     assert worker_img.size == bare.size == (64, 80)
     assert pixels(worker_img) == pixels(bare)
 
@@ -150,8 +185,14 @@ def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
     red_uri = png_data_uri((255, 0, 0))
     txt, _ = run_job(stack, prompt="a garden", seed=5, steps=4)
     red, _ = run_job(stack, prompt="a garden", seed=5, steps=4, image=red_uri, strength=0.5)
-    green, _ = run_job(stack, prompt="a garden", seed=5, steps=4,
-                       image=png_data_uri((0, 255, 0), (96, 96)), strength=0.5)
+    green, _ = run_job(
+        stack,
+        prompt="a garden",
+        seed=5,
+        steps=4,
+        image=png_data_uri((0, 255, 0), (96, 96)),
+        strength=0.5,
+    )
     assert red["status"] == green["status"] == Status.SUCCEEDED
     assert red["request"]["strength"] == 0.5
     # the record keeps a reference, not megabytes of base64; the manifest the same hash
@@ -168,8 +209,15 @@ def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
 
     # and the pixels are exactly diffusers' img2img on the same weights
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(bare_pipe)
-    bare = bare_run(img2img, 5, prompt="a garden", num_inference_steps=4, guidance_scale=5.0,
-                    image=Image.new("RGB", (64, 64), (255, 0, 0)), strength=0.5)
+    bare = bare_run(
+        img2img,
+        5,
+        prompt="a garden",
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        image=Image.new("RGB", (64, 64), (255, 0, 0)),
+        strength=0.5,
+    )
     worker_img = Image.open(io.BytesIO(s3_get(stack, red["outputs"][0]["key"])))
     assert pixels(worker_img) == pixels(bare)
 
@@ -188,8 +236,9 @@ def test_img2img_from_url_through_the_guard(stack: Stack, tmp_path: Any) -> None
         port = server.server_address[1]
         ok, _ = run_job(stack, prompt="a lake", steps=2, image=f"http://127.0.0.1:{port}/init.png")
         assert ok["status"] == Status.SUCCEEDED, ok
-        missing, _ = run_job(stack, prompt="a lake", steps=2,
-                             image=f"http://127.0.0.1:{port}/missing.png")
+        missing, _ = run_job(
+            stack, prompt="a lake", steps=2, image=f"http://127.0.0.1:{port}/missing.png"
+        )
         assert missing["status"] == Status.FAILED
         assert missing["error"]["code"] == "image_fetch_failed"
         # ::1 is loopback and not on the allowlist (127.0.0.1 is): a literal address is
@@ -291,9 +340,28 @@ def test_cli_submit_wait_downloads_the_images(stack: Stack, tmp_path: Any) -> No
 
     env = worker_env(stack.values)
     res = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "submit", "a quiet harbour", "--steps", "2",
-         "--seed", "11", "--num-images", "2", "--wait", "--out", str(tmp_path), "--json"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "submit",
+            "a quiet harbour",
+            "--steps",
+            "2",
+            "--seed",
+            "11",
+            "--num-images",
+            "2",
+            "--wait",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads(res.stdout)
@@ -315,8 +383,14 @@ def test_cli_queues_workers_and_status_read_the_fleet(stack: Stack) -> None:
     env = worker_env(stack.values)
 
     def cli(*args: str) -> Any:
-        res = subprocess.run([sys.executable, "-m", "producer.cli", *args], capture_output=True,
-                             text=True, env=env, cwd=ROOT, timeout=60)
+        res = subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
 

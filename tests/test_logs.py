@@ -11,9 +11,9 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from producer import constants as K
-from producer.logs import JobIdFilter, JsonFormatter, job_context
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.logs import JobIdFilter, JsonFormatter, job_context
+from producer.core.settings import Settings
 from worker.metrics import BusyClock
 
 
@@ -50,8 +50,13 @@ def test_json_lines_carry_the_job_id_of_their_context_only() -> None:
     except ValueError:
         log.exception("failed")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [d["message"] for d in lines] == ["before", "inside a", "elsewhere", "explicit",
-                                            "failed"]
+    assert [d["message"] for d in lines] == [
+        "before",
+        "inside a",
+        "elsewhere",
+        "explicit",
+        "failed",
+    ]
     assert [d.get("job_id") for d in lines] == [None, "job-a", None, "job-b", None]
     assert lines[1]["level"] == "INFO" and lines[1]["ts"].endswith("Z")
     assert "ValueError: boom" in lines[4]["exc"]
@@ -70,8 +75,10 @@ def test_celery_task_lines_take_the_job_id_from_the_task() -> None:
     assert "job_id" not in second
 
 
-@pytest.mark.parametrize("name,value", [("log_format", "yaml"), ("metrics_port", "70000"),
-                                        ("gil_switch_interval_ms", "0")])
+@pytest.mark.parametrize(
+    "name,value",
+    [("log_format", "yaml"), ("metrics_port", "70000"), ("gil_switch_interval_ms", "0")],
+)
 def test_bad_operations_settings_name_their_variable(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:

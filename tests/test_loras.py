@@ -9,11 +9,11 @@ from typing import Any
 import boto3
 import pytest
 
-from producer.contract import Status
-from producer.errors import InvalidLora
-from producer.registry import Registry
-from producer.settings import Settings
-from producer.storage import LocalStorage
+from producer.core.contract import Status
+from producer.core.errors import InvalidLora
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from producer.core.storage import LocalStorage
 from tests.helpers import BUCKET, Stack, pixels, run_job, s3_get
 
 P: dict[str, Any] = {"prompt": "a copper kettle", "seed": 31, "steps": 3}
@@ -48,14 +48,15 @@ def test_lora_changes_the_image_scale_zero_does_not_and_nothing_leaks(stack: Sta
 
 @pytest.mark.slow
 def test_lora_from_a_storage_key(stack: Stack, models_dir: Path) -> None:
-    from worker.tiny import ensure_builtin
+    from worker.builtin.tiny import ensure_builtin
 
     data = ensure_builtin(LORA, models_dir).read_bytes()
     s3 = boto3.client("s3", endpoint_url=stack.settings.s3_endpoint_url)
     s3.put_object(Bucket=BUCKET, Key="adapters/style.safetensors", Body=data)
     by_name, _ = run_job(stack, **P, loras=[{"name": LORA, "scale": 0.8}])
-    by_key, _ = run_job(stack, **P, loras=[{"name": "storage:adapters/style.safetensors",
-                                            "scale": 0.8}])
+    by_key, _ = run_job(
+        stack, **P, loras=[{"name": "storage:adapters/style.safetensors", "scale": 0.8}]
+    )
     assert image_pixels(stack, by_key) == image_pixels(stack, by_name)
     missing, _ = run_job(stack, **P, loras=[{"name": "storage:adapters/none.safetensors"}])
     assert missing["status"] == Status.FAILED
@@ -71,7 +72,7 @@ def test_lora_from_a_storage_key(stack: Stack, models_dir: Path) -> None:
 
 
 def lora_files(tmp_path: Path, models_dir: Path) -> tuple[LocalStorage, int]:
-    from worker.tiny import build_tiny_lora
+    from worker.builtin.tiny import build_tiny_lora
 
     for i in range(3):
         build_tiny_lora(tmp_path / f"l{i}.safetensors", models_dir / "tiny-sdxl", seed=i)
@@ -79,7 +80,7 @@ def lora_files(tmp_path: Path, models_dir: Path) -> tuple[LocalStorage, int]:
 
 
 def test_cache_keeps_recent_adapters_within_its_bound(tmp_path: Path, models_dir: Path) -> None:
-    from worker.loras import LoraCache
+    from worker.diffusion.loras import LoraCache
 
     storage, size = lora_files(tmp_path, models_dir)
     cache = LoraCache(Settings(models_dir=str(models_dir)), Registry.load(), storage)
@@ -102,7 +103,7 @@ def test_cache_keeps_recent_adapters_within_its_bound(tmp_path: Path, models_dir
 
 
 def test_tiny_lora_builds_to_the_same_bytes(tmp_path: Path, models_dir: Path) -> None:
-    from worker.tiny import build_tiny_lora, ensure_builtin
+    from worker.builtin.tiny import build_tiny_lora, ensure_builtin
 
     again = build_tiny_lora(tmp_path / "again.safetensors", models_dir / "tiny-sdxl")
     assert again.read_bytes() == ensure_builtin(LORA, models_dir).read_bytes()
@@ -115,17 +116,24 @@ def test_an_adapter_that_fits_nothing_is_refused_and_leaves_nothing(
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    from worker.loras import LoraCache, apply_loras
+    from worker.diffusion.loras import LoraCache, apply_loras
 
-    save_file({"no_such_block.lora_A.weight": torch.zeros(4, 8),
-               "no_such_block.lora_B.weight": torch.zeros(8, 4)},
-              str(tmp_path / "alien.safetensors"))
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
-    cache = LoraCache(Settings(models_dir=str(models_dir)), Registry.load(),
-                      LocalStorage(tmp_path))
+    save_file(
+        {
+            "no_such_block.lora_A.weight": torch.zeros(4, 8),
+            "no_such_block.lora_B.weight": torch.zeros(8, 4),
+        },
+        str(tmp_path / "alien.safetensors"),
+    )
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
+    cache = LoraCache(Settings(models_dir=str(models_dir)), Registry.load(), LocalStorage(tmp_path))
     with pytest.raises(InvalidLora) as info:
-        apply_loras(pipe, cache, [{"name": LORA, "scale": 1.0},
-                                  {"name": "storage:alien.safetensors", "scale": 1.0}])
+        apply_loras(
+            pipe,
+            cache,
+            [{"name": LORA, "scale": 1.0}, {"name": "storage:alien.safetensors", "scale": 1.0}],
+        )
     assert str(info.value).startswith("loras.1.name: ")
     assert pipe.get_list_adapters() == {}  # the first one was unloaded again

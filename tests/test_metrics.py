@@ -24,10 +24,10 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Client
-from producer import constants as K
-from producer.broker import make_celery, queue_depth
-from producer.fleet import live_workers
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.settings import Settings
+from producer.jobs.broker import make_celery, queue_depth
+from producer.jobs.fleet import live_workers
 from tests.helpers import stack_values, wait_until, worker_env
 from tests.receiver import Receiver
 from tests.servers import Process, RedisServer, Worker, api_process, dispatcher_process, free_port
@@ -41,12 +41,16 @@ API_KEY = "metrics-key-0123456789"
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of ``/metrics`` as {(name, sorted labels): value}."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).raise_for_status().text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
-def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           **labels: str) -> float | None:
+def sample(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float | None:
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
@@ -63,8 +67,7 @@ class EventCapture(threading.Thread):
     def run(self) -> None:
         try:
             with self.app.connection() as conn:
-                self.receiver = self.app.events.Receiver(
-                    conn, handlers={"*": self.events.append})
+                self.receiver = self.app.events.Receiver(conn, handlers={"*": self.events.append})
                 self.receiver.capture(limit=None, timeout=None, wakeup=False)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
@@ -101,21 +104,33 @@ class Ran:
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-        models_file: str) -> Iterator[Ran]:
+def ran(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, models_file: str
+) -> Iterator[Ran]:
     """The processes, after a successful and a failing job with webhooks."""
     tmp = tmp_path_factory.mktemp("metrics")
     redis_server = RedisServer(tmp / "redis").start()
     worker_port, dispatcher_port = free_port(), free_port()
-    values = stack_values(redis_server.url, models_dir, models_file, f"file://{tmp / 'out'}",
-                          log_format="json", worker_concurrency=1, webhook_secret=SECRET,
-                          webhook_retry_schedule_s="0.3,0.3", webhook_read_timeout_s=2,
-                          webhook_connect_timeout_s=1, worker_heartbeat_s=0.3)
+    values = stack_values(
+        redis_server.url,
+        models_dir,
+        models_file,
+        f"file://{tmp / 'out'}",
+        log_format="json",
+        worker_concurrency=1,
+        webhook_secret=SECRET,
+        webhook_retry_schedule_s="0.3,0.3",
+        webhook_read_timeout_s=2,
+        webhook_connect_timeout_s=1,
+        worker_heartbeat_s=0.3,
+    )
     settings = Settings(**values)
-    worker = Worker(worker_env({**values, "metrics_port": worker_port}), tmp / "worker.log",
-                    ["tiny-sdxl"])
-    dispatcher = dispatcher_process(worker_env({**values, "metrics_port": dispatcher_port}),
-                                    tmp / "dispatcher.log")
+    worker = Worker(
+        worker_env({**values, "metrics_port": worker_port}), tmp / "worker.log", ["tiny-sdxl"]
+    )
+    dispatcher = dispatcher_process(
+        worker_env({**values, "metrics_port": dispatcher_port}), tmp / "dispatcher.log"
+    )
     capture = EventCapture(settings)
     try:
         with Receiver() as receiver:
@@ -128,15 +143,20 @@ def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
             # Task events start when a monitor asks, as Flower does every few seconds
             # (its enable_events option: a remote control command the worker answers).
             ran.enabled = wait_until(
-                lambda: capture.app.control.enable_events(reply=True, timeout=2), 30,
-                interval=1.0, message="the worker's reply to enable_events")
+                lambda: capture.app.control.enable_events(reply=True, timeout=2),
+                30,
+                interval=1.0,
+                message="the worker's reply to enable_events",
+            )
             with Client(settings) as client:
-                ran.ok = client.submit(prompt="a lighthouse", steps=2,
-                                       webhook=receiver.url("/ok"))
+                ran.ok = client.submit(prompt="a lighthouse", steps=2, webhook=receiver.url("/ok"))
                 # Nothing listens on port 1: the init image cannot be fetched.
-                ran.bad = client.submit(prompt="a lighthouse", steps=2,
-                                        image="http://127.0.0.1:1/init.png",
-                                        webhook=receiver.script("/flaky", 500, 204))
+                ran.bad = client.submit(
+                    prompt="a lighthouse",
+                    steps=2,
+                    image="http://127.0.0.1:1/init.png",
+                    webhook=receiver.script("/flaky", 500, 204),
+                )
                 assert client.wait(ran.ok, timeout=60)["status"] == "succeeded"
                 failed = client.wait(ran.bad, timeout=60)
                 assert failed["status"] == "failed"
@@ -144,8 +164,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
             receiver.wait_for("/ok", 1)
             receiver.wait_for("/flaky", 2)
             for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):
-                capture.wait_for(lambda e, j=job_id, t=ended: e["type"] == t
-                                 and e["uuid"] == j)
+                capture.wait_for(lambda e, j=job_id, t=ended: e["type"] == t and e["uuid"] == j)
             ran.events = list(capture.events)
             yield ran
     finally:
@@ -159,8 +178,12 @@ def test_worker_metrics_count_jobs_by_outcome_and_time_them(ran: Ran) -> None:
     m = scrape(ran.worker_port)
     model = "tiny-sdxl"
     assert sample(m, "atelier_jobs_total", model=model, status="succeeded", error_code="") == 1
-    assert sample(m, "atelier_jobs_total", model=model, status="failed",
-                  error_code="image_fetch_failed") == 1
+    assert (
+        sample(
+            m, "atelier_jobs_total", model=model, status="failed", error_code="image_fetch_failed"
+        )
+        == 1
+    )
     # Both jobs started (queued time) and ended; only the successful one generated,
     # encoded and uploaded.
     assert sample(m, "atelier_job_queued_seconds_count", model=model) == 2
@@ -199,18 +222,24 @@ def test_busy_time_grows_while_a_job_generates(ran: Ran) -> None:
             [beat] = live_workers(store.redis)
             return beat if beat["current_jobs"] == [job_id] else None
 
-        beat = wait_until(busy_beat, 10, interval=0.1,
-                          message=lambda: f"a heartbeat busy with {job_id}: "
-                                          f"{live_workers(store.redis)}")
+        beat = wait_until(
+            busy_beat,
+            10,
+            interval=0.1,
+            message=lambda: f"a heartbeat busy with {job_id}: {live_workers(store.redis)}",
+        )
         assert beat["state"] == "busy" and beat["current_jobs"] == [job_id]
         client.cancel(job_id)
         assert client.wait(job_id, timeout=60)["status"] == "cancelled"
     after = scrape(ran.worker_port)
     assert (sample(during, "atelier_worker_busy_seconds_total") or 0) > before
     assert (sample(after, "atelier_worker_busy_seconds_total") or 0) >= (
-        sample(during, "atelier_worker_busy_seconds_total") or 0)
-    assert sample(after, "atelier_jobs_total", model="tiny-sdxl", status="cancelled",
-                  error_code="") == 1
+        sample(during, "atelier_worker_busy_seconds_total") or 0
+    )
+    assert (
+        sample(after, "atelier_jobs_total", model="tiny-sdxl", status="cancelled", error_code="")
+        == 1
+    )
 
 
 def test_gpu_memory_gauges_come_from_the_memory_reading() -> None:
@@ -220,15 +249,25 @@ def test_gpu_memory_gauges_come_from_the_memory_reading() -> None:
     from worker.metrics import WorkerMetrics
 
     metrics = WorkerMetrics()
-    metrics.watch(lambda: (["j1"], 3), lambda: {
-        "rss_max_bytes": 1, "gpu_allocated_bytes": 5, "gpu_used_bytes": 7,
-        "gpu_total_bytes": 11})
+    metrics.watch(
+        lambda: (["j1"], 3),
+        lambda: {
+            "rss_max_bytes": 1,
+            "gpu_allocated_bytes": 5,
+            "gpu_used_bytes": 7,
+            "gpu_total_bytes": 11,
+        },
+    )
     metrics.job_ended("m", "failed", {"code": "timeout", "message": "x"}, {"queued_ms": 1500})
     text = generate_latest(metrics.registry).decode()
-    m = {(s.name, tuple(sorted(s.labels.items()))): s.value
-         for family in text_string_to_metric_families(text) for s in family.samples}
-    assert [sample(m, "atelier_worker_gpu_memory_bytes", kind=k)
-            for k in ("allocated", "used", "total")] == [5, 7, 11]
+    m = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert [
+        sample(m, "atelier_worker_gpu_memory_bytes", kind=k) for k in ("allocated", "used", "total")
+    ] == [5, 7, 11]
     assert sample(m, "atelier_worker_jobs_in_progress") == 1
     assert sample(m, "atelier_jobs_total", model="m", status="failed", error_code="timeout") == 1
     assert sample(m, "atelier_job_queued_seconds_sum", model="m") == 1.5
@@ -241,8 +280,7 @@ def test_dispatcher_metrics_count_outcomes(ran: Ran) -> None:
     assert sample(m, total, event_type="job.succeeded", outcome="delivered") == 1
     assert sample(m, total, event_type="job.failed", outcome="retry") == 1
     assert sample(m, total, event_type="job.failed", outcome="delivered") == 1
-    assert sample(m, "atelier_webhook_delivery_duration_seconds_count",
-                  outcome="delivered") == 2
+    assert sample(m, "atelier_webhook_delivery_duration_seconds_count", outcome="delivered") == 2
     assert sample(m, "atelier_webhook_retries_pending") == 0
     assert sample(m, "atelier_metrics_scrape_errors_total") == 0
     for reason in K.RECONCILE_REASONS:
@@ -316,9 +354,15 @@ def test_api_reports_queues_and_survives_redis_outage(
     tmp_path: Path, models_dir: Path, models_file: str
 ) -> None:
     redis_server = RedisServer(tmp_path / "redis").start()
-    values = stack_values(redis_server.url, models_dir, models_file,
-                          f"file://{tmp_path / 'out'}", log_format="json", api_keys=API_KEY,
-                          rate_limit_per_s=0)
+    values = stack_values(
+        redis_server.url,
+        models_dir,
+        models_file,
+        f"file://{tmp_path / 'out'}",
+        log_format="json",
+        api_keys=API_KEY,
+        rate_limit_per_s=0,
+    )
     api = api_process(worker_env(values), tmp_path / "api.log")
     auth = {"Authorization": f"Bearer {API_KEY}"}
     try:
@@ -326,8 +370,12 @@ def test_api_reports_queues_and_survives_redis_outage(
         assert api.port is not None
         with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=10) as http:
             # No worker serves tiny-idle: its jobs wait.
-            ids = [http.post("/v1/jobs", headers=auth, json={
-                "prompt": "a lighthouse", "model": "tiny-idle"}).json()["id"] for _ in range(3)]
+            ids = [
+                http.post(
+                    "/v1/jobs", headers=auth, json={"prompt": "a lighthouse", "model": "tiny-idle"}
+                ).json()["id"]
+                for _ in range(3)
+            ]
             time.sleep(0.05)
             assert http.get(f"/v1/jobs/{ids[0]}", headers=auth).status_code == 200
             assert http.get("/v1/queues", headers=auth).status_code == 200
@@ -337,15 +385,23 @@ def test_api_reports_queues_and_survives_redis_outage(
             assert (sample(m, "atelier_queue_oldest_age_seconds", model="tiny-idle") or 0) > 0
             assert sample(m, "atelier_queue_depth", model="tiny-sdxl") == 0
             assert sample(m, "atelier_queue_oldest_age_seconds", model="tiny-sdxl") == 0
-            assert sample(m, "atelier_api_requests_total", method="GET",
-                          route="/v1/queues", status="200") == 1
+            assert (
+                sample(
+                    m, "atelier_api_requests_total", method="GET", route="/v1/queues", status="200"
+                )
+                == 1
+            )
 
             redis_server.stop()
             down = scrape(api.port)  # still answers, without the Redis-backed gauges
             assert not any(name == "atelier_queue_depth" for name, _ in down)
             assert (sample(down, "atelier_metrics_scrape_errors_total") or 0) >= 1
-            assert sample(down, "atelier_api_requests_total", method="GET",
-                          route="/metrics", status="200") == 1
+            assert (
+                sample(
+                    down, "atelier_api_requests_total", method="GET", route="/metrics", status="200"
+                )
+                == 1
+            )
     finally:
         api.stop()
         redis_server.stop()
@@ -357,6 +413,7 @@ def test_api_reports_queues_and_survives_redis_outage(
         about = [d for d in lines if job_id in d["message"]]
         assert about and all(d.get("job_id") == job_id for d in about), about
     # The job's own route: uvicorn's access line names it, and carries its id.
-    [get] = [d for d in lines if d["logger"] == "uvicorn.access" and "GET /v1/jobs/" in
-             d["message"]]
+    [get] = [
+        d for d in lines if d["logger"] == "uvicorn.access" and "GET /v1/jobs/" in d["message"]
+    ]
     assert get["job_id"] == ids[0]

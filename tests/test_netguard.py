@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from producer.netguard import EgressRefused, fetch, parse_allowlist, resolve_checked
+from producer.core.netguard import EgressRefused, fetch, parse_allowlist, resolve_checked
 
 PRIVATE = [
     "127.0.0.1",
@@ -169,8 +169,9 @@ class _Server(ThreadingHTTPServer):
 @pytest.fixture
 def http_server() -> Iterator[_Server]:
     server = _Server()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
     thread.start()
     yield server
     server.shutdown()
@@ -183,11 +184,24 @@ def url(server: _Server, path: str) -> str:
 
 
 def test_fetch_with_allowlist_and_http(http_server: _Server) -> None:
-    body = fetch(url(http_server, "/img.png"), max_bytes=1024, allowlist="127.0.0.1",
-                 allow_http=True, timeout=5)
+    body = fetch(
+        url(http_server, "/img.png"),
+        max_bytes=1024,
+        allowlist="127.0.0.1",
+        allow_http=True,
+        timeout=5,
+    )
     assert body == BODY
-    assert fetch(url(http_server, "/img.png?v=2"), max_bytes=1024, allowlist="127.0.0.0/8",
-                 allow_http=True, timeout=5) == BODY[::-1]
+    assert (
+        fetch(
+            url(http_server, "/img.png?v=2"),
+            max_bytes=1024,
+            allowlist="127.0.0.0/8",
+            allow_http=True,
+            timeout=5,
+        )
+        == BODY[::-1]
+    )
     assert http_server.paths == ["/img.png", "/img.png?v=2"]
 
 
@@ -212,32 +226,61 @@ def test_fetch_of_http_is_refused_unless_allowed(http_server: _Server) -> None:
 
 def test_fetch_does_not_follow_redirects(http_server: _Server) -> None:
     with pytest.raises(ValueError, match="302"):
-        fetch(url(http_server, "/redirect"), max_bytes=1024, allowlist="127.0.0.1",
-              allow_http=True, timeout=5)
+        fetch(
+            url(http_server, "/redirect"),
+            max_bytes=1024,
+            allowlist="127.0.0.1",
+            allow_http=True,
+            timeout=5,
+        )
     assert http_server.paths == ["/redirect"]  # the target was never requested
 
 
 def test_fetch_error_status_raises(http_server: _Server) -> None:
     with pytest.raises(ValueError, match="404"):
-        fetch(url(http_server, "/missing"), max_bytes=1024, allowlist="127.0.0.1",
-              allow_http=True, timeout=5)
+        fetch(
+            url(http_server, "/missing"),
+            max_bytes=1024,
+            allowlist="127.0.0.1",
+            allow_http=True,
+            timeout=5,
+        )
 
 
 @pytest.mark.parametrize("path", ["/big", "/big-unannounced"])
 def test_fetch_caps_the_body(http_server: _Server, path: str) -> None:
     with pytest.raises(ValueError, match="larger than"):
-        fetch(url(http_server, path), max_bytes=len(BIG) - 1, allowlist="127.0.0.1",
-              allow_http=True, timeout=5)
+        fetch(
+            url(http_server, path),
+            max_bytes=len(BIG) - 1,
+            allowlist="127.0.0.1",
+            allow_http=True,
+            timeout=5,
+        )
     # Exactly at the cap is fine.
-    assert fetch(url(http_server, path), max_bytes=len(BIG), allowlist="127.0.0.1",
-                 allow_http=True, timeout=5) == BIG
+    assert (
+        fetch(
+            url(http_server, path),
+            max_bytes=len(BIG),
+            allowlist="127.0.0.1",
+            allow_http=True,
+            timeout=5,
+        )
+        == BIG
+    )
 
 
 def test_fetch_has_a_total_deadline(http_server: _Server) -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="longer than"):
-        fetch(url(http_server, "/trickle"), max_bytes=1000, timeout=1.0, total_timeout=1.0,
-              allowlist="127.0.0.1", allow_http=True)
+        fetch(
+            url(http_server, "/trickle"),
+            max_bytes=1000,
+            timeout=1.0,
+            total_timeout=1.0,
+            allowlist="127.0.0.1",
+            allow_http=True,
+        )
     assert time.monotonic() - started < 3.0
 
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis
 
-from producer import constants as K
-from producer.contract import Status
-from producer.store import JobStore
+from producer.core import keys as K
+from producer.core.contract import Status
+from producer.jobs.store import JobStore
 from tests.helpers import settings_env
 from tests.servers import RedisServer, api_process
 
@@ -85,9 +85,17 @@ def api_url(redis_server: RedisServer, models_file: str, session_dir: Path) -> I
     url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
     r = redis.Redis.from_url(url)
     r.flushdb()
-    env = {**settings_env(redis_url=url, models_file=models_file, api_keys=KEY,
-                          admin_api_keys=KEY, rate_limit_per_s=0, sse_heartbeat_s=0.5),
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        **settings_env(
+            redis_url=url,
+            models_file=models_file,
+            api_keys=KEY,
+            admin_api_keys=KEY,
+            rate_limit_per_s=0,
+            sse_heartbeat_s=0.5,
+        ),
+        "PATH": "/usr/bin:/bin",
+    }
     proc = api_process(env, session_dir / "logs" / "api-openapi.log").start()
     canceller = Canceller(url)
     canceller.start()
@@ -121,8 +129,11 @@ def test_every_reference_resolves_and_jobs_link_to_their_routes(api_url: str) ->
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
     links = spec["paths"]["/v1/jobs"]["post"]["responses"]["202"]["links"]
     operations = {op["operationId"] for ops in spec["paths"].values() for op in ops.values()}
-    assert {link["operationId"] for link in links.values()} == {
-        "get_job", "cancel_job", "job_events"} <= operations
+    assert (
+        {link["operationId"] for link in links.values()}
+        == {"get_job", "cancel_job", "job_events"}
+        <= operations
+    )
     assert all(link["parameters"] == {"job_id": "$response.body#/id"} for link in links.values())
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
@@ -135,11 +146,30 @@ def test_schemathesis_finds_nothing(api_url: str, tmp_path: Path) -> None:
     config.write_text(CONFIG)
     binary = Path(sys.executable).parent / "schemathesis"
     res = subprocess.run(
-        [str(binary), "--config-file", str(config), "run", f"{api_url}/openapi.json",
-         "--checks", "all", "--header", f"Authorization: Bearer {KEY}",
-         "--max-examples", "20", "--seed", "1", "--workers", "1", "--request-timeout", "10",
-         "--no-color"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [
+            str(binary),
+            "--config-file",
+            str(config),
+            "run",
+            f"{api_url}/openapi.json",
+            "--checks",
+            "all",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            "--max-examples",
+            "20",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--request-timeout",
+            "10",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     out = res.stdout + res.stderr
     assert "nresolvable" not in out, out[-6000:]
@@ -149,6 +179,7 @@ def test_schemathesis_finds_nothing(api_url: str, tmp_path: Path) -> None:
     assert selected and tested, out[-3000:]
     assert int(selected[1]) == int(selected[2]) == int(tested[1]) == 15, out[-3000:]
     # The stateful phase followed the links from a created job to its routes.
-    stateful = re.search(r"Stateful \(in.*?Scenarios: +(\d+).*?API Links: +(\d+) covered",
-                         out, re.DOTALL)
+    stateful = re.search(
+        r"Stateful \(in.*?Scenarios: +(\d+).*?API Links: +(\d+) covered", out, re.DOTALL
+    )
     assert stateful and int(stateful[1]) > 0 and int(stateful[2]) >= 3, out[-3000:]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer.contract import EventType, Status, parse_iso
-from producer.settings import Settings
+from producer.core.contract import EventType, Status, parse_iso
+from producer.core.settings import Settings
 from tests.helpers import BUCKET, stack_values, worker_env
 from tests.servers import RedisServer, S3Server, Worker
 
@@ -41,16 +41,20 @@ def eid(event_id: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def workers(session_dir: Path, redis_server: RedisServer, s3_server: S3Server,
-            models_dir: Path) -> Iterator[dict[str, Any]]:
+def workers(
+    session_dir: Path, redis_server: RedisServer, s3_server: S3Server, models_dir: Path
+) -> Iterator[dict[str, Any]]:
     models_file = session_dir / "overlap-models.toml"
     models_file.write_text(MODELS)
-    values = stack_values(redis_server.url, models_dir, str(models_file),
-                          f"s3://{BUCKET}/overlap", s3_server.endpoint)
-    overlap = Worker(worker_env(values), session_dir / "logs" / "overlap.log",
-                     ["sim-overlap"])
-    inline = Worker(worker_env({**values, "overlap_postprocess": "false"}),
-                    session_dir / "logs" / "inline.log", ["sim-inline"])
+    values = stack_values(
+        redis_server.url, models_dir, str(models_file), f"s3://{BUCKET}/overlap", s3_server.endpoint
+    )
+    overlap = Worker(worker_env(values), session_dir / "logs" / "overlap.log", ["sim-overlap"])
+    inline = Worker(
+        worker_env({**values, "overlap_postprocess": "false"}),
+        session_dir / "logs" / "inline.log",
+        ["sim-inline"],
+    )
     overlap.start(wait=False)
     inline.start(wait=False)
     try:
@@ -62,8 +66,11 @@ def workers(session_dir: Path, redis_server: RedisServer, s3_server: S3Server,
         inline.stop()
 
 
-def run_three(settings: Settings, model: str, watch_unacked: bool = False,
-              ) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], list[bool]]:
+def run_three(
+    settings: Settings,
+    model: str,
+    watch_unacked: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], list[bool]]:
     """Three jobs at once; their records, the first event id of each type, and what
     was seen of their messages while they were being post-processed."""
     with Client(settings) as client:
@@ -86,8 +93,9 @@ def watch_post_processing(client: Client, ids: list[str]) -> list[bool]:
     deadline = time.monotonic() + 30
     done: set[str] = set()
     while len(done) < len(ids) and time.monotonic() < deadline:
-        started = [j for j in ids
-                   if any(e["type"] == EventType.STARTED for e in client.store.events(j))]
+        started = [
+            j for j in ids if any(e["type"] == EventType.STARTED for e in client.store.events(j))
+        ]
         raw: Any = client.store.redis.hvals("unacked")  # bytes (decode_responses off)
         unacked = b"".join(raw)
         for job_id in ids:
@@ -108,8 +116,7 @@ def watch_post_processing(client: Client, ids: list[str]) -> list[bool]:
     return seen
 
 
-def test_next_job_generates_while_the_previous_is_post_processed(
-        workers: dict[str, Any]) -> None:
+def test_next_job_generates_while_the_previous_is_post_processed(workers: dict[str, Any]) -> None:
     records, events, held = run_three(workers["settings"], "sim-overlap", watch_unacked=True)
     assert all(r["status"] == Status.SUCCEEDED for r in records), records
     order = sorted(events, key=lambda j: eid(events[j][EventType.STARTED]))

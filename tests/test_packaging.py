@@ -13,9 +13,9 @@ from tests.servers import ROOT
 
 def test_producer_never_imports_torch() -> None:
     code = (
-        "import sys, producer, producer.client, producer.cli, producer.store, "
-        "producer.storage, producer.netguard, producer.broker, producer.api, "
-        "producer.dispatcher, producer.webhooks, producer.fleet\n"
+        "import sys, producer, producer.client, producer.cli.main, producer.jobs.store, "
+        "producer.core.storage, producer.core.netguard, producer.jobs.broker, producer.api, "
+        "producer.services.dispatcher, producer.services.webhooks, producer.jobs.fleet\n"
         "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'worker', 'numpy')"
         " if m in sys.modules)\n"
         "print(','.join(heavy))\n"
@@ -26,14 +26,18 @@ def test_producer_never_imports_torch() -> None:
 
 
 def test_settings_are_read_in_one_place() -> None:
-    """No module but producer/settings.py reads the environment (STYLE habit 4)."""
+    """No module but producer/core/settings.py reads the environment (settings are read in one place)."""
     readers = []
     for path in sorted([*(ROOT / "producer").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]):
-        if path == ROOT / "producer" / "settings.py":
+        if path == ROOT / "producer" / "core" / "settings.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv")
-                    and isinstance(node.value, ast.Name) and node.value.id == "os"):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("environ", "getenv")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "os"
+            ):
                 readers.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert readers == []
 
@@ -64,15 +68,24 @@ def test_the_public_api_is_pinned() -> None:
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_tiny_sdxl_builds_to_the_same_bytes(tmp_path: Path, models_dir: Path) -> None:
     """Built twice (here in a fresh process): identical files, all weights safetensors."""
-    code = "import sys; from worker.tiny import build_tiny_sdxl; build_tiny_sdxl(sys.argv[1])"
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "again")],
-                         capture_output=True, text=True, cwd=ROOT)
+    code = (
+        "import sys; from worker.builtin.tiny import build_tiny_sdxl; build_tiny_sdxl(sys.argv[1])"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "again")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     first, second = _hashes(models_dir / "tiny-sdxl"), _hashes(tmp_path / "again")
     assert first == second
@@ -86,9 +99,23 @@ def test_the_studio_page_ships_in_the_wheel(tmp_path: Path) -> None:
     data of the wheel."""
     import zipfile
 
-    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                          "--no-build-isolation", ".", "-w", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            ".",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("atelier-*.whl")
     static = ROOT / "producer" / "api" / "static"

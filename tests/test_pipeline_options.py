@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from producer.registry import PipelineOptions, Registry
-from producer.settings import Settings
-from worker.pipelines import LoadedModel, apply_options, load_model, place, warm_up
+from producer.core.registry import PipelineOptions, Registry
+from producer.core.settings import Settings
+from worker.diffusion.pipelines import LoadedModel, apply_options, load_model, place, warm_up
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -30,12 +30,15 @@ def write(tmp_path: Path, text: str) -> str:
 
 def options_file(tmp_path: Path, table: str) -> str:
     """A registry file whose one model has ``table`` as its options."""
-    return write(tmp_path, f"""
+    return write(
+        tmp_path,
+        f"""
 [models."my-sdxl"]
 source = "/srv/my-sdxl"
 [models."my-sdxl".options]
 {table}
-""")
+""",
+    )
 
 
 # -- validation -------------------------------------------------------------------------
@@ -48,7 +51,9 @@ def test_builtin_entries_use_stock_options() -> None:
 
 
 def test_options_parse(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [models."my-sdxl"]
 source = "/srv/my-sdxl"
 [models."my-sdxl".options]
@@ -58,27 +63,36 @@ compile = "max-autotune-no-cudagraphs"
 compile_fullgraph = true
 vae_upcast = false
 vae_slicing = true
-""")
+""",
+    )
     spec = Registry.load(path)["my-sdxl"]
     assert spec.options == PipelineOptions(
-        channels_last=True, fuse_qkv=True, compile="max-autotune-no-cudagraphs",
-        compile_fullgraph=True, vae_upcast=False, vae_slicing=True,
+        channels_last=True,
+        fuse_qkv=True,
+        compile="max-autotune-no-cudagraphs",
+        compile_fullgraph=True,
+        vae_upcast=False,
+        vae_slicing=True,
     )
     assert spec.options.active()["compile"] == "max-autotune-no-cudagraphs"
 
 
-def test_options_override_merges_with_the_builtin_table(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import producer.registry as registry
+def test_options_override_merges_with_the_builtin_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import producer.core.registry as registry
 
     # A built-in entry with options of its own: an override adds to them key by key.
     text = Path(registry.__file__).with_name("models.toml").read_text()
     text += '\n[models."tiny-sdxl".options]\nvae_slicing = true\n'
     monkeypatch.setattr(registry, "_builtin_text", lambda: text)
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [models."tiny-sdxl".options]
 vae_tiling = true
-""")
+""",
+    )
     spec = Registry.load(path)["tiny-sdxl"]
     assert spec.options.active() == {"vae_tiling": True, "vae_slicing": True}
     assert Registry.load()["tiny-sdxl"].options.active() == {"vae_slicing": True}
@@ -89,13 +103,13 @@ vae_tiling = true
     [
         ("flash = true", "unknown options ['flash']"),
         ("channels_last = 1", "options.channels_last must be a bool"),
-        ("vae_tiling = \"yes\"", "options.vae_tiling must be a bool"),
+        ('vae_tiling = "yes"', "options.vae_tiling must be a bool"),
         ("attention_slicing = true", "options.attention_slicing must be a str or int"),
         ("attention_slicing = 0", "options.attention_slicing must be off, auto, max"),
-        ("attention_slicing = \"some\"", "options.attention_slicing must be off, auto, max"),
-        ("compile = \"reduce-overhead\"", "options.compile must be one of"),
-        ("attention = \"flash\"", "options.attention must be one of"),
-        ("compile_backend = \"\"", "options.compile_backend must not be empty"),
+        ('attention_slicing = "some"', "options.attention_slicing must be off, auto, max"),
+        ('compile = "reduce-overhead"', "options.compile must be one of"),
+        ('attention = "flash"', "options.attention must be one of"),
+        ('compile_backend = ""', "options.compile_backend must not be empty"),
     ],
 )
 def test_bad_options_are_refused_by_name(tmp_path: Path, table: str, message: str) -> None:
@@ -108,9 +122,9 @@ def test_bad_options_are_refused_by_name(tmp_path: Path, table: str, message: st
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ("fuse_qkv = true\nattention = \"eager\"", "options.fuse_qkv needs attention"),
-        ("fuse_qkv = true\nattention_slicing = \"auto\"", "exclude each other"),
-        ("cpu_offload = true\ncompile = \"default\"", "options.cpu_offload and options.compile"),
+        ('fuse_qkv = true\nattention = "eager"', "options.fuse_qkv needs attention"),
+        ('fuse_qkv = true\nattention_slicing = "auto"', "exclude each other"),
+        ('cpu_offload = true\ncompile = "default"', "options.cpu_offload and options.compile"),
     ],
 )
 def test_conflicting_options_are_refused(tmp_path: Path, table: str, message: str) -> None:
@@ -120,32 +134,41 @@ def test_conflicting_options_are_refused(tmp_path: Path, table: str, message: st
 
 
 def test_options_must_be_a_table(tmp_path: Path) -> None:
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [models."my-sdxl"]
 source = "/srv/my-sdxl"
 options = "fast"
-""")
+""",
+    )
     with pytest.raises(ValueError, match="wrong type for \\['options'\\]"):
         Registry.load(path)
 
 
 def test_simulated_entries(tmp_path: Path) -> None:
-    ok = write(tmp_path, """
+    ok = write(
+        tmp_path,
+        """
 [models."sim"]
 pipeline = "simulated"
 source = "builtin:simulated"
 gpu_ms = 300
 width = 1024
 height = 1024
-""")
+""",
+    )
     spec = Registry.load(ok)["sim"]
     assert spec.pipeline == "simulated" and spec.gpu_ms == 300.0
     for body, message in [
-        ('pipeline = "simulated"\nsource = "/x"', "needs source = \"builtin:simulated\""),
+        ('pipeline = "simulated"\nsource = "/x"', 'needs source = "builtin:simulated"'),
         ('pipeline = "simulated"\nsource = "builtin:simulated"\ngpu_ms = -1', "gpu_ms must be"),
         ('source = "/x"\ngpu_ms = 5', "gpu_ms applies to simulated pipelines only"),
-        ('pipeline = "simulated"\nsource = "builtin:simulated"\n'
-         '[models."bad".options]\nvae_tiling = true', "options apply to sdxl pipelines"),
+        (
+            'pipeline = "simulated"\nsource = "builtin:simulated"\n'
+            '[models."bad".options]\nvae_tiling = true',
+            "options apply to sdxl pipelines",
+        ),
     ]:
         path = write(tmp_path, f'[models."bad"]\n{body}\n')
         with pytest.raises(ValueError, match="model 'bad'") as exc:
@@ -163,9 +186,15 @@ def load(models_dir: Path, dtype: str = "auto", **options: Any) -> LoadedModel:
 
 def generate(pipe: Any, size: int = 64, n: int = 1, output_type: str = "pil") -> Any:
     with torch.inference_mode():
-        out = pipe(prompt="a lighthouse", num_inference_steps=2, width=size, height=size,
-                   num_images_per_prompt=n, output_type=output_type,
-                   generator=torch.Generator("cpu").manual_seed(3))
+        out = pipe(
+            prompt="a lighthouse",
+            num_inference_steps=2,
+            width=size,
+            height=size,
+            num_images_per_prompt=n,
+            output_type=output_type,
+            generator=torch.Generator("cpu").manual_seed(3),
+        )
     return out.images
 
 
@@ -189,8 +218,7 @@ def test_stock_options_are_sdpa(models_dir: Path) -> None:
 def test_eager_attention(models_dir: Path) -> None:
     model = load(models_dir, attention="eager")
     assert processors(model) == {"AttnProcessor"}
-    assert {type(p).__name__ for p in model.pipe.vae.attn_processors.values()} == {
-        "AttnProcessor"}
+    assert {type(p).__name__ for p in model.pipe.vae.attn_processors.values()} == {"AttnProcessor"}
     assert model.source["options"] == {"attention": "eager"}
     # The same maths as SDPA: the same picture, to float tolerance.
     ref = generate(load(models_dir).pipe, output_type="np")
@@ -203,8 +231,9 @@ def test_channels_last(models_dir: Path) -> None:
         assert module.weight.is_contiguous(memory_format=torch.channels_last)
     stock = load(models_dir)
     assert not stock.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert np.allclose(generate(model.pipe, output_type="np"),
-                       generate(stock.pipe, output_type="np"), atol=1e-3)
+    assert np.allclose(
+        generate(model.pipe, output_type="np"), generate(stock.pipe, output_type="np"), atol=1e-3
+    )
 
 
 def test_fused_qkv(models_dir: Path) -> None:
@@ -213,8 +242,11 @@ def test_fused_qkv(models_dir: Path) -> None:
     attn = next(m for n, m in model.pipe.unet.named_modules() if n.endswith("attn1"))
     assert attn.fused_projections and hasattr(attn, "to_qkv")
     assert model.img2img.unet is model.pipe.unet  # img2img runs fused too
-    assert np.allclose(generate(model.pipe, output_type="np"),
-                       generate(load(models_dir).pipe, output_type="np"), atol=1e-3)
+    assert np.allclose(
+        generate(model.pipe, output_type="np"),
+        generate(load(models_dir).pipe, output_type="np"),
+        atol=1e-3,
+    )
 
 
 def test_attention_slicing(models_dir: Path) -> None:
@@ -251,7 +283,8 @@ def test_vae_upcast_in_fp16(models_dir: Path, upcast: bool) -> None:
     assert model.pipe.vae.config.force_upcast is upcast
     seen: list[torch.dtype] = []
     model.pipe.vae.post_quant_conv.register_forward_pre_hook(
-        lambda m, args: seen.append(m.weight.dtype))
+        lambda m, args: seen.append(m.weight.dtype)
+    )
     assert generate(model.pipe)[0].size == (64, 64)
     assert seen == [torch.float32 if upcast else torch.float16]
     assert model.pipe.vae.dtype == torch.float16  # cast back after decoding
@@ -264,8 +297,7 @@ def test_compile_warms_before_jobs_and_serves_other_threads(models_dir: Path) ->
     # break allowed) without generating kernels, which takes minutes on this CPU.
     torch._dynamo.reset()
     counters.clear()
-    model = load(models_dir, compile="default", compile_backend="eager",
-                 compile_fullgraph=True)
+    model = load(models_dir, compile="default", compile_backend="eager", compile_fullgraph=True)
     assert model.pipe.unet._compiled_call_impl is not None
     assert model.img2img.unet is model.pipe.unet
     assert counters["stats"]["unique_graphs"] == 0  # compiled lazily…
@@ -293,8 +325,9 @@ def test_cpu_offload_hooks(models_dir: Path) -> None:
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     opts = PipelineOptions(cpu_offload=True)
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(models_dir / "tiny-sdxl"),
-                                                     use_safetensors=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        str(models_dir / "tiny-sdxl"), use_safetensors=True
+    )
     apply_options(pipe, opts)
     place(pipe, opts, "cpu")
     assert len(pipe._all_hooks) >= 4
@@ -305,6 +338,11 @@ def test_cpu_offload_hooks(models_dir: Path) -> None:
     assert len(img2img._all_hooks) >= 4
     image = generate(pipe)[0]
     with torch.inference_mode():
-        out = img2img(prompt="x", image=image, strength=0.5, num_inference_steps=2,
-                      generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        out = img2img(
+            prompt="x",
+            image=image,
+            strength=0.5,
+            num_inference_steps=2,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
     assert out.size == (64, 64)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from producer.registry import Registry
-from producer.settings import Settings
-from worker.pipelines import SCHEDULERS, load_model, resolve_device, resolve_dtype
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from worker.diffusion.pipelines import SCHEDULERS, load_model, resolve_device, resolve_dtype
 
 
 def test_device_setting() -> None:
@@ -57,9 +57,11 @@ def test_every_registry_scheduler_builds_from_its_model_family() -> None:
         "sdxl-turbo": EulerAncestralDiscreteScheduler(timestep_spacing="trailing").config,
     }
     # ... and of the other families, epsilon-prediction SD and flow-matching Flux.
-    families = {"sdxl": EulerDiscreteScheduler().config,
-                "sd15": PNDMScheduler().config,
-                "flux": FlowMatchEulerDiscreteScheduler(shift=1.0).config}
+    families = {
+        "sdxl": EulerDiscreteScheduler().config,
+        "sd15": PNDMScheduler().config,
+        "flux": FlowMatchEulerDiscreteScheduler(shift=1.0).config,
+    }
     for spec in Registry.load():
         for name in spec.schedulers:
             cls_name, _ = SCHEDULERS[name]
@@ -79,9 +81,16 @@ def test_bf16_loads_and_generates(models_dir: Path) -> None:
     assert model.img2img.unet is model.pipe.unet  # shared, not copied
     assert model.inpaint.unet is model.pipe.unet and model.inpaint.unet.dtype == torch.bfloat16
     assert model.source["dtype"] == "bfloat16"
-    assert set(model.source["weights"]) >= {"unet/diffusion_pytorch_model.safetensors",
-                                             "vae/diffusion_pytorch_model.safetensors"}
+    assert set(model.source["weights"]) >= {
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
     with torch.inference_mode():
-        image = model.pipe(prompt="x", num_inference_steps=1, width=64, height=64,
-                           generator=torch.Generator("cpu").manual_seed(0)).images[0]
+        image = model.pipe(
+            prompt="x",
+            num_inference_steps=1,
+            width=64,
+            height=64,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
     assert image.size == (64, 64)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from producer import constants as K
+from producer.core import keys as K
 from tests.helpers import Stack
-from worker.preview import FACTORS, Previewer, map_family, unpack, watch_scheduler
+from worker.diffusion.preview import FACTORS, Previewer, map_family, unpack, watch_scheduler
 
 PREFIX = "data:image/webp;base64,"
 
@@ -86,8 +86,9 @@ def test_playground_latents_get_their_own_map() -> None:
     assert map_family("flux", object()) == "flux" and map_family("simulated", None) is None
 
 
-@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "DDIMScheduler",
-                                  "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize(
+    "name", ["EulerAncestralDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
+)
 def test_the_watched_step_keeps_its_signature(name: str) -> None:
     import diffusers
 
@@ -135,9 +136,13 @@ def test_progress_events_carry_previews_of_the_clean_image(stack: Stack) -> None
     # preview: false (the default) gives none; nor does the global stream, ever.
     assert not [e for e in plain_events if "preview" in e["data"]]
     assert [e["type"] for e in plain_events].count("job.progress") >= 1
-    shared = [(i.decode(), f) for i, f in stack.client().store.redis.xrevrange(
-        K.GLOBAL_EVENTS, count=2000) if f[b"job_id"].decode() == job_id]
-    shared_progress = {i: json.loads(f[b"data"]) for i, f in shared
-                       if f[b"type"] == b"job.progress"}
+    shared = [
+        (i.decode(), f)
+        for i, f in stack.client().store.redis.xrevrange(K.GLOBAL_EVENTS, count=2000)
+        if f[b"job_id"].decode() == job_id
+    ]
+    shared_progress = {
+        i: json.loads(f[b"data"]) for i, f in shared if f[b"type"] == b"job.progress"
+    }
     assert set(shared_progress) == {e["id"] for e in progress}  # the same events…
     assert all("preview" not in d and "step" in d for d in shared_progress.values())  # …less it

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.contract import Status
+from producer.core.contract import Status
 from tests.helpers import (
     Stack,
     bare_run,
@@ -19,22 +19,25 @@ from tests.helpers import (
     run_job,
     s3_get,
 )
-from worker.prompts import conditioning, needs_encoding, parse_weights
+from worker.diffusion.prompts import conditioning, needs_encoding, parse_weights
 
 
-@pytest.mark.parametrize(("text", "runs"), [
-    ("a red fox", [("a red fox", 1.0)]),
-    ("a (red:1.3) fox", [("a ", 1.0), ("red", 1.3), (" fox", 1.0)]),
-    ("(red)", [("red", 1.1)]),
-    ("[red]", [("red", 1 / 1.1)]),
-    ("((red))", [("red", 1.1 * 1.1)]),
-    ("(a (b:2) c:0.5)", [("a ", 0.5), ("b", 1.0), (" c", 0.5)]),
-    (r"\(not weighted\)", [("(not weighted)", 1.0)]),
-    ("(open to the end", [("open to the end", 1.1)]),
-    ("a: b", [("a: b", 1.0)]),
-    ("(x:.)", [("x:.)", 1.1)]),
-    ("", [("", 1.0)]),
-])
+@pytest.mark.parametrize(
+    ("text", "runs"),
+    [
+        ("a red fox", [("a red fox", 1.0)]),
+        ("a (red:1.3) fox", [("a ", 1.0), ("red", 1.3), (" fox", 1.0)]),
+        ("(red)", [("red", 1.1)]),
+        ("[red]", [("red", 1 / 1.1)]),
+        ("((red))", [("red", 1.1 * 1.1)]),
+        ("(a (b:2) c:0.5)", [("a ", 0.5), ("b", 1.0), (" c", 0.5)]),
+        (r"\(not weighted\)", [("(not weighted)", 1.0)]),
+        ("(open to the end", [("open to the end", 1.1)]),
+        ("a: b", [("a: b", 1.0)]),
+        ("(x:.)", [("x:.)", 1.1)]),
+        ("", [("", 1.0)]),
+    ],
+)
 def test_parse_weights(text: str, runs: list[tuple[str, float]]) -> None:
     got = parse_weights(text)
     assert [f for f, _ in got] == [f for f, _ in runs]
@@ -53,12 +56,11 @@ def test_one_window_with_unit_weights_equals_diffusers_encoding(bare_pipe: Any) 
     """The windowed encoder, given what diffusers can read, computes what diffusers does."""
     import torch
 
-    from worker.prompts import encode_sdxl
+    from worker.diffusion.prompts import encode_sdxl
 
     with torch.inference_mode():
         ours = encode_sdxl(bare_pipe, "a red fox", "fog")
-        pe, ne, pp, npp = bare_pipe.encode_prompt("a red fox", negative_prompt="fog",
-                                                  device="cpu")
+        pe, ne, pp, npp = bare_pipe.encode_prompt("a red fox", negative_prompt="fog", device="cpu")
         zeros = encode_sdxl(bare_pipe, "a (red:1.2) fox", "")
     assert torch.equal(ours["prompt_embeds"], pe)
     assert torch.equal(ours["negative_prompt_embeds"], ne)
@@ -70,7 +72,7 @@ def test_one_window_with_unit_weights_equals_diffusers_encoding(bare_pipe: Any) 
 def test_long_prompt_keeps_two_windows(bare_pipe: Any) -> None:
     import torch
 
-    from worker.prompts import encode_sdxl
+    from worker.diffusion.prompts import encode_sdxl
 
     with torch.inference_mode():
         out = encode_sdxl(bare_pipe, "fox " * 30, "short negative")  # 90 tokens
@@ -90,7 +92,8 @@ def test_worker_reads_past_77_tokens_and_weights(stack: Stack, bare_pipe: Any) -
     # diffusers alone truncates both to the same 77 tokens: the same image
     kw = {"num_inference_steps": 3, "guidance_scale": 5.0, "width": 64, "height": 64}
     assert pixels(bare_run(bare_pipe, 12, prompt=tail_a, **kw)) == pixels(
-        bare_run(bare_pipe, 12, prompt=tail_b, **kw))
+        bare_run(bare_pipe, 12, prompt=tail_b, **kw)
+    )
     # the worker reads the tail
     assert a["status"] == b["status"] == Status.SUCCEEDED
     assert a["outputs"][0]["sha256"] != b["outputs"][0]["sha256"]
@@ -110,8 +113,15 @@ def test_worker_reads_past_77_tokens_and_weights(stack: Stack, bare_pipe: Any) -
     image = png_data_uri((90, 160, 60))
     extras: tuple[dict[str, Any], ...] = ({}, {"mask": data_uri(mask_image())})
     for extra in extras:
-        w, _ = run_job(stack, prompt="a (red:1.3) fox", negative_prompt="(fog:1.2)",
-                       image=image, **req, **extra)
-        p, _ = run_job(stack, prompt="a red fox", negative_prompt="fog", image=image, **req,
-                       **extra)
+        w, _ = run_job(
+            stack,
+            prompt="a (red:1.3) fox",
+            negative_prompt="(fog:1.2)",
+            image=image,
+            **req,
+            **extra,
+        )
+        p, _ = run_job(
+            stack, prompt="a red fox", negative_prompt="fog", image=image, **req, **extra
+        )
         assert px(w) != px(p)

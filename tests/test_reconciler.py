@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer import constants as K
-from producer.broker import send_job
-from producer.contract import EventType, Status
-from producer.reconciler import Reconciler
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.contract import EventType, Status
+from producer.core.settings import Settings
+from producer.jobs.broker import send_job
+from producer.services.reconciler import Reconciler
 
 #: A database no other test file uses; emptied around each test.
 DB = 13
@@ -30,9 +30,14 @@ MODEL = "tiny-idle"  # in the test registry, served by no worker
 
 @pytest.fixture
 def settings(redis_url: str, models_file: str, tmp_path: Path) -> Settings:
-    return Settings(redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}", models_file=models_file,
-                    default_model=MODEL, models_dir=str(tmp_path), max_attempts=2,
-                    reconcile_grace_s=0.5)
+    return Settings(
+        redis_url=redis_url.rsplit("/", 1)[0] + f"/{DB}",
+        models_file=models_file,
+        default_model=MODEL,
+        models_dir=str(tmp_path),
+        max_attempts=2,
+        reconcile_grace_s=0.5,
+    )
 
 
 @pytest.fixture
@@ -47,9 +52,15 @@ def client(settings: Settings) -> Iterator[Client]:
 @pytest.fixture
 def reconciler(settings: Settings, client: Client) -> Reconciler:
     done: list[str] = []
-    rec = Reconciler(settings, client.store, client.store.redis, client.registry,
-                     lambda job, model, prio: send_job(client.celery, job, model, prio),
-                     "test", counted=done.append)
+    rec = Reconciler(
+        settings,
+        client.store,
+        client.store.redis,
+        client.registry,
+        lambda job, model, prio: send_job(client.celery, job, model, prio),
+        "test",
+        counted=done.append,
+    )
     rec.done = done  # type: ignore[attr-defined]
     return rec
 
@@ -64,8 +75,7 @@ def take(client: Client, job_id: str) -> str:
                 r.lrem(key, 1, raw)  # type: ignore[arg-type]  # redis-py: value is str; bytes work
                 tag = payload["properties"]["delivery_tag"]
                 info = payload["properties"]["delivery_info"]
-                r.hset(K.UNACKED, tag, json.dumps([payload, info["exchange"],
-                                                    info["routing_key"]]))
+                r.hset(K.UNACKED, tag, json.dumps([payload, info["exchange"], info["routing_key"]]))
                 r.zadd(K.UNACKED_INDEX, {tag: time.time()})
                 return str(tag)
     raise AssertionError(f"no message for {job_id}")
@@ -76,23 +86,38 @@ def start(client: Client, job_id: str, worker: str, tag: str, ttl_s: float = 0.2
     held = client.store.hold(job_id, worker, tag, ttl_s)
     assert held.result == "ok" and held.snapshot is not None
     snap = held.snapshot
-    doc = dict(snap.record, status=Status.RUNNING.value, attempts=snap.record["attempts"] + 1,
-               worker=worker)
-    out = client.store.apply(job_id, allowed="queued,running", token=snap.token, record=doc,
-                             new_token=f"run-{worker}", lease=f"held:{worker}",
-                             events=[(EventType.STARTED, {"attempt": doc["attempts"]})])
+    doc = dict(
+        snap.record,
+        status=Status.RUNNING.value,
+        attempts=snap.record["attempts"] + 1,
+        worker=worker,
+    )
+    out = client.store.apply(
+        job_id,
+        allowed="queued,running",
+        token=snap.token,
+        record=doc,
+        new_token=f"run-{worker}",
+        lease=f"held:{worker}",
+        events=[(EventType.STARTED, {"attempt": doc["attempts"]})],
+    )
     assert out.ok, out
     return f"run-{worker}"
 
 
 def messages(client: Client, job_id: str) -> list[dict[str, Any]]:
     r = client.store.redis
-    return [p for key in K.queue_keys(MODEL) for p in map(json.loads, r.lrange(key, 0, -1))
-            if p["headers"]["id"] == job_id]
+    return [
+        p
+        for key in K.queue_keys(MODEL)
+        for p in map(json.loads, r.lrange(key, 0, -1))
+        if p["headers"]["id"] == job_id
+    ]
 
 
 def test_an_expired_lease_is_taken_back_and_its_message_restored_at_the_head(
-        client: Client, reconciler: Reconciler) -> None:
+    client: Client, reconciler: Reconciler
+) -> None:
     ahead = client.submit(prompt="waiting ahead", model=MODEL)
     job_id = client.submit(prompt="its worker died", model=MODEL)
     tag = take(client, job_id)
@@ -109,8 +134,12 @@ def test_an_expired_lease_is_taken_back_and_its_message_restored_at_the_head(
     assert [e["type"] for e in log][-1] == EventType.RETRYING
     assert log[-1]["data"]["attempt"] == 2 and log[-1]["data"]["reason"] == "worker_lost"
     # The old run's writes are refused.
-    out = client.store.apply(job_id, allowed="running", token=old_token,
-                             events=[(EventType.PROGRESS, {"step": 1, "total": 4})])
+    out = client.store.apply(
+        job_id,
+        allowed="running",
+        token=old_token,
+        events=[(EventType.PROGRESS, {"step": 1, "total": 4})],
+    )
     assert not out.ok and out.detail == "fenced"
     # One message, back at the head (the right end) of its list, under a fresh tag.
     [payload] = messages(client, job_id)
@@ -140,8 +169,7 @@ def test_a_renewed_lease_is_left_alone(client: Client, reconciler: Reconciler) -
     assert client.store.load(job_id).lease == "host:1"
 
 
-def test_a_job_out_of_attempts_ends_worker_lost(client: Client,
-                                                reconciler: Reconciler) -> None:
+def test_a_job_out_of_attempts_ends_worker_lost(client: Client, reconciler: Reconciler) -> None:
     job_id = client.submit(prompt="kills its worker", model=MODEL)
     for attempt, worker in enumerate(["host:1", "host:2"], 1):
         tag = take(client, job_id)
@@ -163,9 +191,14 @@ def test_a_second_worker_drops_a_duplicate_of_a_held_job(client: Client) -> None
     assert held.result == "held" and held.holder == "host:1"
     # A start by a worker that does not hold the job is refused.
     snap = client.store.load(job_id)
-    out = client.store.apply(job_id, allowed="queued", token=snap.token,
-                             record=dict(snap.record, status="running"), new_token="x",
-                             lease="held:host:2")
+    out = client.store.apply(
+        job_id,
+        allowed="queued",
+        token=snap.token,
+        record=dict(snap.record, status="running"),
+        new_token="x",
+        lease="held:host:2",
+    )
     assert not out.ok
     assert client.store.release(job_id, "host:1", "tag-b") is False  # not that message
     assert client.store.release(job_id, "host:1", "tag-a") is True
@@ -183,7 +216,8 @@ def test_a_terminal_transition_clears_the_lease(client: Client) -> None:
 
 
 def test_a_queued_job_whose_message_is_nowhere_is_republished_once(
-        client: Client, reconciler: Reconciler) -> None:
+    client: Client, reconciler: Reconciler
+) -> None:
     job_id = client.submit(prompt="lost in the BRPOP window", model=MODEL)
     tag = take(client, job_id)  # taken...
     client.store.redis.hdel(K.UNACKED, tag)  # ...and lost before kombu recorded it
@@ -199,7 +233,8 @@ def test_a_queued_job_whose_message_is_nowhere_is_republished_once(
 
 
 def test_an_orphaned_unacked_entry_is_restored_not_duplicated(
-        client: Client, reconciler: Reconciler) -> None:
+    client: Client, reconciler: Reconciler
+) -> None:
     """A worker died between kombu's BRPOP and its lease: the entry is in ``unacked``,
     older than the grace, and nobody holds the job."""
     job_id = client.submit(prompt="taken, never leased", model=MODEL)
@@ -212,8 +247,7 @@ def test_an_orphaned_unacked_entry_is_restored_not_duplicated(
     assert client.store.redis.hlen(K.UNACKED) == 0
 
 
-def test_a_just_taken_message_is_not_republished(client: Client,
-                                                 reconciler: Reconciler) -> None:
+def test_a_just_taken_message_is_not_republished(client: Client, reconciler: Reconciler) -> None:
     job_id = client.submit(prompt="being leased", model=MODEL)
     time.sleep(0.6)  # the job is older than the grace...
     take(client, job_id)  # ...but its message was taken a moment ago
@@ -221,10 +255,12 @@ def test_a_just_taken_message_is_not_republished(client: Client,
     assert messages(client, job_id) == []
 
 
-def test_only_one_process_makes_a_pass_per_interval(settings: Settings, client: Client,
-                                                   reconciler: Reconciler) -> None:
-    other = Reconciler(settings, client.store, client.store.redis, client.registry,
-                       lambda *a: None, "other")
+def test_only_one_process_makes_a_pass_per_interval(
+    settings: Settings, client: Client, reconciler: Reconciler
+) -> None:
+    other = Reconciler(
+        settings, client.store, client.store.redis, client.registry, lambda *a: None, "other"
+    )
     assert reconciler.tick() is True
     assert other.tick() is False
     assert client.store.redis.get(K.RECONCILE_LOCK) == b"test"

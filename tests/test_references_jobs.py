@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from producer.contract import Status
+from producer.core.contract import Status
 from tests.helpers import Stack, data_uri, mask_image, pixels, png_data_uri, run_job, s3_get
 from tests.servers import api_process, free_port
 
@@ -44,9 +44,15 @@ def test_control_and_reference_jobs_and_the_base_pixels_after(stack: Stack) -> N
     before, _ = run_job(stack, **P)
     controlled, _ = run_job(stack, **P, control=[CONTROL])
     referenced, _ = run_job(stack, **P, references=[REFERENCE])
-    both, _ = run_job(stack, **P, control=[CONTROL, {**CONTROL, "name": "tiny-sdxl-depth",
-                                                     "preprocess": "none", "scale": 0.5}],
-                      references=[REFERENCE, {**REFERENCE, "mode": "subject"}])
+    both, _ = run_job(
+        stack,
+        **P,
+        control=[
+            CONTROL,
+            {**CONTROL, "name": "tiny-sdxl-depth", "preprocess": "none", "scale": 0.5},
+        ],
+        references=[REFERENCE, {**REFERENCE, "mode": "subject"}],
+    )
     after, _ = run_job(stack, **P)
     assert len({px(stack, r) for r in (before, controlled, referenced, both)}) == 4
     assert ok(after)["outputs"][0]["sha256"] == ok(before)["outputs"][0]["sha256"]
@@ -61,8 +67,11 @@ def test_control_composes_with_img2img_inpainting_loras_and_sweeps(stack: Stack)
     inpaint, _ = run_job(stack, **P, **init, mask=data_uri(mask_image()), control=[CONTROL])
     assert ok(controlled)["progress"]["total"] == 2  # 3 steps × 0.75
     assert len({px(stack, img2img), px(stack, controlled), px(stack, inpaint)}) == 3
-    extra: dict[str, Any] = {"control": [CONTROL], "references": [REFERENCE],
-                             "loras": [{"name": "tiny-sdxl-lora", "scale": 1.0}]}
+    extra: dict[str, Any] = {
+        "control": [CONTROL],
+        "references": [REFERENCE],
+        "loras": [{"name": "tiny-sdxl-lora", "scale": 1.0}],
+    }
     single, _ = run_job(stack, **{**P, "seed": 5}, **extra)
     swept, _ = run_job(stack, prompt=P["prompt"], steps=3, sweep={"seeds": [5, 6]}, **extra)
     assert len(ok(swept)["outputs"]) == 3  # two cells and the contact sheet
@@ -86,12 +95,15 @@ def test_through_the_api(stack: Stack, session_dir: Path) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}", timeout=30) as api:
-            bad = api.post("/v1/jobs", headers=auth, json={**P, "control": [
-                {**CONTROL, "scale": 3}]})
+            bad = api.post(
+                "/v1/jobs", headers=auth, json={**P, "control": [{**CONTROL, "scale": 3}]}
+            )
             assert bad.status_code == 422, bad.text
             assert [f["field"] for f in bad.json()["error"]["fields"]] == ["control.0.scale"]
-            ids = [api.post("/v1/jobs", headers=auth, json={**P, **body}).json()["id"]
-                   for body in ({"control": [CONTROL]}, {"references": [REFERENCE]})]
+            ids = [
+                api.post("/v1/jobs", headers=auth, json={**P, **body}).json()["id"]
+                for body in ({"control": [CONTROL]}, {"references": [REFERENCE]})
+            ]
             deadline = time.monotonic() + 60
             done: dict[str, Any] = {}
             while len(done) < 2 and time.monotonic() < deadline:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.registry import ModelSpec, Registry
+from producer.core.registry import ModelSpec, Registry
 
 
 @pytest.fixture
@@ -21,9 +21,18 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_builtin_names(builtin: Registry) -> None:
-    assert builtin.names() == ["flux.1-schnell", "playground-v2.5", "sd-1.5", "sdxl-base-1.0",
-                               "sdxl-turbo", "tiny-flux", "tiny-sd15", "tiny-sdxl",
-                               "tiny-sdxl-edm", "tiny-sdxl-turbo"]
+    assert builtin.names() == [
+        "flux.1-schnell",
+        "playground-v2.5",
+        "sd-1.5",
+        "sdxl-base-1.0",
+        "sdxl-turbo",
+        "tiny-flux",
+        "tiny-sd15",
+        "tiny-sdxl",
+        "tiny-sdxl-edm",
+        "tiny-sdxl-turbo",
+    ]
     assert {s.name for s in builtin} == set(builtin.names())
     assert builtin.get("nope") is None
     with pytest.raises(KeyError):
@@ -60,15 +69,21 @@ def test_sdxl_and_tiny(builtin: Registry) -> None:
 def test_public_view(builtin: Registry) -> None:
     pub = builtin["playground-v2.5"].public()
     assert pub["name"] == "playground-v2.5"
-    assert pub["defaults"] == {"width": 1024, "height": 1024, "steps": 50,
-                               "guidance_scale": 3.0, "scheduler": "edm_dpmpp_2m"}
+    assert pub["defaults"] == {
+        "width": 1024,
+        "height": 1024,
+        "steps": 50,
+        "guidance_scale": 3.0,
+        "scheduler": "edm_dpmpp_2m",
+    }
     assert pub["limits"]["max_pixels"] == builtin["playground-v2.5"].max_pixels
     assert "edm_dpmpp_2m" in pub["schedulers"]
 
 
-def test_models_file_overrides_one_key_and_adds_a_model(tmp_path: Path,
-                                                        builtin: Registry) -> None:
-    path = write(tmp_path, """
+def test_models_file_overrides_one_key_and_adds_a_model(tmp_path: Path, builtin: Registry) -> None:
+    path = write(
+        tmp_path,
+        """
 [models."playground-v2.5"]
 revision = "0123456789abcdef0123456789abcdef01234567"
 
@@ -82,7 +97,8 @@ schedulers = ["ddim", "euler"]
 steps = 25
 width = 768
 height = 1024
-""")
+""",
+    )
     reg = Registry.load(path)
     pg, base = reg["playground-v2.5"], builtin["playground-v2.5"]
     assert pg.revision == "0123456789abcdef0123456789abcdef01234567"
@@ -103,29 +119,43 @@ height = 1024
 
 
 def test_schedulers_default_to_the_scheduler(tmp_path: Path) -> None:
-    reg = Registry.load(write(tmp_path, """
+    reg = Registry.load(
+        write(
+            tmp_path,
+            """
 [models.one]
 source = "x/one"
 scheduler = "unipc"
-"""))
+""",
+        )
+    )
     assert reg["one"].schedulers == ("unipc",)
 
 
 BAD = [
     ("unknown-key", 'source = "x/y"\nsampler = "euler"', "sampler"),
     ("no-source", "steps = 20", "source"),
-    ("scheduler-not-in-schedulers",
-     'source = "x/y"\nscheduler = "ddim"\nschedulers = ["euler", "euler_a"]', "scheduler"),
+    (
+        "scheduler-not-in-schedulers",
+        'source = "x/y"\nscheduler = "ddim"\nschedulers = ["euler", "euler_a"]',
+        "scheduler",
+    ),
     ("unknown-scheduler", 'source = "x/y"\nscheduler = "warp"\nschedulers = ["warp"]', "warp"),
     ("width-not-multiple-of-8", 'source = "x/y"\nwidth = 1004', "width"),
     ("height-below-64", 'source = "x/y"\nheight = 32', "height"),
     ("side-above-max-side", 'source = "x/y"\nwidth = 1024\nmax_side = 512', "max_side"),
-    ("pixels-above-max", 'source = "x/y"\nwidth = 1024\nheight = 1024\nmax_pixels = 1000',
-     "max_pixels"),
+    (
+        "pixels-above-max",
+        'source = "x/y"\nwidth = 1024\nheight = 1024\nmax_pixels = 1000',
+        "max_pixels",
+    ),
     ("steps-0", 'source = "x/y"\nsteps = 0', "steps"),
     ("bad-pipeline", 'source = "x/y"\npipeline = "sd3"', "pipeline"),
-    ("flux-with-euler", 'source = "x/y"\npipeline = "flux"\ncfg = false\nguidance_scale = 0.0'
-     '\nsize_multiple = 16', "euler"),
+    (
+        "flux-with-euler",
+        'source = "x/y"\npipeline = "flux"\ncfg = false\nguidance_scale = 0.0\nsize_multiple = 16',
+        "euler",
+    ),
     ("sdxl-with-flow", 'source = "x/y"\nscheduler = "flow_euler"', "flow_euler"),
     ("no-cfg-with-guidance", 'source = "x/y"\ncfg = false', "cfg"),
     ("cfg-not-bool", 'source = "x/y"\ncfg = 1', "cfg"),
@@ -158,8 +188,11 @@ def test_new_families_have_validated_defaults(builtin: Registry) -> None:
     assert (turbo.width, turbo.height) == (512, 512) and turbo.vae_source
     assert flux.pipeline == "flux" and flux.steps == 4 and flux.guidance_scale == 0
     assert not flux.cfg and flux.size_multiple == 16 and flux.schedulers == ("flow_euler",)
-    for real, tiny in (("sd-1.5", "tiny-sd15"), ("sdxl-turbo", "tiny-sdxl-turbo"),
-                       ("flux.1-schnell", "tiny-flux")):
+    for real, tiny in (
+        ("sd-1.5", "tiny-sd15"),
+        ("sdxl-turbo", "tiny-sdxl-turbo"),
+        ("flux.1-schnell", "tiny-flux"),
+    ):
         r, t = builtin[real], builtin[tiny]
         assert (t.pipeline, t.scheduler, t.cfg) == (r.pipeline, r.scheduler, r.cfg)
         assert t.guidance_scale == r.guidance_scale and t.source.startswith("builtin:")
@@ -169,13 +202,16 @@ def test_new_families_have_validated_defaults(builtin: Registry) -> None:
 
 
 def test_loras_section(tmp_path: Path) -> None:
-    reg = Registry.load(write(tmp_path, '[loras.style]\nsource = "/l/style.safetensors"\n'
-                              'family = "sd15"\n'))
+    reg = Registry.load(
+        write(tmp_path, '[loras.style]\nsource = "/l/style.safetensors"\nfamily = "sd15"\n')
+    )
     assert reg.lora("style") is not None and "tiny-sdxl-lora" in reg.lora_names()
-    for bad, word in (('source = "/l/x.ckpt"\nfamily = "sdxl"', "safetensors"),
-                      ('source = "/l/x.safetensors"\nfamily = "sd3"', "family"),
-                      ('source = "/l/x.safetensors"', "family"),
-                      ('source = "/l/x.safetensors"\nfamily = "sdxl"\nscale = 1', "scale")):
+    for bad, word in (
+        ('source = "/l/x.ckpt"\nfamily = "sdxl"', "safetensors"),
+        ('source = "/l/x.safetensors"\nfamily = "sd3"', "family"),
+        ('source = "/l/x.safetensors"', "family"),
+        ('source = "/l/x.safetensors"\nfamily = "sdxl"\nscale = 1', "scale"),
+    ):
         with pytest.raises(ValueError, match="lora 'bad'") as info:
             Registry.load(write(tmp_path, f"[loras.bad]\n{bad}\n"))
         assert word in str(info.value)

@@ -12,17 +12,17 @@ from typing import Any
 
 import pytest
 
-from producer.contract import EventType, Status, new_record, now_iso
-from producer.registry import Registry
-from producer.settings import Settings
-from producer.storage import LocalStorage
-from producer.store import JobStore
-from producer.validation import validate_request
+from producer.core.contract import EventType, Status, new_record, now_iso
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from producer.core.storage import LocalStorage
+from producer.jobs.store import JobStore
+from producer.requests.generate import validate_request
 
 
 @pytest.fixture(scope="module")
 def tiny(models_dir: Path) -> Any:
-    from worker.pipelines import load_model
+    from worker.diffusion.pipelines import load_model
 
     return load_model(Registry.load()["tiny-sdxl"], Settings(models_dir=str(models_dir)), "cpu")
 
@@ -55,8 +55,9 @@ def types(store: JobStore, job_id: str) -> list[str]:
     return [e["type"] for e in store.events(job_id)]
 
 
-def run_in_background(runner: Any, job_id: str,
-                      until_step: int) -> tuple[threading.Thread, list[Any]]:
+def run_in_background(
+    runner: Any, job_id: str, until_step: int
+) -> tuple[threading.Thread, list[Any]]:
     """Run the job in a thread; return once its progress reaches ``until_step``."""
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
@@ -88,8 +89,13 @@ def test_a_run_that_lost_its_job_writes_nothing(runner: Any) -> None:
     job_id = create(runner, steps=150)
     thread, result = run_in_background(runner, job_id, until_step=2)
     snap = runner.store.load(job_id)
-    taken = runner.store.apply(job_id, allowed="running", token=snap.token,
-                               record=dict(snap.record, worker="other:2"), new_token="other-run")
+    taken = runner.store.apply(
+        job_id,
+        allowed="running",
+        token=snap.token,
+        record=dict(snap.record, worker="other:2"),
+        new_token="other-run",
+    )
     assert taken.ok
     n_events = len(types(runner.store, job_id))
     thread.join(30)
@@ -105,8 +111,13 @@ def test_cancel_flag_seen_before_start(runner: Any) -> None:
     job_id = create(runner, steps=2)
     # a cancel that arrived while a crashed run held the job
     snap = runner.store.load(job_id)
-    runner.store.apply(job_id, allowed="queued", token=snap.token,
-                       record=dict(snap.record, status="running", attempts=1), new_token="dead")
+    runner.store.apply(
+        job_id,
+        allowed="queued",
+        token=snap.token,
+        record=dict(snap.record, status="running", attempts=1),
+        new_token="dead",
+    )
     runner.store.request_cancel(job_id)
     assert runner.run(job_id) is None
     assert runner.store.get(job_id)["status"] == Status.CANCELLED
@@ -116,8 +127,9 @@ def test_cancel_flag_seen_before_start(runner: Any) -> None:
 def test_invalid_inline_image_is_image_invalid(runner: Any) -> None:
     job_id = create(runner, steps=2)
     snap = runner.store.load(job_id)
-    doc = dict(snap.record, request=dict(snap.record["request"], image="sha256:" + "0" * 64,
-                                      strength=0.5))
+    doc = dict(
+        snap.record, request=dict(snap.record["request"], image="sha256:" + "0" * 64, strength=0.5)
+    )
     runner.store.apply(job_id, allowed="queued", token=snap.token, record=doc)
     assert runner.run(job_id) is Status.FAILED
     error = runner.store.get(job_id)["error"]
@@ -140,8 +152,13 @@ def test_a_redelivered_job_counts_the_attempt_and_drops_stale_outputs(runner: An
     job_id = create(runner, steps=1)
     snap = runner.store.load(job_id)
     stale = {"index": 0, "key": "stale", "sha256": "0" * 64}
-    runner.store.apply(job_id, allowed="queued", token=snap.token, new_token="dead-run",
-                       record=dict(snap.record, status="running", attempts=1, outputs=[stale]))
+    runner.store.apply(
+        job_id,
+        allowed="queued",
+        token=snap.token,
+        new_token="dead-run",
+        record=dict(snap.record, status="running", attempts=1, outputs=[stale]),
+    )
     assert runner.run(job_id) is Status.SUCCEEDED
     record = runner.store.get(job_id)
     assert record["attempts"] == 2
@@ -167,8 +184,13 @@ class TakeOverOnFirstPut:
     def put(self, key: str, data: bytes, content_type: str) -> None:
         if not self.puts:
             snap = self.store.load(self.job_id)
-            assert self.store.apply(self.job_id, allowed="running", token=snap.token,
-                                    record=snap.record, new_token="winner").ok
+            assert self.store.apply(
+                self.job_id,
+                allowed="running",
+                token=snap.token,
+                record=snap.record,
+                new_token="winner",
+            ).ok
         self.puts.append(key)
         self.inner.put(key, data, content_type)
 
@@ -213,8 +235,15 @@ def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
     picture asked for with other delivery fields is the same file."""
     same = {"seed": 7, "steps": 2}
     first = create(runner, **same)
-    second = create(runner, **same, webhook_events=["started", "completed"], priority=9,
-                    timeout_s=120, expires_in_s=3600, metadata={"user": "u1"})
+    second = create(
+        runner,
+        **same,
+        webhook_events=["started", "completed"],
+        priority=9,
+        timeout_s=120,
+        expires_in_s=3600,
+        metadata={"user": "u1"},
+    )
     assert runner.run(first) is runner.run(second) is Status.SUCCEEDED
     a, b = (work(runner).storage.get(f"{j}/0.png") for j in (first, second))
     assert a == b
@@ -223,10 +252,18 @@ def test_delivery_fields_do_not_change_the_png_bytes(runner: Any) -> None:
     from PIL import Image
 
     from tests.helpers import png_text
+
     chunk = json.loads(png_text(Image.open(io.BytesIO(a)))["atelier"])
     assert chunk["seed"] == 7 and chunk["request"]["steps"] == 2
-    assert not {"webhook_events", "priority", "timeout_s", "expires_in_s", "metadata",
-                "output_format", "quality"} & set(chunk["request"])
+    assert not {
+        "webhook_events",
+        "priority",
+        "timeout_s",
+        "expires_in_s",
+        "metadata",
+        "output_format",
+        "quality",
+    } & set(chunk["request"])
 
 
 def test_the_lifecycle_knows_nothing_of_images() -> None:
@@ -234,9 +271,10 @@ def test_the_lifecycle_knows_nothing_of_images() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, worker.lifecycle, worker.run; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'PIL', 'transformers') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, worker.lifecycle, worker.run; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'PIL', 'transformers') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

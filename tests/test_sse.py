@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from producer.contract import EventType
-from producer.store import JobStore
+from producer.core.contract import EventType
+from producer.jobs.store import JobStore
 from tests.helpers import worker_env
 from tests.servers import RedisServer, api_process
 
@@ -32,16 +32,23 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 def api_env(redis_url: str, models_file: str, tmp: Path) -> dict[str, str]:
     # The settings a user has, but no rate limit: hundreds of streams share one key.
-    return worker_env({"redis_url": redis_url, "models_file": models_file,
-                       "storage_url": f"file://{tmp / 'outputs'}", "api_keys": KEY,
-                       "rate_limit_per_s": 0})
+    return worker_env(
+        {
+            "redis_url": redis_url,
+            "models_file": models_file,
+            "storage_url": f"file://{tmp / 'outputs'}",
+            "api_keys": KEY,
+            "rate_limit_per_s": 0,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def api(redis_server: RedisServer, models_file: str, session_dir: Path) -> Iterator[int]:
     """The API's port."""
-    proc = api_process(api_env(redis_server.url, models_file, session_dir),
-                       session_dir / "logs" / "api-sse.log").start()
+    proc = api_process(
+        api_env(redis_server.url, models_file, session_dir), session_dir / "logs" / "api-sse.log"
+    ).start()
     assert proc.port is not None
     yield proc.port
     proc.stop()
@@ -49,16 +56,21 @@ def api(redis_server: RedisServer, models_file: str, session_dir: Path) -> Itera
 
 def submit(port: int, n: int) -> list[str]:
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30) as h:
-        return [h.post("/v1/jobs", json={"prompt": "watched", "model": "tiny-idle"}).json()["id"]
-                for _ in range(n)]
+        return [
+            h.post("/v1/jobs", json={"prompt": "watched", "model": "tiny-idle"}).json()["id"]
+            for _ in range(n)
+        ]
 
 
-def burst(store: JobStore, job_id: str, n: int, pad: int = 0, chunk: int = 100,
-          pause_s: float = 0.0) -> None:
+def burst(
+    store: JobStore, job_id: str, n: int, pad: int = 0, chunk: int = 100, pause_s: float = 0.0
+) -> None:
     """``n`` progress events in the job's log, ``chunk`` per transition."""
     for start in range(0, n, chunk):
-        events = [(EventType.PROGRESS, {"step": i, "total": n, "pad": "x" * pad})
-                  for i in range(start, min(n, start + chunk))]
+        events = [
+            (EventType.PROGRESS, {"step": i, "total": n, "pad": "x" * pad})
+            for i in range(start, min(n, start + chunk))
+        ]
         assert store.apply(job_id, allowed="queued", events=events).ok
         if pause_s:
             time.sleep(pause_s)
@@ -89,8 +101,10 @@ class Stream:
     async def read(self, port: int, after: str | None = None, limit: int | None = None) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         resume = f"Last-Event-ID: {after}\r\n" if after else ""
-        writer.write(f"GET /v1/jobs/{self.job_id}/events HTTP/1.1\r\nHost: t\r\n"
-                     f"Authorization: Bearer {KEY}\r\n{resume}\r\n".encode())
+        writer.write(
+            f"GET /v1/jobs/{self.job_id}/events HTTP/1.1\r\nHost: t\r\n"
+            f"Authorization: Bearer {KEY}\r\n{resume}\r\n".encode()
+        )
         status = await reader.readline()
         while await reader.readline() not in (b"\r\n", b""):
             pass
@@ -135,12 +149,14 @@ def run_async(coro: Any) -> Any:
 
 
 def test_many_streams_on_one_job_and_across_jobs_see_every_event_once_in_order(
-        api: int, redis_server: RedisServer) -> None:
+    api: int, redis_server: RedisServer
+) -> None:
     store = JobStore.from_url(redis_server.url)
     jobs = submit(api, 3)
     # 200 on the first job, 50 on each of the others.
-    streams = [Stream(jobs[0]) for _ in range(200)] + [Stream(j) for j in jobs[1:]
-                                                        for _ in range(50)]
+    streams = [Stream(jobs[0]) for _ in range(200)] + [
+        Stream(j) for j in jobs[1:] for _ in range(50)
+    ]
 
     async def scenario() -> None:
         tasks = [asyncio.create_task(s.follow(api)) for s in streams]
@@ -161,7 +177,8 @@ def test_many_streams_on_one_job_and_across_jobs_see_every_event_once_in_order(
 
 
 def test_a_reconnect_in_the_middle_of_a_burst_loses_nothing(
-        api: int, redis_server: RedisServer) -> None:
+    api: int, redis_server: RedisServer
+) -> None:
     store = JobStore.from_url(redis_server.url)
     [jid] = submit(api, 1)
     cuts = [5 + 7 * i for i in range(20)]  # each stream leaves at its own point
@@ -198,14 +215,17 @@ def test_a_reconnect_in_the_middle_of_a_burst_loses_nothing(
 
 
 def test_a_stalled_client_is_cut_off_without_affecting_the_others(
-        api: int, redis_server: RedisServer) -> None:
+    api: int, redis_server: RedisServer
+) -> None:
     store = JobStore.from_url(redis_server.url)
     [jid] = submit(api, 1)
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", api))
-    stalled.sendall(f"GET /v1/jobs/{jid}/events HTTP/1.1\r\nHost: t\r\n"
-                    f"Authorization: Bearer {KEY}\r\n\r\n".encode())
+    stalled.sendall(
+        f"GET /v1/jobs/{jid}/events HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {KEY}\r\n\r\n".encode()
+    )
     others = [Stream(jid) for _ in range(20)]
     n = 3000  # 2 KB each: ~6 MB, far past the socket buffers and SSE_QUEUE_MAX (1000)
 
@@ -235,7 +255,7 @@ def test_a_stalled_client_is_cut_off_without_affecting_the_others(
     finally:
         stalled.close()
     got = [line[4:].decode() for line in raw.split(b"\n") if line.startswith(b"id: ")]
-    assert 0 < len(got) < len(full) and got == full[:len(got)]
+    assert 0 < len(got) < len(full) and got == full[: len(got)]
     assert b"event: job.cancelled" not in raw
     # ... and it resumes from there with Last-Event-ID, losing nothing.
     rest = Stream(jid)
@@ -245,10 +265,12 @@ def test_a_stalled_client_is_cut_off_without_affecting_the_others(
 
 
 def test_a_redis_restart_under_500_streams_ends_or_resumes_them_all_cleanly(
-        models_file: str, tmp_path: Path) -> None:
+    models_file: str, tmp_path: Path
+) -> None:
     redis_server = RedisServer(tmp_path / "redis", appendonly=True).start()
-    proc = api_process(api_env(redis_server.url, models_file, tmp_path),
-                       tmp_path / "api.log").start()
+    proc = api_process(
+        api_env(redis_server.url, models_file, tmp_path), tmp_path / "api.log"
+    ).start()
     assert proc.port is not None
     api = proc.port
     store = JobStore.from_url(redis_server.url)

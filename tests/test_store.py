@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 
-from producer import constants as K
 from producer.client import new_job_id
-from producer.contract import (
+from producer.core import keys as K
+from producer.core.contract import (
     TERMINAL,
     TERMINAL_EVENT_FOR,
     TERMINAL_EVENTS,
@@ -24,11 +24,11 @@ from producer.contract import (
     new_record,
     now_iso,
 )
-from producer.errors import JobNotFound
-from producer.registry import Registry
-from producer.settings import Settings
-from producer.store import NO_TOKEN, JobStore
-from producer.validation import validate_request
+from producer.core.errors import JobNotFound
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from producer.jobs.store import NO_TOKEN, JobStore
+from producer.requests.generate import validate_request
 
 #: A database no other test file uses; emptied around each test.
 DB = 14
@@ -51,8 +51,12 @@ def store(db_url: str) -> Iterator[JobStore]:
 
 @pytest.fixture
 def make_doc(db_url: str, models_file: str, tmp_path: Path) -> Any:
-    settings = Settings(redis_url=db_url, default_model="tiny-sdxl", models_file=models_file,
-                        models_dir=str(tmp_path))
+    settings = Settings(
+        redis_url=db_url,
+        default_model="tiny-sdxl",
+        models_file=models_file,
+        models_dir=str(tmp_path),
+    )
     registry = Registry.load(models_file)
 
     def make(created_at: str | None = None, **fields: Any) -> Any:
@@ -66,19 +70,41 @@ def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, dict[s
     """Take the job as a worker does; return the run's token and record."""
     snap = store.load(job_id)
     token = secrets.token_hex(8)
-    doc = dict(snap.record, status="running", attempts=snap.record["attempts"] + 1, worker=worker,
-               started_at=now_iso())
-    out = store.apply(job_id, allowed="queued,running", token=snap.token, record=doc,
-                      new_token=token, events=[(EventType.STARTED, {"worker": worker})])
+    doc = dict(
+        snap.record,
+        status="running",
+        attempts=snap.record["attempts"] + 1,
+        worker=worker,
+        started_at=now_iso(),
+    )
+    out = store.apply(
+        job_id,
+        allowed="queued,running",
+        token=snap.token,
+        record=doc,
+        new_token=token,
+        events=[(EventType.STARTED, {"worker": worker})],
+    )
     assert out.ok, out.detail
     return token, doc
 
 
-def finish(store: JobStore, job_id: str, token: str, doc: dict[str, Any],
-           status: Status = Status.SUCCEEDED, **changes: Any) -> Any:
+def finish(
+    store: JobStore,
+    job_id: str,
+    token: str,
+    doc: dict[str, Any],
+    status: Status = Status.SUCCEEDED,
+    **changes: Any,
+) -> Any:
     done = dict(doc, status=status.value, finished_at=now_iso(), **changes)
-    return store.apply(job_id, allowed="running", token=token, record=done,
-                       events=[(TERMINAL_EVENT_FOR[status], {"job": done})])
+    return store.apply(
+        job_id,
+        allowed="running",
+        token=token,
+        record=done,
+        events=[(TERMINAL_EVENT_FOR[status], {"job": done})],
+    )
 
 
 def raw_hash(store: JobStore, job_id: str) -> dict[bytes, bytes]:
@@ -162,14 +188,20 @@ def test_terminal_status_is_final(store: JobStore, make_doc: Any) -> None:
     # and skipping the token check.
     for allowed in ("succeeded", "running,succeeded", "queued,running,succeeded,failed"):
         failed = dict(running, status="failed", error={"code": "internal", "message": "x"})
-        out = store.apply(doc["id"], allowed=allowed, record=failed,
-                          events=[(EventType.FAILED, {"job": failed})])
+        out = store.apply(
+            doc["id"], allowed=allowed, record=failed, events=[(EventType.FAILED, {"job": failed})]
+        )
         assert not out.ok, allowed
         assert out.detail == "succeeded"
     # A restart of the job is refused too.
-    out = store.apply(doc["id"], allowed="queued,running,succeeded", token=token,
-                      record=dict(running, status="running"), new_token="t2",
-                      events=[(EventType.STARTED, {})])
+    out = store.apply(
+        doc["id"],
+        allowed="queued,running,succeeded",
+        token=token,
+        record=dict(running, status="running"),
+        new_token="t2",
+        events=[(EventType.STARTED, {})],
+    )
     assert not out.ok
 
     assert raw_hash(store, doc["id"]) == hash_before
@@ -191,8 +223,13 @@ def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
 
     # Run a wakes up and writes progress, then its outcome: both fenced.
     prog = dict(running_a, progress={"step": 2, "total": 4})
-    out = store.apply(doc["id"], allowed="running", token=token_a, record=prog,
-                      events=[(EventType.PROGRESS, {"step": 2, "total": 4})])
+    out = store.apply(
+        doc["id"],
+        allowed="running",
+        token=token_a,
+        record=prog,
+        events=[(EventType.PROGRESS, {"step": 2, "total": 4})],
+    )
     assert not out.ok and out.detail == "fenced"
     out = finish(store, doc["id"], token_a, running_a, Status.FAILED)
     assert not out.ok and out.detail == "fenced"
@@ -215,16 +252,26 @@ def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> No
     store.create(other)  # interleaved with another job's events
     token, running = start(store, doc["id"])
     for step in (1, 2, 3):
-        store.apply(doc["id"], allowed="running", token=token,
-                    record=dict(running, progress={"step": step, "total": 4}),
-                    events=[(EventType.PROGRESS, {"step": step, "total": 4})])
+        store.apply(
+            doc["id"],
+            allowed="running",
+            token=token,
+            record=dict(running, progress={"step": step, "total": 4}),
+            events=[(EventType.PROGRESS, {"step": step, "total": 4})],
+        )
     start(store, other["id"])
     out = finish(store, doc["id"], token, running)
     assert out.ok
 
     local = store.events(doc["id"])
-    assert types(local) == ["job.queued", "job.started", "job.progress", "job.progress",
-                            "job.progress", "job.succeeded"]
+    assert types(local) == [
+        "job.queued",
+        "job.started",
+        "job.progress",
+        "job.progress",
+        "job.progress",
+        "job.succeeded",
+    ]
     assert [(e["id"], e["type"]) for e in local] == global_events_of(store, doc["id"])
     assert local[-1]["id"] == out.detail
     ids = [e["id"] for e in local]
@@ -243,9 +290,14 @@ def test_several_events_in_one_apply_keep_their_order(store: JobStore, make_doc:
     doc = make_doc()
     store.create(doc)
     snap = store.load(doc["id"])
-    out = store.apply(doc["id"], allowed="queued", token=snap.token,
-                      record=dict(doc, status="running"), new_token="t",
-                      events=[(EventType.RETRYING, {"attempt": 2}), (EventType.STARTED, {})])
+    out = store.apply(
+        doc["id"],
+        allowed="queued",
+        token=snap.token,
+        record=dict(doc, status="running"),
+        new_token="t",
+        events=[(EventType.RETRYING, {"attempt": 2}), (EventType.STARTED, {})],
+    )
     assert out.ok
     ids = out.detail.split(",")
     local = store.events(doc["id"])
@@ -285,8 +337,9 @@ def test_racing_finishers_have_exactly_one_winner(store: JobStore, make_doc: Any
     assert len(terminal) == 1
     assert terminal[0]["type"] == TERMINAL_EVENT_FOR[status].value
     assert terminal[0]["data"]["job"]["worker"] == f"racer-{i}"
-    glob_terminal = [t for _, t in global_events_of(store, doc["id"])
-                     if EventType(t) in TERMINAL_EVENTS]
+    glob_terminal = [
+        t for _, t in global_events_of(store, doc["id"]) if EventType(t) in TERMINAL_EVENTS
+    ]
     assert len(glob_terminal) == 1
 
 
@@ -302,9 +355,14 @@ def test_cancel_of_queued_job_is_immediate(store: JobStore, make_doc: Any) -> No
     assert events[-1]["data"]["job"]["status"] == "cancelled"
     assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
     # A worker that now receives the message cannot start it.
-    out = store.apply(doc["id"], allowed="queued,running", token=NO_TOKEN,
-                      record=dict(doc, status="running"), new_token="t",
-                      events=[(EventType.STARTED, {})])
+    out = store.apply(
+        doc["id"],
+        allowed="queued,running",
+        token=NO_TOKEN,
+        record=dict(doc, status="running"),
+        new_token="t",
+        events=[(EventType.STARTED, {})],
+    )
     assert not out.ok and out.detail == "cancelled"
     # Cancelling again changes nothing.
     again = store.request_cancel(doc["id"])
@@ -376,8 +434,7 @@ def test_get_does_not_expire_a_running_job(store: JobStore, make_doc: Any) -> No
     assert store.get(doc["id"])["status"] == "running"
 
 
-def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore,
-                                                        make_doc: Any) -> None:
+def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     store.create(doc)
     token, running = start(store, doc["id"])
@@ -385,9 +442,13 @@ def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore,
     def writer() -> None:
         for step in (1, 2, 3, 4):
             time.sleep(0.02)
-            store.apply(doc["id"], allowed="running", token=token,
-                        record=dict(running, progress={"step": step, "total": 4}),
-                        events=[(EventType.PROGRESS, {"step": step, "total": 4})])
+            store.apply(
+                doc["id"],
+                allowed="running",
+                token=token,
+                record=dict(running, progress={"step": step, "total": 4}),
+                events=[(EventType.PROGRESS, {"step": step, "total": 4})],
+            )
         time.sleep(0.02)
         finish(store, doc["id"], token, running)
 
@@ -395,19 +456,17 @@ def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore,
     t.start()
     seen = list(store.follow(doc["id"], timeout_s=10, poll_ms=50))
     t.join(5)
-    assert types(seen) == ["job.queued", "job.started"] + ["job.progress"] * 4 + [
-        "job.succeeded"]
+    assert types(seen) == ["job.queued", "job.started"] + ["job.progress"] * 4 + ["job.succeeded"]
     assert [e["data"]["step"] for e in seen if e["type"] == "job.progress"] == [1, 2, 3, 4]
     assert seen[-1]["data"]["job"]["status"] == "succeeded"
 
     # Resuming after any id gives exactly the rest, without repeats.
     for k in range(len(seen)):
         rest = list(store.follow(doc["id"], after=seen[k]["id"], timeout_s=5, poll_ms=50))
-        assert [e["id"] for e in rest] == [e["id"] for e in seen[k + 1:]]
+        assert [e["id"] for e in rest] == [e["id"] for e in seen[k + 1 :]]
 
 
-def test_follow_after_the_terminal_event_returns_at_once(store: JobStore,
-                                                         make_doc: Any) -> None:
+def test_follow_after_the_terminal_event_returns_at_once(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     store.create(doc)
     store.request_cancel(doc["id"])
@@ -417,8 +476,7 @@ def test_follow_after_the_terminal_event_returns_at_once(store: JobStore,
     assert time.monotonic() - t0 < 2
 
 
-def test_follow_times_out_on_a_job_that_does_not_finish(store: JobStore,
-                                                        make_doc: Any) -> None:
+def test_follow_times_out_on_a_job_that_does_not_finish(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     store.create(doc)
     seen: list[dict[str, Any]] = []
@@ -451,8 +509,7 @@ def test_terminal_records_get_a_ttl(store: JobStore, make_doc: Any, status: Stat
 
 
 @pytest.mark.parametrize("status", sorted(TERMINAL, key=str))
-def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any,
-                                           status: Status) -> None:
+def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any, status: Status) -> None:
     """Whatever the caller lists as allowed, a terminal record is never written again."""
     past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
     doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=1)
@@ -467,8 +524,13 @@ def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any,
     assert store.load(doc["id"]).status is status
     before, events = raw_hash(store, doc["id"]), store.events(doc["id"])
     every = ",".join(s.value for s in Status)
-    out = store.apply(doc["id"], allowed=every, record=dict(doc, status="queued"),
-                      new_token=NO_TOKEN, events=[(EventType.QUEUED, {})])
+    out = store.apply(
+        doc["id"],
+        allowed=every,
+        record=dict(doc, status="queued"),
+        new_token=NO_TOKEN,
+        events=[(EventType.QUEUED, {})],
+    )
     assert not out.ok and out.detail == status.value
     assert raw_hash(store, doc["id"]) == before
     assert store.events(doc["id"]) == events

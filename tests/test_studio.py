@@ -40,8 +40,9 @@ class Studio:
         match = ADDRESS.search(proc.log())
         assert match, proc.log()
         self.url, self.key = match.groups()
-        self.api = httpx.Client(base_url=self.url, timeout=30,
-                                headers={"Authorization": f"Bearer {self.key}"})
+        self.api = httpx.Client(
+            base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.key}"}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,21 @@ def studio(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterat
     root = tmp_path_factory.mktemp("studio")
     tmpdir = root / "tmp"  # the studio's folder goes in here: the last test checks it goes
     tmpdir.mkdir()
-    env = {**os.environ, "ATELIER_MODELS_DIR": str(models_dir), "ATELIER_DEVICE": "cpu",
-           "ATELIER_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmpdir)}
-    proc = Process([sys.executable, "-m", "producer.cli", "studio"], env,
-                   root / "studio.log", ready=b"Ctrl-C stops it all", grace=60)
+    env = {
+        **os.environ,
+        "ATELIER_MODELS_DIR": str(models_dir),
+        "ATELIER_DEVICE": "cpu",
+        "ATELIER_TORCH_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmpdir),
+    }
+    proc = Process(
+        [sys.executable, "-m", "producer.cli", "studio"],
+        env,
+        root / "studio.log",
+        ready=b"Ctrl-C stops it all",
+        grace=60,
+    )
     try:
         proc.start(timeout=240)
         studio = Studio(proc, tmpdir)
@@ -101,9 +113,12 @@ def wait_js(page: Any, expression: str, timeout: float = 120) -> Any:
     """Wait until ``expression`` is truthy in the page. (Playwright's wait_for_function
     evaluates a string, which the page's Content-Security-Policy forbids, as it should.)"""
     watched = "document.querySelector('#watch')?.innerText"
-    return wait_until(lambda: page.evaluate(expression), timeout, interval=0.05,
-                      message=lambda: f"in the page: {expression}; the watch shows "
-                                      f"{page.evaluate(watched)!r}")
+    return wait_until(
+        lambda: page.evaluate(expression),
+        timeout,
+        interval=0.05,
+        message=lambda: f"in the page: {expression}; the watch shows {page.evaluate(watched)!r}",
+    )
 
 
 def ended(page: Any, status: str, timeout: float = 120) -> None:
@@ -171,9 +186,12 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     page.get_by_role("button", name="Generate").click()
 
     # mid-job: the bar has moved and a preview is shown
-    wait_js(page, "(window.seen.bar.filter(v => v > 0).length >= 2 && window.seen.bar.at(-1)"
-                  " >= 20 && window.seen.previews.length >= 2) || "
-                  "document.querySelector('#watch').dataset.status === 'succeeded'")
+    wait_js(
+        page,
+        "(window.seen.bar.filter(v => v > 0).length >= 2 && window.seen.bar.at(-1)"
+        " >= 20 && window.seen.previews.length >= 2) || "
+        "document.querySelector('#watch').dataset.status === 'succeeded'",
+    )
     shot(page, tmp_path, "mid-job")
     assert status(page) == "running", "progress and a preview came while the job ran"
     job_id = page.get_attribute("#watch", "data-job-id")
@@ -191,8 +209,12 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     # the final image, loaded at its natural size
     image = page.locator("#watch .results img")
     image.wait_for()
-    wait_js(page, "document.querySelector('#watch .results img').complete && "
-                  "document.querySelector('#watch .results img').naturalWidth > 0", 30)
+    wait_js(
+        page,
+        "document.querySelector('#watch .results img').complete && "
+        "document.querySelector('#watch .results img').naturalWidth > 0",
+        30,
+    )
     assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     record = studio.api.get(f"/v1/jobs/{job_id}").json()
     assert record["status"] == "succeeded" and record["request"]["seed"] == 7
@@ -281,8 +303,9 @@ def test_submit_with_the_keyboard_only(page: Any, studio: Studio, tmp_path: Path
     ended(page, "succeeded")
     shot(page, tmp_path, "keyboard")
     job_id = page.get_attribute("#watch", "data-job-id")
-    assert studio.api.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == \
-        "typed, never clicked"
+    assert (
+        studio.api.get(f"/v1/jobs/{job_id}").json()["request"]["prompt"] == "typed, never clicked"
+    )
     # on a phone: one column, nothing wider than the screen
     page.set_viewport_size({"width": 390, "height": 844})
     assert page.evaluate("document.documentElement.scrollWidth <= innerWidth")
@@ -316,8 +339,11 @@ def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) ->
     page.route(f"**/v1/jobs/{job['id']}/events", events)
     page.evaluate(f"sessionStorage.setItem('atelier.watching', '{job['id']}')")
     page.reload()
-    wait_js(page, "document.querySelector('[data-watch=step]').textContent === 'step 20 of 20'"
-                  " && document.querySelector('#watch').dataset.status === 'succeeded'")
+    wait_js(
+        page,
+        "document.querySelector('[data-watch=step]').textContent === 'step 20 of 20'"
+        " && document.querySelector('#watch').dataset.status === 'succeeded'",
+    )
     ids = re.findall(r"^id: (\S+)$", cut, re.M)
     assert len(ids) == 2 and asked == [None, ids[-1]]
 
@@ -335,10 +361,10 @@ def test_the_gallery_loads_more_on_scroll(page: Any, studio: Studio, tmp_path: P
     wait_js(page, "document.querySelectorAll('[data-gallery=list] li').length === 24", 30)
     assert tiles.count() == 24  # the first page; the end of the list is out of view
     page.locator("[data-gallery=more]").scroll_into_view_if_needed()
-    wait_js(page, f"document.querySelectorAll('[data-gallery=list] li').length === {len(mine)}",
-            30)
-    shown = page.eval_on_selector_all("[data-gallery=list] li",
-                                      "els => els.map(e => e.dataset.jobId)")
+    wait_js(page, f"document.querySelectorAll('[data-gallery=list] li').length === {len(mine)}", 30)
+    shown = page.eval_on_selector_all(
+        "[data-gallery=list] li", "els => els.map(e => e.dataset.jobId)"
+    )
     assert shown == [record["id"] for record in mine]
     shot(page, tmp_path, "gallery-scrolled")
 
@@ -353,8 +379,12 @@ def test_ctrl_c_stops_it_all(studio: Studio) -> None:
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         return [line for line in ps.splitlines() if str(studio.tmpdir) in line]
 
-    wait_until(lambda: not lingering(), 10, interval=0.2,
-               message=lambda: f"no process of the studio left: {lingering()}")
+    wait_until(
+        lambda: not lingering(),
+        10,
+        interval=0.2,
+        message=lambda: f"no process of the studio left: {lingering()}",
+    )
     assert list(studio.tmpdir.iterdir()) == []
     with pytest.raises(httpx.TransportError):
         studio.api.get("/healthz")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from producer.contract import EventType, Status
+from producer.core.contract import EventType, Status
 from tests.helpers import Stack, pixels, png_text, run_job, s3_get
 
 pytestmark = pytest.mark.slow
@@ -27,15 +27,19 @@ def darkest(img: Image.Image) -> float:
 
 
 def test_two_axis_sweep(stack: Stack) -> None:
-    record, events = run_job(stack, prompt="a paper boat", steps=2,
-                             sweep={"seeds": [1, 2], "guidance_scale": [3, 7.5]})
+    record, events = run_job(
+        stack, prompt="a paper boat", steps=2, sweep={"seeds": [1, 2], "guidance_scale": [3, 7.5]}
+    )
     assert record["status"] == Status.SUCCEEDED, record
     outs = record["outputs"]
     assert len(outs) == 5 and [o["index"] for o in outs] == [0, 1, 2, 3, 4]
     # row by row: seeds along the columns, guidance along the rows
     assert [o["sweep"] for o in outs[:4]] == [
-        {"seeds": 1, "guidance_scale": 3.0}, {"seeds": 2, "guidance_scale": 3.0},
-        {"seeds": 1, "guidance_scale": 7.5}, {"seeds": 2, "guidance_scale": 7.5}]
+        {"seeds": 1, "guidance_scale": 3.0},
+        {"seeds": 2, "guidance_scale": 3.0},
+        {"seeds": 1, "guidance_scale": 7.5},
+        {"seeds": 2, "guidance_scale": 7.5},
+    ]
     assert [o["seed"] for o in outs[:4]] == [1, 2, 1, 2]
     assert len({o["sha256"] for o in outs}) == 5
     sheet = outs[4]

@@ -19,11 +19,11 @@ import pytest
 from PIL import Image
 
 from producer import Client
-from producer.contract import EventType, Status
-from producer.errors import InvalidRequest
-from producer.registry import Registry
-from producer.settings import Settings
-from producer.train_validation import validate_training
+from producer.core.contract import EventType, Status
+from producer.core.errors import InvalidRequest
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from producer.requests.train import validate_training
 from tests.helpers import stack_values, worker_env
 from tests.servers import RedisServer, Worker
 
@@ -57,6 +57,7 @@ SUBJECT = [data_uri(png((200, 40, 40))), data_uri(png((180, 60, 30), (64, 96)))]
 
 # -- refused at submit, by name, nothing enqueued ----------------------------------------
 
+
 def refused(data: dict[str, Any], settings: Settings | None = None) -> dict[str, str]:
     with pytest.raises(InvalidRequest) as info:
         validate_training(data, Registry.load(), settings or Settings(default_model="tiny-sdxl"))
@@ -80,11 +81,15 @@ def test_bad_trainings_are_refused_by_field() -> None:
     bad = refused({**ok, "images": [zip_uri({"a.png": b"not a png"})]})
     assert "a.png" in bad["images.0"]
     # A bomb: entries past the cap, and a small zip that inflates past the size cap.
-    bad = refused({**ok, "images": [zip_uri({f"{i}.png": b"x" for i in range(20)})]},
-                  Settings(default_model="tiny-sdxl", train_zip_max_entries=10))
+    bad = refused(
+        {**ok, "images": [zip_uri({f"{i}.png": b"x" for i in range(20)})]},
+        Settings(default_model="tiny-sdxl", train_zip_max_entries=10),
+    )
     assert "20 entries" in bad["images.0"]
-    bad = refused({**ok, "images": [zip_uri({"big.png": b"\0" * 4_000_000})]},
-                  Settings(default_model="tiny-sdxl", train_zip_max_bytes=1_000_000))
+    bad = refused(
+        {**ok, "images": [zip_uri({"big.png": b"\0" * 4_000_000})]},
+        Settings(default_model="tiny-sdxl", train_zip_max_bytes=1_000_000),
+    )
     assert "bytes uncompressed" in bad["images.0"]
     bad = refused({**ok, "images": [*SUBJECT, zip_uri({"a.png": png((1, 2, 3))})]})
     assert "only entry" in bad["images.2"]
@@ -93,6 +98,7 @@ def test_bad_trainings_are_refused_by_field() -> None:
 
 
 # -- a real --train worker ---------------------------------------------------------------
+
 
 @dataclass
 class Rig:
@@ -106,15 +112,21 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
-        models_file: str) -> Iterator[Rig]:
+def rig(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, models_file: str
+) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("training")
     redis = RedisServer(tmp / "redis").start()
-    values = stack_values(redis.url, models_dir, models_file, f"file://{tmp / 'out'}",
-                          job_timeout_s=120, progress_interval_s=0.05)
+    values = stack_values(
+        redis.url,
+        models_dir,
+        models_file,
+        f"file://{tmp / 'out'}",
+        job_timeout_s=120,
+        progress_interval_s=0.05,
+    )
     env = worker_env(values)
-    worker = Worker(env, tmp / "worker.log", ["tiny-sdxl", "tiny-sdxl-edm"],
-                    extra_args=["--train"])
+    worker = Worker(env, tmp / "worker.log", ["tiny-sdxl", "tiny-sdxl-edm"], extra_args=["--train"])
     try:
         worker.start()
         client = Client(Settings(**values))
@@ -139,11 +151,20 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
 
     from worker.training.inputs import decode
 
-    crops = [np.asarray(i.image, dtype=np.float32) for i in decode(
-        {"resolution": 64, "instance_prompt": PROMPT},
-        [(str(i), base64.b64decode(u.split(",", 1)[1])) for i, u in enumerate(SUBJECT)])]
-    request: dict[str, Any] = {"prompt": PROMPT, "model": "tiny-sdxl", "seed": 0,
-                               "num_images": 3, "steps": 4}
+    crops = [
+        np.asarray(i.image, dtype=np.float32)
+        for i in decode(
+            {"resolution": 64, "instance_prompt": PROMPT},
+            [(str(i), base64.b64decode(u.split(",", 1)[1])) for i, u in enumerate(SUBJECT)],
+        )
+    ]
+    request: dict[str, Any] = {
+        "prompt": PROMPT,
+        "model": "tiny-sdxl",
+        "seed": 0,
+        "num_images": 3,
+        "steps": 4,
+    }
     job = client.submit({**request, "loras": loras} if loras else request)
     record = client.wait(job, timeout=60)
     assert record["status"] == Status.SUCCEEDED, record["error"]
@@ -157,10 +178,19 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
 def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     client = rig.client
     before = generate(client)
-    job = client.train(images=SUBJECT, instance_prompt=PROMPT, model="tiny-sdxl", steps=40,
-                       learning_rate=1e-2, resolution=64, seed=3, num_validation_images=1,
-                       lr_scheduler="constant_with_warmup", lr_warmup_steps=4,
-                       train_text_encoder=True)
+    job = client.train(
+        images=SUBJECT,
+        instance_prompt=PROMPT,
+        model="tiny-sdxl",
+        steps=40,
+        learning_rate=1e-2,
+        resolution=64,
+        seed=3,
+        num_validation_images=1,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=4,
+        train_text_encoder=True,
+    )
     events = list(client.events(job, timeout=120))
     record = events[-1]["data"]["job"]
     assert record["status"] == Status.SUCCEEDED, record["error"]
@@ -204,9 +234,18 @@ def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     import math
 
     client = rig.client
-    record = client.wait(client.train(images=SUBJECT, instance_prompt=PROMPT, steps=6,
-                                      model="tiny-sdxl-edm", resolution=64, seed=2,
-                                      num_validation_images=1), timeout=120)
+    record = client.wait(
+        client.train(
+            images=SUBJECT,
+            instance_prompt=PROMPT,
+            steps=6,
+            model="tiny-sdxl-edm",
+            resolution=64,
+            seed=2,
+            num_validation_images=1,
+        ),
+        timeout=120,
+    )
     assert record["status"] == Status.SUCCEEDED, record["error"]
     storage = Path(client.settings.storage_url.removeprefix("file://"))
     manifest = json.loads((storage / record["id"] / "manifest.json").read_text())
@@ -223,12 +262,16 @@ def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     storage = Path(client.settings.storage_url.removeprefix("file://"))
     (storage / "uploads").mkdir(parents=True, exist_ok=True)
     (storage / "uploads" / "a.png").write_bytes(photos[0])
-    common: dict[str, Any] = {"instance_prompt": PROMPT, "steps": 2, "model": "tiny-sdxl",
-                              "resolution": 64, "num_validation_images": 0}
+    common: dict[str, Any] = {
+        "instance_prompt": PROMPT,
+        "steps": 2,
+        "model": "tiny-sdxl",
+        "resolution": 64,
+        "num_validation_images": 0,
+    }
     from_zip = client.wait(client.train(images=[zipped], **common), timeout=60)
     stored = client.wait(client.train(images=["storage:uploads/a.png"], **common), timeout=60)
-    missing = client.wait(client.train(images=["storage:uploads/none.png"], **common),
-                          timeout=60)
+    missing = client.wait(client.train(images=["storage:uploads/none.png"], **common), timeout=60)
     assert from_zip["status"] == stored["status"] == Status.SUCCEEDED
     import hashlib
 
@@ -241,8 +284,14 @@ def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
 
 def test_cancel_mid_training(rig: Rig) -> None:
     client = rig.client
-    job = client.train(images=SUBJECT[:1], instance_prompt=PROMPT, model="tiny-sdxl",
-                       steps=2000, resolution=64, seed=1)
+    job = client.train(
+        images=SUBJECT[:1],
+        instance_prompt=PROMPT,
+        model="tiny-sdxl",
+        steps=2000,
+        resolution=64,
+        seed=1,
+    )
     for ev in client.events(job, timeout=60):
         if ev["type"] == EventType.PROGRESS and ev["data"]["step"] >= 2:
             client.cancel(job)
@@ -267,26 +316,45 @@ def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -
         with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as http:
             owner = {"Authorization": "Bearer owner-key"}
             other = {"Authorization": "Bearer other-key"}
-            bad = http.post("/v1/trainings", headers=owner, json={
-                "images": [], "instance_prompt": PROMPT, "prior_preservation": True})
+            bad = http.post(
+                "/v1/trainings",
+                headers=owner,
+                json={"images": [], "instance_prompt": PROMPT, "prior_preservation": True},
+            )
             assert bad.status_code == 422
-            assert {f["field"] for f in bad.json()["error"]["fields"]} == {"images",
-                                                                           "class_prompt"}
-            res = http.post("/v1/trainings", headers=owner, json={
-                "images": SUBJECT, "instance_prompt": PROMPT, "steps": 6, "resolution": 64,
-                "num_validation_images": 0, "model": "tiny-sdxl"})
+            assert {f["field"] for f in bad.json()["error"]["fields"]} == {"images", "class_prompt"}
+            res = http.post(
+                "/v1/trainings",
+                headers=owner,
+                json={
+                    "images": SUBJECT,
+                    "instance_prompt": PROMPT,
+                    "steps": 6,
+                    "resolution": 64,
+                    "num_validation_images": 0,
+                    "model": "tiny-sdxl",
+                },
+            )
             assert res.status_code == 202, res.text
             job = res.json()
             assert job["kind"] == "train" and res.headers["Location"] == f"/v1/jobs/{job['id']}"
             queues = http.get("/v1/queues", headers=owner).json()["queues"]
-            assert {"model": "tiny-sdxl", "kind": "train", "queue": "atelier.train.tiny-sdxl"
-                    }.items() <= next(q for q in queues if q["kind"] == "train"
-                                      and q["model"] == "tiny-sdxl").items()
+            assert {
+                "model": "tiny-sdxl",
+                "kind": "train",
+                "queue": "atelier.train.tiny-sdxl",
+            }.items() <= next(
+                q for q in queues if q["kind"] == "train" and q["model"] == "tiny-sdxl"
+            ).items()
             with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=owner) as stream:
                 body = "".join(stream.iter_text())
             assert "event: job.succeeded" in body and '"phase":"training"' in body
-            use = {"prompt": "a photo of sks dog", "model": "tiny-sdxl", "steps": 2,
-                   "loras": [{"name": f"job:{job['id']}", "scale": 0.8}]}
+            use = {
+                "prompt": "a photo of sks dog",
+                "model": "tiny-sdxl",
+                "steps": 2,
+                "loras": [{"name": f"job:{job['id']}", "scale": 0.8}],
+            }
             refused = http.post("/v1/jobs", headers=other, json=use)
             assert refused.status_code == 422
             assert refused.json()["error"]["fields"][0]["field"] == "loras.0.name"
@@ -309,10 +377,33 @@ def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
         (photos / f"{i}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
     (photos / "notes.txt").write_text("not an image: left out")
     res = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "train", "--images", str(photos), "--prompt",
-         PROMPT, "--model", "tiny-sdxl", "--steps", "3", "--resolution", "64",
-         "--num-validation-images", "1", "--wait", "--out", str(out), "--json"],
-        env=rig.env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "train",
+            "--images",
+            str(photos),
+            "--prompt",
+            PROMPT,
+            "--model",
+            "tiny-sdxl",
+            "--steps",
+            "3",
+            "--resolution",
+            "64",
+            "--num-validation-images",
+            "1",
+            "--wait",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        env=rig.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads(res.stdout)
     assert record["kind"] == "train" and len(record["request"]["images"]) == 2
@@ -325,15 +416,26 @@ def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the
     module's worker."""
     client = rig.client
-    req = {"images": SUBJECT, "instance_prompt": PROMPT, "model": "tiny-sdxl", "steps": 16,
-           "checkpoint_every": 4, "resolution": 64, "seed": 11, "num_validation_images": 0,
-           "learning_rate": 1e-3, "prior_preservation": True, "class_prompt": "a photo of dog",
-           "num_class_images": 2}
+    req = {
+        "images": SUBJECT,
+        "instance_prompt": PROMPT,
+        "model": "tiny-sdxl",
+        "steps": 16,
+        "checkpoint_every": 4,
+        "resolution": 64,
+        "seed": 11,
+        "num_validation_images": 0,
+        "learning_rate": 1e-3,
+        "prior_preservation": True,
+        "class_prompt": "a photo of dog",
+        "num_class_images": 2,
+    }
     job = client.train(req)
     for ev in client.events(job, timeout=120):
         if ev["type"] == EventType.CHECKPOINT and ev["data"]["step"] >= 8:
-            assert ev["data"]["key"].endswith(f"{job}/checkpoints/{ev['data']['step']:08d}"
-                                              "/state.json")
+            assert ev["data"]["key"].endswith(
+                f"{job}/checkpoints/{ev['data']['step']:08d}/state.json"
+            )
             rig.worker.kill()
             break
     second = rig.train_worker("second").start()
@@ -353,7 +455,9 @@ def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     made = json.loads((out / job / "manifest.json").read_text())["class_images"]
     assert made == {"made": 0, "reused": 2}
     assert json.loads((out / ref["id"] / "manifest.json").read_text())["class_images"] == {
-        "made": 2, "reused": 0}
+        "made": 2,
+        "reused": 0,
+    }
     assert sorted(p.name for p in (out / job / "class_images").iterdir()) == ["0.png", "1.png"]
     # The two newest checkpoints are kept, the older ones pruned.
     root = Path(client.settings.storage_url.removeprefix("file://")) / job / "checkpoints"

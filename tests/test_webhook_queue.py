@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer import constants as K
-from producer.webhook_queue import WebhookQueue, retry_member
+from producer.core import keys as K
+from producer.services.webhook_queue import WebhookQueue, retry_member
 
 #: A database no other test file uses; emptied around each test.
 DB = 11
@@ -26,8 +26,9 @@ def queue(redis_url: str) -> Iterator[WebhookQueue]:
 
 
 def add_event(q: WebhookQueue, job_id: str = "j1") -> str:
-    eid = q.redis.xadd(K.GLOBAL_EVENTS, {"type": "job.succeeded", "job_id": job_id,
-                                         "ts": "t", "data": "{}"})
+    eid = q.redis.xadd(
+        K.GLOBAL_EVENTS, {"type": "job.succeeded", "job_id": job_id, "ts": "t", "data": "{}"}
+    )
     assert isinstance(eid, bytes)
     return eid.decode()
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from producer import constants as K
-from producer.settings import Settings
-from producer.webhooks import attempt
+from producer.core import keys as K
+from producer.core.settings import Settings
+from producer.services.webhooks import attempt
 from tests.helpers import Stack, worker_env
 from tests.receiver import Received, Receiver
 from tests.servers import Process, dispatcher_process
@@ -29,15 +29,17 @@ PROMPT = "a lighthouse at dusk"
 
 
 def dispatcher_env(stack: Stack, **extra: Any) -> dict[str, str]:
-    return worker_env({
-        **stack.values,
-        "webhook_secret": SECRET,
-        "webhook_retry_schedule_s": "0.3,0.3,0.3",
-        "webhook_read_timeout_s": 1.0,
-        "webhook_connect_timeout_s": 1.0,
-        "webhook_claim_idle_s": 2.0,
-        **extra,
-    })
+    return worker_env(
+        {
+            **stack.values,
+            "webhook_secret": SECRET,
+            "webhook_retry_schedule_s": "0.3,0.3,0.3",
+            "webhook_read_timeout_s": 1.0,
+            "webhook_connect_timeout_s": 1.0,
+            "webhook_claim_idle_s": 2.0,
+            **extra,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,12 +101,20 @@ def test_completed_webhook_is_signed_and_carries_the_job(
 
 def test_webhook_events_filter(stack: Stack, receiver: Receiver, dispatcher: Process) -> None:
     url = receiver.url("/all")
-    job_id = submit(stack, webhook=url, steps=12, preview=True,
-                    webhook_events=["started", "progress", "output", "completed"])
+    job_id = submit(
+        stack,
+        webhook=url,
+        steps=12,
+        preview=True,
+        webhook_events=["started", "progress", "output", "completed"],
+    )
     log = stack.client().wait(job_id, timeout=60)
     assert log["status"] == "succeeded"
-    wanted = [e for e in stack.client().store.events(job_id)
-              if e["type"] not in {"job.queued", "job.retrying"}]
+    wanted = [
+        e
+        for e in stack.client().store.events(job_id)
+        if e["type"] not in {"job.queued", "job.retrying"}
+    ]
     got = receiver.wait_for("/all", len(wanted))
     payloads = [verify(g) for g in got]
     assert sorted(p["id"] for p in payloads) == sorted(e["id"] for e in wanted)
@@ -112,8 +122,12 @@ def test_webhook_events_filter(stack: Stack, receiver: Receiver, dispatcher: Pro
     assert any("preview" in e["data"] for e in wanted)
     progress = [p for p in payloads if p["type"] == "job.progress"]
     assert progress and not [p for p in progress if "preview" in p["data"]]
-    assert {p["type"] for p in payloads} >= {"job.started", "job.progress", "job.output",
-                                             "job.succeeded"}
+    assert {p["type"] for p in payloads} >= {
+        "job.started",
+        "job.progress",
+        "job.output",
+        "job.succeeded",
+    }
     only_started = submit(stack, webhook=receiver.url("/started"), webhook_events=["started"])
     stack.client().wait(only_started, timeout=60)
     [one] = receiver.wait_for("/started", 1)
@@ -146,8 +160,9 @@ def test_gone_stops_and_the_schedule_ends(
 def test_redirects_are_not_followed_and_hangs_time_out(
     stack: Stack, receiver: Receiver, dispatcher: Process
 ) -> None:
-    moved = submit(stack, webhook=receiver.script(
-        "/moved", f"redirect:{receiver.url('/target')}", 204))
+    moved = submit(
+        stack, webhook=receiver.script("/moved", f"redirect:{receiver.url('/target')}", 204)
+    )
     slow = submit(stack, webhook=receiver.script("/slow", "hang:3", 204))
     log = deliveries(stack, moved, 2)
     assert log[0]["status"] == 302 and "redirects are not followed" in log[0]["error"]
@@ -162,13 +177,29 @@ def test_redirects_are_not_followed_and_hangs_time_out(
 # -- the address guard on webhooks ---------------------------------------------------
 
 
-@pytest.mark.parametrize("host", [
-    "127.0.0.1", "localhost", "[::1]", "[::ffff:127.0.0.1]", "10.0.0.1", "169.254.169.254",
-    "[fe80::1]", "0.0.0.0", "100.64.0.1", "[64:ff9b::7f00:1]",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "localhost",
+        "[::1]",
+        "[::ffff:127.0.0.1]",
+        "10.0.0.1",
+        "169.254.169.254",
+        "[fe80::1]",
+        "0.0.0.0",
+        "100.64.0.1",
+        "[64:ff9b::7f00:1]",
+    ],
+)
 def test_deliveries_to_non_public_addresses_are_refused(receiver: Receiver, host: str) -> None:
-    settings = Settings(webhook_secret=SECRET, allow_http=True, egress_allowlist="",
-                        webhook_connect_timeout_s=1, webhook_read_timeout_s=1)
+    settings = Settings(
+        webhook_secret=SECRET,
+        allow_http=True,
+        egress_allowlist="",
+        webhook_connect_timeout_s=1,
+        webhook_read_timeout_s=1,
+    )
     before = len(receiver.received)
     event = {"id": "1-0", "type": "job.succeeded", "job_id": "x", "ts": "t", "data": {}}
     result = attempt(f"http://{host}:{receiver.port}/ssrf", event, settings)
@@ -179,8 +210,13 @@ def test_deliveries_to_non_public_addresses_are_refused(receiver: Receiver, host
 def test_allowlisted_loopback_redirecting_to_loopback_is_not_followed(
     receiver: Receiver,
 ) -> None:
-    settings = Settings(webhook_secret=SECRET, allow_http=True, egress_allowlist="127.0.0.1",
-                        webhook_connect_timeout_s=1, webhook_read_timeout_s=1)
+    settings = Settings(
+        webhook_secret=SECRET,
+        allow_http=True,
+        egress_allowlist="127.0.0.1",
+        webhook_connect_timeout_s=1,
+        webhook_read_timeout_s=1,
+    )
     url = receiver.script("/hop", "redirect:http://127.0.0.1:1/admin")
     event = {"id": "2-0", "type": "job.succeeded", "job_id": "x", "ts": "t", "data": {}}
     result = attempt(url, event, settings)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
-from producer.settings import Settings
+from producer.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,17 @@ class Pinning:
             raise ValueError("ATELIER_DEVICE_CPUS needs os.sched_setaffinity (Linux)")
         allowed = frozenset(os.sched_getaffinity(0))
         if not device <= allowed:
-            raise ValueError(f"ATELIER_DEVICE_CPUS={settings.device_cpus}: CPUs "
-                             f"{sorted(device - allowed)} are not this worker's "
-                             f"(it may run on {sorted(allowed)})")
+            raise ValueError(
+                f"ATELIER_DEVICE_CPUS={settings.device_cpus}: CPUs "
+                f"{sorted(device - allowed)} are not this worker's "
+                f"(it may run on {sorted(allowed)})"
+            )
         host = allowed - device
         if not host:
-            raise ValueError(f"ATELIER_DEVICE_CPUS={settings.device_cpus} leaves no CPU for "
-                             f"the worker's other threads (it may run on {sorted(allowed)})")
+            raise ValueError(
+                f"ATELIER_DEVICE_CPUS={settings.device_cpus} leaves no CPU for "
+                f"the worker's other threads (it may run on {sorted(allowed)})"
+            )
         return cls(device, host)
 
     def to_device(self) -> None:
@@ -65,12 +69,15 @@ class Pinning:
         try:
             os.sched_setaffinity(thread, cpus)
         except OSError as exc:
-            log.warning("ATELIER_DEVICE_CPUS: could not move a thread to CPUs %s: %s",
-                        _cpu_text(cpus), exc)
+            log.warning(
+                "ATELIER_DEVICE_CPUS: could not move a thread to CPUs %s: %s", _cpu_text(cpus), exc
+            )
 
     def describe(self) -> str:
-        return f"device thread on CPUs {_cpu_text(self.device_cpus)}, " \
-               f"the rest on {_cpu_text(self.host_cpus)}"
+        return (
+            f"device thread on CPUs {_cpu_text(self.device_cpus)}, "
+            f"the rest on {_cpu_text(self.host_cpus)}"
+        )
 
 
 def _cpu_text(cpus: frozenset[int]) -> str:

@@ -30,18 +30,18 @@ from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
-from producer import constants as K
-from producer import fleet
-from producer.broker import make_celery
-from producer.contract import Status, now_iso
-from producer.errors import GiveBack, JobEndedFailed
-from producer.logs import configure as configure_logging
-from producer.logs import job_context
-from producer.loops import run_every
-from producer.registry import Registry
-from producer.settings import Settings, get_settings
-from producer.storage import storage_from_settings
-from producer.store import JobStore
+from producer.core import keys as K
+from producer.core.contract import Status, now_iso
+from producer.core.errors import GiveBack, JobEndedFailed
+from producer.core.logs import configure as configure_logging
+from producer.core.logs import job_context
+from producer.core.loops import run_every
+from producer.core.registry import Registry
+from producer.core.settings import Settings, get_settings
+from producer.core.storage import storage_from_settings
+from producer.jobs import fleet
+from producer.jobs.broker import make_celery
+from producer.jobs.store import JobStore
 from worker.affinity import Pinning
 from worker.lifecycle import GENERATE, TRAIN, Lifecycle
 
@@ -57,8 +57,13 @@ def create_app(settings: Settings) -> Celery:
     for name, kind in ((K.TASK_GENERATE, GENERATE), (K.TASK_TRAIN, TRAIN)):
         # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
         # (Registered by call, not as a decorator: Celery's decorators are untyped.)
-        app.task(name=name, acks_late=True, reject_on_worker_lost=True,
-                 throws=(JobEndedFailed,), bind=True)(_task(kind))
+        app.task(
+            name=name,
+            acks_late=True,
+            reject_on_worker_lost=True,
+            throws=(JobEndedFailed,),
+            bind=True,
+        )(_task(kind))
     return app
 
 
@@ -79,8 +84,9 @@ def _task(kind: str) -> Any:
         except GiveBack as exc:
             # Warm shutdown (SIGTERM at scale-in) before this job started: back to the
             # head of its queue now, not after the visibility timeout.
-            log.info("job %s: not started before shutdown; requeued", job_id,
-                     extra={"job_id": job_id})
+            log.info(
+                "job %s: not started before shutdown; requeued", job_id, extra={"job_id": job_id}
+            )
             raise Reject("worker shutting down", requeue=True) from exc
         except redis.RedisError as exc:
             # The job store is unreachable, so the outcome could not be recorded.
@@ -88,8 +94,12 @@ def _task(kind: str) -> Any:
             # instead (if the broker is down too, the unacked message stays behind and
             # the reconciler moves it back: its lease runs out, or, never leased, it is
             # older than the grace). Attempts and fencing keep the outcome single.
-            log.warning("job %s: job store unreachable (%s); requeued", job_id, exc,
-                        extra={"job_id": job_id})
+            log.warning(
+                "job %s: job store unreachable (%s); requeued",
+                job_id,
+                exc,
+                extra={"job_id": job_id},
+            )
             time.sleep(2)
             raise Reject(str(exc), requeue=True) from exc
         if status is Status.FAILED:
@@ -108,8 +118,11 @@ def _check_redis(store: JobStore) -> None:
     except redis.RedisError:  # managed Redis often forbids CONFIG
         return
     if policy not in (None, "noeviction"):
-        log.warning("Redis maxmemory-policy is %s: under memory pressure it can evict "
-                    "queued jobs. Use noeviction.", policy)
+        log.warning(
+            "Redis maxmemory-policy is %s: under memory pressure it can evict "
+            "queued jobs. Use noeviction.",
+            policy,
+        )
     if aof == "no":
         log.warning("Redis appendonly is off: a Redis restart loses every queued job.")
 
@@ -120,8 +133,9 @@ class Heartbeat(threading.Thread):
     Each beat also renews the leases of the jobs the worker holds (``3 ×`` the period):
     a job's lease lives exactly as long as its worker's heartbeat, however long it runs."""
 
-    def __init__(self, store: JobStore, lifecycle: Lifecycle, info: dict[str, Any],
-                 period_s: float) -> None:
+    def __init__(
+        self, store: JobStore, lifecycle: Lifecycle, info: dict[str, Any], period_s: float
+    ) -> None:
         super().__init__(name="heartbeat", daemon=True)
         self.store, self.lifecycle, self.info, self.period_s = store, lifecycle, info, period_s
         self.stopped = threading.Event()
@@ -160,8 +174,11 @@ def _memory(device: str) -> dict[str, int]:
         import torch
 
         free, total = torch.cuda.mem_get_info(torch.device(device))
-        out.update(gpu_allocated_bytes=int(torch.cuda.memory_allocated(torch.device(device))),
-                   gpu_used_bytes=int(total - free), gpu_total_bytes=int(total))
+        out.update(
+            gpu_allocated_bytes=int(torch.cuda.memory_allocated(torch.device(device))),
+            gpu_used_bytes=int(total - free),
+            gpu_total_bytes=int(total),
+        )
     return out
 
 
@@ -205,14 +222,21 @@ def _device_name(device: str) -> str:
 def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Registry, list[str]]:
     """The command line over the settings; the models to serve, checked."""
     parser = argparse.ArgumentParser(prog="atelier worker")
-    parser.add_argument("--model", action="append", help="model to serve (repeatable); "
-                        "default: ATELIER_DEFAULT_MODEL")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="model to serve (repeatable); default: ATELIER_DEFAULT_MODEL",
+    )
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default ATELIER_DEVICE)")
-    parser.add_argument("--concurrency", type=int, help="jobs held at once "
-                        "(default ATELIER_WORKER_CONCURRENCY)")
+    parser.add_argument(
+        "--concurrency", type=int, help="jobs held at once (default ATELIER_WORKER_CONCURRENCY)"
+    )
     parser.add_argument("--loglevel", help="default ATELIER_LOG_LEVEL (INFO)")
-    parser.add_argument("--train", action="store_true", help="also run trainings of the "
-                        "models served (queues atelier.train.<model>)")
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="also run trainings of the models served (queues atelier.train.<model>)",
+    )
     args = parser.parse_args(argv)
 
     settings = get_settings()
@@ -230,10 +254,13 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Regist
             parser.error(str(exc))
     explicit_vt = settings.visibility_timeout_s
     if explicit_vt and explicit_vt < settings.visibility_floor_s:
-        log.warning("ATELIER_VISIBILITY_TIMEOUT_S=%d is below %d s, the longest this worker "
-                    "can hold a message: kombu will hand long jobs' messages to a second "
-                    "worker, which drops them while the first run's lease lives",
-                    settings.visibility_timeout_s, settings.visibility_floor_s)
+        log.warning(
+            "ATELIER_VISIBILITY_TIMEOUT_S=%d is below %d s, the longest this worker "
+            "can hold a message: kombu will hand long jobs' messages to a second "
+            "worker, which drops them while the first run's lease lives",
+            settings.visibility_timeout_s,
+            settings.visibility_floor_s,
+        )
     registry = Registry.load(settings.models_file)
     names = args.model or [settings.default_model]
     unknown = [n for n in names if registry.get(n) is None]
@@ -242,13 +269,16 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, Settings, Regist
     return args, settings, registry, names
 
 
-def _load_models(settings: Settings, registry: Registry, names: list[str],
-                 ) -> tuple[str, dict[str, Any]]:
+def _load_models(
+    settings: Settings,
+    registry: Registry,
+    names: list[str],
+) -> tuple[str, dict[str, Any]]:
     """Steps 1-2: torch in this process only, then every model loaded and warmed."""
     import torch
 
     _route_library_logs(settings.log_format)
-    from worker.pipelines import load_model, resolve_device, warm_up
+    from worker.diffusion.pipelines import load_model, resolve_device, warm_up
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -273,32 +303,44 @@ def _load_models(settings: Settings, registry: Registry, names: list[str],
     return device, models
 
 
-def _build_lifecycle(settings: Settings, registry: Registry, store: JobStore,
-                     models: dict[str, Any], device: str, worker_name: str,
-                     train: bool = False, pinning: Pinning | None = None) -> Lifecycle:
+def _build_lifecycle(
+    settings: Settings,
+    registry: Registry,
+    store: JobStore,
+    models: dict[str, Any],
+    device: str,
+    worker_name: str,
+    train: bool = False,
+    pinning: Pinning | None = None,
+) -> Lifecycle:
     """The lifecycle with this worker's kinds of job (generation; trainings with
     ``--train``), and its metrics."""
+    from worker.diffusion.loras import LoraCache
+    from worker.diffusion.safety import load_checker
     from worker.generation import Generation
-    from worker.loras import LoraCache
     from worker.metrics import WorkerMetrics
-    from worker.safety import load_checker
 
     storage = storage_from_settings(settings)
     metrics = WorkerMetrics()
-    generation = Generation(settings, models, store, storage,
-                            loras=LoraCache(settings, registry, storage),
-                            safety=load_checker(settings, device))
+    generation = Generation(
+        settings,
+        models,
+        store,
+        storage,
+        loras=LoraCache(settings, registry, storage),
+        safety=load_checker(settings, device),
+    )
     works: list[Any] = [generation]
     if train:
         from worker.training import Training
 
-        works.append(Training(settings, models, store, storage, device=str(device),
-                              generation=generation))
-    lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics,
-                          pinning=pinning)
+        works.append(
+            Training(settings, models, store, storage, device=str(device), generation=generation)
+        )
+    lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics, pinning=pinning)
     metrics.watch(lifecycle.activity, lambda: _memory(str(device)))
     if settings.metrics_port:
-        from producer.metrics import serve
+        from producer.core.metrics import serve
 
         serve(metrics.registry, settings.metrics_port)
     return lifecycle
@@ -316,12 +358,19 @@ def _pin(settings: Settings) -> Pinning | None:
     return pinning
 
 
-def _connect_signals(settings: Settings, worker_name: str, queues: str, device: str,
-                     pinning: Pinning | None = None) -> None:
+def _connect_signals(
+    settings: Settings, worker_name: str, queues: str, device: str, pinning: Pinning | None = None
+) -> None:
     def _ready(sender: Any = None, **_: object) -> None:
         pinned = f", {pinning.describe()}" if pinning is not None else ""
-        log.info("atelier worker ready: %s serving %s on %s (GIL switch interval %g ms%s)",
-                 worker_name, queues, device, round(sys.getswitchinterval() * 1000, 3), pinned)
+        log.info(
+            "atelier worker ready: %s serving %s on %s (GIL switch interval %g ms%s)",
+            worker_name,
+            queues,
+            device,
+            round(sys.getswitchinterval() * 1000, 3),
+            pinned,
+        )
         if settings.log_format == "json":
             _quiet_shutdown(getattr(sender, "controller", None))
 
@@ -341,6 +390,7 @@ def _connect_signals(settings: Settings, worker_name: str, queues: str, device: 
     worker_shutting_down.connect(_stopping, weak=False)
     setup_logging.connect(_keep_logging, weak=False)
 
+
 def main(argv: list[str] | None = None) -> int:
     args, settings, registry, names = _parse(argv)
     pinning = _pin(settings)  # before any other thread starts: they inherit it
@@ -350,22 +400,38 @@ def main(argv: list[str] | None = None) -> int:
     _check_redis(store)
     global _lifecycle
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
-    _lifecycle = lifecycle = _build_lifecycle(settings, registry, store, models, device,
-                                              worker_name, train=args.train,
-                                              pinning=pinning)
+    _lifecycle = lifecycle = _build_lifecycle(
+        settings, registry, store, models, device, worker_name, train=args.train, pinning=pinning
+    )
     app = create_app(settings)
-    from producer.reconciler import build as build_reconciler
+    from producer.services.reconciler import build as build_reconciler
 
     metrics = lifecycle.metrics
-    reconciler = build_reconciler(settings, store, registry, app, worker_name,
-                                  counted=lambda reason: metrics.reconciled.labels(reason).inc())
+    reconciler = build_reconciler(
+        settings,
+        store,
+        registry,
+        app,
+        worker_name,
+        counted=lambda reason: metrics.reconciled.labels(reason).inc(),
+    )
     lanes = [*names, *(K.lane(n, TRAIN) for n in names if args.train)]
     queues = ",".join(K.queue_name(n) for n in lanes)
-    heartbeat = Heartbeat(store, lifecycle, {
-        "id": worker_name, "host": socket.gethostname(), "pid": os.getpid(),
-        "models": names, "device": str(device), "device_name": _device_name(str(device)),
-        "concurrency": settings.worker_concurrency, "started_at": now_iso(),
-    }, settings.worker_heartbeat_s)
+    heartbeat = Heartbeat(
+        store,
+        lifecycle,
+        {
+            "id": worker_name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "models": names,
+            "device": str(device),
+            "device_name": _device_name(str(device)),
+            "concurrency": settings.worker_concurrency,
+            "started_at": now_iso(),
+        },
+        settings.worker_heartbeat_s,
+    )
     try:
         heartbeat.beat()
     except redis.RedisError as exc:
@@ -378,11 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # --quiet: no banner on stdout (a JSON log holds only JSON lines).
         quiet = ["--quiet"] if settings.log_format == "json" else []
-        app.worker_main([
-            *quiet, "worker", "--pool=threads", f"--concurrency={settings.worker_concurrency}",
-            f"--queues={queues}", f"--hostname=atelier@{worker_name.replace(':', '-')}",
-            "--without-gossip", "--without-mingle", f"--loglevel={args.loglevel.upper()}",
-        ])
+        app.worker_main(
+            [
+                *quiet,
+                "worker",
+                "--pool=threads",
+                f"--concurrency={settings.worker_concurrency}",
+                f"--queues={queues}",
+                f"--hostname=atelier@{worker_name.replace(':', '-')}",
+                "--without-gossip",
+                "--without-mingle",
+                f"--loglevel={args.loglevel.upper()}",
+            ]
+        )
     finally:
         reconciler.stop()
         heartbeat.stop()

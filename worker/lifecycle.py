@@ -34,10 +34,10 @@ from typing import Any, Protocol
 
 import redis
 
-from producer.contract import EventType, Status, is_expired, now_iso, terminal_event
-from producer.errors import Fenced, GiveBack, JobCancelled, JobError, WorkerLost
-from producer.settings import Settings
-from producer.store import JobStore, Snapshot
+from producer.core.contract import EventType, Status, is_expired, now_iso, terminal_event
+from producer.core.errors import Fenced, GiveBack, JobCancelled, JobError, WorkerLost
+from producer.core.settings import Settings
+from producer.jobs.store import JobStore, Snapshot
 from worker.affinity import Pinning
 from worker.metrics import BusyClock, WorkerMetrics
 from worker.run import Monitor, Run
@@ -76,9 +76,15 @@ class Lifecycle:
     the device; holds what the process shares between jobs (the device lock, the
     monitor thread, the held jobs the heartbeat renews)."""
 
-    def __init__(self, settings: Settings, store: JobStore, worker_name: str,
-                 works: Iterable[Work], metrics: WorkerMetrics | None = None,
-                 pinning: Pinning | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        worker_name: str,
+        works: Iterable[Work],
+        metrics: WorkerMetrics | None = None,
+        pinning: Pinning | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.worker_name = worker_name
@@ -113,8 +119,9 @@ class Lifecycle:
         """The process's one monitor thread, started on first use."""
         with self._monitor_lock:
             if self._monitor is None or not self._monitor.is_alive():
-                self._monitor = Monitor(self.settings.progress_interval_s,
-                                        self.settings.preview_interval_s)
+                self._monitor = Monitor(
+                    self.settings.progress_interval_s, self.settings.preview_interval_s
+                )
                 self._monitor.start()
                 if self.pinning is not None:
                     # Started by the slot that holds the device, whose CPUs it inherits.
@@ -134,8 +141,11 @@ class Lifecycle:
             if job_id in self.current:
                 # A second message for a job another slot holds (a backstop redelivery):
                 # that slot runs it.
-                log.warning("job %s: already held by this worker; duplicate message dropped",
-                            job_id, extra={"job_id": job_id})
+                log.warning(
+                    "job %s: already held by this worker; duplicate message dropped",
+                    job_id,
+                    extra={"job_id": job_id},
+                )
                 return None
             self.current.add(job_id)
         tag = tag or f"direct-{secrets.token_hex(8)}"  # no broker message (tests)
@@ -150,8 +160,12 @@ class Lifecycle:
                 if status is None:
                     self.store.release(job_id, self.worker_name, tag)
             except redis.RedisError as exc:
-                log.warning("job %s: lease not released (%s); it expires by itself", job_id,
-                            exc, extra={"job_id": job_id})
+                log.warning(
+                    "job %s: lease not released (%s); it expires by itself",
+                    job_id,
+                    exc,
+                    extra={"job_id": job_id},
+                )
             finally:
                 with self._lock:
                     self.current.discard(job_id)
@@ -225,20 +239,24 @@ class Lifecycle:
             if held.result == "ok":
                 return held.snapshot
             if held.result == "held":
-                log.warning("job %s: held by worker %s; duplicate message dropped", job_id,
-                            held.holder, extra={"job_id": job_id})
+                log.warning(
+                    "job %s: held by worker %s; duplicate message dropped",
+                    job_id,
+                    held.holder,
+                    extra={"job_id": job_id},
+                )
                 return None
             if held.result != "__missing__":
                 return None  # a duplicate delivery of a finished job
             if time.monotonic() > deadline:
-                log.warning("job %s has no record (never written, or expired): dropped",
-                            job_id)
+                log.warning("job %s has no record (never written, or expired): dropped", job_id)
                 return None
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
-    def _start(self, job_id: str, snap: Snapshot | None, work: Work,
-               release_device: Callable[[], None]) -> Run | None:
+    def _start(
+        self, job_id: str, snap: Snapshot | None, work: Work, release_device: Callable[[], None]
+    ) -> Run | None:
         if snap is None:
             snap = self.store.load(job_id)  # again: it may have changed while we waited
         if self._ended_unstarted(job_id, snap):
@@ -266,15 +284,29 @@ class Lifecycle:
             events.append((EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"}))
         events.append((EventType.STARTED, {"attempt": attempt, "worker": self.worker_name}))
         out = self.store.apply(
-            job_id, allowed=_STARTABLE, token=snap.token, record=new, new_token=token,
-            events=events, lease=f"held:{self.worker_name}",
+            job_id,
+            allowed=_STARTABLE,
+            token=snap.token,
+            record=new,
+            new_token=token,
+            events=events,
+            lease=f"held:{self.worker_name}",
         )
         if not out.ok:
             log.info("job %s: not started (%s)", job_id, out.detail)
             return None
         timeout_s = record["request"].get("timeout_s") or self.settings.job_timeout_s
-        return Run(job_id, token, new, time.monotonic() + timeout_s, total, self.store,
-                   self.metrics, self.monitor, release_device)
+        return Run(
+            job_id,
+            token,
+            new,
+            time.monotonic() + timeout_s,
+            total,
+            self.store,
+            self.metrics,
+            self.monitor,
+            release_device,
+        )
 
     def _ended_unstarted(self, job_id: str, snap: Snapshot) -> bool:
         """Whether the job ends here without running: terminal already, cancelled
@@ -287,8 +319,7 @@ class Lifecycle:
             return True
         if snap.status is Status.QUEUED and is_expired(record):
             if self.store.expire(job_id, snap).ok:
-                self.metrics.job_ended(record["request"]["model"], Status.EXPIRED.value,
-                                       None, None)
+                self.metrics.job_ended(record["request"]["model"], Status.EXPIRED.value, None, None)
             return True
         if snap.status is Status.RUNNING and record["attempts"] >= self.settings.max_attempts:
             # Every earlier run died without a word: this job kills its worker.
@@ -300,11 +331,17 @@ class Lifecycle:
             return True
         return False
 
-    def _end_unstarted(self, job_id: str, snap: Snapshot, status: Status,
-                       error: dict[str, Any] | None = None) -> None:
+    def _end_unstarted(
+        self, job_id: str, snap: Snapshot, status: Status, error: dict[str, Any] | None = None
+    ) -> None:
         record = dict(snap.record, status=status.value, finished_at=now_iso(), error=error)
-        out = self.store.apply(job_id, allowed=_STARTABLE, token=snap.token, record=record,
-                               events=[terminal_event(record)])
+        out = self.store.apply(
+            job_id,
+            allowed=_STARTABLE,
+            token=snap.token,
+            record=record,
+            events=[terminal_event(record)],
+        )
         if out.ok:
             self.metrics.job_ended(record["request"]["model"], status.value, error, None)
 
@@ -372,6 +409,7 @@ class _Device:
             self._lock.release()
             if self._pinning is not None:
                 self._pinning.to_host()  # post-processing runs beside the next job
+
 
 def _internal(exc: BaseException) -> dict[str, Any]:
     return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}

@@ -29,29 +29,59 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from producer.metrics import reconciled_counter
+from producer.core.metrics import reconciled_counter
 
 #: Time in the queue: from an instant to hours when the fleet is behind.
-QUEUED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-                  600.0, 1800.0, 3600.0, 7200.0)
+QUEUED_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+)
 #: Generation: fractions of a second (tiny models, few steps) to minutes (large, many).
-INFERENCE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
-                     45.0, 60.0, 90.0, 120.0, 300.0, 600.0)
+INFERENCE_BUCKETS = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    300.0,
+    600.0,
+)
 #: Encoding and upload of a job's images: milliseconds to a minute (upload retries).
 POST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: The busy ratio gauge looks back this far.
 BUSY_WINDOW_S = 60.0
 
 _TIMINGS = {  # a job record's timings key: (histogram name, help, buckets)
-    "queued_ms": ("atelier_job_queued_seconds", "Time from submission to start",
-                  QUEUED_BUCKETS),
-    "inference_ms": ("atelier_job_inference_seconds", "Generation time (GPU)",
-                     INFERENCE_BUCKETS),
+    "queued_ms": ("atelier_job_queued_seconds", "Time from submission to start", QUEUED_BUCKETS),
+    "inference_ms": ("atelier_job_inference_seconds", "Generation time (GPU)", INFERENCE_BUCKETS),
     "encode_ms": ("atelier_job_encode_seconds", "Image encoding time", POST_BUCKETS),
-    "upload_ms": ("atelier_job_upload_seconds", "Upload time (images and manifest)",
-                  POST_BUCKETS),
-    "total_ms": ("atelier_job_duration_seconds", "Time from submission to the end",
-                 QUEUED_BUCKETS),
+    "upload_ms": ("atelier_job_upload_seconds", "Upload time (images and manifest)", POST_BUCKETS),
+    "total_ms": ("atelier_job_duration_seconds", "Time from submission to the end", QUEUED_BUCKETS),
 }
 
 
@@ -113,13 +143,18 @@ class WorkerMetrics:
             key: Histogram(name, help_, ["model"], buckets=buckets, registry=self.registry)
             for key, (name, help_, buckets) in _TIMINGS.items()
         }
-        self.jobs = Counter("atelier_jobs", "Jobs ended by this worker, by status and error "
-                            "code", ["model", "status", "error_code"], registry=self.registry)
+        self.jobs = Counter(
+            "atelier_jobs",
+            "Jobs ended by this worker, by status and error code",
+            ["model", "status", "error_code"],
+            registry=self.registry,
+        )
         self.reconciled = reconciled_counter(self.registry)
         self.busy = BusyClock()
 
-    def job_ended(self, model: str, status: str, error: dict[str, Any] | None,
-                  timings: dict[str, int] | None) -> None:
+    def job_ended(
+        self, model: str, status: str, error: dict[str, Any] | None, timings: dict[str, int] | None
+    ) -> None:
         code = (error or {}).get("code") or ""
         self.jobs.labels(model, status, code).inc()
         for key, ms in (timings or {}).items():
@@ -127,42 +162,51 @@ class WorkerMetrics:
             if hist is not None and ms is not None:
                 hist.labels(model).observe(ms / 1000)
 
-    def watch(self, activity: Callable[[], tuple[list[str], int]],
-              memory: Callable[[], dict[str, int]]) -> None:
+    def watch(
+        self, activity: Callable[[], tuple[list[str], int]], memory: Callable[[], dict[str, int]]
+    ) -> None:
         """Scrape-time gauges: ``activity`` is ``Lifecycle.activity``, ``memory`` returns
         ``gpu_*_bytes`` on CUDA (see ``worker.app._memory``)."""
         self.registry.register(_Gauges(self.busy, activity, memory))
 
 
 class _Gauges(Collector):
-    def __init__(self, busy: BusyClock, activity: Callable[[], tuple[list[str], int]],
-                 memory: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        busy: BusyClock,
+        activity: Callable[[], tuple[list[str], int]],
+        memory: Callable[[], dict[str, int]],
+    ) -> None:
         self.busy, self.activity, self.memory = busy, activity, memory
 
     def collect(self) -> Iterator[Metric]:
-        busy = CounterMetricFamily("atelier_worker_busy_seconds",
-                                   "Time a generation held the GPU")
+        busy = CounterMetricFamily("atelier_worker_busy_seconds", "Time a generation held the GPU")
         busy.add_metric([], self.busy.total())
         yield busy
         ratio = GaugeMetricFamily(
             "atelier_worker_busy_ratio",
-            f"Share of the last {BUSY_WINDOW_S:g} s a generation held the GPU")
+            f"Share of the last {BUSY_WINDOW_S:g} s a generation held the GPU",
+        )
         ratio.add_metric([], self.busy.ratio())
         yield ratio
         current, _ = self.activity()
-        held = GaugeMetricFamily("atelier_worker_jobs_in_progress",
-                                 "Jobs held now (generating or post-processing)")
+        held = GaugeMetricFamily(
+            "atelier_worker_jobs_in_progress", "Jobs held now (generating or post-processing)"
+        )
         held.add_metric([], len(current))
         yield held
-        rss = GaugeMetricFamily("atelier_worker_resident_memory_bytes",
-                                "Resident memory of the worker process")
+        rss = GaugeMetricFamily(
+            "atelier_worker_resident_memory_bytes", "Resident memory of the worker process"
+        )
         rss.add_metric([], resident_bytes())
         yield rss
         mem = self.memory()
         if "gpu_total_bytes" in mem:
-            gpu = GaugeMetricFamily("atelier_worker_gpu_memory_bytes",
-                                    "GPU memory: allocated by torch, used on the device "
-                                    "(all processes), device total", labels=["kind"])
+            gpu = GaugeMetricFamily(
+                "atelier_worker_gpu_memory_bytes",
+                "GPU memory: allocated by torch, used on the device (all processes), device total",
+                labels=["kind"],
+            )
             for kind in ("allocated", "used", "total"):
                 gpu.add_metric([kind], mem[f"gpu_{kind}_bytes"])
             yield gpu

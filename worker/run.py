@@ -17,16 +17,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from producer.contract import EventType, Status, now_iso, parse_iso, terminal_event
-from producer.errors import Fenced, JobCancelled, JobTimeout
-from producer.store import JobStore, Outcome
+from producer.core.contract import EventType, Status, now_iso, parse_iso, terminal_event
+from producer.core.errors import Fenced, JobCancelled, JobTimeout
+from producer.jobs.store import JobStore, Outcome
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 
 class Preview(Protocol):
-    """A run's live previews (``worker/preview.py``): rendered on the monitor thread."""
+    """A run's live previews (``worker/diffusion/preview.py``): rendered on the monitor thread."""
 
     def render(self) -> str | None:
         """A picture of the newest state not yet rendered (a data URI), or None."""
@@ -122,21 +122,29 @@ class Run:
         with self.lock:
             if self.ended:
                 return False
-            if not self._apply(dict(self.record, progress=progress),
-                               [(EventType.PROGRESS, data)]).ok:
+            if not self._apply(
+                dict(self.record, progress=progress), [(EventType.PROGRESS, data)]
+            ).ok:
                 self._lost()
             return True
 
-    def succeed(self, outputs: Sequence[Mapping[str, Any]], timings: dict[str, int],
-                events: Sequence[tuple[EventType, dict[str, Any]]] = ()) -> Status | None:
+    def succeed(
+        self,
+        outputs: Sequence[Mapping[str, Any]],
+        timings: dict[str, int],
+        events: Sequence[tuple[EventType, dict[str, Any]]] = (),
+    ) -> Status | None:
         """The success write; ``events`` go just before the terminal one, in the same
         compare-and-set."""
-        return self.finish(Status.SUCCEEDED, outputs=outputs, timings=timings,
-                           events=events)
+        return self.finish(Status.SUCCEEDED, outputs=outputs, timings=timings, events=events)
 
     def finish(
-        self, status: Status, *, error: dict[str, Any] | None = None,
-        outputs: Sequence[Mapping[str, Any]] | None = None, timings: dict[str, int] | None = None,
+        self,
+        status: Status,
+        *,
+        error: dict[str, Any] | None = None,
+        outputs: Sequence[Mapping[str, Any]] | None = None,
+        timings: dict[str, int] | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
     ) -> Status | None:
         """The terminal write; None when another run owns the job now."""
@@ -149,8 +157,11 @@ class Run:
             "total_ms": _ms(parse_iso(finished).timestamp() - created),
         }
         changes: dict[str, Any] = {
-            "status": status.value, "finished_at": finished, "error": error,
-            "timings": all_timings, "progress": dict(self.record["progress"]),
+            "status": status.value,
+            "finished_at": finished,
+            "error": error,
+            "timings": all_timings,
+            "progress": dict(self.record["progress"]),
         }
         if status is Status.SUCCEEDED:
             changes["progress"] = {"step": self.total, "total": self.total}
@@ -166,12 +177,20 @@ class Run:
         log.info("job %s %s", self.job_id, status.value)
         return status
 
-    def _apply(self, record: dict[str, Any], events: list[tuple[EventType, dict[str, Any]]],
-               ) -> Outcome:
+    def _apply(
+        self,
+        record: dict[str, Any],
+        events: list[tuple[EventType, dict[str, Any]]],
+    ) -> Outcome:
         """The one fenced write (``lock`` held): the job's record becomes ``record`` and the
         events are appended, only if this run's token is still the job's."""
-        out = self.store.apply(self.job_id, allowed=Status.RUNNING.value, token=self.token,
-                               record=record, events=events)
+        out = self.store.apply(
+            self.job_id,
+            allowed=Status.RUNNING.value,
+            token=self.token,
+            record=record,
+            events=events,
+        )
         if out.ok:
             self.record = record
         return out
@@ -179,6 +198,7 @@ class Run:
     def _lost(self) -> None:
         self.fenced.set()
         raise Fenced(self.job_id)
+
 
 #: The monitor's wait on a run's cancel list until the run's first progress is published.
 FIRST_BLOCK_S = 0.02
@@ -256,9 +276,14 @@ class Monitor(threading.Thread):
             except Fenced:
                 self.unwatch(run)
             except Exception:
-                log.warning("job %s: progress update failed", run.job_id, exc_info=True,
-                            extra={"job_id": run.job_id})
+                log.warning(
+                    "job %s: progress update failed",
+                    run.job_id,
+                    exc_info=True,
+                    extra={"job_id": run.job_id},
+                )
                 time.sleep(self.block_s)
+
 
 def _render(run: Run) -> str | None:
     """The run's next preview; a preview that fails ends the run's previews, not its
@@ -267,8 +292,12 @@ def _render(run: Run) -> str | None:
     try:
         return run.preview.render()
     except Exception:
-        log.warning("job %s: preview failed; no more previews for it", run.job_id,
-                    exc_info=True, extra={"job_id": run.job_id})
+        log.warning(
+            "job %s: preview failed; no more previews for it",
+            run.job_id,
+            exc_info=True,
+            extra={"job_id": run.job_id},
+        )
         run.preview = None
         return None
 

@@ -47,6 +47,6 @@ Where the routes to come go (each a router in ``routes/``, included in ``app.py`
 from producer.api.app import create_app, main
 from producer.api.errors import ApiError
 from producer.api.keys import key_id
-from producer.errors import AtelierError
+from producer.core.errors import AtelierError
 
 __all__ = ["ApiError", "AtelierError", "create_app", "key_id", "main"]

@@ -12,14 +12,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from producer.api import errors, files, openai_errors, openapi
+from producer.api import errors, files, openapi
 from producer.api.keys import KeyRing
+from producer.api.openai import errors as openai_errors
 from producer.api.routes import files as file_routes
 from producer.api.routes import health, images, jobs, models, queues, studio, trainings, workers
 from producer.api.state import ApiState, attach
-from producer.logs import configure as configure_logging
-from producer.registry import Registry
-from producer.settings import Settings, get_settings
+from producer.core.logs import configure as configure_logging
+from producer.core.registry import Registry
+from producer.core.settings import Settings, get_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -41,7 +42,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.aclose()
 
     app = FastAPI(
-        title="atelier", version="1", lifespan=lifespan,
+        title="atelier",
+        version="1",
+        lifespan=lifespan,
         description="A job queue for text-to-image generation.",
     )
     attach(app, state)
@@ -49,8 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(openai_errors.OpenAIError, _openai_error)
 
     app.add_middleware(_Measure, state=state)
-    for module in (jobs, trainings, images, models, queues, workers, file_routes, health,
-                   studio):
+    for module in (jobs, trainings, images, models, queues, workers, file_routes, health, studio):
         app.include_router(module.router)
     app.mount("/static", studio.static_files(), name="static")
     openapi.install(app)
@@ -62,11 +64,14 @@ def check_aliases(settings: Settings, registry: Registry) -> None:
     one itself: refused at start, naming the setting."""
     for alias, target in settings.model_aliases.items():
         if registry.get(target) is None:
-            raise ValueError(f"ATELIER_OPENAI_MODEL_ALIASES: {alias}={target}: no model "
-                             f"{target!r}; known: {', '.join(registry.names())}")
+            raise ValueError(
+                f"ATELIER_OPENAI_MODEL_ALIASES: {alias}={target}: no model "
+                f"{target!r}; known: {', '.join(registry.names())}"
+            )
         if registry.get(alias) is not None:
-            raise ValueError(f"ATELIER_OPENAI_MODEL_ALIASES: {alias!r} is a model's own "
-                             "name already")
+            raise ValueError(
+                f"ATELIER_OPENAI_MODEL_ALIASES: {alias!r} is a model's own name already"
+            )
 
 
 async def _openai_error(request: Request, exc: Exception) -> Response:
@@ -106,8 +111,7 @@ class _Measure:
 
     def observe(self, scope: Scope, status: int, t0: float) -> None:
         route = scope.get("route")
-        self.state.metrics.observe(scope["method"], getattr(route, "path", "unmatched"),
-                                   status, t0)
+        self.state.metrics.observe(scope["method"], getattr(route, "path", "unmatched"), status, t0)
 
 
 def _tune_gc() -> None:
@@ -126,14 +130,23 @@ def main(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     if not settings.api_keys.strip():
-        raise SystemExit("atelier api: set ATELIER_API_KEYS (comma-separated keys or "
-                         "sha256:<hex> digests); the API does not run without keys")
+        raise SystemExit(
+            "atelier api: set ATELIER_API_KEYS (comma-separated keys or "
+            "sha256:<hex> digests); the API does not run without keys"
+        )
     configure_logging(settings.log_format)
     app = create_app(settings)
     _tune_gc()
     # JSON: uvicorn's own loggers (uvicorn.error, uvicorn.access) propagate to the root
     # handler configured above; text keeps uvicorn's usual lines.
     extra: dict[str, Any] = {"log_config": None} if settings.log_format == "json" else {}
-    uvicorn.run(app, host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=5, proxy_headers=False, **extra)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        proxy_headers=False,
+        **extra,
+    )
     return 0

@@ -3,7 +3,7 @@
 - Auth: ``Authorization: Bearer <key>`` (:mod:`producer.api.keys`). 401 without a valid
   key; admin-only routes answer 403 to other keys. A job belongs to the key that created
   it: for any other key it does not exist (404).
-- Per-key rate limit (GCRA in Redis, :data:`producer.scripts.RATE_LIMIT`, so every
+- Per-key rate limit (GCRA in Redis, :data:`producer.jobs.scripts.RATE_LIMIT`, so every
   replica shares it): 429 and ``Retry-After``.
 """
 
@@ -14,10 +14,10 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from producer import constants as K
 from producer.api.errors import ApiError
 from producer.api.keys import key_id
 from producer.api.state import ApiState, StateDep
+from producer.core import keys as K
 
 
 class Caller:
@@ -53,20 +53,23 @@ async def charge(state: ApiState, digest: str) -> None:
         return
     interval = 1000.0 / settings.rate_limit_per_s
     async with state.up.hub.gate:
-        wait_ms = await state.up.rate_limit(keys=[K.RATE_LIMIT + key_id(digest)],
-                                            args=[interval, settings.rate_limit_burst])
+        wait_ms = await state.up.rate_limit(
+            keys=[K.RATE_LIMIT + key_id(digest)], args=[interval, settings.rate_limit_burst]
+        )
     if int(wait_ms) > 0:
         retry = max(1, -(-int(wait_ms) // 1000))
-        raise ApiError(429, "rate_limited",
-                       f"rate limit of {settings.rate_limit_per_s:g}/s exceeded",
-                       headers={"Retry-After": str(retry)})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"rate limit of {settings.rate_limit_per_s:g}/s exceeded",
+            headers={"Retry-After": str(retry)},
+        )
 
 
 def require_admin(who: Caller, doing: str) -> None:
     """403 unless ``who`` holds an admin key (``ATELIER_ADMIN_API_KEYS``)."""
     if not who.admin:
-        raise ApiError(403, "forbidden",
-                       f"{doing} needs an admin API key (ATELIER_ADMIN_API_KEYS)")
+        raise ApiError(403, "forbidden", f"{doing} needs an admin API key (ATELIER_ADMIN_API_KEYS)")
 
 
 Auth = Annotated[Caller, Depends(caller)]

@@ -1,6 +1,6 @@
 """The one shape of every refusal, ``{"error": {"code", "message", "fields"?}}``, and
 the handlers that give it to whatever goes wrong in a route (the OpenAI-compatible
-routes answer in OpenAI's shape: :mod:`producer.api.openai_errors`)."""
+routes answer in OpenAI's shape: :mod:`producer.api.openai.errors`)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from producer.errors import Unavailable
+from producer.core.errors import Unavailable
 
 
 class ApiError(Exception):
     """A refusal: its HTTP status, its error code, and the headers it carries."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 fields: list[dict[str, str]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: list[dict[str, str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.fields, self.headers = fields, headers
@@ -60,14 +65,16 @@ def _translate(request: Request, exc: Exception) -> ApiError:
             headers = {**(headers or {}), "Allow": _allowed(request)}
         return ApiError(exc.status_code, code, str(exc.detail), headers=headers)
     if isinstance(exc, RequestValidationError):
-        fields = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-                  for e in exc.errors()]
+        fields = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in exc.errors()
+        ]
         return ApiError(422, "invalid_request", "invalid request", fields)
     if isinstance(exc, Unavailable):
         return ApiError(503, "unavailable", str(exc), headers={"Retry-After": "1"})
     assert isinstance(exc, redis.RedisError)
-    return ApiError(503, "unavailable", f"job store unavailable: {exc}",
-                    headers={"Retry-After": "1"})
+    return ApiError(
+        503, "unavailable", f"job store unavailable: {exc}", headers={"Retry-After": "1"}
+    )
 
 
 def install(app: FastAPI, shapes: dict[str, Renderer] | None = None) -> None:
@@ -82,6 +89,11 @@ def install(app: FastAPI, shapes: dict[str, Renderer] | None = None) -> None:
                 return render(refusal)
         return error_response(refusal)
 
-    for kind in (ApiError, StarletteHTTPException, RequestValidationError, Unavailable,
-                 redis.RedisError):
+    for kind in (
+        ApiError,
+        StarletteHTTPException,
+        RequestValidationError,
+        Unavailable,
+        redis.RedisError,
+    ):
         app.add_exception_handler(kind, handle)

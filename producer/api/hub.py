@@ -41,9 +41,9 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType, Status, is_expired
-from producer.eventlog import decode_event
+from producer.core import keys as K
+from producer.core.contract import TERMINAL_EVENTS, EventType, Status, is_expired
+from producer.jobs.eventlog import decode_event
 
 log = logging.getLogger("atelier.api.hub")
 
@@ -155,9 +155,14 @@ def _terminal(event: Event) -> bool:
 class Hub:
     """The event streams of one API process (see the module docstring)."""
 
-    def __init__(self, make_reader: Callable[[], AsyncRedis], calls: AsyncRedis,
-                 heartbeat_s: float, queue_max: int,
-                 expire: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        make_reader: Callable[[], AsyncRedis],
+        calls: AsyncRedis,
+        heartbeat_s: float,
+        queue_max: int,
+        expire: Callable[[str], Any] | None = None,
+    ) -> None:
         self._make_reader = make_reader
         self.calls = calls
         self.gate = asyncio.Semaphore(CALLS)
@@ -179,8 +184,10 @@ class Hub:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._reader = self._make_reader()
-        self._tasks = [asyncio.create_task(self._read_loop(), name="sse-reader"),
-                       asyncio.create_task(self._tick_loop(), name="sse-timer")]
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name="sse-reader"),
+            asyncio.create_task(self._tick_loop(), name="sse-timer"),
+        ]
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -257,8 +264,9 @@ class Hub:
         start = f"({after}" if after else "-"
         while True:
             async with self.gate:
-                entries: Any = await self.calls.xrange(K.events_key(job_id), start, "+",
-                                                  count=BATCH)
+                entries: Any = await self.calls.xrange(
+                    K.events_key(job_id), start, "+", count=BATCH
+                )
             for entry_id, fields in entries:
                 yield decode_event(entry_id, fields)
             if len(entries) < BATCH:
@@ -267,7 +275,7 @@ class Hub:
 
     async def record(self, job_id: str) -> dict[str, Any] | None:
         """A job's record (None if there is none); a queued one past its deadline is
-        expired on the way, as :meth:`producer.store.JobStore.get` does."""
+        expired on the way, as :meth:`producer.jobs.store.JobStore.get` does."""
         import json
 
         async with self.gate:
@@ -301,7 +309,7 @@ class Hub:
         if key == self.wake_key:
             self._wake_last = _text(entries[-1][0])
             return
-        job_id = key[len(K.JOB_EVENTS):]
+        job_id = key[len(K.JOB_EVENTS) :]
         if self.cursors.get(job_id) is None:
             return  # nobody watches it any more
         events = [decode_event(eid, fields) for eid, fields in entries]

@@ -32,12 +32,21 @@ def job_links() -> dict[str, Any]:
     """Links from a response whose body is a job record to the routes of that job."""
     job = {"job_id": "$response.body#/id"}
     return {
-        "GetJob": {"operationId": "get_job", "parameters": job,
-                   "description": "The job's record (poll it)."},
-        "CancelJob": {"operationId": "cancel_job", "parameters": job,
-                      "description": "Cancel the job."},
-        "JobEvents": {"operationId": "job_events", "parameters": job,
-                      "description": "Follow the job's events."},
+        "GetJob": {
+            "operationId": "get_job",
+            "parameters": job,
+            "description": "The job's record (poll it).",
+        },
+        "CancelJob": {
+            "operationId": "cancel_job",
+            "parameters": job,
+            "description": "Cancel the job.",
+        },
+        "JobEvents": {
+            "operationId": "job_events",
+            "parameters": job,
+            "description": "Follow the job's events.",
+        },
     }
 
 
@@ -72,9 +81,13 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            spec = get_openapi(title=app.title, version=app.version,
-                              openapi_version=app.openapi_version,
-                              description=app.description, routes=app.routes)
+            spec = get_openapi(
+                title=app.title,
+                version=app.version,
+                openapi_version=app.openapi_version,
+                description=app.description,
+                routes=app.routes,
+            )
             _lift_defs(spec)
             _one_error_shape(spec)
             app.openapi_schema = spec

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from producer import constants as K
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.state import ApiState
-from producer.contract import Kind, Status
-from producer.errors import JobNotFound
+from producer.core import keys as K
+from producer.core.contract import Kind, Status
+from producer.core.errors import JobNotFound
 
 
 def own_job(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
@@ -68,6 +68,7 @@ def view_event(state: ApiState, event: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data.get("output"), dict):
         data["output"] = state.files.outputs([data["output"]])[0]
     if isinstance(data.get("job"), dict):
-        data["job"] = dict(data["job"], outputs=state.files.outputs(
-            data["job"].get("outputs") or []))
+        data["job"] = dict(
+            data["job"], outputs=state.files.outputs(data["job"].get("outputs") or [])
+        )
     return dict(event, data=data)

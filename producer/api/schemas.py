@@ -1,7 +1,7 @@
 """What the API answers: the OpenAPI document's response schemas.
 
 The record and its outputs are the contract's own TypedDicts
-(:class:`producer.contract.RecordView`), so the document and the wire cannot drift; the
+(:class:`producer.core.contract.RecordView`), so the document and the wire cannot drift; the
 rest are pydantic models of the API's own answers.
 
 The routes build their JSON themselves (a record is served as stored, less its owner),
@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from producer.contract import RecordView
+from producer.core.contract import RecordView
 
 
 class ErrorDetail(BaseModel):
@@ -35,21 +35,26 @@ JobRecord = RecordView
 class JobPage(BaseModel):
     data: list[RecordView] = Field(description="The caller's jobs, newest first.")
     next_cursor: str | None = Field(
-        description="Pass it as `cursor` for the next page; null on the last page.")
+        description="Pass it as `cursor` for the next page; null on the last page."
+    )
 
 
 class ModelList(BaseModel):
     models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
     default_model: str = Field(description="The model of a request that names none.")
-    aliases: dict[str, str] = Field(description="Model names OpenAI clients may send "
-                                    "(ATELIER_OPENAI_MODEL_ALIASES), each to its model.")
+    aliases: dict[str, str] = Field(
+        description="Model names OpenAI clients may send "
+        "(ATELIER_OPENAI_MODEL_ALIASES), each to its model."
+    )
 
 
 class QueueReport(BaseModel):
     model: str
     kind: str = Field(description="`generate`, or `train` for the model's trainings.")
-    queue: str = Field(description="The Celery queue of the model (`atelier.<model>`) or of "
-                       "its trainings (`atelier.train.<model>`).")
+    queue: str = Field(
+        description="The Celery queue of the model (`atelier.<model>`) or of "
+        "its trainings (`atelier.train.<model>`)."
+    )
     depth: int = Field(description="Messages waiting in the queue.")
     queued: int = Field(description="Jobs waiting for a worker.")
     oldest_queued_at: str | None
@@ -80,6 +85,7 @@ WHY: dict[int, str] = {
     429: "The key's rate limit is spent; see Retry-After.",
     503: "Unavailable (Redis, the broker, or a full queue); see Retry-After.",
 }
+
 
 def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` of a route that refuses with ``statuses``."""
@@ -123,13 +129,15 @@ OPENAI_WHY: dict[int, str] = {
     409: "An earlier Idempotency-Key came with another body, or the job was cancelled.",
     500: "The job failed (code: atelier's error code).",
     503: "Unavailable (Redis, the broker, a full queue: see Retry-After), or the job "
-         "expired in the queue.",
+    "expired in the queue.",
     504: "The job is still running after ATELIER_OPENAI_WAIT_S (it goes on; "
-         "X-Atelier-Job-Id names it).",
+    "X-Atelier-Job-Id names it).",
 }
 
 
 def openai_refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """:func:`refusals` in OpenAI's error shape."""
-    return {code: {"model": OpenAIErrorBody, "description": OPENAI_WHY[code]}
-            for code in sorted(statuses)}
+    return {
+        code: {"model": OpenAIErrorBody, "description": OPENAI_WHY[code]}
+        for code in sorted(statuses)
+    }

@@ -43,8 +43,11 @@ EVENT_SCHEMA = {
     "properties": {
         "id": {"type": "string", "description": "The event id (resume after it)."},
         "event": {"type": "string", "description": "The event type, e.g. job.progress."},
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "description": "The event: id, type, job_id, ts, data."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "The event: id, type, job_id, ts, data.",
+        },
         "retry": {"type": "integer", "description": "Reconnection delay (ms), first event."},
     },
 }

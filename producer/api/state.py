@@ -12,19 +12,19 @@ from fastapi import Depends, FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis as AsyncRedis
 
-from producer import scripts as S
 from producer.api.files import FileLinks
 from producer.api.hub import Hub
 from producer.api.keys import KeyRing
 from producer.client import Client
-from producer.errors import Unavailable
-from producer.fleet import queue_report
-from producer.metrics import RedisGauges, queue_gauges
-from producer.redis_url import async_redis_client, redis_client
-from producer.registry import Registry
-from producer.settings import Settings
-from producer.storage import LocalStorage, S3Storage, storage_from_settings
-from producer.store import JobStore
+from producer.core.errors import Unavailable
+from producer.core.metrics import RedisGauges, queue_gauges
+from producer.core.redis_url import async_redis_client, redis_client
+from producer.core.registry import Registry
+from producer.core.settings import Settings
+from producer.core.storage import LocalStorage, S3Storage, storage_from_settings
+from producer.jobs import scripts as S
+from producer.jobs.fleet import queue_report
+from producer.jobs.store import JobStore
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Backends:
     aredis: AsyncRedis
     #: The event streams of this process: one reader, fanned out (producer/api/hub.py).
     hub: Hub
-    #: The per-key rate limit (:data:`producer.scripts.RATE_LIMIT`), on ``aredis``.
+    #: The per-key rate limit (:data:`producer.jobs.scripts.RATE_LIMIT`), on ``aredis``.
     rate_limit: Any
     #: Output storage: the OpenAI-compatible routes answer with images' bytes or URLs.
     storage: LocalStorage | S3Storage
@@ -51,25 +51,34 @@ class Backends:
         from redis.backoff import ExponentialWithJitterBackoff
 
         client = Client(settings, registry=registry)
+
         # A client made from a URL retries nothing unless told: after a Redis restart
         # the first call on each pooled connection would fail (a 503, a stream ended).
         def retry() -> Retry:
             return Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), 3)
 
-        aredis = async_redis_client(settings.redis_url, health_check_interval=30,
-                                    retry=retry())
+        aredis = async_redis_client(settings.redis_url, health_check_interval=30, retry=retry())
+
         # The reader's own client: one blocking XREAD at a time, so one connection; a
         # read blocks at most 5 s, so a socket silent for longer is a dead one.
         def reader() -> AsyncRedis:
-            return async_redis_client(settings.redis_url, health_check_interval=30,
-                                      socket_timeout=15, retry=retry())
+            return async_redis_client(
+                settings.redis_url, health_check_interval=30, socket_timeout=15, retry=retry()
+            )
+
         return cls(
             client=client,
-            broker=redis_client(settings.effective_broker_url, "ATELIER_BROKER_URL",
-                                health_check_interval=30),
+            broker=redis_client(
+                settings.effective_broker_url, "ATELIER_BROKER_URL", health_check_interval=30
+            ),
             aredis=aredis,
-            hub=Hub(reader, aredis, settings.sse_heartbeat_s, settings.sse_queue_max,
-                    expire=client.store.get),
+            hub=Hub(
+                reader,
+                aredis,
+                settings.sse_heartbeat_s,
+                settings.sse_queue_max,
+                expire=client.store.get,
+            ),
             rate_limit=aredis.register_script(S.RATE_LIMIT),
             storage=storage_from_settings(settings),
         )
@@ -86,10 +95,18 @@ class ApiMetrics:
 
     def __init__(self, state: ApiState) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("atelier_api_requests_total", "API requests by route and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("atelier_api_request_duration_seconds", "API request latency",
-                                 ["method", "route"], registry=self.registry)
+        self.requests = Counter(
+            "atelier_api_requests_total",
+            "API requests by route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "atelier_api_request_duration_seconds",
+            "API request latency",
+            ["method", "route"],
+            registry=self.registry,
+        )
         self.registry.register(RedisGauges(queue_gauges(state.queue_report)))
 
     def observe(self, method: str, route: str, status: int, started: float) -> None:

@@ -8,7 +8,7 @@ OpenAI-compatible images, trainings) take the same steps through :func:`take`.
   with 503 and ``Retry-After``; nothing is enqueued.
 - ``Idempotency-Key``: the same key and body give the same job for
   ``idempotency_ttl_s``; the same key with another body is a 409
-  (:meth:`producer.store.JobStore.claimed`).
+  (:meth:`producer.jobs.store.JobStore.claimed`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from producer import constants as K
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view
 from producer.api.state import ApiState
-from producer.broker import queue_depth
 from producer.client import new_job_id
-from producer.contract import Kind
-from producer.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
-from producer.idempotency import IdempotencyKey
-from producer.train_adapters import check_job_loras
-from producer.validation import validate_request
+from producer.core import keys as K
+from producer.core.contract import Kind
+from producer.core.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
+from producer.jobs.broker import queue_depth
+from producer.jobs.idempotency import IdempotencyKey
+from producer.requests.adapters import check_job_loras
+from producer.requests.generate import validate_request
 
 log = logging.getLogger("atelier.api")
 
@@ -64,8 +64,12 @@ async def read_json(request: Request, limit: int) -> Any:
 def idempotency_header(request: Request) -> str | None:
     idem = request.headers.get("idempotency-key")
     if idem is not None and not 1 <= len(idem) <= 255:
-        raise ApiError(400, "invalid_request", "Idempotency-Key must be 1-255 characters",
-                       [{"field": "Idempotency-Key", "message": "1-255 characters"}])
+        raise ApiError(
+            400,
+            "invalid_request",
+            "Idempotency-Key must be 1-255 characters",
+            [{"field": "Idempotency-Key", "message": "1-255 characters"}],
+        )
     return idem
 
 
@@ -78,18 +82,24 @@ class Taken:
     replayed: bool
 
 
-def take(state: ApiState, data: Any, idem: str | None, who: Caller,
-         fingerprint: Any = None, kind: Kind = Kind.GENERATE) -> Taken:
+def take(
+    state: ApiState,
+    data: Any,
+    idem: str | None,
+    who: Caller,
+    fingerprint: Any = None,
+    kind: Kind = Kind.GENERATE,
+) -> Taken:
     """Validate and enqueue ``data``, a job of ``kind``, for ``who`` (blocking: run it in
     a thread).
 
     ``fingerprint`` is what an ``Idempotency-Key`` is bound to (default: ``data``); a
     route whose body is not the job request (the OpenAI-compatible ones) passes its own.
-    Raises :class:`~producer.errors.InvalidRequest` (nothing enqueued) and
+    Raises :class:`~producer.core.errors.InvalidRequest` (nothing enqueued) and
     :class:`ApiError` for every other refusal.
     """
     if kind is Kind.TRAIN:
-        from producer.train_validation import validate_training
+        from producer.requests.train import validate_training
 
         normalized = validate_training(data, state.registry, state.settings)
     else:
@@ -106,22 +116,28 @@ def take(state: ApiState, data: Any, idem: str | None, who: Caller,
     # leaves the key free, so the client's retry creates the job.
     claim = key.claim(job_id, state.settings.idempotency_ttl_s) if key is not None else None
     try:
-        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim,
-                                kind=kind)
+        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim, kind=kind)
     except KeyClaimed:
         # A concurrent request with this key won the race: answer with its job.
         replay = _replay(state, key) if key is not None else None
         if replay is not None:
             return Taken(replay, True)
-        raise ApiError(409, "idempotency_in_progress",
-                       "a request with this Idempotency-Key is in progress") from None
-    log.info("job %s queued for %s by %s", job_id, normalized["model"], who.owner,
-             extra={"job_id": job_id})
+        raise ApiError(
+            409, "idempotency_in_progress", "a request with this Idempotency-Key is in progress"
+        ) from None
+    log.info(
+        "job %s queued for %s by %s",
+        job_id,
+        normalized["model"],
+        who.owner,
+        extra={"job_id": job_id},
+    )
     return Taken(state.store.get(job_id), False)
 
 
-def submit(state: ApiState, data: Any, idem: str | None, who: Caller,
-           kind: Kind = Kind.GENERATE) -> JSONResponse:
+def submit(
+    state: ApiState, data: Any, idem: str | None, who: Caller, kind: Kind = Kind.GENERATE
+) -> JSONResponse:
     """``POST /v1/jobs`` (``POST /v1/trainings``: ``kind`` train): :func:`take`, answered
     202 with the record (blocking)."""
     try:
@@ -151,5 +167,8 @@ def admit(state: ApiState, model: str) -> None:
     depth = queue_depth(state.up.broker, model)
     if depth >= limit:
         raise ApiError(
-            503, "queue_full", f"the queue of {model} holds {depth} jobs (limit {limit})",
-            headers={"Retry-After": str(state.settings.admission_retry_after_s)})
+            503,
+            "queue_full",
+            f"the queue of {model} holds {depth} jobs (limit {limit})",
+            headers={"Retry-After": str(state.settings.admission_retry_after_s)},
+        )

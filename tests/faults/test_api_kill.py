@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer import constants as K
-from producer.contract import Status
+from producer.core import keys as K
+from producer.core.contract import Status
 from tests.helpers import Rig, Submitter, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -19,20 +19,30 @@ def test_an_api_replica_killed_under_load(rig: Rig) -> None:
     a, b = rig.api(), rig.api()
     body = {"prompt": "under load", "model": "sim-fast"}
     # Eight clients at once, each sending its requests to A and B in turn.
-    submitters = [Submitter([f"http://127.0.0.1:{a.port}", f"http://127.0.0.1:{b.port}"],
-                            15, body, prefix=f"c{n}-") for n in range(8)]
+    submitters = [
+        Submitter(
+            [f"http://127.0.0.1:{a.port}", f"http://127.0.0.1:{b.port}"], 15, body, prefix=f"c{n}-"
+        )
+        for n in range(8)
+    ]
     for s in submitters:
         s.start()
-    wait_until(lambda: sum(s.accepted_count() for s in submitters) >= 40, 60, interval=0.01,
-               message=lambda: "40 jobs accepted; "
-                               f"{sum(s.accepted_count() for s in submitters)} are")
+    wait_until(
+        lambda: sum(s.accepted_count() for s in submitters) >= 40,
+        60,
+        interval=0.01,
+        message=lambda: f"40 jobs accepted; {sum(s.accepted_count() for s in submitters)} are",
+    )
     a.kill()
     accepted: dict[str, str] = {}
     for s in submitters:
         accepted.update(s.finish(timeout=90))
     assert len(accepted) == 8 * 15
-    assert any("ConnectError" in f or "RemoteProtocolError" in f or "ReadError" in f
-               for s in submitters for f in s.failures)  # A died with requests in flight
+    assert any(
+        "ConnectError" in f or "RemoteProtocolError" in f or "ReadError" in f
+        for s in submitters
+        for f in s.failures
+    )  # A died with requests in flight
 
     client = rig.client()
     jobs = list(accepted.values())
@@ -40,8 +50,9 @@ def test_an_api_replica_killed_under_load(rig: Rig) -> None:
     for s in submitters:  # one key, one job: every replay answered the same id
         assert {(k, accepted[k]) for k, _ in s.answers} == set(s.answers)
     records = rig.wait_terminal(client, jobs, timeout=90)
-    bad = {j: (r["status"], r["error"]) for j, r in records.items()
-           if r["status"] != Status.SUCCEEDED}
+    bad = {
+        j: (r["status"], r["error"]) for j, r in records.items() if r["status"] != Status.SUCCEEDED
+    }
     assert not bad, bad
     counts = rig.terminal_counts()
     assert {counts[j] for j in jobs} == {1}
@@ -73,15 +84,14 @@ def test_a_replica_killed_between_key_and_enqueue_strands_nothing(rig: Rig) -> N
         headers = {"Authorization": "Bearer fault-key", "Idempotency-Key": "stranded"}
         body = {"prompt": "retried elsewhere", "model": "sim"}
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"http://127.0.0.1:{a.port}/v1/jobs", json=body, headers=headers,
-                       timeout=1.5)
+            httpx.post(
+                f"http://127.0.0.1:{a.port}/v1/jobs", json=body, headers=headers, timeout=1.5
+            )
         a.kill()
-    resp = httpx.post(f"http://127.0.0.1:{b.port}/v1/jobs", json=body, headers=headers,
-                      timeout=30)
+    resp = httpx.post(f"http://127.0.0.1:{b.port}/v1/jobs", json=body, headers=headers, timeout=30)
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["id"]
-    again = httpx.post(f"http://127.0.0.1:{b.port}/v1/jobs", json=body, headers=headers,
-                       timeout=30)
+    again = httpx.post(f"http://127.0.0.1:{b.port}/v1/jobs", json=body, headers=headers, timeout=30)
     assert again.status_code == 202 and again.json()["id"] == job_id
     assert again.headers["idempotent-replayed"] == "true"
     client = rig.client()

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from producer import constants as K
-from producer.contract import EventType, Status
+from producer.core import keys as K
+from producer.core.contract import EventType, Status
 from tests.helpers import (
     Rig,
     assert_one_outcome,
@@ -39,12 +39,17 @@ def delivery_tag(r: Redis, job_id: str) -> str:
     assert isinstance(tag, bytes), tag
     return tag.decode()
 
+
 FENCED = r"job \w+: fenced during (generation|post-processing)"
 
 
 def _wait_log(worker: Process, pattern: str, timeout: float = 20) -> None:
-    wait_until(lambda: re.search(pattern, worker.log()), timeout, interval=0.1,
-               message=lambda: f"{pattern!r} in the worker's log:\n{worker.log()[-3000:]}")
+    wait_until(
+        lambda: re.search(pattern, worker.log()),
+        timeout,
+        interval=0.1,
+        message=lambda: f"{pattern!r} in the worker's log:\n{worker.log()[-3000:]}",
+    )
 
 
 @pytest.mark.timeout(120)
@@ -68,9 +73,11 @@ def test_a_run_frozen_past_its_lease_is_taken_over_and_writes_nothing(rig: Rig) 
         # The lease runs out (3 heartbeats), the reconciler takes the job back and the
         # other worker starts it.
         retry = wait_for_event(client, job_id, EventType.RETRYING, timeout=40)
-        assert retry["data"] == {"attempt": 2, "reason": "worker_lost",
-                                 **({"metadata": retry["data"]["metadata"]}
-                                    if "metadata" in retry["data"] else {})}
+        assert retry["data"] == {
+            "attempt": 2,
+            "reason": "worker_lost",
+            **({"metadata": retry["data"]["metadata"]} if "metadata" in retry["data"] else {}),
+        }
         wait_for_event(client, job_id, EventType.STARTED, after=retry["id"], timeout=20)
         new_tag = delivery_tag(r, job_id)
         assert new_tag != first_tag  # restored under a fresh delivery tag
@@ -144,7 +151,9 @@ def test_a_healthy_job_ten_leases_long_runs_once(rig: Rig) -> None:
     heartbeat is shortened here, so that ten leases fit in a test: this case is about
     the lease's length.)"""
     rig.base["models_file"] = str(rig.tmp / "long.toml")
-    (rig.tmp / "long.toml").write_text((rig.tmp / "models.toml").read_text() + """
+    (rig.tmp / "long.toml").write_text(
+        (rig.tmp / "models.toml").read_text()
+        + """
 [models."sim-long"]
 pipeline = "simulated"
 source = "builtin:simulated"
@@ -154,7 +163,8 @@ width = 64
 height = 64
 max_side = 512
 max_pixels = 262144
-""")
+"""
+    )
     values: dict[str, Any] = {"worker_heartbeat_s": 0.3, "reconcile_interval_s": 1}
     settings = rig.settings(**values)
     assert 10 >= 10 * settings.lease_ttl_s

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer import constants as K
-from producer.contract import EventType, Status
-from producer.settings import Settings
+from producer.core import keys as K
+from producer.core.contract import EventType, Status
+from producer.core.settings import Settings
 from tests.helpers import (
     MODELS,
     Rig,
@@ -39,7 +39,7 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     depth shows the job again (what KEDA scales on), and the worker that then starts
     runs it once. The case is about ``RECONCILE_GRACE_S``: it runs at 10 s, not the
     default 30, and asserts the re-publish lands in the window that setting opens."""
-    from producer.broker import queue_depth
+    from producer.jobs.broker import queue_depth
 
     grace = {"reconcile_grace_s": 10}
     dispatcher = rig.dispatcher(webhook_secret="whsec_" + "A" * 43 + "=", **grace)
@@ -54,9 +54,14 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     assert queue_depth(r, "sim") == 1  # only the other job's message is left
     submitted = time.time()
     settings = rig.settings(**grace)
-    wait_until(lambda: queue_depth(r, "sim") == 2, settings.reconcile_grace_s + 20,
-               interval=0.2, message=lambda: "the lost message republished; the dispatcher's "
-                                             f"log:\n{dispatcher.log()[-2000:]}")
+    wait_until(
+        lambda: queue_depth(r, "sim") == 2,
+        settings.reconcile_grace_s + 20,
+        interval=0.2,
+        message=lambda: (
+            f"the lost message republished; the dispatcher's log:\n{dispatcher.log()[-2000:]}"
+        ),
+    )
     # Not before the grace (the message could have been in a worker's hands), and not
     # much after it.
     waited = time.time() - submitted
@@ -73,31 +78,41 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_a_broker_that_lost_its_data(two_redis: tuple[RedisServer, RedisServer],
-                                     models_dir: Path, tmp_path: Path) -> None:
+def test_a_broker_that_lost_its_data(
+    two_redis: tuple[RedisServer, RedisServer], models_dir: Path, tmp_path: Path
+) -> None:
     """Broker and job store as two redis-servers. The broker's process is SIGKILLed and
     restarted empty while jobs run and wait: every job that was queued
     or running still ends ``succeeded``, once."""
     broker, store = two_redis
     sims = tmp_path / "models.toml"
     sims.write_text(MODELS)
-    values = stack_values(store.url, models_dir, str(sims), f"file://{tmp_path / 'out'}",
-                          broker_url=broker.url, rate_limit_per_s=0)
+    values = stack_values(
+        store.url,
+        models_dir,
+        str(sims),
+        f"file://{tmp_path / 'out'}",
+        broker_url=broker.url,
+        rate_limit_per_s=0,
+    )
     procs: list = []
     try:
-        workers = [Worker(worker_env(values), tmp_path / f"worker{i}.log", ["sim-mid"])
-                   for i in range(2)]
+        workers = [
+            Worker(worker_env(values), tmp_path / f"worker{i}.log", ["sim-mid"]) for i in range(2)
+        ]
         procs += workers
         for w in workers:
             w.start(wait=False)
         for w in workers:
             w.wait_ready()
         with Client(Settings(**values)) as client:
-            jobs = [client.submit(prompt=f"job {i}", model="sim-mid", seed=i)
-                    for i in range(12)]
-            wait_until(lambda: sum(client.get(j)["status"] == Status.RUNNING
-                                   for j in jobs) >= 2,
-                       30, interval=0.05, message="two jobs running")
+            jobs = [client.submit(prompt=f"job {i}", model="sim-mid", seed=i) for i in range(12)]
+            wait_until(
+                lambda: sum(client.get(j)["status"] == Status.RUNNING for j in jobs) >= 2,
+                30,
+                interval=0.05,
+                message="two jobs running",
+            )
             # Kill the broker with jobs running, held and queued; it keeps nothing on
             # disk (no AOF, no snapshots), so it comes back empty.
             broker.stop(signal.SIGKILL)
@@ -108,14 +123,17 @@ def test_a_broker_that_lost_its_data(two_redis: tuple[RedisServer, RedisServer],
 
             def all_terminal() -> list[dict[str, Any]] | None:
                 records = [client.get(j) for j in jobs]
-                return records if all(Status(r["status"]).is_terminal()
-                                      for r in records) else None
+                return records if all(Status(r["status"]).is_terminal() for r in records) else None
 
-            records = wait_until(all_terminal, 120, interval=0.2,
-                                 message=lambda: "every job terminal: "
-                                                 f"{[client.get(j)['status'] for j in jobs]}")
+            records = wait_until(
+                all_terminal,
+                120,
+                interval=0.2,
+                message=lambda: f"every job terminal: {[client.get(j)['status'] for j in jobs]}",
+            )
             assert [r["status"] for r in records] == [Status.SUCCEEDED] * len(jobs), [
-                (r["status"], r["error"]) for r in records]
+                (r["status"], r["error"]) for r in records
+            ]
             for j in jobs:
                 log = client.store.events(j, count=10_000)
                 terminal = [e for e in log if e["type"] == EventType.SUCCEEDED]

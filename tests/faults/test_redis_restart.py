@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer.contract import EventType, Status
-from producer.settings import Settings
+from producer.core.contract import EventType, Status
+from producer.core.settings import Settings
 from tests.helpers import (
     MODELS,
     WEBHOOK_SECRET,
@@ -32,8 +32,12 @@ def sse_types(port: int, job_id: str) -> list[str]:
     import httpx
 
     types = []
-    with httpx.stream("GET", f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events",
-                      headers={"Authorization": "Bearer fault-key"}, timeout=30) as resp:
+    with httpx.stream(
+        "GET",
+        f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events",
+        headers={"Authorization": "Bearer fault-key"},
+        timeout=30,
+    ) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
             if line.startswith("event: "):
@@ -50,9 +54,12 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
     # kombu's unacked set (the worker could not put it back while Redis was down): the
     # reconciler moves it back once it is older than the grace. The visibility timeout
     # is the default, a day: nothing here waits for it.
-    values: dict[str, Any] = {"webhook_secret": WEBHOOK_SECRET,
-                              "webhook_retry_schedule_s": ",".join(["0.5"] * 20),
-                              "webhook_read_timeout_s": 2, "webhook_claim_idle_s": 3}
+    values: dict[str, Any] = {
+        "webhook_secret": WEBHOOK_SECRET,
+        "webhook_retry_schedule_s": ",".join(["0.5"] * 20),
+        "webhook_read_timeout_s": 2,
+        "webhook_claim_idle_s": 3,
+    }
     with Receiver() as receiver:
         workers = [rig.worker(wait=False, **values) for _ in range(2)]
         api = rig.api(**values)
@@ -60,9 +67,12 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         dispatcher = rig.dispatcher(**values)
         for w in workers:
             w.wait_ready()
-        submitter = Submitter([f"http://127.0.0.1:{api.port}"], 50,
-                              {"prompt": "through a restart", "model": "sim",
-                               "webhook": receiver.url("/done")}, pace_s=0.05)
+        submitter = Submitter(
+            [f"http://127.0.0.1:{api.port}"],
+            50,
+            {"prompt": "through a restart", "model": "sim", "webhook": receiver.url("/done")},
+            pace_s=0.05,
+        )
         submitter.start()
 
         def twenty_accepted() -> bool:
@@ -70,8 +80,12 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
             assert enough or submitter.is_alive(), submitter.error
             return enough
 
-        wait_until(twenty_accepted, 60, interval=0.02,
-                   message=lambda: f"20 jobs accepted; {submitter.accepted_count()} are")
+        wait_until(
+            twenty_accepted,
+            60,
+            interval=0.02,
+            message=lambda: f"20 jobs accepted; {submitter.accepted_count()} are",
+        )
         before = submitter.accepted_count()
         # An event stream read before the restart leaves the API's asyncio Redis pool a
         # connection that the restart breaks; one read after it must reconnect.
@@ -86,8 +100,11 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         client = rig.client(**values)
         jobs = list(accepted.values())
         records = rig.wait_terminal(client, jobs, timeout=90)
-        bad = {j: (r["status"], r["error"]) for j, r in records.items()
-               if r["status"] != Status.SUCCEEDED}
+        bad = {
+            j: (r["status"], r["error"])
+            for j, r in records.items()
+            if r["status"] != Status.SUCCEEDED
+        }
         assert not bad, bad
         counts = rig.terminal_counts()
         assert {counts[j] for j in jobs} == {1}, {j: counts[j] for j in jobs if counts[j] != 1}
@@ -109,26 +126,39 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         store = client.store
 
         def undelivered() -> list[str]:
-            return [j for j in jobs if not any(
-                d["outcome"] == "delivered" for d in store.deliveries(j))]
+            return [
+                j for j in jobs if not any(d["outcome"] == "delivered" for d in store.deliveries(j))
+            ]
 
-        wait_until(lambda: not undelivered(), 60, interval=0.2,
-                   message=lambda: f"every webhook delivered; {len(undelivered())} are not; "
-                                   f"the dispatcher's log:\n{dispatcher.log()[-2000:]}")
+        wait_until(
+            lambda: not undelivered(),
+            60,
+            interval=0.2,
+            message=lambda: (
+                f"every webhook delivered; {len(undelivered())} are not; "
+                f"the dispatcher's log:\n{dispatcher.log()[-2000:]}"
+            ),
+        )
         ids = {g.headers["webhook-id"] for g in receiver.at("/done")}
         terminal = {e["id"] for e in rig.events() if e["type"] == EventType.SUCCEEDED}
         assert ids == terminal
 
 
 @pytest.mark.timeout(120)
-def test_store_outage_requeues_the_job(two_redis: tuple[RedisServer, RedisServer],
-                                       models_dir: Path,
-                                       tmp_path: Path) -> None:
+def test_store_outage_requeues_the_job(
+    two_redis: tuple[RedisServer, RedisServer], models_dir: Path, tmp_path: Path
+) -> None:
     broker, store = two_redis
     sims = tmp_path / "models.toml"
     sims.write_text(MODELS)
-    values = stack_values(store.url, models_dir, str(sims), f"file://{tmp_path / 'out'}",
-                          broker_url=broker.url, worker_concurrency=1)
+    values = stack_values(
+        store.url,
+        models_dir,
+        str(sims),
+        f"file://{tmp_path / 'out'}",
+        broker_url=broker.url,
+        worker_concurrency=1,
+    )
     worker = Worker(worker_env(values), tmp_path / "worker.log", ["sim-mid"]).start()
     try:
         with Client(Settings(**values)) as client:
@@ -137,8 +167,12 @@ def test_store_outage_requeues_the_job(two_redis: tuple[RedisServer, RedisServer
                 if ev["type"] == EventType.PROGRESS:
                     break
             store.stop()  # SIGTERM: Redis writes its AOF and exits
-        wait_until(lambda: "job store unreachable" in worker.log(), 30, interval=0.2,
-                   message=lambda: f"the worker finds the store gone:\n{worker.log()[-3000:]}")
+        wait_until(
+            lambda: "job store unreachable" in worker.log(),
+            30,
+            interval=0.2,
+            message=lambda: f"the worker finds the store gone:\n{worker.log()[-3000:]}",
+        )
         store.start()  # same port, same AOF: the record is back
         with Client(Settings(**values)) as client:
             record = client.wait(job_id, timeout=90)

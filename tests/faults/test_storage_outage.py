@@ -12,8 +12,8 @@ from typing import Any
 import boto3
 import pytest
 
-from producer import constants as K
-from producer.contract import Status, parse_iso
+from producer.core import keys as K
+from producer.core.contract import Status, parse_iso
 from tests.helpers import Rig, wait_until, worker_env
 from tests.servers import AWS_ENV, Process, S3Server, free_port
 
@@ -71,21 +71,33 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
         direct = boto3.client("s3", endpoint_url=s3_server.endpoint)
         direct.create_bucket(Bucket=BUCKET)
         port = free_port()
-        relay = Process([sys.executable, "-m", "tests.faults.relay", str(port),
-                         str(s3_server.port)], worker_env(rig.values()), rig.tmp / "relay.log",
-                        ready=b"relay ready", port=port)
+        relay = Process(
+            [sys.executable, "-m", "tests.faults.relay", str(port), str(s3_server.port)],
+            worker_env(rig.values()),
+            rig.tmp / "relay.log",
+            ready=b"relay ready",
+            port=port,
+        )
         relay.start()
-        values: dict[str, Any] = {"storage_url": f"s3://{BUCKET}/outputs",
-                  "s3_endpoint_url": f"http://127.0.0.1:{port}",
-                  "storage_retry_s": 40}
+        values: dict[str, Any] = {
+            "storage_url": f"s3://{BUCKET}/outputs",
+            "s3_endpoint_url": f"http://127.0.0.1:{port}",
+            "storage_retry_s": 40,
+        }
         rig.worker(**values)
         client = rig.client(**values)
         watcher = SucceededWatcher(client.store.redis, direct)
         watcher.start()
-        jobs = [client.submit(prompt=f"upload {i}", width=512, height=512, num_images=2)
-                for i in range(16)]
-        wait_until(lambda: len(watcher.checked) >= 2, 30, interval=0.02,
-                   message="two jobs succeeded before the outage")
+        jobs = [
+            client.submit(prompt=f"upload {i}", width=512, height=512, num_images=2)
+            for i in range(16)
+        ]
+        wait_until(
+            lambda: len(watcher.checked) >= 2,
+            30,
+            interval=0.02,
+            message="two jobs succeeded before the outage",
+        )
         relay.kill()  # connections refused, those in flight reset
         down_at = time.time()
         time.sleep(10)
@@ -93,20 +105,31 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
         up_at = time.time()
 
         records = rig.wait_terminal(client, jobs, timeout=90)
-        bad = {j: (r["status"], r["error"]) for j, r in records.items()
-               if r["status"] != Status.SUCCEEDED}
+        bad = {
+            j: (r["status"], r["error"])
+            for j, r in records.items()
+            if r["status"] != Status.SUCCEEDED
+        }
         assert not bad, bad
-        wait_until(lambda: len(watcher.checked) >= len(jobs), 5, interval=0.05,
-                   message=lambda: f"the watcher checked all {len(jobs)} jobs; "
-                                   f"it checked {len(watcher.checked)}")
+        wait_until(
+            lambda: len(watcher.checked) >= len(jobs),
+            5,
+            interval=0.05,
+            message=lambda: (
+                f"the watcher checked all {len(jobs)} jobs; it checked {len(watcher.checked)}"
+            ),
+        )
         assert watcher.problems == []
         assert {r["attempts"] for r in records.values()} == {1}  # retried in place
         counts = rig.terminal_counts()
         assert {counts[j] for j in jobs} == {1}
         # At least one job was under way when S3 went and ended after it came back.
-        spanning = [r for r in records.values()
-                    if parse_iso(r["started_at"]).timestamp() < down_at
-                    and parse_iso(r["finished_at"]).timestamp() > up_at]
+        spanning = [
+            r
+            for r in records.values()
+            if parse_iso(r["started_at"]).timestamp() < down_at
+            and parse_iso(r["finished_at"]).timestamp() > up_at
+        ]
         assert spanning, [(r["started_at"], r["finished_at"]) for r in records.values()]
     finally:
         if watcher is not None:

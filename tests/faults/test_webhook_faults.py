@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from producer import constants as K
-from producer.contract import TERMINAL_EVENTS, EventType, Status
+from producer.core import keys as K
+from producer.core.contract import TERMINAL_EVENTS, EventType, Status
 from tests.helpers import WEBHOOK_SECRET, Rig, wait_until
 from tests.receiver import Received, Receiver
 
@@ -43,12 +43,19 @@ def wait_delivered(rig: Rig, job_ids: list[str], timeout: float) -> None:
     store = rig.client().store
 
     def missing() -> list[str]:
-        return [j for j in job_ids
-                if not any(d["outcome"] == "delivered" for d in store.deliveries(j))]
+        return [
+            j for j in job_ids if not any(d["outcome"] == "delivered" for d in store.deliveries(j))
+        ]
 
-    wait_until(lambda: not missing(), timeout, interval=0.1,
-               message=lambda: "every job's webhook delivered; not yet: "
-                               f"{ {j: store.deliveries(j) for j in missing()[:3]} }")
+    wait_until(
+        lambda: not missing(),
+        timeout,
+        interval=0.1,
+        message=lambda: (
+            "every job's webhook delivered; not yet: "
+            f"{ {j: store.deliveries(j) for j in missing()[:3]} }"
+        ),
+    )
 
 
 @pytest.mark.timeout(90)
@@ -70,10 +77,12 @@ def test_flaky_and_hanging_receivers_get_every_terminal_event(rig: Rig) -> None:
         rig.worker(**values)
         rig.dispatcher(**values)
         client = rig.client(**values)
-        flaky_jobs = [client.submit(prompt=f"flaky {i}", webhook=f"{flaky}?job={i}")
-                      for i in range(8)]
-        hung_jobs = [client.submit(prompt=f"hung {i}", webhook=f"{hanging}?job={i}")
-                     for i in range(2)]
+        flaky_jobs = [
+            client.submit(prompt=f"flaky {i}", webhook=f"{flaky}?job={i}") for i in range(8)
+        ]
+        hung_jobs = [
+            client.submit(prompt=f"hung {i}", webhook=f"{hanging}?job={i}") for i in range(2)
+        ]
         jobs = flaky_jobs + hung_jobs
         records = rig.wait_terminal(client, jobs, timeout=60)
         assert all(r["status"] == Status.SUCCEEDED for r in records.values())
@@ -83,7 +92,8 @@ def test_flaky_and_hanging_receivers_get_every_terminal_event(rig: Rig) -> None:
         for got in receiver.received:
             payload = verify(got)  # each attempt signed afresh
             by_job.setdefault(payload["job_id"], []).append(
-                {"id": got.headers["webhook-id"], "path": got.path})
+                {"id": got.headers["webhook-id"], "path": got.path}
+            )
         for jid in jobs:
             ids = {a["id"] for a in by_job[jid]}
             assert ids == {terminal_event(rig, jid)["id"]}, (jid, by_job[jid])
@@ -107,14 +117,19 @@ def test_a_killed_dispatchers_deliveries_are_claimed(rig: Rig) -> None:
     them a retry it had leased; B claims every one and delivers it under its id."""
     with Receiver() as receiver:
         rig.worker(**WEBHOOKS)
-        a = rig.dispatcher(**{**WEBHOOKS, "webhook_read_timeout_s": 30,
-                              "webhook_retry_schedule_s": "0.2"})
+        a = rig.dispatcher(
+            **{**WEBHOOKS, "webhook_read_timeout_s": 30, "webhook_retry_schedule_s": "0.2"}
+        )
         client = rig.client(**WEBHOOKS)
-        hung = [client.submit(prompt=f"hung {i}",
-                              webhook=receiver.script(f"/crash-{i}", "hang:30", 204))
-                for i in range(3)]
-        retried = client.submit(prompt="retried",
-                                webhook=receiver.script("/retry", 500, "hang:30", 204))
+        hung = [
+            client.submit(
+                prompt=f"hung {i}", webhook=receiver.script(f"/crash-{i}", "hang:30", 204)
+            )
+            for i in range(3)
+        ]
+        retried = client.submit(
+            prompt="retried", webhook=receiver.script("/retry", 500, "hang:30", 204)
+        )
         for i in range(3):
             receiver.wait_for(f"/crash-{i}", 1)
         receiver.wait_for("/retry", 2)  # the first try failed; A is in its retry
@@ -125,16 +140,18 @@ def test_a_killed_dispatchers_deliveries_are_claimed(rig: Rig) -> None:
         wait_delivered(rig, [*hung, retried], timeout=30)
         for i, jid in enumerate(hung):
             first, second = receiver.at(f"/crash-{i}")[:2]
-            assert first.headers["webhook-id"] == second.headers["webhook-id"] == \
-                terminal_event(rig, jid)["id"]
+            assert (
+                first.headers["webhook-id"]
+                == second.headers["webhook-id"]
+                == terminal_event(rig, jid)["id"]
+            )
             verify(second)
             log = client.store.deliveries(jid)
             assert log[-1]["outcome"] == "delivered"
             assert log[-1]["dispatcher"].endswith(f"-{b.pid}")
         attempts = receiver.at("/retry")
         assert len(attempts) == 3
-        assert {g.headers["webhook-id"] for g in attempts} == {
-            terminal_event(rig, retried)["id"]}
+        assert {g.headers["webhook-id"] for g in attempts} == {terminal_event(rig, retried)["id"]}
         assert "claimed abandoned event" in b.log()
         time.sleep(1.0)  # nothing more is sent once delivered
         assert sum(len(receiver.at(f"/crash-{i}")) for i in range(3)) == 6

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from producer.broker import queue_depth
-from producer.contract import EventType, Status
+from producer.core.contract import EventType, Status
+from producer.jobs.broker import queue_depth
 from tests.helpers import (
     WEBHOOK_SECRET,
     Rig,
@@ -49,16 +49,20 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> None:
     """Case 1: one set of objects, one terminal event, one completed webhook id."""
     with Receiver() as receiver:
-        values: dict[str, Any] = {"webhook_secret": WEBHOOK_SECRET,
-                                  "webhook_retry_schedule_s": "0.3,0.3,0.3"}
-        workers = [rig.worker(["tiny-sdxl"], wait=False, new_session=True, **values)
-                   for _ in range(2)]
+        values: dict[str, Any] = {
+            "webhook_secret": WEBHOOK_SECRET,
+            "webhook_retry_schedule_s": "0.3,0.3,0.3",
+        }
+        workers = [
+            rig.worker(["tiny-sdxl"], wait=False, new_session=True, **values) for _ in range(2)
+        ]
         for w in workers:
             w.wait_ready()
         rig.dispatcher(**values)
         client = rig.client(**values)
-        job_id = client.submit(prompt="killed mid-denoise", model="tiny-sdxl", steps=30,
-                               webhook=receiver.url("/done"))
+        job_id = client.submit(
+            prompt="killed mid-denoise", model="tiny-sdxl", steps=30, webhook=receiver.url("/done")
+        )
         wait_for_event(client, job_id, EventType.PROGRESS)
         victim = rig.worker_of(client.get(job_id), workers)
         [survivor] = [w for w in workers if w is not victim]
@@ -81,7 +85,8 @@ def test_worker_killed_mid_denoise_runs_again_once(rig: Rig, target: str) -> Non
         assert stored_files(rig.out, job_id) == ["0.png", "manifest.json"]
         m = manifest(rig.out, job_id)
         assert m["attempt"] == 2 and m["outputs"] == [
-            {k: v for k, v in o.items() if k != "url"} for o in record["outputs"]]
+            {k: v for k, v in o.items() if k != "url"} for o in record["outputs"]
+        ]
         # One completed webhook id: the terminal event's.
         [got] = receiver.wait_for("/done", 1)
         Webhook(WEBHOOK_SECRET).verify(got.body, got.headers)
@@ -115,8 +120,9 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
         workers.remove(victim)
         workers.append(rig.worker(wait=False, **values))
     records = rig.wait_terminal(client, jobs, timeout=120)
-    bad = {j: (r["status"], r["error"]) for j, r in records.items()
-           if r["status"] != Status.SUCCEEDED}
+    bad = {
+        j: (r["status"], r["error"]) for j, r in records.items() if r["status"] != Status.SUCCEEDED
+    }
     assert not bad, bad
     counts = rig.terminal_counts()
     assert all(counts[j] == 1 for j in jobs), {j: counts[j] for j in jobs if counts[j] != 1}
@@ -125,8 +131,11 @@ def test_fifty_jobs_survive_three_random_kills(rig: Rig) -> None:
     assert any(r["attempts"] > 1 for r in records.values()), kills
     assert held, kills
     # ...and every job a victim held ended soon after its kill, not an hour later.
-    late = {j: round(finished_after(records[j], t), 1) for j, t in held.items()
-            if finished_after(records[j], t) > RECOVERY_S}
+    late = {
+        j: round(finished_after(records[j], t), 1)
+        for j, t in held.items()
+        if finished_after(records[j], t) > RECOVERY_S
+    }
     assert not late, late
     for j in jobs:
         assert stored_files(rig.out, j) == ["0.png", "manifest.json"]
@@ -190,16 +199,23 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
     wait_for_event(client, running, EventType.PROGRESS)
     broker = client.store.redis
     # the second slot took `held`
-    wait_until(lambda: queue_depth(broker, "sim-mid") == 1, 10, interval=0.02,
-               message=lambda: f"one message left in the queue; "
-                               f"{queue_depth(broker, 'sim-mid')} are")
+    wait_until(
+        lambda: queue_depth(broker, "sim-mid") == 1,
+        10,
+        interval=0.02,
+        message=lambda: f"one message left in the queue; {queue_depth(broker, 'sim-mid')} are",
+    )
     assert client.get(held)["status"] == Status.QUEUED  # waiting for the GPU
 
     first.signal(signal.SIGTERM)
     second = rig.worker(["sim-mid"], wait=False, **values)  # the fleet's other worker
     # given back at once
-    wait_until(lambda: queue_depth(broker, "sim-mid") == 2, 3, interval=0.02,
-               message="the held message comes back to the queue")
+    wait_until(
+        lambda: queue_depth(broker, "sim-mid") == 2,
+        3,
+        interval=0.02,
+        message="the held message comes back to the queue",
+    )
     assert first.proc is not None
     assert first.proc.wait(30) == 0
     done = client.get(running)
@@ -220,7 +236,7 @@ def test_sigterm_finishes_the_running_job_and_gives_back_the_held_one(rig: Rig) 
 
 @pytest.mark.timeout(90)
 def test_heartbeats_show_live_workers_and_drop_dead_ones(rig: Rig) -> None:
-    from producer.fleet import live_workers
+    from producer.jobs.fleet import live_workers
 
     values: dict[str, Any] = {"worker_heartbeat_s": 0.3}
     stopped = rig.worker(wait=False, **values)

@@ -19,19 +19,19 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from producer.contract import Status, denoise_steps
-from producer.errors import InternalError
-from producer.settings import Settings
-from producer.storage import LocalStorage, S3Storage
-from producer.store import JobStore
+from producer.core.contract import Status, denoise_steps
+from producer.core.errors import InternalError
+from producer.core.settings import Settings
+from producer.core.storage import LocalStorage, S3Storage
+from producer.jobs.store import JobStore
+from worker.diffusion.loras import LoraCache
+from worker.diffusion.pipelines import LoadedModel, library_versions
+from worker.diffusion.safety import SafetyChecker
 from worker.generation import inputs, outputs
 from worker.generation.conditioning import Conditioning
 from worker.generation.generate import generate
 from worker.lifecycle import GENERATE
-from worker.loras import LoraCache
-from worker.pipelines import LoadedModel, library_versions
 from worker.run import Run
-from worker.safety import SafetyChecker
 
 __all__ = ["Generation"]
 
@@ -64,20 +64,22 @@ class Generation:
     @property
     def loras(self) -> LoraCache:
         if self._loras is None:
-            from producer.registry import Registry
+            from producer.core.registry import Registry
 
-            self._loras = LoraCache(self.settings, Registry.load(self.settings.models_file),
-                                    self.storage)
+            self._loras = LoraCache(
+                self.settings, Registry.load(self.settings.models_file), self.storage
+            )
         return self._loras
 
     @property
     def conditioning(self) -> Conditioning:
         """ControlNets and IP-Adapters, made on the first job that uses them."""
         if self._conditioning is None:
-            from producer.registry import Registry
+            from producer.core.registry import Registry
 
-            self._conditioning = Conditioning(self.settings,
-                                              Registry.load(self.settings.models_file))
+            self._conditioning = Conditioning(
+                self.settings, Registry.load(self.settings.models_file)
+            )
         return self._conditioning
 
     def total(self, request: dict[str, Any]) -> int:
@@ -101,9 +103,14 @@ class Generation:
 
         # 2. Generate
         conditioned = req.get("control") or req.get("references")
-        images = generate(run, model, decoded, self.loras if req.get("loras") else None,
-                          self.settings.preview_max_side,
-                          self.conditioning if conditioned else None)
+        images = generate(
+            run,
+            model,
+            decoded,
+            self.loras if req.get("loras") else None,
+            self.settings.preview_max_side,
+            self.conditioning if conditioned else None,
+        )
         run.check_deadline()  # the VAE decode ran past it
 
         # 3. Check safety
@@ -121,19 +128,30 @@ class Generation:
 
         # 5. Encode and upload every image
         stored, encode_s, upload_s = outputs.store_images(
-            run, self.storage, outputs.items(req, images, verdicts),
-            self.settings.png_compress_level)
+            run,
+            self.storage,
+            outputs.items(req, images, verdicts),
+            self.settings.png_compress_level,
+        )
 
         # 6. Write the manifest
         timings = {"inference_ms": inference_ms, "encode_ms": _ms(encode_s)}
         t2 = time.perf_counter()
         manifest = outputs.manifest(
-            run, model_source=model.source, versions=self.versions, worker=run.record["worker"],
-            checker=self.settings.safety_checker, inputs=decoded, verdicts=verdicts,
-            outputs=stored, timings=timings)
+            run,
+            model_source=model.source,
+            versions=self.versions,
+            worker=run.record["worker"],
+            checker=self.settings.safety_checker,
+            inputs=decoded,
+            verdicts=verdicts,
+            outputs=stored,
+            timings=timings,
+        )
         run.check_fence()  # the manifest names this run's attempt: never the winner's
-        self.storage.put(self.storage.key(run.job_id, "manifest.json"), manifest,
-                         "application/json")
+        self.storage.put(
+            self.storage.key(run.job_id, "manifest.json"), manifest, "application/json"
+        )
         timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
 
         # 7. Succeed

@@ -32,20 +32,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from producer.errors import InternalError
-from producer.registry import ControlNetSpec, Registry
-from producer.settings import Settings
+from producer.core.errors import InternalError
+from producer.core.registry import ControlNetSpec, Registry
+from producer.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: Family → diffusers' ControlNet pipelines for text-to-image, img2img, inpainting.
 CONTROLNET_PIPELINES: dict[str, tuple[str, str, str]] = {
-    "sdxl": ("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
-             "StableDiffusionXLControlNetInpaintPipeline"),
-    "sd15": ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
-             "StableDiffusionControlNetInpaintPipeline"),
-    "flux": ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
-             "FluxControlNetInpaintPipeline"),
+    "sdxl": (
+        "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+    ),
+    "sd15": (
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+    ),
+    "flux": (
+        "FluxControlNetPipeline",
+        "FluxControlNetImg2ImgPipeline",
+        "FluxControlNetInpaintPipeline",
+    ),
 }
 #: Family → its ControlNet model class, and the class that combines several.
 CONTROLNET_MODELS: dict[str, tuple[str, str]] = {
@@ -99,8 +108,9 @@ class ControlNets:
         try:
             model = self._load(spec, device, dtype)
         except (OSError, ValueError) as exc:
-            raise InternalError(f"{field}: ControlNet {name!r} did not load from "
-                                f"{spec.source!r}: {exc}") from None
+            raise InternalError(
+                f"{field}: ControlNet {name!r} did not load from {spec.source!r}: {exc}"
+            ) from None
         size = _nbytes(model)
         self.loads += 1
         with self._lock:
@@ -117,7 +127,7 @@ class ControlNets:
     def _load(self, spec: ControlNetSpec, device: str, dtype: Any) -> Any:
         import diffusers
 
-        from worker.pipelines import _dtype_kwarg
+        from worker.diffusion.pipelines import _dtype_kwarg
 
         model_cls = getattr(diffusers, CONTROLNET_MODELS[spec.family][0])
         kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
@@ -134,7 +144,7 @@ class ControlNets:
 
 def _builtin(source: str, settings: Settings) -> Path | None:
     if source.startswith("builtin:"):
-        from worker.tiny import ensure_builtin
+        from worker.builtin.tiny import ensure_builtin
 
         return ensure_builtin(source.removeprefix("builtin:"), settings.models_dir)
     path = Path(source).expanduser()
@@ -147,7 +157,7 @@ def control_pipe(model: Any, nets: list[Any], task: int) -> Any:
     import diffusers
     import diffusers.models.controlnets as controlnets
 
-    from worker.pipelines import _dtype_kwarg
+    from worker.diffusion.pipelines import _dtype_kwarg
 
     family = model.spec.pipeline
     cls = getattr(diffusers, CONTROLNET_PIPELINES[family][task])
@@ -158,8 +168,9 @@ def control_pipe(model: Any, nets: list[Any], task: int) -> Any:
     return pipe
 
 
-def control_kwargs(entries: list[dict[str, Any]], images: list[Any], task: int,
-                   family: str = "sdxl") -> dict[str, Any]:
+def control_kwargs(
+    entries: list[dict[str, Any]], images: list[Any], task: int, family: str = "sdxl"
+) -> dict[str, Any]:
     """The ControlNet pipeline's arguments: the control images, scales and the part of
     the denoising each one steers (lists for a multi-ControlNet, floats for one). SD's
     text-to-image ControlNet pipelines take the control image as ``image``; their
@@ -171,8 +182,9 @@ def control_kwargs(entries: list[dict[str, Any]], images: list[Any], task: int,
         return values[0] if one else values
 
     return {
-        "image" if task == 0 and family != "flux" else "control_image":
-            images[0] if one else images,
+        "image" if task == 0 and family != "flux" else "control_image": images[0]
+        if one
+        else images,
         "controlnet_conditioning_scale": pick("scale"),
         "control_guidance_start": pick("start"),
         "control_guidance_end": pick("end"),
@@ -237,15 +249,27 @@ class IpAdapters:
         local = _builtin(spec.source, self.settings)
         kwargs = self._load_kwargs(spec, local, model)
         try:
-            pipe.load_ip_adapter(str(local or spec.source), subfolder=spec.subfolder,
-                                 weight_name=spec.weight_name, **kwargs)
+            pipe.load_ip_adapter(
+                str(local or spec.source),
+                subfolder=spec.subfolder,
+                weight_name=spec.weight_name,
+                **kwargs,
+            )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # Nothing half-loaded stays: the denoiser's own processors, no projection.
             _detach(pipe, _Adapter(base, {}, None, None, None, own))
-            raise InternalError(f"references: the IP-Adapter of {model.spec.name} did not "
-                                f"load from {spec.source!r}: {exc}") from None
-        adapter = _Adapter(base, dict(net.attn_processors), net.encoder_hid_proj,
-                           pipe.image_encoder, pipe.feature_extractor, own)
+            raise InternalError(
+                f"references: the IP-Adapter of {model.spec.name} did not "
+                f"load from {spec.source!r}: {exc}"
+            ) from None
+        adapter = _Adapter(
+            base,
+            dict(net.attn_processors),
+            net.encoder_hid_proj,
+            pipe.image_encoder,
+            pipe.feature_extractor,
+            own,
+        )
         self.loads += 1
         log.info("loaded IP-Adapter of %s from %s", model.spec.name, local or spec.source)
         _detach(pipe, adapter)
@@ -266,13 +290,21 @@ class IpAdapters:
             where, sub = str(encoder or spec.image_encoder_source), ""
         else:
             where = str(local or spec.source)
-            sub = (spec.image_encoder if "/" in spec.image_encoder
-                   else Path(spec.subfolder, spec.image_encoder).as_posix())
-        return {**kwargs, "image_encoder_pretrained_model_name_or_path": where,
-                "image_encoder_subfolder": sub, "image_encoder_dtype": model.dtype}
+            sub = (
+                spec.image_encoder
+                if "/" in spec.image_encoder
+                else Path(spec.subfolder, spec.image_encoder).as_posix()
+            )
+        return {
+            **kwargs,
+            "image_encoder_pretrained_model_name_or_path": where,
+            "image_encoder_subfolder": sub,
+            "image_encoder_dtype": model.dtype,
+        }
 
-    def attach(self, model: Any, pipe: Any, refs: list[dict[str, Any]],
-               images: list[Any]) -> dict[str, Any]:
+    def attach(
+        self, model: Any, pipe: Any, refs: list[dict[str, Any]], images: list[Any]
+    ) -> dict[str, Any]:
         """Put the adapter in ``pipe`` (its denoiser is the model's), set the references'
         scales, and return the pipeline arguments that pass the images."""
         _check_takes(model, pipe, refs)
@@ -283,8 +315,9 @@ class IpAdapters:
         net.set_attn_processor(dict(adapter.ip_processors))
         net.encoder_hid_proj = adapter.projection
         net.config.encoder_hid_dim_type = "ip_image_proj"
-        pipe.register_modules(image_encoder=adapter.image_encoder,
-                              feature_extractor=adapter.feature_extractor)
+        pipe.register_modules(
+            image_encoder=adapter.image_encoder, feature_extractor=adapter.feature_extractor
+        )
         if model.spec.pipeline == "flux":
             return _flux_adapters(net, adapter, refs, images)
         configs = [mode_scale(net.config, r["mode"], float(r["scale"])) for r in refs]
@@ -315,8 +348,10 @@ def _per_image(pipe: Any, configs: list[Any], images: list[Any]) -> dict[str, An
         proc.scale = [per_layer[name]]
     width, height = images[0].size
     masks = [torch.ones(1, len(images), height, width)]
-    return {"ip_adapter_image": [list(images)],
-            "cross_attention_kwargs": {"ip_adapter_masks": masks}}
+    return {
+        "ip_adapter_image": [list(images)],
+        "cross_attention_kwargs": {"ip_adapter_masks": masks},
+    }
 
 
 def _check_takes(model: Any, pipe: Any, refs: list[dict[str, Any]]) -> None:
@@ -328,8 +363,9 @@ def _check_takes(model: Any, pipe: Any, refs: list[dict[str, Any]]) -> None:
             raise InternalError(f"references.{i}.mode: Flux takes mode full only")
 
 
-def _flux_adapters(transformer: Any, adapter: _Adapter, refs: list[dict[str, Any]],
-                   images: list[Any]) -> dict[str, Any]:
+def _flux_adapters(
+    transformer: Any, adapter: _Adapter, refs: list[dict[str, Any]], images: list[Any]
+) -> dict[str, Any]:
     """One Flux adapter per reference, all made of the loaded one's modules: every IP
     processor (the double blocks') gets its key and value projections once per
     reference and the references' scales, the transformer the image projection once per
@@ -376,17 +412,23 @@ class Conditioning:
         self.ip_adapters = IpAdapters(settings)
         self._pipes: dict[tuple[str, int, tuple[str, ...]], tuple[Any, list[Any]]] = {}
 
-    def pipeline(self, model: Any, req: dict[str, Any], inputs: Any,
-                 task: int) -> tuple[Any, dict[str, Any]]:
+    def pipeline(
+        self, model: Any, req: dict[str, Any], inputs: Any, task: int
+    ) -> tuple[Any, dict[str, Any]]:
         """The ControlNet pipeline for the job and its arguments."""
         entries = req["control"]
-        nets = [self.controlnets.get(e["name"], model.device, model.dtype, f"control.{i}.name")
-                for i, e in enumerate(entries)]
+        nets = [
+            self.controlnets.get(e["name"], model.device, model.dtype, f"control.{i}.name")
+            for i, e in enumerate(entries)
+        ]
         cached = set(self.controlnets.cached_names())
         for k in [k for k in self._pipes if not cached.issuperset(k[2])]:
             del self._pipes[k]  # a ControlNet the cache dropped (or never kept)
-        key = (model.spec.name, task, tuple(f"{e['name']}|{model.device}|{model.dtype}"
-                                            for e in entries))
+        key = (
+            model.spec.name,
+            task,
+            tuple(f"{e['name']}|{model.device}|{model.dtype}" for e in entries),
+        )
         hit = self._pipes.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[1], nets, strict=True)):
             pipe = hit[0]

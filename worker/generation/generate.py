@@ -3,7 +3,7 @@
 The step callback only reads flags and the clock (``run.report``, ``run.check``): the
 monitor thread does the I/O, so nothing waits on Redis inside the denoising loop. With
 ``preview: true`` the scheduler's ``step`` also keeps a reference to its x0 for the
-monitor thread to render (``worker/preview.py``); nothing else changes in the loop.
+monitor thread to render (``worker/diffusion/preview.py``); nothing else changes in the loop.
 """
 
 from __future__ import annotations
@@ -11,18 +11,24 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from producer.contract import sweep_cells
-from producer.errors import OutOfMemory
+from producer.core.contract import sweep_cells
+from producer.core.errors import OutOfMemory
+from worker.diffusion.loras import LoraCache, apply_loras, unload_loras
+from worker.diffusion.pipelines import GENERATOR_DEVICE, LoadedModel
+from worker.diffusion.preview import Previewer, map_family, watch_scheduler
+from worker.diffusion.prompts import conditioning
 from worker.generation.conditioning import Conditioning
-from worker.loras import LoraCache, apply_loras, unload_loras
-from worker.pipelines import GENERATOR_DEVICE, LoadedModel
-from worker.preview import Previewer, map_family, watch_scheduler
-from worker.prompts import conditioning
 from worker.run import Run
 
 
-def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
-             preview_max_side: int = 256, refs: Conditioning | None = None) -> list[Any]:
+def generate(
+    run: Run,
+    model: LoadedModel,
+    inputs: Any,
+    loras: LoraCache | None,
+    preview_max_side: int = 256,
+    refs: Conditioning | None = None,
+) -> list[Any]:
     """The job's images (a sweep's cells one after the other), as PIL images."""
     import torch
 
@@ -51,12 +57,14 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
     try:
         if referenced:
             assert refs is not None
-            kwargs.update(refs.ip_adapters.attach(model, pipe, req["references"],
-                                                  inputs.references))
+            kwargs.update(
+                refs.ip_adapters.attach(model, pipe, req["references"], inputs.references)
+            )
         with run.watched(), torch.inference_mode():
             # Long or weighted prompts become embeddings; plain ones stay text.
-            cond = conditioning(model.spec.pipeline, model.pipe, req["prompt"],
-                                req["negative_prompt"])
+            cond = conditioning(
+                model.spec.pipeline, model.pipe, req["prompt"], req["negative_prompt"]
+            )
             if cond is not None:
                 del kwargs["prompt"], kwargs["negative_prompt"]
                 kwargs.update(cond)
@@ -74,9 +82,15 @@ def generate(run: Run, model: LoadedModel, inputs: Any, loras: LoraCache | None,
             unload_loras(model.pipe, adapters)
 
 
-def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[str, Any],
-               cells: list[dict[str, Any]], done: list[int],
-               previewer: Previewer | None) -> list[Any]:
+def _run_cells(
+    pipe: Any,
+    model: LoadedModel,
+    req: dict[str, Any],
+    kwargs: dict[str, Any],
+    cells: list[dict[str, Any]],
+    done: list[int],
+    previewer: Previewer | None,
+) -> list[Any]:
     """One pipeline call, or one per sweep cell."""
     import torch
 
@@ -87,16 +101,20 @@ def _run_cells(pipe: Any, model: LoadedModel, req: dict[str, Any], kwargs: dict[
         # Each cell exactly as a job of its own parameters would run.
         pipe.scheduler = watched(model.scheduler(req["scheduler"]), previewer)
         gen = torch.Generator(GENERATOR_DEVICE).manual_seed(cell["seed"])
-        images += pipe(**dict(
-            kwargs, num_inference_steps=cell["steps"], generator=[gen],
-            guidance_scale=cell["guidance_scale"], num_images_per_prompt=1,
-        )).images
+        images += pipe(
+            **dict(
+                kwargs,
+                num_inference_steps=cell["steps"],
+                generator=[gen],
+                guidance_scale=cell["guidance_scale"],
+                num_images_per_prompt=1,
+            )
+        ).images
         done[0] += pipe.num_timesteps
     return images
 
 
-def previews(run: Run, model: LoadedModel, req: dict[str, Any],
-             max_side: int) -> Previewer | None:
+def previews(run: Run, model: LoadedModel, req: dict[str, Any], max_side: int) -> Previewer | None:
     """The job's previewer, given to the run for its monitor thread; None without
     ``preview: true`` or for a family without a latent-to-RGB map (simulated)."""
     if not req.get("preview"):
@@ -112,8 +130,9 @@ def watched(scheduler: Any, previewer: Previewer | None) -> Any:
     return scheduler if previewer is None else watch_scheduler(scheduler, previewer.latest)
 
 
-def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
-                    on_step_end: Any) -> dict[str, Any]:
+def pipeline_kwargs(
+    req: dict[str, Any], pipe: Any, inputs: Any, on_step_end: Any
+) -> dict[str, Any]:
     """The pipeline's arguments for the job (before prompt conditioning)."""
     import torch
 
@@ -124,8 +143,9 @@ def pipeline_kwargs(req: dict[str, Any], pipe: Any, inputs: Any,
         "num_inference_steps": req["steps"],
         "guidance_scale": req["guidance_scale"],
         "num_images_per_prompt": n,
-        "generator": [torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i)
-                      for i in range(n)],
+        "generator": [
+            torch.Generator(GENERATOR_DEVICE).manual_seed(req["seed"] + i) for i in range(n)
+        ],
         "callback_on_step_end": on_step_end,
         "output_type": "pil",
     }

@@ -8,9 +8,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.errors import ImageFetchFailed, ImageInvalid
-from producer.settings import Settings
-from producer.store import JobStore
+from producer.core.errors import ImageFetchFailed, ImageInvalid
+from producer.core.settings import Settings
+from producer.jobs.store import JobStore
 
 
 @dataclass
@@ -47,17 +47,22 @@ def fetch(request: dict[str, Any], settings: Settings, store: JobStore) -> Fetch
     image = fetch_image(request["image"], settings, store) if request.get("image") else None
     mask = fetch_image(request["mask"], settings, store, "mask") if request.get("mask") else None
     return Fetched(
-        image, mask,
-        [fetch_image(c["image"], settings, store, f"control.{i}.image")
-         for i, c in enumerate(control)],
-        [fetch_image(r["image"], settings, store, f"references.{i}.image")
-         for i, r in enumerate(refs)])
+        image,
+        mask,
+        [
+            fetch_image(c["image"], settings, store, f"control.{i}.image")
+            for i, c in enumerate(control)
+        ],
+        [
+            fetch_image(r["image"], settings, store, f"references.{i}.image")
+            for i, r in enumerate(refs)
+        ],
+    )
 
 
-def fetch_image(src: str, settings: Settings, store: JobStore,
-                field_name: str = "image") -> bytes:
-    from producer.netguard import EgressRefused
-    from producer.netguard import fetch as guarded_fetch
+def fetch_image(src: str, settings: Settings, store: JobStore, field_name: str = "image") -> bytes:
+    from producer.core.netguard import EgressRefused
+    from producer.core.netguard import fetch as guarded_fetch
 
     if src.startswith("sha256:"):  # given inline; the client stored the bytes
         stored = store.get_input(src.removeprefix("sha256:"))
@@ -65,10 +70,13 @@ def fetch_image(src: str, settings: Settings, store: JobStore,
             raise ImageInvalid(f"{field_name}: the inline image is no longer stored")
         return stored
     try:
-        return guarded_fetch(src, max_bytes=settings.max_image_bytes,
-                             total_timeout=settings.image_fetch_timeout_s,
-                             allowlist=settings.egress_allowlist,
-                             allow_http=settings.allow_http)
+        return guarded_fetch(
+            src,
+            max_bytes=settings.max_image_bytes,
+            total_timeout=settings.image_fetch_timeout_s,
+            allowlist=settings.egress_allowlist,
+            allow_http=settings.allow_http,
+        )
     except (EgressRefused, OSError, ValueError) as exc:
         raise ImageFetchFailed(f"{field_name}: {exc}") from None
 
@@ -80,7 +88,7 @@ def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
         return Inputs()
     from PIL import Image
 
-    from producer.images import open_image
+    from producer.core.images import open_image
 
     size = (request["width"], request["height"])
     inputs = Inputs()
@@ -96,24 +104,26 @@ def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
     inputs.mask_sha256 = hashlib.sha256(fetched.mask).hexdigest()
     mask = _open(open_image, fetched.mask, "mask")
     if mask.size != source_size:
-        raise ImageInvalid(f"mask: is {mask.width}×{mask.height} but image is "
-                           f"{source_size[0]}×{source_size[1]}; they must be the same size")
+        raise ImageInvalid(
+            f"mask: is {mask.width}×{mask.height} but image is "
+            f"{source_size[0]}×{source_size[1]}; they must be the same size"
+        )
     mask = mask.convert("L")
     inputs.mask = mask if mask.size == size else mask.resize(size, Image.Resampling.LANCZOS)
     return inputs
 
 
-def _decode_conditioning(request: dict[str, Any], fetched: Fetched, inputs: Inputs,
-                         size: tuple[int, int]) -> None:
+def _decode_conditioning(
+    request: dict[str, Any], fetched: Fetched, inputs: Inputs, size: tuple[int, int]
+) -> None:
     """Control images at the output size (``preprocess: canny`` derives the edge map
     there), and reference images as given."""
     from PIL import Image
 
-    from producer.images import open_image
+    from producer.core.images import open_image
     from worker.generation.conditioning import canny
 
-    for i, (entry, raw) in enumerate(zip(request.get("control", []), fetched.control,
-                                         strict=True)):
+    for i, (entry, raw) in enumerate(zip(request.get("control", []), fetched.control, strict=True)):
         img = _open(open_image, raw, f"control.{i}.image")
         if img.size != size:
             img = img.resize(size, Image.Resampling.LANCZOS)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from producer.contract import (
+from producer.core.contract import (
     CONTENT_TYPES,
     EXTENSIONS,
     EventType,
@@ -17,10 +17,10 @@ from producer.contract import (
     OutputFlags,
     sweep_cells,
 )
-from producer.storage import LocalStorage, S3Storage
-from worker import encode as encoding
+from producer.core.storage import LocalStorage, S3Storage
+from worker.diffusion import encode as encoding
+from worker.diffusion.safety import SafetyChecker, blur, placeholder
 from worker.run import Run
-from worker.safety import SafetyChecker, blur, placeholder
 
 
 @dataclass
@@ -51,8 +51,7 @@ class Stored:
     data: bytes
 
 
-def check_safety(checker: SafetyChecker | None, action: str,
-                 images: list[Any]) -> Verdicts | None:
+def check_safety(checker: SafetyChecker | None, action: str, images: list[Any]) -> Verdicts | None:
     if checker is None or action == "off":
         return None
     return Verdicts(checker.check(images), action)
@@ -63,15 +62,21 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
     after a sweep's cells its contact sheet."""
     cells = sweep_cells(req)
     flags = verdicts.flags if verdicts is not None else [False] * len(images)
-    shown = [image if not flag else blur(image) if verdicts and verdicts.action == "blur"
-             else None for image, flag in zip(images, flags, strict=True)]
+    shown = [
+        image if not flag else blur(image) if verdicts and verdicts.action == "blur" else None
+        for image, flag in zip(images, flags, strict=True)
+    ]
     out = []
     for i, image in enumerate(shown):
         if cells:
             cell = cells[i]
-            item = Item(image, images[i].size, cell["seed"],
-                        {**req, "steps": cell["steps"], "guidance_scale": cell["guidance_scale"]},
-                        {"sweep": cell["label"]})
+            item = Item(
+                image,
+                images[i].size,
+                cell["seed"],
+                {**req, "steps": cell["steps"], "guidance_scale": cell["guidance_scale"]},
+                {"sweep": cell["label"]},
+            )
         else:
             item = Item(image, images[i].size, req["seed"] + i, req, {})
         if verdicts is not None:
@@ -82,10 +87,11 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
                 item.extra["withheld"] = True
         out.append(item)
     if cells:  # the contact sheet: one more output, after the cells
-        from worker.grid import contact_sheet
+        from worker.diffusion.grid import contact_sheet
 
-        tiles = [im if im is not None else placeholder(images[i].size)
-                 for i, im in enumerate(shown)]
+        tiles = [
+            im if im is not None else placeholder(images[i].size) for i, im in enumerate(shown)
+        ]
         sheet = contact_sheet(tiles, cells)
         out.append(Item(sheet, sheet.size, None, req, {"contact_sheet": True}))
     return out
@@ -109,8 +115,9 @@ def output_entry(index: int, item: Item, stored: Stored | None) -> Output:
     return entry
 
 
-def store_images(run: Run, storage: LocalStorage | S3Storage, to_store: list[Item],
-                 png_compress_level: int) -> tuple[list[Output], float, float]:
+def store_images(
+    run: Run, storage: LocalStorage | S3Storage, to_store: list[Item], png_compress_level: int
+) -> tuple[list[Output], float, float]:
     """Encode and store each item, with a ``job.output`` event each but the last's;
     returns the outputs and the seconds spent encoding and uploading. The last output's
     event goes with the terminal write (:func:`last_event`): one compare-and-set fewer
@@ -142,24 +149,38 @@ def last_event(outputs: list[Output]) -> list[tuple[EventType, dict[str, Any]]]:
     return [(EventType.OUTPUT, {"output": outputs[-1]})] if outputs else []
 
 
-def manifest(run: Run, *, model_source: dict[str, Any], versions: dict[str, str],
-             worker: str, checker: str | None, inputs: Any, verdicts: Verdicts | None,
-             outputs: list[Output], timings: dict[str, int]) -> bytes:
+def manifest(
+    run: Run,
+    *,
+    model_source: dict[str, Any],
+    versions: dict[str, str],
+    worker: str,
+    checker: str | None,
+    inputs: Any,
+    verdicts: Verdicts | None,
+    outputs: list[Output],
+    timings: dict[str, int],
+) -> bytes:
     """``manifest.json``: what made the outputs, enough to make them again."""
     req = run.request
     body = {
         "job_id": run.job_id,
         "request": {k: v for k, v in req.items() if k not in ("image", "mask")},
         "init_image_sha256": inputs.image_sha256,
-        "safety": None if verdicts is None else {
-            "checker": checker, "action": verdicts.action,
-            "flagged": [i for i, f in enumerate(verdicts.flags) if f]},
+        "safety": None
+        if verdicts is None
+        else {
+            "checker": checker,
+            "action": verdicts.action,
+            "flagged": [i for i, f in enumerate(verdicts.flags) if f],
+        },
         "mask_sha256": inputs.mask_sha256,
         **({"control_sha256": inputs.control_sha256} if inputs.control_sha256 else {}),
-        **({"references_sha256": inputs.references_sha256} if inputs.references_sha256
-           else {}),
-        "seeds": ([c["seed"] for c in sweep_cells(req)]
-                  or [req["seed"] + i for i in range(req["num_images"])]),
+        **({"references_sha256": inputs.references_sha256} if inputs.references_sha256 else {}),
+        "seeds": (
+            [c["seed"] for c in sweep_cells(req)]
+            or [req["seed"] + i for i in range(req["num_images"])]
+        ),
         "model": model_source,
         "versions": versions,
         "worker": worker,

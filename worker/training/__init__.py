@@ -18,12 +18,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from producer.contract import Status
-from producer.errors import InternalError
-from producer.settings import Settings
-from producer.store import JobStore
+from producer.core.contract import Status
+from producer.core.errors import InternalError
+from producer.core.settings import Settings
+from producer.jobs.store import JobStore
+from worker.diffusion.pipelines import LoadedModel, library_versions
 from worker.lifecycle import TRAIN
-from worker.pipelines import LoadedModel, library_versions
 from worker.run import Run
 from worker.training import checkpoints, inputs, outputs
 from worker.training.classes import class_images
@@ -37,12 +37,18 @@ class Training:
 
     kind = TRAIN
 
-    def __init__(self, settings: Settings, models: dict[str, LoadedModel], store: JobStore,
-                 storage: Any, device: str = "cpu", generation: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: dict[str, LoadedModel],
+        store: JobStore,
+        storage: Any,
+        device: str = "cpu",
+        generation: Any = None,
+    ) -> None:
         self.settings, self.models, self.store, self.storage = settings, models, store, storage
         self.device = device
         self.versions = library_versions()
-
 
     def total(self, request: dict[str, Any]) -> int:
         return int(request["steps"])
@@ -60,17 +66,27 @@ class Training:
         with run.watched():
             # 1-2. Decode, make or read the class images, encode once, add the LoRA.
             instances = inputs.decode(req, fetched)
-            examples = _examples(model, [i.image for i in instances], [i.caption for i in
-                                 instances], [(i.original_size, i.crop_top_left)
-                                              for i in instances], req["resolution"])
+            examples = _examples(
+                model,
+                [i.image for i in instances],
+                [i.caption for i in instances],
+                [(i.original_size, i.crop_top_left) for i in instances],
+                req["resolution"],
+            )
             classes: list[Example] = []
             made: dict[str, int] | None = None
             if req["prior_preservation"]:
                 images, fresh = class_images(
-                    run, model, self.storage, self.settings.png_compress_level)
+                    run, model, self.storage, self.settings.png_compress_level
+                )
                 res = req["resolution"]
-                classes = _examples(model, images, [req["class_prompt"]] * len(images),
-                                    [((res, res), (0, 0))] * len(images), res)
+                classes = _examples(
+                    model,
+                    images,
+                    [req["class_prompt"]] * len(images),
+                    [((res, res), (0, 0))] * len(images),
+                    res,
+                )
                 made = {"made": fresh, "reused": len(images) - fresh}
             trainer = Trainer(model, req, examples, classes)
             try:
@@ -79,8 +95,13 @@ class Training:
                 train_ms = _ms(time.perf_counter() - t0)
                 # 4. The adapter, and validation images made with it.
                 adapter = outputs.adapter_bytes(trainer)
-                run.report(req["steps"], req["steps"], phase="validation",
-                           loss=trainer.losses[-1], lr=trainer.lr.get_last_lr()[0])
+                run.report(
+                    req["steps"],
+                    req["steps"],
+                    phase="validation",
+                    loss=trainer.losses[-1],
+                    lr=trainer.lr.get_last_lr()[0],
+                )
                 images = outputs.validation_images(run, trainer)
             finally:
                 # 5. The base as it was, whatever happened.
@@ -88,16 +109,27 @@ class Training:
         run.release_device()
         run.stage = "post-processing"
         # 6. Outputs and manifest.
-        stored = outputs.store(run, self.storage, adapter, images,
-                               self.settings.png_compress_level, model.spec)
-        timings = {"inference_ms": train_ms,
-                   "validation_ms": _ms(time.perf_counter() - t0) - train_ms}
+        stored = outputs.store(
+            run, self.storage, adapter, images, self.settings.png_compress_level, model.spec
+        )
+        timings = {
+            "inference_ms": train_ms,
+            "validation_ms": _ms(time.perf_counter() - t0) - train_ms,
+        }
         manifest = outputs.manifest(
-            run, trainer=trainer, model_source=model.source, versions=self.versions,
-            image_sha256=[i.sha256 for i in instances], outputs=stored, timings=timings,
-            resumed_from=resumed, class_images=made)
-        self.storage.put(self.storage.key(run.job_id, "manifest.json"), manifest,
-                         "application/json")
+            run,
+            trainer=trainer,
+            model_source=model.source,
+            versions=self.versions,
+            image_sha256=[i.sha256 for i in instances],
+            outputs=stored,
+            timings=timings,
+            resumed_from=resumed,
+            class_images=made,
+        )
+        self.storage.put(
+            self.storage.key(run.job_id, "manifest.json"), manifest, "application/json"
+        )
         return run.succeed(stored, timings)
 
     def _train(self, run: Run, trainer: Trainer) -> int | None:
@@ -111,19 +143,31 @@ class Training:
         for step in range(resumed or 0, req["steps"]):
             run.check()
             loss = trainer.step(step)
-            run.report(step + 1, req["steps"], phase="training", loss=round(loss, 6),
-                       lr=trainer.lr.get_last_lr()[0])
+            run.report(
+                step + 1,
+                req["steps"],
+                phase="training",
+                loss=round(loss, 6),
+                lr=trainer.lr.get_last_lr()[0],
+            )
             if (step + 1) % every == 0 and step + 1 < req["steps"]:
                 checkpoints.save(run, self.storage, trainer, step + 1)
         return resumed
 
 
-def _examples(model: LoadedModel, images: list[Any], prompts: list[str],
-              sizes: list[tuple[tuple[int, int], tuple[int, int]]], res: int) -> list[Example]:
+def _examples(
+    model: LoadedModel,
+    images: list[Any],
+    prompts: list[str],
+    sizes: list[tuple[tuple[int, int], tuple[int, int]]],
+    res: int,
+) -> list[Example]:
     """Images ready to train on: their latent distributions (the VAE runs once each)."""
     dists = latent_dist(model, images)
-    return [Example(mean, std, prompt, time_ids(orig, crop, res))
-            for (mean, std), prompt, (orig, crop) in zip(dists, prompts, sizes, strict=True)]
+    return [
+        Example(mean, std, prompt, time_ids(orig, crop, res))
+        for (mean, std), prompt, (orig, crop) in zip(dists, prompts, sizes, strict=True)
+    ]
 
 
 def _ms(seconds: float) -> int:

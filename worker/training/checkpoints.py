@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from producer.contract import EventType
+from producer.core.contract import EventType
 from worker.run import Run
 from worker.training.loop import Trainer
 
@@ -44,26 +44,34 @@ def save(run: Run, storage: Any, trainer: Trainer, step: int) -> None:
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     state = {
-        "step": step, "losses": trainer.losses, "optimizer_groups": opt["param_groups"],
+        "step": step,
+        "losses": trainer.losses,
+        "optimizer_groups": opt["param_groups"],
         "optimizer_scalars": scalars,
         "lr_scheduler": {k: v for k, v in trainer.lr.state_dict().items() if k != "lr_lambdas"},
         "data_position": step * run.request["gradient_accumulation"] * run.request["batch_size"],
-        "rng": "per step: torch.Generator seeded from (seed, step); per epoch order: "
-               "(seed, epoch)",
+        "rng": "per step: torch.Generator seeded from (seed, step); per epoch order: (seed, epoch)",
         # fp16 on CUDA: the loss scale and its growth tracker (floats and ints), so a
         # resumed run scales (and skips overflowing steps) as the first one would have.
         "loss_scaler": _scaler_state(trainer),
     }
     run.check_fence()
     storage.put(f"{prefix}/lora.safetensors", st_save(lora), "application/octet-stream")
-    storage.put(f"{prefix}/optimizer.safetensors", st_save(tensors) if tensors else b"",
-                "application/octet-stream")
+    storage.put(
+        f"{prefix}/optimizer.safetensors",
+        st_save(tensors) if tensors else b"",
+        "application/octet-stream",
+    )
     key = f"{prefix}/state.json"
     storage.put(key, json.dumps(state, sort_keys=True).encode(), "application/json")
     kept = [*run.record.get("checkpoints", []), step][-KEEP:]
     old = [s for s in run.record.get("checkpoints", []) if s not in kept]
-    run.emit(EventType.CHECKPOINT, {"step": step, "key": key},
-             checkpoint={"step": step, "key": key}, checkpoints=kept)
+    run.emit(
+        EventType.CHECKPOINT,
+        {"step": step, "key": key},
+        checkpoint={"step": step, "key": key},
+        checkpoints=kept,
+    )
     for s in old:
         for name in ("lora.safetensors", "optimizer.safetensors", "state.json"):
             try:
@@ -94,8 +102,9 @@ def load(run: Run, storage: Any, trainer: Trainer) -> int | None:
         opt_state.setdefault(int(idx), {})[name] = value
     for idx, extra in state["optimizer_scalars"].items():
         opt_state.setdefault(int(idx), {}).update(extra)
-    trainer.optimizer.load_state_dict({"state": opt_state,
-                                       "param_groups": state["optimizer_groups"]})
+    trainer.optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": state["optimizer_groups"]}
+    )
     sched = trainer.lr.state_dict()
     sched.update(state["lr_scheduler"])
     trainer.lr.load_state_dict(sched)

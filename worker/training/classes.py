@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from worker import encode as encoding
+from worker.diffusion import encode as encoding
 from worker.run import Run
 
 
@@ -20,10 +20,18 @@ def class_images(run: Run, model: Any, storage: Any, level: int) -> tuple[list[A
     req = run.request
     n, res = req["num_class_images"], req["resolution"]
     pipe, spec = model.pipe, model.spec
-    made = {"prompt": req["class_prompt"], "negative_prompt": "", "model": req["model"],
-            "steps": spec.steps, "scheduler": spec.scheduler,
-            "guidance_scale": spec.guidance_scale, "width": res, "height": res,
-            "output_format": "png", "quality": 90}
+    made = {
+        "prompt": req["class_prompt"],
+        "negative_prompt": "",
+        "model": req["model"],
+        "steps": spec.steps,
+        "scheduler": spec.scheduler,
+        "guidance_scale": spec.guidance_scale,
+        "width": res,
+        "height": res,
+        "output_format": "png",
+        "quality": 90,
+    }
     out: list[Any] = []
     fresh = 0
     for i in range(n):
@@ -34,12 +42,19 @@ def class_images(run: Run, model: Any, storage: Any, level: int) -> tuple[list[A
             pipe.scheduler = model.scheduler(spec.scheduler)
             gen = torch.Generator("cpu").manual_seed(_class_seed(req["seed"], i))
             with torch.inference_mode():
-                image = pipe(prompt=req["class_prompt"], num_inference_steps=spec.steps,
-                             guidance_scale=spec.guidance_scale, width=res, height=res,
-                             generator=[gen], output_type="pil").images[0]
+                image = pipe(
+                    prompt=req["class_prompt"],
+                    num_inference_steps=spec.steps,
+                    guidance_scale=spec.guidance_scale,
+                    width=res,
+                    height=res,
+                    generator=[gen],
+                    output_type="pil",
+                ).images[0]
             run.check_fence()
-            storage.put(key, encoding.encode(image, made, _class_seed(req["seed"], i), level),
-                        "image/png")
+            storage.put(
+                key, encoding.encode(image, made, _class_seed(req["seed"], i), level), "image/png"
+            )
             fresh += 1
         else:
             image = Image.open(io.BytesIO(raw), formats=["PNG"]).convert("RGB")

@@ -10,11 +10,11 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from producer.errors import ImageFetchFailed, ImageInvalid
-from producer.images import open_image
-from producer.settings import Settings
-from producer.store import JobStore
-from producer.train_contract import is_zip_source, read_zip
+from producer.core.errors import ImageFetchFailed, ImageInvalid
+from producer.core.images import open_image
+from producer.core.settings import Settings
+from producer.core.train_contract import is_zip_source, read_zip
+from producer.jobs.store import JobStore
 from worker.generation.inputs import fetch_image
 
 
@@ -30,19 +30,30 @@ class Instance:
     sha256: str
 
 
-def fetch(request: dict[str, Any], settings: Settings, store: JobStore,
-          storage: Any) -> list[tuple[str, bytes]]:
+def fetch(
+    request: dict[str, Any], settings: Settings, store: JobStore, storage: Any
+) -> list[tuple[str, bytes]]:
     """Every image's bytes, named by where it came from (zip entries by their name)."""
     out: list[tuple[str, bytes]] = []
     for i, src in enumerate(request["images"]):
         field = f"images.{i}"
         limit = settings.train_zip_max_bytes if is_zip_source(src) else settings.max_image_bytes
-        raw = _read(src.removesuffix(".zip") if src.startswith("sha256:") else src,
-                    settings, store, storage, field, limit)
+        raw = _read(
+            src.removesuffix(".zip") if src.startswith("sha256:") else src,
+            settings,
+            store,
+            storage,
+            field,
+            limit,
+        )
         if is_zip_source(src):
             try:
-                out += read_zip(raw, settings.train_zip_max_entries, settings.max_image_bytes,
-                                settings.train_zip_max_bytes)
+                out += read_zip(
+                    raw,
+                    settings.train_zip_max_entries,
+                    settings.max_image_bytes,
+                    settings.train_zip_max_bytes,
+                )
             except ValueError as exc:
                 raise ImageInvalid(f"{field}: {exc}") from None
         else:
@@ -50,8 +61,9 @@ def fetch(request: dict[str, Any], settings: Settings, store: JobStore,
     return out
 
 
-def _read(src: str, settings: Settings, store: JobStore, storage: Any, field: str,
-          limit: int) -> bytes:
+def _read(
+    src: str, settings: Settings, store: JobStore, storage: Any, field: str, limit: int
+) -> bytes:
     if src.startswith("storage:"):
         key = src.removeprefix("storage:")
         try:
@@ -65,12 +77,17 @@ def _read(src: str, settings: Settings, store: JobStore, storage: Any, field: st
         return raw
     if src.startswith("sha256:") or limit == settings.max_image_bytes:
         return fetch_image(src, settings, store, field)
-    from producer.netguard import EgressRefused
-    from producer.netguard import fetch as guarded_fetch
+    from producer.core.netguard import EgressRefused
+    from producer.core.netguard import fetch as guarded_fetch
 
     try:
-        return guarded_fetch(src, max_bytes=limit, total_timeout=settings.image_fetch_timeout_s,
-                             allowlist=settings.egress_allowlist, allow_http=settings.allow_http)
+        return guarded_fetch(
+            src,
+            max_bytes=limit,
+            total_timeout=settings.image_fetch_timeout_s,
+            allowlist=settings.egress_allowlist,
+            allow_http=settings.allow_http,
+        )
     except (EgressRefused, OSError, ValueError) as exc:
         raise ImageFetchFailed(f"{field}: {exc}") from None
 
@@ -95,7 +112,13 @@ def decode(request: dict[str, Any], fetched: list[tuple[str, bytes]]) -> list[In
         img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         top, left = (nh - res) // 2, (nw - res) // 2
         img = img.crop((left, top, left + res, top + res))
-        out.append(Instance(img, (h, w), (top, left),
-                            captions[i] if captions else request["instance_prompt"],
-                            hashlib.sha256(raw).hexdigest()))
+        out.append(
+            Instance(
+                img,
+                (h, w),
+                (top, left),
+                captions[i] if captions else request["instance_prompt"],
+                hashlib.sha256(raw).hexdigest(),
+            )
+        )
     return out

@@ -41,7 +41,7 @@ class Example:
 
 @dataclass
 class Trainer:
-    model: Any  # worker.pipelines.LoadedModel
+    model: Any  # worker.diffusion.pipelines.LoadedModel
     request: dict[str, Any]
     instances: list[Example]
     classes: list[Example] = field(default_factory=list)
@@ -58,13 +58,16 @@ class Trainer:
         # On CUDA: mixed precision in the loaded weights' half type (fp16 gets
         # accelerate's loss scaler), bf16 over fp32 weights where the device has it.
         half = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.model.dtype)
-        mixed = ("no" if not cuda else half or
-                 ("bf16" if torch.cuda.is_bf16_supported() else "no"))
+        mixed = "no" if not cuda else half or ("bf16" if torch.cuda.is_bf16_supported() else "no")
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=not cuda)
-        self.encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))
-                         if e is not None]
-        self._flags = {id(p): p.requires_grad for m in [pipe.unet, pipe.vae, *self.encoders]
-                       for p in m.parameters()}
+        self.encoders = [
+            e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None
+        ]
+        self._flags = {
+            id(p): p.requires_grad
+            for m in [pipe.unet, pipe.vae, *self.encoders]
+            for p in m.parameters()
+        }
         self._edm()
         self._add_lora()
         if cuda:  # activations recomputed in the backward pass: memory for time
@@ -78,8 +81,9 @@ class Trainer:
         config = self.model.base_scheduler_config
         # Playground v2.5's own scheduler config is an EDM one; a model whose default
         # scheduler is an EDM one trains the EDM way too.
-        self.edm = ("EDM" in str(config.get("_class_name", ""))
-                    or self.model.spec.scheduler.startswith("edm_"))
+        self.edm = "EDM" in str(
+            config.get("_class_name", "")
+        ) or self.model.spec.scheduler.startswith("edm_")
         self.noise: Any
         if self.edm:
             self.noise = EDMEulerScheduler(sigma_data=config.get("sigma_data", 0.5))
@@ -94,9 +98,15 @@ class Trainer:
         torch.manual_seed(req["seed"])  # peft's gaussian init draws from the global RNG
         for m in [pipe.unet, pipe.vae, *self.encoders]:
             m.requires_grad_(False)
-        pipe.unet.add_adapter(LoraConfig(r=req["rank"], lora_alpha=req["rank"],
-                                         init_lora_weights="gaussian",
-                                         target_modules=UNET_TARGETS), adapter_name=ADAPTER)
+        pipe.unet.add_adapter(
+            LoraConfig(
+                r=req["rank"],
+                lora_alpha=req["rank"],
+                init_lora_weights="gaussian",
+                target_modules=UNET_TARGETS,
+            ),
+            adapter_name=ADAPTER,
+        )
         groups = [{"params": self._trainable(pipe.unet), "lr": req["learning_rate"]}]
         if req["train_text_encoder"]:
             from peft import inject_adapter_in_model
@@ -104,19 +114,27 @@ class Trainer:
             for enc in self.encoders:
                 # peft directly: transformers' add_adapter wants a newer peft than
                 # diffusers does; the layers are the same.
-                inject_adapter_in_model(LoraConfig(r=req["rank"], lora_alpha=req["rank"],
-                                                   init_lora_weights="gaussian",
-                                                   target_modules=TEXT_TARGETS),
-                                        enc, adapter_name=ADAPTER)
+                inject_adapter_in_model(
+                    LoraConfig(
+                        r=req["rank"],
+                        lora_alpha=req["rank"],
+                        init_lora_weights="gaussian",
+                        target_modules=TEXT_TARGETS,
+                    ),
+                    enc,
+                    adapter_name=ADAPTER,
+                )
                 groups.append({"params": self._trainable(enc), "lr": req["text_encoder_lr"]})
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-4,
-                                           eps=1e-8)
+        self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
         from diffusers.optimization import get_scheduler
 
-        self.lr = get_scheduler(req["lr_scheduler"], optimizer=self.optimizer,
-                                num_warmup_steps=req["lr_warmup_steps"],
-                                num_training_steps=req["steps"])
+        self.lr = get_scheduler(
+            req["lr_scheduler"],
+            optimizer=self.optimizer,
+            num_warmup_steps=req["lr_warmup_steps"],
+            num_training_steps=req["steps"],
+        )
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
 
     def named_trainable(self) -> list[tuple[str, Any]]:
@@ -125,8 +143,12 @@ class Trainer:
         modules = [("unet", pipe.unet)]
         if self.request["train_text_encoder"]:
             modules += [(f"text_encoder_{i}", e) for i, e in enumerate(self.encoders)]
-        return [(f"{prefix}.{name}", p) for prefix, m in modules
-                for name, p in m.named_parameters() if p.requires_grad]
+        return [
+            (f"{prefix}.{name}", p)
+            for prefix, m in modules
+            for name, p in m.named_parameters()
+            if p.requires_grad
+        ]
 
     @staticmethod
     def _trainable(module: Any) -> list[Any]:
@@ -172,8 +194,9 @@ class Trainer:
         out: list[Example] = []
         for k in range(index * size, index * size + size):
             epoch, pos = divmod(k, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(
-                _mix(self.request["seed"], -1 - epoch))).tolist()
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(_mix(self.request["seed"], -1 - epoch))
+            ).tolist()
             out.append(self.instances[order[pos]])
         if self.classes:
             out += [self.classes[(index * size + j) % len(self.classes)] for j in range(size)]
@@ -197,17 +220,23 @@ class Trainer:
             timesteps = self.noise.timesteps[idx].to(dev)
             sigmas = self.noise.sigmas[idx].to(dev, latents.dtype).reshape(bsz, 1, 1, 1)
             noisy = latents + noise * sigmas
-            pred = unet(self.noise.precondition_inputs(noisy, sigmas),
-                        self.noise.precondition_noise(sigmas.flatten()), **cond).sample
+            pred = unet(
+                self.noise.precondition_inputs(noisy, sigmas),
+                self.noise.precondition_noise(sigmas.flatten()),
+                **cond,
+            ).sample
             pred = self.noise.precondition_outputs(noisy, pred, sigmas)
-            target, weighting = latents, (sigmas ** -2.0).float()
+            target, weighting = latents, (sigmas**-2.0).float()
         else:
             timesteps = idx.to(dev)
             noisy = self.noise.add_noise(latents, noise, timesteps)
             pred = unet(noisy, timesteps, **cond).sample
             kind = self.noise.config.prediction_type
-            target = self.noise.get_velocity(latents, noise, timesteps) \
-                if kind == "v_prediction" else noise
+            target = (
+                self.noise.get_velocity(latents, noise, timesteps)
+                if kind == "v_prediction"
+                else noise
+            )
         per = (pred.float() - target.float()) ** 2
         if weighting is not None:
             per = weighting * per
@@ -241,7 +270,8 @@ class Trainer:
         if self.sdxl:
             out["added_cond_kwargs"] = {
                 "text_embeds": torch.cat(pooled),
-                "time_ids": torch.cat([e.time_ids for e in batch]).to(self.device)}
+                "time_ids": torch.cat([e.time_ids for e in batch]).to(self.device),
+            }
         return out
 
     def encode(self, prompt: str, grad: bool) -> tuple[Any, Any]:
@@ -253,9 +283,12 @@ class Trainer:
         if not grad and prompt in cache:
             return cache[prompt]
         with torch.set_grad_enabled(grad):
-            out = self.model.pipe.encode_prompt(prompt, device=self.device,
-                                                num_images_per_prompt=1,
-                                                do_classifier_free_guidance=False)
+            out = self.model.pipe.encode_prompt(
+                prompt,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
         result = (out[0], out[2] if self.sdxl else None)
         if not grad:
             cache[prompt] = result

@@ -14,14 +14,18 @@ from producer.api.state import StateDep
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Health, operation_id="healthz",
-            summary="The process is up")
+@router.get("/healthz", response_model=Health, operation_id="healthz", summary="The process is up")
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Health, operation_id="readyz",
-            responses=refusals(503), summary="Redis reachable")
+@router.get(
+    "/readyz",
+    response_model=Health,
+    operation_id="readyz",
+    responses=refusals(503),
+    summary="Redis reachable",
+)
 def readyz(state: StateDep) -> dict[str, str]:
     try:
         state.store.redis.ping()
@@ -31,9 +35,17 @@ def readyz(state: StateDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics", operation_id="metrics", summary="Prometheus metrics",
-            response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text exposition."}})
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            "description": "Prometheus text exposition.",
+        }
+    },
+)
 def metrics(state: StateDep) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,10 +3,10 @@
 A request becomes a normal job, taken in as ``POST /v1/jobs`` takes one (key, rate
 limit, body limit, validation, ``Idempotency-Key``, admission:
 :func:`producer.api.submit.take`), then waited for and answered in OpenAI's shapes
-(:mod:`producer.api.openai_results`). Its id is in ``X-Atelier-Job-Id``; it is listed,
+(:mod:`producer.api.openai.results`). Its id is in ``X-Atelier-Job-Id``; it is listed,
 streamed and kept like any other job. Refusals are OpenAI's
-(:mod:`producer.api.openai_errors`); what each OpenAI field becomes is in
-:mod:`producer.api.openai_request` and docs/openai.md.
+(:mod:`producer.api.openai.errors`); what each OpenAI field becomes is in
+:mod:`producer.api.openai.request` and docs/openai.md.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.api.auth import AUTH_STATUSES, Auth, Caller
-from producer.api.openai_errors import OpenAIError
-from producer.api.openai_form import read_form
-from producer.api.openai_request import (
+from producer.api.openai.errors import OpenAIError
+from producer.api.openai.form import read_form
+from producer.api.openai.request import (
     Ask,
     EditFields,
     GenerationBody,
@@ -30,12 +30,12 @@ from producer.api.openai_request import (
     resolve_model,
     translate,
 )
-from producer.api.openai_results import ClientGone, final_record, images_response, stream
+from producer.api.openai.results import ClientGone, final_record, images_response, stream
 from producer.api.openapi import request_body
 from producer.api.schemas import ImagesResponse, openai_refusals
 from producer.api.state import ApiState, StateDep
 from producer.api.submit import idempotency_header, read_json, take
-from producer.errors import InvalidRequest
+from producer.core.errors import InvalidRequest
 
 router = APIRouter(prefix="/v1/images", tags=["openai"])
 
@@ -43,22 +43,29 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 MASK_STRENGTH = 1.0
 
 _ANSWERS: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The images (OpenAI's ImagesResponse); with `stream: true`, "
-                         "server-sent image events. `X-Atelier-Job-Id` names the job.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    200: {
+        "description": "The images (OpenAI's ImagesResponse); with `stream: true`, "
+        "server-sent image events. `X-Atelier-Job-Id` names the job.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
     **openai_refusals(*AUTH_STATUSES, 400, 404, 409, 413, 500, 504),
 }
 _IDEMPOTENCY = {
-    "name": "Idempotency-Key", "in": "header", "required": False,
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
     "description": "The same key and body give the same job (1-255 characters).",
-    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
 
 
 @router.post(
-    "/generations", response_model=ImagesResponse, operation_id="openai_images_generate",
-    summary="Generate images (OpenAI-compatible)", responses=_ANSWERS,
-    openapi_extra={"requestBody": request_body(GenerationBody),
-                   "parameters": [_IDEMPOTENCY]},
+    "/generations",
+    response_model=ImagesResponse,
+    operation_id="openai_images_generate",
+    summary="Generate images (OpenAI-compatible)",
+    responses=_ANSWERS,
+    openapi_extra={"requestBody": request_body(GenerationBody), "parameters": [_IDEMPOTENCY]},
 )
 async def generations(request: Request, state: StateDep, who: Auth) -> Response:
     """OpenAI's `images.generate`: a text-to-image job, waited for."""
@@ -71,10 +78,18 @@ async def generations(request: Request, state: StateDep, who: Auth) -> Response:
 
 
 @router.post(
-    "/edits", response_model=ImagesResponse, operation_id="openai_images_edit",
-    summary="Edit an image (OpenAI-compatible)", responses=_ANSWERS,
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form_schema()}}}, "parameters": [_IDEMPOTENCY]},
+    "/edits",
+    response_model=ImagesResponse,
+    operation_id="openai_images_edit",
+    summary="Edit an image (OpenAI-compatible)",
+    responses=_ANSWERS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": form_schema()}},
+        },
+        "parameters": [_IDEMPOTENCY],
+    },
 )
 async def edits(request: Request, state: StateDep, who: Auth) -> Response:
     """OpenAI's `images.edit`: img2img, or inpainting with a mask, waited for."""
@@ -91,8 +106,15 @@ async def edits(request: Request, state: StateDep, who: Auth) -> Response:
     return await _answer(request, state, who, job, ask, idem, form.fingerprint)
 
 
-async def _answer(request: Request, state: ApiState, who: Caller, job: dict[str, Any],
-                  ask: Ask, idem: str | None, fingerprint: Any) -> Response:
+async def _answer(
+    request: Request,
+    state: ApiState,
+    who: Caller,
+    job: dict[str, Any],
+    ask: Ask,
+    idem: str | None,
+    fingerprint: Any,
+) -> Response:
     try:
         taken = await anyio.to_thread.run_sync(take, state, job, idem, who, fingerprint)
     except InvalidRequest as exc:
@@ -104,8 +126,10 @@ async def _answer(request: Request, state: ApiState, who: Caller, job: dict[str,
     wait_s = state.settings.openai_wait_s
     if ask.stream:
         return StreamingResponse(
-            stream(state, record, ask, wait_s), media_type="text/event-stream",
-            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            stream(state, record, ask, wait_s),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         record = await final_record(state, record["id"], wait_s, request)
     except ClientGone:
@@ -121,9 +145,12 @@ def invalid(exc: InvalidRequest) -> OpenAIError:
     parts = []
     for f in exc.fields:
         name = param_of(f["field"])
-        parts.append(f"'{name}'" + (f" ({f['field']})" if name != f["field"] else "")
-                     + f": {f['message']}")
-    status, code = (404, "model_not_found") if exc.code == "unknown_model" else (
-        400, "invalid_value")
-    return OpenAIError(status, "Invalid " + "; ".join(parts) + ".",
-                       param_of(first) if first else None, code)
+        parts.append(
+            f"'{name}'" + (f" ({f['field']})" if name != f["field"] else "") + f": {f['message']}"
+        )
+    status, code = (
+        (404, "model_not_found") if exc.code == "unknown_model" else (400, "invalid_value")
+    )
+    return OpenAIError(
+        status, "Invalid " + "; ".join(parts) + ".", param_of(first) if first else None, code
+    )

@@ -13,9 +13,18 @@ from producer.api.state import StateDep
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("", response_model=ModelList, operation_id="list_models",
-            responses=refusals(*AUTH_STATUSES), summary="The model registry")
+@router.get(
+    "",
+    response_model=ModelList,
+    operation_id="list_models",
+    responses=refusals(*AUTH_STATUSES),
+    summary="The model registry",
+)
 def models(state: StateDep, who: Auth) -> JSONResponse:
-    return JSONResponse({"models": [spec.public() for spec in state.registry],
-                         "default_model": state.settings.default_model,
-                         "aliases": state.settings.model_aliases})
+    return JSONResponse(
+        {
+            "models": [spec.public() for spec in state.registry],
+            "default_model": state.settings.default_model,
+            "aliases": state.settings.model_aliases,
+        }
+    )

@@ -12,7 +12,12 @@ from producer.api.state import StateDep
 router = APIRouter(prefix="/v1/queues", tags=["queues"])
 
 
-@router.get("", response_model=QueueList, operation_id="list_queues",
-            responses=refusals(*AUTH_STATUSES), summary="Queue depth per model")
+@router.get(
+    "",
+    response_model=QueueList,
+    operation_id="list_queues",
+    responses=refusals(*AUTH_STATUSES),
+    summary="Queue depth per model",
+)
 def queues(state: StateDep, who: Auth) -> JSONResponse:
     return JSONResponse({"queues": state.queue_report()})

@@ -15,12 +15,18 @@ router = APIRouter(tags=["studio"], include_in_schema=False)
 
 #: Scripts, styles and API calls from this origin only. Images: data: URIs (previews),
 #: this origin (file:// outputs served by the API) and any store's presigned URLs.
-CSP = ("default-src 'self'; img-src * data: blob:; connect-src 'self'; "
-       "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
-       "frame-ancestors 'none'; form-action 'none'")
+CSP = (
+    "default-src 'self'; img-src * data: blob:; connect-src 'self'; "
+    "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'; form-action 'none'"
+)
 
-HEADERS = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
-           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def static_files() -> StaticFiles:

@@ -1,0 +1,453 @@
+"""The job contract both sides share: request, record, states, events.
+
+Light on purpose: pydantic only. The worker imports it; it never imports the worker.
+
+No ``from __future__ import annotations`` here: the TypedDicts below must see their
+``NotRequired`` fields at class creation (``__optional_keys__``), which string
+annotations hide on Python 3.11.
+"""
+
+import enum
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, NotRequired
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# pydantic reads TypedDicts (for the API's schema) only from typing_extensions before 3.12
+from typing_extensions import TypedDict
+
+MAX_SEED = 2**32 - 1
+METADATA_MAX_BYTES = 4096
+DEFAULT_STRENGTH = 0.6
+MAX_EXPIRES_IN_S = 30 * 24 * 3600
+WEBHOOK_EVENT_NAMES = ("started", "progress", "output", "completed")
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
+
+
+class Kind(enum.StrEnum):
+    """What a job does (DESIGN "Job kinds"): every kind shares the lifecycle. A record
+    written before kinds existed has none and is a ``generate`` job."""
+
+    GENERATE = "generate"
+    TRAIN = "train"
+
+
+class EventType(enum.StrEnum):
+    QUEUED = "job.queued"
+    STARTED = "job.started"
+    PROGRESS = "job.progress"
+    OUTPUT = "job.output"
+    SUCCEEDED = "job.succeeded"
+    FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
+    EXPIRED = "job.expired"
+    RETRYING = "job.retrying"
+    CHECKPOINT = "job.checkpoint"
+
+
+TERMINAL_EVENTS = frozenset(
+    {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED}
+)
+#: Which terminal event a terminal status emits.
+TERMINAL_EVENT_FOR = {
+    Status.SUCCEEDED: EventType.SUCCEEDED,
+    Status.FAILED: EventType.FAILED,
+    Status.CANCELLED: EventType.CANCELLED,
+    Status.EXPIRED: EventType.EXPIRED,
+}
+
+
+def terminal_event(record: Mapping[str, Any]) -> tuple[EventType, dict[str, Any]]:
+    """The event that announces a finished record: the record itself, and the error."""
+    data: dict[str, Any] = {"job": record}
+    if record.get("error"):
+        data["error"] = record["error"]
+    return TERMINAL_EVENT_FOR[Status(record["status"])], data
+
+
+#: Event data fields only the job's own log carries: the global stream (and so the
+#: webhooks it feeds) leaves them out. A preview is a picture of a few kB, meant for
+#: the job's watchers, not for every consumer of every job's events.
+LOG_ONLY_FIELDS = frozenset({"preview"})
+
+
+def shared_data(data: dict[str, Any]) -> dict[str, Any]:
+    """An event's data as the global stream and webhooks carry it: ``data`` itself when
+    it has no log-only field, else a copy without them."""
+    if LOG_ONLY_FIELDS.isdisjoint(data):
+        return data
+    return {k: v for k, v in data.items() if k not in LOG_ONLY_FIELDS}
+
+
+MAX_LORAS = 4
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a request: a registry name or ``storage:<key>``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=1024)
+    scale: float = Field(default=1.0, ge=-4, le=4, allow_inf_nan=False)
+
+
+MAX_CONTROLS = 2
+MAX_REFERENCES = 4
+
+
+class ControlRef(BaseModel):
+    """One ControlNet of a request: a ``[controlnets.NAME]`` entry and its control image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    image: str = Field(min_length=1)
+    scale: float = Field(default=1.0, ge=0, le=2, allow_inf_nan=False)
+    start: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    end: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    #: ``canny``: the worker derives an edge map from ``image`` (OpenCV's Canny).
+    preprocess: Literal["none", "canny"] = "none"
+
+
+class ReferenceRef(BaseModel):
+    """One IP-Adapter reference image: ``full`` (every attention layer), ``style``
+    (InstantStyle's style layer only) or ``subject`` (the layout/content layer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str = Field(min_length=1)
+    scale: float = Field(default=0.6, ge=0, le=2, allow_inf_nan=False)
+    mode: Literal["full", "subject", "style"] = "full"
+
+
+MAX_SWEEP_IMAGES = 16
+#: Sweep axes in grid order: the first one given runs along the columns, the second
+#: along the rows.
+SWEEP_AXES = ("seeds", "guidance_scale", "steps")
+
+
+class Sweep(BaseModel):
+    """A grid of generations in one job: one or two axes, every combination one image."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+    )
+    guidance_scale: list[Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+    )
+    steps: list[Annotated[int, Field(ge=1, le=150)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+    )
+
+    @field_validator("seeds", "guidance_scale", "steps")
+    @classmethod
+    def _distinct(cls, v: list[Any] | None) -> list[Any] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("must not repeat a value")
+        return v
+
+
+def sweep_cells(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid of a normalized request, row by row: each cell's seed, steps, guidance
+    and the axis values that label it. Empty for a request without a sweep."""
+    sweep = request.get("sweep")
+    if not sweep:
+        return []
+    axes = [a for a in SWEEP_AXES if sweep.get(a)]
+    cols = sweep[axes[0]]
+    rows: list[Any] = sweep[axes[1]] if len(axes) > 1 else [None]
+    cells = []
+    for y in rows:
+        for x in cols:
+            label = {axes[0]: x} if y is None else {axes[0]: x, axes[1]: y}
+            cells.append(
+                {
+                    "seed": label.get("seeds", request["seed"]),
+                    "steps": label.get("steps", request["steps"]),
+                    "guidance_scale": float(label.get("guidance_scale", request["guidance_scale"])),
+                    "label": label,
+                }
+            )
+    return cells
+
+
+def denoise_steps(request: dict[str, Any]) -> int:
+    """Denoising steps the whole job runs (img2img runs int(steps × strength) of them)."""
+
+    def one(steps: int) -> int:
+        return int(steps * request["strength"]) if request.get("image") else steps
+
+    cells = sweep_cells(request)
+    if cells:
+        return sum(one(c["steps"]) for c in cells)
+    return one(request["steps"])
+
+
+class JobRequest(BaseModel):
+    """What a producer submits. Fields the model decides are ``None`` until normalized."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    model: str | None = None
+    width: int | None = Field(default=None, ge=64, multiple_of=8)
+    height: int | None = Field(default=None, ge=64, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
+    scheduler: str | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int = Field(default=1, ge=1, le=8)
+    image: str | None = None
+    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = Field(default=90, ge=1, le=100)
+    webhook: str | None = None
+    webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
+        default_factory=lambda: ["completed"]  # type: ignore[arg-type]
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(default=5, ge=0, le=9)
+    timeout_s: int | None = Field(default=None, ge=1)
+    expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
+    #: Inpainting: white pixels of the mask are repainted, black ones kept.
+    mask: str | None = None
+    #: LoRA adapters applied for this job only, in order.
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    #: A parameter grid: every combination is one image, plus a labelled contact sheet.
+    sweep: Sweep | None = None
+    #: Live previews: the job's ``job.progress`` events carry a small WebP of the
+    #: predicted clean image (DESIGN "Previews").
+    preview: bool = Field(
+        default=False,
+        description=(
+            "Live previews: job.progress events carry `preview`, a data:image/webp;base64 "
+            "picture of the predicted clean image (at most PREVIEW_MAX_SIDE px, one per "
+            "PREVIEW_INTERVAL_S), in the job's own event stream only."
+        ),
+    )
+    #: ControlNets steering the layout by images (edges, depth, pose), combined.
+    control: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS)
+    #: IP-Adapter image prompts: a subject or a style carried into the picture.
+    references: list[ReferenceRef] = Field(default_factory=list, max_length=MAX_REFERENCES)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("must not repeat an event")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be plain JSON ({exc})") from None
+        if size > METADATA_MAX_BYTES:
+            raise ValueError(f"is {size} bytes as JSON; the limit is {METADATA_MAX_BYTES}")
+        return v
+
+
+# -- the record, its outputs, its events ---------------------------------------------
+# Typed once here; new_record, the worker's outputs and the API's response models use
+# these, so the wire cannot drift. TypedDicts, not models: the store and the wire carry
+# plain JSON, and the JSON on the wire is exactly these dicts.
+
+
+class Progress(TypedDict):
+    step: int
+    total: int
+
+
+class ErrorInfo(TypedDict):
+    code: str
+    message: str
+
+
+class OutputFlags(TypedDict, total=False):
+    """What an output may add: the safety checker's verdict, a sweep cell's values."""
+
+    nsfw: Annotated[bool, Field(description="set when a safety checker ran")]
+    blurred: bool
+    withheld: bool
+    sweep: Annotated[dict[str, Any], Field(description="a sweep cell's values")]
+    contact_sheet: bool
+    adapter: Annotated[bool, Field(description="a training's adapter.safetensors")]
+
+
+class Output(OutputFlags):
+    """A stored image. ``key``, ``url``, ``content_type`` and ``sha256`` are null for a
+    withheld one."""
+
+    index: int
+    key: str | None
+    url: str | None
+    seed: Annotated[int | None, Field(description="null for a sweep's contact sheet")]
+    width: int
+    height: int
+    content_type: str | None
+    bytes: int
+    sha256: str | None
+
+
+class _RecordFields(TypedDict):
+    id: str
+    kind: Kind
+    status: Status
+    request: dict[str, Any]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    expires_at: str | None
+    attempts: int
+    worker: str | None
+    progress: Progress
+    outputs: list[Output]
+    error: ErrorInfo | None
+    timings: dict[str, int]
+    metadata: dict[str, Any]
+
+
+class Record(_RecordFields):
+    """A job as the store keeps it (DESIGN "Job record and states")."""
+
+    #: The API key (its id, never the key) that submitted the job; None from the
+    #: Python client. Only that key sees the job through the HTTP API.
+    owner: str | None
+
+
+class RecordView(_RecordFields):
+    """A job as the HTTP API shows it: the record less its owner, with its place in the
+    queue and its webhook deliveries."""
+
+    position: NotRequired[
+        Annotated[
+            int | None,
+            Field(description="While queued: how many jobs of the same model run before it."),
+        ]
+    ]
+    webhook_deliveries: Annotated[
+        list[dict[str, Any]], Field(description="Webhook delivery attempts, oldest first.")
+    ]
+
+
+class Event(TypedDict):
+    """One entry of a job's event stream (``atelier:events:<id>``), as SSE, webhooks and
+    ``JobStore.events`` give it."""
+
+    id: str
+    type: EventType
+    job_id: str
+    ts: str
+    data: dict[str, Any]
+
+
+#: The request fields that decide the pixels: what a PNG's ``atelier`` chunk records.
+#: Delivery fields (webhook, priority, timeout, expiry, metadata) and the input images
+#: stay out, so two jobs that generate the same picture give the same bytes.
+GENERATION_PARAMS = (
+    "model",
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "seed",
+    "num_images",
+    "strength",
+    "loras",
+    "sweep",
+    "control",
+    "references",
+)
+
+
+def generation_params(request: dict[str, Any]) -> dict[str, Any]:
+    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
+    control and reference entries without their images (input images stay out)."""
+    out = {k: request[k] for k in GENERATION_PARAMS if k in request}
+    for key in ("control", "references"):
+        if key in out:
+            out[key] = [{k: v for k, v in e.items() if k != "image"} for e in out[key]]
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def is_expired(record: Mapping[str, Any], now: datetime | None = None) -> bool:
+    """Past the record's ``expires_at`` (a queued job that ran out of time to start)."""
+    if not record.get("expires_at"):
+        return False
+    return (now or datetime.now(UTC)) >= parse_iso(record["expires_at"])
+
+
+def new_record(
+    job_id: str,
+    request: dict[str, Any],
+    created_at: str,
+    owner: str | None = None,
+    kind: Kind = Kind.GENERATE,
+) -> Record:
+    expires_at = None
+    if request.get("expires_in_s"):
+        ts = parse_iso(created_at).timestamp() + request["expires_in_s"]
+        expires_at = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+        expires_at = expires_at.replace("+00:00", "Z")
+    return {
+        "id": job_id,
+        "kind": kind,
+        "status": Status.QUEUED,
+        "request": request,
+        "created_at": created_at,
+        "started_at": None,
+        "finished_at": None,
+        "expires_at": expires_at,
+        "attempts": 0,
+        "worker": None,
+        "progress": {
+            "step": 0,
+            "total": (request["steps"] if kind == Kind.TRAIN else denoise_steps(request)),
+        },
+        "outputs": [],
+        "error": None,
+        "timings": {},
+        "metadata": request.get("metadata", {}),
+        "owner": owner,
+    }

@@ -1,0 +1,504 @@
+"""The model registry: which models exist and the limits and defaults of each.
+
+Pure data, read from ``producer/core/models.toml`` plus the file ``ATELIER_MODELS_FILE``
+names. The producer validates requests against it; the worker loads pipelines from it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from producer.core import keys as K
+
+#: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
+#: model at all, a stand-in that sleeps ``gpu_ms`` per image (the GIL released, as a GPU
+#: kernel would) and returns a fixed picture; the benchmarks use it to measure
+#: everything around the GPU.
+PIPELINES = ("sdxl", "sd15", "flux", "simulated")
+#: Families of real models (what a LoRA adapter can be made for).
+MODEL_FAMILIES = ("sdxl", "sd15", "flux")
+#: Families whose models can train (DreamBooth LoRA: ``POST /v1/trainings``).
+TRAINABLE_PIPELINES = ("sdxl", "sd15")
+#: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
+OPTION_PIPELINES = ("sdxl",)
+#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's:
+#: XLabs' layout, through diffusers' FluxIPAdapterMixin).
+CONTROLNET_PIPELINES = ("sdxl", "sd15", "flux")
+IP_ADAPTER_PIPELINES = ("sdxl", "sd15", "flux")
+#: Families whose references take the ``style`` and ``subject`` modes: InstantStyle's
+#: layers are UNet attention layers, which Flux's transformer does not have.
+REFERENCE_MODE_PIPELINES = ("sdxl", "sd15")
+SCHEDULERS = (
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "ddim",
+    "unipc",
+    "edm_dpmpp_2m",
+    "edm_euler",
+    "flow_euler",
+)
+#: Flow-matching models take flow-matching schedulers only, and only they do.
+FLOW_SCHEDULERS = ("flow_euler",)
+FLOW_PIPELINES = ("flux",)
+#: Families whose CLIP prompts take (word:1.3) weighting and more than 77 tokens here.
+WEIGHTING_PIPELINES = ("sdxl", "sd15")
+DTYPES = ("fp16", "bf16", "fp32")
+
+#: torch.compile modes a worker may use. The CUDA-graph modes (``reduce-overhead``,
+#: ``max-autotune``) are left out: CUDA graphs are recorded per thread, and the worker
+#: warms up on its main thread and runs jobs on its pool's threads.
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How the worker sets a pipeline up for speed or for a small card
+    (``[models.NAME.options]``). Every option defaults to stock diffusers behaviour."""
+
+    #: Attention kernel: ``sdpa`` (torch's scaled_dot_product_attention, flash or
+    #: memory-efficient kernels on CUDA) or ``eager`` (plain matmul + softmax).
+    attention: str = "sdpa"
+    #: UNet and VAE weights and activations in channels-last memory format.
+    channels_last: bool = False
+    #: Fuse the q, k, v projections of every attention block into one matmul.
+    fuse_qkv: bool = False
+    #: torch.compile the UNet with this mode; the warm-up compiles it before the
+    #: worker takes a job.
+    compile: str = "off"
+    #: torch.compile backend: ``inductor`` on a GPU; ``eager`` / ``aot_eager`` trace
+    #: the model without generating kernels (tests, debugging graph breaks).
+    compile_backend: str = "inductor"
+    #: Refuse graph breaks in the compiled UNet.
+    compile_fullgraph: bool = False
+    #: Decode with the VAE upcast to fp32 when the model runs in fp16 (the stock SDXL
+    #: VAE overflows in fp16). None: the VAE config's ``force_upcast``. ``false`` with
+    #: a fp16-fixed VAE (``vae_source``) decodes in fp16.
+    vae_upcast: bool | None = None
+    #: Keep each model on the CPU until it runs (accelerate hooks): less GPU memory,
+    #: slower. CUDA only.
+    cpu_offload: bool = False
+    #: Decode the VAE in tiles (large images on small cards).
+    vae_tiling: bool = False
+    #: Decode the VAE one image at a time.
+    vae_slicing: bool = False
+    #: Attention in slices: ``off``, ``auto`` (half a head), ``max`` (one slice per
+    #: step), or a slice size. Replaces SDPA: for small cards only.
+    attention_slicing: str | int = "off"
+
+    def active(self) -> dict[str, Any]:
+        """The options that differ from stock diffusers (for logs and manifests)."""
+        default = PipelineOptions()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
+_OPTION_KINDS: dict[str, type | tuple[type, ...]] = {
+    "attention": str,
+    "channels_last": bool,
+    "fuse_qkv": bool,
+    "compile": str,
+    "compile_backend": str,
+    "compile_fullgraph": bool,
+    "vae_upcast": bool,
+    "cpu_offload": bool,
+    "vae_tiling": bool,
+    "vae_slicing": bool,
+    "attention_slicing": (str, int),
+}
+
+
+def _options(name: str, raw: Any, origin: str) -> PipelineOptions:
+    where = f"{origin}: model {name!r}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: options must be a table")
+    unknown = sorted(set(raw) - set(_OPTION_KINDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown options {unknown}; known: {sorted(_OPTION_KINDS)}")
+    problems = []
+    for key, value in raw.items():
+        kind = _OPTION_KINDS[key]
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            names = (
+                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            )
+            problems.append(f"options.{key} must be a {names}, not {value!r}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    opts = PipelineOptions(**raw)
+    if opts.attention not in ATTENTION:
+        problems.append(f"options.attention must be one of {ATTENTION}")
+    if opts.compile not in COMPILE_MODES:
+        problems.append(f"options.compile must be one of {COMPILE_MODES}")
+    if not opts.compile_backend:
+        problems.append("options.compile_backend must not be empty")
+    slicing = opts.attention_slicing
+    if isinstance(slicing, str) and slicing not in ("off", "auto", "max"):
+        problems.append("options.attention_slicing must be off, auto, max or a positive int")
+    if isinstance(slicing, int) and slicing < 1:
+        problems.append("options.attention_slicing must be off, auto, max or a positive int")
+    if opts.fuse_qkv and opts.attention != "sdpa":
+        problems.append('options.fuse_qkv needs attention = "sdpa" (its fused processor uses SDPA)')
+    if opts.fuse_qkv and slicing != "off":
+        problems.append(
+            "options.fuse_qkv and options.attention_slicing exclude each other "
+            "(slicing replaces the fused attention processors)"
+        )
+    if opts.cpu_offload and opts.compile != "off":
+        problems.append(
+            "options.cpu_offload and options.compile exclude each other "
+            "(offload hooks move weights between devices under the compiled graph)"
+        )
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return opts
+
+
+@dataclass(frozen=True)
+class IpAdapterSpec:
+    """A model's IP-Adapter (``[models.NAME.ip_adapter]``): what ``load_ip_adapter``
+    reads. ``source`` a hub repo, a local folder, or ``builtin:NAME``; ``weight_name``
+    a .safetensors file in ``subfolder``; ``image_encoder`` the CLIP vision tower's
+    folder in ``source`` (relative to ``subfolder`` unless it holds a ``/``, as
+    diffusers reads it). ``image_encoder_source`` (Flux models only, whose adapters
+    ship without an encoder): the tower's own hub repo or folder instead."""
+
+    source: str
+    weight_name: str
+    subfolder: str = ""
+    image_encoder: str = "image_encoder"
+    revision: str | None = None
+    image_encoder_source: str | None = None
+
+
+def _ip_adapter(name: str, raw: Any, origin: str, family: str) -> IpAdapterSpec:
+    where = f"{origin}: model {name!r}: ip_adapter"
+    if family not in IP_ADAPTER_PIPELINES:
+        raise ValueError(f"{where} applies to {', '.join(IP_ADAPTER_PIPELINES)} only")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a table")
+    known = {f.name for f in fields(IpAdapterSpec)}
+    if set(raw) - known:
+        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
+    if any(not isinstance(v, str) for v in raw.values()) or not {"source", "weight_name"} <= set(
+        raw
+    ):
+        raise ValueError(
+            f"{where} needs string source and weight_name (and string "
+            "subfolder, image_encoder, image_encoder_source, revision if given)"
+        )
+    if not raw["weight_name"].endswith(".safetensors"):
+        raise ValueError(f"{where}: weight_name must be a .safetensors file")
+    if "image_encoder_source" in raw and (family != "flux" or "image_encoder" in raw):
+        raise ValueError(
+            f"{where}: image_encoder_source is for flux models, in place of "
+            "image_encoder (a folder of source)"
+        )
+    return IpAdapterSpec(**raw)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str
+    pipeline: str = "sdxl"
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "fp16"
+    scheduler: str = "euler"
+    schedulers: tuple[str, ...] = ("euler",)
+    steps: int = 30
+    guidance_scale: float = 5.0
+    width: int = 1024
+    height: int = 1024
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048
+    vae_source: str | None = None
+    #: Classifier-free guidance: false for guidance-distilled models (FLUX.1-schnell),
+    #: which then refuse negative_prompt and any guidance_scale but 0.
+    cfg: bool = True
+    #: Width and height must be multiples of this (16 for Flux: 8× VAE, 2×2 patches).
+    size_multiple: int = 8
+    #: When the worker runs a safety checker: ``blur``, ``withhold`` or ``off`` for this
+    #: model; unset follows ATELIER_SAFETY_ACTION.
+    safety_action: str | None = None
+    #: Speed and memory options of the pipeline (``sdxl`` pipelines).
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+    #: ``simulated`` only: milliseconds the stand-in GPU spends per image.
+    gpu_ms: float = 0.0
+    #: The IP-Adapter a request's ``references`` use; None: the model takes none.
+    ip_adapter: IpAdapterSpec | None = None
+
+    def public(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` and ``atelier models`` show."""
+        return {
+            "name": self.name,
+            "pipeline": self.pipeline,
+            "source": self.source,
+            "revision": self.revision,
+            "defaults": {
+                "width": self.width,
+                "height": self.height,
+                "steps": self.steps,
+                "guidance_scale": self.guidance_scale,
+                "scheduler": self.scheduler,
+            },
+            "limits": {"max_side": self.max_side, "max_pixels": self.max_pixels},
+            "schedulers": list(self.schedulers),
+            "cfg": self.cfg,
+            "size_multiple": self.size_multiple,
+            "references": self.ip_adapter is not None,
+        }
+
+
+#: The TOML type each key must have (TOML has no null: optional keys are left out).
+_KINDS: dict[str, type | tuple[type, ...]] = {
+    "source": str,
+    "pipeline": str,
+    "revision": str,
+    "variant": str,
+    "dtype": str,
+    "scheduler": str,
+    "schedulers": list,
+    "steps": int,
+    "guidance_scale": (int, float),
+    "width": int,
+    "height": int,
+    "max_side": int,
+    "max_pixels": int,
+    "vae_source": str,
+    "cfg": bool,
+    "size_multiple": int,
+    "safety_action": str,
+    "options": dict,
+    "gpu_ms": (int, float),
+    "ip_adapter": dict,
+}
+
+
+def _typed(key: str, value: Any) -> bool:
+    """Whether ``value`` has the type ``key`` needs (a bool is not a number here)."""
+    if key == "schedulers":
+        return isinstance(value, list) and all(isinstance(x, str) for x in value)
+    if key == "cfg":
+        return isinstance(value, bool)
+    return not isinstance(value, bool) and isinstance(value, _KINDS.get(key, object))
+
+
+def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The typed values of a model's raw table: floats as floats, the nested tables as
+    their dataclasses."""
+    if "guidance_scale" in raw:
+        raw = {**raw, "guidance_scale": float(raw["guidance_scale"])}
+    if "gpu_ms" in raw:
+        raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
+    if "options" in raw:
+        raw = {**raw, "options": _options(name, raw["options"], origin)}
+    if "ip_adapter" in raw:
+        raw = {
+            **raw,
+            "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin, raw.get("pipeline", "sdxl")),
+        }
+    return raw
+
+
+def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
+    known = {f.name for f in fields(ModelSpec)} - {"name"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{origin}: model {name!r} has unknown keys {sorted(unknown)}")
+    if "source" not in raw:
+        raise ValueError(f"{origin}: model {name!r} needs a source")
+    wrong = sorted(k for k, v in raw.items() if not _typed(k, v))
+    if wrong:
+        raise ValueError(f"{origin}: model {name!r} has values of the wrong type for {wrong}")
+    raw = _converted(name, raw, origin)
+    spec = ModelSpec(
+        name=name,
+        **{
+            **raw,
+            "schedulers": tuple(raw.get("schedulers", ())) or (raw.get("scheduler", "euler"),),
+        },
+    )
+    problems = []
+    if spec.pipeline not in PIPELINES:
+        problems.append(f"pipeline must be one of {PIPELINES}")
+    if spec.dtype not in DTYPES:
+        problems.append(f"dtype must be one of {DTYPES}")
+    for s in spec.schedulers:
+        if s not in SCHEDULERS:
+            problems.append(f"scheduler {s!r} is not one of {SCHEDULERS}")
+    if spec.scheduler not in spec.schedulers:
+        problems.append("scheduler must be among schedulers")
+    flow = spec.pipeline in FLOW_PIPELINES
+    for s in spec.schedulers:
+        if (s in FLOW_SCHEDULERS) != flow:
+            problems.append(f"scheduler {s!r} does not fit a {spec.pipeline} model")
+    if spec.safety_action not in (None, "blur", "withhold", "off"):
+        problems.append("safety_action must be blur, withhold or off")
+    if spec.size_multiple not in (8, 16, 32, 64):
+        problems.append("size_multiple must be 8, 16, 32 or 64")
+    for side in (spec.width, spec.height):
+        if side % spec.size_multiple or not 64 <= side <= spec.max_side:
+            problems.append(
+                f"width and height must be multiples of {spec.size_multiple} within 64..max_side"
+            )
+    if spec.width * spec.height > spec.max_pixels:
+        problems.append("width × height exceeds max_pixels")
+    if not 1 <= spec.steps <= 150:
+        problems.append("steps must be 1..150")
+    if not 0 <= spec.guidance_scale <= 30:
+        problems.append("guidance_scale must be 0..30")
+    if not spec.cfg and spec.guidance_scale != 0:
+        problems.append("guidance_scale must be 0 when cfg is false")
+    if spec.pipeline == "simulated":
+        if not spec.source.startswith("builtin:simulated"):
+            problems.append('a simulated pipeline needs source = "builtin:simulated"')
+        if not 0 <= spec.gpu_ms <= 600_000:
+            problems.append("gpu_ms must be 0..600000")
+    elif "gpu_ms" in raw:
+        problems.append("gpu_ms applies to simulated pipelines only")
+    if "options" in raw and spec.pipeline not in OPTION_PIPELINES:
+        problems.append(f"options apply to {', '.join(OPTION_PIPELINES)} pipelines only")
+    if problems:
+        raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
+    return spec
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA adapter a request may name in ``loras``: a safetensors file made for one
+    pipeline family."""
+
+    name: str
+    source: str  # a .safetensors file, or builtin:NAME (built locally for tests)
+    family: str  # the pipeline family it was trained for: "sdxl", …
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family}
+
+
+def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
+    unknown = set(raw) - {"source", "family"}
+    if unknown:
+        raise ValueError(f"{origin}: lora {name!r} has unknown keys {sorted(unknown)}")
+    for key in ("source", "family"):
+        if not isinstance(raw.get(key), str):
+            raise ValueError(f"{origin}: lora {name!r} needs a string {key}")
+    if raw["family"] not in MODEL_FAMILIES:
+        raise ValueError(f"{origin}: lora {name!r}: family must be one of {MODEL_FAMILIES}")
+    src = raw["source"]
+    if not (src.startswith("builtin:") or src.endswith(".safetensors")):
+        raise ValueError(f"{origin}: lora {name!r}: source must be a .safetensors file")
+    if name.startswith("storage:"):
+        raise ValueError(f"{origin}: lora {name!r}: names starting storage: are storage keys")
+    return LoraSpec(name=name, source=src, family=raw["family"])
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet a request may name in ``control`` (``[controlnets.NAME]``)."""
+
+    name: str
+    source: str  # a hub repo id, a local folder, or builtin:NAME (built for tests)
+    family: str  # the pipeline family it was trained for
+    kind: str  # what its control image is: canny, depth, pose, …
+    revision: str | None = None
+    variant: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "kind": self.kind}
+
+
+def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
+    where = f"{origin}: controlnet {name!r}"
+    known = {"source", "family", "kind", "revision", "variant"}
+    if set(raw) - known:
+        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
+    if any(not isinstance(raw.get(k), str) for k in ("source", "family", "kind")):
+        raise ValueError(f"{where} needs a string source, family and kind")
+    if raw["family"] not in CONTROLNET_PIPELINES:
+        raise ValueError(f"{where}: family must be one of {CONTROLNET_PIPELINES}")
+    return ControlNetSpec(name=name, **raw)
+
+
+def _builtin_text() -> str:
+    return resources.files("producer.core").joinpath("models.toml").read_text()
+
+
+class Registry:
+    def __init__(
+        self,
+        specs: dict[str, ModelSpec],
+        loras: dict[str, LoraSpec] | None = None,
+        controlnets: dict[str, ControlNetSpec] | None = None,
+    ) -> None:
+        self._specs = specs
+        self._loras = loras or {}
+        self._controlnets = controlnets or {}
+
+    @classmethod
+    def load(cls, models_file: str | None = None) -> Registry:
+        base = tomllib.loads(_builtin_text())
+        raw: dict[str, dict[str, Any]] = dict(base.get("models", {}))
+        raw_loras: dict[str, dict[str, Any]] = dict(base.get("loras", {}))
+        raw_cn: dict[str, dict[str, Any]] = dict(base.get("controlnets", {}))
+        if models_file:
+            parsed = tomllib.loads(Path(models_file).read_text())
+            for name, entry in parsed.get("models", {}).items():
+                merged = {**raw.get(name, {}), **entry}
+                if isinstance(entry.get("options"), dict):  # options too, key by key
+                    merged["options"] = {**raw.get(name, {}).get("options", {}), **entry["options"]}
+                raw[name] = merged
+            for name, entry in parsed.get("loras", {}).items():
+                raw_loras[name] = {**raw_loras.get(name, {}), **entry}
+            for name, entry in parsed.get("controlnets", {}).items():
+                raw_cn[name] = {**raw_cn.get(name, {}), **entry}
+        origin = models_file or "models.toml"
+        return cls(
+            {n: _spec(n, r, origin) for n, r in raw.items()},
+            {n: _lora(n, r, origin) for n, r in raw_loras.items()},
+            {n: _controlnet(n, r, origin) for n, r in raw_cn.items()},
+        )
+
+    def controlnet(self, name: str) -> ControlNetSpec | None:
+        return self._controlnets.get(name)
+
+    def controlnet_names(self) -> list[str]:
+        return sorted(self._controlnets)
+
+    def lora(self, name: str) -> LoraSpec | None:
+        return self._loras.get(name)
+
+    def lora_names(self) -> list[str]:
+        return sorted(self._loras)
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self._specs.get(name)
+
+    def __getitem__(self, name: str) -> ModelSpec:
+        return self._specs[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def lanes(self) -> list[str]:
+        """Every queue's lane: each model's, then the trainings' of each model that can
+        train (``train.<model>``, :func:`producer.core.keys.lane`)."""
+        return [
+            *self.names(),
+            *(K.lane(s.name, "train") for s in self if s.pipeline in TRAINABLE_PIPELINES),
+        ]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._specs.values())

@@ -1,0 +1,4 @@
+"""Built-in models that need no hub: the tiny random-weight pipelines of each family
+(``tiny``), their ControlNets and IP-Adapters (``refs``), and the simulated GPU
+(``simulated``) the benchmarks and fault tests use.
+"""
