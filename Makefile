@@ -11,7 +11,7 @@ DEVICE ?=
 # loose range so GPU hosts choose their own CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo studio test lint docs typecheck install clean bench bench-gpu
+.PHONY: demo studio test lint docs typecheck install prereqs clean bench bench-gpu
 
 $(BIN)/atelier: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,14 +41,19 @@ docs: install
 # The openai npm package tests/test_openai.py drives through node (skipped only where
 # node is absent).
 NODE_DEPS := tests/node/node_modules/.package-lock.json
-$(NODE_DEPS): tests/node/package-lock.json
+$(NODE_DEPS): tests/node/package-lock.json | prereqs
 	@if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund; \
 	else echo "npm not found: tests/test_openai.py skips its node case"; fi
+
+# What the tests need from the system (redis-server, chromium, node/npm, docker-compose),
+# installed with apt-get where missing, or the one command to run printed.
+prereqs:
+	@PYTHON="$(PYTHON)" VENV="$(VENV)" scripts/prereqs.sh
 
 # Two pytest processes, one test module each at a time (--dist loadfile keeps a module's
 # fixtures in one process): much of the suite waits on leases and timeouts at the
 # settings users have, and the other process uses that time.
-test: lint docs $(NODE_DEPS)
+test: prereqs lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
