@@ -1,140 +1,61 @@
-"""The deploy files checked against the code: docker-compose.yml, the Dockerfiles and the
-Kubernetes manifests in deploy/k8s (Docker and a cluster cannot run here, so these read
-the files), and the Redis lists KEDA scales on, against a real redis-server and worker.
+"""The deploy files checked against the code and by the tools that read them:
+docker-compose.yml, the Dockerfiles and the Kubernetes manifests in deploy/k8s (Docker and
+a cluster cannot run here). docker-compose checks the compose file against the compose
+schema, kubernetes-validate the core kinds against Kubernetes' schemas, jsonschema the
+KEDA objects against KEDA's CRDs. tests/test_deploy_processes.py runs what they rely on.
 """
 
 from __future__ import annotations
 
-import itertools
+import copy
+import hashlib
 import re
-import shutil
-import signal
-import subprocess
-import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import redis
 import yaml
 
 from producer.core import keys as K
-from producer.core.redis_url import is_sentinel, parse_sentinel_url
+from producer.core.redis_url import is_sentinel
 from producer.core.settings import Settings
-from producer.jobs.broker import queue_depth
-from tests.helpers import settings_env, worker_env
-from tests.servers import ROOT, RedisServer, Worker
+from tests.deploy_files import (
+    API_DOCKERFILE,
+    COMPOSE,
+    K8S,
+    KEDA_CRDS,
+    KUBERNETES_VERSION,
+    WORKER_DOCKERFILE,
+    arg_after,
+    compose,
+    compose_config,
+    compose_or_skip,
+    config_sources,
+    container_env,
+    core_kinds,
+    deployments,
+    duration_s,
+    is_keda,
+    keda_errors,
+    kubernetes_validate,
+    manifests,
+    of_kind,
+    only_container,
+    port_of,
+    redis_target,
+    service_env,
+    services,
+    settings_from,
+    worker_deployments,
+)
+from tests.helpers import settings_env
+from tests.servers import ROOT
 
-COMPOSE = ROOT / "docker-compose.yml"
-K8S = ROOT / "deploy" / "k8s"
-API_DOCKERFILE = ROOT / "deploy" / "api.Dockerfile"
-WORKER_DOCKERFILE = ROOT / "deploy" / "worker.Dockerfile"
 #: What only the worker extra may bring in; the light image must have none of it.
 HEAVY = {"torch", "diffusers", "transformers", "accelerate", "safetensors", "peft"}
-
-
-# -- reading the files ------------------------------------------------------------------
-
-
-def compose() -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())  # resolves <<: merge keys
-    return doc
-
-
-def services() -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = compose()["services"]
-    return out
-
-
-def service_env(svc: dict[str, Any]) -> dict[str, str]:
-    env = svc.get("environment") or {}
-    if isinstance(env, list):  # ["KEY=value", …] form
-        env = dict(item.split("=", 1) for item in env)
-    return {str(k): str(v) for k, v in env.items()}
-
-
-def manifests() -> list[tuple[Path, dict[str, Any]]]:
-    out = []
-    for path in sorted(K8S.glob("*.yaml")):
-        out += [(path, d) for d in yaml.safe_load_all(path.read_text()) if d]
-    return out
-
-
-def of_kind(kind: str) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d for _, d in manifests() if d.get("kind") == kind}
-
-
-def config_sources() -> dict[tuple[str, str], dict[str, str]]:
-    """ConfigMaps and Secrets by (kind, name), their data as strings."""
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    for name, cm in of_kind("ConfigMap").items():
-        out[("ConfigMap", name)] = {k: str(v) for k, v in (cm.get("data") or {}).items()}
-    for name, secret in of_kind("Secret").items():
-        out[("Secret", name)] = {k: str(v) for k, v in (secret.get("stringData") or {}).items()}
-    return out
-
-
-def container_env(container: dict[str, Any]) -> dict[str, str]:
-    """What a container sees: envFrom sources (which must exist), then env."""
-    sources = config_sources()
-    env: dict[str, str] = {}
-    for src in container.get("envFrom") or []:
-        kind, ref = (
-            ("ConfigMap", src["configMapRef"])
-            if "configMapRef" in src
-            else ("Secret", src["secretRef"])
-        )
-        assert (kind, ref["name"]) in sources, f"{container['name']}: no {kind} {ref['name']}"
-        env.update(sources[(kind, ref["name"])])
-    for item in container.get("env") or []:
-        env[item["name"]] = str(item["value"])
-    return env
-
-
-def settings_from(env: dict[str, str]) -> Settings:
-    """The Settings a process with exactly ``env`` would build (ATELIER_* only)."""
-    values: dict[str, Any] = {
-        k.removeprefix("ATELIER_").lower(): v for k, v in env.items() if k.startswith("ATELIER_")
-    }
-    return Settings(**values)
-
-
-def deployments() -> dict[str, dict[str, Any]]:
-    return of_kind("Deployment")
-
-
-def only_container(deployment: dict[str, Any]) -> dict[str, Any]:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1
-    c: dict[str, Any] = containers[0]
-    return c
-
-
-def arg_after(argv: list[str], flag: str) -> str:
-    assert flag in argv, f"{flag} missing from {argv}"
-    return argv[argv.index(flag) + 1]
-
-
-def duration_s(text: str | int) -> float:
-    """A compose duration (``1260s``, ``21m``, ``1h2m3s``) in seconds."""
-    if isinstance(text, int):
-        return float(text)
-    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?", text.strip())
-    assert parts and any(parts.groups()), f"not a duration: {text!r}"
-    h, m, s = (int(x or 0) for x in parts.groups())
-    return float(h * 3600 + m * 60 + s)
-
-
-def port_of(container: dict[str, Any], port: int | str) -> int:
-    """A probe's or Service's port, by number or by the container port's name."""
-    if isinstance(port, int):
-        return port
-    named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
-    assert port in named, f"no container port named {port!r}"
-    return int(named[port])
 
 
 # -- settings names -----------------------------------------------------------------------
@@ -253,36 +174,6 @@ def test_compose_images_by_role() -> None:
     assert broker == service_env(svcs["worker"])["ATELIER_REDIS_URL"]
 
 
-def compose_command() -> list[str] | None:
-    """``docker compose`` (the plugin), else the standalone ``docker-compose``; neither
-    needs a Docker engine to validate a file against the compose schema."""
-    docker = shutil.which("docker")
-    if (
-        docker is not None
-        and subprocess.run(
-            [docker, "compose", "version"], capture_output=True, timeout=30
-        ).returncode
-        == 0
-    ):
-        return [docker, "compose"]
-    standalone = shutil.which("docker-compose")
-    return [standalone] if standalone else None
-
-
-def test_compose_config_validates() -> None:
-    cmd = compose_command()
-    if cmd is None:
-        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    res = subprocess.run(
-        [*cmd, "-f", str(COMPOSE), "--profile", "ops", "config", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr
-
-
 # -- images ---------------------------------------------------------------------------------
 
 
@@ -368,12 +259,6 @@ def test_k8s_metrics_ports() -> None:
         assert int(dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]) == port
 
 
-def worker_deployments() -> dict[str, dict[str, Any]]:
-    out = {n: d for n, d in deployments().items() if n.startswith("atelier-worker-")}
-    assert out, "no worker Deployment"
-    return out
-
-
 def test_k8s_workers_gpu_and_grace_period() -> None:
     for name, dep in worker_deployments().items():
         spec = dep["spec"]["template"]["spec"]
@@ -389,17 +274,6 @@ def test_k8s_workers_gpu_and_grace_period() -> None:
         assert "--host" in " ".join(c["readinessProbe"]["exec"]["command"])
         # KEDA owns the replica count: a re-apply must not reset it.
         assert "replicas" not in dep["spec"]
-
-
-def redis_target(env: dict[str, str]) -> tuple[str, int, int, str | None]:
-    """(host, port, db, password) of the broker a worker with ``env`` uses."""
-    url = settings_from(env).effective_broker_url
-    if is_sentinel(url):
-        s = parse_sentinel_url(url)
-        return s.sentinels[0][0], s.sentinels[0][1], s.db, s.password
-    parts = urlsplit(url)
-    db = int(parts.path.strip("/") or 0)
-    return parts.hostname or "", parts.port or 6379, db, parts.password
 
 
 def test_scaled_objects_sum_the_model_queue() -> None:
@@ -447,107 +321,6 @@ def test_scaled_objects_sum_the_model_queue() -> None:
                 assert secrets[ref["name"]][ref["key"]] == password
 
 
-# -- the key KEDA reads holds the queued jobs (real redis-server, real worker) ----------------
-
-KEDA_MODEL = "playground-v2.5"
-# The example model's name with tiny weights: a worker that serves the very queue the
-# manifest names, on the CPU.
-TINY_AS_KEDA_MODEL = f"""
-[models."{KEDA_MODEL}"]
-source = "builtin:tiny-sdxl"
-dtype = "fp32"
-scheduler = "euler"
-schedulers = ["euler"]
-steps = 2
-guidance_scale = 5.0
-width = 64
-height = 64
-max_side = 512
-max_pixels = 262144
-"""
-
-
-def scaled_object_lists(model: str) -> list[str]:
-    for so in of_kind("ScaledObject").values():
-        dep = deployments()[so["spec"]["scaleTargetRef"]["name"]]
-        if arg_after(only_container(dep)["command"], "--model") == model:
-            return [t["metadata"]["listName"] for t in so["spec"]["triggers"]]
-    raise AssertionError(f"no ScaledObject for {model}")
-
-
-@pytest.fixture
-def keda_stack(tmp_path: Path, models_dir: Path) -> Iterator[tuple[RedisServer, dict[str, Any]]]:
-    """A private Redis, and settings for a worker serving the example model's queue."""
-    models_file = tmp_path / "models.toml"
-    models_file.write_text(TINY_AS_KEDA_MODEL)
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield (
-            server,
-            {
-                "redis_url": server.url,
-                "storage_url": f"file://{tmp_path / 'out'}",
-                "models_file": str(models_file),
-                "models_dir": str(models_dir),
-                "default_model": KEDA_MODEL,
-                "device": "cpu",
-                "torch_threads": 1,
-            },
-        )
-    finally:
-        server.stop()
-
-
-@pytest.mark.slow
-def test_keda_lists_hold_exactly_the_queued_jobs(
-    tmp_path: Path, keda_stack: tuple[RedisServer, dict[str, Any]]
-) -> None:
-    lists = scaled_object_lists(KEDA_MODEL)
-    server, base = keda_stack
-    worker = None
-    try:
-        values = {**base, "job_timeout_s": 60, "restore_interval_s": 1}
-        settings = Settings(**values)
-        r = redis.Redis.from_url(server.url)
-
-        def lengths() -> list[int]:
-            return [int(r.llen(k)) for k in lists]
-
-        from producer import Client
-
-        priorities = [p % 10 for p in range(23)]  # every priority, some twice or thrice
-        with Client(settings) as client:
-            ids = [
-                client.submit(prompt=f"job {i}", priority=p, seed=i)
-                for i, p in enumerate(priorities)
-            ]
-            # No worker yet: every job waits in exactly one of the lists KEDA reads, the
-            # one of its priority (list i holds atelier priority 9 - i).
-            assert sum(lengths()) == len(ids) == queue_depth(r, KEDA_MODEL)
-            assert lengths() == [priorities.count(9 - i) for i in range(10)]
-            # Nothing else of the model's queue is anywhere else KEDA does not look.
-            keys: Any = r.keys(f"{K.queue_name(KEDA_MODEL)}*")
-            assert not [k for k in keys if k.decode() not in lists]
-
-            worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
-            worker.start()
-            samples = [sum(lengths())]
-            deadline = time.monotonic() + 180
-            while samples[-1] and time.monotonic() < deadline:
-                time.sleep(0.1)
-                samples.append(sum(lengths()))
-            # Taken messages leave the lists (they sit in kombu's unacked hash while the
-            # job runs): the sum drains to zero, never rising, as the worker takes them.
-            assert samples[-1] == 0, samples[-20:]
-            assert all(a >= b for a, b in itertools.pairwise(samples))
-            records = [client.wait(i, timeout=180) for i in ids]
-        assert {rec["status"] for rec in records} == {"succeeded"}
-        assert sum(lengths()) == 0 == queue_depth(r, KEDA_MODEL)
-    finally:
-        if worker is not None:
-            worker.stop()
-
-
 def test_settings_env_round_trip() -> None:
     # settings_from reads what settings_env writes: the helper above is sound.
     env = settings_env(job_timeout_s=123, worker_concurrency=3, metrics_port=9100)
@@ -555,39 +328,120 @@ def test_settings_env_round_trip() -> None:
     assert (s.job_timeout_s, s.worker_concurrency, s.metrics_port) == (123, 3, 9100)
 
 
-@pytest.mark.slow
-def test_sigterm_lets_the_running_job_finish(
-    tmp_path: Path, keda_stack: tuple[RedisServer, dict[str, Any]]
-) -> None:
-    """What the grace periods rely on: SIGTERM (compose stop, a pod's termination) lets
-    the job a worker is running finish and be stored, takes no new one, and exits."""
-    server, base = keda_stack
-    worker = None
-    try:
-        values = {**base, "job_timeout_s": 120, "worker_concurrency": 1, "progress_interval_s": 0.1}
-        settings = Settings(**values)
-        worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
-        worker.start()
-        from producer import Client
+# -- checked by the tools -------------------------------------------------------------------
 
-        with Client(settings) as client:
-            long_job = client.submit(prompt="a long one", steps=60, seed=1)
-            waiting = client.submit(prompt="waits its turn", steps=2, seed=2)
-            for event in client.events(long_job):
-                if event["type"] == "job.progress":  # generating now
-                    break
-            assert worker.proc is not None
-            worker.proc.send_signal(signal.SIGTERM)
-            assert worker.proc.wait(timeout=120) == 0
-            done = client.get(long_job)
-            assert done["status"] == "succeeded" and done["attempts"] == 1
-            assert Path(tmp_path / "out" / done["outputs"][0]["key"]).is_file()
-            # The job it had not taken is still queued, in the lists KEDA reads.
-            assert client.get(waiting)["status"] == "queued"
-            r = redis.Redis.from_url(server.url)
-            assert queue_depth(r, KEDA_MODEL) == 1
-            assert sum(int(r.llen(k)) for k in scaled_object_lists(KEDA_MODEL)) == 1
-        assert "Warm shutdown" in worker.log()
-    finally:
-        if worker is not None:
-            worker.stop()
+
+def test_compose_config_validates() -> None:
+    res = compose_config(compose_or_skip(), COMPOSE)
+    assert res.returncode == 0, res.stderr
+
+
+def test_compose_config_refuses_a_broken_copy(tmp_path: Path) -> None:
+    text = COMPOSE.read_text()
+    assert "\nservices:\n" in text
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(text.replace("\nservices:\n", "\nservices:\n  bogus:\n    imagee: x\n", 1))
+    res = compose_config(compose_or_skip(), broken)
+    assert res.returncode != 0 and "imagee" in res.stderr, res.stderr
+
+
+def test_k8s_core_kinds_validate() -> None:
+    res = kubernetes_validate(*sorted(K8S.glob("*.yaml")))
+    assert res.returncode == 0, res.stdout + res.stderr
+    version = re.escape(KUBERNETES_VERSION.rsplit(".", 1)[0])
+    passed = re.findall(
+        rf"passed for resource (\S+)/(\S+) against version {version}$", res.stdout, re.M
+    )
+    expected = [(d["kind"].lower(), d["metadata"]["name"]) for d in core_kinds()]
+    assert len(expected) >= 7 and sorted(passed) == sorted(expected), res.stdout
+    # what it has no schema for: KEDA's kinds (checked below) and kustomize's
+    unknown = set(re.findall(r"Couldn't find schema for kind (\S+)", res.stdout))
+    assert unknown <= {d["kind"] for _, d in manifests() if is_keda(d)} | {"Kustomization"}
+
+
+def _unknown_field(c: dict[str, Any]) -> None:
+    c["imagePullPolicyy"] = "Always"
+
+
+def _port_as_string(c: dict[str, Any]) -> None:
+    c["ports"][0]["containerPort"] = str(c["ports"][0]["containerPort"])
+
+
+@pytest.mark.parametrize(
+    ("break_it", "message"),
+    [(_unknown_field, "imagePullPolicyy"), (_port_as_string, "is not of type 'integer'")],
+)
+def test_kubernetes_validate_refuses_a_broken_copy(
+    tmp_path: Path, break_it: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    docs = list(yaml.safe_load_all((K8S / "api.yaml").read_text()))
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    break_it(dep["spec"]["template"]["spec"]["containers"][0])
+    broken = tmp_path / "api.yaml"
+    broken.write_text(yaml.safe_dump_all(docs))
+    res = kubernetes_validate(broken)
+    assert res.returncode != 0, res.stdout
+    assert "did not validate for resource deployment/atelier-api" in res.stdout
+    assert message in res.stdout, res.stdout
+
+
+#: The CEL rules (x-kubernetes-validations) of KEDA's CRDs, which jsonschema cannot run:
+#: each is checked by hand in test_keda_objects_validate; a new one fails it until it is.
+MIN_LE_MAX = (
+    "!has(self.minReplicaCount) || self.minReplicaCount <= (has(self.maxReplicaCount)"
+    " ? self.maxReplicaCount : 100)"
+)
+
+
+def test_keda_objects_validate() -> None:
+    keda = [(path, d) for path, d in manifests() if is_keda(d)]
+    assert {d["kind"] for _, d in keda} >= {"ScaledObject", "TriggerAuthentication"}
+    rules: list[str] = []
+    for path, doc in keda:
+        assert keda_errors(doc, rules) == [], f"{path.name}: {doc['kind']}"
+    assert set(rules) == {MIN_LE_MAX}, "KEDA's CRDs have a new CEL rule: check it here"
+    for so in of_kind("ScaledObject").values():
+        assert so["spec"].get("minReplicaCount", 0) <= so["spec"].get("maxReplicaCount", 100)
+
+
+def test_keda_crds_are_kedas() -> None:
+    """The CRD files are byte for byte the release's: their git blob ids are the ones the
+    README there lists (``git rev-parse <tag>:<path>`` in KEDA's repository)."""
+    readme = (KEDA_CRDS / "README.md").read_text()
+    crds = sorted(KEDA_CRDS.glob("*.yaml"))
+    assert len(crds) >= 2
+    for path in crds:
+        data = path.read_bytes()
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        assert f"`{blob}`" in readme and path.name in readme, path.name
+
+
+def _so(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]
+
+
+BROKEN_KEDA: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
+    ("ScaledObject", lambda d: _so(d).update(minReplicas=0), "'minReplicas' was unexpected"),
+    ("ScaledObject", lambda d: _so(d).pop("scaleTargetRef"), "'scaleTargetRef' is a required"),
+    (
+        "ScaledObject",  # trigger metadata is a map of strings
+        lambda d: _so(d)["triggers"][0]["metadata"].update(databaseIndex=0),
+        "spec.triggers.0.metadata.databaseIndex: 0 is not of type 'string'",
+    ),
+    (
+        "TriggerAuthentication",
+        lambda d: _so(d)["secretTargetRef"][0].pop("key"),
+        "spec.secretTargetRef.0: 'key' is a required property",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "break_it", "message"), BROKEN_KEDA)
+def test_keda_schemas_refuse_a_broken_copy(
+    kind: str, break_it: Callable[[dict[str, Any]], object], message: str
+) -> None:
+    doc = copy.deepcopy(next(iter(of_kind(kind).values())))
+    assert keda_errors(doc) == []
+    break_it(doc)
+    errors = keda_errors(doc)
+    assert any(message in e for e in errors), errors
