@@ -32,6 +32,7 @@ studio: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy producer worker tests bench
+	$(BIN)/lint-imports
 
 # The docs site (mkdocs.yml, docs/): strict, so a broken link fails. Built outside the tree.
 # (No -q: mkdocs then stops counting warnings, and strict lets a broken link through.)

@@ -21,7 +21,6 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
 from typing import Any
 
@@ -35,14 +34,13 @@ from producer.core.contract import Status, now_iso
 from producer.core.errors import GiveBack, JobEndedFailed
 from producer.core.logs import configure as configure_logging
 from producer.core.logs import job_context
-from producer.core.loops import run_every
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
 from producer.core.storage import storage_from_settings
-from producer.jobs import fleet
 from producer.jobs.broker import make_celery
 from producer.jobs.store import JobStore
 from worker.affinity import Pinning
+from worker.heartbeat import Heartbeat, memory
 from worker.lifecycle import GENERATE, TRAIN, Lifecycle
 
 log = logging.getLogger("atelier.worker")
@@ -125,61 +123,6 @@ def _check_redis(store: JobStore) -> None:
         )
     if aof == "no":
         log.warning("Redis appendonly is off: a Redis restart loses every queued job.")
-
-
-class Heartbeat(threading.Thread):
-    """Writes this worker's state to Redis every ``worker_heartbeat_s``; the key expires
-    after three periods, so a dead worker disappears from ``/v1/workers`` by itself.
-    Each beat also renews the leases of the jobs the worker holds (``3 ×`` the period):
-    a job's lease lives exactly as long as its worker's heartbeat, however long it runs."""
-
-    def __init__(
-        self, store: JobStore, lifecycle: Lifecycle, info: dict[str, Any], period_s: float
-    ) -> None:
-        super().__init__(name="heartbeat", daemon=True)
-        self.store, self.lifecycle, self.info, self.period_s = store, lifecycle, info, period_s
-        self.stopped = threading.Event()
-
-    def beat(self) -> None:
-        current, done = self.lifecycle.activity()
-        state = {
-            **self.info,
-            "state": "busy" if current else "idle",
-            "current_jobs": current,
-            "jobs_done": done,
-            "memory": _memory(self.info["device"]),
-            "last_seen": now_iso(),
-        }
-        fleet.beat(self.store.redis, self.info["id"], state, ttl_s=3 * self.period_s)
-        # The leases of the jobs this worker holds live as long as its heartbeat does.
-        self.store.renew(self.info["id"], current, self.lifecycle.settings.lease_ttl_s)
-
-    def run(self) -> None:
-        # Never let the thread die: the leases of every job held here live on it.
-        run_every(self.stopped, lambda: self.period_s, self.beat, "heartbeat")
-
-    def stop(self) -> None:
-        self.stopped.set()
-        try:
-            fleet.retire(self.store.redis, self.info["id"])
-        except redis.RedisError:
-            pass
-
-
-def _memory(device: str) -> dict[str, int]:
-    import resource
-
-    out = {"rss_max_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    if device.startswith("cuda"):
-        import torch
-
-        free, total = torch.cuda.mem_get_info(torch.device(device))
-        out.update(
-            gpu_allocated_bytes=int(torch.cuda.memory_allocated(torch.device(device))),
-            gpu_used_bytes=int(total - free),
-            gpu_total_bytes=int(total),
-        )
-    return out
 
 
 def _route_library_logs(log_format: str) -> None:
@@ -338,7 +281,7 @@ def _build_lifecycle(
             Training(settings, models, store, storage, device=str(device), generation=generation)
         )
     lifecycle = Lifecycle(settings, store, worker_name, works, metrics=metrics, pinning=pinning)
-    metrics.watch(lifecycle.activity, lambda: _memory(str(device)))
+    metrics.watch(lifecycle.activity, lambda: memory(str(device)))
     if settings.metrics_port:
         from producer.core.metrics import serve
 
@@ -417,6 +360,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     lanes = [*names, *(K.lane(n, TRAIN) for n in names if args.train)]
     queues = ",".join(K.queue_name(n) for n in lanes)
+    heartbeat = _start_heartbeat(settings, store, lifecycle, worker_name, names, device)
+    reconciler.start()
+    _connect_signals(settings, worker_name, queues, device, pinning)
+
+    try:
+        _consume(app, settings, worker_name, queues, args.loglevel)  # 3. Consume.
+    finally:
+        reconciler.stop()
+        heartbeat.stop()
+    return 0
+
+
+def _start_heartbeat(
+    settings: Settings,
+    store: JobStore,
+    lifecycle: Lifecycle,
+    worker_name: str,
+    names: list[str],
+    device: str,
+) -> Heartbeat:
+    """The first beat now (a failure only warned of), then one every period."""
     heartbeat = Heartbeat(
         store,
         lifecycle,
@@ -437,27 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as exc:
         log.warning("heartbeat failed: %s", exc)
     heartbeat.start()
-    reconciler.start()
-    _connect_signals(settings, worker_name, queues, device, pinning)
+    return heartbeat
 
-    # 3. Consume.
-    try:
-        # --quiet: no banner on stdout (a JSON log holds only JSON lines).
-        quiet = ["--quiet"] if settings.log_format == "json" else []
-        app.worker_main(
-            [
-                *quiet,
-                "worker",
-                "--pool=threads",
-                f"--concurrency={settings.worker_concurrency}",
-                f"--queues={queues}",
-                f"--hostname=atelier@{worker_name.replace(':', '-')}",
-                "--without-gossip",
-                "--without-mingle",
-                f"--loglevel={args.loglevel.upper()}",
-            ]
-        )
-    finally:
-        reconciler.stop()
-        heartbeat.stop()
-    return 0
+
+def _consume(app: Celery, settings: Settings, worker_name: str, queues: str, loglevel: str) -> None:
+    """Step 3: the Celery worker on the threads pool, until it shuts down."""
+    # --quiet: no banner on stdout (a JSON log holds only JSON lines).
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    app.worker_main(
+        [
+            *quiet,
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={queues}",
+            f"--hostname=atelier@{worker_name.replace(':', '-')}",
+            "--without-gossip",
+            "--without-mingle",
+            f"--loglevel={loglevel.upper()}",
+        ]
+    )

@@ -166,7 +166,7 @@ class WorkerMetrics:
         self, activity: Callable[[], tuple[list[str], int]], memory: Callable[[], dict[str, int]]
     ) -> None:
         """Scrape-time gauges: ``activity`` is ``Lifecycle.activity``, ``memory`` returns
-        ``gpu_*_bytes`` on CUDA (see ``worker.app._memory``)."""
+        ``gpu_*_bytes`` on CUDA (see :func:`worker.heartbeat.memory`)."""
         self.registry.register(_Gauges(self.busy, activity, memory))
 
 

@@ -1,12 +1,13 @@
 """The HTTP API: ``atelier api`` (FastAPI on uvicorn).
 
-Routes (DESIGN.md): ``POST /v1/jobs``, ``GET /v1/jobs`` (the caller's jobs, a page at
+Routes (docs/api.md): ``POST /v1/jobs``, ``GET /v1/jobs`` (the caller's jobs, a page at
 a time), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (server-sent events),
 ``POST /v1/jobs/{id}/cancel``, ``GET /v1/models``, ``GET /v1/queues``,
 ``GET /v1/workers``, ``GET /v1/files/{key}`` (``file://`` outputs at signed URLs),
-``GET /healthz``, ``GET /readyz``, ``GET /metrics``, and OpenAI's
-``POST /v1/images/generations`` and ``/v1/images/edits``. Every refusal has one
-shape, ``{"error": {"code", "message", "fields"?}}``, but on the OpenAI routes OpenAI's.
+``POST /v1/trainings``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /``
+(the studio page), and OpenAI's ``POST /v1/images/generations`` and
+``/v1/images/edits``. Every refusal has one shape,
+``{"error": {"code", "message", "fields"?}}``, but on the OpenAI routes OpenAI's.
 Auth and rate limit: :mod:`producer.api.auth`; idempotency and admission:
 :mod:`producer.api.submit`.
 
@@ -28,20 +29,14 @@ The package::
     hub.py          every event stream of the process: one Redis reader fanned out to
                     capped per-stream queues, one heartbeat/check timer
     sse.py          a job's events as server-sent events (over the hub)
-    openai_*.py     the OpenAI-compatible routes: request (OpenAI's fields as a job
-                    request), form (the edit's multipart), results (the wait, the
+    openai/         the OpenAI-compatible routes' parts: request (OpenAI's fields as a
+                    job request), form (the edit's multipart), results (the wait, the
                     answers, the image events), errors (OpenAI's error shape)
-    routes/         one router per resource: jobs, images (OpenAI), models, queues,
-                    workers, files, health
+    routes/         one router per resource (each included in ``app.py``): jobs,
+                    trainings, images (OpenAI), models, queues, workers, files, health,
+                    studio (``GET /`` and ``/static/``, the files in ``static/``)
 
-Where the routes to come go (each a router in ``routes/``, included in ``app.py``):
-
-- ``routes/trainings.py``: ``POST /v1/trainings``, a job of kind ``train`` taken in
-  through :mod:`~producer.api.submit` with its own request validation; everything
-  else about it is ``/v1/jobs/{id}``.
-- ``routes/studio.py`` with ``studio/`` (static files shipped in the package):
-  ``GET /``, the studio page (the signed output URLs of ``file://`` storage are
-  ``routes/files.py``).
+This package is the top of ``producer`` but for ``cli``: nothing below it imports it.
 """
 
 from producer.api.app import create_app, main

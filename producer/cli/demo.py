@@ -7,15 +7,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from producer.cli.embedded import EmbeddedStack
-from producer.cli.main import (
+from producer.cli.common import (
     EXIT_JOB_FAILED,
     EXIT_OK,
-    _need_worker_extra,
-    _request_from_args,
     download_outputs,
     follow_with_progress,
+    need_worker_extra,
+    request_from_args,
 )
+from producer.cli.embedded import EmbeddedStack
 from producer.client import Client
 from producer.core.contract import Status
 from producer.core.settings import Settings
@@ -25,7 +25,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """One job end to end; returns the CLI's exit code."""
     from rich.console import Console
 
-    _need_worker_extra()
+    need_worker_extra()
     console = Console(stderr=True)
     with EmbeddedStack(
         args.model, args.device, "atelier-demo-", ATELIER_PROGRESS_INTERVAL_S="0.1"
@@ -37,7 +37,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _one_job(args: argparse.Namespace, settings: Settings, console: Any) -> int:
     with Client(settings) as client:
-        job_id = client.submit(_request_from_args(args))
+        job_id = client.submit(request_from_args(args))
         record = follow_with_progress(client, job_id, timeout=600)
     if record["status"] != Status.SUCCEEDED:
         console.print(f"job {job_id} ended {record['status']}: {record.get('error')}")

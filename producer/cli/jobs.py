@@ -7,12 +7,11 @@ import json
 import sys
 from typing import Any
 
+from producer.cli.common import EXIT_OK
 from producer.client import Client
 from producer.core.contract import Kind, Status
 from producer.core.settings import Settings
 from producer.jobs.joblist import DEFAULT_LIMIT
-
-EXIT_OK = 0
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:

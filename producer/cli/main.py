@@ -7,125 +7,40 @@ otherwise, 2 bad usage or a refused request, 3 a dependency unavailable, 4 no su
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from producer.cli.common import (
+    EXIT_JOB_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    add_request_args,
+    download_outputs,
+    follow_with_progress,
+    need_worker_extra,
+    print_json,
+    request_from_args,
+)
 from producer.cli.jobs import add_parser as add_jobs_parser
 from producer.client import Client
-from producer.core.contract import EXTENSIONS, EventType, Status
+from producer.core.contract import Status
 from producer.core.errors import InvalidRequest, JobNotFound, Unavailable
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
-from producer.core.storage import storage_from_settings
-
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_NOT_FOUND = 0, 1, 2, 3, 4
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
-
-
-def follow_with_progress(
-    client: Client, job_id: str, quiet: bool = False, timeout: float | None = None
-) -> dict[str, Any]:
-    """Show a progress bar fed by the job's events; return the final record."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True, quiet=quiet)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("queued", total=None)
-        for ev in client.events(job_id, timeout=timeout):
-            kind = EventType(ev["type"])
-            if kind is EventType.STARTED:
-                bar.update(task, description="generating")
-            elif kind is EventType.PROGRESS:
-                data = ev["data"]
-                if "phase" in data:  # a training: its phase and loss
-                    loss = f" loss {data['loss']:.4f}" if data.get("loss") is not None else ""
-                    bar.update(task, description=f"{data['phase']}{loss}")
-                bar.update(task, completed=data["step"], total=data["total"])
-            elif kind is EventType.OUTPUT:
-                bar.update(task, description="uploading")
-            elif kind is EventType.RETRYING:
-                bar.update(task, description=f"retrying (attempt {ev['data']['attempt']})")
-            elif kind in (
-                EventType.SUCCEEDED,
-                EventType.FAILED,
-                EventType.CANCELLED,
-                EventType.EXPIRED,
-            ):
-                total = bar.tasks[0].total or 1
-                if kind is EventType.SUCCEEDED:
-                    bar.update(task, completed=total, total=total)
-                bar.update(task, description=kind.value.removeprefix("job."))
-    return client.get(job_id)
-
-
-def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[Path]:
-    storage = storage_from_settings(settings)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    ext = EXTENSIONS[record["request"]["output_format"]]
-    for output in record["outputs"]:
-        if output.get("withheld"):  # flagged by the safety checker: nothing stored
-            continue
-        path = out_dir / f"{record['id']}-{output['index']}.{ext}"
-        path.write_bytes(storage.get(output["key"]))
-        paths.append(path)
-    return paths
-
-
-#: Request fields the CLI takes as options: name → argparse keywords.
-REQUEST_OPTIONS: dict[str, dict[str, Any]] = {
-    "model": {},
-    "negative_prompt": {},
-    "width": {"type": int},
-    "height": {"type": int},
-    "steps": {"type": int},
-    "guidance_scale": {"type": float},
-    "scheduler": {},
-    "seed": {"type": int},
-    "num_images": {"type": int},
-    "output_format": {"choices": ["png", "webp", "jpeg"]},
-    "priority": {"type": int},
-}
-
-
-def _add_request_args(p: argparse.ArgumentParser, names: Iterable[str] = REQUEST_OPTIONS) -> None:
-    p.add_argument("prompt")
-    for name in names:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, **REQUEST_OPTIONS[name])
-
-
-def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    req: dict[str, Any] = {"prompt": args.prompt}
-    for name in REQUEST_OPTIONS:
-        value = getattr(args, name, None)
-        if value is not None:
-            req[name] = value
-    return req
-
 
 # -- commands --------------------------------------------------------------------
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
-        job_id = client.submit(_request_from_args(args))
+        job_id = client.submit(request_from_args(args))
         if not args.wait:
-            _print_json({"id": job_id}) if args.json else print(job_id)
+            print_json({"id": job_id}) if args.json else print(job_id)
             return EXIT_OK
         record = follow_with_progress(client, job_id, quiet=args.json)
         return _report(settings, record, args)
@@ -137,7 +52,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
         job_id = client.train(train_cli.request_from_args(args))
         if not args.wait:
-            _print_json({"id": job_id}) if args.json else print(job_id)
+            print_json({"id": job_id}) if args.json else print(job_id)
             return EXIT_OK
         record = follow_with_progress(client, job_id, quiet=args.json)
         return _report(settings, record, args)
@@ -153,7 +68,7 @@ def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace
         else:
             paths = download_outputs(settings, record, Path(args.out))
     if args.json:
-        _print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
+        print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
     else:
         print(f"{record['id']} {record['status']}")
         if record.get("error"):
@@ -169,7 +84,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         record = client.get(args.id)
         deliveries = client.store.deliveries(args.id)
     if args.json:
-        _print_json(dict(record, webhook_deliveries=deliveries))
+        print_json(dict(record, webhook_deliveries=deliveries))
     else:
         p = record["progress"]
         print(
@@ -202,7 +117,7 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
         record = client.cancel(args.id)
-    _print_json(record) if args.json else print(f"{record['id']} {record['status']}")
+    print_json(record) if args.json else print(f"{record['id']} {record['status']}")
     return EXIT_OK
 
 
@@ -210,7 +125,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     registry = Registry.load(settings.models_file)
     models = [spec.public() for spec in registry]
     if args.json:
-        _print_json(models)
+        print_json(models)
     else:
         for m in models:
             d = m["defaults"]
@@ -232,7 +147,7 @@ def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             broker.close()
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         print(f"{'model':<18} {'kind':<8} {'depth':>6} {'queued':>6}  oldest")
         for q in report:
@@ -254,7 +169,7 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
             print(f"no live worker on {args.host}", file=sys.stderr)
             return EXIT_NOT_FOUND
     if args.json:
-        _print_json(workers)
+        print_json(workers)
     else:
         if not workers:
             print("no live workers")
@@ -283,17 +198,9 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
 
 
-def _need_worker_extra() -> None:
-    missing = [m for m in ("worker", "torch", "diffusers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(
-            f"atelier: the worker needs {', '.join(missing)}: pip install 'atelier[worker]'"
-        )
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     # The producer never imports the worker: it hands this process over to it.
-    _need_worker_extra()
+    need_worker_extra()
     argv = [sys.executable, "-m", "worker"]
     for m in args.model or []:
         argv += ["--model", m]
@@ -322,7 +229,7 @@ def cmd_studio(args: argparse.Namespace, settings: Settings) -> int:
 def _add_embedded_parsers(sub: Any) -> None:
     """demo and studio: the commands that start the embedded stack."""
     p = sub.add_parser("demo", help="run one job on a private redis-server and worker")
-    _add_request_args(p, ["steps", "seed", "width", "height"])
+    add_request_args(p, ["steps", "seed", "width", "height"])
     p.add_argument("--model", default="tiny-sdxl")
     p.add_argument("--out", default="atelier-output")
     p.add_argument("--device")
@@ -345,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedded_parsers(sub)
 
     p = sub.add_parser("submit", help="submit a job")
-    _add_request_args(p)
+    add_request_args(p)
     p.add_argument("--wait", action="store_true", help="follow it with a progress bar")
     p.add_argument("--out", help="with --wait: download the images into this folder")
     p.add_argument("--json", action="store_true")
@@ -355,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub, cmd_train)
 
+    _add_job_parsers(sub)
+    _add_process_parsers(sub)
+    return parser
+
+
+def _add_job_parsers(sub: Any) -> None:
+    """status, cancel, jobs, events; models, queues, workers: the commands that read."""
     for name, func, helptext in (
         ("status", cmd_status, "show a job"),
         ("cancel", cmd_cancel, "cancel a job"),
@@ -386,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "workers":
             p.add_argument("--host", help="only workers on this host; exit 4 if there is none")
 
+
+def _add_process_parsers(sub: Any) -> None:
+    """api, dispatcher, worker: the commands that become a long-running process."""
     p = sub.add_parser("api", help="run the HTTP API")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -400,7 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int)
     p.add_argument("--train", action="store_true", help="also run the models' trainings")
     p.set_defaults(func=cmd_worker)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

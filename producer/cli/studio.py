@@ -10,8 +10,8 @@ import signal
 import sys
 import time
 
+from producer.cli.common import need_worker_extra
 from producer.cli.embedded import EmbeddedStack, free_port
-from producer.cli.main import _need_worker_extra
 
 #: Previews every fifth of a second: a tiny model's job lasts a second or two.
 PREVIEW_INTERVAL_S = "0.2"
@@ -19,7 +19,7 @@ PREVIEW_INTERVAL_S = "0.2"
 
 def run_studio(args: argparse.Namespace) -> int:
     """Start everything, print the address, wait for Ctrl-C (or a child dying)."""
-    _need_worker_extra()
+    need_worker_extra()
     # Ctrl-C is KeyboardInterrupt even where the shell started us ignoring SIGINT (`&`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     key = "studio-" + secrets.token_urlsafe(18)

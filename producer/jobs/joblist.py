@@ -29,17 +29,15 @@ import contextlib
 import json
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import redis
 from typing_extensions import TypedDict
 
 from producer.core import keys as K
 from producer.core.contract import Kind, Status, parse_iso
 from producer.core.errors import InvalidRequest, JobNotFound
 from producer.jobs import scripts as S
-
-if TYPE_CHECKING:
-    from producer.jobs.store import JobStore
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
@@ -91,10 +89,19 @@ def check_query(
         raise InvalidRequest(bad)
 
 
+class Records(Protocol):
+    """What the list reads through: a :class:`producer.jobs.store.JobStore` (named by this
+    protocol, not imported: the store imports :func:`list_entry` from here)."""
+
+    redis: redis.Redis
+
+    def get(self, job_id: str) -> dict[str, Any]: ...
+
+
 class JobList:
     """Pages of the list, read through ``store``'s Redis."""
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: Records) -> None:
         self.store = store
         self._page = store.redis.register_script(S.LIST_PAGE)
 

@@ -1,6 +1,6 @@
 """Tiny ControlNets and IP-Adapters for the tiny models (tests, the demo).
 
-Built like the tiny pipelines (worker/builtin/tiny.py): fixed seeds, random weights, saved as
+Built like the tiny pipelines (:mod:`worker.builtin.tiny`): fixed seeds, random weights, saved as
 safetensors, and loaded through the paths real weights take: a ControlNet folder read
 by ``ControlNetModel.from_pretrained``, an IP-Adapter folder (``ip-adapter.safetensors``
 with ``image_proj.*`` and ``ip_adapter.*`` keys, as h94/IP-Adapter's files; for
@@ -11,10 +11,11 @@ vision tower) read by ``load_ip_adapter``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from worker.builtin.tiny import SEED, _save, write_folder
+from worker.builtin.common import SEED, save_pretrained, write_folder
 
 #: The file names the tiny IP-Adapters are saved under (the registry's weight_name):
 #: h94's style for the UNets, XLabs' for tiny-flux.
@@ -63,7 +64,7 @@ def build_tiny_controlnet(
         with torch.no_grad():
             for p in controlnet.parameters():
                 p.copy_(torch.randn_like(p) * 0.05)
-    return _save(controlnet, Path(dest))
+    return save_pretrained(controlnet, Path(dest))
 
 
 def build_tiny_ip_adapter(
@@ -173,12 +174,14 @@ def _cross_attention_layers(unet: Any) -> list[tuple[int, int]]:
     return out
 
 
-def ensure(name: str, root: Path) -> Path | None:
+def ensure(name: str, root: Path, ensure_base: Callable[[str, Path], Path]) -> Path | None:
     """The path of a tiny ControlNet or IP-Adapter builtin (``tiny-sdxl-controlnet``,
     ``tiny-sdxl-controlnet@2`` for another seed, ``tiny-sd15-ip-adapter``,
-    ``tiny-flux-ip-adapter``, …), built first if missing; None for another name."""
-    from worker.builtin.tiny import ensure_builtin
+    ``tiny-flux-ip-adapter``, …), built first if missing; None for another name.
 
+    ``ensure_base`` gives the tiny pipeline one is built on
+    (:func:`worker.builtin.tiny.ensure_builtin`, which calls this: handed in, not imported,
+    so neither module imports the other)."""
     stem, _, variant = name.partition("@")
     for suffix, builder, marker, seed in (
         ("-controlnet", build_tiny_controlnet, "config.json", SEED + 200),
@@ -192,7 +195,7 @@ def ensure(name: str, root: Path) -> Path | None:
             dest = root / name
             built = dest / (FLUX_IP_ADAPTER_FILE if stem == "tiny-flux-ip-adapter" else marker)
             if not built.exists():
-                base = ensure_builtin(stem.removesuffix(suffix), root)
+                base = ensure_base(stem.removesuffix(suffix), root)
                 builder(dest, base, seed + int(variant or 0))
             return dest
     return None

@@ -4,10 +4,8 @@ Tests and the demo need a model that runs on a CPU, offline, in well under a sec
 and that loads through exactly the path real checkpoints take
 (``from_pretrained(..., use_safetensors=True)``). So the project builds one from
 configs: fixed seed, fixed configs, saved as safetensors. The same torch version
-gives the same weight bytes on every machine.
-
-The tokenizer is byte-level BPE with no merges (every byte is a token), written
-from scratch because no tokenizer files can be downloaded here.
+gives the same weight bytes on every machine. (The seed, the tokenizer and the atomic
+save are in :mod:`worker.builtin.common`.)
 """
 
 from __future__ import annotations
@@ -15,42 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SEED = 20261121
-# Files whose presence means a complete build (written last, atomically renamed).
-MARKER = "model_index.json"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The GPT-2 / CLIP byte-to-unicode table: printable bytes map to themselves,
-    # the rest to code points above 255, so every byte is a visible character.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _tokenizer(max_length: int = 77):  # type: ignore[no-untyped-def]
-    from transformers import CLIPTokenizer
-
-    chars = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length), len(vocab)
+from worker.builtin.common import MARKER, SEED, byte_tokenizer, save_pretrained
 
 
 def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
@@ -65,7 +31,7 @@ def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     dest = Path(dest)
-    tokenizer, vocab_size = _tokenizer()
+    tokenizer, vocab_size = byte_tokenizer()
     # Fork the RNG so building does not disturb the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -129,35 +95,7 @@ def build_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
         unet=unet,
         scheduler=scheduler,
     )
-    return _save(pipe, dest)
-
-
-def _save(pipe: Any, dest: Path, *extra: Any) -> Path:
-    """``save_pretrained`` (safetensors) into place; ``extra`` objects (a processor
-    config) are saved beside it."""
-
-    def write(tmp: Path) -> None:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for obj in extra:
-            obj.save_pretrained(tmp)
-
-    return write_folder(dest, write)
-
-
-def write_folder(dest: Path, write: Callable[[Path], None]) -> Path:
-    """``write`` fills a temporary folder beside ``dest``, which is then renamed into
-    place: a reader never sees half a model, and a failed build leaves nothing."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        write(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return save_pretrained(pipe, dest)
 
 
 def _text_config(vocab_size: int) -> Any:
@@ -199,7 +137,7 @@ def build_tiny_sd15(dest: str | os.PathLike[str]) -> Path:
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    tokenizer, vocab_size = _tokenizer()
+    tokenizer, vocab_size = byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + 10)
         unet = UNet2DConditionModel(
@@ -231,7 +169,7 @@ def build_tiny_sd15(dest: str | os.PathLike[str]) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return _save(pipe, Path(dest))
+    return save_pretrained(pipe, Path(dest))
 
 
 def build_tiny_flux(dest: str | os.PathLike[str]) -> Path:
@@ -246,8 +184,8 @@ def build_tiny_flux(dest: str | os.PathLike[str]) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-    tokenizer, vocab_size = _tokenizer()
-    tokenizer_2, _ = _tokenizer(512)
+    tokenizer, vocab_size = byte_tokenizer()
+    tokenizer_2, _ = byte_tokenizer(512)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED + 20)
         transformer = FluxTransformer2DModel(
@@ -297,7 +235,7 @@ def build_tiny_flux(dest: str | os.PathLike[str]) -> Path:
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    return _save(pipe, Path(dest))
+    return save_pretrained(pipe, Path(dest))
 
 
 def ensure_tiny_sdxl(dest: str | os.PathLike[str]) -> Path:
@@ -384,7 +322,7 @@ def ensure_builtin(name: str, models_dir: str | os.PathLike[str]) -> Path:
         return dest
     from worker.builtin.refs import ensure as ensure_conditioning
 
-    built = ensure_conditioning(name, root)
+    built = ensure_conditioning(name, root, ensure_builtin)
     if built is not None:
         return built
     raise ValueError(f"unknown builtin {name!r}")
@@ -431,7 +369,7 @@ def build_tiny_safety_checker(
     processor = CLIPImageProcessor(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
     )
-    return _save(model, dest, processor)
+    return save_pretrained(model, dest, processor)
 
 
 def build_tiny_sdxl_edm(dest: str | os.PathLike[str]) -> Path:

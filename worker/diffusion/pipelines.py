@@ -90,7 +90,7 @@ def weight_hashes(root: Path) -> dict[str, str]:
     return out
 
 
-def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
+def dtype_kwarg(dtype: Any) -> dict[str, Any]:
     """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns, and goes in
     1.0); older releases know only ``torch_dtype``."""
     try:
@@ -190,9 +190,9 @@ def load_model(spec: ModelSpec, settings: Settings, device: str) -> LoadedModel:
     # img2img shares every module with the text-to-image pipeline: no second copy.
     # from_pipe casts the shared modules to fp32 unless told the dtype: pass it, or an
     # fp16 model would silently double its memory and slow down.
-    img2img = img2img_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
+    img2img = img2img_cls.from_pipe(pipe, **dtype_kwarg(dtype))
     img2img.set_progress_bar_config(disable=True)
-    inpaint = inpaint_cls.from_pipe(pipe, **_dtype_kwarg(dtype))
+    inpaint = inpaint_cls.from_pipe(pipe, **dtype_kwarg(dtype))
     inpaint.set_progress_bar_config(disable=True)
     if opts.cpu_offload:
         # Their own hooks on the same modules, so their calls end by offloading as well.
@@ -218,7 +218,7 @@ def _pretrained_kwargs(spec: ModelSpec, local: Path | None, dtype: Any) -> dict[
     """``from_pretrained``'s arguments: dtype, safetensors only, exact hub files."""
     from diffusers import AutoencoderKL
 
-    kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
+    kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "use_safetensors": True}
     if local is None:
         # A hub model: the revision and variant select exact files.
         if spec.revision:
@@ -231,7 +231,7 @@ def _pretrained_kwargs(spec: ModelSpec, local: Path | None, dtype: Any) -> dict[
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if spec.vae_source:
         kwargs["vae"] = AutoencoderKL.from_pretrained(
-            spec.vae_source, use_safetensors=True, **_dtype_kwarg(dtype)
+            spec.vae_source, use_safetensors=True, **dtype_kwarg(dtype)
         )
     return kwargs
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from producer.core.contract import Status, denoise_steps
+from producer.core.contract import Output, Status, denoise_steps
 from producer.core.errors import InternalError
 from producer.core.settings import Settings
 from producer.core.storage import LocalStorage, S3Storage
@@ -102,29 +102,15 @@ class Generation:
         decoded = inputs.decode(req, fetched)
 
         # 2. Generate
-        conditioned = req.get("control") or req.get("references")
-        images = generate(
-            run,
-            model,
-            decoded,
-            self.loras if req.get("loras") else None,
-            self.settings.preview_max_side,
-            self.conditioning if conditioned else None,
-        )
-        run.check_deadline()  # the VAE decode ran past it
+        images = self._generate(run, model, decoded)
 
         # 3. Check safety
         action = model.spec.safety_action or self.settings.safety_action
         verdicts = outputs.check_safety(self.safety, action, images)
         inference_ms = _ms(time.perf_counter() - t0)
 
-        # 4. Release the GPU. The deliberate oddity: with overlap (the default) the
-        #    steps below run while the other slot's job generates; the naive worker
-        #    (ATELIER_OVERLAP_POSTPROCESS=false, bench/duty_cycle.py's baseline) keeps
-        #    the GPU waiting through them, to measure what the overlap saves.
-        if self.settings.overlap_postprocess:
-            run.release_device()
-        run.stage = "post-processing"
+        # 4. Release the GPU
+        self._release_device(run)
 
         # 5. Encode and upload every image
         stored, encode_s, upload_s = outputs.store_images(
@@ -136,7 +122,48 @@ class Generation:
 
         # 6. Write the manifest
         timings = {"inference_ms": inference_ms, "encode_ms": _ms(encode_s)}
-        t2 = time.perf_counter()
+        manifest_s = self._write_manifest(run, model, decoded, verdicts, stored, timings)
+        timings["upload_ms"] = _ms(upload_s + manifest_s)
+
+        # 7. Succeed
+        return run.succeed(stored, timings, events=outputs.last_event(stored))
+
+    def _generate(self, run: Run, model: LoadedModel, decoded: inputs.Inputs) -> list[Any]:
+        """Step 2: the pipeline call (with the job's LoRAs, ControlNets and IP-Adapters),
+        progress and cancel through the run."""
+        req = run.request
+        conditioned = req.get("control") or req.get("references")
+        images = generate(
+            run,
+            model,
+            decoded,
+            self.loras if req.get("loras") else None,
+            self.settings.preview_max_side,
+            self.conditioning if conditioned else None,
+        )
+        run.check_deadline()  # the VAE decode ran past it
+        return images
+
+    def _release_device(self, run: Run) -> None:
+        """Step 4. The deliberate oddity: with overlap (the default) the steps after this
+        run while the other slot's job generates; the naive worker
+        (ATELIER_OVERLAP_POSTPROCESS=false, bench/duty_cycle.py's baseline) keeps the GPU
+        waiting through them, to measure what the overlap saves."""
+        if self.settings.overlap_postprocess:
+            run.release_device()
+        run.stage = "post-processing"
+
+    def _write_manifest(
+        self,
+        run: Run,
+        model: LoadedModel,
+        decoded: inputs.Inputs,
+        verdicts: outputs.Verdicts | None,
+        stored: list[Output],
+        timings: dict[str, int],
+    ) -> float:
+        """Step 6: ``manifest.json`` beside the images; returns the seconds it took."""
+        t0 = time.perf_counter()
         manifest = outputs.manifest(
             run,
             model_source=model.source,
@@ -152,10 +179,7 @@ class Generation:
         self.storage.put(
             self.storage.key(run.job_id, "manifest.json"), manifest, "application/json"
         )
-        timings["upload_ms"] = _ms(upload_s + time.perf_counter() - t2)
-
-        # 7. Succeed
-        return run.succeed(stored, timings, events=outputs.last_event(stored))
+        return time.perf_counter() - t0
 
 
 def _ms(seconds: float) -> int:

@@ -127,10 +127,10 @@ class ControlNets:
     def _load(self, spec: ControlNetSpec, device: str, dtype: Any) -> Any:
         import diffusers
 
-        from worker.diffusion.pipelines import _dtype_kwarg
+        from worker.diffusion.pipelines import dtype_kwarg
 
         model_cls = getattr(diffusers, CONTROLNET_MODELS[spec.family][0])
-        kwargs: dict[str, Any] = {**_dtype_kwarg(dtype), "use_safetensors": True}
+        kwargs: dict[str, Any] = {**dtype_kwarg(dtype), "use_safetensors": True}
         local = _builtin(spec.source, self.settings)
         if local is None:
             if spec.revision:
@@ -157,13 +157,13 @@ def control_pipe(model: Any, nets: list[Any], task: int) -> Any:
     import diffusers
     import diffusers.models.controlnets as controlnets
 
-    from worker.diffusion.pipelines import _dtype_kwarg
+    from worker.diffusion.pipelines import dtype_kwarg
 
     family = model.spec.pipeline
     cls = getattr(diffusers, CONTROLNET_PIPELINES[family][task])
     multi = getattr(controlnets, CONTROLNET_MODELS[family][1])
     controlnet = nets[0] if len(nets) == 1 else multi(nets)
-    pipe = cls.from_pipe(model.pipe, controlnet=controlnet, **_dtype_kwarg(model.dtype))
+    pipe = cls.from_pipe(model.pipe, controlnet=controlnet, **dtype_kwarg(model.dtype))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -64,51 +64,22 @@ class Training:
         run.stage = "training"
         t0 = time.perf_counter()
         with run.watched():
-            # 1-2. Decode, make or read the class images, encode once, add the LoRA.
+            # 1. Decode and crop the images
             instances = inputs.decode(req, fetched)
-            examples = _examples(
-                model,
-                [i.image for i in instances],
-                [i.caption for i in instances],
-                [(i.original_size, i.crop_top_left) for i in instances],
-                req["resolution"],
-            )
-            classes: list[Example] = []
-            made: dict[str, int] | None = None
-            if req["prior_preservation"]:
-                images, fresh = class_images(
-                    run, model, self.storage, self.settings.png_compress_level
-                )
-                res = req["resolution"]
-                classes = _examples(
-                    model,
-                    images,
-                    [req["class_prompt"]] * len(images),
-                    [((res, res), (0, 0))] * len(images),
-                    res,
-                )
-                made = {"made": fresh, "reused": len(images) - fresh}
-            trainer = Trainer(model, req, examples, classes)
+            # 2. Encode them once (the class images too); add the LoRA layers
+            trainer, made = self._trainer(run, model, instances)
             try:
-                # 3. Train, from the newest checkpoint of an earlier attempt if any.
+                # 3. Train, from the newest checkpoint of an earlier attempt if any
                 resumed = self._train(run, trainer)
                 train_ms = _ms(time.perf_counter() - t0)
-                # 4. The adapter, and validation images made with it.
-                adapter = outputs.adapter_bytes(trainer)
-                run.report(
-                    req["steps"],
-                    req["steps"],
-                    phase="validation",
-                    loss=trainer.losses[-1],
-                    lr=trainer.lr.get_last_lr()[0],
-                )
-                images = outputs.validation_images(run, trainer)
+                # 4. Save the adapter; make the validation images with it
+                adapter, images = self._validate(run, trainer)
             finally:
-                # 5. The base as it was, whatever happened.
+                # 5. Restore the base exactly, whatever happened
                 trainer.restore()
         run.release_device()
         run.stage = "post-processing"
-        # 6. Outputs and manifest.
+        # 6. Store the outputs and the manifest; succeed
         stored = outputs.store(
             run, self.storage, adapter, images, self.settings.png_compress_level, model.spec
         )
@@ -132,8 +103,50 @@ class Training:
         )
         return run.succeed(stored, timings)
 
+    def _trainer(
+        self, run: Run, model: LoadedModel, instances: list[inputs.Instance]
+    ) -> tuple[Trainer, dict[str, int] | None]:
+        """Step 2: the instance images (and, with prior preservation, the class images,
+        made or read back) encoded once; the trainer, its LoRA layers added to the base.
+        Also how many class images were made and reused (None without them)."""
+        req = run.request
+        examples = _examples(
+            model,
+            [i.image for i in instances],
+            [i.caption for i in instances],
+            [(i.original_size, i.crop_top_left) for i in instances],
+            req["resolution"],
+        )
+        classes: list[Example] = []
+        made: dict[str, int] | None = None
+        if req["prior_preservation"]:
+            images, fresh = class_images(run, model, self.storage, self.settings.png_compress_level)
+            res = req["resolution"]
+            classes = _examples(
+                model,
+                images,
+                [req["class_prompt"]] * len(images),
+                [((res, res), (0, 0))] * len(images),
+                res,
+            )
+            made = {"made": fresh, "reused": len(images) - fresh}
+        return Trainer(model, req, examples, classes), made
+
+    def _validate(self, run: Run, trainer: Trainer) -> tuple[bytes, list[Any]]:
+        """Step 4: the adapter's bytes, and the validation images made with it."""
+        req = run.request
+        adapter = outputs.adapter_bytes(trainer)
+        run.report(
+            req["steps"],
+            req["steps"],
+            phase="validation",
+            loss=trainer.losses[-1],
+            lr=trainer.lr.get_last_lr()[0],
+        )
+        return adapter, outputs.validation_images(run, trainer)
+
     def _train(self, run: Run, trainer: Trainer) -> int | None:
-        """The optimizer steps, checkpointed; the step resumed from (None: from 0)."""
+        """Step 3: the optimizer steps, checkpointed; the step resumed from (None: from 0)."""
         req = run.request
         resumed = checkpoints.load(run, self.storage, trainer)
         if resumed is not None:
