@@ -189,10 +189,10 @@ class Intake:
 def _stash_generation(request: GenerateRequest, stash: Callable[[str], str]) -> GenerateRequest:
     """A copy of ``request`` whose input images went through ``stash``."""
     out = cast(GenerateRequest, dict(request))
-    if request.get("image"):
-        out["image"] = stash(request["image"] or "")
-    if request.get("mask"):
-        out["mask"] = stash(request["mask"])
+    if image := request.get("image"):
+        out["image"] = stash(image)
+    if mask := request.get("mask"):
+        out["mask"] = stash(mask)
     if request.get("control"):
         out["control"] = [{**e, "image": stash(e["image"])} for e in request["control"]]
     if request.get("references"):
