@@ -115,7 +115,7 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
         Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
         for m, s in latent_dist(model, images)
     ]
-    request = {
+    request: Any = {
         "seed": 1,
         "rank": 4,
         "learning_rate": 1e-4,

@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Bench, emit, load_average, log, percentile
 from producer.api.keys import key_id
-from producer.client import new_job_id
 from producer.core import keys as K
 from producer.core.contract import Status, new_record, now_iso, terminal_event
+from producer.core.normalized import GenerateRequest
+from producer.jobs.intake import new_job_id
 from producer.jobs.joblist import JobList
 from producer.jobs.store import JobStore
 from tests.servers import api_process
@@ -84,7 +85,7 @@ def fill(url: str, owner: str, count: int) -> float:
     for start in range(0, count, BATCH):
         for i in range(start, min(count, start + BATCH)):
             model = "m-one" if i % 2 else "m-two"
-            request = {
+            request: GenerateRequest = {
                 "prompt": f"a lighthouse at dusk, number {i}",
                 "negative_prompt": "",
                 "model": model,
@@ -95,6 +96,8 @@ def fill(url: str, owner: str, count: int) -> float:
                 "scheduler": "euler",
                 "seed": i,
                 "num_images": 1,
+                "image": None,
+                "strength": None,
                 "output_format": "png",
                 "quality": 90,
                 "webhook": None,

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import secrets
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-
-from producer.core import keys as K
-from producer.core.contract import Kind, Status, new_record, now_iso
-from producer.core.errors import JobNotFound, KeyClaimed, Unavailable
-from producer.core.images import decode_data_uri
+from producer.core.contract import Kind, Status
+from producer.core.normalized import NormalizedRequest
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
-from producer.jobs.broker import make_celery, send_job
+from producer.jobs.broker import make_celery
+from producer.jobs.idempotency import IdempotencyKey
+from producer.jobs.intake import Admission, Intake, IntakeResult, new_job_id
 from producer.jobs.joblist import DEFAULT_LIMIT, JobList, JobPage
-from producer.jobs.store import Claim, JobStore
+from producer.jobs.store import JobStore
 from producer.requests.generate import validate_request
 
-
-def new_job_id() -> str:
-    """32 hex characters: milliseconds first, so ids sort by creation time."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+__all__ = ["Client", "new_job_id"]
 
 
 class Client:
@@ -39,6 +32,7 @@ class Client:
         self.store = store or JobStore.from_url(self.settings.redis_url, self.settings.result_ttl_s)
         self.celery = make_celery(self.settings, "atelier-producer")
         self.jobs = JobList(self.store)
+        self.intake = Intake(self.store, self.celery, self.settings)
 
     def submit(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
         """Validate, record and enqueue a job; return its id.
@@ -47,11 +41,7 @@ class Client:
         :class:`~producer.core.errors.Unavailable` (nothing left behind).
         """
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
-        normalized = validate_request(data, self.registry, self.settings)
-        from producer.requests.adapters import check_job_loras
-
-        check_job_loras(normalized, self.store)
-        return self.enqueue(normalized)
+        return self.take(data, Kind.GENERATE).job_id
 
     def train(self, request: dict[str, Any] | None = None, **fields: Any) -> str:
         """Validate, record and enqueue a training (DreamBooth LoRA); return its id.
@@ -59,84 +49,47 @@ class Client:
         Its adapter, once it succeeds, is ``job:<id>`` in a generation's ``loras``.
         Raises as :meth:`submit` does.
         """
-        from producer.requests.train import validate_training
-
         data: Any = request if request is not None and not fields else {**(request or {}), **fields}
-        normalized = validate_training(data, self.registry, self.settings)
-        return self.enqueue(normalized, kind=Kind.TRAIN)
+        return self.take(data, Kind.TRAIN).job_id
 
-    def enqueue(
+    def take(
         self,
-        normalized: dict[str, Any],
-        job_id: str | None = None,
+        data: Any,
+        kind: Kind,
+        *,
         owner: str | None = None,
-        claim: Claim | None = None,
-        kind: Kind = Kind.GENERATE,
-    ) -> str:
-        """Send the message, then write the record.
+        key: IdempotencyKey | None = None,
+        admission: Admission | None = None,
+        check_owner: bool = False,
+    ) -> IntakeResult:
+        """Validate ``data`` as a job of ``kind`` and create it through
+        :class:`~producer.jobs.intake.Intake`: what :meth:`submit`, :meth:`train` and the
+        HTTP API's job-making routes all call.
 
-        In this order a failure in between leaves a message without a record, which
-        the worker drops, and never a record without a message, which would stay
-        ``queued`` forever. The worker waits briefly for a record it does not see yet.
-        ``claim``, an idempotency key, is written with the record, in one step; if it
-        already exists nothing is written and :class:`KeyClaimed` is raised.
+        ``owner``: the API key's id (None: this client's jobs); with ``check_owner``, a
+        generation's ``job:`` LoRAs must be that owner's trainings. ``key`` and
+        ``admission``: see :meth:`Intake.take <producer.jobs.intake.Intake.take>`.
+        Raises :class:`~producer.core.errors.InvalidRequest` (nothing written) and what
+        ``Intake.take`` raises.
         """
-        job_id = job_id or new_job_id()
-        try:
-            normalized = self._stash_inline_image(normalized)
-        except redis.RedisError as exc:
-            raise Unavailable(f"job store unavailable: {exc}") from exc
-        record = new_record(job_id, normalized, now_iso(), owner, kind)
-        try:
-            send_job(self.celery, job_id, K.lane(normalized["model"], kind), normalized["priority"])
-        except Exception as exc:
-            raise Unavailable(f"broker unavailable: {exc}") from exc
-        try:
-            # Refused only for a taken key, or if a lost reply hid our own write.
-            out = self.store.create(record, claim)
-        except redis.RedisError as exc:
-            # The script may have run and only its reply been lost: look.
-            try:
-                self.store.load(job_id)
-                return job_id
-            except (redis.RedisError, JobNotFound):
-                raise Unavailable(f"job store unavailable: {exc}") from exc
-        if not out.ok and out.detail == "claimed":
-            # Our message finds no record and is dropped by the worker that takes it.
-            raise KeyClaimed(f"the idempotency key already names a job ({job_id} not created)")
-        return job_id
+        normalized = self.normalize(data, kind, owner, check_owner)
+        return self.intake.take(normalized, kind, owner=owner, key=key, admission=admission)
 
-    def _stash_inline_image(self, normalized: dict[str, Any]) -> dict[str, Any]:
-        """Keep ``data:`` input images (init image, mask, control and reference images)
-        beside the record, by their sha256."""
+    def normalize(
+        self, data: Any, kind: Kind, owner: str | None = None, check_owner: bool = False
+    ) -> NormalizedRequest:
+        """``data`` checked as a request of ``kind`` and normalised (nothing written)."""
+        if kind is Kind.TRAIN:
+            from producer.requests.train import validate_training
 
-        def stash(src: Any) -> Any:
-            if isinstance(src, str) and src.startswith("data:"):
-                raw = decode_data_uri(src, self.settings.max_image_bytes)
-                return f"sha256:{self.store.put_input(raw)}"
-            return src
+            return validate_training(data, self.registry, self.settings)
+        normalized = validate_request(data, self.registry, self.settings)
+        from producer.requests.adapters import check_job_loras
 
-        out = dict(normalized)
-        if isinstance(normalized.get("images"), list):  # a training's images (and zip)
-            out["images"] = [
-                self._stash_training_image(src) if src.startswith("data:") else src
-                for src in normalized["images"]
-            ]
-            return out
-        for name in ("image", "mask"):
-            if normalized.get(name):
-                out[name] = stash(normalized[name])
-        for name in ("control", "references"):
-            if normalized.get(name):
-                out[name] = [{**e, "image": stash(e["image"])} for e in normalized[name]]
-        return out
-
-    def _stash_training_image(self, src: str) -> str:
-        """``sha256:<hex>`` of an inline training image, ``sha256:<hex>.zip`` of a zip."""
-        from producer.core.train_contract import is_zip_source
-
-        digest = self.store.put_input(_inline_bytes(src, self.settings))
-        return f"sha256:{digest}" + (".zip" if is_zip_source(src) else "")
+        # loras: job:<training id>: a training that succeeded (through the API, the
+        # caller's own).
+        check_job_loras(normalized, self.store, owner, check_owner=check_owner)
+        return normalized
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self.store.get(job_id)
@@ -199,12 +152,3 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _inline_bytes(src: str, settings: Settings) -> bytes:
-    from producer.core.train_contract import is_zip_source
-    from producer.requests.train import decode_zip_uri
-
-    if is_zip_source(src):
-        return decode_zip_uri(src, settings.train_zip_max_bytes)
-    return decode_data_uri(src, settings.max_image_bytes)

@@ -61,7 +61,7 @@ class Loaded:
         pipe = (model.pipe, model.img2img, model.inpaint)[task]
         kwargs: dict[str, Any] = dict(extra)
         if control:
-            req = {"control": control}
+            req: Any = {"control": control}
             inputs = type("I", (), {"control": control_images})
             pipe, ckw = self.cond.pipeline(model, req, inputs, task)
             assert ckw == control_kwargs(control, control_images or [], task, model.spec.pipeline)

@@ -20,7 +20,7 @@ import redis
 
 from producer import Client, InvalidRequest, Settings, UnknownModel
 from producer.core import keys as K
-from producer.core.contract import MAX_SEED
+from producer.core.contract import MAX_SEED, Kind
 from producer.core.registry import Registry
 from producer.requests.generate import validate_request
 
@@ -409,7 +409,7 @@ def submit_raw(client: Client, body: Any) -> str:
     if isinstance(body, dict):
         return client.submit(body)
     normalized = validate_request(body, client.registry, client.settings)
-    return client.enqueue(normalized)
+    return client.intake.take(normalized, Kind.GENERATE).job_id
 
 
 @pytest.mark.parametrize(

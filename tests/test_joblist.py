@@ -80,7 +80,7 @@ def add_job(
     """A job written as the API and a worker would write it (through the store's
     transitions), created at ``created``; ``legacy``: a record from before kinds."""
     created_at = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    request = {"model": model, "prompt": "a lighthouse", "steps": 2, "priority": 5}
+    request: Any = {"model": model, "prompt": "a lighthouse", "steps": 2, "priority": 5}
     record: dict[str, Any] = dict(new_record(new_job_id(), request, created_at, owner, kind))
     if legacy:
         del record["kind"]

@@ -13,7 +13,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from PIL import Image
@@ -154,7 +154,7 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
     crops = [
         np.asarray(i.image, dtype=np.float32)
         for i in decode(
-            {"resolution": 64, "instance_prompt": PROMPT},
+            cast(Any, {"resolution": 64, "instance_prompt": PROMPT}),
             [(str(i), base64.b64decode(u.split(",", 1)[1])) for i, u in enumerate(SUBJECT)],
         )
     ]

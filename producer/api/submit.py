@@ -1,5 +1,7 @@
-"""Taking a job in: the body read under its size limit, the request validated, the
-``Idempotency-Key`` honoured, the model's queue admitting it, then enqueued.
+"""Taking a job in over HTTP: the body read under its size limit, then the request
+validated, the ``Idempotency-Key`` honoured, the model's queue admitting it and the job
+enqueued, all by :meth:`producer.client.Client.take` (the Python client's own path, which
+ends in :class:`producer.jobs.intake.Intake`); here, its refusals become HTTP answers.
 
 ``POST /v1/jobs`` uses all of it (:func:`submit`); the other routes that make jobs (the
 OpenAI-compatible images, trainings) take the same steps through :func:`take`.
@@ -25,14 +27,10 @@ from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view
 from producer.api.state import ApiState
-from producer.client import new_job_id
-from producer.core import keys as K
 from producer.core.contract import Kind
 from producer.core.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
-from producer.jobs.broker import queue_depth
 from producer.jobs.idempotency import IdempotencyKey
-from producer.requests.adapters import check_job_loras
-from producer.requests.generate import validate_request
+from producer.jobs.intake import Admission, QueueFull
 
 log = logging.getLogger("atelier.api")
 
@@ -98,41 +96,35 @@ def take(
     Raises :class:`~producer.core.errors.InvalidRequest` (nothing enqueued) and
     :class:`ApiError` for every other refusal.
     """
-    if kind is Kind.TRAIN:
-        from producer.requests.train import validate_training
-
-        normalized = validate_training(data, state.registry, state.settings)
-    else:
-        normalized = validate_request(data, state.registry, state.settings)
-        # loras: job:<training id>: the caller's own training that succeeded.
-        check_job_loras(normalized, state.store, who.owner, check_owner=True)
     body = data if fingerprint is None else fingerprint
     key = IdempotencyKey.of(who.owner, idem, body) if idem is not None else None
-    if key is not None and (replay := _replay(state, key)) is not None:
-        return Taken(replay, True)
-    admit(state, K.lane(normalized["model"], kind))
-    job_id = new_job_id()
-    # The key is written with the record, in one step: a replica that dies before that
-    # leaves the key free, so the client's retry creates the job.
-    claim = key.claim(job_id, state.settings.idempotency_ttl_s) if key is not None else None
+    admission = Admission(state.up.broker, state.settings.max_queue_depth)
     try:
-        state.up.client.enqueue(normalized, job_id=job_id, owner=who.owner, claim=claim, kind=kind)
+        taken = state.up.client.take(
+            data, kind, owner=who.owner, key=key, admission=admission, check_owner=True
+        )
+    except IdempotencyConflict as exc:
+        raise ApiError(409, exc.code, str(exc)) from None
+    except QueueFull as exc:
+        raise ApiError(
+            503,
+            exc.code,
+            str(exc),
+            headers={"Retry-After": str(state.settings.admission_retry_after_s)},
+        ) from None
     except KeyClaimed:
-        # A concurrent request with this key won the race: answer with its job.
-        replay = _replay(state, key) if key is not None else None
-        if replay is not None:
-            return Taken(replay, True)
+        # A concurrent request with this key is creating its job and has not written it.
         raise ApiError(
             409, "idempotency_in_progress", "a request with this Idempotency-Key is in progress"
         ) from None
+    if taken.replay is not None:
+        return Taken(taken.replay, True)
+    record = state.store.get(taken.job_id)
+    model = record["request"]["model"]
     log.info(
-        "job %s queued for %s by %s",
-        job_id,
-        normalized["model"],
-        who.owner,
-        extra={"job_id": job_id},
+        "job %s queued for %s by %s", taken.job_id, model, who.owner, extra={"job_id": taken.job_id}
     )
-    return Taken(state.store.get(job_id), False)
+    return Taken(record, False)
 
 
 def submit(
@@ -149,26 +141,3 @@ def submit(
     if taken.replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(view(state, taken.record), status_code=202, headers=headers)
-
-
-def _replay(state: ApiState, key: IdempotencyKey) -> dict[str, Any] | None:
-    """The record of the job a request's key already names, or None while it names none."""
-    try:
-        return state.store.claimed(key)
-    except IdempotencyConflict as exc:
-        raise ApiError(409, exc.code, str(exc)) from None
-
-
-def admit(state: ApiState, model: str) -> None:
-    """503 while ``model``'s queue holds ``max_queue_depth`` messages or more."""
-    limit = state.settings.max_queue_depth
-    if not limit:
-        return
-    depth = queue_depth(state.up.broker, model)
-    if depth >= limit:
-        raise ApiError(
-            503,
-            "queue_full",
-            f"the queue of {model} holds {depth} jobs (limit {limit})",
-            headers={"Retry-After": str(state.settings.admission_retry_after_s)},
-        )

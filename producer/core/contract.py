@@ -11,12 +11,14 @@ import enum
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # pydantic reads TypedDicts (for the API's schema) only from typing_extensions before 3.12
 from typing_extensions import TypedDict
+
+from producer.core.normalized import GenerateRequest, NormalizedRequest, RecordRequest
 
 MAX_SEED = 2**32 - 1
 METADATA_MAX_BYTES = 4096
@@ -167,14 +169,14 @@ class Sweep(BaseModel):
         return v
 
 
-def sweep_cells(request: dict[str, Any]) -> list[dict[str, Any]]:
+def sweep_cells(request: GenerateRequest) -> list[dict[str, Any]]:
     """The grid of a normalized request, row by row: each cell's seed, steps, guidance
     and the axis values that label it. Empty for a request without a sweep."""
-    sweep = request.get("sweep")
+    sweep: Mapping[str, Any] = request.get("sweep") or {}
     if not sweep:
         return []
     axes = [a for a in SWEEP_AXES if sweep.get(a)]
-    cols = sweep[axes[0]]
+    cols: list[Any] = sweep[axes[0]]
     rows: list[Any] = sweep[axes[1]] if len(axes) > 1 else [None]
     cells = []
     for y in rows:
@@ -191,11 +193,11 @@ def sweep_cells(request: dict[str, Any]) -> list[dict[str, Any]]:
     return cells
 
 
-def denoise_steps(request: dict[str, Any]) -> int:
+def denoise_steps(request: GenerateRequest) -> int:
     """Denoising steps the whole job runs (img2img runs int(steps × strength) of them)."""
 
     def one(steps: int) -> int:
-        return int(steps * request["strength"]) if request.get("image") else steps
+        return int(steps * (request["strength"] or 0)) if request.get("image") else steps
 
     cells = sweep_cells(request)
     if cells:
@@ -323,7 +325,7 @@ class _RecordFields(TypedDict):
     id: str
     kind: Kind
     status: Status
-    request: dict[str, Any]
+    request: RecordRequest
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -420,14 +422,14 @@ def is_expired(record: Mapping[str, Any], now: datetime | None = None) -> bool:
 
 def new_record(
     job_id: str,
-    request: dict[str, Any],
+    request: NormalizedRequest,
     created_at: str,
     owner: str | None = None,
     kind: Kind = Kind.GENERATE,
 ) -> Record:
     expires_at = None
-    if request.get("expires_in_s"):
-        ts = parse_iso(created_at).timestamp() + request["expires_in_s"]
+    if expires_in_s := request.get("expires_in_s"):
+        ts = parse_iso(created_at).timestamp() + expires_in_s
         expires_at = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
         expires_at = expires_at.replace("+00:00", "Z")
     return {
@@ -443,7 +445,7 @@ def new_record(
         "worker": None,
         "progress": {
             "step": 0,
-            "total": (request["steps"] if kind == Kind.TRAIN else denoise_steps(request)),
+            "total": request["steps"] if kind == Kind.TRAIN else denoise_steps(cast(Any, request)),
         },
         "outputs": [],
         "error": None,

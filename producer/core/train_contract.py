@@ -9,6 +9,8 @@ entries are never extracted to paths, only read, each bounded, into memory.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import zipfile
 from typing import Any, Literal
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from producer.core.contract import MAX_EXPIRES_IN_S, MAX_SEED, JobRequest
 from producer.core.registry import TRAINABLE_PIPELINES
 
-__all__ = ["TRAINABLE_PIPELINES", "TrainRequest", "is_zip_source", "read_zip"]
+__all__ = ["TRAINABLE_PIPELINES", "TrainRequest", "decode_zip_uri", "is_zip_source", "read_zip"]
 
 #: Instance images a training takes (a zip's entries count).
 MAX_TRAIN_IMAGES = 64
@@ -85,6 +87,19 @@ def is_zip_source(src: str) -> bool:
     if src.startswith("data:"):
         return src[5:].lower().startswith(("application/zip", "application/x-zip"))
     return src.split("?", 1)[0].lower().endswith(".zip")
+
+
+def decode_zip_uri(value: str, max_bytes: int) -> bytes:
+    """Bytes of a ``data:application/zip;base64,`` URI; ValueError says what is wrong."""
+    head, sep, payload = value.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise ValueError("must be a data:application/zip;base64,... URI")
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ValueError(f"is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
 
 
 def read_zip(

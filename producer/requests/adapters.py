@@ -10,11 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from producer.core.errors import InvalidRequest, JobNotFound
+from producer.core.normalized import GenerateRequest
 from producer.jobs.store import JobStore
 
 
 def check_job_loras(
-    normalized: dict[str, Any], store: JobStore, owner: str | None = None, check_owner: bool = False
+    normalized: GenerateRequest,
+    store: JobStore,
+    owner: str | None = None,
+    check_owner: bool = False,
 ) -> None:
     """Raise :class:`InvalidRequest` naming each ``job:`` LoRA that cannot be used."""
     errors = []

@@ -18,11 +18,9 @@ field. A check never sees a value that failed its own field check (:class:`Field
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, cast
 
 from pydantic import ValidationError
 
@@ -34,26 +32,19 @@ from producer.core.contract import (
     JobRequest,
 )
 from producer.core.errors import InvalidRequest, UnknownModel
-from producer.core.images import decode_data_uri, open_image
-from producer.core.netguard import is_public, parse_allowlist
-from producer.core.registry import (
-    CONTROLNET_PIPELINES,
-    IP_ADAPTER_PIPELINES,
-    REFERENCE_MODE_PIPELINES,
-    WEIGHTING_PIPELINES,
-    ModelSpec,
-    Registry,
-)
+from producer.core.normalized import GenerateRequest
+from producer.core.registry import WEIGHTING_PIPELINES, ModelSpec, Registry
 from producer.core.settings import Settings
+from producer.requests.conditioning import check_conditioning, check_loras
+from producer.requests.fields import FieldError, Fields, check_source, field_errors, refused_url
 
-FieldError = dict[str, str]
+__all__ = ["validate_request"]
 
 #: ``(text:1.3)``: the weighting syntax only CLIP-prompted families read (worker/diffusion/prompts).
-_JOB_ID = re.compile(r"[0-9a-f]{32}")
 _WEIGHTED = re.compile(r"\([^()]*:\s*[+-]?[\d.]+\s*\)")
 
 
-def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[str, Any]:
+def validate_request(data: Any, registry: Registry, settings: Settings) -> GenerateRequest:
     """Check ``data`` against the contract and return the normalized request.
 
     Raises :class:`InvalidRequest` (or :class:`UnknownModel`) naming every bad field.
@@ -71,9 +62,9 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     # 3. Input images.
     errors += _check_images(fields, spec, settings)
     # 4. LoRAs and sweeps.
-    errors += _check_loras(fields.valid("loras") or [], registry, spec)
+    errors += check_loras(fields.valid("loras") or [], registry, spec)
     errors += _check_sweep(fields, spec)
-    errors += _check_conditioning(fields, registry, spec, settings)
+    errors += check_conditioning(fields, registry, spec, settings)
     # 5. Delivery.
     errors += _check_delivery(fields, settings)
     if errors:
@@ -83,35 +74,11 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     return _normalize(req, spec, settings)
 
 
-class Fields:
-    """The raw request, and which of its top-level fields failed their own checks."""
-
-    def __init__(self, data: dict[str, Any], errors: list[FieldError]) -> None:
-        self.data = data
-        self.failed = {e["field"].split(".")[0] for e in errors}
-
-    def valid(self, name: str) -> Any:
-        """The raw value of a field that passed its own checks, else None."""
-        return None if name in self.failed else self.data.get(name)
-
-    def given(self, name: str) -> bool:
-        """Whether the request set ``name`` at all (valid or not)."""
-        return self.data.get(name) is not None
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "body"
-
-
 def _parse(data: dict[str, Any]) -> tuple[JobRequest | None, list[FieldError]]:
     try:
         return JobRequest.model_validate(data), []
     except ValidationError as exc:
-        errors = []
-        for e in exc.errors():
-            msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-            errors.append({"field": _loc(e["loc"]), "message": msg})
-        return None, errors
+        return None, field_errors(exc)
 
 
 def _resolve_model(
@@ -228,7 +195,7 @@ def _check_images(fields: Fields, spec: ModelSpec | None, settings: Settings) ->
         src = fields.valid(name)
         if src is None:
             continue
-        size = _check_source(name, src, settings, errors)
+        size = check_source(name, src, settings, errors)
         if size is not None:
             sizes[name] = size
     if fields.valid("mask") is not None and not fields.given("image"):
@@ -266,171 +233,9 @@ def _check_images(fields: Fields, spec: ModelSpec | None, settings: Settings) ->
     return errors
 
 
-def _check_source(
-    name: str, src: str, settings: Settings, errors: list[FieldError]
-) -> tuple[int, int] | None:
-    """An input image's source: a ``data:`` URI decoded (its size returned) or a URL the
-    worker may fetch; what is wrong is appended to ``errors`` under ``name``."""
-    if src.startswith("data:"):
-        try:
-            size: tuple[int, int] = open_image(decode_data_uri(src, settings.max_image_bytes)).size
-            return size
-        except ValueError as exc:
-            errors.append({"field": name, "message": str(exc)})
-    elif why := _refused_url(src, settings):
-        errors.append({"field": name, "message": why + " or a data: URI"})
-    return None
-
-
-def _check_conditioning(
-    fields: Fields, registry: Registry, spec: ModelSpec | None, settings: Settings
-) -> list[FieldError]:
-    """``control`` (ControlNets of the model's family) and ``references`` (the model's
-    IP-Adapter): names, ranges and images."""
-    errors: list[FieldError] = []
-    control = fields.valid("control") or []
-    refs = fields.valid("references") or []
-    if spec is not None:
-        for name, given, families in (
-            ("control", control, CONTROLNET_PIPELINES),
-            ("references", refs, IP_ADAPTER_PIPELINES),
-        ):
-            if given and spec.pipeline not in families:
-                errors.append(
-                    {
-                        "field": name,
-                        "message": f"{spec.name} ({spec.pipeline}) takes "
-                        f"none; only {', '.join(families)} models do",
-                    }
-                )
-        if spec.pipeline not in CONTROLNET_PIPELINES:
-            return errors
-    for i, entry in enumerate(control):
-        field = f"control.{i}"
-        cn = registry.controlnet(entry["name"])
-        if cn is None:
-            known = ", ".join(registry.controlnet_names()) or "none"
-            errors.append(
-                {
-                    "field": f"{field}.name",
-                    "message": f"unknown ControlNet {entry['name']!r}; known: {known}",
-                }
-            )
-        elif spec is not None and cn.family != spec.pipeline:
-            errors.append(
-                {
-                    "field": f"{field}.name",
-                    "message": f"{cn.name!r} is for "
-                    f"{cn.family} models; {spec.name} is {spec.pipeline}",
-                }
-            )
-        if entry.get("end", 1.0) <= entry.get("start", 0.0):
-            errors.append({"field": f"{field}.end", "message": "must be greater than start"})
-        _check_source(f"{field}.image", entry["image"], settings, errors)
-    if refs and spec is not None and spec.pipeline in IP_ADAPTER_PIPELINES:
-        errors += _check_references(fields, spec, refs, control)
-    for i, entry in enumerate(refs):
-        _check_source(f"references.{i}.image", entry["image"], settings, errors)
-    return errors
-
-
-def _check_references(
-    fields: Fields, spec: ModelSpec, refs: list[dict[str, Any]], control: list[dict[str, Any]]
-) -> list[FieldError]:
-    """What the model's family and adapter allow of ``references``."""
-    if spec.ip_adapter is None:
-        return [
-            {
-                "field": "references",
-                "message": f"{spec.name} has no ip_adapter in the "
-                "registry: it takes no reference images",
-            }
-        ]
-    errors: list[FieldError] = []
-    if spec.pipeline not in REFERENCE_MODE_PIPELINES:
-        for i, entry in enumerate(refs):
-            if entry.get("mode", "full") != "full":
-                errors.append(
-                    {
-                        "field": f"references.{i}.mode",
-                        "message": f"{spec.name} "
-                        f"({spec.pipeline}) takes mode full only: {entry['mode']} is "
-                        "InstantStyle's choice of UNet attention layers, which a "
-                        "Flux transformer does not have",
-                    }
-                )
-    if spec.pipeline == "flux" and control and fields.given("image"):
-        task = "inpainting" if fields.given("mask") else "img2img"
-        errors.append(
-            {
-                "field": "references",
-                "message": f"Flux's ControlNet {task} pipeline "
-                "takes no reference images: leave out references, control or image",
-            }
-        )
-    return errors
-
-
 def _strength(fields: Fields) -> Any:
     strength = fields.valid("strength")
     return strength if strength is not None else DEFAULT_STRENGTH
-
-
-def _check_loras(
-    loras: list[dict[str, Any]], registry: Registry, spec: ModelSpec | None
-) -> list[FieldError]:
-    """Each LoRA must exist (registry) or name a plausible storage key, and fit the model."""
-    errors = []
-    seen: set[str] = set()
-    for i, ref in enumerate(loras):
-        name, field = ref["name"], f"loras.{i}.name"
-        if name in seen:
-            errors.append({"field": field, "message": f"{name!r} is repeated"})
-        seen.add(name)
-        if name.startswith("job:"):
-            if not _JOB_ID.fullmatch(name.removeprefix("job:")):
-                errors.append(
-                    {
-                        "field": field,
-                        "message": "job:<id> must name a training by its id (32 hex characters)",
-                    }
-                )
-            continue
-        if name.startswith("storage:"):
-            key = name.removeprefix("storage:")
-            if (
-                not key.endswith(".safetensors")
-                or key.startswith("/")
-                or ".." in key.split("/")
-                or "\\" in key
-            ):
-                errors.append(
-                    {
-                        "field": field,
-                        "message": "storage:<key> must name a "
-                        ".safetensors object by a relative key (no '..')",
-                    }
-                )
-            continue
-        lora = registry.lora(name)
-        if lora is None:
-            known = ", ".join(registry.lora_names()) or "none"
-            errors.append(
-                {
-                    "field": field,
-                    "message": f"unknown LoRA {name!r}; known: {known}; "
-                    "or storage:<key> for an uploaded .safetensors file",
-                }
-            )
-        elif spec is not None and lora.family != spec.pipeline:
-            errors.append(
-                {
-                    "field": field,
-                    "message": f"{name!r} is for {lora.family} models; "
-                    f"{spec.name} is {spec.pipeline}",
-                }
-            )
-    return errors
 
 
 def _check_sweep(fields: Fields, spec: ModelSpec | None) -> list[FieldError]:
@@ -499,7 +304,7 @@ def _check_delivery(fields: Fields, settings: Settings) -> list[FieldError]:
             }
         )
     hook = fields.valid("webhook")
-    if hook is not None and (why := _refused_url(hook, settings)):
+    if hook is not None and (why := refused_url(hook, settings)):
         errors.append({"field": "webhook", "message": why})
     t = fields.valid("timeout_s")
     if t is not None and t > settings.job_timeout_s:
@@ -507,49 +312,7 @@ def _check_delivery(fields: Fields, settings: Settings) -> list[FieldError]:
     return errors
 
 
-def _refused_url(value: str, settings: Settings) -> str | None:
-    """Why ``value`` may not be called (as an image source or a webhook), or None."""
-    return _check_url(value, settings.allow_http) or _literal_refused(
-        value, settings.egress_allowlist
-    )
-
-
-def _check_url(value: str, allow_http: bool) -> str | None:
-    """Why ``value`` is not an acceptable outbound URL, or None."""
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return "is not a URL"
-    schemes = ("https", "http") if allow_http else ("https",)
-    if parts.scheme not in schemes:
-        return "must be an https URL" + (" (or http)" if allow_http else "")
-    if not parts.hostname:
-        return "has no host"
-    if parts.username or parts.password:
-        return "must not carry credentials"
-    if len(value) > 2048:
-        return "is longer than 2048 characters"
-    return None
-
-
-def _literal_refused(value: str, allowlist: str) -> str | None:
-    """Why a URL whose host is an IP literal may never be called, or None.
-
-    Host names are checked when called (DNS can change); a literal address can be
-    refused at once.
-    """
-    host = urlsplit(value).hostname or ""
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    hosts, nets = parse_allowlist(allowlist)
-    if host in hosts or any(addr in net for net in nets) or is_public(addr):
-        return None
-    return f"points at {addr}, which is not a public address"
-
-
-def _normalize(req: JobRequest, spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+def _normalize(req: JobRequest, spec: ModelSpec, settings: Settings) -> GenerateRequest:
     """The request as it runs: the model's defaults filled in and a seed drawn."""
     out = req.model_dump()
     out["model"] = spec.name
@@ -575,4 +338,5 @@ def _normalize(req: JobRequest, spec: ModelSpec, settings: Settings) -> dict[str
         out["sweep"] = req.sweep.model_dump(exclude_none=True)
         if req.sweep.seeds:
             out["seed"] = req.sweep.seeds[0]
-    return out
+    # Every key above is one of GenerateRequest's, with its type (tests/test_normalized.py).
+    return cast(GenerateRequest, out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ class LoraCache:
             raise StorageUnavailable(f"{field}: reading {key!r}: {exc}") from None
 
 
-def apply_loras(pipe: Any, cache: LoraCache, loras: list[dict[str, Any]]) -> list[str]:
+def apply_loras(pipe: Any, cache: LoraCache, loras: Sequence[Mapping[str, Any]]) -> list[str]:
     """Load the job's adapters into ``pipe`` (shared modules: its from_pipe siblings see
     them too) and set their scales; returns the adapter names. On failure nothing stays
     loaded."""

@@ -17,10 +17,11 @@ Then :meth:`Generation.__call__`, holding the GPU:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from producer.core.contract import Output, Status, denoise_steps
 from producer.core.errors import InternalError
+from producer.core.normalized import GenerateRequest
 from producer.core.settings import Settings
 from producer.core.storage import LocalStorage, S3Storage
 from producer.jobs.store import JobStore
@@ -83,15 +84,15 @@ class Generation:
         return self._conditioning
 
     def total(self, request: dict[str, Any]) -> int:
-        return denoise_steps(request)
+        return denoise_steps(cast(GenerateRequest, request))
 
     def prepare(self, request: dict[str, Any]) -> inputs.Fetched | None:
         # Before the GPU: a slow image server delays only this job, while the other
         # slot's job keeps the GPU busy.
-        return inputs.fetch(request, self.settings, self.store)
+        return inputs.fetch(cast(GenerateRequest, request), self.settings, self.store)
 
     def __call__(self, run: Run, fetched: inputs.Fetched | None) -> Status | None:
-        req = run.request
+        req = cast(GenerateRequest, run.request)
         model = self.models.get(req["model"])
         if model is None:  # the queue name guarantees this; a broken deployment may not
             raise InternalError(f"this worker has not loaded model {req['model']!r}")

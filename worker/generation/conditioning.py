@@ -28,11 +28,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from producer.core.errors import InternalError
+from producer.core.normalized import GenerateRequest
 from producer.core.registry import ControlNetSpec, Registry
 from producer.core.settings import Settings
 
@@ -169,7 +171,7 @@ def control_pipe(model: Any, nets: list[Any], task: int) -> Any:
 
 
 def control_kwargs(
-    entries: list[dict[str, Any]], images: list[Any], task: int, family: str = "sdxl"
+    entries: Sequence[Mapping[str, Any]], images: list[Any], task: int, family: str = "sdxl"
 ) -> dict[str, Any]:
     """The ControlNet pipeline's arguments: the control images, scales and the part of
     the denoising each one steers (lists for a multi-ControlNet, floats for one). SD's
@@ -303,7 +305,7 @@ class IpAdapters:
         }
 
     def attach(
-        self, model: Any, pipe: Any, refs: list[dict[str, Any]], images: list[Any]
+        self, model: Any, pipe: Any, refs: Sequence[Mapping[str, Any]], images: list[Any]
     ) -> dict[str, Any]:
         """Put the adapter in ``pipe`` (its denoiser is the model's), set the references'
         scales, and return the pipeline arguments that pass the images."""
@@ -354,7 +356,7 @@ def _per_image(pipe: Any, configs: list[Any], images: list[Any]) -> dict[str, An
     }
 
 
-def _check_takes(model: Any, pipe: Any, refs: list[dict[str, Any]]) -> None:
+def _check_takes(model: Any, pipe: Any, refs: Sequence[Mapping[str, Any]]) -> None:
     """What the producer refuses at submit, refused here too rather than run otherwise."""
     if not hasattr(pipe, "set_ip_adapter_scale"):
         raise InternalError(f"references: {type(pipe).__name__} takes no reference images")
@@ -364,7 +366,7 @@ def _check_takes(model: Any, pipe: Any, refs: list[dict[str, Any]]) -> None:
 
 
 def _flux_adapters(
-    transformer: Any, adapter: _Adapter, refs: list[dict[str, Any]], images: list[Any]
+    transformer: Any, adapter: _Adapter, refs: Sequence[Mapping[str, Any]], images: list[Any]
 ) -> dict[str, Any]:
     """One Flux adapter per reference, all made of the loaded one's modules: every IP
     processor (the double blocks') gets its key and value projections once per
@@ -413,7 +415,7 @@ class Conditioning:
         self._pipes: dict[tuple[str, int, tuple[str, ...]], tuple[Any, list[Any]]] = {}
 
     def pipeline(
-        self, model: Any, req: dict[str, Any], inputs: Any, task: int
+        self, model: Any, req: GenerateRequest, inputs: Any, task: int
     ) -> tuple[Any, dict[str, Any]]:
         """The ControlNet pipeline for the job and its arguments."""
         entries = req["control"]

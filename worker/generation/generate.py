@@ -9,10 +9,11 @@ monitor thread to render (``worker/diffusion/preview.py``); nothing else changes
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 from producer.core.contract import sweep_cells
 from producer.core.errors import OutOfMemory
+from producer.core.normalized import GenerateRequest
 from worker.diffusion.loras import LoraCache, apply_loras, unload_loras
 from worker.diffusion.pipelines import GENERATOR_DEVICE, LoadedModel
 from worker.diffusion.preview import Previewer, map_family, watch_scheduler
@@ -32,7 +33,7 @@ def generate(
     """The job's images (a sweep's cells one after the other), as PIL images."""
     import torch
 
-    req = run.request
+    req = cast(GenerateRequest, run.request)
     task = 0 if inputs.image is None else 1 if inputs.mask is None else 2
     pipe = (model.pipe, model.img2img, model.inpaint)[task]
     control: dict[str, Any] = {}
@@ -85,7 +86,7 @@ def generate(
 def _run_cells(
     pipe: Any,
     model: LoadedModel,
-    req: dict[str, Any],
+    req: GenerateRequest,
     kwargs: dict[str, Any],
     cells: list[dict[str, Any]],
     done: list[int],
@@ -114,7 +115,7 @@ def _run_cells(
     return images
 
 
-def previews(run: Run, model: LoadedModel, req: dict[str, Any], max_side: int) -> Previewer | None:
+def previews(run: Run, model: LoadedModel, req: GenerateRequest, max_side: int) -> Previewer | None:
     """The job's previewer, given to the run for its monitor thread; None without
     ``preview: true`` or for a family without a latent-to-RGB map (simulated)."""
     if not req.get("preview"):
@@ -131,7 +132,7 @@ def watched(scheduler: Any, previewer: Previewer | None) -> Any:
 
 
 def pipeline_kwargs(
-    req: dict[str, Any], pipe: Any, inputs: Any, on_step_end: Any
+    req: GenerateRequest, pipe: Any, inputs: Any, on_step_end: Any
 ) -> dict[str, Any]:
     """The pipeline's arguments for the job (before prompt conditioning)."""
     import torch

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.core.errors import ImageFetchFailed, ImageInvalid
+from producer.core.normalized import GenerateRequest
 from producer.core.settings import Settings
 from producer.jobs.store import JobStore
 
@@ -39,12 +40,13 @@ class Inputs:
     references_sha256: list[str] = field(default_factory=list)
 
 
-def fetch(request: dict[str, Any], settings: Settings, store: JobStore) -> Fetched | None:
+def fetch(request: GenerateRequest, settings: Settings, store: JobStore) -> Fetched | None:
     """The input images' bytes; None when the job has none (text-to-image)."""
     control, refs = request.get("control", []), request.get("references", [])
     if not (request.get("image") or control or refs):
         return None
-    image = fetch_image(request["image"], settings, store) if request.get("image") else None
+    src = request.get("image")
+    image = fetch_image(src, settings, store) if src else None
     mask = fetch_image(request["mask"], settings, store, "mask") if request.get("mask") else None
     return Fetched(
         image,
@@ -81,7 +83,7 @@ def fetch_image(src: str, settings: Settings, store: JobStore, field_name: str =
         raise ImageFetchFailed(f"{field_name}: {exc}") from None
 
 
-def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
+def decode(request: GenerateRequest, fetched: Fetched | None) -> Inputs:
     """The init image (and mask) at the output size; refused when unreadable, or when
     the mask's size is not the image's as given (then they do not belong together)."""
     if fetched is None:
@@ -114,7 +116,7 @@ def decode(request: dict[str, Any], fetched: Fetched | None) -> Inputs:
 
 
 def _decode_conditioning(
-    request: dict[str, Any], fetched: Fetched, inputs: Inputs, size: tuple[int, int]
+    request: GenerateRequest, fetched: Fetched, inputs: Inputs, size: tuple[int, int]
 ) -> None:
     """Control images at the output size (``preprocess: canny`` derives the edge map
     there), and reference images as given."""

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from producer.core.contract import (
     CONTENT_TYPES,
@@ -17,6 +17,7 @@ from producer.core.contract import (
     OutputFlags,
     sweep_cells,
 )
+from producer.core.normalized import GenerateRequest
 from producer.core.storage import LocalStorage, S3Storage
 from worker.diffusion import encode as encoding
 from worker.diffusion.safety import SafetyChecker, blur, placeholder
@@ -57,7 +58,7 @@ def check_safety(checker: SafetyChecker | None, action: str, images: list[Any]) 
     return Verdicts(checker.check(images), action)
 
 
-def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> list[Item]:
+def items(req: GenerateRequest, images: list[Any], verdicts: Verdicts | None) -> list[Item]:
     """What to store, in index order: each image (blurred or withheld when flagged), and
     after a sweep's cells its contact sheet."""
     cells = sweep_cells(req)
@@ -78,7 +79,7 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
                 {"sweep": cell["label"]},
             )
         else:
-            item = Item(image, images[i].size, req["seed"] + i, req, {})
+            item = Item(image, images[i].size, req["seed"] + i, dict(req), {})
         if verdicts is not None:
             item.extra["nsfw"] = flags[i]
             if flags[i] and image is not None:
@@ -93,7 +94,7 @@ def items(req: dict[str, Any], images: list[Any], verdicts: Verdicts | None) -> 
             im if im is not None else placeholder(images[i].size) for i, im in enumerate(shown)
         ]
         sheet = contact_sheet(tiles, cells)
-        out.append(Item(sheet, sheet.size, None, req, {"contact_sheet": True}))
+        out.append(Item(sheet, sheet.size, None, dict(req), {"contact_sheet": True}))
     return out
 
 
@@ -162,7 +163,7 @@ def manifest(
     timings: dict[str, int],
 ) -> bytes:
     """``manifest.json``: what made the outputs, enough to make them again."""
-    req = run.request
+    req = cast(GenerateRequest, run.request)
     body = {
         "job_id": run.job_id,
         "request": {k: v for k, v in req.items() if k not in ("image", "mask")},

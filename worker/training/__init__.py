@@ -16,10 +16,11 @@ Before the device, :meth:`Training.prepare` fetches the instance images
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from producer.core.contract import Status
 from producer.core.errors import InternalError
+from producer.core.normalized import TrainingRequest
 from producer.core.settings import Settings
 from producer.jobs.store import JobStore
 from worker.diffusion.pipelines import LoadedModel, library_versions
@@ -54,10 +55,10 @@ class Training:
         return int(request["steps"])
 
     def prepare(self, request: dict[str, Any]) -> list[tuple[str, bytes]]:
-        return inputs.fetch(request, self.settings, self.store, self.storage)
+        return inputs.fetch(cast(TrainingRequest, request), self.settings, self.store, self.storage)
 
     def __call__(self, run: Run, fetched: list[tuple[str, bytes]]) -> Status | None:
-        req = run.request
+        req = cast(TrainingRequest, run.request)
         model = self.models.get(req["model"])
         if model is None:
             raise InternalError(f"this worker has not loaded model {req['model']!r}")
@@ -109,7 +110,7 @@ class Training:
         """Step 2: the instance images (and, with prior preservation, the class images,
         made or read back) encoded once; the trainer, its LoRA layers added to the base.
         Also how many class images were made and reused (None without them)."""
-        req = run.request
+        req = cast(TrainingRequest, run.request)
         examples = _examples(
             model,
             [i.image for i in instances],
@@ -121,11 +122,12 @@ class Training:
         made: dict[str, int] | None = None
         if req["prior_preservation"]:
             images, fresh = class_images(run, model, self.storage, self.settings.png_compress_level)
-            res = req["resolution"]
+            res, prompt = req["resolution"], req["class_prompt"]
+            assert prompt is not None  # required with prior_preservation
             classes = _examples(
                 model,
                 images,
-                [req["class_prompt"]] * len(images),
+                [prompt] * len(images),
                 [((res, res), (0, 0))] * len(images),
                 res,
             )

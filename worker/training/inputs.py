@@ -12,6 +12,7 @@ from typing import Any
 
 from producer.core.errors import ImageFetchFailed, ImageInvalid
 from producer.core.images import open_image
+from producer.core.normalized import TrainingRequest
 from producer.core.settings import Settings
 from producer.core.train_contract import is_zip_source, read_zip
 from producer.jobs.store import JobStore
@@ -31,7 +32,7 @@ class Instance:
 
 
 def fetch(
-    request: dict[str, Any], settings: Settings, store: JobStore, storage: Any
+    request: TrainingRequest, settings: Settings, store: JobStore, storage: Any
 ) -> list[tuple[str, bytes]]:
     """Every image's bytes, named by where it came from (zip entries by their name)."""
     out: list[tuple[str, bytes]] = []
@@ -92,7 +93,7 @@ def _read(
         raise ImageFetchFailed(f"{field}: {exc}") from None
 
 
-def decode(request: dict[str, Any], fetched: list[tuple[str, bytes]]) -> list[Instance]:
+def decode(request: TrainingRequest, fetched: list[tuple[str, bytes]]) -> list[Instance]:
     """Decode, resize and crop every image; captions replace the instance prompt."""
     from PIL import Image
 

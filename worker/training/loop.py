@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from producer.core.normalized import TrainingRequest
+
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ADAPTER = "atelier_train"
@@ -42,7 +44,7 @@ class Example:
 @dataclass
 class Trainer:
     model: Any  # worker.diffusion.pipelines.LoadedModel
-    request: dict[str, Any]
+    request: TrainingRequest
     instances: list[Example]
     classes: list[Example] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
@@ -107,7 +109,9 @@ class Trainer:
             ),
             adapter_name=ADAPTER,
         )
-        groups = [{"params": self._trainable(pipe.unet), "lr": req["learning_rate"]}]
+        groups: list[dict[str, Any]] = [
+            {"params": self._trainable(pipe.unet), "lr": req["learning_rate"]}
+        ]
         if req["train_text_encoder"]:
             from peft import inject_adapter_in_model
 
