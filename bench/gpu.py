@@ -165,7 +165,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from producer.core.registry import PipelineOptions, Registry
+    from producer.core.pipeline_options import PipelineOptions
+    from producer.core.registry import Registry
     from producer.core.settings import Settings
     from worker.diffusion.pipelines import load_model, warm_up
 
