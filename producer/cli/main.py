@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.cli.jobs import add_parser as add_jobs_parser
+from producer.cli.models import add_parser as add_models_parser
 from producer.client import Client
 from producer.core.contract import EXTENSIONS, EventType, Status
 from producer.core.errors import InvalidRequest, JobNotFound, Unavailable
@@ -206,21 +207,6 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    registry = Registry.load(settings.models_file)
-    models = [spec.public() for spec in registry]
-    if args.json:
-        _print_json(models)
-    else:
-        for m in models:
-            d = m["defaults"]
-            print(
-                f"{m['name']:<18} {m['source']}  {d['width']}×{d['height']} "
-                f"{d['steps']} steps cfg {d['guidance_scale']} {d['scheduler']}"
-            )
-    return EXIT_OK
-
-
 def cmd_queues(args: argparse.Namespace, settings: Settings) -> int:
     from producer.core.redis_url import redis_client
     from producer.jobs.fleet import queue_report
@@ -364,18 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    add_jobs_parser(sub)
-
     p = sub.add_parser("events", help="print a job's events until it ends")
     p.add_argument("id")
     p.add_argument("--after", help="resume after this event id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("models", help="list the model registry")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
-
+    add_jobs_parser(sub)
+    add_models_parser(sub)
     for name, func, helptext in (
         ("queues", cmd_queues, "queue depth per model"),
         ("workers", cmd_workers, "live workers (heartbeats)"),

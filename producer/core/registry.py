@@ -10,9 +10,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from producer.core import keys as K
+from producer.core.contract import MAX_CONTROLS, MAX_REFERENCES, ControlRef, ReferenceRef
 from producer.core.pipeline_options import PipelineOptions, parse_options
 
 #: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
@@ -128,7 +129,8 @@ class ModelSpec:
     ip_adapter: IpAdapterSpec | None = None
 
     def public(self) -> dict[str, Any]:
-        """What ``GET /v1/models`` and ``atelier models`` show."""
+        """The model's own part of what ``GET /v1/models`` shows (:meth:`Registry.view`
+        adds what its requests may name)."""
         return {
             "name": self.name,
             "pipeline": self.pipeline,
@@ -281,6 +283,10 @@ class LoraSpec:
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family}
 
+    def fits(self, spec: ModelSpec) -> bool:
+        """Whether a request for ``spec`` may name it: it was made for the model's family."""
+        return self.family == spec.pipeline
+
 
 def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
     unknown = set(raw) - {"source", "family"}
@@ -312,6 +318,10 @@ class ControlNetSpec:
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "kind": self.kind}
+
+    def fits(self, spec: ModelSpec) -> bool:
+        """Whether a request for ``spec`` may name it: it was made for the model's family."""
+        return self.family == spec.pipeline
 
 
 def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
@@ -364,6 +374,41 @@ class Registry:
             {n: _lora(n, r, origin) for n, r in raw_loras.items()},
             {n: _controlnet(n, r, origin) for n, r in raw_cn.items()},
         )
+
+    def controlnets_for(self, spec: ModelSpec) -> list[ControlNetSpec]:
+        """The ControlNets a request for ``spec`` may name in ``control``: those of its
+        family, where the family takes ControlNets at all (as the validator checks)."""
+        if spec.pipeline not in CONTROLNET_PIPELINES:
+            return []
+        return [cn for n in self.controlnet_names() if (cn := self._controlnets[n]).fits(spec)]
+
+    def loras_for(self, spec: ModelSpec) -> list[LoraSpec]:
+        """The registry LoRAs a request for ``spec`` may name in ``loras``: those made for
+        its family. (``storage:<key>`` and ``job:<id>`` adapters are not listed.)"""
+        return [lora for n in self.lora_names() if (lora := self._loras[n]).fits(spec)]
+
+    def view(self, spec: ModelSpec) -> dict[str, Any]:
+        """What ``GET /v1/models`` and ``atelier models`` show of a model: its public
+        view, and the names and modes its requests' ``control``, ``references`` and
+        ``loras`` may use."""
+        preprocess = list(get_args(ControlRef.model_fields["preprocess"].annotation))
+        ip_adapter = None
+        if spec.ip_adapter is not None and spec.pipeline in IP_ADAPTER_PIPELINES:
+            modes = get_args(ReferenceRef.model_fields["mode"].annotation)
+            ip_adapter = {
+                "source": spec.ip_adapter.source,
+                "modes": list(modes) if spec.pipeline in REFERENCE_MODE_PIPELINES else ["full"],
+                "max_images": MAX_REFERENCES,
+            }
+        return {
+            **spec.public(),
+            "controlnets": [
+                {**cn.public(), "preprocess": preprocess} for cn in self.controlnets_for(spec)
+            ],
+            "max_controls": MAX_CONTROLS,
+            "ip_adapter": ip_adapter,
+            "loras": [lora.public() for lora in self.loras_for(spec)],
+        }
 
     def controlnet(self, name: str) -> ControlNetSpec | None:
         return self._controlnets.get(name)
