@@ -105,6 +105,8 @@ def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
     assert res.returncode == 0
     views = {m["name"]: m for m in json.loads(res.stdout)}
     assert "playground-v2.5" in views
+    with Client(Settings()) as client:  # the client's list is the CLI's (no Redis read)
+        assert client.models() == list(views.values())
     assert [lora["name"] for lora in views["tiny-sdxl"]["loras"]] == ["tiny-sdxl-lora"]
     # the text: each model's line, then what its requests may name, indented
     lines = run_cli("models").stdout.splitlines()

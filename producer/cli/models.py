@@ -32,7 +32,7 @@ def model_lines(view: dict[str, Any]) -> list[str]:
 
 
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    registry = Registry.load(settings.models_file)
+    registry = Registry.load(settings.models_file)  # no Redis needed, unlike a Client
     models = [registry.view(spec) for spec in registry]
     if args.json:
         print(json.dumps(models, indent=2, ensure_ascii=False))
