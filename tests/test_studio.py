@@ -359,6 +359,8 @@ def test_a_lora_and_a_controlnet_from_the_models_lists(
     page.get_by_label("LoRA", exact=True).select_option("")
     page.get_by_label("ControlNet").select_option("tiny-sdxl-canny")
     page.get_by_label("Preprocess").select_option("canny")
+    page.get_by_role("button", name="Generate").click()  # no control image: refused, by it
+    page.locator(".field[data-field=control_image] .field-error").wait_for()
     page.get_by_label("Control image").set_input_files(str(edges))
     page.get_by_role("button", name="Generate").click()
     wait_js(page, f"document.querySelector('#watch').dataset.jobId !== '{job_id}'", 30)

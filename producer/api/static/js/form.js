@@ -2,13 +2,15 @@
 // train later) is a list of fields and a submit function:
 //
 //   { name, label, type: "text" | "textarea" | "number" | "select" | "checkbox" | "file",
-//     required, min, max, step, placeholder, hint, options: [{value, label}], accept, wide }
+//     required, min, max, step, placeholder, hint, options: [{value, label}], accept, wide,
+//     errorsOf: ["control.0.image"] }
 //
 // A file field's value is its File (the kind's submit turns it into a data: URI).
 //
 // ``name`` is the request's field name: a refusal's ``fields[].field`` ("width",
-// "loras.0.name") is shown under the field of its first part, and the field is marked
-// aria-invalid and described by the message.
+// "loras.0.name") is shown under the field that names it in ``errorsOf``, else under the
+// field of its first part, and the field is marked aria-invalid and described by the
+// message.
 
 let uid = 0;
 
@@ -35,6 +37,7 @@ export class SchemaForm {
   constructor(form, fields, { submitLabel, onSubmit, onChange }) {
     this.form = form;
     this.fields = new Map();
+    this.errorsOf = new Map(); // a refusal's field path -> the form field showing it
     this.onChange = onChange;
     form.noValidate = true; // the API is the judge: its refusals name the field
     const grid = element("div", { class: "fields" });
@@ -67,6 +70,7 @@ export class SchemaForm {
     wrap.dataset.field = spec.name;
     input.addEventListener("change", () => this.onChange?.(spec.name, this));
     this.fields.set(spec.name, { spec, input, error, wrap, hintId: spec.hint ? `${id}-hint` : "" });
+    for (const path of spec.errorsOf || []) this.errorsOf.set(path, spec.name);
     return wrap;
   }
 
@@ -163,7 +167,7 @@ export class SchemaForm {
     const loose = [];
     let first = null;
     for (const { field, message } of error.fields || []) {
-      const target = this.fields.get(String(field).split(".")[0]);
+      const target = this.fields.get(this.errorsOf.get(field) ?? String(field).split(".")[0]);
       if (!target || target.wrap.hidden) {
         loose.push(`${field}: ${message}`);
         continue;
