@@ -2,6 +2,8 @@
 
 Pure data, read from ``producer/core/models.toml`` plus the file ``ATELIER_MODELS_FILE``
 names. The producer validates requests against it; the worker loads pipelines from it.
+A model's ``options`` table is typed in :mod:`producer.core.pipeline_options`;
+:meth:`Registry.view` says which ControlNets, reference modes and LoRAs a model takes.
 """
 
 from __future__ import annotations
