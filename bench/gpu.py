@@ -165,7 +165,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch
 
-    from producer.core.registry import PipelineOptions, Registry
+    from producer.core.pipeline_options import PipelineOptions
+    from producer.core.registry import Registry
     from producer.core.settings import Settings
     from worker.diffusion.pipelines import load_model, warm_up
 
@@ -181,6 +182,33 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     warm_up(model)
     warm_s = time.perf_counter() - t0
+
+    generate = _generation_timer(model, spec, args, cuda)
+    model.pipe.scheduler = model.scheduler(spec.scheduler)
+    generate("pil", 0)  # the full size once: kernels and allocator settle
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    latent = [generate("latent", 1 + i) for i in range(args.images)]
+    full = [generate("pil", 100 + i) for i in range(args.images)]
+    s_image = sorted(full)[len(full) // 2]
+    result: dict[str, Any] = {
+        "set": args.child,
+        "options": spec.options.active(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "it_per_s": round(args.steps / sorted(latent)[len(latent) // 2], 3),
+        "s_per_image": round(s_image, 3),
+        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None),
+        "load_s": round(load_s, 1),
+        "warmup_s": round(warm_s, 1),
+    }
+    result["floor_s"], result["floor_ratio"] = _floor(args, s_image) if cuda else (None, None)
+    return result
+
+
+def _generation_timer(model: Any, spec: Any, args: argparse.Namespace, cuda: bool) -> Any:
+    """``generate(output_type, seed)``: one image of ``model`` at the benchmark's size and
+    steps, its wall time in seconds (the CUDA queue drained before and after)."""
+    import torch
 
     def sync() -> None:
         if cuda:
@@ -202,32 +230,20 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         return time.perf_counter() - t
 
-    model.pipe.scheduler = model.scheduler(spec.scheduler)
-    generate("pil", 0)  # the full size once: kernels and allocator settle
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    latent = [generate("latent", 1 + i) for i in range(args.images)]
-    full = [generate("pil", 100 + i) for i in range(args.images)]
-    s_image = sorted(full)[len(full) // 2]
-    result: dict[str, Any] = {
-        "set": args.child,
-        "options": PipelineOptions(**{**asdict(spec.options), **options}).active(),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "it_per_s": round(args.steps / sorted(latent)[len(latent) // 2], 3),
-        "s_per_image": round(s_image, 3),
-        "peak_mem_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None),
-        "load_s": round(load_s, 1),
-        "warmup_s": round(warm_s, 1),
-    }
-    if cuda:
-        name = torch.cuda.get_device_name()
-        peak = args.peak_tflops or peak_tflops(name)
-        flop = FLOP_PER_IMAGE_1024_50 * (args.steps / 50) * (args.size / 1024) ** 2
-        result["floor_s"] = round(flop / (peak * 1e12), 3) if peak else None
-        result["floor_ratio"] = round(s_image / result["floor_s"], 2) if peak else None
-    else:
-        result["floor_s"] = result["floor_ratio"] = None
-    return result
+    return generate
+
+
+def _floor(args: argparse.Namespace, s_image: float) -> tuple[float | None, float | None]:
+    """The CUDA card's compute floor for one image (seconds at its peak TFLOPS) and the
+    measured time's ratio to it; None where the card's peak is unknown."""
+    import torch
+
+    peak = args.peak_tflops or peak_tflops(torch.cuda.get_device_name())
+    if not peak:
+        return None, None
+    flop = FLOP_PER_IMAGE_1024_50 * (args.steps / 50) * (args.size / 1024) ** 2
+    floor_s = round(flop / (peak * 1e12), 3)
+    return floor_s, round(s_image / floor_s, 2)
 
 
 def cuda_device() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,6 +138,11 @@ class Client:
         if not Status(record["status"]).is_terminal():  # the log was trimmed or expired
             raise TimeoutError(f"job {job_id} is still {record['status']}")
         return record
+
+    def models(self) -> builtins.list[dict[str, Any]]:
+        """The registry's models as ``GET /v1/models`` lists them: each one's defaults and
+        limits, and the ControlNets, reference modes and LoRAs its requests may name."""
+        return [self.registry.view(spec) for spec in self.registry]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask for cancellation and return the record as it stands (a running job

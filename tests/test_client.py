@@ -103,7 +103,20 @@ def test_cli_exit_codes(redis_url: str, tmp_path: Path) -> None:
     assert res.returncode == 2 and "bad settings" in res.stderr
     res = run_cli("models", "--json")
     assert res.returncode == 0
-    assert "playground-v2.5" in {m["name"] for m in json.loads(res.stdout)}
+    views = {m["name"]: m for m in json.loads(res.stdout)}
+    assert "playground-v2.5" in views
+    with Client(Settings()) as client:  # the client's list is the CLI's (no Redis read)
+        assert client.models() == list(views.values())
+    assert [lora["name"] for lora in views["tiny-sdxl"]["loras"]] == ["tiny-sdxl-lora"]
+    # the text: each model's line, then what its requests may name, indented
+    lines = run_cli("models").stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("tiny-sdxl "))
+    block = lines[start + 1 : start + 4]
+    assert block[0].startswith("  controlnets  ") and "tiny-sdxl-canny (canny)" in block[0]
+    assert block[1:] == [
+        "  references   modes full, subject, style",
+        "  loras        tiny-sdxl-lora",
+    ]
 
 
 def test_cli_processes_refuse_to_start_without_their_secrets(redis_url: str) -> None:

@@ -22,7 +22,7 @@ import redis
 from producer.core import keys as K
 from producer.core.contract import Status
 from producer.jobs.store import JobStore
-from tests.helpers import settings_env
+from tests.helpers import png_data_uri, settings_env
 from tests.servers import RedisServer, api_process
 
 pytestmark = pytest.mark.slow
@@ -139,6 +139,46 @@ def test_every_reference_resolves_and_jobs_link_to_their_routes(api_url: str) ->
         for method, op in ops.items():
             if op.get("security"):  # behind a key: no key, the rate limit, Redis down
                 assert {"401", "429", "503"} <= set(op["responses"]), (method, path)
+
+
+def test_each_model_lists_what_a_submit_for_it_takes(api_url: str) -> None:
+    """``GET /v1/models`` names each model's ControlNets, reference modes and LoRAs: a
+    submit for the model naming them is taken (the stand-in cancels its job), and a
+    ControlNet or LoRA listed for other families only is refused by field."""
+    image = png_data_uri((200, 30, 60), (16, 16))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=api_url, headers=headers, timeout=30) as api:
+        models = {m["name"]: m for m in api.get("/v1/models").json()["models"]}
+        schemas = api.get("/openapi.json").json()["components"]["schemas"]
+        documented = set(schemas["ModelItem"]["properties"])
+        assert {"controlnets", "max_controls", "ip_adapter", "loras"} <= documented
+        assert all(set(m) == documented for m in models.values())  # the wire, key for key
+        for m in models.values():
+            modes = m["ip_adapter"]["modes"] if m["ip_adapter"] else []
+            body = {
+                "prompt": "a fox",
+                "model": m["name"],
+                "loras": [{"name": lora["name"]} for lora in m["loras"]],
+                "references": [{"image": image, "mode": mode} for mode in modes],
+            }
+            for cn in m["controlnets"]:
+                for pre in cn["preprocess"]:
+                    control = [{"name": cn["name"], "image": image, "preprocess": pre}]
+                    res = api.post("/v1/jobs", json={**body, "control": control})
+                    assert res.status_code == 202, (m["name"], res.text)
+        for model, key in (("tiny-sdxl", "controlnets"), ("tiny-sd15", "loras")):
+            own = {x["name"] for x in models[model][key]}
+            others = {x["name"] for m in models.values() for x in m[key]} - own
+            assert others, (model, key)
+            for name in sorted(others):
+                entry: dict[str, Any] = {"name": name}
+                field = "loras"
+                if key == "controlnets":
+                    entry, field = {"name": name, "image": image}, "control"
+                res = api.post("/v1/jobs", json={"prompt": "a fox", "model": model, field: [entry]})
+                assert res.status_code == 422, res.text
+                fields = [f["field"] for f in res.json()["error"]["fields"]]
+                assert fields == [f"{field}.0.name"], (model, name, fields)
 
 
 def test_schemathesis_finds_nothing(api_url: str, tmp_path: Path) -> None:

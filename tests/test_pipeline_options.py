@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from producer.core.registry import PipelineOptions, Registry
+from producer.core.pipeline_options import PipelineOptions
+from producer.core.registry import Registry
 from producer.core.settings import Settings
 from worker.diffusion.pipelines import LoadedModel, apply_options, load_model, place, warm_up
 

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from producer.core.errors import InvalidRequest
 from producer.core.registry import ModelSpec, Registry
+from producer.core.settings import Settings
+from producer.requests.generate import validate_request
+from tests.helpers import png_data_uri
 
 
 @pytest.fixture
@@ -228,3 +233,72 @@ def test_bad_override_of_a_builtin_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, '[models."playground-v2.5"]\nscheduler = "euler"\n')
     with pytest.raises(ValueError, match=r"playground-v2\.5"):
         Registry.load(path)
+
+
+#: LoRAs of the other families and a simulated model (which takes none of them), beside
+#: the built-in entries.
+MORE = """
+[loras.sd15-style]
+source = "/l/sd15-style.safetensors"
+family = "sd15"
+
+[loras.flux-style]
+source = "/l/flux-style.safetensors"
+family = "flux"
+
+[models.sim]
+pipeline = "simulated"
+source = "builtin:simulated"
+"""
+
+
+def refused(reg: Registry, request: dict[str, Any]) -> list[str]:
+    """The fields the validator (what every submit runs) refuses in ``request``."""
+    try:
+        validate_request({"prompt": "a fox", **request}, reg, Settings())
+    except InvalidRequest as exc:
+        return [e["field"] for e in exc.fields]
+    return []
+
+
+def test_what_a_model_lists_is_what_its_requests_may_name(tmp_path: Path) -> None:
+    """Every registry ControlNet, LoRA and reference mode against every model: a submit
+    takes exactly the ones the model's view lists, and refuses the others by field."""
+    reg = Registry.load(write(tmp_path, MORE))
+    image = png_data_uri((200, 30, 60), (16, 16))
+    modes = ("full", "subject", "style")
+    for spec in reg:
+        view, model = reg.view(spec), {"model": spec.name}
+        cns = {c["name"]: c for c in view["controlnets"]}
+        for name in reg.controlnet_names():
+            for pre in cns[name]["preprocess"] if name in cns else ["none"]:
+                control = [{"name": name, "image": image, "preprocess": pre}]
+                got = refused(reg, {**model, "control": control})
+                assert got == ([] if name in cns else [_cn_field(spec)]), (spec.name, name)
+        listed = {lora["name"] for lora in view["loras"]}
+        for name in reg.lora_names():
+            got = refused(reg, {**model, "loras": [{"name": name}]})
+            assert got == ([] if name in listed else ["loras.0.name"]), (spec.name, name)
+        taken = view["ip_adapter"]["modes"] if view["ip_adapter"] else []
+        for mode in modes:
+            got = refused(reg, {**model, "references": [{"image": image, "mode": mode}]})
+            assert (got == []) == (mode in taken), (spec.name, mode, got)
+        assert view["references"] == bool(taken)
+    # Each family sees its own and refuses the others' (by family, not by name).
+    views = {spec.name: reg.view(spec) for spec in reg}
+    assert {c["name"] for c in views["tiny-sd15"]["controlnets"]} == {
+        "sd15-canny",
+        "tiny-sd15-canny",
+    }
+    assert [lora["name"] for lora in views["tiny-flux"]["loras"]] == ["flux-style"]
+    assert views["tiny-flux"]["ip_adapter"]["modes"] == ["full"]
+    assert views["sim"]["controlnets"] == views["sim"]["loras"] == []
+    assert views["sim"]["ip_adapter"] is None
+    assert views["playground-v2.5"]["ip_adapter"] is None  # no ip_adapter entry
+    assert refused(reg, {"model": "tiny-sdxl", "loras": [{"name": "sd15-style"}]})
+
+
+def _cn_field(spec: ModelSpec) -> str:
+    """Where a ControlNet the model may not use is refused: the whole field for a family
+    that takes none, else the entry's name."""
+    return "control" if spec.pipeline == "simulated" else "control.0.name"

@@ -11,6 +11,7 @@ dir.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -312,6 +313,64 @@ def test_submit_with_the_keyboard_only(page: Any, studio: Studio, tmp_path: Path
     form, watch = (page.locator(s).bounding_box() for s in ("#form-generate", "#watch"))
     assert form is not None and watch is not None and watch["y"] > form["y"] + form["height"]
     shot(page, tmp_path, "phone")
+
+
+def offered(page: Any, name: str) -> list[str]:
+    """The values a select of the generate form offers."""
+    options = page.locator(f"#form-generate select[name={name}] option")
+    return list(options.evaluate_all("os => os.map(o => o.value)"))
+
+
+def test_a_lora_and_a_controlnet_from_the_models_lists(
+    page: Any, studio: Studio, tmp_path: Path
+) -> None:
+    """The LoRA and ControlNet selects offer what ``GET /v1/models`` lists for the chosen
+    model and follow it when it changes; what is picked reaches the job's request, the
+    control image as the file's own bytes (sent inline)."""
+    models = {m["name"]: m for m in studio.api.get("/v1/models").json()["models"]}
+    open_with_key(page, studio)
+    model = page.get_by_label("Model", exact=True)
+    assert model.input_value() == "tiny-sdxl"
+    sdxl, sd15 = models["tiny-sdxl"], models["tiny-sd15"]
+    assert offered(page, "loras") == ["", *(lora["name"] for lora in sdxl["loras"])]
+    assert offered(page, "control") == ["", *(c["name"] for c in sdxl["controlnets"])]
+    # another family: its own ControlNets, and no LoRA field (it has none)
+    model.select_option("tiny-sd15")
+    assert offered(page, "control") == ["", *(c["name"] for c in sd15["controlnets"])]
+    assert not sd15["loras"] and page.locator(".field[data-field=loras]").is_hidden()
+    model.select_option("tiny-sdxl")
+    assert page.locator(".field[data-field=loras]").is_visible()
+
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse, with a lora")
+    page.get_by_label("LoRA", exact=True).select_option("tiny-sdxl-lora")
+    page.get_by_label("LoRA weight").fill("0.5")
+    shot(page, tmp_path, "lora")
+    page.get_by_role("button", name="Generate").click()
+    ended(page, "succeeded")
+    job_id = page.get_attribute("#watch", "data-job-id")
+    request = studio.api.get(f"/v1/jobs/{job_id}").json()["request"]
+    assert request["loras"] == [{"name": "tiny-sdxl-lora", "scale": 0.5}]
+    assert "control" not in request
+
+    edges = tmp_path / "edges.png"
+    picture = Image.new("RGB", (64, 64), (0, 0, 0))
+    picture.paste((255, 255, 255), (16, 16, 48, 48))
+    picture.save(edges)
+    page.get_by_label("LoRA", exact=True).select_option("")
+    page.get_by_label("ControlNet").select_option("tiny-sdxl-canny")
+    page.get_by_label("Preprocess").select_option("canny")
+    page.get_by_role("button", name="Generate").click()  # no control image: refused, by it
+    page.locator(".field[data-field=control_image] .field-error").wait_for()
+    page.get_by_label("Control image").set_input_files(str(edges))
+    page.get_by_role("button", name="Generate").click()
+    wait_js(page, f"document.querySelector('#watch').dataset.jobId !== '{job_id}'", 30)
+    ended(page, "succeeded")
+    job_id = page.get_attribute("#watch", "data-job-id")
+    request = studio.api.get(f"/v1/jobs/{job_id}").json()["request"]
+    (control,) = request["control"]
+    assert control["name"] == "tiny-sdxl-canny" and control["preprocess"] == "canny"
+    assert control["image"] == "sha256:" + hashlib.sha256(edges.read_bytes()).hexdigest()
+    assert "loras" not in request
 
 
 def test_a_cut_stream_resumes_after_its_last_event(page: Any, studio: Studio) -> None:

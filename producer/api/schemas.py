@@ -39,8 +39,67 @@ class JobPage(BaseModel):
     )
 
 
+class ModelDefaults(BaseModel):
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+
+
+class ModelLimits(BaseModel):
+    max_side: int
+    max_pixels: int
+
+
+class ControlNetOption(BaseModel):
+    name: str = Field(description="What `control[].name` may say for this model.")
+    family: str = Field(description="The pipeline family it was made for: the model's.")
+    kind: str = Field(description="What its control image is: canny, depth, pose, ….")
+    preprocess: list[str] = Field(description="The values `control[].preprocess` takes.")
+
+
+class IpAdapterOption(BaseModel):
+    source: str = Field(description="The model's IP-Adapter (its registry source).")
+    modes: list[str] = Field(description="The values `references[].mode` takes here.")
+    max_images: int = Field(description="How many `references` a request may give.")
+
+
+class LoraOption(BaseModel):
+    name: str = Field(description="What `loras[].name` may say for this model.")
+    family: str = Field(description="The pipeline family it was made for: the model's.")
+
+
+class ModelItem(BaseModel):
+    name: str
+    pipeline: str = Field(description="The model's family: sdxl, sd15, flux or simulated.")
+    source: str
+    revision: str | None
+    defaults: ModelDefaults
+    limits: ModelLimits
+    schedulers: list[str]
+    cfg: bool = Field(description="Whether it runs classifier-free guidance.")
+    size_multiple: int
+    references: bool = Field(description="Whether it takes `references` (an IP-Adapter).")
+    controlnets: list[ControlNetOption] = Field(
+        description="The registry's ControlNets a request for this model may name in "
+        "`control` (those of its family); empty: it takes none."
+    )
+    max_controls: int = Field(description="How many `control` entries a request may give.")
+    ip_adapter: IpAdapterOption | None = Field(
+        description="What its `references` may be; null: it takes none."
+    )
+    loras: list[LoraOption] = Field(
+        description="The registry's LoRAs a request for this model may name in `loras` "
+        "(those of its family); `storage:<key>` and `job:<id>` adapters come besides."
+    )
+
+
 class ModelList(BaseModel):
-    models: list[dict[str, Any]] = Field(description="Each registry model's public view.")
+    models: list[ModelItem] = Field(
+        description="Each registry model: its defaults, its limits, and the names "
+        "its requests' `control`, `references` and `loras` may use."
+    )
     default_model: str = Field(description="The model of a request that names none.")
     aliases: dict[str, str] = Field(
         description="Model names OpenAI clients may send "

@@ -27,6 +27,7 @@ from producer.cli.common import (
     request_from_args,
 )
 from producer.cli.jobs import add_parser as add_jobs_parser
+from producer.cli.models import add_parser as add_models_parser
 from producer.client import Client
 from producer.core.contract import Status
 from producer.core.errors import InvalidRequest, JobNotFound, Unavailable
@@ -118,21 +119,6 @@ def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     with Client(settings) as client:
         record = client.cancel(args.id)
     print_json(record) if args.json else print(f"{record['id']} {record['status']}")
-    return EXIT_OK
-
-
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    registry = Registry.load(settings.models_file)
-    models = [spec.public() for spec in registry]
-    if args.json:
-        print_json(models)
-    else:
-        for m in models:
-            d = m["defaults"]
-            print(
-                f"{m['name']:<18} {m['source']}  {d['width']}×{d['height']} "
-                f"{d['steps']} steps cfg {d['guidance_scale']} {d['scheduler']}"
-            )
     return EXIT_OK
 
 
@@ -278,18 +264,14 @@ def _add_job_parsers(sub: Any) -> None:
         p.add_argument("--json", action="store_true")
         p.set_defaults(func=func)
 
-    add_jobs_parser(sub)
-
     p = sub.add_parser("events", help="print a job's events until it ends")
     p.add_argument("id")
     p.add_argument("--after", help="resume after this event id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
 
-    p = sub.add_parser("models", help="list the model registry")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
-
+    add_jobs_parser(sub)
+    add_models_parser(sub)
     for name, func, helptext in (
         ("queues", cmd_queues, "queue depth per model"),
         ("workers", cmd_workers, "live workers (heartbeats)"),

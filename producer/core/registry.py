@@ -2,6 +2,8 @@
 
 Pure data, read from ``producer/core/models.toml`` plus the file ``ATELIER_MODELS_FILE``
 names. The producer validates requests against it; the worker loads pipelines from it.
+A model's ``options`` table is typed in :mod:`producer.core.pipeline_options`;
+:meth:`Registry.view` says which ControlNets, reference modes and LoRAs a model takes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from producer.core import keys as K
+from producer.core.contract import MAX_CONTROLS, MAX_REFERENCES, ControlRef, ReferenceRef
+from producer.core.pipeline_options import PipelineOptions, parse_options
 
 #: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
 #: model at all, a stand-in that sleeps ``gpu_ms`` per image (the GIL released, as a GPU
@@ -49,119 +53,6 @@ FLOW_PIPELINES = ("flux",)
 #: Families whose CLIP prompts take (word:1.3) weighting and more than 77 tokens here.
 WEIGHTING_PIPELINES = ("sdxl", "sd15")
 DTYPES = ("fp16", "bf16", "fp32")
-
-#: torch.compile modes a worker may use. The CUDA-graph modes (``reduce-overhead``,
-#: ``max-autotune``) are left out: CUDA graphs are recorded per thread, and the worker
-#: warms up on its main thread and runs jobs on its pool's threads.
-COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
-ATTENTION = ("sdpa", "eager")
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """How the worker sets a pipeline up for speed or for a small card
-    (``[models.NAME.options]``). Every option defaults to stock diffusers behaviour."""
-
-    #: Attention kernel: ``sdpa`` (torch's scaled_dot_product_attention, flash or
-    #: memory-efficient kernels on CUDA) or ``eager`` (plain matmul + softmax).
-    attention: str = "sdpa"
-    #: UNet and VAE weights and activations in channels-last memory format.
-    channels_last: bool = False
-    #: Fuse the q, k, v projections of every attention block into one matmul.
-    fuse_qkv: bool = False
-    #: torch.compile the UNet with this mode; the warm-up compiles it before the
-    #: worker takes a job.
-    compile: str = "off"
-    #: torch.compile backend: ``inductor`` on a GPU; ``eager`` / ``aot_eager`` trace
-    #: the model without generating kernels (tests, debugging graph breaks).
-    compile_backend: str = "inductor"
-    #: Refuse graph breaks in the compiled UNet.
-    compile_fullgraph: bool = False
-    #: Decode with the VAE upcast to fp32 when the model runs in fp16 (the stock SDXL
-    #: VAE overflows in fp16). None: the VAE config's ``force_upcast``. ``false`` with
-    #: a fp16-fixed VAE (``vae_source``) decodes in fp16.
-    vae_upcast: bool | None = None
-    #: Keep each model on the CPU until it runs (accelerate hooks): less GPU memory,
-    #: slower. CUDA only.
-    cpu_offload: bool = False
-    #: Decode the VAE in tiles (large images on small cards).
-    vae_tiling: bool = False
-    #: Decode the VAE one image at a time.
-    vae_slicing: bool = False
-    #: Attention in slices: ``off``, ``auto`` (half a head), ``max`` (one slice per
-    #: step), or a slice size. Replaces SDPA: for small cards only.
-    attention_slicing: str | int = "off"
-
-    def active(self) -> dict[str, Any]:
-        """The options that differ from stock diffusers (for logs and manifests)."""
-        default = PipelineOptions()
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(default, f.name)
-        }
-
-
-_OPTION_KINDS: dict[str, type | tuple[type, ...]] = {
-    "attention": str,
-    "channels_last": bool,
-    "fuse_qkv": bool,
-    "compile": str,
-    "compile_backend": str,
-    "compile_fullgraph": bool,
-    "vae_upcast": bool,
-    "cpu_offload": bool,
-    "vae_tiling": bool,
-    "vae_slicing": bool,
-    "attention_slicing": (str, int),
-}
-
-
-def _options(name: str, raw: Any, origin: str) -> PipelineOptions:
-    where = f"{origin}: model {name!r}"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: options must be a table")
-    unknown = sorted(set(raw) - set(_OPTION_KINDS))
-    if unknown:
-        raise ValueError(f"{where}: unknown options {unknown}; known: {sorted(_OPTION_KINDS)}")
-    problems = []
-    for key, value in raw.items():
-        kind = _OPTION_KINDS[key]
-        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if not ok:
-            names = (
-                kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            )
-            problems.append(f"options.{key} must be a {names}, not {value!r}")
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-    opts = PipelineOptions(**raw)
-    if opts.attention not in ATTENTION:
-        problems.append(f"options.attention must be one of {ATTENTION}")
-    if opts.compile not in COMPILE_MODES:
-        problems.append(f"options.compile must be one of {COMPILE_MODES}")
-    if not opts.compile_backend:
-        problems.append("options.compile_backend must not be empty")
-    slicing = opts.attention_slicing
-    if isinstance(slicing, str) and slicing not in ("off", "auto", "max"):
-        problems.append("options.attention_slicing must be off, auto, max or a positive int")
-    if isinstance(slicing, int) and slicing < 1:
-        problems.append("options.attention_slicing must be off, auto, max or a positive int")
-    if opts.fuse_qkv and opts.attention != "sdpa":
-        problems.append('options.fuse_qkv needs attention = "sdpa" (its fused processor uses SDPA)')
-    if opts.fuse_qkv and slicing != "off":
-        problems.append(
-            "options.fuse_qkv and options.attention_slicing exclude each other "
-            "(slicing replaces the fused attention processors)"
-        )
-    if opts.cpu_offload and opts.compile != "off":
-        problems.append(
-            "options.cpu_offload and options.compile exclude each other "
-            "(offload hooks move weights between devices under the compiled graph)"
-        )
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-    return opts
 
 
 @dataclass(frozen=True)
@@ -240,7 +131,8 @@ class ModelSpec:
     ip_adapter: IpAdapterSpec | None = None
 
     def public(self) -> dict[str, Any]:
-        """What ``GET /v1/models`` and ``atelier models`` show."""
+        """The model's own part of what ``GET /v1/models`` shows (:meth:`Registry.view`
+        adds what its requests may name)."""
         return {
             "name": self.name,
             "pipeline": self.pipeline,
@@ -303,7 +195,7 @@ def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
     if "gpu_ms" in raw:
         raw = {**raw, "gpu_ms": float(raw["gpu_ms"])}
     if "options" in raw:
-        raw = {**raw, "options": _options(name, raw["options"], origin)}
+        raw = {**raw, "options": parse_options(name, raw["options"], origin)}
     if "ip_adapter" in raw:
         raw = {
             **raw,
@@ -330,6 +222,14 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
             "schedulers": tuple(raw.get("schedulers", ())) or (raw.get("scheduler", "euler"),),
         },
     )
+    problems = _problems(spec, raw)
+    if problems:
+        raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
+    return spec
+
+
+def _problems(spec: ModelSpec, raw: dict[str, Any]) -> list[str]:
+    """What is wrong with a model's values, each in their own words (none: it is fine)."""
     problems = []
     if spec.pipeline not in PIPELINES:
         problems.append(f"pipeline must be one of {PIPELINES}")
@@ -370,9 +270,7 @@ def _spec(name: str, raw: dict[str, Any], origin: str) -> ModelSpec:
         problems.append("gpu_ms applies to simulated pipelines only")
     if "options" in raw and spec.pipeline not in OPTION_PIPELINES:
         problems.append(f"options apply to {', '.join(OPTION_PIPELINES)} pipelines only")
-    if problems:
-        raise ValueError(f"{origin}: model {name!r}: " + "; ".join(problems))
-    return spec
+    return problems
 
 
 @dataclass(frozen=True)
@@ -386,6 +284,10 @@ class LoraSpec:
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family}
+
+    def fits(self, spec: ModelSpec) -> bool:
+        """Whether a request for ``spec`` may name it: it was made for the model's family."""
+        return self.family == spec.pipeline
 
 
 def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
@@ -418,6 +320,10 @@ class ControlNetSpec:
 
     def public(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "kind": self.kind}
+
+    def fits(self, spec: ModelSpec) -> bool:
+        """Whether a request for ``spec`` may name it: it was made for the model's family."""
+        return self.family == spec.pipeline
 
 
 def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
@@ -470,6 +376,41 @@ class Registry:
             {n: _lora(n, r, origin) for n, r in raw_loras.items()},
             {n: _controlnet(n, r, origin) for n, r in raw_cn.items()},
         )
+
+    def controlnets_for(self, spec: ModelSpec) -> list[ControlNetSpec]:
+        """The ControlNets a request for ``spec`` may name in ``control``: those of its
+        family, where the family takes ControlNets at all (as the validator checks)."""
+        if spec.pipeline not in CONTROLNET_PIPELINES:
+            return []
+        return [cn for n in self.controlnet_names() if (cn := self._controlnets[n]).fits(spec)]
+
+    def loras_for(self, spec: ModelSpec) -> list[LoraSpec]:
+        """The registry LoRAs a request for ``spec`` may name in ``loras``: those made for
+        its family. (``storage:<key>`` and ``job:<id>`` adapters are not listed.)"""
+        return [lora for n in self.lora_names() if (lora := self._loras[n]).fits(spec)]
+
+    def view(self, spec: ModelSpec) -> dict[str, Any]:
+        """What ``GET /v1/models`` and ``atelier models`` show of a model: its public
+        view, and the names and modes its requests' ``control``, ``references`` and
+        ``loras`` may use."""
+        preprocess = list(get_args(ControlRef.model_fields["preprocess"].annotation))
+        ip_adapter = None
+        if spec.ip_adapter is not None and spec.pipeline in IP_ADAPTER_PIPELINES:
+            modes = get_args(ReferenceRef.model_fields["mode"].annotation)
+            ip_adapter = {
+                "source": spec.ip_adapter.source,
+                "modes": list(modes) if spec.pipeline in REFERENCE_MODE_PIPELINES else ["full"],
+                "max_images": MAX_REFERENCES,
+            }
+        return {
+            **spec.public(),
+            "controlnets": [
+                {**cn.public(), "preprocess": preprocess} for cn in self.controlnets_for(spec)
+            ],
+            "max_controls": MAX_CONTROLS,
+            "ip_adapter": ip_adapter,
+            "loras": [lora.public() for lora in self.loras_for(spec)],
+        }
 
     def controlnet(self, name: str) -> ControlNetSpec | None:
         return self._controlnets.get(name)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from producer.core.registry import OPTION_PIPELINES, ModelSpec, PipelineOptions
+from producer.core.pipeline_options import PipelineOptions
+from producer.core.registry import OPTION_PIPELINES, ModelSpec
 from producer.core.settings import Settings
 
 log = logging.getLogger(__name__)

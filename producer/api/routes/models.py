@@ -1,5 +1,6 @@
-"""``GET /v1/models``: the registry's models, their defaults and limits, and the aliases
-OpenAI clients may use (atelier's own shape, not OpenAI's model list)."""
+"""``GET /v1/models``: the registry's models, their defaults and limits, the ControlNets,
+reference modes and LoRAs each model's requests may name (:meth:`Registry.view`), and the
+aliases OpenAI clients may use (atelier's own shape, not OpenAI's model list)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def models(state: StateDep, who: Auth) -> JSONResponse:
     return JSONResponse(
         {
-            "models": [spec.public() for spec in state.registry],
+            "models": [state.registry.view(spec) for spec in state.registry],
             "default_model": state.settings.default_model,
             "aliases": state.settings.model_aliases,
         }

@@ -1,12 +1,16 @@
 // A form built from a list of field descriptors, so each kind of job (generate today,
 // train later) is a list of fields and a submit function:
 //
-//   { name, label, type: "text" | "textarea" | "number" | "select" | "checkbox",
-//     required, min, max, step, placeholder, hint, options: [{value, label}], wide }
+//   { name, label, type: "text" | "textarea" | "number" | "select" | "checkbox" | "file",
+//     required, min, max, step, placeholder, hint, options: [{value, label}], accept, wide,
+//     errorsOf: ["control.0.image"] }
+//
+// A file field's value is its File (the kind's submit turns it into a data: URI).
 //
 // ``name`` is the request's field name: a refusal's ``fields[].field`` ("width",
-// "loras.0.name") is shown under the field of its first part, and the field is marked
-// aria-invalid and described by the message.
+// "loras.0.name") is shown under the field that names it in ``errorsOf``, else under the
+// field of its first part, and the field is marked aria-invalid and described by the
+// message.
 
 let uid = 0;
 
@@ -33,6 +37,7 @@ export class SchemaForm {
   constructor(form, fields, { submitLabel, onSubmit, onChange }) {
     this.form = form;
     this.fields = new Map();
+    this.errorsOf = new Map(); // a refusal's field path -> the form field showing it
     this.onChange = onChange;
     form.noValidate = true; // the API is the judge: its refusals name the field
     const grid = element("div", { class: "fields" });
@@ -65,6 +70,7 @@ export class SchemaForm {
     wrap.dataset.field = spec.name;
     input.addEventListener("change", () => this.onChange?.(spec.name, this));
     this.fields.set(spec.name, { spec, input, error, wrap, hintId: spec.hint ? `${id}-hint` : "" });
+    for (const path of spec.errorsOf || []) this.errorsOf.set(path, spec.name);
     return wrap;
   }
 
@@ -82,7 +88,7 @@ export class SchemaForm {
       return element("input", { ...common, type: "checkbox", checked: spec.checked });
     }
     return element("input", {
-      ...common, type: spec.type, min: spec.min, max: spec.max, step: spec.step,
+      ...common, type: spec.type, min: spec.min, max: spec.max, step: spec.step, accept: spec.accept,
       placeholder: spec.placeholder, inputmode: spec.type === "number" ? "numeric" : undefined,
     });
   }
@@ -91,11 +97,16 @@ export class SchemaForm {
     select.replaceChildren(...options.map((o) => element("option", { value: o.value, text: o.label ?? o.value })));
   }
 
-  /** The request: numbers as numbers; empty, unchecked and disabled fields left out. */
+  /** The request: numbers as numbers, files as Files; empty, unchecked and disabled
+   * fields left out. */
   values() {
     const out = {};
     for (const [name, { spec, input }] of this.fields) {
       if (input.disabled) continue;
+      if (spec.type === "file") {
+        if (input.files?.length) out[name] = input.files[0];
+        continue;
+      }
       if (spec.type === "checkbox") {
         if (input.checked) out[name] = true; // unchecked: left out, as a browser does
         continue;
@@ -107,11 +118,12 @@ export class SchemaForm {
     return out;
   }
 
-  /** Fill the fields named in ``values`` (the others keep theirs). */
+  /** Fill the fields named in ``values`` (the others keep theirs; a file field keeps its
+   * file: a page cannot choose one). */
   setValues(values) {
     for (const [name, value] of Object.entries(values)) {
       const field = this.fields.get(name);
-      if (!field || value === undefined || value === null) continue;
+      if (!field || value === undefined || value === null || field.spec.type === "file") continue;
       if (field.spec.type === "checkbox") field.input.checked = Boolean(value);
       else field.input.value = String(value);
     }
@@ -155,7 +167,7 @@ export class SchemaForm {
     const loose = [];
     let first = null;
     for (const { field, message } of error.fields || []) {
-      const target = this.fields.get(String(field).split(".")[0]);
+      const target = this.fields.get(this.errorsOf.get(field) ?? String(field).split(".")[0]);
       if (!target || target.wrap.hidden) {
         loose.push(`${field}: ${message}`);
         continue;
