@@ -49,6 +49,7 @@ from producer.core import keys as K
 from producer.core.contract import Status, new_record, now_iso, terminal_event
 from producer.jobs.joblist import JobList
 from producer.jobs.store import JobStore
+from tests.records import changed
 from tests.servers import api_process
 
 KEYS = {"small": "bench-list-key-small-0123456789", "big": "bench-list-key-big-0123456789"}
@@ -111,7 +112,7 @@ def fill(url: str, owner: str, count: int) -> float:
             ]
             if status is Status.QUEUED:
                 continue
-            ended = dict(
+            ended = changed(
                 record,
                 status=status.value,
                 started_at=now_iso(),

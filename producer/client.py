@@ -10,14 +10,15 @@ from typing import Any
 import redis
 
 from producer.core import keys as K
-from producer.core.contract import Kind, Status, new_record, now_iso
+from producer.core.contract import Event, Kind, Record, Status, new_record, now_iso
 from producer.core.errors import JobNotFound, KeyClaimed, Unavailable
 from producer.core.images import decode_data_uri
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
 from producer.jobs.broker import make_celery, send_job
+from producer.jobs.eventlog import carried_record
 from producer.jobs.joblist import DEFAULT_LIMIT, JobList, JobPage
-from producer.jobs.store import Claim, JobStore
+from producer.jobs.store import Claim, JobStore, Verdict
 from producer.requests.generate import validate_request
 
 
@@ -101,7 +102,7 @@ class Client:
                 return job_id
             except (redis.RedisError, JobNotFound):
                 raise Unavailable(f"job store unavailable: {exc}") from exc
-        if not out.ok and out.detail == "claimed":
+        if out.detail is Verdict.CLAIMED:
             # Our message finds no record and is dropped by the worker that takes it.
             raise KeyClaimed(f"the idempotency key already names a job ({job_id} not created)")
         return job_id
@@ -138,7 +139,7 @@ class Client:
         digest = self.store.put_input(_inline_bytes(src, self.settings))
         return f"sha256:{digest}" + (".zip" if is_zip_source(src) else "")
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> Record:
         return self.store.get(job_id)
 
     def list(
@@ -165,27 +166,27 @@ class Client:
 
     def events(
         self, job_id: str, after: str | None = None, timeout: float | None = None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Event]:
         """The job's events in order, from the start or after event id ``after``,
         until the terminal one. Resume with the last id seen."""
         return self.store.follow(job_id, after=after, timeout_s=timeout)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float | None = None) -> Record:
         """Block until the job is terminal and return its record."""
-        last: dict[str, Any] = {}
+        last: Event | None = None
         for event in self.store.follow(job_id, timeout_s=timeout):
             last = event
         # The terminal event carries the record as that transition wrote it, and a
         # terminal record never changes: no second round trip.
-        job = last.get("data", {}).get("job")
-        if isinstance(job, dict) and Status(job.get("status", "queued")).is_terminal():
+        job = carried_record(last) if last is not None else None
+        if job is not None and Status(job.get("status", Status.QUEUED)).is_terminal():
             return job
         record = self.store.get(job_id)
         if not Status(record["status"]).is_terminal():  # the log was trimmed or expired
             raise TimeoutError(f"job {job_id} is still {record['status']}")
         return record
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> Record:
         """Ask for cancellation and return the record as it stands (a running job
         becomes ``cancelled`` at its next denoising step; ``wait`` for it)."""
         return self.store.request_cancel(job_id).record

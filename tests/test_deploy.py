@@ -22,6 +22,7 @@ import redis
 import yaml
 
 from producer.core import keys as K
+from producer.core.contract import Kind
 from producer.core.redis_url import is_sentinel, parse_sentinel_url
 from producer.core.settings import Settings
 from producer.jobs.broker import queue_depth
@@ -416,7 +417,7 @@ def test_scaled_objects_sum_the_model_queue() -> None:
         triggers = spec["triggers"]
         # The ten lists of the model's Celery queue (a training worker: of its trainings'
         # queue, atelier.train.<model>), each exactly once.
-        lane = K.lane(model, "train" if "--train" in c["command"] else "generate")
+        lane = K.lane(model, Kind.TRAIN if "--train" in c["command"] else Kind.GENERATE)
         assert [t["metadata"]["listName"] for t in triggers] == K.queue_keys(lane)
         assert spec["minReplicaCount"] == 0
         assert spec["maxReplicaCount"] >= 1
@@ -581,7 +582,7 @@ def test_sigterm_lets_the_running_job_finish(
             assert worker.proc.wait(timeout=120) == 0
             done = client.get(long_job)
             assert done["status"] == "succeeded" and done["attempts"] == 1
-            assert Path(tmp_path / "out" / done["outputs"][0]["key"]).is_file()
+            assert Path(tmp_path / "out" / str(done["outputs"][0]["key"])).is_file()
             # The job it had not taken is still queued, in the lists KEDA reads.
             assert client.get(waiting)["status"] == "queued"
             r = redis.Redis.from_url(server.url)

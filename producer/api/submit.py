@@ -27,7 +27,7 @@ from producer.api.records import view
 from producer.api.state import ApiState
 from producer.client import new_job_id
 from producer.core import keys as K
-from producer.core.contract import Kind
+from producer.core.contract import Kind, Record
 from producer.core.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
 from producer.jobs.broker import queue_depth
 from producer.jobs.idempotency import IdempotencyKey
@@ -78,7 +78,7 @@ class Taken:
     """A job taken in: its record as it stands, and whether an earlier request with the
     same ``Idempotency-Key`` made it (nothing new was enqueued)."""
 
-    record: dict[str, Any]
+    record: Record
     replayed: bool
 
 
@@ -151,7 +151,7 @@ def submit(
     return JSONResponse(view(state, taken.record), status_code=202, headers=headers)
 
 
-def _replay(state: ApiState, key: IdempotencyKey) -> dict[str, Any] | None:
+def _replay(state: ApiState, key: IdempotencyKey) -> Record | None:
     """The record of the job a request's key already names, or None while it names none."""
     try:
         return state.store.claimed(key)

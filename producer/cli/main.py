@@ -17,7 +17,7 @@ from typing import Any
 
 from producer.cli.jobs import add_parser as add_jobs_parser
 from producer.client import Client
-from producer.core.contract import EXTENSIONS, EventType, Status
+from producer.core.contract import EXTENSIONS, EventType, Kind, Record, Status
 from producer.core.errors import InvalidRequest, JobNotFound, Unavailable
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
@@ -32,7 +32,7 @@ def _print_json(obj: Any) -> None:
 
 def follow_with_progress(
     client: Client, job_id: str, quiet: bool = False, timeout: float | None = None
-) -> dict[str, Any]:
+) -> Record:
     """Show a progress bar fed by the job's events; return the final record."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -73,16 +73,17 @@ def follow_with_progress(
     return client.get(job_id)
 
 
-def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[Path]:
+def download_outputs(settings: Settings, record: Record, out_dir: Path) -> list[Path]:
     storage = storage_from_settings(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     ext = EXTENSIONS[record["request"]["output_format"]]
     for output in record["outputs"]:
-        if output.get("withheld"):  # flagged by the safety checker: nothing stored
+        key = output["key"]
+        if output.get("withheld") or key is None:  # the safety checker's: nothing stored
             continue
         path = out_dir / f"{record['id']}-{output['index']}.{ext}"
-        path.write_bytes(storage.get(output["key"]))
+        path.write_bytes(storage.get(key))
         paths.append(path)
     return paths
 
@@ -143,10 +144,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return _report(settings, record, args)
 
 
-def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace) -> int:
+def _report(settings: Settings, record: Record, args: argparse.Namespace) -> int:
     paths = []
     if getattr(args, "out", None) and record["status"] == Status.SUCCEEDED:
-        if record.get("kind") == "train":
+        if record.get("kind") == Kind.TRAIN:
             from producer.cli.train import download
 
             paths = download(settings, record, Path(args.out))
@@ -156,8 +157,8 @@ def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace
         _print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
     else:
         print(f"{record['id']} {record['status']}")
-        if record.get("error"):
-            print(f"  error {record['error']['code']}: {record['error']['message']}")
+        if error := record.get("error"):
+            print(f"  error {error['code']}: {error['message']}")
         shown: list[Any] = list(paths) or [o["url"] or "(withheld)" for o in record["outputs"]]
         for p in shown:
             print(f"  {p}")
@@ -178,8 +179,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
         for o in record["outputs"]:
             print(f"  {o['url'] or '(withheld)'}")
-        if record.get("error"):
-            print(f"  error {record['error']['code']}: {record['error']['message']}")
+        if error := record.get("error"):
+            print(f"  error {error['code']}: {error['message']}")
         for d in deliveries:
             print(
                 f"  webhook {d['type']} attempt {d['attempt']}: {d['outcome']} "

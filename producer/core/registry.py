@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.core import keys as K
+from producer.core.contract import Kind
 
 #: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
 #: model at all, a stand-in that sleeps ``gpu_ms`` per image (the GIL released, as a GPU
@@ -497,7 +498,7 @@ class Registry:
         train (``train.<model>``, :func:`producer.core.keys.lane`)."""
         return [
             *self.names(),
-            *(K.lane(s.name, "train") for s in self if s.pipeline in TRAINABLE_PIPELINES),
+            *(K.lane(s.name, Kind.TRAIN) for s in self if s.pipeline in TRAINABLE_PIPELINES),
         ]
 
     def __iter__(self):  # type: ignore[no-untyped-def]

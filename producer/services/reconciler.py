@@ -45,7 +45,7 @@ from typing import Any
 import redis
 
 from producer.core import keys as K
-from producer.core.contract import EventType, Status, now_iso, terminal_event
+from producer.core.contract import EventType, Record, Status, now_iso, terminal_event
 from producer.core.errors import JobNotFound, WorkerLost
 from producer.core.loops import run_every
 from producer.core.registry import Registry
@@ -195,7 +195,12 @@ class Reconciler:
                 f"the worker running this job was lost {record['attempts']} times "
                 f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})"
             ).to_error()
-            failed = dict(record, status=Status.FAILED.value, finished_at=now_iso(), error=err)
+            failed: Record = {
+                **record,
+                "status": Status.FAILED,
+                "finished_at": now_iso(),
+                "error": err,
+            }
             out = self.store.apply(
                 job_id,
                 allowed=Status.RUNNING.value,
@@ -243,7 +248,7 @@ class Reconciler:
         )
         return "lease_expired"
 
-    def _requeue(self, job_id: str, record: dict[str, Any], tags: list[str]) -> str:
+    def _requeue(self, job_id: str, record: Record, tags: list[str]) -> str:
         """Put the job's message back at the head of its queue: its unacked entry if
         the broker still has one, else (and only then) a new message."""
         req = record["request"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from producer.core.contract import Status, denoise_steps
+from producer.core.contract import Kind, Status, denoise_steps
 from producer.core.errors import InternalError
 from producer.core.settings import Settings
 from producer.core.storage import LocalStorage, S3Storage
@@ -30,7 +30,6 @@ from worker.diffusion.safety import SafetyChecker
 from worker.generation import inputs, outputs
 from worker.generation.conditioning import Conditioning
 from worker.generation.generate import generate
-from worker.lifecycle import GENERATE
 from worker.run import Run
 
 __all__ = ["Generation"]
@@ -40,7 +39,7 @@ class Generation:
     """The process's models and what their jobs need beside them (storage, LoRAs, the
     safety checker); one instance serves every generation job."""
 
-    kind = GENERATE
+    kind = Kind.GENERATE
 
     def __init__(
         self,
