@@ -187,15 +187,14 @@ class Reconciler:
         return reasons
 
     def _take_back(self, job_id: str, snap: Snapshot) -> str | None:
-        record, tag = snap.record, snap.tag or ""
+        record, tag, started = snap.record, snap.tag or "", snap.status is Status.RUNNING
         lease = f"expired:{snap.lease}|{tag}"
-        started = snap.status is Status.RUNNING
         if started and record["attempts"] >= self.settings.max_attempts:
             err = WorkerLost(
                 f"the worker running this job was lost {record['attempts']} times "
                 f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})"
             ).to_error()
-            failed: Record = {
+            lost: Record = {
                 **record,
                 "status": Status.FAILED,
                 "finished_at": now_iso(),
@@ -205,8 +204,8 @@ class Reconciler:
                 job_id,
                 allowed=Status.RUNNING.value,
                 token=snap.token,
-                record=failed,
-                events=[terminal_event(failed)],
+                record=lost,
+                events=[terminal_event(lost)],
                 lease=lease,
             )
             if not out.ok:
@@ -222,15 +221,13 @@ class Reconciler:
             )
             return "worker_lost"
         attempt = record["attempts"] + 1
-        events = (
-            [(EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"})] if started else []
-        )
+        retrying = (EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"})
         out = self.store.apply(
             job_id,
             allowed=f"{Status.QUEUED.value},{Status.RUNNING.value}",
             token=snap.token,
             new_token=secrets.token_hex(8),
-            events=events,
+            events=[retrying] if started else [],
             lease=lease,
             requeue=record,
             announce=attempt if started else None,
