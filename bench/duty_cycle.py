@@ -61,7 +61,7 @@ def run_jobs(settings: Settings, model: str, jobs: int) -> dict[str, Any]:
     bad = [r for r in records if r["status"] != "succeeded"]
     if bad:
         raise RuntimeError(f"{len(bad)} jobs did not succeed: {bad[0]}")
-    starts = [parse_iso(r["started_at"]).timestamp() for r in records]
+    starts = [parse_iso(str(r["started_at"])).timestamp() for r in records]
     ends = [s + r["timings"]["inference_ms"] / 1000 for s, r in zip(starts, records, strict=True)]
     t = [r["timings"] for r in records]
     return {

@@ -50,6 +50,7 @@ from producer.core.normalized import GenerateRequest
 from producer.jobs.intake import new_job_id
 from producer.jobs.joblist import JobList
 from producer.jobs.store import JobStore
+from tests.records import changed
 from tests.servers import api_process
 
 KEYS = {"small": "bench-list-key-small-0123456789", "big": "bench-list-key-big-0123456789"}
@@ -114,7 +115,7 @@ def fill(url: str, owner: str, count: int) -> float:
             ]
             if status is Status.QUEUED:
                 continue
-            ended = dict(
+            ended = changed(
                 record,
                 status=status.value,
                 started_at=now_iso(),

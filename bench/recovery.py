@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Bench, emit, load_average, log, percentile, simulated_model
 from producer import Client
 from producer.core import keys as K
-from producer.core.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
+from producer.core.contract import TERMINAL_EVENTS, EventType, Record, Status, parse_iso
 from producer.jobs.eventlog import decode_event
 from tests.servers import Worker
 
@@ -115,7 +115,7 @@ def main() -> int:
                         continue
                 time.sleep(0.01)
             deadline = time.monotonic() + 150
-            records: dict[str, dict[str, Any]] = {}
+            records: dict[str, Record] = {}
             while len(records) < len(ids) and time.monotonic() < deadline:
                 for job_id in ids:
                     if job_id not in records:
@@ -128,9 +128,11 @@ def main() -> int:
                 for eid, f in r.xrange(K.GLOBAL_EVENTS)
                 if EventType(f[b"type"].decode()) in TERMINAL_EVENTS
             )
-    lost = sum(1 for j in ids if records.get(j, {}).get("status") != Status.SUCCEEDED)
+    lost = sum(
+        1 for j in ids if (records[j]["status"] if j in records else None) != Status.SUCCEEDED
+    )
     recoveries = [
-        parse_iso(records[j]["finished_at"]).timestamp() - t
+        parse_iso(str(records[j]["finished_at"])).timestamp() - t
         for j, t in held.items()
         if j in records
     ]

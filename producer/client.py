@@ -6,11 +6,12 @@ import builtins
 from collections.abc import Iterator
 from typing import Any
 
-from producer.core.contract import Kind, Status
+from producer.core.contract import Event, Kind, Record, Status
 from producer.core.normalized import NormalizedRequest
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
 from producer.jobs.broker import make_celery
+from producer.jobs.eventlog import carried_record
 from producer.jobs.idempotency import IdempotencyKey
 from producer.jobs.intake import Admission, Intake, IntakeResult, new_job_id
 from producer.jobs.joblist import DEFAULT_LIMIT, JobList, JobPage
@@ -92,7 +93,7 @@ class Client:
         check_job_loras(normalized, self.store, owner, check_owner=check_owner)
         return normalized
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> Record:
         return self.store.get(job_id)
 
     def list(
@@ -119,20 +120,20 @@ class Client:
 
     def events(
         self, job_id: str, after: str | None = None, timeout: float | None = None
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Event]:
         """The job's events in order, from the start or after event id ``after``,
         until the terminal one. Resume with the last id seen."""
         return self.store.follow(job_id, after=after, timeout_s=timeout)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float | None = None) -> Record:
         """Block until the job is terminal and return its record."""
-        last: dict[str, Any] = {}
+        last: Event | None = None
         for event in self.store.follow(job_id, timeout_s=timeout):
             last = event
         # The terminal event carries the record as that transition wrote it, and a
         # terminal record never changes: no second round trip.
-        job = last.get("data", {}).get("job")
-        if isinstance(job, dict) and Status(job.get("status", "queued")).is_terminal():
+        job = carried_record(last) if last is not None else None
+        if job is not None and Status(job.get("status", Status.QUEUED)).is_terminal():
             return job
         record = self.store.get(job_id)
         if not Status(record["status"]).is_terminal():  # the log was trimmed or expired
@@ -144,7 +145,7 @@ class Client:
         limits, and the ControlNets, reference modes and LoRAs its requests may name."""
         return [self.registry.view(spec) for spec in self.registry]
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> Record:
         """Ask for cancellation and return the record as it stands (a running job
         becomes ``cancelled`` at its next denoising step; ``wait`` for it)."""
         return self.store.request_cancel(job_id).record

@@ -23,7 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from producer import Client
 from producer.core import keys as K
-from producer.core.contract import TERMINAL_EVENTS, EventType, Status
+from producer.core.contract import TERMINAL_EVENTS, Event, EventType, Record, Status
 from producer.core.settings import Settings
 from tests.servers import AWS_ENV, Process, RedisServer, Worker, api_process, dispatcher_process
 
@@ -271,7 +271,7 @@ class Rig:
 
     # -- what the suite checks ------------------------------------------------------
 
-    def events(self) -> list[dict[str, Any]]:
+    def events(self) -> list[Event]:
         """The whole global event stream (every event of every job of this test)."""
         from producer.jobs.eventlog import decode_event
 
@@ -284,10 +284,10 @@ class Rig:
 
     def wait_terminal(
         self, client: Client, job_ids: list[str], timeout: float
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, Record]:
         """Every job's record once all are terminal; fails naming those that are not."""
         pending = set(job_ids)
-        records: dict[str, dict[str, Any]] = {}
+        records: dict[str, Record] = {}
 
         def all_terminal() -> bool:
             for jid in list(pending):
@@ -318,7 +318,7 @@ class Rig:
             if h is not None and h.decode().endswith(f":{worker.pid}")
         ]
 
-    def worker_of(self, doc: dict[str, Any], workers: list[Worker]) -> Worker:
+    def worker_of(self, doc: Record, workers: list[Worker]) -> Worker:
         """The worker process a record names (``host:pid``)."""
         pid = int(str(doc["worker"]).rsplit(":", 1)[1])
         [w] = [w for w in workers if w.proc is not None and w.proc.pid == pid]
@@ -327,7 +327,7 @@ class Rig:
 
 def wait_for_event(
     client: Client, job_id: str, etype: EventType, timeout: float = 60, after: str | None = None
-) -> dict[str, Any]:
+) -> Event:
     """The job's first event of type ``etype`` (after event id ``after``)."""
     for ev in client.events(job_id, after=after, timeout=timeout):
         if ev["type"] == etype:
@@ -335,7 +335,7 @@ def wait_for_event(
     raise AssertionError(f"job {job_id} ended before {etype}")
 
 
-def assert_one_outcome(rig: Rig, client: Client, job_id: str) -> list[dict[str, Any]]:
+def assert_one_outcome(rig: Rig, client: Client, job_id: str) -> list[Event]:
     """One terminal event, last in the job's log, carrying the record as it stands."""
     log = client.store.events(job_id, count=10_000)
     terminal = [e for e in log if EventType(e["type"]) in TERMINAL_EVENTS]
@@ -346,11 +346,11 @@ def assert_one_outcome(rig: Rig, client: Client, job_id: str) -> list[dict[str, 
     return log
 
 
-def finished_after(doc: dict[str, Any], instant: float) -> float:
+def finished_after(doc: Record, instant: float) -> float:
     """Seconds from ``instant`` (``time.time()``) to the job's end."""
     from producer.core.contract import parse_iso
 
-    return parse_iso(doc["finished_at"]).timestamp() - instant
+    return parse_iso(str(doc["finished_at"])).timestamp() - instant
 
 
 def stored_files(root: Path, job_id: str) -> list[str]:

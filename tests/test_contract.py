@@ -23,6 +23,7 @@ from producer.core import keys as K
 from producer.core.contract import MAX_SEED, Kind
 from producer.core.registry import Registry
 from producer.requests.generate import validate_request
+from tests.records import request_of
 
 #: A database no other test file uses, so its contents are ours alone.
 DB = 13
@@ -558,7 +559,7 @@ def test_model_dependent_checks_use_the_requested_model(client: Client, rdb: red
     job_id = client.submit(
         prompt=P, model="playground-v2.5", width=1024, height=1024, scheduler="edm_euler"
     )
-    assert client.get(job_id)["request"]["scheduler"] == "edm_euler"
+    assert request_of(client.get(job_id))["scheduler"] == "edm_euler"
 
 
 def test_valid_request_is_recorded_and_enqueued(client: Client, rdb: redis.Redis) -> None:
@@ -574,7 +575,7 @@ def test_valid_request_is_recorded_and_enqueued(client: Client, rdb: redis.Redis
 def test_valid_request_is_normalized(client: Client, rdb: redis.Redis) -> None:
     spec = client.registry["tiny-sdxl"]
     job_id = client.submit(prompt=P, metadata={"user": "u1"})
-    req = client.get(job_id)["request"]
+    req = request_of(client.get(job_id))
     assert req["model"] == "tiny-sdxl"
     assert (req["width"], req["height"]) == (spec.width, spec.height)
     assert req["steps"] == spec.steps
@@ -658,7 +659,7 @@ def test_img2img_request_through_client(client: Client, rdb: redis.Redis) -> Non
         webhook="https://hooks.example.com/in",
         webhook_events=["started", "completed"],
     )
-    req = client.get(job_id)["request"]
+    req = request_of(client.get(job_id))
     assert req["strength"] == 0.8
     assert req["webhook"] == "https://hooks.example.com/in"
     assert req["webhook_events"] == ["started", "completed"]

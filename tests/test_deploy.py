@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from producer.core import keys as K
+from producer.core.contract import Kind
 from producer.core.redis_url import is_sentinel
 from producer.core.settings import Settings
 from tests.deploy_files import (
@@ -290,7 +291,7 @@ def test_scaled_objects_sum_the_model_queue() -> None:
         triggers = spec["triggers"]
         # The ten lists of the model's Celery queue (a training worker: of its trainings'
         # queue, atelier.train.<model>), each exactly once.
-        lane = K.lane(model, "train" if "--train" in c["command"] else "generate")
+        lane = K.lane(model, Kind.TRAIN if "--train" in c["command"] else Kind.GENERATE)
         assert [t["metadata"]["listName"] for t in triggers] == K.queue_keys(lane)
         assert spec["minReplicaCount"] == 0
         assert spec["maxReplicaCount"] >= 1

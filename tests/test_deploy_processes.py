@@ -138,7 +138,7 @@ def test_sigterm_lets_the_running_job_finish(
             assert worker.proc.wait(timeout=120) == 0
             done = client.get(long_job)
             assert done["status"] == "succeeded" and done["attempts"] == 1
-            assert Path(tmp_path / "out" / done["outputs"][0]["key"]).is_file()
+            assert Path(tmp_path / "out" / str(done["outputs"][0]["key"])).is_file()
             # The job it had not taken is still queued, in the lists KEDA reads.
             assert client.get(waiting)["status"] == "queued"
             r = redis.Redis.from_url(server.url)

@@ -10,7 +10,7 @@ import redis
 
 from producer.core.errors import IdempotencyConflict
 from producer.jobs.idempotency import IdempotencyKey
-from producer.jobs.store import JobStore
+from producer.jobs.store import JobStore, Verdict
 
 #: A database no other test file uses; emptied around each test.
 DB = 10
@@ -50,7 +50,7 @@ def test_the_key_names_its_job_for_the_same_body_only(store: JobStore) -> None:
     with pytest.raises(IdempotencyConflict):
         store.claimed(IdempotencyKey.of("key_a", "order-42", {"prompt": "x", "seed": 2}))
     # A second create with the key is refused.
-    assert store.create(doc("j2", "key_a"), again.claim("j2", 60)).detail == "claimed"
+    assert store.create(doc("j2", "key_a"), again.claim("j2", 60)).detail is Verdict.CLAIMED
 
 
 def test_a_key_whose_record_expired_is_released(store: JobStore) -> None:

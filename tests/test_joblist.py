@@ -30,6 +30,7 @@ from producer.core.settings import Settings
 from producer.jobs.joblist import JobList
 from producer.jobs.store import JobStore
 from tests.helpers import Rig, wait_until, worker_env
+from tests.records import changed
 from tests.servers import RedisServer, Worker
 
 pytestmark = pytest.mark.slow
@@ -89,11 +90,11 @@ def add_job(
     if status is Status.QUEUED:
         return job_id
     snap = store.load(job_id)
-    running = dict(snap.record, status=Status.RUNNING.value, started_at=now_iso())
+    running = changed(snap.record, status=Status.RUNNING.value, started_at=now_iso())
     assert store.apply(
         job_id, allowed="queued", token=snap.token, record=running, new_token=f"run-{job_id}"
     ).ok
-    ended = dict(running, status=status.value, finished_at=now_iso())
+    ended = changed(running, status=status.value, finished_at=now_iso())
     assert store.apply(
         job_id,
         allowed="running",

@@ -160,7 +160,7 @@ def ran(
                 assert client.wait(ran.ok, timeout=60)["status"] == "succeeded"
                 failed = client.wait(ran.bad, timeout=60)
                 assert failed["status"] == "failed"
-                assert failed["error"]["code"] == "image_fetch_failed"
+                assert failed["error"] and failed["error"]["code"] == "image_fetch_failed"
             receiver.wait_for("/ok", 1)
             receiver.wait_for("/flaky", 2)
             for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):

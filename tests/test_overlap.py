@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer.core.contract import EventType, Status, parse_iso
+from producer.core.contract import EventType, Record, Status, parse_iso
 from producer.core.settings import Settings
 from tests.helpers import BUCKET, stack_values, worker_env
 from tests.servers import RedisServer, S3Server, Worker
@@ -70,7 +70,7 @@ def run_three(
     settings: Settings,
     model: str,
     watch_unacked: bool = False,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, str]], list[bool]]:
+) -> tuple[list[Record], dict[str, dict[str, str]], list[bool]]:
     """Three jobs at once; their records, the first event id of each type, and what
     was seen of their messages while they were being post-processed."""
     with Client(settings) as client:
@@ -128,8 +128,8 @@ def test_next_job_generates_while_the_previous_is_post_processed(workers: dict[s
     for prev, nxt in pairwise(order):
         # …but only after job N's generation ended: one generation at a time.
         a, b = by_id[prev], by_id[nxt]
-        a_end = parse_iso(a["started_at"]).timestamp() * 1000 + a["timings"]["inference_ms"]
-        assert parse_iso(b["started_at"]).timestamp() * 1000 >= a_end - 2  # ms rounding
+        a_end = parse_iso(str(a["started_at"])).timestamp() * 1000 + a["timings"]["inference_ms"]
+        assert parse_iso(str(b["started_at"])).timestamp() * 1000 >= a_end - 2  # ms rounding
     # At-least-once: a job's message stays unacknowledged while it is post-processed.
     assert held and all(held), held
 

@@ -21,7 +21,9 @@ from producer.core import keys as K
 from producer.core.contract import EventType, Status
 from producer.core.settings import Settings
 from producer.jobs.broker import send_job
+from producer.jobs.store import HoldResult, Verdict
 from producer.services.reconciler import Reconciler
+from tests.records import changed
 
 #: A database no other test file uses; emptied around each test.
 DB = 13
@@ -84,9 +86,9 @@ def take(client: Client, job_id: str) -> str:
 def start(client: Client, job_id: str, worker: str, tag: str, ttl_s: float = 0.2) -> str:
     """Lease the job as the worker would, and start it (status running)."""
     held = client.store.hold(job_id, worker, tag, ttl_s)
-    assert held.result == "ok" and held.snapshot is not None
+    assert held.result is HoldResult.OK and held.snapshot is not None
     snap = held.snapshot
-    doc = dict(
+    doc = changed(
         snap.record,
         status=Status.RUNNING.value,
         attempts=snap.record["attempts"] + 1,
@@ -140,7 +142,7 @@ def test_an_expired_lease_is_taken_back_and_its_message_restored_at_the_head(
         token=old_token,
         events=[(EventType.PROGRESS, {"step": 1, "total": 4})],
     )
-    assert not out.ok and out.detail == "fenced"
+    assert not out.ok and out.detail is Verdict.FENCED
     # One message, back at the head (the right end) of its list, under a fresh tag.
     [payload] = messages(client, job_id)
     assert payload["properties"]["delivery_tag"] != tag
@@ -178,7 +180,7 @@ def test_a_job_out_of_attempts_ends_worker_lost(client: Client, reconciler: Reco
         reasons = reconciler.run_pass()
         assert reasons["lease_expired" if attempt == 1 else "worker_lost"] == 1, reasons
     doc = client.get(job_id)
-    assert doc["status"] == Status.FAILED and doc["error"]["code"] == "worker_lost"
+    assert doc["status"] == Status.FAILED and doc["error"] and doc["error"]["code"] == "worker_lost"
     assert doc["attempts"] == 2
     assert messages(client, job_id) == [] and client.store.redis.hlen(K.UNACKED) == 0
     assert client.store.redis.zcard(K.LEASES) == 0
@@ -186,33 +188,33 @@ def test_a_job_out_of_attempts_ends_worker_lost(client: Client, reconciler: Reco
 
 def test_a_second_worker_drops_a_duplicate_of_a_held_job(client: Client) -> None:
     job_id = client.submit(prompt="held", model=MODEL)
-    assert client.store.hold(job_id, "host:1", "tag-a", 15).result == "ok"
+    assert client.store.hold(job_id, "host:1", "tag-a", 15).result is HoldResult.OK
     held = client.store.hold(job_id, "host:2", "tag-b", 15)
-    assert held.result == "held" and held.holder == "host:1"
+    assert held.result is HoldResult.HELD and held.holder == "host:1"
     # A start by a worker that does not hold the job is refused.
     snap = client.store.load(job_id)
     out = client.store.apply(
         job_id,
         allowed="queued",
         token=snap.token,
-        record=dict(snap.record, status="running"),
+        record=changed(snap.record, status="running"),
         new_token="x",
         lease="held:host:2",
     )
     assert not out.ok
     assert client.store.release(job_id, "host:1", "tag-b") is False  # not that message
     assert client.store.release(job_id, "host:1", "tag-a") is True
-    assert client.store.hold(job_id, "host:2", "tag-b", 15).result == "ok"
+    assert client.store.hold(job_id, "host:2", "tag-b", 15).result is HoldResult.OK
 
 
 def test_a_terminal_transition_clears_the_lease(client: Client) -> None:
     job_id = client.submit(prompt="cancelled while held", model=MODEL)
-    assert client.store.hold(job_id, "host:1", "tag-a", 15).result == "ok"
+    assert client.store.hold(job_id, "host:1", "tag-a", 15).result is HoldResult.OK
     assert client.store.redis.zcard(K.LEASES) == 1
     assert client.cancel(job_id)["status"] == Status.CANCELLED
     assert client.store.redis.zcard(K.LEASES) == 0
     assert client.store.load(job_id).lease is None
-    assert client.store.hold(job_id, "host:2", "tag-b", 15).result == "cancelled"
+    assert client.store.hold(job_id, "host:2", "tag-b", 15).found is Status.CANCELLED
 
 
 def test_a_queued_job_whose_message_is_nowhere_is_republished_once(

@@ -14,6 +14,7 @@ import redis
 from producer import Client, InvalidRequest, Settings
 from producer.core.contract import generation_params
 from tests.helpers import png_data_uri
+from tests.records import request_of
 
 P = "a red fox in the snow"
 DB = 12  # a database of this file's own
@@ -138,7 +139,7 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
         control=[{"name": CN, "image": IMG, "preprocess": "canny"}],
         references=[{"image": IMG, "mode": "style"}],
     )
-    req = client.get(job)["request"]
+    req = request_of(client.get(job))
     assert req["control"] == [
         {
             "name": CN,
@@ -154,23 +155,23 @@ def test_entries_are_normalized_and_their_images_stashed(client: Client) -> None
     assert req["references"][0]["scale"] == 0.6
     params = generation_params(req)
     assert params["references"] == [{"scale": 0.6, "mode": "style"}]  # no input image
-    plain = client.get(client.submit(prompt=P))["request"]
+    plain = request_of(client.get(client.submit(prompt=P)))
     assert not {"control", "references"} & set(plain)
 
 
 def test_flux_takes_full_references_with_control_and_with_img2img(client: Client) -> None:
     net = [{"name": "tiny-flux-canny", "image": IMG}]
     refs = [{"image": IMG}, {"image": IMG, "mode": "full", "scale": 1.2}]
-    with_control = client.get(
-        client.submit(prompt=P, model="tiny-flux", control=net, references=refs)
-    )["request"]
+    with_control = request_of(
+        client.get(client.submit(prompt=P, model="tiny-flux", control=net, references=refs))
+    )
     assert [(r["mode"], r["scale"]) for r in with_control["references"]] == [
         ("full", 0.6),
         ("full", 1.2),
     ]
-    img2img = client.get(
-        client.submit(prompt=P, model="tiny-flux", image=IMG, references=refs[:1])
-    )["request"]
+    img2img = request_of(
+        client.get(client.submit(prompt=P, model="tiny-flux", image=IMG, references=refs[:1]))
+    )
     assert img2img["references"][0]["mode"] == "full" and img2img["strength"] is not None
 
 

@@ -272,7 +272,7 @@ def test_store_and_broker_through_sentinel(
             job_id = client.submit(prompt="through sentinel", steps=2, seed=7)
             record = client.wait(job_id, timeout=120)
         assert record["status"] == "succeeded", record
-        assert Path(tmp_path / "out" / record["outputs"][0]["key"]).is_file()
+        assert Path(tmp_path / "out" / str(record["outputs"][0]["key"])).is_file()
 
         # 2. The HTTP API (sync and async clients through Sentinel).
         with httpx.Client(

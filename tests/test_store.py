@@ -19,7 +19,9 @@ from producer.core.contract import (
     TERMINAL,
     TERMINAL_EVENT_FOR,
     TERMINAL_EVENTS,
+    Event,
     EventType,
+    Record,
     Status,
     new_record,
     now_iso,
@@ -27,8 +29,9 @@ from producer.core.contract import (
 from producer.core.errors import JobNotFound
 from producer.core.registry import Registry
 from producer.core.settings import Settings
-from producer.jobs.store import NO_TOKEN, JobStore
+from producer.jobs.store import NO_TOKEN, JobStore, Verdict
 from producer.requests.generate import validate_request
+from tests.records import changed
 
 #: A database no other test file uses; emptied around each test.
 DB = 14
@@ -66,11 +69,11 @@ def make_doc(db_url: str, models_file: str, tmp_path: Path) -> Any:
     return make
 
 
-def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, dict[str, Any]]:
+def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, Record]:
     """Take the job as a worker does; return the run's token and record."""
     snap = store.load(job_id)
     token = secrets.token_hex(8)
-    doc = dict(
+    doc = changed(
         snap.record,
         status="running",
         attempts=snap.record["attempts"] + 1,
@@ -93,11 +96,11 @@ def finish(
     store: JobStore,
     job_id: str,
     token: str,
-    doc: dict[str, Any],
+    doc: Record,
     status: Status = Status.SUCCEEDED,
     **changes: Any,
 ) -> Any:
-    done = dict(doc, status=status.value, finished_at=now_iso(), **changes)
+    done = changed(doc, status=status.value, finished_at=now_iso(), **changes)
     return store.apply(
         job_id,
         allowed="running",
@@ -121,7 +124,7 @@ def global_events_of(store: JobStore, job_id: str) -> list[tuple[str, str]]:
     ]
 
 
-def types(events: list[dict[str, Any]]) -> list[str]:
+def types(events: list[Event]) -> list[str]:
     return [e["type"] for e in events]
 
 
@@ -137,7 +140,7 @@ def test_create_writes_queued_record_and_event(store: JobStore, make_doc: Any) -
     events = store.events(doc["id"])
     assert types(events) == ["job.queued"]
     ev = events[0]
-    assert ev["id"] == out.detail  # create returns the event id
+    assert out.event_ids == (ev["id"],)  # create returns the event id
     assert ev["job_id"] == doc["id"]
     assert ev["data"]["metadata"] == {"order": 17}  # metadata echoed in events
     assert ev["ts"].endswith("Z")
@@ -151,7 +154,7 @@ def test_second_create_of_same_id_is_refused(store: JobStore, make_doc: Any) -> 
     other: Any = dict(doc, request={**doc["request"], "prompt": "something else"})
     out = store.create(other)
     assert not out.ok
-    assert out.detail == "queued"
+    assert out.detail is Verdict.STATUS and out.found is Status.QUEUED
     assert store.load(doc["id"]).record == doc
     assert types(store.events(doc["id"])) == ["job.queued"]
 
@@ -166,7 +169,7 @@ def test_load_and_get_of_missing_job(store: JobStore) -> None:
 def test_apply_on_missing_job_is_refused(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     out = store.apply(doc["id"], allowed="queued", record=doc, events=[(EventType.STARTED, {})])
-    assert not out.ok and out.detail == "__missing__"
+    assert not out.ok and out.detail is Verdict.MISSING
     assert store.redis.keys("*") == []
 
 
@@ -183,22 +186,22 @@ def test_terminal_status_is_final(store: JobStore, make_doc: Any) -> None:
 
     # A second "succeeded" by the same run, with different outputs: refused.
     again = finish(store, doc["id"], token, running, outputs=[{"index": 0, "key": "b"}])
-    assert not again.ok and again.detail == "succeeded"
+    assert not again.ok and again.found is Status.SUCCEEDED
     # Nor may anyone turn it into "failed", even naming the terminal status as allowed
     # and skipping the token check.
     for allowed in ("succeeded", "running,succeeded", "queued,running,succeeded,failed"):
-        failed = dict(running, status="failed", error={"code": "internal", "message": "x"})
+        failed = changed(running, status="failed", error={"code": "internal", "message": "x"})
         out = store.apply(
             doc["id"], allowed=allowed, record=failed, events=[(EventType.FAILED, {"job": failed})]
         )
         assert not out.ok, allowed
-        assert out.detail == "succeeded"
+        assert out.found is Status.SUCCEEDED
     # A restart of the job is refused too.
     out = store.apply(
         doc["id"],
         allowed="queued,running,succeeded",
         token=token,
-        record=dict(running, status="running"),
+        record=changed(running, status="running"),
         new_token="t2",
         events=[(EventType.STARTED, {})],
     )
@@ -222,7 +225,7 @@ def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
     n_events = len(store.events(doc["id"]))
 
     # Run a wakes up and writes progress, then its outcome: both fenced.
-    prog = dict(running_a, progress={"step": 2, "total": 4})
+    prog = changed(running_a, progress={"step": 2, "total": 4})
     out = store.apply(
         doc["id"],
         allowed="running",
@@ -230,12 +233,12 @@ def test_stale_token_is_fenced(store: JobStore, make_doc: Any) -> None:
         record=prog,
         events=[(EventType.PROGRESS, {"step": 2, "total": 4})],
     )
-    assert not out.ok and out.detail == "fenced"
+    assert not out.ok and out.detail is Verdict.FENCED
     out = finish(store, doc["id"], token_a, running_a, Status.FAILED)
-    assert not out.ok and out.detail == "fenced"
+    assert not out.ok and out.detail is Verdict.FENCED
     # A writer that never held a token is fenced as well.
     out = finish(store, doc["id"], NO_TOKEN, running_a)
-    assert not out.ok and out.detail == "fenced"
+    assert not out.ok and out.detail is Verdict.FENCED
     snap = store.load(doc["id"])
     assert snap.status is Status.RUNNING and snap.record["worker"] == "b"
     assert len(store.events(doc["id"])) == n_events
@@ -256,7 +259,7 @@ def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> No
             doc["id"],
             allowed="running",
             token=token,
-            record=dict(running, progress={"step": step, "total": 4}),
+            record=changed(running, progress={"step": step, "total": 4}),
             events=[(EventType.PROGRESS, {"step": step, "total": 4})],
         )
     start(store, other["id"])
@@ -273,7 +276,7 @@ def test_event_ids_match_the_global_stream(store: JobStore, make_doc: Any) -> No
         "job.succeeded",
     ]
     assert [(e["id"], e["type"]) for e in local] == global_events_of(store, doc["id"])
-    assert local[-1]["id"] == out.detail
+    assert out.event_ids == (local[-1]["id"],)
     ids = [e["id"] for e in local]
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
@@ -294,12 +297,12 @@ def test_several_events_in_one_apply_keep_their_order(store: JobStore, make_doc:
         doc["id"],
         allowed="queued",
         token=snap.token,
-        record=dict(doc, status="running"),
+        record=changed(doc, status="running"),
         new_token="t",
         events=[(EventType.RETRYING, {"attempt": 2}), (EventType.STARTED, {})],
     )
     assert out.ok
-    ids = out.detail.split(",")
+    ids = list(out.event_ids)
     local = store.events(doc["id"])
     assert types(local)[-2:] == ["job.retrying", "job.started"]
     assert [e["id"] for e in local[-2:]] == ids
@@ -359,11 +362,11 @@ def test_cancel_of_queued_job_is_immediate(store: JobStore, make_doc: Any) -> No
         doc["id"],
         allowed="queued,running",
         token=NO_TOKEN,
-        record=dict(doc, status="running"),
+        record=changed(doc, status="running"),
         new_token="t",
         events=[(EventType.STARTED, {})],
     )
-    assert not out.ok and out.detail == "cancelled"
+    assert not out.ok and out.found is Status.CANCELLED
     # Cancelling again changes nothing.
     again = store.request_cancel(doc["id"])
     assert again.record == snap.record
@@ -446,7 +449,7 @@ def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore, make_d
                 doc["id"],
                 allowed="running",
                 token=token,
-                record=dict(running, progress={"step": step, "total": 4}),
+                record=changed(running, progress={"step": step, "total": 4}),
                 events=[(EventType.PROGRESS, {"step": step, "total": 4})],
             )
         time.sleep(0.02)
@@ -479,7 +482,7 @@ def test_follow_after_the_terminal_event_returns_at_once(store: JobStore, make_d
 def test_follow_times_out_on_a_job_that_does_not_finish(store: JobStore, make_doc: Any) -> None:
     doc = make_doc()
     store.create(doc)
-    seen: list[dict[str, Any]] = []
+    seen: list[Event] = []
     with pytest.raises(TimeoutError):
         for ev in store.follow(doc["id"], timeout_s=0.3, poll_ms=50):
             seen.append(ev)
@@ -527,10 +530,10 @@ def test_no_write_leaves_a_terminal_status(store: JobStore, make_doc: Any, statu
     out = store.apply(
         doc["id"],
         allowed=every,
-        record=dict(doc, status="queued"),
+        record=changed(doc, status="queued"),
         new_token=NO_TOKEN,
         events=[(EventType.QUEUED, {})],
     )
-    assert not out.ok and out.detail == status.value
+    assert not out.ok and out.found is status
     assert raw_hash(store, doc["id"]) == before
     assert store.events(doc["id"]) == events

@@ -170,7 +170,7 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
     assert record["status"] == Status.SUCCEEDED, record["error"]
     out = []
     for o in record["outputs"]:
-        img = np.asarray(Image.open(Path(storage) / o["key"]).convert("RGB"), dtype=np.float32)
+        img = np.asarray(Image.open(Path(storage) / str(o["key"])).convert("RGB"), dtype=np.float32)
         out.append(min(float(((img - c) ** 2).mean()) for c in crops))
     return sum(out) / len(out)
 
@@ -278,7 +278,7 @@ def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     manifest = json.loads((storage / from_zip["id"] / "manifest.json").read_text())
     assert manifest["training_images_sha256"] == [hashlib.sha256(p).hexdigest() for p in photos]
     assert missing["status"] == Status.FAILED
-    assert missing["error"]["code"] == "image_fetch_failed"
+    assert missing["error"] and missing["error"]["code"] == "image_fetch_failed"
     assert "images.0" in missing["error"]["message"]
 
 

@@ -16,6 +16,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from producer.core import keys as K
+from producer.core.contract import Event, EventType
 from producer.core.settings import Settings
 from producer.services.webhooks import attempt
 from tests.helpers import Stack, worker_env
@@ -201,7 +202,7 @@ def test_deliveries_to_non_public_addresses_are_refused(receiver: Receiver, host
         webhook_read_timeout_s=1,
     )
     before = len(receiver.received)
-    event = {"id": "1-0", "type": "job.succeeded", "job_id": "x", "ts": "t", "data": {}}
+    event: Event = {"id": "1-0", "type": EventType.SUCCEEDED, "job_id": "x", "ts": "t", "data": {}}
     result = attempt(f"http://{host}:{receiver.port}/ssrf", event, settings)
     assert result.outcome == "failed" and (result.error or "").startswith("refused"), result
     assert len(receiver.received) == before
@@ -218,7 +219,7 @@ def test_allowlisted_loopback_redirecting_to_loopback_is_not_followed(
         webhook_read_timeout_s=1,
     )
     url = receiver.script("/hop", "redirect:http://127.0.0.1:1/admin")
-    event = {"id": "2-0", "type": "job.succeeded", "job_id": "x", "ts": "t", "data": {}}
+    event: Event = {"id": "2-0", "type": EventType.SUCCEEDED, "job_id": "x", "ts": "t", "data": {}}
     result = attempt(url, event, settings)
     assert result.outcome == "retry" and result.status == 302
     assert json.loads(receiver.at("/hop")[-1].body)["id"] == "2-0"

@@ -30,7 +30,7 @@ from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_ready, worker_shutting_down
 
 from producer.core import keys as K
-from producer.core.contract import Status, now_iso
+from producer.core.contract import Kind, Status, now_iso
 from producer.core.errors import GiveBack, JobEndedFailed
 from producer.core.logs import configure as configure_logging
 from producer.core.logs import job_context
@@ -41,7 +41,7 @@ from producer.jobs.broker import make_celery
 from producer.jobs.store import JobStore
 from worker.affinity import Pinning
 from worker.heartbeat import Heartbeat, memory
-from worker.lifecycle import GENERATE, TRAIN, Lifecycle
+from worker.lifecycle import Lifecycle
 
 log = logging.getLogger("atelier.worker")
 
@@ -52,7 +52,7 @@ _lifecycle: Lifecycle | None = None
 def create_app(settings: Settings) -> Celery:
     app = make_celery(settings, "atelier-worker")
 
-    for name, kind in ((K.TASK_GENERATE, GENERATE), (K.TASK_TRAIN, TRAIN)):
+    for name, kind in ((K.TASK_GENERATE, Kind.GENERATE), (K.TASK_TRAIN, Kind.TRAIN)):
         # JobEndedFailed is expected: Celery logs it in one line, without a traceback.
         # (Registered by call, not as a decorator: Celery's decorators are untyped.)
         app.task(
@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def _task(kind: str) -> Any:
+def _task(kind: Kind) -> Any:
     """The Celery task of one kind of job: the same adapter for every kind."""
 
     def run_job(task: Any, job_id: str) -> None:
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_name,
         counted=lambda reason: metrics.reconciled.labels(reason).inc(),
     )
-    lanes = [*names, *(K.lane(n, TRAIN) for n in names if args.train)]
+    lanes = [*names, *(K.lane(n, Kind.TRAIN) for n in names if args.train)]
     queues = ",".join(K.queue_name(n) for n in lanes)
     heartbeat = _start_heartbeat(settings, store, lifecycle, worker_name, names, device)
     reconciler.start()

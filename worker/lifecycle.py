@@ -34,33 +34,38 @@ from typing import Any, Protocol
 
 import redis
 
-from producer.core.contract import EventType, Status, is_expired, now_iso, terminal_event
+from producer.core.contract import (
+    ErrorInfo,
+    EventType,
+    Kind,
+    Record,
+    Status,
+    is_expired,
+    now_iso,
+    terminal_event,
+)
 from producer.core.errors import Fenced, GiveBack, JobCancelled, JobError, WorkerLost
+from producer.core.normalized import NormalizedRequest
 from producer.core.settings import Settings
-from producer.jobs.store import JobStore, Snapshot
+from producer.jobs.store import HoldResult, JobStore, Snapshot
 from worker.affinity import Pinning
 from worker.metrics import BusyClock, WorkerMetrics
 from worker.run import Monitor, Run
 
 log = logging.getLogger(__name__)
 
-#: The kind of every job so far (a record without ``kind`` is one).
-GENERATE = "generate"
-#: The kind of a training (DreamBooth LoRA: ``worker/training``).
-TRAIN = "train"
-
 
 class Work(Protocol):
     """What one kind of job does; the lifecycle does everything else."""
 
-    #: The record's ``kind`` this work runs, e.g. ``"generate"``, ``"train"``.
-    kind: str
+    #: The record's ``kind`` this work runs.
+    kind: Kind
 
-    def total(self, request: dict[str, Any]) -> int:
+    def total(self, request: NormalizedRequest) -> int:
         """The progress total a run starts with (``progress: {step: 0, total}``)."""
         ...
 
-    def prepare(self, request: dict[str, Any]) -> Any:
+    def prepare(self, request: NormalizedRequest) -> Any:
         """Before the device: fetch what the job needs. None when there was nothing to
         do (then the record read a moment ago still counts as fresh). A JobError raised
         here fails the job once it has started."""
@@ -128,7 +133,7 @@ class Lifecycle:
                     self.pinning.to_host(self._monitor.native_id)
             return self._monitor
 
-    def run(self, job_id: str, tag: str | None = None, kind: str = GENERATE) -> Status | None:
+    def run(self, job_id: str, tag: str | None = None, kind: Kind = Kind.GENERATE) -> Status | None:
         """Run a job of ``kind`` to a terminal state; returns it (None when this run was
         fenced, the job had already ended, or another worker holds it).
 
@@ -236,9 +241,9 @@ class Lifecycle:
         ttl_s = self.settings.lease_ttl_s
         while True:
             held = self.store.hold(job_id, self.worker_name, tag, ttl_s)
-            if held.result == "ok":
+            if held.result is HoldResult.OK:
                 return held.snapshot
-            if held.result == "held":
+            if held.result is HoldResult.HELD:
                 log.warning(
                     "job %s: held by worker %s; duplicate message dropped",
                     job_id,
@@ -246,7 +251,7 @@ class Lifecycle:
                     extra={"job_id": job_id},
                 )
                 return None
-            if held.result != "__missing__":
+            if held.result is not HoldResult.MISSING:
                 return None  # a duplicate delivery of a finished job
             if time.monotonic() > deadline:
                 log.warning("job %s has no record (never written, or expired): dropped", job_id)
@@ -265,17 +270,17 @@ class Lifecycle:
         attempt = record["attempts"] + 1
         token = secrets.token_hex(8)
         total = work.total(record["request"])
-        new = dict(
-            record,
-            status=Status.RUNNING.value,
-            attempts=attempt,
-            worker=self.worker_name,
-            started_at=now_iso(),
-            progress={"step": 0, "total": total},
-            error=None,
-            outputs=[],  # nothing of an earlier attempt carries over
-            timings={},
-        )
+        new: Record = {
+            **record,
+            "status": Status.RUNNING,
+            "attempts": attempt,
+            "worker": self.worker_name,
+            "started_at": now_iso(),
+            "progress": {"step": 0, "total": total},
+            "error": None,
+            "outputs": [],  # nothing of an earlier attempt carries over
+            "timings": {},
+        }
         events: list[tuple[EventType, dict[str, Any]]] = []
         if attempt > 1 and snap.announced < attempt:
             # The reconciler announces the retry when it takes a job back; a run that
@@ -293,7 +298,7 @@ class Lifecycle:
             lease=f"held:{self.worker_name}",
         )
         if not out.ok:
-            log.info("job %s: not started (%s)", job_id, out.detail)
+            log.info("job %s: not started (%s)", job_id, out.reason)
             return None
         timeout_s = record["request"].get("timeout_s") or self.settings.job_timeout_s
         return Run(
@@ -332,9 +337,9 @@ class Lifecycle:
         return False
 
     def _end_unstarted(
-        self, job_id: str, snap: Snapshot, status: Status, error: dict[str, Any] | None = None
+        self, job_id: str, snap: Snapshot, status: Status, error: ErrorInfo | None = None
     ) -> None:
-        record = dict(snap.record, status=status.value, finished_at=now_iso(), error=error)
+        record: Record = {**snap.record, "status": status, "finished_at": now_iso(), "error": error}
         out = self.store.apply(
             job_id,
             allowed=_STARTABLE,
@@ -411,5 +416,5 @@ class _Device:
                 self._pinning.to_host()  # post-processing runs beside the next job
 
 
-def _internal(exc: BaseException) -> dict[str, Any]:
+def _internal(exc: BaseException) -> ErrorInfo:
     return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}

@@ -23,12 +23,12 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from producer.core.contract import ErrorInfo
 from producer.core.metrics import reconciled_counter
 
 #: Time in the queue: from an instant to hours when the fleet is behind.
@@ -153,9 +153,9 @@ class WorkerMetrics:
         self.busy = BusyClock()
 
     def job_ended(
-        self, model: str, status: str, error: dict[str, Any] | None, timings: dict[str, int] | None
+        self, model: str, status: str, error: ErrorInfo | None, timings: dict[str, int] | None
     ) -> None:
-        code = (error or {}).get("code") or ""
+        code = (error.get("code") if error else None) or ""
         self.jobs.labels(model, status, code).inc()
         for key, ms in (timings or {}).items():
             hist = self.timings.get(key)

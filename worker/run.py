@@ -13,11 +13,24 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from producer.core.contract import EventType, Status, now_iso, parse_iso, terminal_event
+from typing_extensions import TypedDict, Unpack
+
+from producer.core.contract import (
+    Checkpoint,
+    ErrorInfo,
+    EventType,
+    Output,
+    Progress,
+    Record,
+    Status,
+    now_iso,
+    parse_iso,
+    terminal_event,
+)
 from producer.core.errors import Fenced, JobCancelled, JobTimeout
 from producer.jobs.store import JobStore, Outcome
 from worker.metrics import WorkerMetrics
@@ -33,6 +46,14 @@ class Preview(Protocol):
         ...
 
 
+class Changes(TypedDict, total=False):
+    """What an event may change in the record beside it (:meth:`Run.emit`)."""
+
+    outputs: list[Output]
+    checkpoint: Checkpoint
+    checkpoints: list[int]
+
+
 @dataclass
 class Run:
     """One attempt at a job, owned by this process while ``token`` is the job's: what a
@@ -40,7 +61,7 @@ class Run:
 
     job_id: str
     token: str
-    record: dict[str, Any]
+    record: Record
     deadline: float
     total: int
     store: JobStore
@@ -63,8 +84,9 @@ class Run:
 
     @property
     def request(self) -> dict[str, Any]:
-        request: dict[str, Any] = self.record["request"]
-        return request
+        """The job's normalised request; each work reads it as its own kind's
+        (``GenerateRequest``, ``TrainingRequest``: one cast where it starts)."""
+        return cast(dict[str, Any], self.record["request"])
 
     # -- from the step callback: flags and the clock only, no I/O ---------------------
 
@@ -107,30 +129,32 @@ class Run:
         if self.store.token(self.job_id) != self.token:
             self._lost()
 
-    def emit(self, event: EventType, data: dict[str, Any], **changes: Any) -> None:
+    def emit(self, event: EventType, data: dict[str, Any], **changes: Unpack[Changes]) -> None:
         """An event, with the record changed beside it."""
         with self.lock:
-            if not self._apply(dict(self.record, **changes), [(event, data)]).ok:
+            if not self._apply({**self.record, **changes}, [(event, data)]).ok:
                 self._lost()
 
     def publish_progress(self, step: int, preview: str | None = None) -> bool:
         """A progress event, unless the watched block has ended meanwhile (the job's
         own events follow it, and no progress event may come after them). A preview
         rides on the event only: the record's ``progress`` stays small."""
-        progress = {"step": step, "total": self.total, **self.fields}
-        data = progress if preview is None else {**progress, "preview": preview}
+        fields = {"step": step, "total": self.total, **self.fields}
+        # A training's progress carries its phase, loss and rate besides (``fields``).
+        progress = cast(Progress, fields)
+        data = fields if preview is None else {**fields, "preview": preview}
         with self.lock:
             if self.ended:
                 return False
             if not self._apply(
-                dict(self.record, progress=progress), [(EventType.PROGRESS, data)]
+                {**self.record, "progress": progress}, [(EventType.PROGRESS, data)]
             ).ok:
                 self._lost()
             return True
 
     def succeed(
         self,
-        outputs: Sequence[Mapping[str, Any]],
+        outputs: Sequence[Output],
         timings: dict[str, int],
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
     ) -> Status | None:
@@ -142,36 +166,37 @@ class Run:
         self,
         status: Status,
         *,
-        error: dict[str, Any] | None = None,
-        outputs: Sequence[Mapping[str, Any]] | None = None,
+        error: ErrorInfo | None = None,
+        outputs: Sequence[Output] | None = None,
         timings: dict[str, int] | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
     ) -> Status | None:
         """The terminal write; None when another run owns the job now."""
         finished = now_iso()
         created = parse_iso(self.record["created_at"]).timestamp()
+        assert self.record["started_at"] is not None  # set by the start
         started = parse_iso(self.record["started_at"]).timestamp()
         all_timings = {
             "queued_ms": _ms(started - created),
             **(timings or {}),
             "total_ms": _ms(parse_iso(finished).timestamp() - created),
         }
-        changes: dict[str, Any] = {
-            "status": status.value,
-            "finished_at": finished,
-            "error": error,
-            "timings": all_timings,
-            "progress": dict(self.record["progress"]),
-        }
-        if status is Status.SUCCEEDED:
-            changes["progress"] = {"step": self.total, "total": self.total}
-        if outputs is not None:
-            changes["outputs"] = outputs
         with self.lock:
-            record = dict(self.record, **changes)
+            record: Record = {
+                **self.record,
+                "status": status,
+                "finished_at": finished,
+                "error": error,
+                "timings": all_timings,
+                "progress": self.record["progress"].copy(),
+            }
+            if status is Status.SUCCEEDED:
+                record["progress"] = {"step": self.total, "total": self.total}
+            if outputs is not None:
+                record["outputs"] = list(outputs)
             out = self._apply(record, [*events, terminal_event(record)])
             if not out.ok:
-                log.warning("job %s: %s not recorded (%s)", self.job_id, status, out.detail)
+                log.warning("job %s: %s not recorded (%s)", self.job_id, status, out.reason)
                 return None
         self.metrics.job_ended(self.request["model"], status.value, error, all_timings)
         log.info("job %s %s", self.job_id, status.value)
@@ -179,7 +204,7 @@ class Run:
 
     def _apply(
         self,
-        record: dict[str, Any],
+        record: Record,
         events: list[tuple[EventType, dict[str, Any]]],
     ) -> Outcome:
         """The one fenced write (``lock`` held): the job's record becomes ``record`` and the

@@ -22,10 +22,10 @@ import logging
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from producer.api.errors import ApiError
+from producer.core.contract import Output
 from producer.core.settings import Settings
 from producer.core.storage import LocalStorage, storage_from_settings
 
@@ -83,14 +83,14 @@ class FileLinks:
             f"?expires={expires}&signature={self._sign(key, expires)}"
         )
 
-    def outputs(self, outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def outputs(self, outputs: list[Output]) -> list[Output]:
         """``outputs`` with a signed URL in place of each ``file://`` one; as they
         are for S3 storage (presigned) or withheld images (no URL)."""
         if self.storage is None:
             return outputs
         return [
-            dict(o, url=self.url(o["key"]))
-            if o.get("key") and str(o.get("url") or "").startswith("file:")
+            {**o, "url": self.url(key)}
+            if (key := o.get("key")) and str(o.get("url") or "").startswith("file:")
             else o
             for o in outputs
         ]

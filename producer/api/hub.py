@@ -36,13 +36,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from producer.core import keys as K
-from producer.core.contract import TERMINAL_EVENTS, EventType, Status, is_expired
+from producer.core.contract import TERMINAL_EVENTS, Event, EventType, Record, Status, is_expired
 from producer.jobs.eventlog import decode_event
 
 log = logging.getLogger("atelier.api.hub")
@@ -54,8 +54,6 @@ CALLS = 3
 DOWN_S = 30.0
 #: Entries read per job and per call (replay and live).
 BATCH = 200
-
-Event = dict[str, Any]
 
 _IOErrors = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -161,7 +159,7 @@ class Hub:
         calls: AsyncRedis,
         heartbeat_s: float,
         queue_max: int,
-        expire: Callable[[str], Any] | None = None,
+        expire: Callable[[str], Record] | None = None,
     ) -> None:
         self._make_reader = make_reader
         self.calls = calls
@@ -273,7 +271,7 @@ class Hub:
                 return
             start = f"({_text(entries[-1][0])}"
 
-    async def record(self, job_id: str) -> dict[str, Any] | None:
+    async def record(self, job_id: str) -> Record | None:
         """A job's record (None if there is none); a queued one past its deadline is
         expired on the way, as :meth:`producer.jobs.store.JobStore.get` does."""
         import json
@@ -282,7 +280,7 @@ class Hub:
             raw = await self.calls.hget(K.job_key(job_id), "doc")
         if raw is None:
             return None
-        record: dict[str, Any] = json.loads(raw)
+        record = cast(Record, json.loads(raw))
         if record["status"] == Status.QUEUED and is_expired(record) and self._expire:
             record = await asyncio.to_thread(self._expire, job_id)
         return record

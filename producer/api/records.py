@@ -5,17 +5,17 @@ with its place in the queue, its webhook deliveries, and outputs a browser can l
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.state import ApiState
 from producer.core import keys as K
-from producer.core.contract import Kind, Status
+from producer.core.contract import Event, Kind, Record, RecordView, Status
 from producer.core.errors import JobNotFound
 
 
-def own_job(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
+def own_job(state: ApiState, job_id: str, who: Caller) -> Record:
     """The record of ``job_id`` if ``who`` owns it; 404 otherwise."""
     try:
         record = state.store.get(job_id)
@@ -26,19 +26,19 @@ def own_job(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
     return record
 
 
-def _shown(state: ApiState, record: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in record.items() if k != "owner"}
+def _shown(state: ApiState, record: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {k: v for k, v in record.items() if k != "owner"}
     out.setdefault("kind", Kind.GENERATE.value)  # a record from before kinds
     out["outputs"] = state.files.outputs(record.get("outputs") or [])
     return out
 
 
-def view(state: ApiState, record: dict[str, Any]) -> dict[str, Any]:
+def view(state: ApiState, record: Record) -> RecordView:
     """The record as the API shows it (:class:`producer.api.schemas.JobRecord`)."""
     return views(state, [record])[0]
 
 
-def views(state: ApiState, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def views(state: ApiState, records: list[Record]) -> list[RecordView]:
     """Records as the API shows them, their queue places and deliveries read in one
     round trip."""
     pipe = state.store.redis.pipeline(transaction=False)
@@ -54,11 +54,11 @@ def views(state: ApiState, records: list[dict[str, Any]]) -> list[dict[str, Any]
             rank = next(replies)
             shown["position"] = None if rank is None else int(rank)
         shown["webhook_deliveries"] = [json.loads(x) for x in next(replies)]
-        out.append(shown)
+        out.append(cast(RecordView, shown))
     return out
 
 
-def view_event(state: ApiState, event: dict[str, Any]) -> dict[str, Any]:
+def view_event(state: ApiState, event: Event) -> Event:
     """An event as the API shows it: the output or record it carries with the URLs a
     browser can load."""
     data = event.get("data")
@@ -71,4 +71,4 @@ def view_event(state: ApiState, event: dict[str, Any]) -> dict[str, Any]:
         data["job"] = dict(
             data["job"], outputs=state.files.outputs(data["job"].get("outputs") or [])
         )
-    return dict(event, data=data)
+    return {**event, "data": data}

@@ -20,7 +20,6 @@ import json
 import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
 
 import redis
 
@@ -28,6 +27,7 @@ from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view_event
 from producer.api.state import ApiState
+from producer.core.contract import Event, Record
 
 #: The reconnection delay a client is asked to wait (ms), sent with the first event.
 RETRY_MS = 2000
@@ -59,7 +59,7 @@ _FRAMES: OrderedDict[tuple[str, str], bytes] = OrderedDict()
 _FRAMES_KEPT = 4096
 
 
-def frame(event: dict[str, Any]) -> bytes:
+def frame(event: Event) -> bytes:
     """The event's frame; encoded once per event, unless it carries outputs (their
     URLs are signed per request: :func:`producer.api.records.view_event`)."""
     key = (event["job_id"], event["id"])
@@ -76,12 +76,12 @@ def frame(event: dict[str, Any]) -> bytes:
     return out
 
 
-def _encode(event: dict[str, Any]) -> bytes:
+def _encode(event: Event) -> bytes:
     data = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
     return f"id: {event['id']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
 
 
-async def own(state: ApiState, job_id: str, who: Caller) -> dict[str, Any]:
+async def own(state: ApiState, job_id: str, who: Caller) -> Record:
     """:func:`producer.api.records.own_job` on the asyncio client (no thread)."""
     record = await state.up.hub.record(job_id)
     if record is None or record.get("owner") != who.owner:

@@ -27,7 +27,7 @@ from producer.api.auth import Caller
 from producer.api.errors import ApiError
 from producer.api.records import view
 from producer.api.state import ApiState
-from producer.core.contract import Kind
+from producer.core.contract import Kind, Record
 from producer.core.errors import IdempotencyConflict, InvalidRequest, KeyClaimed
 from producer.jobs.idempotency import IdempotencyKey
 from producer.jobs.intake import Admission, QueueFull
@@ -76,7 +76,7 @@ class Taken:
     """A job taken in: its record as it stands, and whether an earlier request with the
     same ``Idempotency-Key`` made it (nothing new was enqueued)."""
 
-    record: dict[str, Any]
+    record: Record
     replayed: bool
 
 

@@ -9,10 +9,11 @@ import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from producer.client import Client
-from producer.core.contract import EXTENSIONS, EventType
+from producer.core.contract import EXTENSIONS, EventType, Record
+from producer.core.normalized import GenerateRequest
 from producer.core.settings import Settings
 from producer.core.storage import storage_from_settings
 
@@ -25,7 +26,7 @@ def print_json(obj: Any) -> None:
 
 def follow_with_progress(
     client: Client, job_id: str, quiet: bool = False, timeout: float | None = None
-) -> dict[str, Any]:
+) -> Record:
     """Show a progress bar fed by the job's events; return the final record."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -66,16 +67,17 @@ def follow_with_progress(
     return client.get(job_id)
 
 
-def download_outputs(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[Path]:
+def download_outputs(settings: Settings, record: Record, out_dir: Path) -> list[Path]:
     storage = storage_from_settings(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    ext = EXTENSIONS[record["request"]["output_format"]]
+    ext = EXTENSIONS[cast(GenerateRequest, record["request"])["output_format"]]
     for output in record["outputs"]:
-        if output.get("withheld"):  # flagged by the safety checker: nothing stored
+        key = output["key"]
+        if output.get("withheld") or key is None:  # the safety checker's: nothing stored
             continue
         path = out_dir / f"{record['id']}-{output['index']}.{ext}"
-        path.write_bytes(storage.get(output["key"]))
+        path.write_bytes(storage.get(key))
         paths.append(path)
     return paths
 

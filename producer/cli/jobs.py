@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from producer.cli.common import EXIT_OK
 from producer.client import Client
-from producer.core.contract import Kind, Status
+from producer.core.contract import Kind, Record, Status
+from producer.core.normalized import GenerateRequest, TrainingRequest
 from producer.core.settings import Settings
 from producer.jobs.joblist import DEFAULT_LIMIT
 
@@ -36,7 +37,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
         shown = sum(1 for o in r["outputs"] if o.get("url"))
         print(
             f"{r['id']}  {r['created_at']}  {r['status']:<9}  {r['request']['model']:<18}"
-            f"  {shown} image(s)  {r['request'].get('prompt', '')[:40]!r}"
+            f"  {shown} image(s)  {_prompt(r)[:40]!r}"
         )
     if not page["data"]:
         print("no jobs")
@@ -61,3 +62,10 @@ def add_parser(sub: Any) -> None:
     whose.add_argument("--key", help="an API key's jobs, by the key")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs)
+
+
+def _prompt(record: Record) -> str:
+    """What a job was asked for: a generation's prompt, a training's instance prompt."""
+    if record.get("kind") == Kind.TRAIN:
+        return cast(TrainingRequest, record["request"])["instance_prompt"]
+    return cast(GenerateRequest, record["request"])["prompt"]

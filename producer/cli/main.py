@@ -29,7 +29,7 @@ from producer.cli.common import (
 from producer.cli.jobs import add_parser as add_jobs_parser
 from producer.cli.models import add_parser as add_models_parser
 from producer.client import Client
-from producer.core.contract import Status
+from producer.core.contract import Kind, Record, Status
 from producer.core.errors import InvalidRequest, JobNotFound, Unavailable
 from producer.core.registry import Registry
 from producer.core.settings import Settings, get_settings
@@ -59,10 +59,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return _report(settings, record, args)
 
 
-def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace) -> int:
+def _report(settings: Settings, record: Record, args: argparse.Namespace) -> int:
     paths = []
     if getattr(args, "out", None) and record["status"] == Status.SUCCEEDED:
-        if record.get("kind") == "train":
+        if record.get("kind") == Kind.TRAIN:
             from producer.cli.train import download
 
             paths = download(settings, record, Path(args.out))
@@ -72,8 +72,8 @@ def _report(settings: Settings, record: dict[str, Any], args: argparse.Namespace
         print_json(dict(record, files=[str(p) for p in paths]) if paths else record)
     else:
         print(f"{record['id']} {record['status']}")
-        if record.get("error"):
-            print(f"  error {record['error']['code']}: {record['error']['message']}")
+        if error := record.get("error"):
+            print(f"  error {error['code']}: {error['message']}")
         shown: list[Any] = list(paths) or [o["url"] or "(withheld)" for o in record["outputs"]]
         for p in shown:
             print(f"  {p}")
@@ -94,8 +94,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         )
         for o in record["outputs"]:
             print(f"  {o['url'] or '(withheld)'}")
-        if record.get("error"):
-            print(f"  error {record['error']['code']}: {record['error']['message']}")
+        if error := record.get("error"):
+            print(f"  error {error['code']}: {error['message']}")
         for d in deliveries:
             print(
                 f"  webhook {d['type']} attempt {d['attempt']}: {d['outcome']} "

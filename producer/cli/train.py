@@ -9,6 +9,7 @@ import mimetypes
 from pathlib import Path
 from typing import Any
 
+from producer.core.contract import Record
 from producer.core.settings import Settings
 from producer.core.train_contract import IMAGE_SUFFIXES
 
@@ -94,7 +95,7 @@ def data_uri(path: Path) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-def download(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[Path]:
+def download(settings: Settings, record: Record, out_dir: Path) -> list[Path]:
     """A finished training's outputs (adapter and validation images) into ``out_dir``."""
     from producer.core.storage import storage_from_settings
 
@@ -102,8 +103,8 @@ def download(settings: Settings, record: dict[str, Any], out_dir: Path) -> list[
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for output in record["outputs"]:
-        if output.get("key"):
-            path = out_dir / f"{record['id']}-{output['key'].rsplit('/', 1)[-1]}"
-            path.write_bytes(storage.get(output["key"]))
+        if key := output.get("key"):
+            path = out_dir / f"{record['id']}-{key.rsplit('/', 1)[-1]}"
+            path.write_bytes(storage.get(key))
             paths.append(path)
     return paths

@@ -1,24 +1,31 @@
 """The job contract both sides share: request, record, states, events.
 
 Light on purpose: pydantic only. The worker imports it; it never imports the worker.
-
-No ``from __future__ import annotations`` here: the TypedDicts below must see their
-``NotRequired`` fields at class creation (``__optional_keys__``), which string
-annotations hide on Python 3.11.
+The states and the record's types are :mod:`producer.core.record`'s, named here too.
 """
 
-import enum
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NotRequired, cast
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# pydantic reads TypedDicts (for the API's schema) only from typing_extensions before 3.12
-from typing_extensions import TypedDict
-
-from producer.core.normalized import GenerateRequest, NormalizedRequest, RecordRequest
+from producer.core.normalized import GenerateRequest, NormalizedRequest
+from producer.core.record import TERMINAL as TERMINAL
+from producer.core.record import TERMINAL_EVENT_FOR as TERMINAL_EVENT_FOR
+from producer.core.record import TERMINAL_EVENTS as TERMINAL_EVENTS
+from producer.core.record import Checkpoint as Checkpoint
+from producer.core.record import ErrorInfo as ErrorInfo
+from producer.core.record import Event as Event
+from producer.core.record import EventType as EventType
+from producer.core.record import Kind as Kind
+from producer.core.record import Output as Output
+from producer.core.record import OutputFlags as OutputFlags
+from producer.core.record import Progress as Progress
+from producer.core.record import Record as Record
+from producer.core.record import RecordView as RecordView
+from producer.core.record import Status as Status
 
 MAX_SEED = 2**32 - 1
 METADATA_MAX_BYTES = 4096
@@ -27,54 +34,6 @@ MAX_EXPIRES_IN_S = 30 * 24 * 3600
 WEBHOOK_EVENT_NAMES = ("started", "progress", "output", "completed")
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
-
-
-class Status(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-
-    def is_terminal(self) -> bool:
-        return self in TERMINAL
-
-
-TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.EXPIRED})
-
-
-class Kind(enum.StrEnum):
-    """What a job does (DESIGN "Job kinds"): every kind shares the lifecycle. A record
-    written before kinds existed has none and is a ``generate`` job."""
-
-    GENERATE = "generate"
-    TRAIN = "train"
-
-
-class EventType(enum.StrEnum):
-    QUEUED = "job.queued"
-    STARTED = "job.started"
-    PROGRESS = "job.progress"
-    OUTPUT = "job.output"
-    SUCCEEDED = "job.succeeded"
-    FAILED = "job.failed"
-    CANCELLED = "job.cancelled"
-    EXPIRED = "job.expired"
-    RETRYING = "job.retrying"
-    CHECKPOINT = "job.checkpoint"
-
-
-TERMINAL_EVENTS = frozenset(
-    {EventType.SUCCEEDED, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED}
-)
-#: Which terminal event a terminal status emits.
-TERMINAL_EVENT_FOR = {
-    Status.SUCCEEDED: EventType.SUCCEEDED,
-    Status.FAILED: EventType.FAILED,
-    Status.CANCELLED: EventType.CANCELLED,
-    Status.EXPIRED: EventType.EXPIRED,
-}
 
 
 def terminal_event(record: Mapping[str, Any]) -> tuple[EventType, dict[str, Any]]:
@@ -279,100 +238,6 @@ class JobRequest(BaseModel):
         return v
 
 
-# -- the record, its outputs, its events ---------------------------------------------
-# Typed once here; new_record, the worker's outputs and the API's response models use
-# these, so the wire cannot drift. TypedDicts, not models: the store and the wire carry
-# plain JSON, and the JSON on the wire is exactly these dicts.
-
-
-class Progress(TypedDict):
-    step: int
-    total: int
-
-
-class ErrorInfo(TypedDict):
-    code: str
-    message: str
-
-
-class OutputFlags(TypedDict, total=False):
-    """What an output may add: the safety checker's verdict, a sweep cell's values."""
-
-    nsfw: Annotated[bool, Field(description="set when a safety checker ran")]
-    blurred: bool
-    withheld: bool
-    sweep: Annotated[dict[str, Any], Field(description="a sweep cell's values")]
-    contact_sheet: bool
-    adapter: Annotated[bool, Field(description="a training's adapter.safetensors")]
-
-
-class Output(OutputFlags):
-    """A stored image. ``key``, ``url``, ``content_type`` and ``sha256`` are null for a
-    withheld one."""
-
-    index: int
-    key: str | None
-    url: str | None
-    seed: Annotated[int | None, Field(description="null for a sweep's contact sheet")]
-    width: int
-    height: int
-    content_type: str | None
-    bytes: int
-    sha256: str | None
-
-
-class _RecordFields(TypedDict):
-    id: str
-    kind: Kind
-    status: Status
-    request: RecordRequest
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    expires_at: str | None
-    attempts: int
-    worker: str | None
-    progress: Progress
-    outputs: list[Output]
-    error: ErrorInfo | None
-    timings: dict[str, int]
-    metadata: dict[str, Any]
-
-
-class Record(_RecordFields):
-    """A job as the store keeps it (DESIGN "Job record and states")."""
-
-    #: The API key (its id, never the key) that submitted the job; None from the
-    #: Python client. Only that key sees the job through the HTTP API.
-    owner: str | None
-
-
-class RecordView(_RecordFields):
-    """A job as the HTTP API shows it: the record less its owner, with its place in the
-    queue and its webhook deliveries."""
-
-    position: NotRequired[
-        Annotated[
-            int | None,
-            Field(description="While queued: how many jobs of the same model run before it."),
-        ]
-    ]
-    webhook_deliveries: Annotated[
-        list[dict[str, Any]], Field(description="Webhook delivery attempts, oldest first.")
-    ]
-
-
-class Event(TypedDict):
-    """One entry of a job's event stream (``atelier:events:<id>``), as SSE, webhooks and
-    ``JobStore.events`` give it."""
-
-    id: str
-    type: EventType
-    job_id: str
-    ts: str
-    data: dict[str, Any]
-
-
 #: The request fields that decide the pixels: what a PNG's ``atelier`` chunk records.
 #: Delivery fields (webhook, priority, timeout, expiry, metadata) and the input images
 #: stay out, so two jobs that generate the same picture give the same bytes.
@@ -395,7 +260,7 @@ GENERATION_PARAMS = (
 )
 
 
-def generation_params(request: dict[str, Any]) -> dict[str, Any]:
+def generation_params(request: Mapping[str, Any]) -> dict[str, Any]:
     """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
     control and reference entries without their images (input images stay out)."""
     out = {k: request[k] for k in GENERATION_PARAMS if k in request}

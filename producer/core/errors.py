@@ -27,7 +27,7 @@ started: its message goes back to the queue).
 
 from __future__ import annotations
 
-from typing import Any
+from producer.core.contract import ErrorInfo
 
 
 class AtelierError(Exception):
@@ -61,7 +61,7 @@ class JobNotFound(AtelierError):
 class JobError(AtelierError):
     """A job failed; the record's ``error`` gets ``{code, message}``."""
 
-    def to_error(self) -> dict[str, Any]:
+    def to_error(self) -> ErrorInfo:
         return {"code": self.code, "message": str(self)}
 
 

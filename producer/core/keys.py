@@ -4,6 +4,8 @@ Celery's own keys (one list per queue and priority, ``unacked``, ``unacked_index
 are named by kombu; :func:`queue_name` gives the queue for a model.
 """
 
+from producer.core.record import Kind
+
 PREFIX = "atelier"
 
 #: Hash holding a job: ``status``, ``token`` (the fence of the current run) and ``doc``
@@ -92,11 +94,11 @@ QUEUE_PREFIX = "atelier."
 TRAIN_LANE = "train."
 
 
-def lane(model: str, kind: str = "generate") -> str:
+def lane(model: str, kind: Kind = Kind.GENERATE) -> str:
     """Where a job of ``kind`` for ``model`` waits: the model's name for generations,
     ``train.<model>`` for trainings. Queues, queue lists and the queued index are per
     lane (a registry name never starts with ``train.``)."""
-    return TRAIN_LANE + model if kind == "train" else model
+    return TRAIN_LANE + model if kind == Kind.TRAIN else model
 
 
 def task_of(lane_name: str) -> str:

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from producer.core import keys as K
+from producer.core.contract import Kind
 
 log = logging.getLogger("atelier.metrics")
 
@@ -74,7 +75,7 @@ def queue_gauges(report: Callable[[], list[dict[str, Any]]]) -> Callable[[], Ite
             labels=["model"],
         )
         for row in report():
-            if row.get("kind", "generate") != "generate":
+            if row.get("kind", Kind.GENERATE) != Kind.GENERATE:
                 continue  # trainings' queues: GET /v1/queues (KEDA reads their lists)
             depth.add_metric([row["model"]], row["depth"])
             queued.add_metric([row["model"]], row["queued"])

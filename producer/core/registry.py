@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from producer.core import keys as K
-from producer.core.contract import MAX_CONTROLS, MAX_REFERENCES, ControlRef, ReferenceRef
+from producer.core.contract import MAX_CONTROLS, MAX_REFERENCES, ControlRef, Kind, ReferenceRef
 from producer.core.pipeline_options import PipelineOptions, parse_options
 
 #: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
@@ -438,7 +438,7 @@ class Registry:
         train (``train.<model>``, :func:`producer.core.keys.lane`)."""
         return [
             *self.names(),
-            *(K.lane(s.name, "train") for s in self if s.pipeline in TRAINABLE_PIPELINES),
+            *(K.lane(s.name, Kind.TRAIN) for s in self if s.pipeline in TRAINABLE_PIPELINES),
         ]
 
     def __iter__(self):  # type: ignore[no-untyped-def]

@@ -12,24 +12,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from producer.core import keys as K
-from producer.core.contract import TERMINAL_EVENTS, EventType, shared_data
+from producer.core.contract import TERMINAL_EVENTS, Event, EventType, Record, shared_data
 
 
-def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
+def decode_event(entry_id: bytes | str, fields: dict[Any, Any]) -> Event:
+    """A stream entry as an :class:`~producer.core.contract.Event` (its ``type`` the
+    text the entry holds: the enum's value)."""
+
     def s(v: Any) -> str:
         return v.decode() if isinstance(v, bytes) else v
 
     f = {s(k): s(v) for k, v in fields.items()}
-    return {
+    event = {
         "id": s(entry_id),
         "type": f["type"],
         "job_id": f["job_id"],
         "ts": f["ts"],
         "data": json.loads(f["data"]),
     }
+    return cast(Event, event)
+
+
+def carried_record(event: Event) -> Record | None:
+    """The record an event carries (``data.job``: a terminal event's), if any."""
+    job = event["data"].get("job")
+    return cast(Record, job) if isinstance(job, dict) else None
 
 
 class Cursor:
@@ -40,7 +50,7 @@ class Cursor:
         self.last = after
         self.done = False
 
-    def take(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def take(self, batch: list[Event]) -> list[Event]:
         """The events of ``batch`` up to and including a terminal one."""
         out = []
         for ev in batch:
@@ -61,7 +71,7 @@ def events_query(
     return K.events_key(job_id), after or "0-0", kwargs
 
 
-def decode_batch(res: Any) -> list[dict[str, Any]]:
+def decode_batch(res: Any) -> list[Event]:
     if not res:
         return []
     return [decode_event(eid, fields) for eid, fields in res[0][1]]

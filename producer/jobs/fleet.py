@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from producer.core import keys as K
-from producer.core.contract import parse_iso
+from producer.core.contract import Kind, parse_iso
 from producer.core.registry import Registry
 from producer.jobs.broker import queue_depth
 from producer.jobs.store import JobStore
@@ -32,7 +32,7 @@ def queue_report(store: JobStore, broker: redis.Redis, registry: Registry) -> li
         out.append(
             {
                 "model": lane.removeprefix(K.TRAIN_LANE) if train else lane,
-                "kind": "train" if train else "generate",
+                "kind": (Kind.TRAIN if train else Kind.GENERATE).value,
                 "queue": K.queue_name(lane),
                 "depth": queue_depth(broker, lane),
                 "queued": queued,

@@ -27,7 +27,7 @@ import redis
 from celery import Celery
 
 from producer.core import keys as K
-from producer.core.contract import Kind, new_record, now_iso
+from producer.core.contract import Kind, Record, new_record, now_iso
 from producer.core.errors import AtelierError, JobNotFound, KeyClaimed, Unavailable
 from producer.core.images import decode_data_uri
 from producer.core.normalized import GenerateRequest, NormalizedRequest, TrainingRequest
@@ -35,7 +35,7 @@ from producer.core.settings import Settings
 from producer.core.train_contract import decode_zip_uri, is_zip_source
 from producer.jobs.broker import queue_depth, send_job
 from producer.jobs.idempotency import Claim, IdempotencyKey
-from producer.jobs.store import JobStore
+from producer.jobs.store import JobStore, Verdict
 
 __all__ = ["Admission", "Intake", "IntakeResult", "QueueFull", "new_job_id"]
 
@@ -78,7 +78,7 @@ class IntakeResult:
     ``Idempotency-Key`` made (``replay``; None when this request created the job)."""
 
     job_id: str
-    replay: dict[str, Any] | None = None
+    replay: Record | None = None
 
 
 class Intake:
@@ -154,7 +154,7 @@ class Intake:
                 return
             except (redis.RedisError, JobNotFound):
                 raise Unavailable(f"job store unavailable: {exc}") from exc
-        if not out.ok and out.detail == "claimed":
+        if out.detail is Verdict.CLAIMED:
             # Our message finds no record and is dropped by the worker that takes it.
             raise KeyClaimed(f"the idempotency key already names a job ({job_id} not created)")
 

@@ -29,13 +29,13 @@ import contextlib
 import json
 import re
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis
 from typing_extensions import TypedDict
 
 from producer.core import keys as K
-from producer.core.contract import Kind, Status, parse_iso
+from producer.core.contract import Kind, Record, Status, parse_iso
 from producer.core.errors import InvalidRequest, JobNotFound
 from producer.jobs import scripts as S
 
@@ -52,11 +52,11 @@ MODEL_MAX_LENGTH = 200
 class JobPage(TypedDict):
     """A page of the list, as ``GET /v1/jobs`` answers it."""
 
-    data: list[dict[str, Any]]
+    data: list[Record]
     next_cursor: str | None
 
 
-def list_entry(record: dict[str, Any]) -> str:
+def list_entry(record: Record) -> str:
     """A record's entry in the list (what the transition script indexes):
     ``<member>\\t<owner>\\t<kind>\\t<model>``."""
     created_ms = int(parse_iso(record["created_at"]).timestamp() * 1000)
@@ -95,7 +95,7 @@ class Records(Protocol):
 
     redis: redis.Redis
 
-    def get(self, job_id: str) -> dict[str, Any]: ...
+    def get(self, job_id: str) -> Record: ...
 
 
 class JobList:
@@ -124,11 +124,11 @@ class JobList:
         key = K.list_key(owner, status or "*", kind or "*", model or "*")
         flat: Any = self._page(keys=[key], args=[cursor or "", limit + 1, PRUNE_ON_READ])
         members = [m.decode() for m in flat[0::2]]
-        records = [self._current(json.loads(doc)) for doc in flat[1::2]]
+        records = [self._current(cast(Record, json.loads(doc))) for doc in flat[1::2]]
         more = len(records) > limit
         return {"data": records[:limit], "next_cursor": members[limit - 1] if more else None}
 
-    def _current(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _current(self, record: Record) -> Record:
         # As JobStore.get: a queued job past its expires_at is expired on the way.
         expires_at = record.get("expires_at")
         if (
@@ -138,5 +138,5 @@ class JobList:
         ):
             with contextlib.suppress(JobNotFound):
                 record = self.store.get(record["id"])
-        record.setdefault("kind", Kind.GENERATE.value)
+        record.setdefault("kind", Kind.GENERATE)
         return record

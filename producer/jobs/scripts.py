@@ -67,35 +67,58 @@ APPLY = (
     PRELUDE
     + JOB_LIST
     + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if ARGV[1] == '__new__' then
-  if status then return {0, status} end
+-- The arguments, named (producer.jobs.script_io.ApplyKeys and ApplyArgs build them in
+-- this order, and a test holds the two to it).
+local job_key = KEYS[1]
+local log_key = KEYS[2]
+local stream_key = KEYS[3]
+local queue_key = KEYS[4]
+local claim_key = KEYS[5]
+local leases_key = KEYS[6]
+local allowed = ARGV[1]
+local token = ARGV[2]
+local status = ARGV[3]
+local new_token = ARGV[4]
+local record = ARGV[5]
+local ts = ARGV[6]
+local ttl = ARGV[7]
+local maxlen = ARGV[8]
+local job_id = ARGV[9]
+local score = ARGV[10]
+local claim = ARGV[11]
+local claim_ttl = ARGV[12]
+local lease = ARGV[13]
+local announce = ARGV[14]
+local entry = ARGV[15]
+local current = redis.call('HGET', job_key, 'status')
+if allowed == '__new__' then
+  if current then return {0, current} end
   -- An Idempotency-Key already naming a job: a concurrent request with it won.
-  if ARGV[11] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then return {0, 'claimed'} end
+  if claim ~= '' and redis.call('EXISTS', claim_key) == 1 then return {0, 'claimed'} end
 else
-  if not status then return {0, '__missing__'} end
+  if not current then return {0, '__missing__'} end
   -- A terminal record never changes, whatever the caller allows.
-  if is_terminal(status) then return {0, status} end
-  local allowed = false
-  for s in string.gmatch(ARGV[1], '[^,]+') do
-    if s == status then allowed = true end
+  if is_terminal(current) then return {0, current} end
+  local permitted = false
+  for s in string.gmatch(allowed, '[^,]+') do
+    if s == current then permitted = true end
   end
-  if not allowed then return {0, status} end
-  local token = redis.call('HGET', KEYS[1], 'token') or 'none'
+  if not permitted then return {0, current} end
+  local fence = redis.call('HGET', job_key, 'token') or 'none'
   -- A fresh token already in place means this very call ran and its reply was lost:
   -- answer as it did, so a retried call does not look fenced.
-  if ARGV[4] ~= '' and ARGV[4] ~= 'none' and token == ARGV[4] then return {1, 'replayed'} end
-  if ARGV[2] ~= '*' and token ~= ARGV[2] then return {0, 'fenced'} end
+  if new_token ~= '' and new_token ~= 'none' and fence == new_token then return {1, 'replayed'} end
+  if token ~= '*' and fence ~= token then return {0, 'fenced'} end
   -- The lease: 'held:<worker>' (a start: this worker holds the job's message), or
   -- 'expired:<worker>|<tag>' (a take-back: that lease, and it has run out).
-  if ARGV[13] ~= '' then
-    local holder = redis.call('HGET', KEYS[1], 'lease') or ''
-    local mode, want = string.match(ARGV[13], '^(%a+):(.*)$')
+  if lease ~= '' then
+    local holder = redis.call('HGET', job_key, 'lease') or ''
+    local mode, want = string.match(lease, '^(%a+):(.*)$')
     if mode == 'held' then
       if holder ~= want then return {0, 'fenced'} end
     else
-      local tag = redis.call('HGET', KEYS[1], 'tag') or ''
-      local expiry = redis.call('ZSCORE', KEYS[6], ARGV[9])
+      local tag = redis.call('HGET', job_key, 'tag') or ''
+      local expiry = redis.call('ZSCORE', leases_key, job_id)
       if holder .. '|' .. tag ~= want then return {0, 'lease_changed'} end
       if expiry and tonumber(expiry) > now_ms() then return {0, 'lease_renewed'} end
     end
@@ -109,43 +132,43 @@ local ids = {}
 for i = 16, #ARGV, 3 do
   local shared = ARGV[i + 2]
   if shared == '' then shared = ARGV[i + 1] end
-  local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[8], '*',
-                        'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', shared)
-  redis.call('XADD', KEYS[2], id,
-             'type', ARGV[i], 'job_id', ARGV[9], 'ts', ARGV[6], 'data', ARGV[i + 1])
+  local id = redis.call('XADD', stream_key, 'MAXLEN', '~', maxlen, '*',
+                        'type', ARGV[i], 'job_id', job_id, 'ts', ts, 'data', shared)
+  redis.call('XADD', log_key, id,
+             'type', ARGV[i], 'job_id', job_id, 'ts', ts, 'data', ARGV[i + 1])
   table.insert(ids, id)
 end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[3])
+if status ~= '' then
+  redis.call('HSET', job_key, 'status', status)
   -- The queue index holds exactly the jobs waiting for a worker.
-  if ARGV[3] ~= 'queued' then redis.call('ZREM', KEYS[4], ARGV[9]) end
-  -- The job list (ARGV[15]: the job's entry) follows the status in the same step; a
-  -- finished job leaves it when its record expires.
-  if ARGV[15] ~= '' and ARGV[3] ~= status then
-    list_move(ARGV[15], status, ARGV[3])
-    if is_terminal(ARGV[3]) and tonumber(ARGV[7]) > 0 then
-      redis.call('ZADD', EXPIRY, now_ms() + tonumber(ARGV[7]) * 1000, ARGV[3] .. '\t' .. ARGV[15])
+  if status ~= 'queued' then redis.call('ZREM', queue_key, job_id) end
+  -- The job list (entry: the job's) follows the status in the same step; a finished
+  -- job leaves it when its record expires.
+  if entry ~= '' and status ~= current then
+    list_move(entry, current, status)
+    if is_terminal(status) and tonumber(ttl) > 0 then
+      redis.call('ZADD', EXPIRY, now_ms() + tonumber(ttl) * 1000, status .. '\t' .. entry)
       list_prune(now_ms(), 4)
     end
   end
 end
-if string.sub(ARGV[13], 1, 8) == 'expired:' or is_terminal(ARGV[3]) then
+if string.sub(lease, 1, 8) == 'expired:' or is_terminal(status) then
   -- Taken back, or ended: nobody holds the job any more.
-  redis.call('HDEL', KEYS[1], 'lease', 'tag')
-  redis.call('ZREM', KEYS[6], ARGV[9])
+  redis.call('HDEL', job_key, 'lease', 'tag')
+  redis.call('ZREM', leases_key, job_id)
 end
 -- A new queued job, or one taken back from a lost worker, waits in its queue again.
-if ARGV[10] ~= '' and not is_terminal(ARGV[3]) then
-  redis.call('ZADD', KEYS[4], ARGV[10], ARGV[9])
+if score ~= '' and not is_terminal(status) then
+  redis.call('ZADD', queue_key, score, job_id)
 end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'token', ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'doc', ARGV[5]) end
-if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'announced', ARGV[14]) end
+if new_token ~= '' then redis.call('HSET', job_key, 'token', new_token) end
+if record ~= '' then redis.call('HSET', job_key, 'doc', record) end
+if announce ~= '' then redis.call('HSET', job_key, 'announced', announce) end
 -- The key and the record it names appear together or not at all.
-if ARGV[11] ~= '' then redis.call('SET', KEYS[5], ARGV[11], 'EX', ARGV[12]) end
-if tonumber(ARGV[7]) > 0 then
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[2], ARGV[7])
+if claim ~= '' then redis.call('SET', claim_key, claim, 'EX', claim_ttl) end
+if tonumber(ttl) > 0 then
+  redis.call('EXPIRE', job_key, ttl)
+  redis.call('EXPIRE', log_key, ttl)
 end
 return {1, table.concat(ids, ',')}
 """

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,12 +39,12 @@ import redis
 
 from producer.core import keys as K
 from producer.core.contract import (
+    Event,
     EventType,
     Record,
     Status,
     is_expired,
     now_iso,
-    parse_iso,
     terminal_event,
 )
 from producer.core.errors import IdempotencyConflict, JobNotFound
@@ -54,64 +53,17 @@ from producer.jobs import scripts as S
 from producer.jobs.eventlog import Cursor, decode_batch, decode_event, event_args, events_query
 from producer.jobs.idempotency import Claim as Claim
 from producer.jobs.idempotency import IdempotencyKey
-from producer.jobs.joblist import list_entry
+from producer.jobs.script_io import NEW as NEW
+from producer.jobs.script_io import NO_TOKEN as NO_TOKEN
+from producer.jobs.script_io import Hold as Hold
+from producer.jobs.script_io import HoldResult as HoldResult
+from producer.jobs.script_io import Outcome as Outcome
+from producer.jobs.script_io import Snapshot as Snapshot
+from producer.jobs.script_io import Verdict as Verdict
+from producer.jobs.script_io import apply_call, dumps
+from producer.jobs.script_io import lane_of as lane_of
 
-NO_TOKEN = "none"
 ANY_TOKEN = "*"
-NEW = "__new__"
-
-
-@dataclass
-class Snapshot:
-    """A job as read in one round trip; ``token`` is what a compare-and-set compares."""
-
-    record: dict[str, Any]
-    status: Status
-    token: str
-    cancel_requested: bool
-    #: The worker holding the job's message (its lease), and that message's delivery tag.
-    lease: str | None = None
-    tag: str | None = None
-    #: The attempt a ``job.retrying`` event has already announced (the reconciler's).
-    announced: int = 0
-
-    @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> Snapshot:
-        def text(name: bytes) -> str | None:
-            value = raw.get(name)
-            return None if value is None else value.decode()
-
-        return cls(
-            record=json.loads(raw[b"doc"]),
-            status=Status(raw[b"status"].decode()),
-            token=raw.get(b"token", NO_TOKEN.encode()).decode(),
-            cancel_requested=raw.get(b"cancel") == b"1",
-            lease=text(b"lease"),
-            tag=text(b"tag"),
-            announced=int(raw.get(b"announced", b"0")),
-        )
-
-
-@dataclass
-class Hold:
-    """What taking a job's message found: ``ok`` (now leased: ``snapshot``), a terminal
-    status, ``held`` (by ``holder``, another worker) or ``__missing__`` (no record)."""
-
-    result: str
-    snapshot: Snapshot | None = None
-    holder: str | None = None
-
-
-@dataclass
-class Outcome:
-    ok: bool
-    #: On success the new events' ids, comma-separated (``replayed`` for a call that had
-    #: already run); on refusal the status found, ``fenced`` or ``__missing__``.
-    detail: str
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
 class JobStore:
@@ -138,12 +90,12 @@ class JobStore:
         *,
         allowed: str,
         token: str = ANY_TOKEN,
-        record: dict[str, Any] | None = None,
+        record: Record | None = None,
         new_token: str | None = None,
         events: Sequence[tuple[EventType, dict[str, Any]]] = (),
         claim: Claim | None = None,
         lease: str = "",
-        requeue: dict[str, Any] | None = None,
+        requeue: Record | None = None,
         announce: int | None = None,
     ) -> Outcome:
         """Compare-and-set a job: the primitive every transition uses.
@@ -153,48 +105,29 @@ class JobStore:
         ``record`` replaces the record; ``events`` are appended in order, to the job's log
         and the global stream (less the log-only fields, a preview: :func:`shared_data`),
         only if the check passes. ``claim`` (with ``NEW`` only):
-        an idempotency key set in the same step, refused (``claimed``) if it exists.
+        an idempotency key set in the same step, refused (``Verdict.CLAIMED``) if it exists.
         ``lease``: ``held:<worker>`` (that worker must hold the job) or
         ``expired:<worker>|<tag>`` (that lease must have run out; it is cleared).
         ``requeue``: the record whose job waits in its queue again (the queue index).
         ``announce``: the attempt a ``job.retrying`` in ``events`` announces.
         A terminal status clears the job's lease; a new one moves it in the job list.
         """
-        status = record["status"] if record is not None else ""
-        terminal = bool(status) and Status(status).is_terminal()
-        metadata = (record or requeue or {}).get("metadata")
-        index_doc = record if allowed == NEW else requeue
-        args: list[Any] = [
-            allowed,
-            token,
-            status,
-            new_token or "",
-            _dumps(record) if record is not None else "",
-            now_iso(),
-            self.result_ttl_s if terminal else 0,
-            K.GLOBAL_EVENTS_MAXLEN,
+        keys, args = apply_call(
             job_id,
-            _queued_score(index_doc) if index_doc is not None else "",
-            claim.value if claim is not None else "",
-            claim.ttl_s if claim is not None else 0,
-            lease,
-            "" if announce is None else announce,
-            list_entry(record) if record is not None else "",
-        ]
-        args += event_args(events, metadata)
-        ok, detail = self._apply(
-            keys=[
-                K.job_key(job_id),
-                K.events_key(job_id),
-                K.GLOBAL_EVENTS,
-                K.queued_index_key(_model(record or requeue)),
-                claim.key if claim is not None else K.job_key(job_id),
-                K.LEASES,
-            ],
-            args=args,
+            allowed=allowed,
+            token=token,
+            record=record,
+            new_token=new_token,
+            claim=claim,
+            lease=lease,
+            requeue=requeue,
+            announce=announce,
+            result_ttl_s=self.result_ttl_s,
         )
-        detail = detail.decode() if isinstance(detail, bytes) else str(detail)
-        return Outcome(bool(ok), detail)
+        source = record or requeue
+        metadata = source.get("metadata") if source else None
+        reply = self._apply(keys=keys.keys(), args=[*args.argv(), *event_args(events, metadata)])
+        return Outcome.parse(reply)
 
     def create(self, record: Record, claim: Claim | None = None) -> Outcome:
         """Write a new ``queued`` record and its ``job.queued`` event (and the
@@ -202,13 +135,13 @@ class JobStore:
         return self.apply(
             record["id"],
             allowed=NEW,
-            record=dict(record),
+            record=record.copy(),
             new_token=NO_TOKEN,
             events=[(EventType.QUEUED, {})],
             claim=claim,
         )
 
-    def claimed(self, idem: IdempotencyKey) -> dict[str, Any] | None:
+    def claimed(self, idem: IdempotencyKey) -> Record | None:
         """The record of the job ``idem`` names, or None while it names none.
 
         Raises :class:`IdempotencyConflict` when the key came with another body. The key
@@ -222,7 +155,7 @@ class JobStore:
         if claim["fingerprint"] != idem.fingerprint:
             raise IdempotencyConflict("this Idempotency-Key was used with a different request body")
         try:
-            record: dict[str, Any] | None = self.get(claim["job_id"])
+            record: Record | None = self.get(claim["job_id"])
         except JobNotFound:
             record = None
         if record is None or record.get("owner") != idem.owner:
@@ -246,12 +179,7 @@ class JobStore:
         res: Any = self._hold(
             keys=[K.job_key(job_id), K.LEASES], args=[worker, tag, int(ttl_s * 1000), job_id]
         )
-        result = res[0].decode()
-        if result == "ok":
-            flat = res[1]
-            raw = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-            return Hold(result, snapshot=Snapshot.from_hash(raw))
-        return Hold(result, holder=res[1].decode() if len(res) > 1 else None)
+        return Hold.parse(res)
 
     def renew(self, worker: str, job_ids: Sequence[str], ttl_s: float) -> int:
         """Extend the leases ``worker`` still holds among ``job_ids`` (the heartbeat);
@@ -287,7 +215,11 @@ class JobStore:
             if snap.status.is_terminal():
                 return snap
             if snap.status is Status.QUEUED:
-                record = dict(snap.record, status=Status.CANCELLED.value, finished_at=now_iso())
+                record: Record = {
+                    **snap.record,
+                    "status": Status.CANCELLED,
+                    "finished_at": now_iso(),
+                }
                 out = self.apply(
                     job_id,
                     allowed=Status.QUEUED.value,
@@ -315,7 +247,7 @@ class JobStore:
             raise JobNotFound(job_id)
         return Snapshot.from_hash(raw)
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> Record:
         """The record; a queued job past its ``expires_at`` is expired on the way."""
         snap = self.load(job_id)
         if snap.status is Status.QUEUED and is_expired(snap.record):
@@ -324,7 +256,7 @@ class JobStore:
         return snap.record
 
     def expire(self, job_id: str, snap: Snapshot) -> Outcome:
-        record = dict(snap.record, status=Status.EXPIRED.value, finished_at=now_iso())
+        record: Record = {**snap.record, "status": Status.EXPIRED, "finished_at": now_iso()}
         return self.apply(
             job_id,
             allowed=Status.QUEUED.value,
@@ -333,7 +265,7 @@ class JobStore:
             events=[terminal_event(record)],
         )
 
-    def queue_position(self, record: dict[str, Any]) -> int | None:
+    def queue_position(self, record: Record) -> int | None:
         """How many queued jobs of the same model run before this one (None: not queued)."""
         rank: Any = self.redis.zrank(K.queued_index_key(lane_of(record)), record["id"])
         return None if rank is None else int(rank)
@@ -365,7 +297,7 @@ class JobStore:
         """
         key = K.deliveries_key(job_id)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.rpush(key, _dumps(attempt))
+        pipe.rpush(key, dumps(attempt))
         pipe.ltrim(key, -K.DELIVERIES_KEPT, -1)
         pipe.expire(key, self.result_ttl_s)
         pipe.execute()
@@ -379,7 +311,7 @@ class JobStore:
         raw: Any = self.redis.hget(K.job_key(job_id), "doc")
         return None if raw is None else json.loads(raw)["request"]
 
-    def event(self, job_id: str, event_id: str) -> dict[str, Any] | None:
+    def event(self, job_id: str, event_id: str) -> Event | None:
         """One event of a job's log (None once the log expired)."""
         entries: Any = self.redis.xrange(K.events_key(job_id), event_id, event_id)
         return decode_event(*entries[0]) if entries else None
@@ -413,7 +345,7 @@ class JobStore:
         after: str | None = None,
         block_ms: int | None = None,
         count: int = 100,
-    ) -> list[dict[str, Any]]:
+    ) -> list[Event]:
         """Events after ``after`` (exclusive; None: from the start), waiting up to
         ``block_ms`` for one when none is there yet."""
         key, cursor, kwargs = events_query(job_id, after, block_ms, count)
@@ -434,7 +366,7 @@ class JobStore:
         after: str | None = None,
         timeout_s: float | None = None,
         poll_ms: int = 1000,
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Event]:
         """Yield a job's events in order from ``after`` until its terminal event."""
         import time
 
@@ -453,17 +385,3 @@ class JobStore:
                     return
                 continue
             yield from cursor.take(batch)
-
-
-def _model(record: dict[str, Any] | None) -> str:
-    """The lane the record's job waits in (its model, or ``train.<model>``)."""
-    return lane_of(record) if record else "_"
-
-
-def lane_of(record: dict[str, Any]) -> str:
-    return K.lane(record["request"]["model"], record.get("kind") or "generate")
-
-
-def _queued_score(record: dict[str, Any]) -> int:
-    created_ms = int(parse_iso(record["created_at"]).timestamp() * 1000)
-    return K.queued_score(int(record["request"].get("priority", 5)), created_ms)

@@ -7,8 +7,7 @@ caller. Every refusal names its ``loras.<i>.name``.
 
 from __future__ import annotations
 
-from typing import Any
-
+from producer.core.contract import Kind, Record, Status
 from producer.core.errors import InvalidRequest, JobNotFound
 from producer.core.normalized import GenerateRequest
 from producer.jobs.store import JobStore
@@ -28,14 +27,14 @@ def check_job_loras(
             continue
         job_id = name.removeprefix("job:")
         try:
-            record: dict[str, Any] | None = store.get(job_id)
+            record: Record | None = store.get(job_id)
         except JobNotFound:
             record = None
         if record is None or (check_owner and record.get("owner") != owner):
             errors.append({"field": field, "message": f"no training {job_id!r}"})
-        elif record.get("kind") != "train":
+        elif record.get("kind") != Kind.TRAIN:
             errors.append({"field": field, "message": f"job {job_id} is not a training"})
-        elif record["status"] != "succeeded":
+        elif record["status"] != Status.SUCCEEDED:
             errors.append(
                 {
                     "field": field,

@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from producer.core.contract import EventType, now_iso
+from producer.core.contract import Event, EventType, now_iso
 from producer.core.logs import configure as configure_logging
 from producer.core.logs import job_context
 from producer.core.metrics import DispatcherMetrics, serve
@@ -157,7 +157,7 @@ class Dispatcher:
 
     # -- one event --------------------------------------------------------------------
 
-    def _target(self, event: dict[str, Any]) -> tuple[str, bool] | None:
+    def _target(self, event: Event) -> tuple[str, bool] | None:
         """The URL to send ``event`` to and whether to retry it, or None to skip it."""
         name = FILTER_NAME.get(EventType(event["type"]))
         if name is None:
@@ -170,11 +170,11 @@ class Dispatcher:
             return None
         return url, name != "progress"  # progress is best effort: sent once
 
-    def _handle_new(self, event: dict[str, Any]) -> None:
+    def _handle_new(self, event: Event) -> None:
         with job_context(event["job_id"]):
             self._handle_new_event(event)
 
-    def _handle_new_event(self, event: dict[str, Any]) -> None:
+    def _handle_new_event(self, event: Event) -> None:
         target = self._target(event)
         if target is not None:
             url, retryable = target
@@ -204,7 +204,7 @@ class Dispatcher:
             return
         self.queue.drop(member)
 
-    def _send(self, url: str, event: dict[str, Any]) -> Result:
+    def _send(self, url: str, event: Event) -> Result:
         number = 1 + sum(
             1 for d in self.store.deliveries(event["job_id"]) if d["event_id"] == event["id"]
         )

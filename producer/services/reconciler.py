@@ -45,7 +45,7 @@ from typing import Any
 import redis
 
 from producer.core import keys as K
-from producer.core.contract import EventType, Status, now_iso, terminal_event
+from producer.core.contract import EventType, Record, Status, now_iso, terminal_event
 from producer.core.errors import JobNotFound, WorkerLost
 from producer.core.loops import run_every
 from producer.core.registry import Registry
@@ -187,21 +187,25 @@ class Reconciler:
         return reasons
 
     def _take_back(self, job_id: str, snap: Snapshot) -> str | None:
-        record, tag = snap.record, snap.tag or ""
+        record, tag, started = snap.record, snap.tag or "", snap.status is Status.RUNNING
         lease = f"expired:{snap.lease}|{tag}"
-        started = snap.status is Status.RUNNING
         if started and record["attempts"] >= self.settings.max_attempts:
             err = WorkerLost(
                 f"the worker running this job was lost {record['attempts']} times "
                 f"(ATELIER_MAX_ATTEMPTS={self.settings.max_attempts})"
             ).to_error()
-            failed = dict(record, status=Status.FAILED.value, finished_at=now_iso(), error=err)
+            lost: Record = {
+                **record,
+                "status": Status.FAILED,
+                "finished_at": now_iso(),
+                "error": err,
+            }
             out = self.store.apply(
                 job_id,
                 allowed=Status.RUNNING.value,
                 token=snap.token,
-                record=failed,
-                events=[terminal_event(failed)],
+                record=lost,
+                events=[terminal_event(lost)],
                 lease=lease,
             )
             if not out.ok:
@@ -217,15 +221,13 @@ class Reconciler:
             )
             return "worker_lost"
         attempt = record["attempts"] + 1
-        events = (
-            [(EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"})] if started else []
-        )
+        retrying = (EventType.RETRYING, {"attempt": attempt, "reason": "worker_lost"})
         out = self.store.apply(
             job_id,
             allowed=f"{Status.QUEUED.value},{Status.RUNNING.value}",
             token=snap.token,
             new_token=secrets.token_hex(8),
-            events=events,
+            events=[retrying] if started else [],
             lease=lease,
             requeue=record,
             announce=attempt if started else None,
@@ -243,7 +245,7 @@ class Reconciler:
         )
         return "lease_expired"
 
-    def _requeue(self, job_id: str, record: dict[str, Any], tags: list[str]) -> str:
+    def _requeue(self, job_id: str, record: Record, tags: list[str]) -> str:
         """Put the job's message back at the head of its queue: its unacked entry if
         the broker still has one, else (and only then) a new message."""
         req = record["request"]

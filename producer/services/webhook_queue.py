@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from producer.core import keys as K
+from producer.core.contract import Event
 from producer.jobs import scripts as S
 from producer.jobs.eventlog import decode_event
 
@@ -36,7 +37,7 @@ class WebhookQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def read_new(self, consumer: str, count: int, block_ms: int) -> list[dict[str, Any]]:
+    def read_new(self, consumer: str, count: int, block_ms: int) -> list[Event]:
         """Events no dispatcher has taken yet, waiting up to ``block_ms`` for one."""
         res: Any = self.redis.xreadgroup(
             K.DISPATCH_GROUP, consumer, {K.GLOBAL_EVENTS: ">"}, count=count, block=block_ms
@@ -45,7 +46,7 @@ class WebhookQueue:
 
     def claim_abandoned(
         self, consumer: str, min_idle_ms: int, count: int
-    ) -> tuple[list[dict[str, Any]], int]:
+    ) -> tuple[list[Event], int]:
         """Events another dispatcher took and never acknowledged (it died), and how many
         entries were claimed: those trimmed from the stream meanwhile are acknowledged
         here (nothing to send)."""
@@ -58,7 +59,7 @@ class WebhookQueue:
             count=count,
         )
         entries = res[1] if res else []
-        events = []
+        events: list[Event] = []
         for eid, fields in entries:
             if fields is None:
                 self.ack(eid)

@@ -19,9 +19,8 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
-from producer.core.contract import EventType, shared_data
+from producer.core.contract import Event, EventType, shared_data
 from producer.core.netguard import EgressRefused, post
 from producer.core.settings import Settings
 
@@ -50,11 +49,11 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def event_body(event: dict[str, Any]) -> bytes:
+def event_body(event: Event) -> bytes:
     # Events come from the global stream, which has no previews; a retry reads the
     # job's own log, which may: a webhook never carries one.
-    event = {**event, "data": shared_data(event["data"])}
-    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    sent: Event = {**event, "data": shared_data(event["data"])}
+    return json.dumps(sent, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 @dataclass
@@ -85,7 +84,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
 
 
-def attempt(url: str, event: dict[str, Any], settings: Settings) -> Result:
+def attempt(url: str, event: Event, settings: Settings) -> Result:
     """Send ``event`` to ``url`` once, signed; never raises."""
     if not settings.webhook_secret:
         return Result("failed", error="ATELIER_WEBHOOK_SECRET is not set")

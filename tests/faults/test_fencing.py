@@ -94,7 +94,7 @@ def test_a_run_frozen_past_its_lease_is_taken_over_and_writes_nothing(rig: Rig) 
     record = client.wait(job_id, timeout=30)
     assert record["status"] == Status.SUCCEEDED, record
     assert record["attempts"] == 2
-    assert record["worker"].endswith(f":{second.pid}")
+    assert str(record["worker"]).endswith(f":{second.pid}")
     assert finished_after(record, frozen_at) <= 30 + 3  # recovery bound + the job itself
     time.sleep(1.0)
     assert client.get(job_id) == record  # the terminal record never changed

@@ -10,13 +10,12 @@ import json
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from producer import Client
 from producer.core import keys as K
-from producer.core.contract import EventType, Status
+from producer.core.contract import EventType, Record, Status
 from producer.core.settings import Settings
 from tests.helpers import (
     MODELS,
@@ -121,7 +120,7 @@ def test_a_broker_that_lost_its_data(
             time.sleep(1.0)
             broker.start()
 
-            def all_terminal() -> list[dict[str, Any]] | None:
+            def all_terminal() -> list[Record] | None:
                 records = [client.get(j) for j in jobs]
                 return records if all(Status(r["status"]).is_terminal() for r in records) else None
 

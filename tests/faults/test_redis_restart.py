@@ -117,7 +117,7 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
             assert proc.proc is not None and proc.proc.poll() is None, proc.log()[-2000:]
         late = [records[accepted[f"fault-{i}"]] for i in range(before + 5, 50)]
         pids = {w.pid for w in workers}
-        assert all(int(r["worker"].rsplit(":", 1)[1]) in pids for r in late)
+        assert all(int(str(r["worker"]).rsplit(":", 1)[1]) in pids for r in late)
         import httpx
 
         assert httpx.get(f"http://127.0.0.1:{api.port}/readyz").status_code == 200

@@ -127,8 +127,8 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
         spanning = [
             r
             for r in records.values()
-            if parse_iso(r["started_at"]).timestamp() < down_at
-            and parse_iso(r["finished_at"]).timestamp() > up_at
+            if parse_iso(str(r["started_at"])).timestamp() < down_at
+            and parse_iso(str(r["finished_at"])).timestamp() > up_at
         ]
         assert spanning, [(r["started_at"], r["finished_at"]) for r in records.values()]
     finally:

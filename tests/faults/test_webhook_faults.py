@@ -12,7 +12,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from producer.core import keys as K
-from producer.core.contract import TERMINAL_EVENTS, EventType, Status
+from producer.core.contract import TERMINAL_EVENTS, Event, EventType, Status
 from tests.helpers import WEBHOOK_SECRET, Rig, wait_until
 from tests.receiver import Received, Receiver
 
@@ -33,7 +33,7 @@ def verify(got: Received) -> dict[str, Any]:
     return payload
 
 
-def terminal_event(rig: Rig, job_id: str) -> dict[str, Any]:
+def terminal_event(rig: Rig, job_id: str) -> Event:
     client = rig.client()
     [ev] = [e for e in client.store.events(job_id) if EventType(e["type"]) in TERMINAL_EVENTS]
     return ev

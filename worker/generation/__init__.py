@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from producer.core.contract import Output, Status, denoise_steps
+from producer.core.contract import Kind, Output, Status, denoise_steps
 from producer.core.errors import InternalError
-from producer.core.normalized import GenerateRequest
+from producer.core.normalized import GenerateRequest, NormalizedRequest
 from producer.core.settings import Settings
 from producer.core.storage import LocalStorage, S3Storage
 from producer.jobs.store import JobStore
@@ -31,7 +31,6 @@ from worker.diffusion.safety import SafetyChecker
 from worker.generation import inputs, outputs
 from worker.generation.conditioning import Conditioning
 from worker.generation.generate import generate
-from worker.lifecycle import GENERATE
 from worker.run import Run
 
 __all__ = ["Generation"]
@@ -41,7 +40,7 @@ class Generation:
     """The process's models and what their jobs need beside them (storage, LoRAs, the
     safety checker); one instance serves every generation job."""
 
-    kind = GENERATE
+    kind = Kind.GENERATE
 
     def __init__(
         self,
@@ -83,10 +82,10 @@ class Generation:
             )
         return self._conditioning
 
-    def total(self, request: dict[str, Any]) -> int:
+    def total(self, request: NormalizedRequest) -> int:
         return denoise_steps(cast(GenerateRequest, request))
 
-    def prepare(self, request: dict[str, Any]) -> inputs.Fetched | None:
+    def prepare(self, request: NormalizedRequest) -> inputs.Fetched | None:
         # Before the GPU: a slow image server delays only this job, while the other
         # slot's job keeps the GPU busy.
         return inputs.fetch(cast(GenerateRequest, request), self.settings, self.store)

@@ -155,7 +155,7 @@ def manifest(
     *,
     model_source: dict[str, Any],
     versions: dict[str, str],
-    worker: str,
+    worker: str | None,
     checker: str | None,
     inputs: Any,
     verdicts: Verdicts | None,

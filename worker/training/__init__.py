@@ -18,13 +18,12 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from producer.core.contract import Status
+from producer.core.contract import Kind, Status
 from producer.core.errors import InternalError
-from producer.core.normalized import TrainingRequest
+from producer.core.normalized import NormalizedRequest, TrainingRequest
 from producer.core.settings import Settings
 from producer.jobs.store import JobStore
 from worker.diffusion.pipelines import LoadedModel, library_versions
-from worker.lifecycle import TRAIN
 from worker.run import Run
 from worker.training import checkpoints, inputs, outputs
 from worker.training.classes import class_images
@@ -36,7 +35,7 @@ __all__ = ["Training"]
 class Training:
     """Trainings on the process's loaded models; one instance serves every one."""
 
-    kind = TRAIN
+    kind = Kind.TRAIN
 
     def __init__(
         self,
@@ -51,10 +50,10 @@ class Training:
         self.device = device
         self.versions = library_versions()
 
-    def total(self, request: dict[str, Any]) -> int:
+    def total(self, request: NormalizedRequest) -> int:
         return int(request["steps"])
 
-    def prepare(self, request: dict[str, Any]) -> list[tuple[str, bytes]]:
+    def prepare(self, request: NormalizedRequest) -> list[tuple[str, bytes]]:
         return inputs.fetch(cast(TrainingRequest, request), self.settings, self.store, self.storage)
 
     def __call__(self, run: Run, fetched: list[tuple[str, bytes]]) -> Status | None:
@@ -153,7 +152,7 @@ class Training:
         resumed = checkpoints.load(run, self.storage, trainer)
         if resumed is not None:
             with run.lock:  # written with the next progress event
-                run.record = dict(run.record, resumed_from_step=resumed)
+                run.record = {**run.record, "resumed_from_step": resumed}
         every = req["checkpoint_every"]
         for step in range(resumed or 0, req["steps"]):
             run.check()

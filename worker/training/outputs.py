@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from producer.core.contract import EventType, Output
+from producer.core.contract import EventType, Kind, Output
 from worker.diffusion import encode as encoding
 from worker.run import Run
 from worker.training.loop import ADAPTER, Trainer
@@ -133,7 +133,7 @@ def manifest(
 ) -> bytes:
     body = {
         "job_id": run.job_id,
-        "kind": "train",
+        "kind": Kind.TRAIN.value,
         "hyperparameters": {k: v for k, v in run.request.items() if k != "images"},
         "training_images_sha256": image_sha256,
         "model": model_source,

@@ -31,7 +31,7 @@ from fastapi import Request
 from producer.api.openai.errors import OpenAIError
 from producer.api.openai.request import Ask
 from producer.api.state import ApiState
-from producer.core.contract import TERMINAL_EVENTS, EventType, Status, parse_iso
+from producer.core.contract import TERMINAL_EVENTS, Event, EventType, Record, Status, parse_iso
 from producer.core.errors import JobNotFound
 from producer.core.images import decode_data_uri, open_image
 
@@ -64,14 +64,12 @@ def job_headers(job_id: str) -> dict[str, str]:
     return {"X-Atelier-Job-Id": job_id, "x-should-retry": "false"}
 
 
-async def follow(
-    state: ApiState, job_id: str, deadline: float
-) -> AsyncIterator[dict[str, Any] | None]:
+async def follow(state: ApiState, job_id: str, deadline: float) -> AsyncIterator[Event | None]:
     """The job's events up to its terminal one, and None each quiet poll; it ends at
     ``deadline`` (monotonic) too. Read through the process's hub (one Redis reader for
     every stream: producer/api/hub.py); a task moves them to a queue this loop can wait
     on with a timeout (cancelling a wait inside the hub's iterator would end it)."""
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(state.settings.sse_queue_max)
+    queue: asyncio.Queue[Event | None] = asyncio.Queue(state.settings.sse_queue_max)
 
     async def pump() -> None:
         try:
@@ -107,12 +105,10 @@ async def follow(
             await task
 
 
-async def final_record(
-    state: ApiState, job_id: str, wait_s: float, request: Request
-) -> dict[str, Any]:
+async def final_record(state: ApiState, job_id: str, wait_s: float, request: Request) -> Record:
     """The job's record once it is terminal; 504 after ``wait_s``; :class:`ClientGone`
     as soon as the client disconnects (the wait stops, the job goes on)."""
-    outcome: list[dict[str, Any] | Exception] = []
+    outcome: list[Record | Exception] = []
 
     async def wait(scope: anyio.CancelScope) -> None:
         try:
@@ -135,17 +131,17 @@ async def final_record(
     return outcome[0]
 
 
-async def _terminal(state: ApiState, job_id: str, wait_s: float) -> dict[str, Any]:
+async def _terminal(state: ApiState, job_id: str, wait_s: float) -> Record:
     async for event in follow(state, job_id, time.monotonic() + wait_s):
         if event is not None and EventType(event["type"]) in TERMINAL_EVENTS:
             break
-    record: dict[str, Any] = await anyio.to_thread.run_sync(state.store.get, job_id)
+    record = await anyio.to_thread.run_sync(state.store.get, job_id)
     if not Status(record["status"]).is_terminal():
         raise still_running(record, wait_s)
     return record
 
 
-def still_running(record: dict[str, Any], wait_s: float) -> OpenAIError:
+def still_running(record: Record, wait_s: float) -> OpenAIError:
     job_id = record["id"]
     return OpenAIError(
         504,
@@ -157,7 +153,7 @@ def still_running(record: dict[str, Any], wait_s: float) -> OpenAIError:
     )
 
 
-def failure(record: dict[str, Any]) -> OpenAIError:
+def failure(record: Record) -> OpenAIError:
     """The refusal that tells a client its job did not succeed."""
     job_id, status = record["id"], record["status"]
     headers = job_headers(job_id)
@@ -167,8 +163,9 @@ def failure(record: dict[str, Any]) -> OpenAIError:
         return OpenAIError(
             503, f"Job {job_id} expired before a worker took it.", None, "expired", headers
         )
-    error = record.get("error") or {}
-    code, message = error.get("code", "internal"), error.get("message", "")
+    error = record.get("error")
+    code = error.get("code", "internal") if error else "internal"
+    message = error.get("message", "") if error else ""
     status_code, param = FAILURES.get(code, (500, None))
     if param == "image" and message.startswith("mask"):
         param = "mask"
@@ -176,13 +173,13 @@ def failure(record: dict[str, Any]) -> OpenAIError:
 
 
 async def images_response(
-    state: ApiState, record: dict[str, Any], ask: Ask, b64: bool | None = None
+    state: ApiState, record: Record, ask: Ask, b64: bool | None = None
 ) -> dict[str, Any]:
     """OpenAI's ``ImagesResponse`` of a terminal record (raises :func:`failure` unless it
     succeeded)."""
     if record["status"] != Status.SUCCEEDED:
         raise failure(record)
-    stored = [o for o in record["outputs"] if o.get("key") and not o.get("contact_sheet")]
+    stored = [k for o in record["outputs"] if (k := o.get("key")) and not o.get("contact_sheet")]
     if not stored:
         raise OpenAIError(
             400,
@@ -193,15 +190,16 @@ async def images_response(
         )
     inline = ask.response_format == "b64_json" if b64 is None else b64
     data = []
-    for output in stored:
+    for key in stored:
         if inline:
-            raw = await anyio.to_thread.run_sync(state.up.storage.get, output["key"])
+            raw = await anyio.to_thread.run_sync(state.up.storage.get, key)
             data.append({"b64_json": base64.b64encode(raw).decode()})
         else:
             # A presigned S3 URL, or the API's own signed one for file:// storage.
             local = state.files.storage is not None
-            url = (state.files.url if local else state.up.storage.url)(output["key"])
+            url = (state.files.url if local else state.up.storage.url)(key)
             data.append({"url": url})
+    assert record["finished_at"] is not None  # a terminal record's
     body: dict[str, Any] = {
         "created": int(parse_iso(record["finished_at"]).timestamp()),
         "data": data,
@@ -223,9 +221,7 @@ def error_event(exc: OpenAIError) -> bytes:
     return sse("error", {"type": "error", **exc.body()})
 
 
-async def stream(
-    state: ApiState, record: dict[str, Any], ask: Ask, wait_s: float
-) -> AsyncIterator[bytes]:
+async def stream(state: ApiState, record: Record, ask: Ask, wait_s: float) -> AsyncIterator[bytes]:
     """The job as OpenAI's image events, until its images (or a refusal) are sent."""
     job_id = record["id"]
     sent, last_write = 0, time.monotonic()
@@ -237,7 +233,7 @@ async def stream(
     }
     try:
         async for event in follow(state, job_id, time.monotonic() + wait_s):
-            preview = (event or {}).get("data", {}).get("preview")
+            preview = event["data"].get("preview") if event is not None else None
             if preview and sent < ask.partial_images:
                 b64 = await anyio.to_thread.run_sync(
                     reencode, preview, ask.output_format, state.settings.max_image_bytes
@@ -256,7 +252,7 @@ async def stream(
             elif event is None and time.monotonic() - last_write > state.settings.sse_heartbeat_s:
                 yield b": keep-alive\n\n"
                 last_write = time.monotonic()
-        done: dict[str, Any] = await anyio.to_thread.run_sync(state.store.get, job_id)
+        done = await anyio.to_thread.run_sync(state.store.get, job_id)
         if not Status(done["status"]).is_terminal():
             raise still_running(done, wait_s)
         body = await images_response(state, done, ask, b64=True)
