@@ -26,7 +26,8 @@ def test_producer_never_imports_torch() -> None:
 
 
 def test_settings_are_read_in_one_place() -> None:
-    """No module but producer/core/settings.py reads the environment (settings are read in one place)."""
+    """No module but producer/core/settings.py reads the environment: settings are read in
+    one place."""
     readers = []
     for path in sorted([*(ROOT / "producer").rglob("*.py"), *(ROOT / "worker").rglob("*.py")]):
         if path == ROOT / "producer" / "core" / "settings.py":
