@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ from producer.core import keys as K
 from producer.core.redis_url import is_sentinel, parse_sentinel_url
 from producer.core.settings import Settings
 from producer.jobs.broker import queue_depth
-from tests.helpers import settings_env, worker_env
+from tests.helpers import settings_env, wait_until, worker_env
 from tests.servers import ROOT, RedisServer, Worker
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -532,10 +531,13 @@ def test_keda_lists_hold_exactly_the_queued_jobs(
             worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
             worker.start()
             samples = [sum(lengths())]
-            deadline = time.monotonic() + 180
-            while samples[-1] and time.monotonic() < deadline:
-                time.sleep(0.1)
+
+            def drained() -> bool:
                 samples.append(sum(lengths()))
+                return samples[-1] == 0
+
+            if samples[-1]:
+                wait_until(drained, 180, interval=0.1, message=lambda: f"{samples[-20:]} drain")
             # Taken messages leave the lists (they sit in kombu's unacked hash while the
             # job runs): the sum drains to zero, never rising, as the worker takes them.
             assert samples[-1] == 0, samples[-20:]

@@ -5,7 +5,6 @@ has the base bytes; a control image that cannot be fetched fails naming its fiel
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,16 @@ import pytest
 from PIL import Image
 
 from producer.core.contract import Status
-from tests.helpers import Stack, data_uri, mask_image, pixels, png_data_uri, run_job, s3_get
+from tests.helpers import (
+    Stack,
+    data_uri,
+    mask_image,
+    pixels,
+    png_data_uri,
+    run_job,
+    s3_get,
+    wait_until,
+)
 from tests.servers import api_process, free_port
 
 pytestmark = pytest.mark.slow
@@ -104,14 +112,16 @@ def test_through_the_api(stack: Stack, session_dir: Path) -> None:
                 api.post("/v1/jobs", headers=auth, json={**P, **body}).json()["id"]
                 for body in ({"control": [CONTROL]}, {"references": [REFERENCE]})
             ]
-            deadline = time.monotonic() + 60
             done: dict[str, Any] = {}
-            while len(done) < 2 and time.monotonic() < deadline:
+
+            def both_ended() -> bool:
                 for job in ids:
                     doc = api.get(f"/v1/jobs/{job}", headers=auth).json()
                     if doc["status"] not in ("queued", "running"):
                         done[job] = doc
-                time.sleep(0.2)
+                return len(done) == 2
+
+            wait_until(both_ended, 60, interval=0.2, message=lambda: f"{ids} end: {done}")
     finally:
         proc.stop()
     records = [done[j] for j in ids]

@@ -21,7 +21,7 @@ import pytest
 
 from producer.core.contract import EventType
 from producer.jobs.store import JobStore
-from tests.helpers import worker_env
+from tests.helpers import wait_until, worker_env
 from tests.servers import RedisServer, api_process
 
 pytestmark = pytest.mark.slow
@@ -283,10 +283,13 @@ def test_a_redis_restart_under_500_streams_ends_or_resumes_them_all_cleanly(
             await asyncio.wait_for(asyncio.gather(*(s.open.wait() for s in streams)), 60)
             for jid in jobs:
                 await asyncio.to_thread(burst, store, jid, 10)
-            deadline = time.monotonic() + 60
-            while any(len(s.ids) < 11 for s in streams):  # every stream live
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(  # every stream live (the loop runs them meanwhile)
+                wait_until,
+                lambda: all(len(s.ids) >= 11 for s in streams),
+                60,
+                interval=0.1,
+                message="every stream has its first 11 events",
+            )
             await asyncio.to_thread(redis_server.stop)  # SIGTERM: the AOF is kept
             await asyncio.sleep(2)
             await asyncio.to_thread(redis_server.start)
