@@ -45,13 +45,15 @@ def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def api(stack: Stack, session_dir: Path) -> Iterator[httpx.Client]:
-    proc = api_process(api_env(stack), session_dir / "logs" / "api.log").start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}", timeout=30) as client:
-            yield client
-    finally:
-        proc.stop()
+def api_server_env(stack: Stack) -> dict[str, str]:
+    return api_env(stack)
+
+
+@pytest.fixture(scope="module")
+def api(api_server: Process) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's API process (tests/conftest.py: ``api_server``)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.port}", timeout=30) as client:
+        yield client
 
 
 @pytest.fixture

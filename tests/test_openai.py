@@ -50,10 +50,14 @@ def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def api(stack: Stack, session_dir: Path) -> Iterator[Process]:
-    proc = api_process(api_env(stack), session_dir / "logs" / "api-openai.log").start()
-    yield proc
-    proc.stop()
+def api_server_env(stack: Stack) -> dict[str, str]:
+    return api_env(stack)
+
+
+@pytest.fixture(scope="module")
+def api(api_server: Process) -> Process:
+    """The module's API process (tests/conftest.py: ``api_server``)."""
+    return api_server
 
 
 def sdk(proc: Process, key: str = KEY) -> openai.OpenAI:
