@@ -467,12 +467,6 @@ def run_job(
         return client.get(job_id), events
 
 
-def png_data_uri(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def bare_run(pipe: Any, seed: int, **kwargs: Any) -> Image.Image:
     import torch
 
@@ -502,7 +496,22 @@ def mask_image(size: tuple[int, int] = (64, 64)) -> Image.Image:
     return img
 
 
-def data_uri(img: Image.Image) -> str:
+def png(
+    image: Image.Image | tuple[int, ...] = (200, 30, 60),
+    size: tuple[int, int] = (64, 64),
+    *,
+    mode: str = "RGB",
+    fmt: str = "PNG",
+) -> bytes:
+    """The one way the tests make an image file: ``image`` encoded (as PNG unless ``fmt``
+    names another format), or, given a colour, a ``size`` picture of it in ``mode``."""
+    img = image if isinstance(image, Image.Image) else Image.new(mode, size, image)
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_uri(raw: bytes | Image.Image, mime: str = "image/png") -> str:
+    """``raw`` as a ``data:`` URI (an image is encoded by :func:`png` first)."""
+    body = png(raw) if isinstance(raw, Image.Image) else raw
+    return f"data:{mime};base64,{base64.b64encode(body).decode()}"

@@ -18,7 +18,7 @@ from tests.helpers import (
     data_uri,
     mask_image,
     pixels,
-    png_data_uri,
+    png,
     run_job,
     s3_get,
     wait_until,
@@ -36,7 +36,7 @@ def shape() -> str:
 
 
 CONTROL = {"name": "tiny-sdxl-canny", "image": shape(), "preprocess": "canny"}
-REFERENCE = {"image": png_data_uri((30, 160, 90)), "mode": "style", "scale": 1.0}
+REFERENCE = {"image": data_uri(png((30, 160, 90))), "mode": "style", "scale": 1.0}
 
 
 def ok(record: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def test_control_and_reference_jobs_and_the_base_pixels_after(stack: Stack) -> N
 
 
 def test_control_composes_with_img2img_inpainting_loras_and_sweeps(stack: Stack) -> None:
-    init: dict[str, Any] = {"image": png_data_uri((0, 0, 200)), "strength": 0.75}
+    init: dict[str, Any] = {"image": data_uri(png((0, 0, 200))), "strength": 0.75}
     img2img, _ = run_job(stack, **P, **init)
     controlled, _ = run_job(stack, **P, **init, control=[CONTROL])
     inpaint, _ = run_job(stack, **P, **init, mask=data_uri(mask_image()), control=[CONTROL])
