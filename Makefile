@@ -51,6 +51,14 @@ $(NODE_DEPS): tests/node/package-lock.json
 test: lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
+# The unit tests alone, for the edit-test loop: nothing `slow` (a worker subprocess, the
+# tiny models), no fault suite (`faults`), no lint or docs; `make test` is still the bar
+# before a merge. One process: two xdist workers each import torch to collect, which cost
+# more than they saved on two busy cores.
+.PHONY: test-fast
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not faults"
+
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
 bench: install
 	$(BIN)/python bench/overhead.py

@@ -14,6 +14,15 @@ from tests.helpers import BUCKET, MODELS_TOML, Stack, stack_values, worker_env
 from tests.servers import AWS_ENV, Process, RedisServer, S3Server, Worker, api_process
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the tiny models (``models_dir``: built once per session, then
+    loaded, seconds either way) is ``slow`` too, like one that starts a worker."""
+    for item in items:
+        if "models_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("atelier")

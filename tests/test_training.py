@@ -170,6 +170,7 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
     return sum(out) / len(out)
 
 
+@pytest.mark.slow
 def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     client = rig.client
     before = generate(client)
@@ -224,6 +225,7 @@ def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     assert info.value.fields[0]["field"] == "loras.0.name"
 
 
+@pytest.mark.slow
 def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     """tiny-sdxl-edm (Playground v2.5's EDM scheduler config and VAE latent statistics)."""
     import math
@@ -248,6 +250,7 @@ def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     assert all(math.isfinite(v) for v in manifest["loss"])
 
 
+@pytest.mark.slow
 def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     """A zip given inline is read by the worker in memory (dot files and folders left
     out); ``storage:`` keys are read from the bucket."""
@@ -276,6 +279,7 @@ def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     assert "images.0" in missing["error"]["message"]
 
 
+@pytest.mark.slow
 def test_cancel_mid_training(rig: Rig) -> None:
     client = rig.client
     job = client.train(
@@ -298,6 +302,7 @@ def test_cancel_mid_training(rig: Rig) -> None:
     assert "cancelled" in info.value.fields[0]["message"]
 
 
+@pytest.mark.slow
 def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -> None:
     import httpx
 
@@ -361,6 +366,7 @@ def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -
         api.stop()
 
 
+@pytest.mark.slow
 def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
     import subprocess
     import sys
@@ -405,6 +411,7 @@ def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
     assert names == ["0.png", "adapter.safetensors"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     """Killed mid-way (SIGKILL), resumed by another worker from the newest checkpoint:
     the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the
