@@ -31,6 +31,7 @@ studio: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy producer worker tests bench
 
 # The docs site (mkdocs.yml, docs/): strict, so a broken link fails. Built outside the tree.
