@@ -1,5 +1,6 @@
-"""Live previews (DESIGN "Previews"): the latent-to-RGB maps, the x0 hand-over from the
-scheduler, and the previews a tiny-sdxl job's progress events carry (only there)."""
+"""Live previews (docs/features.md, "Live previews"): the latent-to-RGB maps, the x0
+hand-over from the scheduler, and the previews a tiny-sdxl job's progress events carry
+(only there)."""
 
 from __future__ import annotations
 
