@@ -31,6 +31,7 @@ studio: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy producer worker tests bench
 	$(BIN)/lint-imports
 
@@ -56,6 +57,14 @@ prereqs:
 # settings users have, and the other process uses that time.
 test: prereqs lint docs $(NODE_DEPS)
 	$(BIN)/pytest -q -n 2 --dist loadfile
+
+# The unit tests alone, for the edit-test loop: nothing `slow` (a worker subprocess, the
+# tiny models), no fault suite (`faults`), no lint or docs; `make test` is still the bar
+# before a merge. One process: two xdist workers each import torch to collect, which cost
+# more than they saved on two busy cores.
+.PHONY: test-fast
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not faults"
 
 # The CPU benchmarks (each under 3 minutes; the last line of each is its JSON result).
 bench: install

@@ -1,4 +1,4 @@
-"""What a page of the job list costs at 100 and at 100,000 jobs (DESIGN "Listing jobs").
+"""What a page of the job list costs at 100 and at 100,000 jobs (docs/api.md, "Listing jobs").
 
 One private redis-server. Owner ``small`` gets 100 jobs and its page latencies are
 measured (row 1); then owner ``big`` gets ``--jobs`` (100,000) more, and both owners

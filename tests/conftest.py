@@ -1,4 +1,5 @@
-"""Fixtures with real parts: redis-server, moto's S3 server, worker subprocesses."""
+"""Fixtures with real parts: redis-server, moto's S3 server, worker subprocesses, the API
+process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from typing import Any
 import pytest
 
 from tests.helpers import BUCKET, MODELS_TOML, Stack, stack_values, worker_env
-from tests.servers import AWS_ENV, RedisServer, S3Server, Worker
+from tests.servers import AWS_ENV, Process, RedisServer, S3Server, Worker, api_process
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the tiny models (``models_dir``: built once per session, then
+    loaded, seconds either way) is ``slow`` too, like one that starts a worker."""
+    for item in items:
+        if "models_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +85,22 @@ def stack(
     worker.start()
     yield Stack(values, worker)
     worker.stop()
+
+
+@pytest.fixture(scope="module")
+def api_server(
+    api_server_env: dict[str, str], session_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[Process]:
+    """``atelier api`` (uvicorn) as a process, one per test module, on the environment
+    that module's ``api_server_env`` fixture gives (each module using this defines one);
+    stopped by its pid once the module's tests are done. Its log is
+    ``logs/api-<module>.log`` in the session's folder."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    proc = api_process(api_server_env, session_dir / "logs" / f"api-{module}.log").start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.helpers import wait_until
 from tests.servers import free_port
 
 
@@ -85,13 +86,13 @@ class Receiver:
             return [r for r in self.received if r.path == path]
 
     def wait_for(self, path: str, count: int, timeout: float = 30.0) -> list[Received]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> list[Received] | None:
             got = self.at(path)
-            if len(got) >= count:
-                return got
-            time.sleep(0.05)
-        raise TimeoutError(f"{path}: {len(self.at(path))} of {count} requests after {timeout} s")
+            return got if len(got) >= count else None
+
+        return wait_until(
+            enough, timeout, message=lambda: f"{path}: {len(self.at(path))} of {count} requests"
+        )
 
     def __enter__(self) -> Receiver:
         self.thread.start()

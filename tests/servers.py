@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,20 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[Any] | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until something listens on ``port``; fails at once if ``proc`` exits first."""
+    # Imported here: tests/helpers.py imports this module.
+    from tests.helpers import wait_until
+
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                return True
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+            return False
+
+    wait_until(listening, timeout, message=f"something listens on port {port}")
 
 
 def stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
@@ -170,17 +173,22 @@ class Process:
             wait_port(self.port, timeout, self.proc)
         if self.ready is None:
             return
-        deadline = time.monotonic() + timeout
-        while self.ready not in self.log_path.read_bytes()[self._log_offset :]:
-            if self.proc.poll() is not None:
+        from tests.helpers import wait_until  # here: tests/helpers.py imports this module
+
+        proc, ready = self.proc, self.ready
+
+        def logged_ready() -> bool:
+            if ready in self.log_path.read_bytes()[self._log_offset :]:
+                return True
+            if proc.poll() is not None:
                 raise RuntimeError(
-                    f"{self.argv[2:]} exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+                    f"{self.argv[2:]} exited with {proc.returncode}:\n{self.log()[-4000:]}"
                 )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.argv[2:]} not ready after {timeout} s:\n{self.log()[-4000:]}"
-                )
-            time.sleep(0.05)
+            return False
+
+        wait_until(
+            logged_ready, timeout, message=lambda: f"{self.argv[2:]} ready:\n{self.log()[-4000:]}"
+        )
 
     def kill(self) -> None:
         """SIGKILL: the process dies without a word, as under an OOM kill."""

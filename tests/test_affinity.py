@@ -71,6 +71,7 @@ def test_the_device_holder_runs_on_the_device_cpus_and_goes_back() -> None:
     assert frozenset(os.sched_getaffinity(0)) == frozenset(CPUS)  # this thread untouched
 
 
+@pytest.mark.slow
 @needs_two
 def test_a_worker_pins_the_device_holder_and_nothing_else(
     session_dir: Path, redis_server: RedisServer, models_dir: Path
@@ -131,6 +132,7 @@ def test_a_bad_cpu_list_names_the_variable(value: str) -> None:
         Settings(device_cpus=value)
 
 
+@pytest.mark.slow
 def test_a_worker_with_an_unusable_cpu_list_exits_saying_why(tmp_path: Path) -> None:
     beyond = max(CPUS or [0]) + 1
     env = {**os.environ, "ATELIER_DEVICE_CPUS": str(beyond), "ATELIER_MODELS_DIR": str(tmp_path)}

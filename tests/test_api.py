@@ -19,7 +19,7 @@ from producer.api import key_id
 from producer.core import keys as K
 from producer.core.contract import Output, RecordView
 from producer.jobs.broker import queue_depth
-from tests.helpers import Stack, generation_queues, worker_env
+from tests.helpers import Stack, generation_queues, wait_until, worker_env
 from tests.servers import Process, api_process
 
 pytestmark = pytest.mark.slow
@@ -45,13 +45,15 @@ def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def api(stack: Stack, session_dir: Path) -> Iterator[httpx.Client]:
-    proc = api_process(api_env(stack), session_dir / "logs" / "api.log").start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}", timeout=30) as client:
-            yield client
-    finally:
-        proc.stop()
+def api_server_env(stack: Stack) -> dict[str, str]:
+    return api_env(stack)
+
+
+@pytest.fixture(scope="module")
+def api(api_server: Process) -> Iterator[httpx.Client]:
+    """An HTTP client of the module's API process (tests/conftest.py: ``api_server``)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.port}", timeout=30) as client:
+        yield client
 
 
 @pytest.fixture
@@ -64,13 +66,15 @@ def r(stack: Stack) -> Iterator[redis.Redis]:
 def wait_status(
     api: httpx.Client, job_id: str, headers: dict[str, str], statuses: set[str], timeout: float = 60
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        doc = api.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if doc["status"] in statuses:
-            return doc
-        time.sleep(0.1)
-    raise TimeoutError(f"{job_id} is still {doc['status']}")
+    seen: list[dict[str, Any]] = []
+
+    def reached() -> dict[str, Any] | None:
+        seen[:] = [api.get(f"/v1/jobs/{job_id}", headers=headers).json()]
+        return seen[0] if seen[0]["status"] in statuses else None
+
+    return wait_until(
+        reached, timeout, interval=0.1, message=lambda: f"{job_id} is still {seen[0]['status']}"
+    )
 
 
 def job_count(r: redis.Redis) -> int:

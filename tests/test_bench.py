@@ -1,7 +1,7 @@
 """Each benchmark script runs end to end with a tiny job count and prints, as its last
-stdout line, one JSON object with the fields DESIGN.md fixes. Smoke only: the figures
-of such short runs mean nothing and are not checked against targets (the scripts are
-run in full by hand: docs/benchmarks.md)."""
+stdout line, one JSON object with the fields docs/benchmarks.md defines. Smoke only: the
+figures of such short runs mean nothing and are not checked against targets (the scripts
+are run in full by hand: docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,6 @@ checked on the whole database, Celery's queue lists included.
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 import random
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from producer.core import keys as K
 from producer.core.contract import MAX_SEED, Kind
 from producer.core.registry import Registry
 from producer.requests.generate import validate_request
+from tests.helpers import data_uri, png
 from tests.records import request_of
 
 #: A database no other test file uses, so its contents are ours alone.
@@ -30,18 +29,16 @@ DB = 13
 QUEUE = K.queue_name("tiny-sdxl")  # "atelier.tiny-sdxl"
 
 
-def png_data_uri(size: tuple[int, int] = (16, 16), fmt: str = "PNG", noise: bool = False) -> str:
-    """A small image as a data: URI (noise: random pixels, so it does not compress)."""
+#: A small PNG as a data: URI (tests/helpers.py makes every test image).
+IMAGE = data_uri(png(size=(16, 16)))
+
+
+def noise_uri(size: tuple[int, int]) -> str:
+    """A PNG of random pixels (it does not compress) as a data: URI."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    if noise:
-        img = Image.frombytes("RGB", size, random.Random(0).randbytes(size[0] * size[1] * 3))
-    else:
-        img = Image.new("RGB", size, (200, 30, 60))
-    img.save(buf, format=fmt)
-    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
-    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}"
+    pixels = random.Random(0).randbytes(size[0] * size[1] * 3)
+    return data_uri(png(Image.frombytes("RGB", size, pixels)))
 
 
 @pytest.fixture
@@ -154,7 +151,7 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
         "image-data-not-image",
         {
             "prompt": P,
-            "image": "data:image/png;base64," + base64.b64encode(b"hello, not a png").decode(),
+            "image": data_uri(b"hello, not a png"),
         },
         "image",
         {},
@@ -170,28 +167,27 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
         "image-data-gif",
         {
             "prompt": P,
-            "image": "data:image/gif;base64,"
-            + base64.b64encode(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").decode(),
+            "image": data_uri(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "image/gif"),
         },
         "image",
         {},
     ),
     (
         "image-data-too-large",
-        {"prompt": P, "image": png_data_uri((64, 64), noise=True)},
+        {"prompt": P, "image": noise_uri((64, 64))},
         "image",
         {"max_image_bytes": 4096},
     ),
     (
         "image-data-not-image-type",
-        {"prompt": P, "image": png_data_uri().replace("data:image/png", "data:text/plain")},
+        {"prompt": P, "image": data_uri(png(size=(16, 16)), "text/plain")},
         "image",
         {},
     ),
     ("image-not-str", {"prompt": P, "image": 7}, "image", {}),
     ("strength-without-image", {"prompt": P, "strength": 0.5}, "strength", {}),
-    ("strength-1.5", {"prompt": P, "image": png_data_uri(), "strength": 1.5}, "strength", {}),
-    ("strength-negative", {"prompt": P, "image": png_data_uri(), "strength": -0.1}, "strength", {}),
+    ("strength-1.5", {"prompt": P, "image": IMAGE, "strength": 1.5}, "strength", {}),
+    ("strength-negative", {"prompt": P, "image": IMAGE, "strength": -0.1}, "strength", {}),
     ("output-format-gif", {"prompt": P, "output_format": "gif"}, "output_format", {}),
     ("quality-0", {"prompt": P, "quality": 0}, "quality", {}),
     ("quality-101", {"prompt": P, "quality": 101}, "quality", {}),
@@ -236,13 +232,13 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ("string-for-int", {"prompt": P, "steps": "20"}, "steps", {}),
     (
         "strength-leaves-no-step",
-        {"prompt": P, "image": png_data_uri(), "strength": 0.2, "steps": 4},
+        {"prompt": P, "image": IMAGE, "strength": 0.2, "steps": 4},
         "strength",
         {},
     ),
     (
         "default-strength-leaves-no-step",
-        {"prompt": P, "image": png_data_uri(), "steps": 1},
+        {"prompt": P, "image": IMAGE, "steps": 1},
         "strength",
         {},
     ),
@@ -256,10 +252,10 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
 
 # Issue 7's fields: inpainting, LoRAs, sweeps, model families.
 BAD += [
-    ("mask-without-image", {"prompt": P, "mask": png_data_uri()}, "mask", {}),
+    ("mask-without-image", {"prompt": P, "mask": IMAGE}, "mask", {}),
     (
         "mask-other-size",
-        {"prompt": P, "image": png_data_uri((16, 16)), "mask": png_data_uri((24, 16))},
+        {"prompt": P, "image": IMAGE, "mask": data_uri(png(size=(24, 16)))},
         "mask",
         {},
     ),
@@ -267,19 +263,19 @@ BAD += [
         "mask-not-image",
         {
             "prompt": P,
-            "image": png_data_uri(),
-            "mask": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
+            "image": IMAGE,
+            "mask": data_uri(b"not a png"),
         },
         "mask",
         {},
     ),
     (
         "mask-ftp",
-        {"prompt": P, "image": png_data_uri(), "mask": "ftp://example.com/m.png"},
+        {"prompt": P, "image": IMAGE, "mask": "ftp://example.com/m.png"},
         "mask",
         {},
     ),
-    ("mask-not-str", {"prompt": P, "image": png_data_uri(), "mask": 1}, "mask", {}),
+    ("mask-not-str", {"prompt": P, "image": IMAGE, "mask": 1}, "mask", {}),
     ("lora-unknown", {"prompt": P, "loras": [{"name": "nope"}]}, "loras", {}),
     ("lora-no-name", {"prompt": P, "loras": [{"scale": 1.0}]}, "loras", {}),
     (
@@ -389,7 +385,7 @@ BAD += [
     ),
     (
         "sweep-steps-leave-no-step",
-        {"prompt": P, "image": png_data_uri(), "strength": 0.5, "sweep": {"steps": [1, 4]}},
+        {"prompt": P, "image": IMAGE, "strength": 0.5, "sweep": {"steps": [1, 4]}},
         "sweep",
         {},
     ),
@@ -631,7 +627,7 @@ def test_seeds_are_drawn_independently(make_settings: Any, models_file: str) -> 
 
 def test_strength_defaults_only_with_an_image(make_settings: Any, models_file: str) -> None:
     settings, registry = make_settings(), Registry.load(models_file)
-    uri = png_data_uri()
+    uri = IMAGE
     with_image = validate_request({"prompt": P, "image": uri}, registry, settings)
     assert with_image["strength"] == 0.6
     assert with_image["image"] == uri
@@ -641,12 +637,8 @@ def test_strength_defaults_only_with_an_image(make_settings: Any, models_file: s
     assert without["strength"] is None
     # JPEG and WEBP data URIs and https URLs are accepted as well.
     for fmt in ("JPEG", "WEBP"):
-        assert (
-            validate_request({"prompt": P, "image": png_data_uri(fmt=fmt)}, registry, settings)[
-                "strength"
-            ]
-            == 0.6
-        )
+        uri = data_uri(png(size=(16, 16), fmt=fmt), f"image/{fmt.lower()}")
+        assert validate_request({"prompt": P, "image": uri}, registry, settings)["strength"] == 0.6
     url = "https://images.example.com/cat.png"
     assert validate_request({"prompt": P, "image": url}, registry, settings)["image"] == url
 
@@ -654,7 +646,7 @@ def test_strength_defaults_only_with_an_image(make_settings: Any, models_file: s
 def test_img2img_request_through_client(client: Client, rdb: redis.Redis) -> None:
     job_id = client.submit(
         prompt=P,
-        image=png_data_uri(),
+        image=IMAGE,
         strength=0.8,
         webhook="https://hooks.example.com/in",
         webhook_events=["started", "completed"],

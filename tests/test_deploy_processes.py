@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from producer.core import keys as K
 from producer.core.settings import Settings
 from producer.jobs.broker import queue_depth
 from tests.deploy_files import scaled_object_lists
-from tests.helpers import worker_env
+from tests.helpers import wait_until, worker_env
 from tests.servers import RedisServer, Worker
 
 KEDA_MODEL = "playground-v2.5"
@@ -96,10 +95,13 @@ def test_keda_lists_hold_exactly_the_queued_jobs(
             worker = Worker(worker_env(values), tmp_path / "worker.log", [KEDA_MODEL])
             worker.start()
             samples = [sum(lengths())]
-            deadline = time.monotonic() + 180
-            while samples[-1] and time.monotonic() < deadline:
-                time.sleep(0.1)
+
+            def drained() -> bool:
                 samples.append(sum(lengths()))
+                return samples[-1] == 0
+
+            if samples[-1]:
+                wait_until(drained, 180, interval=0.1, message=lambda: f"{samples[-20:]} drain")
             # Taken messages leave the lists (they sit in kombu's unacked hash while the
             # job runs): the sum drains to zero, never rising, as the worker takes them.
             assert samples[-1] == 0, samples[-20:]

@@ -19,7 +19,7 @@ from tests.helpers import (
     data_uri,
     mask_image,
     pixels,
-    png_data_uri,
+    png,
     run_job,
     s3_get,
     stack_values,
@@ -148,7 +148,7 @@ def test_img2img_and_inpaint(families: Stack, model: str) -> None:
         "prompt": "a lake",
         "model": model,
         "seed": 2,
-        "image": png_data_uri((0, 0, 200)),
+        "image": data_uri(png((0, 0, 200))),
     }
     img2img, _ = run_job(families, **req, strength=0.75)
     inpaint, _ = run_job(families, **req, strength=0.75, mask=data_uri(mask_image()))
@@ -204,7 +204,7 @@ def test_flux_reference_jobs_and_the_base_bytes_after(
     from worker.builtin.tiny import build_tiny_lora
 
     req: dict[str, Any] = {"prompt": "a tin robot", "model": "tiny-flux", "seed": 6}
-    ref = {"image": png_data_uri((30, 160, 90)), "scale": 1.0}
+    ref = {"image": data_uri(png((30, 160, 90))), "scale": 1.0}
     before, _ = run_job(families, **req)
     referenced, _ = run_job(families, **req, references=[ref])
     two, _ = run_job(
@@ -241,7 +241,7 @@ def test_flux_control_with_img2img_and_inpainting(families: Stack) -> None:
         "prompt": "a lake",
         "model": "tiny-flux",
         "seed": 2,
-        "image": png_data_uri((0, 0, 200)),
+        "image": data_uri(png((0, 0, 200))),
         "strength": 0.75,
         "control": [{"name": "tiny-flux-canny", "image": data_uri(mask_image())}],
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import http.server
@@ -23,7 +22,7 @@ from tests.helpers import (
     data_uri,
     mask_image,
     pixels,
-    png_data_uri,
+    png,
     run_job,
     s3_get,
 )
@@ -47,8 +46,9 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 def test_inpaint_equals_diffusers_and_the_mask_matters(stack: Stack, bare_pipe: Any) -> None:
     from diffusers import StableDiffusionXLInpaintPipeline
 
-    image = png_data_uri((200, 30, 30))
-    mask = data_uri(mask_image())
+    image = data_uri(png((200, 30, 30)))
+    mask_png = png(mask_image())
+    mask = data_uri(mask_png)
     req: dict[str, Any] = {
         "prompt": "a garden",
         "seed": 5,
@@ -61,7 +61,6 @@ def test_inpaint_equals_diffusers_and_the_mask_matters(stack: Stack, bare_pipe: 
     assert inpaint["status"] == img2img["status"] == Status.SUCCEEDED, inpaint
     assert inpaint["outputs"][0]["sha256"] != img2img["outputs"][0]["sha256"]
     # the record keeps references to the stored inputs; the manifest their hashes
-    mask_png = base64.b64decode(mask.split(",", 1)[1])
     assert inpaint["request"]["mask"] == "sha256:" + hashlib.sha256(mask_png).hexdigest()
     manifest = json.loads(s3_get(stack, f"outputs/{inpaint['id']}/manifest.json"))
     assert manifest["mask_sha256"] == hashlib.sha256(mask_png).hexdigest()
@@ -90,7 +89,7 @@ def test_mask_by_url_of_another_size_fails_at_the_worker(
     root, port = http_dir
     mask_image((96, 96)).save(root / "mask96.png")
     mask_image((64, 64)).save(root / "mask64.png")
-    req: dict[str, Any] = {"prompt": "a lake", "steps": 2, "image": png_data_uri((0, 0, 255))}
+    req: dict[str, Any] = {"prompt": "a lake", "steps": 2, "image": data_uri(png((0, 0, 255)))}
     bad, _ = run_job(stack, **req, mask=f"http://127.0.0.1:{port}/mask96.png")
     assert bad["status"] == Status.FAILED
     assert bad["error"]["code"] == "image_invalid"

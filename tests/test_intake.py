@@ -26,7 +26,7 @@ from producer.jobs.broker import make_celery, queue_depth
 from producer.jobs.idempotency import IdempotencyKey
 from producer.jobs.intake import Admission, Intake, QueueFull
 from producer.jobs.store import JobStore
-from tests.helpers import png_data_uri, settings_env
+from tests.helpers import data_uri, png, settings_env
 from tests.records import request_of
 from tests.servers import RedisServer, api_process, free_port
 
@@ -40,12 +40,12 @@ GENERATION = {
     "prompt": "a lighthouse at dusk",
     "model": MODEL,
     "seed": 7,
-    "image": png_data_uri((0, 0, 128)),
+    "image": data_uri(png((0, 0, 128))),
     "metadata": {"order": 42},
 }
 TRAINING = {
     "model": MODEL,
-    "images": [png_data_uri((0, 128, 128))],
+    "images": [data_uri(png((0, 128, 128)))],
     "instance_prompt": "a photo of sks lighthouse",
     "steps": 10,
     "seed": 3,

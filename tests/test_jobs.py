@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -17,9 +16,10 @@ from producer.core.contract import EventType, Status
 from tests.helpers import (
     Stack,
     bare_run,
+    data_uri,
     generation_queues,
     pixels,
-    png_data_uri,
+    png,
     png_text,
     run_job,
     s3_get,
@@ -182,7 +182,8 @@ def test_worker_bytes_equal_bare_diffusers(stack: Stack, bare_pipe: Any) -> None
 def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    red_uri = png_data_uri((255, 0, 0))
+    red_png = png((255, 0, 0))
+    red_uri = data_uri(red_png)
     txt, _ = run_job(stack, prompt="a garden", seed=5, steps=4)
     red, _ = run_job(stack, prompt="a garden", seed=5, steps=4, image=red_uri, strength=0.5)
     green, _ = run_job(
@@ -190,13 +191,12 @@ def test_img2img_data_uri(stack: Stack, bare_pipe: Any) -> None:
         prompt="a garden",
         seed=5,
         steps=4,
-        image=png_data_uri((0, 255, 0), (96, 96)),
+        image=data_uri(png((0, 255, 0), (96, 96))),
         strength=0.5,
     )
     assert red["status"] == green["status"] == Status.SUCCEEDED
     assert red["request"]["strength"] == 0.5
     # the record keeps a reference, not megabytes of base64; the manifest the same hash
-    red_png = base64.b64decode(red_uri.split(",", 1)[1])
     assert red["request"]["image"] == "sha256:" + hashlib.sha256(red_png).hexdigest()
     manifest = json.loads(s3_get(stack, f"outputs/{red['id']}/manifest.json"))
     assert manifest["init_image_sha256"] == hashlib.sha256(red_png).hexdigest()
@@ -227,7 +227,7 @@ def test_img2img_from_url_through_the_guard(stack: Stack, tmp_path: Any) -> None
     import http.server
     import threading
 
-    (tmp_path / "init.png").write_bytes(base64.b64decode(png_data_uri((0, 0, 255)).split(",")[1]))
+    (tmp_path / "init.png").write_bytes(png((0, 0, 255)))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

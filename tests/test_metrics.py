@@ -73,14 +73,16 @@ class EventCapture(threading.Thread):
             self.error = exc
 
     def wait_for(self, predicate: Any, timeout: float = 30.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def matching() -> list[dict[str, Any]]:
             got = [e for e in list(self.events) if predicate(e)]
-            if got:
-                return got
-            assert self.error is None, self.error
-            time.sleep(0.05)
-        raise TimeoutError(f"no such event among {[e.get('type') for e in self.events]}")
+            assert got or self.error is None, self.error
+            return got
+
+        return wait_until(
+            matching,
+            timeout,
+            message=lambda: f"no such event among {[e.get('type') for e in self.events]}",
+        )
 
     def stop(self) -> None:
         if self.receiver is not None:

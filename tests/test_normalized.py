@@ -16,9 +16,9 @@ from producer.core.settings import Settings
 from producer.core.train_contract import TrainRequest
 from producer.requests.generate import validate_request
 from producer.requests.train import validate_training
-from tests.helpers import png_data_uri
+from tests.helpers import data_uri, png
 
-IMG = png_data_uri((200, 30, 60))
+IMG = data_uri(png((200, 30, 60)))
 P = "a red fox in the snow"
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from producer.api import create_app
 from producer.core import keys as K
 from producer.core.settings import Settings
-from tests.helpers import Stack, wait_until, worker_env
+from tests.helpers import Stack, png, wait_until, worker_env
 from tests.servers import ROOT, Process, api_process
 
 pytestmark = pytest.mark.slow
@@ -50,10 +50,14 @@ def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def api(stack: Stack, session_dir: Path) -> Iterator[Process]:
-    proc = api_process(api_env(stack), session_dir / "logs" / "api-openai.log").start()
-    yield proc
-    proc.stop()
+def api_server_env(stack: Stack) -> dict[str, str]:
+    return api_env(stack)
+
+
+@pytest.fixture(scope="module")
+def api(api_server: Process) -> Process:
+    """The module's API process (tests/conftest.py: ``api_server``)."""
+    return api_server
 
 
 def sdk(proc: Process, key: str = KEY) -> openai.OpenAI:
@@ -78,12 +82,6 @@ def job_count(stack: Stack) -> int:
         return sum(1 for _ in r.scan_iter(K.JOB + "*", count=1000))
     finally:
         r.close()
-
-
-def png(size: tuple[int, int], color: tuple[int, ...], mode: str = "RGB") -> bytes:
-    out = io.BytesIO()
-    Image.new(mode, size, color).save(out, "PNG")
-    return out.getvalue()
 
 
 def test_an_alias_to_no_model_stops_the_api_at_start(models_file: str) -> None:
@@ -153,12 +151,10 @@ def test_generate_url_in_webp(api: Process) -> None:
 def test_edit_with_a_mask_inpaints_where_it_is_transparent(api: Process, stack: Stack) -> None:
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # the left half is repainted
-    out = io.BytesIO()
-    mask.save(out, "PNG")
     raw = sdk(api).images.with_raw_response.edit(
         model="dall-e-3",
-        image=("in.png", png((64, 64), (200, 30, 30)), "image/png"),
-        mask=("mask.png", out.getvalue(), "image/png"),
+        image=("in.png", png((200, 30, 30)), "image/png"),
+        mask=("mask.png", png(mask), "image/png"),
         prompt="a blue sky",
         extra_body={"seed": 5},
     )
@@ -190,8 +186,8 @@ def test_refusals_name_the_field_and_enqueue_nothing(api: Process, stack: Stack)
     assert bad.value.param == "cfg_rescale" and bad.value.code == "unknown_parameter"
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.edit(
-            image=("a.png", png((64, 64), (1, 2, 3)), "image/png"),
-            mask=("m.png", png((64, 64), (0, 0, 0)), "image/png"),
+            image=("a.png", png((1, 2, 3)), "image/png"),
+            mask=("m.png", png((0, 0, 0)), "image/png"),
             prompt=PROMPT,
         )
     assert bad.value.param == "mask" and "alpha" in bad.value.message
@@ -268,7 +264,7 @@ def test_stream_sends_partial_images_from_previews_then_the_image(api: Process) 
     assert hashlib.sha256(data).hexdigest() == record(api, job_id)["outputs"][0]["sha256"]
     # An edit streams image_edit.* events.
     edit = sdk(api).images.edit(
-        image=("in.png", png((64, 64), (9, 90, 200)), "image/png"),
+        image=("in.png", png((9, 90, 200)), "image/png"),
         prompt=PROMPT,
         stream=True,
         partial_images=1,
@@ -354,7 +350,7 @@ def test_the_docs_examples_run_as_they_stand(api: Process, tmp_path: Path) -> No
     page = (ROOT / "docs" / "openai.md").read_text()
     blocks = re.findall(r"<!-- checked -->\n```python\n(.*?)```", page, re.DOTALL)
     assert len(blocks) == 3
-    (tmp_path / "sunlit_lounge.png").write_bytes(png((64, 64), (240, 220, 180)))
+    (tmp_path / "sunlit_lounge.png").write_bytes(png((240, 220, 180)))
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
     mask.save(tmp_path / "mask.png")

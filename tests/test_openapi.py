@@ -22,8 +22,8 @@ import redis
 from producer.core import keys as K
 from producer.core.contract import Status
 from producer.jobs.store import JobStore
-from tests.helpers import png_data_uri, settings_env
-from tests.servers import RedisServer, api_process
+from tests.helpers import data_uri, png, settings_env
+from tests.servers import Process, RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -81,13 +81,21 @@ class Canceller(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def api_url(redis_server: RedisServer, models_file: str, session_dir: Path) -> Iterator[str]:
+def store_url(redis_server: RedisServer) -> Iterator[str]:
+    """This module's Redis database, emptied before and after its tests."""
     url = redis_server.url.rsplit("/", 1)[0] + f"/{DB}"
     r = redis.Redis.from_url(url)
     r.flushdb()
-    env = {
+    yield url
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def api_server_env(store_url: str, models_file: str) -> dict[str, str]:
+    return {
         **settings_env(
-            redis_url=url,
+            redis_url=store_url,
             models_file=models_file,
             api_keys=KEY,
             admin_api_keys=KEY,
@@ -96,16 +104,17 @@ def api_url(redis_server: RedisServer, models_file: str, session_dir: Path) -> I
         ),
         "PATH": "/usr/bin:/bin",
     }
-    proc = api_process(env, session_dir / "logs" / "api-openapi.log").start()
-    canceller = Canceller(url)
+
+
+@pytest.fixture(scope="module")
+def api_url(api_server: Process, store_url: str) -> Iterator[str]:
+    """The module's API process (tests/conftest.py: ``api_server``), and a canceller."""
+    canceller = Canceller(store_url)
     canceller.start()
     try:
-        yield f"http://127.0.0.1:{proc.port}"
+        yield f"http://127.0.0.1:{api_server.port}"
     finally:
         canceller.stop()
-        proc.stop()
-        r.flushdb()
-        r.close()
 
 
 def _refs(node: Any) -> Iterator[str]:
@@ -145,7 +154,7 @@ def test_each_model_lists_what_a_submit_for_it_takes(api_url: str) -> None:
     """``GET /v1/models`` names each model's ControlNets, reference modes and LoRAs: a
     submit for the model naming them is taken (the stand-in cancels its job), and a
     ControlNet or LoRA listed for other families only is refused by field."""
-    image = png_data_uri((200, 30, 60), (16, 16))
+    image = data_uri(png((200, 30, 60), (16, 16)))
     headers = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=api_url, headers=headers, timeout=30) as api:
         models = {m["name"]: m for m in api.get("/v1/models").json()["models"]}

@@ -8,7 +8,6 @@ about order (event ids from one Redis stream, fixed by the server), never durati
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from producer import Client
 from producer.core.contract import EventType, Record, Status, parse_iso
 from producer.core.settings import Settings
-from tests.helpers import BUCKET, stack_values, worker_env
+from tests.helpers import BUCKET, stack_values, wait_until, worker_env
 from tests.servers import RedisServer, S3Server, Worker
 
 pytestmark = pytest.mark.slow
@@ -90,9 +89,10 @@ def watch_post_processing(client: Client, ids: list[str]) -> list[bool]:
     """While a job is past its generation (another job has started) but not yet
     succeeded, is its Celery message still unacknowledged? One bool per sighting."""
     seen: list[bool] = []
-    deadline = time.monotonic() + 30
     done: set[str] = set()
-    while len(done) < len(ids) and time.monotonic() < deadline:
+
+    def look() -> bool:
+        """One sighting of every job not yet terminal; true once all are."""
         started = [
             j for j in ids if any(e["type"] == EventType.STARTED for e in client.store.events(j))
         ]
@@ -112,7 +112,9 @@ def watch_post_processing(client: Client, ids: list[str]) -> list[bool]:
                 # Recheck: the status may have changed since the hash was read.
                 if not client.store.load(job_id).status.is_terminal():
                     seen.append(False)
-        time.sleep(0.005)
+        return len(done) == len(ids)
+
+    wait_until(look, 30, interval=0.005, message="the three jobs end")
     return seen
 
 

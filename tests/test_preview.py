@@ -1,5 +1,6 @@
-"""Live previews (DESIGN "Previews"): the latent-to-RGB maps, the x0 hand-over from the
-scheduler, and the previews a tiny-sdxl job's progress events carry (only there)."""
+"""Live previews (docs/features.md, "Live previews"): the latent-to-RGB maps, the x0
+hand-over from the scheduler, and the previews a tiny-sdxl job's progress events carry
+(only there)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from producer.core import keys as K
-from tests.helpers import Stack
+from tests.helpers import Stack, wait_until
 from worker.diffusion.preview import FACTORS, Previewer, map_family, unpack, watch_scheduler
 
 PREFIX = "data:image/webp;base64,"
@@ -103,14 +104,18 @@ def test_the_watched_step_keeps_its_signature(name: str) -> None:
 
 
 def watch_progress(stack: Stack, job_id: str) -> list[dict[str, Any]]:
-    """The record's ``progress`` as read while the job runs."""
+    """The record's ``progress`` as read while the job runs (as long as the events are
+    followed)."""
     seen: list[dict[str, Any]] = []
     store = stack.client().store
-    while True:
+
+    def ended() -> bool:
         record = store.get(job_id)
         seen.append(record["progress"])
-        if record["status"] not in ("queued", "running"):
-            return seen
+        return record["status"] not in ("queued", "running")
+
+    wait_until(ended, 60, interval=0.01, message=f"job {job_id} ends")
+    return seen
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from tests.helpers import (
     data_uri,
     mask_image,
     pixels,
-    png_data_uri,
+    png,
     run_job,
     s3_get,
 )
@@ -110,7 +110,7 @@ def test_worker_reads_past_77_tokens_and_weights(stack: Stack, bare_pipe: Any) -
     assert px(plain) == pixels(bare_run(bare_pipe, 12, prompt="a red fox", **kw))
 
     # embeddings reach img2img and inpainting too (the same modules, other pipelines)
-    image = png_data_uri((90, 160, 60))
+    image = data_uri(png((90, 160, 60)))
     extras: tuple[dict[str, Any], ...] = ({}, {"mask": data_uri(mask_image())})
     for extra in extras:
         w, _ = run_job(

@@ -13,7 +13,7 @@ import redis
 
 from producer import Client, InvalidRequest, Settings
 from producer.core.contract import generation_params
-from tests.helpers import png_data_uri
+from tests.helpers import data_uri, png
 from tests.records import request_of
 
 P = "a red fox in the snow"
@@ -39,7 +39,7 @@ def client(redis_url: str, models_file: str, tmp_path: Any) -> Iterator[Client]:
     r.close()
 
 
-IMG = png_data_uri((200, 30, 60))
+IMG = data_uri(png((200, 30, 60)))
 CN = "tiny-sdxl-canny"
 BAD: list[tuple[str, dict[str, Any], list[str]]] = [
     (

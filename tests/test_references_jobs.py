@@ -5,7 +5,6 @@ has the base bytes; a control image that cannot be fetched fails naming its fiel
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,16 @@ import pytest
 from PIL import Image
 
 from producer.core.contract import Status
-from tests.helpers import Stack, data_uri, mask_image, pixels, png_data_uri, run_job, s3_get
+from tests.helpers import (
+    Stack,
+    data_uri,
+    mask_image,
+    pixels,
+    png,
+    run_job,
+    s3_get,
+    wait_until,
+)
 from tests.servers import api_process, free_port
 
 pytestmark = pytest.mark.slow
@@ -28,7 +36,7 @@ def shape() -> str:
 
 
 CONTROL = {"name": "tiny-sdxl-canny", "image": shape(), "preprocess": "canny"}
-REFERENCE = {"image": png_data_uri((30, 160, 90)), "mode": "style", "scale": 1.0}
+REFERENCE = {"image": data_uri(png((30, 160, 90))), "mode": "style", "scale": 1.0}
 
 
 def ok(record: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +69,7 @@ def test_control_and_reference_jobs_and_the_base_pixels_after(stack: Stack) -> N
 
 
 def test_control_composes_with_img2img_inpainting_loras_and_sweeps(stack: Stack) -> None:
-    init: dict[str, Any] = {"image": png_data_uri((0, 0, 200)), "strength": 0.75}
+    init: dict[str, Any] = {"image": data_uri(png((0, 0, 200))), "strength": 0.75}
     img2img, _ = run_job(stack, **P, **init)
     controlled, _ = run_job(stack, **P, **init, control=[CONTROL])
     inpaint, _ = run_job(stack, **P, **init, mask=data_uri(mask_image()), control=[CONTROL])
@@ -104,14 +112,16 @@ def test_through_the_api(stack: Stack, session_dir: Path) -> None:
                 api.post("/v1/jobs", headers=auth, json={**P, **body}).json()["id"]
                 for body in ({"control": [CONTROL]}, {"references": [REFERENCE]})
             ]
-            deadline = time.monotonic() + 60
             done: dict[str, Any] = {}
-            while len(done) < 2 and time.monotonic() < deadline:
+
+            def both_ended() -> bool:
                 for job in ids:
                     doc = api.get(f"/v1/jobs/{job}", headers=auth).json()
                     if doc["status"] not in ("queued", "running"):
                         done[job] = doc
-                time.sleep(0.2)
+                return len(done) == 2
+
+            wait_until(both_ended, 60, interval=0.2, message=lambda: f"{ids} end: {done}")
     finally:
         proc.stop()
     records = [done[j] for j in ids]

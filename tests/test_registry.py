@@ -11,7 +11,7 @@ from producer.core.errors import InvalidRequest
 from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 from producer.requests.generate import validate_request
-from tests.helpers import png_data_uri
+from tests.helpers import data_uri, png
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_what_a_model_lists_is_what_its_requests_may_name(tmp_path: Path) -> Non
     """Every registry ControlNet, LoRA and reference mode against every model: a submit
     takes exactly the ones the model's view lists, and refuses the others by field."""
     reg = Registry.load(write(tmp_path, MORE))
-    image = png_data_uri((200, 30, 60), (16, 16))
+    image = data_uri(png((200, 30, 60), (16, 16)))
     modes = ("full", "subject", "style")
     for spec in reg:
         view, model = reg.view(spec), {"model": spec.name}

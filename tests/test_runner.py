@@ -18,6 +18,7 @@ from producer.core.settings import Settings
 from producer.core.storage import LocalStorage
 from producer.jobs.store import JobStore
 from producer.requests.generate import validate_request
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +63,12 @@ def run_in_background(
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(runner.run(job_id)))
     thread.start()
-    deadline = time.monotonic() + 30
-    while runner.store.get(job_id)["progress"]["step"] < until_step:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(
+        lambda: runner.store.get(job_id)["progress"]["step"] >= until_step,
+        30,
+        interval=0.02,
+        message=f"job {job_id} reaches step {until_step}",
+    )
     return thread, result
 
 

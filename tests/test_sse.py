@@ -12,7 +12,6 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,8 @@ import pytest
 
 from producer.core.contract import EventType
 from producer.jobs.store import JobStore
-from tests.helpers import worker_env
-from tests.servers import RedisServer, api_process
+from tests.helpers import wait_until, worker_env
+from tests.servers import Process, RedisServer, api_process
 
 pytestmark = pytest.mark.slow
 
@@ -44,14 +43,17 @@ def api_env(redis_url: str, models_file: str, tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def api(redis_server: RedisServer, models_file: str, session_dir: Path) -> Iterator[int]:
-    """The API's port."""
-    proc = api_process(
-        api_env(redis_server.url, models_file, session_dir), session_dir / "logs" / "api-sse.log"
-    ).start()
-    assert proc.port is not None
-    yield proc.port
-    proc.stop()
+def api_server_env(
+    redis_server: RedisServer, models_file: str, session_dir: Path
+) -> dict[str, str]:
+    return api_env(redis_server.url, models_file, session_dir)
+
+
+@pytest.fixture(scope="module")
+def api(api_server: Process) -> int:
+    """The port of the module's API process (tests/conftest.py: ``api_server``)."""
+    assert api_server.port is not None
+    return api_server.port
 
 
 def submit(port: int, n: int) -> list[str]:
@@ -283,10 +285,13 @@ def test_a_redis_restart_under_500_streams_ends_or_resumes_them_all_cleanly(
             await asyncio.wait_for(asyncio.gather(*(s.open.wait() for s in streams)), 60)
             for jid in jobs:
                 await asyncio.to_thread(burst, store, jid, 10)
-            deadline = time.monotonic() + 60
-            while any(len(s.ids) < 11 for s in streams):  # every stream live
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+            await asyncio.to_thread(  # every stream live (the loop runs them meanwhile)
+                wait_until,
+                lambda: all(len(s.ids) >= 11 for s in streams),
+                60,
+                interval=0.1,
+                message="every stream has its first 11 events",
+            )
             await asyncio.to_thread(redis_server.stop)  # SIGTERM: the AOF is kept
             await asyncio.sleep(2)
             await asyncio.to_thread(redis_server.start)

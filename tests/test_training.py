@@ -6,7 +6,6 @@ One module worker (private Redis, file storage) serves the cases that need one.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import zipfile
@@ -24,24 +23,19 @@ from producer.core.errors import InvalidRequest
 from producer.core.registry import Registry
 from producer.core.settings import Settings
 from producer.requests.train import validate_training
-from tests.helpers import stack_values, worker_env
+from tests.helpers import data_uri, png, stack_values, worker_env
 from tests.servers import RedisServer, Worker
 
 PROMPT = "a photo of sks dog"
 
 
-def png(color: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> bytes:
+def photo(color: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> bytes:
+    """A PNG with a pattern to learn, not a flat colour."""
     img = Image.new("RGB", size, color)
-    for x in range(0, size[0], 8):  # a pattern to learn, not a flat colour
+    for x in range(0, size[0], 8):
         for y in range(0, size[1], 16):
             img.putpixel((x, y), (255 - color[0], 255 - color[1], 255 - color[2]))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def data_uri(raw: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+    return png(img)
 
 
 def zip_uri(entries: dict[str, bytes]) -> str:
@@ -52,7 +46,8 @@ def zip_uri(entries: dict[str, bytes]) -> str:
     return data_uri(buf.getvalue(), "application/zip")
 
 
-SUBJECT = [data_uri(png((200, 40, 40))), data_uri(png((180, 60, 30), (64, 96)))]
+PHOTOS = [photo((200, 40, 40)), photo((180, 60, 30), (64, 96))]
+SUBJECT = [data_uri(p) for p in PHOTOS]
 
 
 # -- refused at submit, by name, nothing enqueued ----------------------------------------
@@ -74,9 +69,9 @@ def test_bad_trainings_are_refused_by_field() -> None:
     assert "lr_scheduler" in refused({**ok, "lr_scheduler": "step"})
     assert "resolution" in refused({**ok, "resolution": 1024})
     assert "learning_rate" in refused({**ok, "learning_rate": 0.5})
-    bad = refused({**ok, "images": [zip_uri({"../evil.png": png((1, 2, 3))})]})
+    bad = refused({**ok, "images": [zip_uri({"../evil.png": photo((1, 2, 3))})]})
     assert "leaves the archive" in bad["images.0"]
-    bad = refused({**ok, "images": [zip_uri({"a.png": png((1, 2, 3)), "notes.txt": b"hi"})]})
+    bad = refused({**ok, "images": [zip_uri({"a.png": photo((1, 2, 3)), "notes.txt": b"hi"})]})
     assert "notes.txt" in bad["images.0"]
     bad = refused({**ok, "images": [zip_uri({"a.png": b"not a png"})]})
     assert "a.png" in bad["images.0"]
@@ -91,7 +86,7 @@ def test_bad_trainings_are_refused_by_field() -> None:
         Settings(default_model="tiny-sdxl", train_zip_max_bytes=1_000_000),
     )
     assert "bytes uncompressed" in bad["images.0"]
-    bad = refused({**ok, "images": [*SUBJECT, zip_uri({"a.png": png((1, 2, 3))})]})
+    bad = refused({**ok, "images": [*SUBJECT, zip_uri({"a.png": photo((1, 2, 3))})]})
     assert "only entry" in bad["images.2"]
     bad = refused({**ok, "images": ["http://10.0.0.1/x.png", "storage:../x.png"]})
     assert set(bad) == {"images.0", "images.1"}
@@ -155,7 +150,7 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
         np.asarray(i.image, dtype=np.float32)
         for i in decode(
             cast(Any, {"resolution": 64, "instance_prompt": PROMPT}),
-            [(str(i), base64.b64decode(u.split(",", 1)[1])) for i, u in enumerate(SUBJECT)],
+            [(str(i), p) for i, p in enumerate(PHOTOS)],
         )
     ]
     request: dict[str, Any] = {
@@ -175,6 +170,7 @@ def distance(client: Client, storage: str, loras: list[dict[str, Any]]) -> float
     return sum(out) / len(out)
 
 
+@pytest.mark.slow
 def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     client = rig.client
     before = generate(client)
@@ -229,6 +225,7 @@ def test_training_runs_and_the_base_is_restored(rig: Rig) -> None:
     assert info.value.fields[0]["field"] == "loras.0.name"
 
 
+@pytest.mark.slow
 def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     """tiny-sdxl-edm (Playground v2.5's EDM scheduler config and VAE latent statistics)."""
     import math
@@ -253,15 +250,15 @@ def test_an_edm_model_trains_the_edm_way(rig: Rig) -> None:
     assert all(math.isfinite(v) for v in manifest["loss"])
 
 
+@pytest.mark.slow
 def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     """A zip given inline is read by the worker in memory (dot files and folders left
     out); ``storage:`` keys are read from the bucket."""
     client = rig.client
-    photos = [base64.b64decode(u.split(",", 1)[1]) for u in SUBJECT]
-    zipped = zip_uri({"dog/b.png": photos[1], "dog/a.png": photos[0], "dog/.DS_Store": b"x"})
+    zipped = zip_uri({"dog/b.png": PHOTOS[1], "dog/a.png": PHOTOS[0], "dog/.DS_Store": b"x"})
     storage = Path(client.settings.storage_url.removeprefix("file://"))
     (storage / "uploads").mkdir(parents=True, exist_ok=True)
-    (storage / "uploads" / "a.png").write_bytes(photos[0])
+    (storage / "uploads" / "a.png").write_bytes(PHOTOS[0])
     common: dict[str, Any] = {
         "instance_prompt": PROMPT,
         "steps": 2,
@@ -276,12 +273,13 @@ def test_a_zip_and_storage_keys_as_images(rig: Rig) -> None:
     import hashlib
 
     manifest = json.loads((storage / from_zip["id"] / "manifest.json").read_text())
-    assert manifest["training_images_sha256"] == [hashlib.sha256(p).hexdigest() for p in photos]
+    assert manifest["training_images_sha256"] == [hashlib.sha256(p).hexdigest() for p in PHOTOS]
     assert missing["status"] == Status.FAILED
     assert missing["error"] and missing["error"]["code"] == "image_fetch_failed"
     assert "images.0" in missing["error"]["message"]
 
 
+@pytest.mark.slow
 def test_cancel_mid_training(rig: Rig) -> None:
     client = rig.client
     job = client.train(
@@ -304,6 +302,7 @@ def test_cancel_mid_training(rig: Rig) -> None:
     assert "cancelled" in info.value.fields[0]["message"]
 
 
+@pytest.mark.slow
 def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -> None:
     import httpx
 
@@ -367,14 +366,15 @@ def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -
         api.stop()
 
 
+@pytest.mark.slow
 def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
     import subprocess
     import sys
 
     photos, out = rig.tmp / "photos", rig.tmp / "cli-out"
     photos.mkdir()
-    for i, uri in enumerate(SUBJECT):
-        (photos / f"{i}.png").write_bytes(base64.b64decode(uri.split(",", 1)[1]))
+    for i, raw in enumerate(PHOTOS):
+        (photos / f"{i}.png").write_bytes(raw)
     (photos / "notes.txt").write_text("not an image: left out")
     res = subprocess.run(
         [
@@ -411,6 +411,7 @@ def test_cli_trains_from_a_folder_and_downloads_the_adapter(rig: Rig) -> None:
     assert names == ["0.png", "adapter.safetensors"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(rig: Rig) -> None:
     """Killed mid-way (SIGKILL), resumed by another worker from the newest checkpoint:
     the adapter's bytes equal an uninterrupted run's. Last in the module: it kills the

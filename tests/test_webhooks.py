@@ -19,7 +19,7 @@ from producer.core import keys as K
 from producer.core.contract import Event, EventType
 from producer.core.settings import Settings
 from producer.services.webhooks import attempt
-from tests.helpers import Stack, worker_env
+from tests.helpers import Stack, wait_until, worker_env
 from tests.receiver import Received, Receiver
 from tests.servers import Process, dispatcher_process
 
@@ -72,13 +72,16 @@ def submit(stack: Stack, **fields: Any) -> str:
 
 def deliveries(stack: Stack, job_id: str, count: int, timeout: float = 30) -> list[dict[str, Any]]:
     store = stack.client().store
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def enough() -> list[dict[str, Any]] | None:
         got = store.deliveries(job_id)
-        if len(got) >= count:
-            return got
-        time.sleep(0.05)
-    raise TimeoutError(f"{job_id}: {store.deliveries(job_id)}")
+        return got if len(got) >= count else None
+
+    return wait_until(
+        enough,
+        timeout,
+        message=lambda: f"{count} deliveries of {job_id}: {store.deliveries(job_id)}",
+    )
 
 
 def test_completed_webhook_is_signed_and_carries_the_job(

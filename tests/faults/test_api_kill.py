@@ -8,7 +8,8 @@ import pytest
 
 from producer.core import keys as K
 from producer.core.contract import Status
-from tests.helpers import Rig, Submitter, wait_until
+from tests.faults.submitter import Submitter
+from tests.helpers import Rig, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

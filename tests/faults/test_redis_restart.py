@@ -12,11 +12,11 @@ import pytest
 from producer import Client
 from producer.core.contract import EventType, Status
 from producer.core.settings import Settings
+from tests.faults.submitter import Submitter
 from tests.helpers import (
     MODELS,
     WEBHOOK_SECRET,
     Rig,
-    Submitter,
     stack_values,
     wait_until,
     worker_env,
