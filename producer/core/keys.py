@@ -8,6 +8,10 @@ from producer.core.record import Kind
 
 PREFIX = "atelier"
 
+#: How long a finished job's keys (record, event log, inline inputs, deliveries) live by
+#: default: ``Settings.result_ttl_s``, and the store's when no settings are at hand.
+RESULT_TTL_S = 7 * 24 * 3600
+
 #: Hash holding a job: ``status``, ``token`` (the fence of the current run) and ``doc``
 #: (the whole record as JSON). ``job_key(id)``.
 JOB = f"{PREFIX}:job:"

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.core import keys as K
 from producer.core.redis_url import check_redis_url
 
 
@@ -25,6 +26,8 @@ def _one_of(setting: str, value: str, allowed: tuple[str, ...]) -> str:
 #: The derived visibility timeout's least value: a day (leases do the prompt work).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 VISIBILITY_BACKSTOP_S = 24 * 3600
+#: The longest a SigV4 presigned URL may live (S3's rule): 7 days.
+SIGV4_MAX_EXPIRES_S = 7 * 24 * 3600
 
 
 #: Above any CPU number Linux gives (its default NR_CPUS limit is 8192).
@@ -79,7 +82,7 @@ class Settings(BaseSettings):
     #: Presigned GET URLs for S3 outputs live this long (SigV4 allows at most 7 days);
     #: so do the signed URLs the API gives for ``file://`` outputs (up to 5 min more: they
     #: are rounded so that a record read twice gives the same URL, which browsers cache).
-    presign_ttl_s: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
+    presign_ttl_s: int = Field(default=24 * 3600, ge=60, le=SIGV4_MAX_EXPIRES_S)
     #: TOML file whose ``[models.NAME]`` tables add to or override the built-in registry.
     models_file: str | None = None
     default_model: str = "playground-v2.5"
@@ -135,7 +138,7 @@ class Settings(BaseSettings):
     #: Longest side of a preview, px (never larger than the image itself).
     preview_max_side: int = Field(default=256, ge=8, le=1024)
     #: Records and event logs of finished jobs are kept this long.
-    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
+    result_ttl_s: int = Field(default=K.RESULT_TTL_S, ge=60)
     #: Largest init image accepted, encoded bytes.
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     #: Allow ``http://`` image and webhook URLs (tests, private networks).

@@ -67,7 +67,7 @@ ANY_TOKEN = "*"
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, result_ttl_s: int = 7 * 24 * 3600) -> None:
+    def __init__(self, client: redis.Redis, result_ttl_s: int = K.RESULT_TTL_S) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self._apply = client.register_script(S.APPLY)
@@ -78,7 +78,7 @@ class JobStore:
         self._release_claim = client.register_script(S.RELEASE_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, result_ttl_s: int = 7 * 24 * 3600) -> JobStore:
+    def from_url(cls, url: str, result_ttl_s: int = K.RESULT_TTL_S) -> JobStore:
         # ``url`` may name Sentinels (``sentinel://``): see producer.core.redis_url.
         return cls(redis_client(url, health_check_interval=30, socket_keepalive=True), result_ttl_s)
 
