@@ -68,7 +68,7 @@ def check_loras(
                     "or storage:<key> for an uploaded .safetensors file",
                 }
             )
-        elif spec is not None and lora.family != spec.pipeline:
+        elif spec is not None and not lora.fits(spec):
             errors.append(
                 {
                     "field": field,
@@ -113,7 +113,7 @@ def check_conditioning(
                     "message": f"unknown ControlNet {entry['name']!r}; known: {known}",
                 }
             )
-        elif spec is not None and cn.family != spec.pipeline:
+        elif spec is not None and not cn.fits(spec):
             errors.append(
                 {
                     "field": f"{field}.name",
