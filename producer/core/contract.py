@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # pydantic reads TypedDicts (for the API's schema) only from typing_extensions before 3.12
 from typing_extensions import TypedDict
 
+from producer.core.fields import DISTINCT, NOT_BLANK, integral, only_with
+
 MAX_SEED = 2**32 - 1
 METADATA_MAX_BYTES = 4096
 DEFAULT_STRENGTH = 0.6
@@ -150,14 +152,19 @@ class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
     guidance_scale: list[Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
     steps: list[Annotated[int, Field(ge=1, le=150)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
+
+    @field_validator("seeds", "steps", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
 
     @field_validator("seeds", "guidance_scale", "steps")
     @classmethod
@@ -203,12 +210,21 @@ def denoise_steps(request: dict[str, Any]) -> int:
     return one(request["steps"])
 
 
+#: The integer fields of a job request (read by :func:`integral`).
+_INTS = ("width", "height", "steps", "seed", "num_images", "quality", "priority")
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The schema says what the checks say of strength and mask: only with an image.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"allOf": [only_with("strength", "image"), only_with("mask", "image")]},
+    )
 
-    prompt: str = Field(min_length=1, max_length=4000)
+    prompt: str = Field(min_length=1, max_length=4000, json_schema_extra=NOT_BLANK)
     negative_prompt: str = Field(default="", max_length=4000)
     model: str | None = None
     width: int | None = Field(default=None, ge=64, multiple_of=8)
@@ -219,12 +235,16 @@ class JobRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=8)
     image: str | None = None
-    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    #: 0 is in range but never runs: img2img runs int(steps × strength) steps.
+    strength: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False, json_schema_extra={"exclusiveMinimum": 0}
+    )
     output_format: Literal["png", "webp", "jpeg"] = "png"
     quality: int = Field(default=90, ge=1, le=100)
     webhook: str | None = None
     webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
-        default_factory=lambda: ["completed"]  # type: ignore[arg-type]
+        default_factory=lambda: ["completed"],  # type: ignore[arg-type]
+        json_schema_extra=DISTINCT,
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)
@@ -250,6 +270,11 @@ class JobRequest(BaseModel):
     control: list[ControlRef] = Field(default_factory=list, max_length=MAX_CONTROLS)
     #: IP-Adapter image prompts: a subject or a style carried into the picture.
     references: list[ReferenceRef] = Field(default_factory=list, max_length=MAX_REFERENCES)
+
+    @field_validator(*_INTS, "timeout_s", "expires_in_s", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
 
     @field_validator("prompt")
     @classmethod
@@ -369,38 +394,6 @@ class Event(TypedDict):
     job_id: str
     ts: str
     data: dict[str, Any]
-
-
-#: The request fields that decide the pixels: what a PNG's ``atelier`` chunk records.
-#: Delivery fields (webhook, priority, timeout, expiry, metadata) and the input images
-#: stay out, so two jobs that generate the same picture give the same bytes.
-GENERATION_PARAMS = (
-    "model",
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "seed",
-    "num_images",
-    "strength",
-    "loras",
-    "sweep",
-    "control",
-    "references",
-)
-
-
-def generation_params(request: dict[str, Any]) -> dict[str, Any]:
-    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
-    control and reference entries without their images (input images stay out)."""
-    out = {k: request[k] for k in GENERATION_PARAMS if k in request}
-    for key in ("control", "references"):
-        if key in out:
-            out[key] = [{k: v for k, v in e.items() if k != "image"} for e in out[key]]
-    return out
 
 
 def now_iso() -> str:

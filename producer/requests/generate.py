@@ -24,7 +24,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from producer.core.contract import (
     DEFAULT_STRENGTH,
@@ -62,7 +62,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
     req, errors = _parse(data)
-    fields = Fields(data, errors)
+    fields = Fields(data, errors, req)
     # 2. The model and its limits.
     spec, unknown = _resolve_model(fields, registry, settings)
     errors += unknown
@@ -84,10 +84,12 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> dict[
 
 
 class Fields:
-    """The raw request, and which of its top-level fields failed their own checks."""
+    """The raw request (as its shape read it, once the whole shape passed: an integer
+    sent as 3.0 is 3), and which of its top-level fields failed their own checks."""
 
-    def __init__(self, data: dict[str, Any], errors: list[FieldError]) -> None:
-        self.data = data
+    def __init__(self, data: dict[str, Any], errors: list[FieldError], shape: Any = None) -> None:
+        shaped = shape.model_dump() if isinstance(shape, BaseModel) else {}
+        self.data = {k: shaped.get(k, v) for k, v in data.items()}
         self.failed = {e["field"].split(".")[0] for e in errors}
 
     def valid(self, name: str) -> Any:

@@ -42,7 +42,7 @@ def validate_training(data: Any, registry: Registry, settings: Settings) -> dict
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
     req, errors = _parse(data)
-    fields = Fields(data, errors)
+    fields = Fields(data, errors, req)
     spec, unknown = _resolve(fields, registry, settings)
     errors += unknown
     if spec is not None:
