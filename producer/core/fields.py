@@ -11,8 +11,12 @@ from typing import Any
 
 #: A list that repeats no value (the validator says "must not repeat").
 DISTINCT: dict[str, Any] = {"uniqueItems": True}
-#: Text that is not blank (the validator says "must not be blank").
-NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
+#: What ``str.strip()`` strips: Python's whitespace, which is not JSON Schema's ``\s``
+#: (ECMA-262's has U+FEFF and lacks U+001C-U+001F and U+0085).
+_SPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+#: Text that is not blank (the validator says "must not be blank"): one character that
+#: ``strip()`` keeps.
+NOT_BLANK: dict[str, Any] = {"pattern": f"[^{_SPACE}]"}
 
 
 def integral(value: Any) -> Any:
