@@ -27,14 +27,14 @@ _BASE64 = r";base64,[A-Za-z0-9+/=]*"
 _KEY = r"([^/\\]*[^/\\.][^/\\]*/)*[^/\\]*"
 
 
-def _ci(word: str) -> str:
-    """``word`` in any case, as a pattern (JSON Schema's patterns take no flags)."""
-    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
-
-
 def _literal(text: str) -> str:
     """``text`` as a pattern that matches it alone (ECMA-262 escapes only)."""
     return re.sub(r"([.^$*+?()\[\]{}|\\/])", r"\\\1", text)
+
+
+def _ci(word: str) -> str:
+    """``word`` in any case, as a pattern (JSON Schema's patterns take no flags)."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else _literal(c) for c in word)
 
 
 def url(allow_http: bool) -> str:
@@ -72,18 +72,23 @@ def _lora_names(registry: Registry) -> str:
     return "^(" + "|".join(["job:[0-9a-f]{32}", f"storage:{_KEY}\\.safetensors", *names]) + ")$"
 
 
+def _largest_side(registry: Registry, names: list[str] | None = None) -> int:
+    """The largest ``max_side`` of the models ``names`` (default: every model)."""
+    specs = [registry.get(n) for n in (registry.names() if names is None else names)]
+    return max(s.max_side for s in specs if s is not None)
+
+
 def _size_pattern(registry: Registry) -> str:
     """OpenAI's ``size``: ``auto``, or ``WxH`` with each side a width /v1/jobs takes (a
     multiple of 8 from 64 to the largest side of any model)."""
-    side = max(s.max_side for n in registry.names() if (s := registry.get(n)))
-    sides = "|".join(str(v) for v in range(64, side + 1, 8))
+    sides = "|".join(str(v) for v in range(64, _largest_side(registry) + 1, 8))
     return f"^(auto|({sides})x({sides}))$"
 
 
 def _job_fields(props: dict[str, Any], settings: Settings, registry: Registry) -> None:
     """The limits of the job request's own fields (``/v1/jobs`` and the OpenAI routes)."""
     specs = [registry.get(n) for n in registry.names()]
-    side = max(s.max_side for s in specs if s is not None)
+    side = _largest_side(registry)
     schedulers = sorted({x for s in specs if s is not None for x in s.schedulers})
     found = patterns(settings)
     for name, limits in (
@@ -119,8 +124,7 @@ def apply(spec: dict[str, Any], settings: Settings, registry: Registry) -> None:
     train = _body(spec, "/v1/trainings")["properties"]
     if trainable:
         _narrow(train["model"], enum=trainable)
-        sides = [s.max_side for n in trainable if (s := registry.get(n))]
-        _narrow(train["resolution"], maximum=max(sides))
+        _narrow(train["resolution"], maximum=_largest_side(registry, trainable))
     train["images"]["items"]["pattern"] = found["train_image"]
     _narrow(train["timeout_s"], maximum=settings.train_timeout_s)
     _narrow(train["webhook"], pattern=found["webhook"])
