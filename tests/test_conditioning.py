@@ -354,8 +354,8 @@ def test_sd15_control_and_references_equal_bare_diffusers(
 def test_an_adapter_that_does_not_load_leaves_nothing(sdxl: Loaded, tmp_path: Path) -> None:
     from dataclasses import replace
 
+    from producer.core.adapters import IpAdapterSpec
     from producer.core.errors import InternalError
-    from producer.core.registry import IpAdapterSpec
 
     model, spec = sdxl.model, sdxl.model.spec
     unet = model.pipe.unet

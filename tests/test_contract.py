@@ -134,7 +134,7 @@ BAD: list[tuple[str, Any, str, dict[str, Any]]] = [
     ),
     ("seed-negative", {"prompt": P, "seed": -1}, "seed", {}),
     ("seed-2**32", {"prompt": P, "seed": 2**32}, "seed", {}),
-    ("seed-float", {"prompt": P, "seed": 1.0}, "seed", {}),
+    ("seed-fraction", {"prompt": P, "seed": 1.5}, "seed", {}),
     ("num-images-0", {"prompt": P, "num_images": 0}, "num_images", {}),
     ("num-images-9", {"prompt": P, "num_images": 9}, "num_images", {}),
     ("image-http", {"prompt": P, "image": "http://example.com/a.png"}, "image", {}),
@@ -587,6 +587,20 @@ def test_valid_request_is_normalized(client: Client, rdb: redis.Redis) -> None:
     assert req["negative_prompt"] == ""
     assert req["metadata"] == {"user": "u1"}
     assert req["expires_in_s"] is None
+
+
+def test_an_integer_sent_as_a_whole_float_is_that_integer(
+    make_settings: Any, models_file: str
+) -> None:
+    """JSON Schema's integers are numbers without a fraction: 4.0 is one (a fraction is
+    refused: seed-fraction above), read and kept as the int."""
+    out = validate_request(
+        {"prompt": P, "seed": 7.0, "num_images": 1.0, "sweep": {"steps": [2.0, 3]}},
+        Registry.load(models_file),
+        make_settings(),
+    )
+    assert (out["seed"], out["num_images"], out["sweep"]) == (7, 1, {"steps": [2, 3]})
+    assert all(type(v) is int for v in (out["seed"], out["num_images"], *out["sweep"]["steps"]))
 
 
 def test_normalization_keeps_given_values(make_settings: Any, models_file: str) -> None:

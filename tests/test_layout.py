@@ -23,16 +23,6 @@ LONG_FUNCTIONS_ALLOWED = {
     ("worker/builtin/tiny.py", "build_tiny_flux"),
 }
 
-#: Cases being fixed on branches of their own, each named exactly (a new case in the same
-#: file still fails). Empty this once they are merged.
-PENDING: set[tuple[str, ...]] = {
-    ("private", "producer/core/train_contract.py", "JobRequest._unique"),
-    ("private", "producer/core/train_contract.py", "JobRequest._small"),
-}
-
-#: Named in the docs' trees ahead of the code, written on a branch of its own.
-DOCUMENTED_AHEAD: set[str] = set()
-
 
 def _modules() -> Iterator[tuple[str, str, ast.Module]]:
     for package in PACKAGES:
@@ -77,7 +67,7 @@ def test_no_module_is_over_450_lines() -> None:
     over = [
         f"{path}: {len(source.splitlines())} lines"
         for path, source, _ in _modules()
-        if len(source.splitlines()) > MAX_MODULE_LINES and ("size", path) not in PENDING
+        if len(source.splitlines()) > MAX_MODULE_LINES
     ]
     assert over == []
 
@@ -89,11 +79,7 @@ def test_no_function_is_over_60_lines() -> None:
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             lines = (node.end_lineno or node.lineno) - node.lineno + 1
-            if (
-                lines > MAX_FUNCTION_LINES
-                and (path, node.name) not in LONG_FUNCTIONS_ALLOWED
-                and ("function", path, node.name) not in PENDING
-            ):
+            if lines > MAX_FUNCTION_LINES and (path, node.name) not in LONG_FUNCTIONS_ALLOWED:
                 over.append(f"{path}:{node.lineno} {node.name}: {lines} lines")
     assert over == []
 
@@ -104,7 +90,6 @@ def test_no_module_imports_another_modules_private_names() -> None:
         f"{path}:{line} {name}"
         for path, _, tree in _modules()
         for line, name in _private_uses(tree)
-        if ("private", path, name) not in PENDING
     ]
     assert found == []
 
@@ -156,4 +141,4 @@ def test_the_docs_draw_every_module(document: str, heading: str) -> None:
     modules = {path for path, _, _ in _modules() if not path.endswith("/__init__.py")}
     drawn_inits = {m for m in drawn if m.endswith("/__init__.py")}
     assert sorted(modules - drawn) == []
-    assert sorted(drawn - modules - drawn_inits - DOCUMENTED_AHEAD) == []
+    assert sorted(drawn - modules - drawn_inits) == []

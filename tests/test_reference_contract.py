@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from producer import Client, InvalidRequest, Settings
-from producer.core.contract import generation_params
+from producer.core.params import generation_params
 from tests.helpers import data_uri, png
 from tests.records import request_of
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from producer.core.contract import MAX_STEPS
 from producer.core.errors import InvalidRequest
 from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
@@ -82,6 +83,7 @@ def test_public_view(builtin: Registry) -> None:
         "scheduler": "edm_dpmpp_2m",
     }
     assert pub["limits"]["max_pixels"] == builtin["playground-v2.5"].max_pixels
+    assert pub["limits"]["max_steps"] == MAX_STEPS  # what the request models allow
     assert "edm_dpmpp_2m" in pub["schedulers"]
 
 

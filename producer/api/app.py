@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (jobs, trainings, images, models, queues, workers, file_routes, health, studio):
         app.include_router(module.router)
     app.mount("/static", studio.static_files(), name="static")
-    openapi.install(app)
+    openapi.install(app, settings, registry)
     return app
 
 

@@ -7,17 +7,23 @@ FastAPI writes most of it from the routes. What it cannot see is added here:
   at once) is declared with :func:`request_body`; the schemas it refers to are lifted
   into ``components/schemas`` by :func:`install`, so every ``$ref`` resolves;
 - OpenAPI links (:func:`job_links`) from a created job to the routes of that job;
+- the limits of the running registry and settings (:mod:`producer.api.limits`);
 - the 422 FastAPI documents for a route with parameters has the one error shape
   (``ErrorBody``), which is what :mod:`producer.api.errors` answers it with.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
+
+from producer.api import limits
+from producer.core.registry import Registry
+from producer.core.settings import Settings
 
 _REF = "#/components/schemas/{model}"
 
@@ -76,8 +82,9 @@ def _one_error_shape(spec: dict[str, Any]) -> None:
             schemas.pop(name, None)
 
 
-def install(app: FastAPI) -> None:
-    """Serve the document FastAPI writes, with the request bodies' schemas lifted."""
+def install(app: FastAPI, settings: Settings, registry: Registry) -> None:
+    """Serve the document FastAPI writes, with the request bodies' schemas lifted and
+    the limits of this registry and these settings in them (:mod:`producer.api.limits`)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -88,8 +95,10 @@ def install(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
+            spec = copy.deepcopy(spec)  # the routes' own declarations stay as they are
             _lift_defs(spec)
             _one_error_shape(spec)
+            limits.apply(spec, settings, registry)
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -50,6 +50,7 @@ class ModelDefaults(BaseModel):
 class ModelLimits(BaseModel):
     max_side: int
     max_pixels: int
+    max_steps: int = Field(description="The most `steps` a request may ask for.")
 
 
 class ControlNetOption(BaseModel):

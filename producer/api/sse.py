@@ -32,9 +32,11 @@ from producer.core.contract import Event, Record
 #: The reconnection delay a client is asked to wait (ms), sent with the first event.
 RETRY_MS = 2000
 
-LAST_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+#: An event id: a Redis stream id, each part below 2**64 (19 digits always are; a 20-digit
+#: one may not be, and Redis refuses it mid-stream).
+LAST_EVENT_ID = re.compile(r"\d{1,19}-\d{1,19}")
 #: ``Last-Event-ID`` as documented: an event id, or empty (from the start).
-EVENT_ID_PATTERN = r"^(\d{1,20}-\d{1,20})?$"
+EVENT_ID_PATTERN = r"^(\d{1,19}-\d{1,19})?$"
 
 #: One event of the stream, as OpenAPI 3.1 documents a ``text/event-stream`` item.
 EVENT_SCHEMA = {

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from producer.core.constraints import DISTINCT, NOT_BLANK, integral, only_with
 from producer.core.normalized import GenerateRequest, NormalizedRequest
 from producer.core.record import TERMINAL as TERMINAL
 from producer.core.record import TERMINAL_EVENT_FOR as TERMINAL_EVENT_FOR
@@ -28,6 +29,8 @@ from producer.core.record import RecordView as RecordView
 from producer.core.record import Status as Status
 
 MAX_SEED = 2**32 - 1
+#: The most denoising steps any request may ask for (a model's default must fit too).
+MAX_STEPS = 150
 METADATA_MAX_BYTES = 4096
 DEFAULT_STRENGTH = 0.6
 MAX_EXPIRES_IN_S = 30 * 24 * 3600
@@ -111,14 +114,19 @@ class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
     guidance_scale: list[Annotated[float, Field(ge=0, le=30, allow_inf_nan=False)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
-    steps: list[Annotated[int, Field(ge=1, le=150)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES
+    steps: list[Annotated[int, Field(ge=1, le=MAX_STEPS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_SWEEP_IMAGES, json_schema_extra=DISTINCT
     )
+
+    @field_validator("seeds", "steps", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
 
     @field_validator("seeds", "guidance_scale", "steps")
     @classmethod
@@ -164,28 +172,60 @@ def denoise_steps(request: GenerateRequest) -> int:
     return one(request["steps"])
 
 
+#: The integer fields of a job request (read by :func:`integral`).
+_INTS = ("width", "height", "steps", "seed", "num_images", "quality", "priority")
+
+
+def distinct_events(v: list[str]) -> list[str]:
+    """``webhook_events`` as a request model checks it: no event named twice."""
+    if len(set(v)) != len(v):
+        raise ValueError("must not repeat an event")
+    return v
+
+
+def small_metadata(v: dict[str, Any]) -> dict[str, Any]:
+    """``metadata`` as a request model checks it: plain JSON of at most
+    ``METADATA_MAX_BYTES``."""
+    try:
+        size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"must be plain JSON ({exc})") from None
+    if size > METADATA_MAX_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; the limit is {METADATA_MAX_BYTES}")
+    return v
+
+
 class JobRequest(BaseModel):
     """What a producer submits. Fields the model decides are ``None`` until normalized."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # The schema says what the checks say of strength and mask: only with an image.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"allOf": [only_with("strength", "image"), only_with("mask", "image")]},
+    )
 
-    prompt: str = Field(min_length=1, max_length=4000)
+    prompt: str = Field(min_length=1, max_length=4000, json_schema_extra=NOT_BLANK)
     negative_prompt: str = Field(default="", max_length=4000)
     model: str | None = None
     width: int | None = Field(default=None, ge=64, multiple_of=8)
     height: int | None = Field(default=None, ge=64, multiple_of=8)
-    steps: int | None = Field(default=None, ge=1, le=150)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
     scheduler: str | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=8)
     image: str | None = None
-    strength: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    #: 0 is in range but never runs: img2img runs int(steps × strength) steps.
+    strength: float | None = Field(
+        default=None, ge=0, le=1, allow_inf_nan=False, json_schema_extra={"exclusiveMinimum": 0}
+    )
     output_format: Literal["png", "webp", "jpeg"] = "png"
     quality: int = Field(default=90, ge=1, le=100)
     webhook: str | None = None
     webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
-        default_factory=lambda: ["completed"]  # type: ignore[arg-type]
+        default_factory=lambda: ["completed"],  # type: ignore[arg-type]
+        json_schema_extra=DISTINCT,
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)
@@ -198,7 +238,7 @@ class JobRequest(BaseModel):
     #: A parameter grid: every combination is one image, plus a labelled contact sheet.
     sweep: Sweep | None = None
     #: Live previews: the job's ``job.progress`` events carry a small WebP of the
-    #: predicted clean image (DESIGN "Previews").
+    #: predicted clean image (docs/features.md "Live previews").
     preview: bool = Field(
         default=False,
         description=(
@@ -212,6 +252,11 @@ class JobRequest(BaseModel):
     #: IP-Adapter image prompts: a subject or a style carried into the picture.
     references: list[ReferenceRef] = Field(default_factory=list, max_length=MAX_REFERENCES)
 
+    @field_validator(*_INTS, "timeout_s", "expires_in_s", mode="before")
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
+
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, v: str) -> str:
@@ -222,52 +267,12 @@ class JobRequest(BaseModel):
     @field_validator("webhook_events")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("must not repeat an event")
-        return v
+        return distinct_events(v)
 
     @field_validator("metadata")
     @classmethod
     def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
-        try:
-            size = len(json.dumps(v, separators=(",", ":"), allow_nan=False).encode())
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"must be plain JSON ({exc})") from None
-        if size > METADATA_MAX_BYTES:
-            raise ValueError(f"is {size} bytes as JSON; the limit is {METADATA_MAX_BYTES}")
-        return v
-
-
-#: The request fields that decide the pixels: what a PNG's ``atelier`` chunk records.
-#: Delivery fields (webhook, priority, timeout, expiry, metadata) and the input images
-#: stay out, so two jobs that generate the same picture give the same bytes.
-GENERATION_PARAMS = (
-    "model",
-    "prompt",
-    "negative_prompt",
-    "width",
-    "height",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "seed",
-    "num_images",
-    "strength",
-    "loras",
-    "sweep",
-    "control",
-    "references",
-)
-
-
-def generation_params(request: Mapping[str, Any]) -> dict[str, Any]:
-    """The generation parameters of a normalized request (see :data:`GENERATION_PARAMS`);
-    control and reference entries without their images (input images stay out)."""
-    out = {k: request[k] for k in GENERATION_PARAMS if k in request}
-    for key in ("control", "references"):
-        if key in out:
-            out[key] = [{k: v for k, v in e.items() if k != "image"} for e in out[key]]
-    return out
+        return small_metadata(v)
 
 
 def now_iso() -> str:

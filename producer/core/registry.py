@@ -15,87 +15,35 @@ from pathlib import Path
 from typing import Any, get_args
 
 from producer.core import keys as K
-from producer.core.contract import MAX_CONTROLS, MAX_REFERENCES, ControlRef, Kind, ReferenceRef
-from producer.core.pipeline_options import PipelineOptions, parse_options
-
-#: Pipeline families. ``sdxl``, ``sd15``, ``flux``: diffusers pipelines. ``simulated``: no
-#: model at all, a stand-in that sleeps ``gpu_ms`` per image (the GIL released, as a GPU
-#: kernel would) and returns a fixed picture; the benchmarks use it to measure
-#: everything around the GPU.
-PIPELINES = ("sdxl", "sd15", "flux", "simulated")
-#: Families of real models (what a LoRA adapter can be made for).
-MODEL_FAMILIES = ("sdxl", "sd15", "flux")
-#: Families whose models can train (DreamBooth LoRA: ``POST /v1/trainings``).
-TRAINABLE_PIPELINES = ("sdxl", "sd15")
-#: Families whose pipelines take ``[models.NAME.options]`` (tested on tiny-sdxl).
-OPTION_PIPELINES = ("sdxl",)
-#: Families whose diffusers pipelines take ControlNets here, and IP-Adapters (Flux's:
-#: XLabs' layout, through diffusers' FluxIPAdapterMixin).
-CONTROLNET_PIPELINES = ("sdxl", "sd15", "flux")
-IP_ADAPTER_PIPELINES = ("sdxl", "sd15", "flux")
-#: Families whose references take the ``style`` and ``subject`` modes: InstantStyle's
-#: layers are UNet attention layers, which Flux's transformer does not have.
-REFERENCE_MODE_PIPELINES = ("sdxl", "sd15")
-SCHEDULERS = (
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "ddim",
-    "unipc",
-    "edm_dpmpp_2m",
-    "edm_euler",
-    "flow_euler",
+from producer.core.adapters import (
+    ControlNetSpec,
+    IpAdapterSpec,
+    LoraSpec,
+    controlnet_spec,
+    ip_adapter_spec,
+    lora_spec,
 )
-#: Flow-matching models take flow-matching schedulers only, and only they do.
-FLOW_SCHEDULERS = ("flow_euler",)
-FLOW_PIPELINES = ("flux",)
-#: Families whose CLIP prompts take (word:1.3) weighting and more than 77 tokens here.
-WEIGHTING_PIPELINES = ("sdxl", "sd15")
-DTYPES = ("fp16", "bf16", "fp32")
-
-
-@dataclass(frozen=True)
-class IpAdapterSpec:
-    """A model's IP-Adapter (``[models.NAME.ip_adapter]``): what ``load_ip_adapter``
-    reads. ``source`` a hub repo, a local folder, or ``builtin:NAME``; ``weight_name``
-    a .safetensors file in ``subfolder``; ``image_encoder`` the CLIP vision tower's
-    folder in ``source`` (relative to ``subfolder`` unless it holds a ``/``, as
-    diffusers reads it). ``image_encoder_source`` (Flux models only, whose adapters
-    ship without an encoder): the tower's own hub repo or folder instead."""
-
-    source: str
-    weight_name: str
-    subfolder: str = ""
-    image_encoder: str = "image_encoder"
-    revision: str | None = None
-    image_encoder_source: str | None = None
-
-
-def _ip_adapter(name: str, raw: Any, origin: str, family: str) -> IpAdapterSpec:
-    where = f"{origin}: model {name!r}: ip_adapter"
-    if family not in IP_ADAPTER_PIPELINES:
-        raise ValueError(f"{where} applies to {', '.join(IP_ADAPTER_PIPELINES)} only")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a table")
-    known = {f.name for f in fields(IpAdapterSpec)}
-    if set(raw) - known:
-        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
-    if any(not isinstance(v, str) for v in raw.values()) or not {"source", "weight_name"} <= set(
-        raw
-    ):
-        raise ValueError(
-            f"{where} needs string source and weight_name (and string "
-            "subfolder, image_encoder, image_encoder_source, revision if given)"
-        )
-    if not raw["weight_name"].endswith(".safetensors"):
-        raise ValueError(f"{where}: weight_name must be a .safetensors file")
-    if "image_encoder_source" in raw and (family != "flux" or "image_encoder" in raw):
-        raise ValueError(
-            f"{where}: image_encoder_source is for flux models, in place of "
-            "image_encoder (a folder of source)"
-        )
-    return IpAdapterSpec(**raw)
+from producer.core.contract import (
+    MAX_CONTROLS,
+    MAX_REFERENCES,
+    MAX_STEPS,
+    ControlRef,
+    Kind,
+    ReferenceRef,
+)
+from producer.core.families import (
+    CONTROLNET_PIPELINES,
+    DTYPES,
+    FLOW_PIPELINES,
+    FLOW_SCHEDULERS,
+    IP_ADAPTER_PIPELINES,
+    OPTION_PIPELINES,
+    PIPELINES,
+    REFERENCE_MODE_PIPELINES,
+    SCHEDULERS,
+    TRAINABLE_PIPELINES,
+)
+from producer.core.pipeline_options import PipelineOptions, parse_options
 
 
 @dataclass(frozen=True)
@@ -145,7 +93,11 @@ class ModelSpec:
                 "guidance_scale": self.guidance_scale,
                 "scheduler": self.scheduler,
             },
-            "limits": {"max_side": self.max_side, "max_pixels": self.max_pixels},
+            "limits": {
+                "max_side": self.max_side,
+                "max_pixels": self.max_pixels,
+                "max_steps": MAX_STEPS,
+            },
             "schedulers": list(self.schedulers),
             "cfg": self.cfg,
             "size_multiple": self.size_multiple,
@@ -199,7 +151,9 @@ def _converted(name: str, raw: dict[str, Any], origin: str) -> dict[str, Any]:
     if "ip_adapter" in raw:
         raw = {
             **raw,
-            "ip_adapter": _ip_adapter(name, raw["ip_adapter"], origin, raw.get("pipeline", "sdxl")),
+            "ip_adapter": ip_adapter_spec(
+                name, raw["ip_adapter"], origin, raw.get("pipeline", "sdxl")
+            ),
         }
     return raw
 
@@ -255,8 +209,8 @@ def _problems(spec: ModelSpec, raw: dict[str, Any]) -> list[str]:
             )
     if spec.width * spec.height > spec.max_pixels:
         problems.append("width × height exceeds max_pixels")
-    if not 1 <= spec.steps <= 150:
-        problems.append("steps must be 1..150")
+    if not 1 <= spec.steps <= MAX_STEPS:
+        problems.append(f"steps must be 1..{MAX_STEPS}")
     if not 0 <= spec.guidance_scale <= 30:
         problems.append("guidance_scale must be 0..30")
     if not spec.cfg and spec.guidance_scale != 0:
@@ -271,71 +225,6 @@ def _problems(spec: ModelSpec, raw: dict[str, Any]) -> list[str]:
     if "options" in raw and spec.pipeline not in OPTION_PIPELINES:
         problems.append(f"options apply to {', '.join(OPTION_PIPELINES)} pipelines only")
     return problems
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """A LoRA adapter a request may name in ``loras``: a safetensors file made for one
-    pipeline family."""
-
-    name: str
-    source: str  # a .safetensors file, or builtin:NAME (built locally for tests)
-    family: str  # the pipeline family it was trained for: "sdxl", …
-
-    def public(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family}
-
-    def fits(self, spec: ModelSpec) -> bool:
-        """Whether a request for ``spec`` may name it: it was made for the model's family."""
-        return self.family == spec.pipeline
-
-
-def _lora(name: str, raw: dict[str, Any], origin: str) -> LoraSpec:
-    unknown = set(raw) - {"source", "family"}
-    if unknown:
-        raise ValueError(f"{origin}: lora {name!r} has unknown keys {sorted(unknown)}")
-    for key in ("source", "family"):
-        if not isinstance(raw.get(key), str):
-            raise ValueError(f"{origin}: lora {name!r} needs a string {key}")
-    if raw["family"] not in MODEL_FAMILIES:
-        raise ValueError(f"{origin}: lora {name!r}: family must be one of {MODEL_FAMILIES}")
-    src = raw["source"]
-    if not (src.startswith("builtin:") or src.endswith(".safetensors")):
-        raise ValueError(f"{origin}: lora {name!r}: source must be a .safetensors file")
-    if name.startswith("storage:"):
-        raise ValueError(f"{origin}: lora {name!r}: names starting storage: are storage keys")
-    return LoraSpec(name=name, source=src, family=raw["family"])
-
-
-@dataclass(frozen=True)
-class ControlNetSpec:
-    """A ControlNet a request may name in ``control`` (``[controlnets.NAME]``)."""
-
-    name: str
-    source: str  # a hub repo id, a local folder, or builtin:NAME (built for tests)
-    family: str  # the pipeline family it was trained for
-    kind: str  # what its control image is: canny, depth, pose, …
-    revision: str | None = None
-    variant: str | None = None
-
-    def public(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "kind": self.kind}
-
-    def fits(self, spec: ModelSpec) -> bool:
-        """Whether a request for ``spec`` may name it: it was made for the model's family."""
-        return self.family == spec.pipeline
-
-
-def _controlnet(name: str, raw: dict[str, Any], origin: str) -> ControlNetSpec:
-    where = f"{origin}: controlnet {name!r}"
-    known = {"source", "family", "kind", "revision", "variant"}
-    if set(raw) - known:
-        raise ValueError(f"{where} has unknown keys {sorted(set(raw) - known)}")
-    if any(not isinstance(raw.get(k), str) for k in ("source", "family", "kind")):
-        raise ValueError(f"{where} needs a string source, family and kind")
-    if raw["family"] not in CONTROLNET_PIPELINES:
-        raise ValueError(f"{where}: family must be one of {CONTROLNET_PIPELINES}")
-    return ControlNetSpec(name=name, **raw)
 
 
 def _builtin_text() -> str:
@@ -373,8 +262,8 @@ class Registry:
         origin = models_file or "models.toml"
         return cls(
             {n: _spec(n, r, origin) for n, r in raw.items()},
-            {n: _lora(n, r, origin) for n, r in raw_loras.items()},
-            {n: _controlnet(n, r, origin) for n, r in raw_cn.items()},
+            {n: lora_spec(n, r, origin) for n, r in raw_loras.items()},
+            {n: controlnet_spec(n, r, origin) for n, r in raw_cn.items()},
         )
 
     def controlnets_for(self, spec: ModelSpec) -> list[ControlNetSpec]:

@@ -1,4 +1,4 @@
-"""The request of a training (DESIGN "Trainings (DreamBooth LoRA)"), and its zip of
+"""The request of a training (docs/trainings.md "The request"), and its zip of
 images read in memory under caps.
 
 :class:`TrainRequest` is the shape; :func:`producer.requests.train.validate_training`
@@ -13,12 +13,18 @@ import base64
 import binascii
 import io
 import zipfile
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from producer.core.contract import MAX_EXPIRES_IN_S, MAX_SEED, JobRequest
-from producer.core.registry import TRAINABLE_PIPELINES
+from producer.core.constraints import DISTINCT, NOT_BLANK, integral
+from producer.core.contract import (
+    MAX_EXPIRES_IN_S,
+    MAX_SEED,
+    distinct_events,
+    small_metadata,
+)
+from producer.core.families import TRAINABLE_PIPELINES
 
 __all__ = ["TRAINABLE_PIPELINES", "TrainRequest", "decode_zip_uri", "is_zip_source", "read_zip"]
 
@@ -26,18 +32,33 @@ __all__ = ["TRAINABLE_PIPELINES", "TrainRequest", "decode_zip_uri", "is_zip_sour
 MAX_TRAIN_IMAGES = 64
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: The schema of "prior_preservation needs a class_prompt", which the check says too.
+_CLASS_PROMPT_NEEDED: dict[str, Any] = {
+    "if": {
+        "properties": {"prior_preservation": {"const": True}},
+        "required": ["prior_preservation"],
+    },
+    "then": {"properties": {"class_prompt": {"type": "string"}}, "required": ["class_prompt"]},
+}
 
 
 class TrainRequest(BaseModel):
     """What ``POST /v1/trainings`` takes. ``None``: the model or the worker decides."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"allOf": [_CLASS_PROMPT_NEEDED]}
+    )
 
     model: str | None = None
-    images: list[str] = Field(min_length=1, max_length=MAX_TRAIN_IMAGES)
-    instance_prompt: str = Field(min_length=1, max_length=1000)
-    captions: list[str] | None = Field(default=None, max_length=MAX_TRAIN_IMAGES)
-    class_prompt: str | None = Field(default=None, min_length=1, max_length=1000)
+    images: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, max_length=MAX_TRAIN_IMAGES
+    )
+    instance_prompt: str = Field(min_length=1, max_length=1000, json_schema_extra=NOT_BLANK)
+    #: One per image: an empty list gives none, so it is refused as too short.
+    captions: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TRAIN_IMAGES)
+    class_prompt: str | None = Field(
+        default=None, min_length=1, max_length=1000, json_schema_extra=NOT_BLANK
+    )
     prior_preservation: bool = False
     num_class_images: int = Field(default=50, ge=1, le=500)
     prior_loss_weight: float = Field(default=1.0, ge=0, le=10, allow_inf_nan=False)
@@ -53,16 +74,29 @@ class TrainRequest(BaseModel):
     lr_warmup_steps: int = Field(default=0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    validation_prompt: str | None = Field(default=None, min_length=1, max_length=1000)
+    validation_prompt: str | None = Field(
+        default=None, min_length=1, max_length=1000, json_schema_extra=NOT_BLANK
+    )
     num_validation_images: int = Field(default=2, ge=0, le=8)
     webhook: str | None = None
     webhook_events: list[Literal["started", "progress", "output", "completed"]] = Field(
-        default_factory=lambda: ["completed"]  # type: ignore[arg-type]
+        default_factory=lambda: ["completed"],  # type: ignore[arg-type]
+        json_schema_extra=DISTINCT,
     )
     metadata: dict[str, Any] = Field(default_factory=dict)
     priority: int = Field(default=5, ge=0, le=9)
     timeout_s: int | None = Field(default=None, ge=1)
     expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
+
+    @field_validator(
+        *("num_class_images", "steps", "rank", "resolution", "batch_size"),
+        *("gradient_accumulation", "lr_warmup_steps", "checkpoint_every", "seed"),
+        *("num_validation_images", "priority", "timeout_s", "expires_in_s"),
+        mode="before",
+    )
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
 
     @field_validator("instance_prompt", "class_prompt", "validation_prompt")
     @classmethod
@@ -74,12 +108,12 @@ class TrainRequest(BaseModel):
     @field_validator("webhook_events")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
-        return JobRequest._unique(v)  # the same checks as a job's
+        return distinct_events(v)  # the same checks as a job's
 
     @field_validator("metadata")
     @classmethod
     def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return JobRequest._small(v)
+        return small_metadata(v)
 
 
 def is_zip_source(src: str) -> bool:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from producer.core.registry import (
+from producer.core.families import (
     CONTROLNET_PIPELINES,
     IP_ADAPTER_PIPELINES,
     REFERENCE_MODE_PIPELINES,
-    ModelSpec,
-    Registry,
 )
+from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 from producer.requests.fields import FieldError, Fields, check_source
 

@@ -8,7 +8,7 @@ import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from producer.core.images import decode_data_uri, open_image
 from producer.core.netguard import is_public, parse_allowlist
@@ -21,10 +21,12 @@ FieldError = dict[str, str]
 
 
 class Fields:
-    """The raw request, and which of its top-level fields failed their own checks."""
+    """The raw request (as its shape read it, once the whole shape passed: an integer
+    sent as 3.0 is 3), and which of its top-level fields failed their own checks."""
 
-    def __init__(self, data: dict[str, Any], errors: list[FieldError]) -> None:
-        self.data = data
+    def __init__(self, data: dict[str, Any], errors: list[FieldError], shape: Any = None) -> None:
+        shaped = shape.model_dump() if isinstance(shape, BaseModel) else {}
+        self.data = {k: shaped.get(k, v) for k, v in data.items()}
         self.failed = {e["field"].split(".")[0] for e in errors}
 
     def valid(self, name: str) -> Any:

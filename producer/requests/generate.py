@@ -32,8 +32,9 @@ from producer.core.contract import (
     JobRequest,
 )
 from producer.core.errors import InvalidRequest, UnknownModel
+from producer.core.families import WEIGHTING_PIPELINES
 from producer.core.normalized import GenerateRequest
-from producer.core.registry import WEIGHTING_PIPELINES, ModelSpec, Registry
+from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 from producer.requests.conditioning import check_conditioning, check_loras
 from producer.requests.fields import FieldError, Fields, check_source, field_errors, refused_url
@@ -53,7 +54,7 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> Gener
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
     req, errors = _parse(data)
-    fields = Fields(data, errors)
+    fields = Fields(data, errors, req)
     # 2. The model and its limits.
     spec, unknown = _resolve_model(fields, registry, settings)
     errors += unknown

@@ -1,4 +1,4 @@
-"""Checking a training request (DESIGN "Trainings") and normalizing it.
+"""Checking a training request (docs/trainings.md "The request") and normalizing it.
 
 :func:`validate_training` is the one entry, used by the client and the API alike, in
 the manner of :func:`producer.requests.generate.validate_request`: the shape, the model (its
@@ -42,7 +42,7 @@ def validate_training(data: Any, registry: Registry, settings: Settings) -> Trai
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
     req, errors = _parse(data)
-    fields = Fields(data, errors)
+    fields = Fields(data, errors, req)
     spec, unknown = _resolve(fields, registry, settings)
     errors += unknown
     if spec is not None:

@@ -6,7 +6,7 @@ import io
 import json
 from typing import Any
 
-from producer.core.contract import generation_params
+from producer.core.params import generation_params
 
 
 def parameters_text(request: dict[str, Any], seed: int | None) -> str:

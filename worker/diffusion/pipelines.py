@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producer.core.families import OPTION_PIPELINES
 from producer.core.pipeline_options import PipelineOptions
-from producer.core.registry import OPTION_PIPELINES, ModelSpec
+from producer.core.registry import ModelSpec
 from producer.core.settings import Settings
 
 log = logging.getLogger(__name__)

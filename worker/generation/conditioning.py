@@ -33,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from producer.core.adapters import ControlNetSpec
 from producer.core.errors import InternalError
 from producer.core.normalized import GenerateRequest
-from producer.core.registry import ControlNetSpec, Registry
+from producer.core.registry import Registry
 from producer.core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -113,11 +113,13 @@ def _put(fields: dict[str, Any], key: str, text: str) -> None:
 
 
 def _typed(name: str, text: str) -> Any:
-    """A text part as the type its field has; left as text when it is not one (the
-    field's check then names it)."""
+    """A text part as the type its field has (an integer may be written ``3.0``, as JSON
+    Schema's integers may); left as text when it is not one (the field's check then
+    names it)."""
     try:
         if name in INTS:
-            return int(text)
+            number = float(text) if "." in text or "e" in text.lower() else int(text)
+            return int(number) if isinstance(number, float) and number.is_integer() else number
         if name in FLOATS:
             return float(text)
     except ValueError:

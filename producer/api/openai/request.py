@@ -22,7 +22,8 @@ every job (:func:`producer.requests.generate.validate_request`). What each OpenA
   ``complexity``, ``input_fidelity``; ``background`` ``auto``/``opaque``;
 - refused (400, the field named): ``background: transparent``, ``output_format`` gif or
   svg and what only they use (``frame_count``, ``frame_duration_ms``, ``svg``,
-  ``markup``), more than one input image, unknown fields.
+  ``markup``), more than one input image, unknown fields. The schema lists none of them
+  (:data:`UNMADE`): a request it allows is one atelier makes.
 """
 
 from __future__ import annotations
@@ -30,10 +31,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from producer.api.openai.errors import OpenAIError
-from producer.core.contract import LoraRef
+from producer.core.constraints import DISTINCT, NOT_BLANK, integral
+from producer.core.contract import (
+    MAX_EXPIRES_IN_S,
+    MAX_LORAS,
+    MAX_SEED,
+    MAX_STEPS,
+    LoraRef,
+)
 from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 
@@ -75,14 +83,17 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(
-        min_length=1, max_length=4000, description="What to draw (atelier: 1-4000 characters)."
+        min_length=1,
+        max_length=4000,
+        description="What to draw (atelier: 1-4000 characters, not blank).",
+        json_schema_extra=NOT_BLANK,
     )
     model: str | None = Field(
         default=None,
         description="A registry model or an alias "
         "(ATELIER_OPENAI_MODEL_ALIASES); default: the default model.",
     )
-    n: int | None = Field(default=None, ge=1, le=10, description="Images (atelier: 1-8).")
+    n: int | None = Field(default=None, ge=1, le=8, description="Images (atelier: 1-8).")
     size: str | None = Field(
         default=None,
         pattern=r"^(auto|[0-9]{1,5}x[0-9]{1,5})$",
@@ -91,7 +102,7 @@ class _Common(BaseModel):
     response_format: Literal["url", "b64_json"] | None = Field(
         default=None, description="Default b64_json."
     )
-    output_format: Literal["png", "webp", "jpeg", "gif", "svg"] | None = Field(
+    output_format: Literal["png", "webp", "jpeg"] | None = Field(
         default=None, description="png (default), webp or jpeg; gif and svg are refused."
     )
     output_compression: int | None = Field(
@@ -104,7 +115,7 @@ class _Common(BaseModel):
             "model's default, xhigh/hd 1½×, max 2×.",
         )
     )
-    background: Literal["transparent", "opaque", "auto"] | None = Field(
+    background: Literal["opaque", "auto"] | None = Field(
         default=None, description="auto or opaque; transparent is refused."
     )
     complexity: Literal["low", "medium", "high"] | None = Field(
@@ -120,18 +131,26 @@ class _Common(BaseModel):
     safety_identifier: str | None = Field(
         default=None, max_length=256, description="As user, and preferred to it."
     )
-    frame_count: int | None = Field(default=None, description="gif only: refused.")
-    frame_duration_ms: int | None = Field(default=None, description="gif only: refused.")
-    # atelier's own request fields (DESIGN.md "Job request"), checked as on /v1/jobs.
-    negative_prompt: str | None = None
-    seed: int | None = None
-    steps: int | None = Field(default=None, description="Wins over quality.")
-    guidance_scale: float | None = None
+    # atelier's own request fields (docs/contract.md "Job request"), in the ranges of
+    # /v1/jobs.
+    negative_prompt: str | None = Field(default=None, max_length=4000)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="Wins over quality.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=30, allow_inf_nan=False)
     scheduler: str | None = None
-    priority: int | None = None
+    priority: int | None = Field(default=None, ge=0, le=9)
     webhook: str | None = None
-    timeout_s: int | None = None
-    expires_in_s: int | None = None
+    timeout_s: int | None = Field(default=None, ge=1)
+    expires_in_s: int | None = Field(default=None, ge=1, le=MAX_EXPIRES_IN_S)
+
+    @field_validator(
+        *("n", "output_compression", "partial_images", "seed", "steps", "priority"),
+        *("timeout_s", "expires_in_s"),
+        mode="before",
+    )
+    @classmethod
+    def _whole(cls, v: Any) -> Any:
+        return integral(v)
 
 
 class GenerationBody(_Common):
@@ -139,10 +158,11 @@ class GenerationBody(_Common):
 
     moderation: Literal["low", "auto"] | None = Field(default=None, description="Ignored.")
     style: Literal["vivid", "natural"] | None = Field(default=None, description="Ignored.")
-    svg: dict[str, Any] | None = Field(default=None, description="svg only: refused.")
-    loras: list[LoraRef] | None = None
+    loras: list[LoraRef] | None = Field(default=None, max_length=MAX_LORAS)
     metadata: dict[str, Any] | None = None
-    webhook_events: list[Literal["started", "progress", "output", "completed"]] | None = None
+    webhook_events: list[Literal["started", "progress", "output", "completed"]] | None = Field(
+        default=None, json_schema_extra=DISTINCT
+    )
 
 
 class EditFields(_Common):
@@ -151,7 +171,12 @@ class EditFields(_Common):
 
     input_fidelity: Literal["high", "low"] | None = Field(default=None, description="Ignored.")
     strength: float | None = Field(
-        default=None, description="atelier's img2img strength (default 0.6; 1.0 with a mask)."
+        default=None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="atelier's img2img strength (default 0.6; 1.0 with a mask).",
+        json_schema_extra={"exclusiveMinimum": 0},
     )
 
 
@@ -162,7 +187,6 @@ class EditForm(EditFields):
     mask: bytes | None = Field(
         default=None, description="A PNG whose transparent pixels are repainted; the size of image."
     )
-    markup: bytes | None = Field(default=None, description="Refused.")
 
 
 @dataclass
@@ -185,6 +209,7 @@ def parse(model: type[_Common], data: Any) -> _Common:
     """``data`` read into ``model``; 400 naming the first bad field otherwise."""
     if not isinstance(data, dict):
         raise OpenAIError(400, "The body must be a JSON object.", None, "invalid_value")
+    _refuse_unmade(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -228,7 +253,6 @@ def translate(
     ``image_size``: an edit's input picture (``size: auto`` follows its aspect).
     Refuses (400) what atelier cannot make; the atelier request's own checks come after.
     """
-    _refuse_unmade(body)
     width, height = _size(body.size, spec, image_size)
     data: dict[str, Any] = {
         "prompt": body.prompt,
@@ -240,7 +264,7 @@ def translate(
     if body.n is not None:
         data["num_images"] = body.n
     quality = body.quality or "auto"
-    data["steps"] = max(1, min(150, round(spec.steps * QUALITY_STEPS[quality])))
+    data["steps"] = max(1, min(MAX_STEPS, round(spec.steps * QUALITY_STEPS[quality])))
     if body.output_compression is not None:
         data["quality"] = max(1, body.output_compression)
     for name in (*EXTENSIONS, "strength"):
@@ -250,7 +274,7 @@ def translate(
     if "loras" in data:
         data["loras"] = [ref.model_dump() for ref in data["loras"]]
     if body.stream and body.partial_images:
-        # The partial images are the job's previews (DESIGN "Previews").
+        # The partial images are the job's previews (docs/features.md "Live previews").
         data["preview"] = True
     user = body.safety_identifier or body.user
     if user:
@@ -269,16 +293,26 @@ def translate(
     return data, ask
 
 
-def _refuse_unmade(body: _Common) -> None:
+#: What OpenAI's API has and atelier does not make: none of it is in the schema, and
+#: each is refused (400) by name rather than as an unknown parameter.
+UNMADE = {
+    "output_format": ("gif", "svg"),
+    "background": ("transparent",),
+}
+GIF_OR_SVG_ONLY = ("frame_count", "frame_duration_ms", "svg", "markup")
+
+
+def _refuse_unmade(data: dict[str, Any]) -> None:
     """400 for what atelier's models cannot make, naming the field."""
-    if body.output_format in ("gif", "svg"):
+    fmt = data.get("output_format")
+    if fmt in UNMADE["output_format"]:
         raise OpenAIError(
             400,
-            f"output_format '{body.output_format}' is not made here: png, webp or jpeg.",
+            f"output_format '{fmt}' is not made here: png, webp or jpeg.",
             "output_format",
             "invalid_value",
         )
-    if body.background == "transparent":
+    if data.get("background") in UNMADE["background"]:
         raise OpenAIError(
             400,
             "background 'transparent' is not made here: the models "
@@ -286,8 +320,8 @@ def _refuse_unmade(body: _Common) -> None:
             "background",
             "invalid_value",
         )
-    for name in ("frame_count", "frame_duration_ms", "svg"):
-        if getattr(body, name, None) is not None:
+    for name in GIF_OR_SVG_ONLY:
+        if data.get(name) is not None:
             raise OpenAIError(
                 400,
                 f"{name} is only for gif or svg output, which is not made here.",

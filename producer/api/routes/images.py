@@ -42,11 +42,24 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 #: Default strength of an edit with a mask: the masked part is drawn anew, as OpenAI's.
 MASK_STRENGTH = 1.0
 
+#: One server-sent event of a streamed answer (``stream: true``), as OpenAI's SDKs read it.
+_STREAM_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {
+            "type": "string",
+            "description": "image_generation.partial_image, image_generation.completed "
+            "(image_edit.* for an edit), or error.",
+        },
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+}
 _ANSWERS: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The images (OpenAI's ImagesResponse); with `stream: true`, "
         "server-sent image events. `X-Atelier-Job-Id` names the job.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": _STREAM_EVENT}},
     },
     **openai_refusals(*AUTH_STATUSES, 400, 404, 409, 413, 500, 504),
 }

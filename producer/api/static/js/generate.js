@@ -23,7 +23,7 @@ export const generate = {
         options: models.map((m) => ({ value: m.name, label: `${m.name} (${m.pipeline})` })) },
       { name: "width", label: "Width", type: "number", min: 64 },
       { name: "height", label: "Height", type: "number", min: 64 },
-      { name: "steps", label: "Steps", type: "number", min: 1, max: 150 },
+      { name: "steps", label: "Steps", type: "number", min: 1 },
       { name: "guidance_scale", label: "Guidance", type: "number", min: 0, max: 30, step: 0.5 },
       { name: "scheduler", label: "Scheduler", type: "select", options: [] },
       { name: "seed", label: "Seed", type: "number", min: 0, placeholder: "random" },
@@ -55,7 +55,7 @@ export const generate = {
     const size = { min: 64, max: model.limits.max_side, step: model.size_multiple };
     form.update("width", { ...size, placeholder: d.width });
     form.update("height", { ...size, placeholder: d.height });
-    form.update("steps", { placeholder: d.steps });
+    form.update("steps", { placeholder: d.steps, max: model.limits.max_steps });
     form.update("guidance_scale", { placeholder: d.guidance_scale, disabled: !model.cfg });
     form.update("negative_prompt", { disabled: !model.cfg });
     const scheduler = form.input("scheduler").value;
