@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from producer import Client, Settings
+from producer.client import new_job_id
+from producer.core.contract import new_record, now_iso
+from producer.core.registry import Registry
+from producer.jobs.store import JobStore
+from producer.requests.generate import validate_request
 from tests.helpers import BUCKET, MODELS_TOML, Stack, stack_values, worker_env
+from tests.records import RESULT_TTL_S
 from tests.servers import AWS_ENV, Process, RedisServer, S3Server, Worker, api_process
 
 
@@ -114,3 +122,74 @@ def bare_pipe(models_dir: Any) -> Any:
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# A module with a Redis database of its own names it ``DB = N`` at its top; these
+# fixtures work in that database (the number each module flushes is its alone).
+
+
+@pytest.fixture
+def db_url(redis_url: str, request: pytest.FixtureRequest) -> str:
+    """The URL of the test module's own Redis database, the one its ``DB`` names."""
+    return redis_url.rsplit("/", 1)[0] + f"/{request.module.DB}"
+
+
+@pytest.fixture
+def rdb(db_url: str) -> Iterator[redis.Redis]:
+    """The module's database, emptied before and after the test."""
+    r = redis.Redis.from_url(db_url)
+    r.flushdb()
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture
+def make_settings(db_url: str, models_file: str, tmp_path: Path) -> Any:
+    """``make_settings(**overrides)``: Settings on the module's database and the session's
+    registry, with ``overrides``."""
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": db_url,
+            "default_model": "tiny-sdxl",
+            "models_file": models_file,
+            "models_dir": str(tmp_path),
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def client(make_settings: Any) -> Iterator[Client]:
+    """A Client on the module's database (it is not emptied: ``rdb`` does that)."""
+    c = Client(make_settings())
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[JobStore]:
+    """A JobStore on the module's database, emptied before and after the test; finished
+    records keep ``RESULT_TTL_S``."""
+    s = JobStore(redis.Redis.from_url(db_url), result_ttl_s=RESULT_TTL_S)
+    s.redis.flushdb()
+    yield s
+    s.redis.flushdb()
+    s.redis.close()
+
+
+@pytest.fixture
+def make_doc(make_settings: Any, models_file: str) -> Any:
+    """``make_doc(created_at=None, **fields)``: a new queued record of a validated request
+    (a lighthouse at dusk, with ``fields``)."""
+    settings = make_settings()
+    registry = Registry.load(models_file)
+
+    def make(created_at: str | None = None, **fields: Any) -> Any:
+        req = validate_request({"prompt": "a lighthouse at dusk", **fields}, registry, settings)
+        return new_record(new_job_id(), req, created_at or now_iso())
+
+    return make

@@ -1,131 +1,26 @@
-"""JobStore against a real redis-server: compare-and-set transitions, fencing, events."""
+"""JobStore against a real redis-server: compare-and-set transitions, fencing, events.
+
+Cancel, expiry, following a job's events and the TTL of finished records are in
+``tests/test_store_lifecycle.py``; the ``store`` and ``make_doc`` fixtures are
+``tests/conftest.py``'s, on this module's database."""
 
 from __future__ import annotations
 
-import secrets
 import threading
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
-from producer.client import new_job_id
 from producer.core import keys as K
-from producer.core.contract import (
-    TERMINAL,
-    TERMINAL_EVENT_FOR,
-    TERMINAL_EVENTS,
-    Event,
-    EventType,
-    Record,
-    Status,
-    new_record,
-    now_iso,
-)
+from producer.core.contract import TERMINAL, TERMINAL_EVENT_FOR, TERMINAL_EVENTS, EventType, Status
 from producer.core.errors import JobNotFound
-from producer.core.registry import Registry
-from producer.core.settings import Settings
 from producer.jobs.store import NO_TOKEN, JobStore, Verdict
-from producer.requests.generate import validate_request
-from tests.records import changed
+from tests.records import RESULT_TTL_S, changed, finish, global_events_of, raw_hash, start, types
 
 #: A database no other test file uses; emptied around each test.
 DB = 14
-TTL = 3600
-
-
-@pytest.fixture
-def db_url(redis_url: str) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{DB}"
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[JobStore]:
-    s = JobStore(redis.Redis.from_url(db_url), result_ttl_s=TTL)
-    s.redis.flushdb()
-    yield s
-    s.redis.flushdb()
-    s.redis.close()
-
-
-@pytest.fixture
-def make_doc(db_url: str, models_file: str, tmp_path: Path) -> Any:
-    settings = Settings(
-        redis_url=db_url,
-        default_model="tiny-sdxl",
-        models_file=models_file,
-        models_dir=str(tmp_path),
-    )
-    registry = Registry.load(models_file)
-
-    def make(created_at: str | None = None, **fields: Any) -> Any:
-        req = validate_request({"prompt": "a lighthouse at dusk", **fields}, registry, settings)
-        return new_record(new_job_id(), req, created_at or now_iso())
-
-    return make
-
-
-def start(store: JobStore, job_id: str, worker: str = "w1") -> tuple[str, Record]:
-    """Take the job as a worker does; return the run's token and record."""
-    snap = store.load(job_id)
-    token = secrets.token_hex(8)
-    doc = changed(
-        snap.record,
-        status="running",
-        attempts=snap.record["attempts"] + 1,
-        worker=worker,
-        started_at=now_iso(),
-    )
-    out = store.apply(
-        job_id,
-        allowed="queued,running",
-        token=snap.token,
-        record=doc,
-        new_token=token,
-        events=[(EventType.STARTED, {"worker": worker})],
-    )
-    assert out.ok, out.detail
-    return token, doc
-
-
-def finish(
-    store: JobStore,
-    job_id: str,
-    token: str,
-    doc: Record,
-    status: Status = Status.SUCCEEDED,
-    **changes: Any,
-) -> Any:
-    done = changed(doc, status=status.value, finished_at=now_iso(), **changes)
-    return store.apply(
-        job_id,
-        allowed="running",
-        token=token,
-        record=done,
-        events=[(TERMINAL_EVENT_FOR[status], {"job": done})],
-    )
-
-
-def raw_hash(store: JobStore, job_id: str) -> dict[bytes, bytes]:
-    r: Any = store.redis
-    return dict(r.hgetall(K.job_key(job_id)))
-
-
-def global_events_of(store: JobStore, job_id: str) -> list[tuple[str, str]]:
-    r: Any = store.redis
-    return [
-        (eid.decode(), f[b"type"].decode())
-        for eid, f in r.xrange(K.GLOBAL_EVENTS)
-        if f[b"job_id"].decode() == job_id
-    ]
-
-
-def types(events: list[Event]) -> list[str]:
-    return [e["type"] for e in events]
+TTL = RESULT_TTL_S
 
 
 def test_create_writes_queued_record_and_event(store: JobStore, make_doc: Any) -> None:
@@ -344,171 +239,6 @@ def test_racing_finishers_have_exactly_one_winner(store: JobStore, make_doc: Any
         t for _, t in global_events_of(store, doc["id"]) if EventType(t) in TERMINAL_EVENTS
     ]
     assert len(glob_terminal) == 1
-
-
-def test_cancel_of_queued_job_is_immediate(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    snap = store.request_cancel(doc["id"])
-    assert snap.status is Status.CANCELLED
-    assert snap.record["status"] == "cancelled"
-    assert snap.record["finished_at"]
-    events = store.events(doc["id"])
-    assert types(events) == ["job.queued", "job.cancelled"]
-    assert events[-1]["data"]["job"]["status"] == "cancelled"
-    assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
-    # A worker that now receives the message cannot start it.
-    out = store.apply(
-        doc["id"],
-        allowed="queued,running",
-        token=NO_TOKEN,
-        record=changed(doc, status="running"),
-        new_token="t",
-        events=[(EventType.STARTED, {})],
-    )
-    assert not out.ok and out.found is Status.CANCELLED
-    # Cancelling again changes nothing.
-    again = store.request_cancel(doc["id"])
-    assert again.record == snap.record
-    assert len(store.events(doc["id"])) == 2
-
-
-def test_cancel_of_running_job_sets_flag_and_signals(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    token, running = start(store, doc["id"])
-    assert store.redis.llen(K.cancel_key(doc["id"])) == 0
-    snap = store.request_cancel(doc["id"])
-    assert snap.status is Status.RUNNING  # stops at its next step
-    assert snap.cancel_requested is True
-    assert store.load(doc["id"]).cancel_requested is True
-    assert store.redis.llen(K.cancel_key(doc["id"])) >= 1
-    assert 0 < store.redis.ttl(K.cancel_key(doc["id"])) <= TTL
-    assert store.redis.blpop([K.cancel_key(doc["id"])], timeout=1) is not None
-    assert types(store.events(doc["id"])) == ["job.queued", "job.started"]
-    # The flag does not touch the token: the run still owns the job and ends it.
-    assert store.load(doc["id"]).token == token
-    assert finish(store, doc["id"], token, running, Status.CANCELLED).ok
-    assert store.load(doc["id"]).status is Status.CANCELLED
-
-
-def test_cancel_of_finished_job_changes_nothing(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    token, running = start(store, doc["id"])
-    finish(store, doc["id"], token, running)
-    before = raw_hash(store, doc["id"])
-    snap = store.request_cancel(doc["id"])
-    assert snap.status is Status.SUCCEEDED
-    assert raw_hash(store, doc["id"]) == before
-    assert store.redis.exists(K.cancel_key(doc["id"])) == 0
-
-
-def test_get_expires_a_queued_job_past_expires_at(store: JobStore, make_doc: Any) -> None:
-    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
-    old = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=10)
-    fresh = make_doc(expires_in_s=3600)
-    never = make_doc(created_at=past.replace("+00:00", "Z"))
-    for d in (old, fresh, never):
-        store.create(d)
-    assert old["expires_at"] and fresh["expires_at"] and never["expires_at"] is None
-
-    rec = store.get(old["id"])
-    assert rec["status"] == "expired"
-    assert rec["finished_at"]
-    assert store.load(old["id"]).status is Status.EXPIRED
-    events = store.events(old["id"])
-    assert types(events) == ["job.queued", "job.expired"]
-    assert events[-1]["data"]["job"]["status"] == "expired"
-    assert 0 < store.redis.ttl(K.job_key(old["id"])) <= TTL
-    # Reading again does not expire it twice.
-    assert store.get(old["id"])["status"] == "expired"
-    assert len(store.events(old["id"])) == 2
-
-    assert store.get(fresh["id"])["status"] == "queued"
-    assert store.get(never["id"])["status"] == "queued"
-
-
-def test_get_does_not_expire_a_running_job(store: JobStore, make_doc: Any) -> None:
-    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
-    doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=10)
-    store.create(doc)
-    start(store, doc["id"])  # expires_in_s bounds queued time only
-    assert store.get(doc["id"])["status"] == "running"
-
-
-def test_follow_yields_in_order_and_stops_after_terminal(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    token, running = start(store, doc["id"])
-
-    def writer() -> None:
-        for step in (1, 2, 3, 4):
-            time.sleep(0.02)
-            store.apply(
-                doc["id"],
-                allowed="running",
-                token=token,
-                record=changed(running, progress={"step": step, "total": 4}),
-                events=[(EventType.PROGRESS, {"step": step, "total": 4})],
-            )
-        time.sleep(0.02)
-        finish(store, doc["id"], token, running)
-
-    t = threading.Thread(target=writer)
-    t.start()
-    seen = list(store.follow(doc["id"], timeout_s=10, poll_ms=50))
-    t.join(5)
-    assert types(seen) == ["job.queued", "job.started"] + ["job.progress"] * 4 + ["job.succeeded"]
-    assert [e["data"]["step"] for e in seen if e["type"] == "job.progress"] == [1, 2, 3, 4]
-    assert seen[-1]["data"]["job"]["status"] == "succeeded"
-
-    # Resuming after any id gives exactly the rest, without repeats.
-    for k in range(len(seen)):
-        rest = list(store.follow(doc["id"], after=seen[k]["id"], timeout_s=5, poll_ms=50))
-        assert [e["id"] for e in rest] == [e["id"] for e in seen[k + 1 :]]
-
-
-def test_follow_after_the_terminal_event_returns_at_once(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    store.request_cancel(doc["id"])
-    last = store.events(doc["id"])[-1]
-    t0 = time.monotonic()
-    assert list(store.follow(doc["id"], after=last["id"], timeout_s=5, poll_ms=50)) == []
-    assert time.monotonic() - t0 < 2
-
-
-def test_follow_times_out_on_a_job_that_does_not_finish(store: JobStore, make_doc: Any) -> None:
-    doc = make_doc()
-    store.create(doc)
-    seen: list[Event] = []
-    with pytest.raises(TimeoutError):
-        for ev in store.follow(doc["id"], timeout_s=0.3, poll_ms=50):
-            seen.append(ev)
-    assert types(seen) == ["job.queued"]
-
-
-def test_follow_sees_expiry_of_a_waiting_job(store: JobStore, make_doc: Any) -> None:
-    past = (datetime.now(UTC) - timedelta(seconds=30)).isoformat(timespec="milliseconds")
-    doc = make_doc(created_at=past.replace("+00:00", "Z"), expires_in_s=1)
-    store.create(doc)
-    seen = list(store.follow(doc["id"], timeout_s=5, poll_ms=50))
-    assert types(seen) == ["job.queued", "job.expired"]
-
-
-@pytest.mark.parametrize("status", [Status.SUCCEEDED, Status.FAILED, Status.CANCELLED])
-def test_terminal_records_get_a_ttl(store: JobStore, make_doc: Any, status: Status) -> None:
-    doc = make_doc()
-    store.create(doc)
-    token, running = start(store, doc["id"])
-    assert store.redis.ttl(K.job_key(doc["id"])) == -1
-    assert store.redis.ttl(K.events_key(doc["id"])) == -1
-    assert finish(store, doc["id"], token, running, status).ok
-    assert 0 < store.redis.ttl(K.job_key(doc["id"])) <= TTL
-    assert 0 < store.redis.ttl(K.events_key(doc["id"])) <= TTL
-    # The global stream is shared and capped by length, never expired.
-    assert store.redis.ttl(K.GLOBAL_EVENTS) == -1
 
 
 @pytest.mark.parametrize("status", sorted(TERMINAL, key=str))
