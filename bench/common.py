@@ -8,6 +8,7 @@ repository root on ``sys.path`` so that ``producer``, ``worker`` and ``tests`` i
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,13 @@ __all__ = [
     "ROOT",
     "Bench",
     "Reference",
+    "add_models_dir",
+    "bare_tiny_sdxl",
     "emit",
     "load_average",
     "log",
     "percentile",
+    "serve_reference",
     "simulated_model",
     "stop",
     "wait_port",
@@ -242,3 +247,38 @@ class Reference:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         stop(self.proc)
+
+
+def add_models_dir(parser: argparse.ArgumentParser) -> None:
+    """``--models-dir``: where the tiny models are (built there when missing)."""
+    parser.add_argument(
+        "--models-dir",
+        default=os.environ.get(
+            "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")
+        ),
+    )
+
+
+def bare_tiny_sdxl(models_dir: str) -> Any:
+    """A bare loop's ``StableDiffusionXLPipeline`` of tiny-sdxl on the CPU, on one torch
+    thread, loaded from the folder the worker loads (built there when missing)."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from worker.builtin.tiny import ensure_tiny_sdxl
+
+    torch.set_num_threads(1)
+    path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
+    return StableDiffusionXLPipeline.from_pretrained(str(path), use_safetensors=True).to("cpu")
+
+
+def serve_reference(run: Callable[..., None], unit: str) -> None:
+    """The child's side of :class:`Reference`, once loaded and warmed: says it is ready,
+    then for each line of integers on stdin calls ``run(*them)`` and answers with a JSON
+    line, ``{unit: the first, "seconds": ...}``."""
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        values = [int(x) for x in line.split()]
+        t0 = time.perf_counter()
+        run(*values)
+        print(json.dumps({unit: values[0], "seconds": time.perf_counter() - t0}), flush=True)

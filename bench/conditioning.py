@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,39 +59,52 @@ class _Run:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny-sdxl")
-    parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--only", default="", help="comma-separated configurations")
-    args = parser.parse_args()
+    args = parse_args()
     started, load_before = time.perf_counter(), load_average()
 
     import torch
-    from PIL import Image
-
-    from producer.core.registry import Registry
-    from producer.core.settings import Settings
-    from worker.diffusion.pipelines import load_model
-    from worker.generation.conditioning import Conditioning, canny
-    from worker.generation.generate import generate
-    from worker.generation.inputs import Inputs
 
     torch.set_num_threads(1)
     # The tiny models in ATELIER_MODELS_DIR when set (built there if missing), else in a
     # folder of this run's own.
     tmp = tempfile.TemporaryDirectory(prefix="atelier-bench-cond-")
+    once, names = setup(args, tmp.name)
+    first = {name: round(once(name)) for name in names}
+    log(f"first runs (loads included): {first}")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(args.repeat):
+        for name in names:
+            times[name].append(once(name))
+        log(f"round {i + 1}/{args.repeat}")
+    report(args, first, times, started, load_before)
+    tmp.cleanup()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny-sdxl")
+    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma-separated configurations")
+    return parser.parse_args()
+
+
+def setup(args: argparse.Namespace, tmp_dir: str) -> tuple[Callable[[str], float], list[str]]:
+    """The model loaded; returns ``once(name)``, one generation of a configuration in
+    milliseconds, and the configurations' names."""
+    from producer.core.registry import Registry
+    from producer.core.settings import Settings
+    from worker.diffusion.pipelines import load_model
+    from worker.generation.conditioning import Conditioning
+    from worker.generation.generate import generate
+
     settings = Settings(device="cpu")
     if "models_dir" not in settings.model_fields_set:
-        settings = Settings(device="cpu", models_dir=tmp.name)
+        settings = Settings(device="cpu", models_dir=tmp_dir)
     registry = Registry.load()
     model = load_model(registry[args.model], settings, "cpu")
     cond = Conditioning(settings, registry)
-    guidance, scheduler, (net, net_2) = MODELS[args.model]
-    ctrl = Image.effect_noise((64, 64), 60).convert("RGB")
-    init = Image.new("RGB", (64, 64), (20, 90, 160))
-    cn = {"name": net, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0, "preprocess": "none"}
-    ref = {"image": "-", "scale": 0.6, "mode": "full"}
+    guidance, scheduler, nets = MODELS[args.model]
     base = {
         "prompt": "a lighthouse",
         "negative_prompt": "",
@@ -105,7 +118,33 @@ def main() -> None:
         "strength": 0.75,
         "loras": [],
     }
-    configs: dict[str, tuple[dict[str, Any], Any]] = {
+    configs = configurations(nets)
+    if args.only:
+        configs = {n: c for n, c in configs.items() if n in {"plain", *args.only.split(",")}}
+
+    def once(name: str) -> float:
+        extra, inputs = configs[name]
+        t0 = time.perf_counter()
+        run: Any = _Run({**base, **extra})  # what generate reads of a Run
+        generate(run, model, inputs(), None, refs=cond)
+        return (time.perf_counter() - t0) * 1000
+
+    return once, list(configs)
+
+
+def configurations(nets: tuple[str, str]) -> dict[str, tuple[dict[str, Any], Any]]:
+    """By name: what a configuration adds to the request, and its decoded inputs."""
+    from PIL import Image
+
+    from worker.generation.conditioning import canny
+    from worker.generation.inputs import Inputs
+
+    net, net_2 = nets
+    ctrl = Image.effect_noise((64, 64), 60).convert("RGB")
+    init = Image.new("RGB", (64, 64), (20, 90, 160))
+    cn = {"name": net, "image": "-", "scale": 1.0, "start": 0.0, "end": 1.0, "preprocess": "none"}
+    ref = {"image": "-", "scale": 0.6, "mode": "full"}
+    return {
         "plain": ({}, lambda: Inputs()),
         "control": ({"control": [cn]}, lambda: Inputs(control=[ctrl])),
         "control_canny": ({"control": [cn]}, lambda: Inputs(control=[canny(ctrl)])),
@@ -119,23 +158,14 @@ def main() -> None:
         "img2img_control": ({"control": [cn]}, lambda: Inputs(image=init, control=[ctrl])),
     }
 
-    if args.only:
-        configs = {n: c for n, c in configs.items() if n in {"plain", *args.only.split(",")}}
 
-    def once(name: str) -> float:
-        extra, inputs = configs[name]
-        t0 = time.perf_counter()
-        run: Any = _Run({**base, **extra})  # what generate reads of a Run
-        generate(run, model, inputs(), None, refs=cond)
-        return (time.perf_counter() - t0) * 1000
-
-    first = {name: round(once(name)) for name in configs}
-    log(f"first runs (loads included): {first}")
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for i in range(args.repeat):
-        for name in configs:
-            times[name].append(once(name))
-        log(f"round {i + 1}/{args.repeat}")
+def report(
+    args: argparse.Namespace,
+    first: dict[str, int],
+    times: dict[str, list[float]],
+    started: float,
+    load_before: float,
+) -> None:
     median = {n: round(statistics.median(t), 1) for n, t in times.items()}
     added = {n: round(m - median["plain"], 1) for n, m in median.items() if n != "plain"}
     if "img2img_control" in median and "img2img" in median:
@@ -155,7 +185,6 @@ def main() -> None:
         started,
         load_before,
     )
-    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -93,28 +93,18 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
     (``worker.training.loop.Trainer``: rank 4, batch 1, accelerate's mixed precision,
     gradient checkpointing on CUDA): optimizer steps per second at ``--size``² and peak
     memory, over ``--steps`` steps after 3 of warm-up."""
-    import numpy as np
     import torch
-    from PIL import Image
 
     from producer.core.registry import Registry
     from producer.core.settings import Settings
     from worker.diffusion.pipelines import load_model
-    from worker.training.loop import Example, Trainer, latent_dist, time_ids
+    from worker.training.loop import Trainer
 
     settings = Settings(device=args.device)
     spec = Registry.load(settings.models_file)[args.model]
     model = load_model(spec, settings, args.device)
     cuda = args.device.startswith("cuda")
-    size = args.size
-    rng = np.random.default_rng(0)
-    images = [
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(2)
-    ]
-    examples = [
-        Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
-        for m, s in latent_dist(model, images)
-    ]
+    examples = _training_examples(model, args.size)
     request: Any = {
         "seed": 1,
         "rank": 4,
@@ -157,6 +147,23 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
         "floor_s": None,
         "floor_ratio": None,
     }
+
+
+def _training_examples(model: Any, size: int) -> list[Any]:
+    """Two seeded noise pictures of ``size``², encoded as the trainer's examples."""
+    import numpy as np
+    from PIL import Image
+
+    from worker.training.loop import Example, latent_dist, time_ids
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(2)
+    ]
+    return [
+        Example(m, s, "a photo of sks dog", time_ids((size, size), (0, 0), size))
+        for m, s in latent_dist(model, images)
+    ]
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,23 +267,7 @@ def cuda_device() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="playground-v2.5")
-    parser.add_argument("--images", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--sets", default="stock,bf16,fast,compiled,small-card,train")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cuda, cuda:N, or cpu (the CPU only checks the plumbing)",
-    )
-    parser.add_argument(
-        "--peak-tflops",
-        type=float,
-        help="the device's dense bf16 peak, when its name is not in the table",
-    )
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(train_child(args) if args.child == "train" else child(args)), flush=True)
@@ -301,42 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         device = "cuda" if device == "auto" else device
-    results = []
-    for s in sets:
-        if device == "cpu" and (
-            OPTION_SETS[s][0].get("cpu_offload") or OPTION_SETS[s][0].get("compile", "off") != "off"
-        ):
-            results.append(
-                {
-                    "set": s,
-                    "skipped": "needs CUDA (offload) or minutes of CPU compilation (compile)",
-                }
-            )
-            continue
-        log(f"{s}: {args.model} at {args.size}², {args.steps} steps, {args.images} images")
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            s,
-            "--model",
-            args.model,
-            "--images",
-            str(args.images),
-            "--steps",
-            str(args.steps),
-            "--size",
-            str(args.size),
-            "--device",
-            device,
-        ]
-        if args.peak_tflops:
-            cmd += ["--peak-tflops", str(args.peak_tflops)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
-        if out.returncode != 0:
-            results.append({"set": s, "error": out.stderr.strip().splitlines()[-1:]})
-            continue
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = [run_set(args, s, device) for s in sets]
     emit(
         {
             "bench": "gpu",
@@ -350,6 +306,62 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="playground-v2.5")
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--sets", default="stock,bf16,fast,compiled,small-card,train")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cuda, cuda:N, or cpu (the CPU only checks the plumbing)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's dense bf16 peak, when its name is not in the table",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_set(args: argparse.Namespace, s: str, device: str) -> dict[str, Any]:
+    """Option set ``s`` timed in a fresh child process: its result, or why it has none."""
+    if device == "cpu" and (
+        OPTION_SETS[s][0].get("cpu_offload") or OPTION_SETS[s][0].get("compile", "off") != "off"
+    ):
+        return {
+            "set": s,
+            "skipped": "needs CUDA (offload) or minutes of CPU compilation (compile)",
+        }
+    log(f"{s}: {args.model} at {args.size}², {args.steps} steps, {args.images} images")
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        s,
+        "--model",
+        args.model,
+        "--images",
+        str(args.images),
+        "--steps",
+        str(args.steps),
+        "--size",
+        str(args.size),
+        "--device",
+        device,
+    ]
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ)
+    if out.returncode != 0:
+        return {"set": s, "error": out.stderr.strip().splitlines()[-1:]}
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from producer.api.keys import key_id
 from producer.core import keys as K
 from producer.core.contract import Status, new_record, now_iso, terminal_event
 from producer.core.normalized import GenerateRequest
+from producer.core.record import Output
 from producer.jobs.intake import new_job_id
 from producer.jobs.joblist import JobList
 from producer.jobs.store import JobStore
@@ -85,70 +86,7 @@ def fill(url: str, owner: str, count: int) -> float:
     t0 = time.perf_counter()
     for start in range(0, count, BATCH):
         for i in range(start, min(count, start + BATCH)):
-            model = "m-one" if i % 2 else "m-two"
-            request: GenerateRequest = {
-                "prompt": f"a lighthouse at dusk, number {i}",
-                "negative_prompt": "",
-                "model": model,
-                "width": 64,
-                "height": 64,
-                "steps": 4,
-                "guidance_scale": 5.0,
-                "scheduler": "euler",
-                "seed": i,
-                "num_images": 1,
-                "image": None,
-                "strength": None,
-                "output_format": "png",
-                "quality": 90,
-                "webhook": None,
-                "webhook_events": ["completed"],
-                "metadata": {},
-                "priority": 5,
-                "timeout_s": 600,
-                "expires_in_s": None,
-            }
-            record = new_record(new_job_id(), request, now_iso(), owner)
-            store.create(record)
-            status = (Status.SUCCEEDED, Status.FAILED, Status.QUEUED)[
-                0 if i % 10 < 8 else 1 if i % 10 == 8 else 2
-            ]
-            if status is Status.QUEUED:
-                continue
-            ended = changed(
-                record,
-                status=status.value,
-                started_at=now_iso(),
-                finished_at=now_iso(),
-                attempts=1,
-                worker="bench",
-            )
-            if status is Status.SUCCEEDED:
-                ended["outputs"] = [
-                    {
-                        "index": 0,
-                        "key": f"{record['id']}/0.png",
-                        "url": f"file:///srv/atelier/{record['id']}/0.png",
-                        "seed": i,
-                        "width": 64,
-                        "height": 64,
-                        "content_type": "image/png",
-                        "bytes": 9000,
-                        "sha256": hashlib.sha256(record["id"].encode()).hexdigest(),
-                    }
-                ]
-                ended["timings"] = {
-                    "queued_ms": 3,
-                    "inference_ms": 900,
-                    "encode_ms": 8,
-                    "upload_ms": 2,
-                    "total_ms": 913,
-                }
-            else:
-                ended["error"] = {"code": "internal", "message": "bench"}
-            store.apply(
-                record["id"], allowed="queued", record=ended, events=[terminal_event(ended)]
-            )
+            fill_one(store, owner, i)
         replies = pipe.execute()
         refused = [x for x in replies if not int(x[0])]
         if refused:
@@ -158,6 +96,79 @@ def fill(url: str, owner: str, count: int) -> float:
     elapsed = time.perf_counter() - t0
     r.close()
     return elapsed
+
+
+def fill_one(store: JobStore, owner: str, i: int) -> None:
+    """Job number ``i`` of ``owner``: created, then (8 in 10) succeeded, (1 in 10)
+    failed or (1 in 10) left queued."""
+    record = new_record(new_job_id(), job_request(i), now_iso(), owner)
+    store.create(record)
+    status = (Status.SUCCEEDED, Status.FAILED, Status.QUEUED)[
+        0 if i % 10 < 8 else 1 if i % 10 == 8 else 2
+    ]
+    if status is Status.QUEUED:
+        return
+    ended = changed(
+        record,
+        status=status.value,
+        started_at=now_iso(),
+        finished_at=now_iso(),
+        attempts=1,
+        worker="bench",
+    )
+    if status is Status.SUCCEEDED:
+        ended["outputs"] = [succeeded_output(record["id"], i)]
+        ended["timings"] = {
+            "queued_ms": 3,
+            "inference_ms": 900,
+            "encode_ms": 8,
+            "upload_ms": 2,
+            "total_ms": 913,
+        }
+    else:
+        ended["error"] = {"code": "internal", "message": "bench"}
+    store.apply(record["id"], allowed="queued", record=ended, events=[terminal_event(ended)])
+
+
+def job_request(i: int) -> GenerateRequest:
+    """The normalized request of job number ``i`` (models alternating)."""
+    return {
+        "prompt": f"a lighthouse at dusk, number {i}",
+        "negative_prompt": "",
+        "model": "m-one" if i % 2 else "m-two",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "guidance_scale": 5.0,
+        "scheduler": "euler",
+        "seed": i,
+        "num_images": 1,
+        "image": None,
+        "strength": None,
+        "output_format": "png",
+        "quality": 90,
+        "webhook": None,
+        "webhook_events": ["completed"],
+        "metadata": {},
+        "priority": 5,
+        "timeout_s": 600,
+        "expires_in_s": None,
+    }
+
+
+def succeeded_output(job_id: str, i: int) -> Output:
+    """The one output a succeeded job ``i`` records."""
+    return {
+        "index": 0,
+        "key": f"{job_id}/0.png",
+        "url": f"file:///srv/atelier/{job_id}/0.png",
+        "seed": i,
+        "width": 64,
+        "height": 64,
+        "content_type": "image/png",
+        "bytes": 9000,
+        "sha256": hashlib.sha256(job_id.encode()).hexdigest(),
+    }
 
 
 def calls(jobs: JobList, api: Any, name: str) -> dict[str, Callable[[], Any]]:

@@ -47,17 +47,27 @@ Last stdout line: {"bench": "pipeline_efficiency", "images", "worker_images_per_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, Reference, emit, load_average, log, pin
+from bench.common import (
+    Bench,
+    Reference,
+    add_models_dir,
+    bare_tiny_sdxl,
+    emit,
+    load_average,
+    log,
+    pin,
+    serve_reference,
+)
 
 REQUEST = {
     "prompt": "a lighthouse at dusk, oil on canvas",
@@ -73,13 +83,8 @@ def bare_server(models_dir: str) -> None:
     """The reference loop, in a child process: loads, warms up, then for each line
     ``N SEED`` on stdin generates N images and answers with a JSON line."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
 
-    from worker.builtin.tiny import ensure_tiny_sdxl
-
-    torch.set_num_threads(1)
-    path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), use_safetensors=True).to("cpu")
+    pipe = bare_tiny_sdxl(models_dir)
     pipe.set_progress_bar_config(disable=True)
 
     def one(seed: int) -> None:
@@ -94,26 +99,66 @@ def bare_server(models_dir: str) -> None:
                 generator=torch.Generator("cpu").manual_seed(seed),
             )
 
-    for i in range(3):  # warm-up, as the worker does before consuming
-        one(i)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        n, seed = (int(x) for x in line.split())
-        t0 = time.perf_counter()
+    def images(n: int, seed: int) -> None:
         for i in range(n):
             one(seed + i)
-        print(json.dumps({"images": n, "seconds": time.perf_counter() - t0}), flush=True)
+
+    for i in range(3):  # warm-up, as the worker does before consuming
+        one(i)
+    serve_reference(images, "images")
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    REQUEST["steps"] = args.steps
+    if args.bare_server:
+        bare_server(args.models_dir)
+        return 0
+
+    from producer import Client
+
+    device_cpu = resolve_device_cpu(parser, args.device_cpu)
+    pinned = device_cpu >= 0
+    t_start = time.perf_counter()
+    chunks = [
+        args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
+        for i in range(args.rounds)
+    ]
+    load_before = load_average()
+    with Bench(s3=args.storage == "s3") as bench:
+        # Both loaded, warmed and idle before anything is timed.
+        worker = bench.worker(
+            ["tiny-sdxl"],
+            models_dir=args.models_dir,
+            wait=False,
+            device_cpus=str(device_cpu) if pinned else None,
+        )
+        reference = Reference(
+            bench, __file__, ["--models-dir", args.models_dir, "--steps", str(args.steps)]
+        )
+        worker.wait_ready(timeout=180)
+        if pinned:
+            pin_device(bench, worker, reference, device_cpu)
+        settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
+        with Client(settings) as client:
+            for i in range(2):  # connections, the first upload
+                client.wait(client.submit(REQUEST, seed=i), timeout=120)
+            tally = run_rounds(client, reference, chunks)
+            previews = sum(
+                1
+                for job_id in tally.preview_ids
+                for e in client.store.events(job_id)
+                if "preview" in e["data"]
+            )
+    report(args, tally, previews, device_cpu if pinned else None, t_start, load_before)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=120)
-    parser.add_argument(
-        "--models-dir",
-        default=os.environ.get(
-            "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")
-        ),
-    )
+    add_models_dir(parser)
     parser.add_argument(
         "--rounds", type=int, default=24, help="alternations of bare loop and worker (default 24)"
     )
@@ -129,91 +174,83 @@ def main(argv: list[str] | None = None) -> int:
         "one this bench may use; -1: pin nothing)",
     )
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    REQUEST["steps"] = args.steps
-    if args.bare_server:
-        bare_server(args.models_dir)
-        return 0
+    return parser
 
-    from producer import Client
 
+def resolve_device_cpu(parser: argparse.ArgumentParser, device_cpu: int | None) -> int:
+    """The device's CPU (-1: nothing pinned); refuses one this bench may not use, or
+    the only one."""
     allowed = sorted(os.sched_getaffinity(0))
-    device_cpu = args.device_cpu
     if device_cpu is None:
         device_cpu = allowed[-1] if len(allowed) > 1 else -1
     if device_cpu >= 0 and (device_cpu not in allowed or len(allowed) < 2):
         parser.error(
             f"--device-cpu {device_cpu}: needs one of {allowed} and another CPU for the rest"
         )
-    pinned = device_cpu >= 0
-    t_start = time.perf_counter()
-    chunks = [
-        args.images // args.rounds + (1 if i < args.images % args.rounds else 0)
-        for i in range(args.rounds)
-    ]
-    bare_s = worker_s = preview_s = 0.0
-    per_round: list[float] = []
-    preview_rounds: list[float] = []
-    preview_ids: list[str] = []
-    inference_ms: list[int] = []  # the worker's own timing of each no-preview job
-    load_before = load_average()
-    with Bench(s3=args.storage == "s3") as bench:
-        # Both loaded, warmed and idle before anything is timed.
-        worker = bench.worker(
-            ["tiny-sdxl"],
-            models_dir=args.models_dir,
-            wait=False,
-            device_cpus=str(device_cpu) if pinned else None,
-        )
-        reference = Reference(
-            bench, __file__, ["--models-dir", args.models_dir, "--steps", str(args.steps)]
-        )
-        worker.wait_ready(timeout=180)
-        if pinned:
-            # The device: the bare loop, and the worker's slot while it holds it. The
-            # rest (the worker pins its own other threads) on the other CPUs.
-            if f"device thread on CPUs {device_cpu}," not in worker.log():
-                raise RuntimeError(
-                    "the worker did not pin its device thread:\n" + worker.log()[-2000:]
-                )
-            host = set(allowed) - {device_cpu}
-            pin(reference.proc.pid, {device_cpu})
-            for server in (bench.redis, bench.s3_server):
-                if server is not None and server.proc is not None:
-                    pin(server.proc.pid, host)
-            os.sched_setaffinity(0, host)
-        settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
-        with Client(settings) as client:
-            for i in range(2):  # connections, the first upload
-                client.wait(client.submit(REQUEST, seed=i), timeout=120)
-            seed = 1000
-            for r, n in enumerate(chunks):
-                # Alternate, so that load from other processes falls on all alike.
-                log(f"bare loop: {n} images")
-                b = reference.run(n, seed)
-                timed: dict[bool, float] = {}
-                for preview in (False, True) if r % 2 == 0 else (True, False):
-                    log(f"worker: {n} jobs, previews {'on' if preview else 'off'}")
-                    timed[preview], ids, took_ms = run_chunk(client, n, seed, preview)
-                    if preview:
-                        preview_ids += ids
-                    else:
-                        inference_ms += took_ms
-                bare_s += b
-                worker_s += timed[False]
-                preview_s += timed[True]
-                per_round.append(round(b / timed[False], 3))
-                preview_rounds.append(round(timed[False] / timed[True], 3))
-                seed += n
-            previews = sum(
-                1
-                for job_id in preview_ids
-                for e in client.store.events(job_id)
-                if "preview" in e["data"]
-            )
+    return device_cpu
 
+
+def pin_device(bench: Bench, worker: Any, reference: Reference, device_cpu: int) -> None:
+    # The device: the bare loop, and the worker's slot while it holds it. The
+    # rest (the worker pins its own other threads) on the other CPUs.
+    if f"device thread on CPUs {device_cpu}," not in worker.log():
+        raise RuntimeError("the worker did not pin its device thread:\n" + worker.log()[-2000:])
+    host = set(os.sched_getaffinity(0)) - {device_cpu}
+    pin(reference.proc.pid, {device_cpu})
+    for server in (bench.redis, bench.s3_server):
+        if server is not None and server.proc is not None:
+            pin(server.proc.pid, host)
+    os.sched_setaffinity(0, host)
+
+
+@dataclass
+class Tally:
+    """Seconds per side, each round's ratios, and what the worker's jobs recorded."""
+
+    bare_s: float = 0.0
+    worker_s: float = 0.0
+    preview_s: float = 0.0
+    per_round: list[float] = field(default_factory=list)
+    preview_rounds: list[float] = field(default_factory=list)
+    preview_ids: list[str] = field(default_factory=list)
+    inference_ms: list[int] = field(default_factory=list)  # each no-preview job's own timing
+
+
+def run_rounds(client: Any, reference: Reference, chunks: list[int]) -> Tally:
+    tally = Tally()
+    seed = 1000
+    for r, n in enumerate(chunks):
+        # Alternate, so that load from other processes falls on all alike.
+        log(f"bare loop: {n} images")
+        b = reference.run(n, seed)
+        timed: dict[bool, float] = {}
+        for preview in (False, True) if r % 2 == 0 else (True, False):
+            log(f"worker: {n} jobs, previews {'on' if preview else 'off'}")
+            timed[preview], ids, took_ms = run_chunk(client, n, seed, preview)
+            if preview:
+                tally.preview_ids += ids
+            else:
+                tally.inference_ms += took_ms
+        tally.bare_s += b
+        tally.worker_s += timed[False]
+        tally.preview_s += timed[True]
+        tally.per_round.append(round(b / timed[False], 3))
+        tally.preview_rounds.append(round(timed[False] / timed[True], 3))
+        seed += n
+    return tally
+
+
+def report(
+    args: argparse.Namespace,
+    tally: Tally,
+    previews: int,
+    device_cpu: int | None,
+    t_start: float,
+    load_before: float,
+) -> None:
+    worker_s, preview_s = tally.worker_s, tally.preview_s
     worker_ips = args.images / worker_s
-    bare_ips = args.images / bare_s
+    bare_ips = args.images / tally.bare_s
     emit(
         {
             "bench": "pipeline_efficiency",
@@ -222,28 +259,27 @@ def main(argv: list[str] | None = None) -> int:
             "bare_images_per_s": round(bare_ips, 3),
             "ratio": round(worker_ips / bare_ips, 4),
             "rounds": args.rounds,
-            "round_ratios": per_round,
-            "ratio_median_round": round(statistics.median(per_round), 4),
+            "round_ratios": tally.per_round,
+            "ratio_median_round": round(statistics.median(tally.per_round), 4),
             "storage": args.storage,
             "steps": args.steps,
             # Where the worker's time goes: its pipeline call (the record's
             # timings.inference_ms: denoising, VAE, safety) against the bare loop's time per
             # image; what the ratio loses beyond their quotient is outside the call.
-            "bare_ms_per_image": round(bare_s / args.images * 1000, 1),
-            "worker_inference_ms_mean": round(statistics.fmean(inference_ms), 1),
+            "bare_ms_per_image": round(tally.bare_s / args.images * 1000, 1),
+            "worker_inference_ms_mean": round(statistics.fmean(tally.inference_ms), 1),
             "worker_ms_per_image": round(worker_s / args.images * 1000, 1),
-            "device_cpu": device_cpu if pinned else None,
+            "device_cpu": device_cpu,
             "preview_images_per_s": round(args.images / preview_s, 3),
             # No picture was made: the preview arm measured nothing (see the docstring).
             "preview_ratio": round(worker_s / preview_s, 4) if previews else None,
-            "preview_round_ratios": preview_rounds,
-            "preview_ratio_median_round": round(statistics.median(preview_rounds), 4),
+            "preview_round_ratios": tally.preview_rounds,
+            "preview_ratio_median_round": round(statistics.median(tally.preview_rounds), 4),
             "previews": previews,
         },
         started=t_start,
         load_before=load_before,
     )
-    return 0
 
 
 def run_chunk(

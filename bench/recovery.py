@@ -62,14 +62,7 @@ def leased_to(r: Any, worker: Worker) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--jobs", type=int, default=60)
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--gpu-ms", type=float, default=300.0)
-    parser.add_argument("--rate", type=float, default=12.0, help="jobs submitted per second")
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+    args = parse_args()
     rng = random.Random(args.seed)
     started, load_before = time.perf_counter(), load_average()
 
@@ -78,56 +71,115 @@ def main() -> int:
         workers = [start_worker(bench, i) for i in range(args.workers)]
         for w in workers:
             w.wait_ready(timeout=180)
-        n_started = args.workers
-        span = args.jobs / args.rate
-        # Kill moments: seeded, inside the submission span, at least 1.5 s apart.
-        moments = sorted(rng.uniform(1.0, max(2.0, span - 1.0)) for _ in range(args.kills))
-        for i in range(1, len(moments)):
-            moments[i] = max(moments[i], moments[i - 1] + 1.5)
-        held: dict[str, float] = {}
-        kills = 0
         with Client(bench.settings()) as client:
             r: Any = client.store.redis  # bytes replies, as leased_to expects
-            ids: list[str] = []
-            t0 = time.monotonic()
-            while len(ids) < args.jobs or moments:
-                now = time.monotonic() - t0
-                if len(ids) < args.jobs and now >= len(ids) / args.rate:
-                    ids.append(
-                        client.submit(prompt=f"recovery {len(ids)}", model=MODEL, seed=len(ids))
-                    )
-                    continue
-                if moments and now >= moments[0]:
-                    live = [w for w in workers if w.proc is not None and w.proc.poll() is None]
-                    holding = [w for w in live if leased_to(r, w)]
-                    if holding or now > moments[0] + 3.0:  # wait briefly for a busy one
-                        moments.pop(0)
-                        victim = rng.choice(holding or live)
-                        jobs = leased_to(r, victim)
-                        victim.kill_group()
-                        killed_at = time.time()
-                        held.update(dict.fromkeys(jobs, killed_at))
-                        kills += 1
-                        log(f"killed worker {victim.pid} holding {len(jobs)} job(s)")
-                        workers.remove(victim)
-                        workers.append(start_worker(bench, n_started))
-                        n_started += 1
-                        continue
-                time.sleep(0.01)
-            deadline = time.monotonic() + 150
-            records: dict[str, Record] = {}
-            while len(records) < len(ids) and time.monotonic() < deadline:
-                for job_id in ids:
-                    if job_id not in records:
-                        doc = client.get(job_id)
-                        if Status(doc["status"]).is_terminal():
-                            records[job_id] = doc
-                time.sleep(0.2)
+            killer = Killer(bench, workers, r, rng, kill_moments(rng, args))
+            ids = submit_with_kills(client, killer, args)
+            records = await_terminal(client, ids)
             terminal = Counter(
                 decode_event(eid, f)["job_id"]
                 for eid, f in r.xrange(K.GLOBAL_EVENTS)
                 if EventType(f[b"type"].decode()) in TERMINAL_EVENTS
             )
+    report(args, ids, records, killer, terminal, started, load_before)
+    return 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--gpu-ms", type=float, default=300.0)
+    parser.add_argument("--rate", type=float, default=12.0, help="jobs submitted per second")
+    parser.add_argument("--seed", type=int, default=1)
+    return parser.parse_args()
+
+
+def kill_moments(rng: random.Random, args: argparse.Namespace) -> list[float]:
+    """Kill moments: seeded, inside the submission span, at least 1.5 s apart."""
+    span = args.jobs / args.rate
+    moments = sorted(rng.uniform(1.0, max(2.0, span - 1.0)) for _ in range(args.kills))
+    for i in range(1, len(moments)):
+        moments[i] = max(moments[i], moments[i - 1] + 1.5)
+    return moments
+
+
+class Killer:
+    """Kills a worker holding jobs at each moment, and starts its replacement; records
+    when each job a victim held was lost."""
+
+    def __init__(
+        self, bench: Bench, workers: list[Worker], r: Any, rng: random.Random, moments: list[float]
+    ) -> None:
+        self.bench, self.workers, self.r, self.rng = bench, workers, r, rng
+        self.moments = moments
+        self.n_started = len(workers)
+        self.held: dict[str, float] = {}
+        self.kills = 0
+
+    def due(self, now: float) -> bool:
+        return bool(self.moments) and now >= self.moments[0]
+
+    def try_kill(self, now: float) -> bool:
+        """Kills one worker (True), or waits for one to hold a job (False)."""
+        live = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        holding = [w for w in live if leased_to(self.r, w)]
+        if not (holding or now > self.moments[0] + 3.0):  # wait briefly for a busy one
+            return False
+        self.moments.pop(0)
+        victim = self.rng.choice(holding or live)
+        jobs = leased_to(self.r, victim)
+        victim.kill_group()
+        killed_at = time.time()
+        self.held.update(dict.fromkeys(jobs, killed_at))
+        self.kills += 1
+        log(f"killed worker {victim.pid} holding {len(jobs)} job(s)")
+        self.workers.remove(victim)
+        self.workers.append(start_worker(self.bench, self.n_started))
+        self.n_started += 1
+        return True
+
+
+def submit_with_kills(client: Client, killer: Killer, args: argparse.Namespace) -> list[str]:
+    """Jobs at ``--rate`` a second, workers killed at the killer's moments meanwhile."""
+    ids: list[str] = []
+    t0 = time.monotonic()
+    while len(ids) < args.jobs or killer.moments:
+        now = time.monotonic() - t0
+        if len(ids) < args.jobs and now >= len(ids) / args.rate:
+            ids.append(client.submit(prompt=f"recovery {len(ids)}", model=MODEL, seed=len(ids)))
+            continue
+        if killer.due(now) and killer.try_kill(now):
+            continue
+        time.sleep(0.01)
+    return ids
+
+
+def await_terminal(client: Client, ids: list[str]) -> dict[str, Record]:
+    """The records of the jobs that ended within 150 s."""
+    deadline = time.monotonic() + 150
+    records: dict[str, Record] = {}
+    while len(records) < len(ids) and time.monotonic() < deadline:
+        for job_id in ids:
+            if job_id not in records:
+                doc = client.get(job_id)
+                if Status(doc["status"]).is_terminal():
+                    records[job_id] = doc
+        time.sleep(0.2)
+    return records
+
+
+def report(
+    args: argparse.Namespace,
+    ids: list[str],
+    records: dict[str, Record],
+    killer: Killer,
+    terminal: Counter[str],
+    started: float,
+    load_before: float,
+) -> None:
+    held = killer.held
     lost = sum(
         1 for j in ids if (records[j]["status"] if j in records else None) != Status.SUCCEEDED
     )
@@ -141,7 +193,7 @@ def main() -> int:
         {
             "bench": "recovery",
             "jobs": len(ids),
-            "kills": kills,
+            "kills": killer.kills,
             "recovery_s_p50": round(percentile(recoveries, 0.5), 2) if recoveries else None,
             "recovery_s_max": round(max(recoveries), 2) if recoveries else None,
             "lost": lost,
@@ -155,7 +207,6 @@ def main() -> int:
         started,
         load_before,
     )
-    return 0
 
 
 if __name__ == "__main__":

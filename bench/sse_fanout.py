@@ -203,17 +203,22 @@ class Sampler(threading.Thread):
                 pass
 
 
-def one_round(bench: Bench, api: Process, r: redis.Redis, n: int, args: Any) -> dict[str, Any]:
+def submit_jobs(api: Process, n: int, args: Any) -> list[str]:
+    """The round's ``--jobs`` jobs, through the API; they wait for the round's worker."""
     base = f"http://127.0.0.1:{api.port}"
     with httpx.Client(
         base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=30
     ) as http:
-        jobs = [
+        return [
             http.post(
                 "/v1/jobs", json={"prompt": f"fanout {n} {i}", "model": MODEL, "steps": args.steps}
             ).json()["id"]
             for i in range(args.jobs)
         ]
+
+
+def one_round(bench: Bench, api: Process, r: redis.Redis, n: int, args: Any) -> dict[str, Any]:
+    jobs = submit_jobs(api, n, args)
     per = [n // args.clients + (i < n % args.clients) for i in range(args.clients)]
     me = str(Path(__file__).resolve())
     clients = [

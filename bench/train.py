@@ -23,16 +23,24 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
-import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Bench, Reference, emit, load_average, log
+from bench.common import (
+    Bench,
+    Reference,
+    add_models_dir,
+    bare_tiny_sdxl,
+    emit,
+    load_average,
+    log,
+    serve_reference,
+)
 
 PROMPT = "a photo of sks dog"
 
@@ -51,30 +59,27 @@ def subject() -> list[str]:
 def bare_server(models_dir: str) -> None:
     """The reference loop in a child process: for each line ``N`` on stdin, N training
     steps; answers with a JSON line."""
+    step = bare_step(bare_tiny_sdxl(models_dir))
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            step()
+
+    for _ in range(3):  # warm-up
+        step()
+    serve_reference(steps, "steps")
+
+
+def bare_step(pipe: Any) -> Callable[[], None]:
+    """One training step of a rank-4 LoRA on ``pipe``'s UNet (AdamW, the prompt encoded
+    once, one 64² image, ε-prediction MSE with DDPM noise)."""
     import numpy as np
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-    from peft import LoraConfig
+    from diffusers import DDPMScheduler
 
-    from worker.builtin.tiny import ensure_tiny_sdxl
-
-    torch.set_num_threads(1)
-    path = ensure_tiny_sdxl(Path(models_dir) / "tiny-sdxl")
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path), use_safetensors=True).to("cpu")
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     unet = pipe.unet
-    for m in (unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.requires_grad_(False)
-    torch.manual_seed(0)
-    unet.add_adapter(
-        LoraConfig(
-            r=4,
-            lora_alpha=4,
-            init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
-        )
-    )
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = add_lora(pipe)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     with torch.no_grad():
         pe, _, pooled, _ = pipe.encode_prompt(
@@ -105,15 +110,28 @@ def bare_server(models_dir: str) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up
-        step()
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        n = int(line)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        print(json.dumps({"steps": n, "seconds": time.perf_counter() - t0}), flush=True)
+    return step
+
+
+def add_lora(pipe: Any) -> list[Any]:
+    """Everything frozen, then a rank-4 LoRA on the UNet's attention projections (seeded);
+    returns the trainable parameters."""
+    import torch
+    from peft import LoraConfig
+
+    unet = pipe.unet
+    for m in (unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+    torch.manual_seed(0)
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    return [p for p in unet.parameters() if p.requires_grad]
 
 
 def worker_rate(client: Any, job_id: str) -> tuple[int, float]:
@@ -132,18 +150,7 @@ def worker_rate(client: Any, job_id: str) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--checkpoint-every", type=int, default=1000)
-    parser.add_argument(
-        "--models-dir",
-        default=os.environ.get(
-            "ATELIER_MODELS_DIR", str(Path.home() / ".cache" / "atelier" / "models")
-        ),
-    )
-    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.bare_server:
         bare_server(args.models_dir)
         return 0
@@ -154,27 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     worker_steps = worker_s = bare_s = 0.0
     with Bench(s3=False) as bench:
-        env = bench.env(models_dir=args.models_dir, progress_interval_s=0.2)
-        from tests.servers import Worker
-
-        worker = Worker(
-            env, bench.workdir / "logs" / "train-worker.log", ["tiny-sdxl"], extra_args=["--train"]
-        )
-        worker.start(wait=False)
-        bench.procs.append(worker)
-        reference = Reference(bench, __file__, ["--models-dir", args.models_dir])
-        worker.wait_ready(timeout=180)
+        reference = start_both(bench, args.models_dir)
         settings = bench.settings(models_dir=args.models_dir, default_model="tiny-sdxl")
-        req = {
-            "images": subject(),
-            "instance_prompt": PROMPT,
-            "model": "tiny-sdxl",
-            "resolution": 64,
-            "steps": args.steps,
-            "num_validation_images": 0,
-            "checkpoint_every": args.checkpoint_every,
-            "seed": 1,
-        }
+        req = training_request(args)
         with Client(settings) as client:
             for r in range(args.rounds):
                 log(f"round {r + 1}: bare loop, {args.steps} steps")
@@ -199,6 +188,45 @@ def main(argv: list[str] | None = None) -> int:
         load_before=load_before,
     )
     return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=1000)
+    add_models_dir(parser)
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def start_both(bench: Bench, models_dir: str) -> Reference:
+    """The ``--train`` worker and the bare loop's child, started together; returns the
+    bare loop once both are ready."""
+    from tests.servers import Worker
+
+    env = bench.env(models_dir=models_dir, progress_interval_s=0.2)
+    worker = Worker(
+        env, bench.workdir / "logs" / "train-worker.log", ["tiny-sdxl"], extra_args=["--train"]
+    )
+    worker.start(wait=False)
+    bench.procs.append(worker)
+    reference = Reference(bench, __file__, ["--models-dir", models_dir])
+    worker.wait_ready(timeout=180)
+    return reference
+
+
+def training_request(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "images": subject(),
+        "instance_prompt": PROMPT,
+        "model": "tiny-sdxl",
+        "resolution": 64,
+        "steps": args.steps,
+        "num_validation_images": 0,
+        "checkpoint_every": args.checkpoint_every,
+        "seed": 1,
+    }
 
 
 if __name__ == "__main__":
