@@ -193,3 +193,14 @@ def make_doc(make_settings: Any, models_file: str) -> Any:
         return new_record(new_job_id(), req, created_at or now_iso())
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread in this process for the module's tests (as each worker has)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,29 +18,11 @@ from producer.api import key_id
 from producer.core import keys as K
 from producer.core.contract import Output, RecordView
 from producer.jobs.broker import queue_depth
-from tests.helpers import Stack, generation_queues, wait_until, worker_env
-from tests.servers import Process, api_process
+from tests.api_rig import KEY_A, PROMPT, A, B, C, api_env, job_count
+from tests.helpers import Stack, generation_queues, wait_until
+from tests.servers import Process
 
 pytestmark = pytest.mark.slow
-
-KEY_A, KEY_B, KEY_C = "key-a-0123456789", "key-b-0123456789", "key-c-0123456789"
-A = {"Authorization": f"Bearer {KEY_A}"}
-B = {"Authorization": f"Bearer {KEY_B}"}
-C = {"Authorization": f"Bearer {KEY_C}"}
-PROMPT = "a lighthouse at dusk"
-
-
-def api_env(stack: Stack, **extra: Any) -> dict[str, str]:
-    values = {
-        **stack.values,
-        "api_keys": f"{KEY_A},{KEY_B},sha256:{hashlib.sha256(KEY_C.encode()).hexdigest()}",
-        "admin_api_keys": KEY_A,
-        "rate_limit_per_s": 0,
-        "max_body_bytes": 65536,
-        "sse_heartbeat_s": 0.5,
-        **extra,
-    }
-    return worker_env(values)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +56,6 @@ def wait_status(
     return wait_until(
         reached, timeout, interval=0.1, message=lambda: f"{job_id} is still {seen[0]['status']}"
     )
-
-
-def job_count(r: redis.Redis) -> int:
-    return sum(1 for _ in r.scan_iter(K.JOB + "*", count=1000))
 
 
 def test_openapi_describes_every_route(api: httpx.Client) -> None:
@@ -382,78 +359,3 @@ def test_sse_heartbeats_while_queued_then_cancel_ends_it(api: httpx.Client) -> N
                 cancelled = True
     assert lines.count(": keep-alive") >= 2
     assert "event: job.cancelled" in lines  # and the stream ended by itself
-
-
-# -- rate limit and admission: their own API replicas ------------------------------
-
-
-def test_rate_limit_is_shared_by_replicas(stack: Stack, session_dir: Path) -> None:
-    env = api_env(stack, rate_limit_per_s=1, rate_limit_burst=3)
-    procs: list[Process] = []
-    try:
-        for i in range(2):
-            procs.append(api_process(env, session_dir / "logs" / f"api-rl{i}.log").start())
-        one, two = (httpx.Client(base_url=f"http://127.0.0.1:{p.port}") for p in procs)
-        statuses = [one.get("/v1/models", headers=B).status_code for _ in range(2)]
-        statuses.append(two.get("/v1/models", headers=B).status_code)
-        assert statuses == [200, 200, 200]
-        res = two.get("/v1/models", headers=B)  # the burst is spent, on either replica
-        assert res.status_code == 429, res.text
-        assert int(res.headers["retry-after"]) >= 1
-        assert res.json()["error"]["code"] == "rate_limited"
-        assert one.get("/v1/models", headers=B).status_code == 429
-        assert one.get("/v1/models", headers=C).status_code == 200  # per key
-        time.sleep(1.2)  # a token comes back
-        assert two.get("/v1/models", headers=B).status_code == 200
-        one.close()
-        two.close()
-    finally:
-        for p in procs:
-            p.stop()
-
-
-def test_admission_control_refuses_when_the_queue_is_full(stack: Stack, session_dir: Path) -> None:
-    # Its own Redis database: tiny-idle's queue there starts empty.
-    db_url = stack.settings.redis_url.rsplit("/", 1)[0] + "/7"
-    r = redis.Redis.from_url(db_url)
-    r.flushdb()
-    env = api_env(stack, redis_url=db_url, max_queue_depth=2, admission_retry_after_s=7)
-    proc = api_process(env, session_dir / "logs" / "api-adm.log").start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{proc.port}") as api:
-            body = {"prompt": PROMPT, "model": "tiny-idle"}
-            assert [api.post("/v1/jobs", headers=A, json=body).status_code for _ in range(2)] == [
-                202,
-                202,
-            ]
-            res = api.post("/v1/jobs", headers=A, json=body)
-            assert res.status_code == 503 and res.headers["retry-after"] == "7"
-            assert res.json()["error"]["code"] == "queue_full"
-            assert queue_depth(r, "tiny-idle") == 2 and job_count(r) == 2
-            # Another model's queue is not full.
-            assert (
-                api.post("/v1/jobs", headers=A, json={"prompt": PROMPT, "steps": 1}).status_code
-                == 202
-            )
-    finally:
-        proc.stop()
-        r.flushdb()
-        r.close()
-
-
-def test_rate_limiter_with_a_fractional_interval(redis_url: str) -> None:
-    from producer.jobs.scripts import RATE_LIMIT
-
-    r = redis.Redis.from_url(redis_url)
-    limiter = r.register_script(RATE_LIMIT)
-    key = "atelier:ratelimit:test-fractional"
-    r.delete(key)
-    interval = 1000 / 3  # 3 per second: not a whole number of milliseconds
-    assert [limiter(keys=[key], args=[interval, 2]) for _ in range(2)] == [0, 0]
-    wait = limiter(keys=[key], args=[interval, 2])
-    assert 0 < wait <= 334
-    time.sleep(wait / 1000 + 0.05)
-    assert limiter(keys=[key], args=[interval, 2]) == 0
-    assert 0 < r.pttl(key) <= 2000
-    r.delete(key)
-    r.close()

@@ -1,11 +1,11 @@
 """ControlNets and IP-Adapter references, in this process on the tiny models: the
 worker's conditioning code (worker/generation/conditioning.py) against bare diffusers,
-given the same inputs and seed. The worker subprocess path is in test_references_jobs.py.
+given the same inputs and seed, for SDXL and SD 1.5 (Flux's are in
+test_conditioning_flux.py). The worker subprocess path is in test_references_jobs.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,110 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer.core.registry import Registry
-from producer.core.settings import Settings
+from tests.conditioning import Loaded, control_image, entry, generate, reference_image
 from tests.helpers import mask_image
-
-PROMPT = "a lighthouse"
-SEED = 11
-
-
-def control_image() -> Image.Image:
-    """Noise with a bright square: something for Canny to find, and for a ControlNet."""
-    img = Image.effect_noise((64, 64), 60).convert("RGB")
-    img.paste((255, 255, 255), (16, 16, 48, 48))
-    return img
-
-
-def reference_image() -> Image.Image:
-    return Image.linear_gradient("L").resize((64, 64)).convert("RGB")
-
-
-class Loaded:
-    """A tiny model loaded as the worker loads it, with the worker's conditioning."""
-
-    def __init__(self, name: str, models_dir: Path) -> None:
-        from worker.diffusion.pipelines import load_model
-        from worker.generation.conditioning import Conditioning
-
-        settings = Settings(models_dir=str(models_dir), device="cpu")
-        registry = Registry.load()
-        self.model = load_model(registry[name], settings, "cpu")
-        self.cond = Conditioning(settings, registry)
-
-    def run(
-        self,
-        task: int = 0,
-        control: list[dict[str, Any]] | None = None,
-        control_images: list[Any] | None = None,
-        refs: list[dict[str, Any]] | None = None,
-        ref_images: list[Any] | None = None,
-        **extra: Any,
-    ) -> np.ndarray:
-        """One generation the way worker/generation/generate.py orders it: the task's
-        pipeline (the ControlNet one with control), the adapter attached and detached."""
-        from worker.generation.conditioning import control_kwargs
-
-        model = self.model
-        pipe = (model.pipe, model.img2img, model.inpaint)[task]
-        kwargs: dict[str, Any] = dict(extra)
-        if control:
-            req: Any = {"control": control}
-            inputs = type("I", (), {"control": control_images})
-            pipe, ckw = self.cond.pipeline(model, req, inputs, task)
-            assert ckw == control_kwargs(control, control_images or [], task, model.spec.pipeline)
-            kwargs.update(ckw)
-        pipe.scheduler = model.scheduler(model.spec.scheduler)
-        try:
-            if refs:
-                kwargs.update(self.cond.ip_adapters.attach(model, pipe, refs, ref_images or []))
-            self.last_pipe = pipe
-            return generate(pipe, guidance_scale=model.spec.guidance_scale, **kwargs)
-        finally:
-            if refs:
-                self.cond.ip_adapters.detach(model, pipe)
-
-
-def generate(pipe: Any, **kwargs: Any) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        out = pipe(
-            prompt=PROMPT,
-            num_inference_steps=2,
-            width=64,
-            height=64,
-            generator=[torch.Generator("cpu").manual_seed(SEED)],
-            **kwargs,
-        )
-    return np.asarray(out.images[0])
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def sdxl(models_dir: Path, one_thread: None) -> Loaded:
     return Loaded("tiny-sdxl", models_dir)
-
-
-def entry(name: str = "tiny-sdxl-canny", **values: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "image": "-",
-        "scale": 1.0,
-        "start": 0.0,
-        "end": 1.0,
-        "preprocess": "none",
-        **values,
-    }
 
 
 def test_control_equals_bare_diffusers_and_shares_the_base_modules(
@@ -373,160 +276,3 @@ def test_an_adapter_that_does_not_load_leaves_nothing(sdxl: Loaded, tmp_path: Pa
     finally:
         model.spec = spec
     assert dict(unet.attn_processors) == processors and unet.encoder_hid_proj is None
-
-
-def test_flux_control_equals_bare_diffusers(models_dir: Path, one_thread: None) -> None:
-    from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
-
-    flux = Loaded("tiny-flux", models_dir)
-    ctrl, init = control_image(), Image.new("RGB", (64, 64), (20, 90, 160))
-    net = entry("tiny-flux-canny")
-    base = flux.run()
-    controlled = flux.run(control=[net], control_images=[ctrl])
-    two = flux.run(control=[net, {**net, "scale": 0.5}], control_images=[ctrl, ctrl])
-    assert type(flux.last_pipe.controlnet).__name__ == "FluxMultiControlNetModel"
-    plain_i2i = flux.run(1, image=init, strength=0.7)
-    i2i = flux.run(1, control=[net], control_images=[ctrl], image=init, strength=0.7)
-    assert type(flux.last_pipe).__name__ == "FluxControlNetImg2ImgPipeline"
-    inpaint = flux.run(
-        2, control=[net], control_images=[ctrl], image=init, strength=0.7, mask_image=mask_image()
-    )
-    assert type(flux.last_pipe).__name__ == "FluxControlNetInpaintPipeline"
-    assert inpaint.shape == (64, 64, 3) and inpaint.tobytes() != i2i.tobytes()
-    assert len({base.tobytes(), controlled.tobytes(), two.tobytes()}) == 3
-    assert i2i.tobytes() != plain_i2i.tobytes()
-    bare = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
-    cnet = FluxControlNetModel.from_pretrained(
-        str(models_dir / "tiny-flux-controlnet"), use_safetensors=True
-    )
-    cpipe = FluxControlNetPipeline.from_pipe(bare, controlnet=cnet)
-    cpipe.set_progress_bar_config(disable=True)
-    assert (
-        generate(
-            cpipe, control_image=ctrl, guidance_scale=0.0, controlnet_conditioning_scale=1.0
-        ).tobytes()
-        == controlled.tobytes()
-    )
-
-
-@pytest.fixture(scope="module")
-def flux(models_dir: Path, one_thread: None) -> Loaded:
-    return Loaded("tiny-flux", models_dir)
-
-
-def bare_flux(models_dir: Path, adapters: int) -> Any:
-    """tiny-flux through diffusers alone, its IP-Adapter loaded ``adapters`` times from
-    the same file, the documented way."""
-    import torch
-    from diffusers import FluxPipeline
-
-    bare = FluxPipeline.from_pretrained(str(models_dir / "tiny-flux"), use_safetensors=True)
-    bare.set_progress_bar_config(disable=True)
-    folder = models_dir / "tiny-flux-ip-adapter"
-    bare.load_ip_adapter(
-        str(folder),
-        weight_name=["ip_adapter.safetensors"] * adapters,
-        image_encoder_pretrained_model_name_or_path=str(folder / "image_encoder"),
-        image_encoder_dtype=torch.float32,
-    )
-    return bare
-
-
-def test_flux_references_equal_bare_diffusers_and_leave_nothing(
-    flux: Loaded, models_dir: Path
-) -> None:
-    ref = reference_image()
-    transformer = flux.model.pipe.transformer
-    processors = dict(transformer.attn_processors)
-    base = flux.run()
-    one = flux.run(refs=[{"scale": 0.6, "mode": "full"}], ref_images=[ref])
-    assert one.tobytes() != base.tobytes()
-    after = flux.run()
-    assert after.tobytes() == base.tobytes()  # detached: the job after has the base pixels
-    assert dict(transformer.attn_processors) == processors
-    assert transformer.encoder_hid_proj is None
-    assert transformer.config.encoder_hid_dim_type is None
-    assert flux.model.pipe.image_encoder is None and flux.model.pipe.feature_extractor is None
-    assert flux.cond.ip_adapters.loads == 1
-    # scale 0 adds the adapter's attention times 0: the base pixels
-    zero = flux.run(refs=[{"scale": 0.0, "mode": "full"}], ref_images=[ref])
-    assert zero.tobytes() == base.tobytes()
-    bare = bare_flux(models_dir, 1)
-    bare.set_ip_adapter_scale(0.6)
-    assert generate(bare, ip_adapter_image=ref, guidance_scale=0.0).tobytes() == one.tobytes()
-    assert bare.image_encoder.dtype == flux.model.pipe.transformer.dtype
-
-
-def test_flux_several_references_are_adapters_sharing_one_set_of_weights(
-    flux: Loaded, models_dir: Path
-) -> None:
-    from worker.generation.conditioning import canny
-
-    refs: list[dict[str, Any]] = [{"scale": 0.6, "mode": "full"}, {"scale": 1.0, "mode": "full"}]
-    images = [reference_image(), canny(control_image())]
-    two = flux.run(refs=refs, ref_images=images)
-    single = flux.run(refs=refs[:1], ref_images=images[:1])
-    assert two.tobytes() != single.tobytes()
-    # what diffusers computes with the adapter loaded twice, each with its own scale
-    bare = bare_flux(models_dir, 2)
-    bare.set_ip_adapter_scale([0.6, 1.0])
-    assert generate(bare, ip_adapter_image=images, guidance_scale=0.0).tobytes() == two.tobytes()
-    # while attached: two adapters made of the one loaded set of modules, no copy
-    model, pipe = flux.model, flux.model.pipe
-    params = sum(p.numel() for p in pipe.transformer.parameters())
-    flux.cond.ip_adapters.attach(model, pipe, refs, images)
-    try:
-        proc = pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"]
-        assert proc.to_k_ip[0] is proc.to_k_ip[1] and proc.to_v_ip[0] is proc.to_v_ip[1]
-        assert proc.scale == [0.6, 1.0]
-        layers = pipe.transformer.encoder_hid_proj.image_projection_layers
-        assert len(layers) == 2 and layers[0] is layers[1]
-        attached = sum(p.numel() for p in pipe.transformer.parameters())
-    finally:
-        flux.cond.ip_adapters.detach(model, pipe)
-    per_adapter = sum(p.numel() for p in proc.parameters()) + sum(
-        p.numel() for p in layers[0].parameters()
-    )
-    assert attached == params + per_adapter  # one set, however many references
-    assert len(proc.to_k_ip) == 1 and proc.scale == [1.0]  # the loaded adapter again
-    assert flux.run().tobytes() == flux.run().tobytes()
-
-
-def test_flux_references_with_img2img_inpainting_and_control(flux: Loaded) -> None:
-    from producer.core.errors import InternalError
-
-    ref, ctrl = reference_image(), control_image()
-    init = Image.new("RGB", (64, 64), (20, 90, 160))
-    refs: list[dict[str, Any]] = [{"scale": 1.0, "mode": "full"}]
-    cases: list[tuple[int, dict[str, Any], str]] = [
-        (1, {"image": init, "strength": 0.7}, "FluxImg2ImgPipeline"),
-        (2, {"image": init, "strength": 0.7, "mask_image": mask_image()}, "FluxInpaintPipeline"),
-    ]
-    for task, extra, name in cases:
-        plain = flux.run(task, **extra)
-        referenced = flux.run(task, refs=refs, ref_images=[ref], **extra)
-        assert type(flux.last_pipe).__name__ == name
-        assert referenced.tobytes() != plain.tobytes(), name
-    net = [entry("tiny-flux-canny")]
-    controlled = flux.run(control=net, control_images=[ctrl])
-    both = flux.run(control=net, control_images=[ctrl], refs=refs, ref_images=[ref])
-    assert type(flux.last_pipe).__name__ == "FluxControlNetPipeline"
-    assert both.tobytes() != controlled.tobytes()
-    # Flux's ControlNet img2img pipeline takes no ip_adapter_image: refused, not ignored
-    # (the producer refuses such a job at submit)
-    with pytest.raises(InternalError, match=r"^references: FluxControlNetImg2ImgPipeline"):
-        flux.run(
-            1,
-            control=net,
-            control_images=[ctrl],
-            refs=refs,
-            ref_images=[ref],
-            image=init,
-            strength=0.7,
-        )
-    flux.run(1, control=net, control_images=[ctrl], image=init, strength=0.7)
-    assert not hasattr(flux.last_pipe, "image_encoder")  # nothing registered on it
-    with pytest.raises(InternalError, match=r"^references\.0\.mode: Flux takes mode full"):
-        flux.run(refs=[{"scale": 1.0, "mode": "style"}], ref_images=[ref])
-    assert flux.model.pipe.transformer.encoder_hid_proj is None
-    assert flux.run(control=net, control_images=[ctrl]).tobytes() == controlled.tobytes()

@@ -125,7 +125,13 @@ def flat(pages: list[list[str]]) -> list[str]:
     return [job for page in pages for job in page]
 
 
-def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
+Planned = list[tuple[str, str, Status]]
+
+
+def fill(store: JobStore) -> tuple[Planned, str, list[str]]:
+    """A's seven generate jobs (the first a record from before kinds) and one training,
+    and two of B's, each a millisecond apart: (A's jobs with model and status, the
+    training, B's)."""
     t0 = datetime.now(UTC) - timedelta(seconds=10)
     plan = [
         ("m-one", Status.SUCCEEDED),
@@ -137,41 +143,30 @@ def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
         ("m-one", Status.SUCCEEDED),
     ]
     jobs = [
-        (add_job(env.store, OWNER_A, m, s, t0 + timedelta(milliseconds=i), legacy=i == 0), m, s)
+        (add_job(store, OWNER_A, m, s, t0 + timedelta(milliseconds=i), legacy=i == 0), m, s)
         for i, (m, s) in enumerate(plan)
     ]
     trained = add_job(
-        env.store, OWNER_A, "m-one", Status.QUEUED, t0 + timedelta(milliseconds=50), kind=Kind.TRAIN
+        store, OWNER_A, "m-one", Status.QUEUED, t0 + timedelta(milliseconds=50), kind=Kind.TRAIN
     )
     theirs = [
-        add_job(env.store, OWNER_B, "m-one", Status.SUCCEEDED, t0 + timedelta(milliseconds=i))
+        add_job(store, OWNER_B, "m-one", Status.SUCCEEDED, t0 + timedelta(milliseconds=i))
         for i in (3, 60)
     ]
-    newest_first = [trained] + [j for j, _, _ in reversed(jobs)]
+    return jobs, trained, theirs
 
-    got = pages(env.api, A, limit=3)
-    assert [len(p) for p in got] == [3, 3, 2]
-    assert flat(got) == newest_first
-    # Two filters at once, one per page.
-    want = [j for j, m, s in reversed(jobs) if m == "m-one" and s is Status.SUCCEEDED]
-    assert pages(env.api, A, status="succeeded", model="m-one", limit=1) == [[j] for j in want]
-    assert flat(pages(env.api, A, status="queued", limit=2)) == [trained] + [
-        j for j, _, s in reversed(jobs) if s is Status.QUEUED
-    ]
-    assert pages(env.api, A, kind="train") == [[trained]]
-    # A record from before kinds is a generate job.
-    assert flat(pages(env.api, A, kind="generate", limit=100)) == newest_first[1:]
-    # Another key sees its own only, and none of A's.
-    assert pages(env.api, B) == [theirs[::-1]]
 
-    body = env.api.get("/v1/jobs", params={"limit": 100}, headers=A).json()
+def check_the_records_are_views(api: httpx.Client) -> None:
+    body = api.get("/v1/jobs", params={"limit": 100}, headers=A).json()
     for record in body["data"]:
         TypeAdapter(RecordView).validate_python(record, strict=False)
         assert RecordView.__required_keys__ <= set(record) and "owner" not in record
         assert (record["status"] == "queued") == ("position" in record)
     assert body["data"][-1]["kind"] == "generate"  # the record from before kinds
 
-    # The client and the CLI list the same, by the key's id or by the key.
+
+def check_the_client_and_the_cli(env: Env, jobs: Planned, newest_first: list[str]) -> None:
+    """The client and the CLI list the same, by the key's id or by the key."""
     client = env.rig.client()
     assert [r["id"] for r in client.list(owner=OWNER_A, limit=100)["data"]] == newest_first
     res = subprocess.run(
@@ -197,6 +192,29 @@ def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
     page = json.loads(res.stdout)
     everyone = [j for j, _, s in reversed(jobs) if s is Status.SUCCEEDED]
     assert [r["id"] for r in page["data"]] == everyone[:2] and page["next_cursor"]
+
+
+def test_pages_newest_first_with_filters_for_the_owner_only(env: Env) -> None:
+    jobs, trained, theirs = fill(env.store)
+    newest_first = [trained] + [j for j, _, _ in reversed(jobs)]
+
+    got = pages(env.api, A, limit=3)
+    assert [len(p) for p in got] == [3, 3, 2]
+    assert flat(got) == newest_first
+    # Two filters at once, one per page.
+    want = [j for j, m, s in reversed(jobs) if m == "m-one" and s is Status.SUCCEEDED]
+    assert pages(env.api, A, status="succeeded", model="m-one", limit=1) == [[j] for j in want]
+    assert flat(pages(env.api, A, status="queued", limit=2)) == [trained] + [
+        j for j, _, s in reversed(jobs) if s is Status.QUEUED
+    ]
+    assert pages(env.api, A, kind="train") == [[trained]]
+    # A record from before kinds is a generate job.
+    assert flat(pages(env.api, A, kind="generate", limit=100)) == newest_first[1:]
+    # Another key sees its own only, and none of A's.
+    assert pages(env.api, B) == [theirs[::-1]]
+
+    check_the_records_are_views(env.api)
+    check_the_client_and_the_cli(env, jobs, newest_first)
 
 
 def test_bad_parameters_are_refused_naming_the_field(env: Env) -> None:
@@ -250,7 +268,9 @@ def test_finished_jobs_leave_the_list_when_their_records_expire(env: Env) -> Non
         r.close()
 
 
-def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
+def served_output(env: Env) -> tuple[str, dict[str, Any]]:
+    """A job's file output, served at its URL with no API key, in the list and the event
+    stream alike: (the job's id, the output)."""
     env.worker.wait_ready()
     res = env.api.post("/v1/jobs", headers=C, json={"prompt": "a lighthouse", "model": "sim"})
     assert res.status_code == 202, res.text
@@ -281,7 +301,12 @@ def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
     sent = [f["data"]["output"]["url"] for f in frames if f["type"] == "job.output"]
     assert sent and all(u.startswith(f"{base}/v1/files/") for u in sent)
     assert httpx.get(sent[0], timeout=10).content == on_disk
+    return job_id, output
 
+
+def test_file_outputs_are_served_at_signed_expiring_urls(env: Env) -> None:
+    job_id, output = served_output(env)
+    base = str(env.api.base_url).rstrip("/")
     links = FileLinks(
         Settings(storage_url=f"file://{env.rig.out}", file_url_secret=SECRET, public_url=base)
     )

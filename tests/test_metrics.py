@@ -105,16 +105,11 @@ class Ran:
     events: list[dict[str, Any]] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def ran(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, models_file: str
-) -> Iterator[Ran]:
-    """The processes, after a successful and a failing job with webhooks."""
-    tmp = tmp_path_factory.mktemp("metrics")
-    redis_server = RedisServer(tmp / "redis").start()
-    worker_port, dispatcher_port = free_port(), free_port()
-    values = stack_values(
-        redis_server.url,
+def ran_values(redis_url: str, models_dir: Path, models_file: str, tmp: Path) -> dict[str, Any]:
+    """The settings of the module's processes: JSON logs, one job at a time, webhooks
+    retried soon, a heartbeat every 0.3 s."""
+    return stack_values(
+        redis_url,
         models_dir,
         models_file,
         f"file://{tmp / 'out'}",
@@ -126,6 +121,36 @@ def ran(
         webhook_connect_timeout_s=1,
         worker_heartbeat_s=0.3,
     )
+
+
+def run_two_jobs(settings: Settings, receiver: Receiver) -> tuple[str, str]:
+    """A job that succeeds and one that fails, each with a webhook (the failing one's
+    receiver answers 500 first): their ids, once both have ended."""
+    with Client(settings) as client:
+        ok = client.submit(prompt="a lighthouse", steps=2, webhook=receiver.url("/ok"))
+        # Nothing listens on port 1: the init image cannot be fetched.
+        bad = client.submit(
+            prompt="a lighthouse",
+            steps=2,
+            image="http://127.0.0.1:1/init.png",
+            webhook=receiver.script("/flaky", 500, 204),
+        )
+        assert client.wait(ok, timeout=60)["status"] == "succeeded"
+        failed = client.wait(bad, timeout=60)
+        assert failed["status"] == "failed"
+        assert failed["error"] and failed["error"]["code"] == "image_fetch_failed"
+    return ok, bad
+
+
+@pytest.fixture(scope="module")
+def ran(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, models_file: str
+) -> Iterator[Ran]:
+    """The processes, after a successful and a failing job with webhooks."""
+    tmp = tmp_path_factory.mktemp("metrics")
+    redis_server = RedisServer(tmp / "redis").start()
+    worker_port, dispatcher_port = free_port(), free_port()
+    values = ran_values(redis_server.url, models_dir, models_file, tmp)
     settings = Settings(**values)
     worker = Worker(
         worker_env({**values, "metrics_port": worker_port}), tmp / "worker.log", ["tiny-sdxl"]
@@ -150,19 +175,7 @@ def ran(
                 interval=1.0,
                 message="the worker's reply to enable_events",
             )
-            with Client(settings) as client:
-                ran.ok = client.submit(prompt="a lighthouse", steps=2, webhook=receiver.url("/ok"))
-                # Nothing listens on port 1: the init image cannot be fetched.
-                ran.bad = client.submit(
-                    prompt="a lighthouse",
-                    steps=2,
-                    image="http://127.0.0.1:1/init.png",
-                    webhook=receiver.script("/flaky", 500, 204),
-                )
-                assert client.wait(ran.ok, timeout=60)["status"] == "succeeded"
-                failed = client.wait(ran.bad, timeout=60)
-                assert failed["status"] == "failed"
-                assert failed["error"] and failed["error"]["code"] == "image_fetch_failed"
+            ran.ok, ran.bad = run_two_jobs(settings, receiver)
             receiver.wait_for("/ok", 1)
             receiver.wait_for("/flaky", 2)
             for job_id, ended in ((ran.ok, "task-succeeded"), (ran.bad, "task-failed")):
@@ -352,6 +365,53 @@ def test_json_logs_carry_the_job_id(ran: Ran) -> None:
 # -- the API ----------------------------------------------------------------------
 
 
+def submit_idle_jobs(http: httpx.Client, auth: dict[str, str]) -> list[str]:
+    """Three jobs on tiny-idle, which no worker serves: they wait."""
+    return [
+        http.post(
+            "/v1/jobs", headers=auth, json={"prompt": "a lighthouse", "model": "tiny-idle"}
+        ).json()["id"]
+        for _ in range(3)
+    ]
+
+
+def check_the_queue_gauges(port: int) -> None:
+    m = scrape(port)
+    assert sample(m, "atelier_queue_depth", model="tiny-idle") == 3
+    assert sample(m, "atelier_jobs_queued", model="tiny-idle") == 3
+    assert (sample(m, "atelier_queue_oldest_age_seconds", model="tiny-idle") or 0) > 0
+    assert sample(m, "atelier_queue_depth", model="tiny-sdxl") == 0
+    assert sample(m, "atelier_queue_oldest_age_seconds", model="tiny-sdxl") == 0
+    assert (
+        sample(m, "atelier_api_requests_total", method="GET", route="/v1/queues", status="200") == 1
+    )
+
+
+def check_a_scrape_with_redis_down(port: int) -> None:
+    down = scrape(port)  # still answers, without the Redis-backed gauges
+    assert not any(name == "atelier_queue_depth" for name, _ in down)
+    assert (sample(down, "atelier_metrics_scrape_errors_total") or 0) >= 1
+    assert (
+        sample(down, "atelier_api_requests_total", method="GET", route="/metrics", status="200")
+        == 1
+    )
+
+
+def check_the_api_log(log_path: Path, ids: list[str]) -> None:
+    lines = json_lines(log_path)
+    # uvicorn's own lines are JSON too (startup and the access log).
+    loggers = {d["logger"] for d in lines}
+    assert {"uvicorn.error", "uvicorn.access"} <= loggers, loggers
+    for job_id in ids:
+        about = [d for d in lines if job_id in d["message"]]
+        assert about and all(d.get("job_id") == job_id for d in about), about
+    # The job's own route: uvicorn's access line names it, and carries its id.
+    [get] = [
+        d for d in lines if d["logger"] == "uvicorn.access" and "GET /v1/jobs/" in d["message"]
+    ]
+    assert get["job_id"] == ids[0]
+
+
 def test_api_reports_queues_and_survives_redis_outage(
     tmp_path: Path, models_dir: Path, models_file: str
 ) -> None:
@@ -371,51 +431,15 @@ def test_api_reports_queues_and_survives_redis_outage(
         api.start()
         assert api.port is not None
         with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=10) as http:
-            # No worker serves tiny-idle: its jobs wait.
-            ids = [
-                http.post(
-                    "/v1/jobs", headers=auth, json={"prompt": "a lighthouse", "model": "tiny-idle"}
-                ).json()["id"]
-                for _ in range(3)
-            ]
+            ids = submit_idle_jobs(http, auth)
             time.sleep(0.05)
             assert http.get(f"/v1/jobs/{ids[0]}", headers=auth).status_code == 200
             assert http.get("/v1/queues", headers=auth).status_code == 200
-            m = scrape(api.port)
-            assert sample(m, "atelier_queue_depth", model="tiny-idle") == 3
-            assert sample(m, "atelier_jobs_queued", model="tiny-idle") == 3
-            assert (sample(m, "atelier_queue_oldest_age_seconds", model="tiny-idle") or 0) > 0
-            assert sample(m, "atelier_queue_depth", model="tiny-sdxl") == 0
-            assert sample(m, "atelier_queue_oldest_age_seconds", model="tiny-sdxl") == 0
-            assert (
-                sample(
-                    m, "atelier_api_requests_total", method="GET", route="/v1/queues", status="200"
-                )
-                == 1
-            )
+            check_the_queue_gauges(api.port)
 
             redis_server.stop()
-            down = scrape(api.port)  # still answers, without the Redis-backed gauges
-            assert not any(name == "atelier_queue_depth" for name, _ in down)
-            assert (sample(down, "atelier_metrics_scrape_errors_total") or 0) >= 1
-            assert (
-                sample(
-                    down, "atelier_api_requests_total", method="GET", route="/metrics", status="200"
-                )
-                == 1
-            )
+            check_a_scrape_with_redis_down(api.port)
     finally:
         api.stop()
         redis_server.stop()
-    lines = json_lines(api.log_path)
-    # uvicorn's own lines are JSON too (startup and the access log).
-    loggers = {d["logger"] for d in lines}
-    assert {"uvicorn.error", "uvicorn.access"} <= loggers, loggers
-    for job_id in ids:
-        about = [d for d in lines if job_id in d["message"]]
-        assert about and all(d.get("job_id") == job_id for d in about), about
-    # The job's own route: uvicorn's access line names it, and carries its id.
-    [get] = [
-        d for d in lines if d["logger"] == "uvicorn.access" and "GET /v1/jobs/" in d["message"]
-    ]
-    assert get["job_id"] == ids[0]
+    check_the_api_log(api.log_path, ids)

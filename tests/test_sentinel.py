@@ -240,6 +240,58 @@ def sentinel(tmp_path: Path) -> Iterator[Sentinel]:
         pair.stop()
 
 
+def client_job(settings: Settings, out: Path) -> str:
+    """The Python client: submit, then follow the job to its end."""
+    from producer import Client
+
+    with Client(settings) as client:
+        job_id = client.submit(prompt="through sentinel", steps=2, seed=7)
+        record = client.wait(job_id, timeout=120)
+    assert record["status"] == "succeeded", record
+    assert Path(out / str(record["outputs"][0]["key"])).is_file()
+    return job_id
+
+
+def api_job(port: int | None) -> str:
+    """The HTTP API (sync and async clients through Sentinel)."""
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=30,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    ) as http:
+        assert http.get("/readyz").status_code == 200
+        res = http.post("/v1/jobs", json={"prompt": "via the api", "steps": 2, "seed": 8})
+        assert res.status_code == 202, res.text
+        api_id: str = res.json()["id"]
+        # The event stream (the API's asyncio client) runs to the terminal event.
+        with http.stream("GET", f"/v1/jobs/{api_id}/events") as stream:
+            body = "".join(stream.iter_text())
+        assert "event: job.succeeded" in body
+        assert http.get(f"/v1/jobs/{api_id}").json()["status"] == "succeeded"
+        queues = generation_queues(http.get("/v1/queues").json()["queues"])
+        assert queues["tiny-sdxl"]["depth"] == 0
+    return api_id
+
+
+def check_the_cli(env: dict[str, str]) -> None:
+    """The CLI: queues (the broker client), and the worker readiness probe."""
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "producer.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+
+    assert cli("queues", "--json").returncode == 0
+    assert cli("workers", "--host", socket.gethostname()).returncode == 0
+    missing = cli("workers", "--host", "no-such-host")
+    assert missing.returncode == 4 and "no live worker" in missing.stderr
+
+
 @pytest.mark.slow
 def test_store_and_broker_through_sentinel(
     sentinel: Sentinel, tmp_path: Path, models_dir: Path, models_file: str
@@ -265,49 +317,12 @@ def test_store_and_broker_through_sentinel(
     try:
         worker.start()
         api.start()
-        from producer import Client
-
-        # 1. The Python client: submit, then follow the job to its end.
-        with Client(settings) as client:
-            job_id = client.submit(prompt="through sentinel", steps=2, seed=7)
-            record = client.wait(job_id, timeout=120)
-        assert record["status"] == "succeeded", record
-        assert Path(tmp_path / "out" / str(record["outputs"][0]["key"])).is_file()
-
-        # 2. The HTTP API (sync and async clients through Sentinel).
-        with httpx.Client(
-            base_url=f"http://127.0.0.1:{api.port}",
-            timeout=30,
-            headers={"Authorization": f"Bearer {API_KEY}"},
-        ) as http:
-            assert http.get("/readyz").status_code == 200
-            res = http.post("/v1/jobs", json={"prompt": "via the api", "steps": 2, "seed": 8})
-            assert res.status_code == 202, res.text
-            api_id = res.json()["id"]
-            # The event stream (the API's asyncio client) runs to the terminal event.
-            with http.stream("GET", f"/v1/jobs/{api_id}/events") as stream:
-                body = "".join(stream.iter_text())
-            assert "event: job.succeeded" in body
-            assert http.get(f"/v1/jobs/{api_id}").json()["status"] == "succeeded"
-            queues = generation_queues(http.get("/v1/queues").json()["queues"])
-            assert queues["tiny-sdxl"]["depth"] == 0
-
-        # 3. The CLI: queues (the broker client), and the worker readiness probe.
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "producer.cli", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=ROOT,
-            )
-
-        assert cli("queues", "--json").returncode == 0
-        assert cli("workers", "--host", socket.gethostname()).returncode == 0
-        missing = cli("workers", "--host", "no-such-host")
-        assert missing.returncode == 4 and "no live worker" in missing.stderr
-
+        # 1. The Python client.
+        job_id = client_job(settings, tmp_path / "out")
+        # 2. The HTTP API.
+        api_id = api_job(api.port)
+        # 3. The CLI.
+        check_the_cli(env)
         # 4. Behind the clients' back: the store wrote db 0, Celery's queues live in db 1.
         store_db, broker_db = sentinel.direct(0), sentinel.direct(1)
         assert store_db.exists(f"atelier:job:{job_id}", f"atelier:job:{api_id}") == 2

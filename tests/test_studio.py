@@ -28,6 +28,7 @@ from PIL import Image
 
 from tests.helpers import wait_until
 from tests.servers import Process
+from tests.studio_page import ended, shot, status, wait_js
 
 pytestmark = pytest.mark.slow
 
@@ -98,36 +99,10 @@ def page(browser: Any) -> Iterator[Any]:
     assert not errors, f"the page raised: {errors}"
 
 
-def shot(page: Any, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
-
-
 def open_with_key(page: Any, studio: Studio) -> None:
     """The address ``make studio`` prints: the key in the fragment."""
     page.goto(f"{studio.url}/#key={studio.key}")
     page.wait_for_selector("#form-generate select[name=model] option", state="attached")
-
-
-def wait_js(page: Any, expression: str, timeout: float = 120) -> Any:
-    """Wait until ``expression`` is truthy in the page. (Playwright's wait_for_function
-    evaluates a string, which the page's Content-Security-Policy forbids, as it should.)"""
-    watched = "document.querySelector('#watch')?.innerText"
-    return wait_until(
-        lambda: page.evaluate(expression),
-        timeout,
-        interval=0.05,
-        message=lambda: f"in the page: {expression}; the watch shows {page.evaluate(watched)!r}",
-    )
-
-
-def ended(page: Any, status: str, timeout: float = 120) -> None:
-    wait_js(page, f"document.querySelector('#watch').dataset.status === '{status}'", timeout)
-
-
-def status(page: Any) -> str:
-    return str(page.get_attribute("#watch", "data-status"))
 
 
 def test_the_key_prompt(page: Any, studio: Studio, tmp_path: Path) -> None:
@@ -176,17 +151,9 @@ RECORD_CHANGES = """() => {
 }"""
 
 
-def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: Path) -> None:
-    open_with_key(page, studio)
-    page.evaluate("() => { document.querySelector('[data-watch=bar]').value = 0; }")
-    page.evaluate(RECORD_CHANGES)
-    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
-    page.get_by_label("Steps").fill("60")
-    page.get_by_label("Seed").fill("7")
-    assert page.get_by_label("Live preview").is_checked()
-    page.get_by_role("button", name="Generate").click()
-
-    # mid-job: the bar has moved and a preview is shown
+def watch_it_run(page: Any, tmp_path: Path) -> str:
+    """Mid-job the bar has moved and a preview is shown, on the tile too; then it
+    succeeds, the bar having risen to 60 and the preview changed: the job's id."""
     wait_js(
         page,
         "(window.seen.bar.filter(v => v > 0).length >= 2 && window.seen.bar.at(-1)"
@@ -206,8 +173,11 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     assert bar == sorted(bar) and bar[-1] == 60 and len(set(bar)) >= 3, bar
     assert len(set(seen["previews"])) >= 2, "the preview changed as the job ran"
     assert all(p.startswith("data:image/webp;base64,") for p in seen["previews"])
+    return str(job_id)
 
-    # the final image, loaded at its natural size
+
+def check_the_final_image(page: Any, studio: Studio, job_id: str) -> None:
+    """The final image, loaded at its natural size."""
     image = page.locator("#watch .results img")
     image.wait_for()
     wait_js(
@@ -220,7 +190,10 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     record = studio.api.get(f"/v1/jobs/{job_id}").json()
     assert record["status"] == "succeeded" and record["request"]["seed"] == 7
 
-    # after a reload the gallery lists it first, with its image
+
+def check_the_gallery_after_a_reload(page: Any, tmp_path: Path, job_id: str) -> None:
+    """After a reload the gallery lists it first, with its image; its detail downloads
+    it, and "Again with this seed" fills the form."""
     page.reload()
     tile = page.locator("[data-gallery=list] li").first
     tile.wait_for()
@@ -246,6 +219,21 @@ def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: P
     assert page.get_by_label("Seed").input_value() == "7"
     assert page.get_by_label("Steps").input_value() == "60"
     assert page.evaluate("document.activeElement.name") == "prompt"
+
+
+def test_a_job_from_submit_to_the_gallery(page: Any, studio: Studio, tmp_path: Path) -> None:
+    open_with_key(page, studio)
+    page.evaluate("() => { document.querySelector('[data-watch=bar]').value = 0; }")
+    page.evaluate(RECORD_CHANGES)
+    page.get_by_label("Prompt", exact=True).fill("a lighthouse at dusk")
+    page.get_by_label("Steps").fill("60")
+    page.get_by_label("Seed").fill("7")
+    assert page.get_by_label("Live preview").is_checked()
+    page.get_by_role("button", name="Generate").click()
+
+    job_id = watch_it_run(page, tmp_path)
+    check_the_final_image(page, studio, job_id)
+    check_the_gallery_after_a_reload(page, tmp_path, job_id)
 
 
 def test_a_refusal_shows_next_to_its_field(page: Any, studio: Studio, tmp_path: Path) -> None:

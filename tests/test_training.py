@@ -1,96 +1,29 @@
-"""Trainings (DreamBooth LoRA), on tiny-sdxl at 64 px: submitted, refused by name,
-run by a real ``--train`` worker on its already-loaded base, which is restored exactly.
+"""Trainings (DreamBooth LoRA), on tiny-sdxl at 64 px: submitted, run by a real
+``--train`` worker on its already-loaded base, which is restored exactly. The refusals
+at submit are in test_training_refusals.py.
 
 One module worker (private Redis, file storage) serves the cases that need one.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 from PIL import Image
 
 from producer import Client
 from producer.core.contract import EventType, Status
 from producer.core.errors import InvalidRequest
-from producer.core.registry import Registry
 from producer.core.settings import Settings
-from producer.requests.train import validate_training
-from tests.helpers import data_uri, png, stack_values, worker_env
+from tests.helpers import stack_values, worker_env
 from tests.servers import RedisServer, Worker
-
-PROMPT = "a photo of sks dog"
-
-
-def photo(color: tuple[int, int, int], size: tuple[int, int] = (80, 64)) -> bytes:
-    """A PNG with a pattern to learn, not a flat colour."""
-    img = Image.new("RGB", size, color)
-    for x in range(0, size[0], 8):
-        for y in range(0, size[1], 16):
-            img.putpixel((x, y), (255 - color[0], 255 - color[1], 255 - color[2]))
-    return png(img)
-
-
-def zip_uri(entries: dict[str, bytes]) -> str:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return data_uri(buf.getvalue(), "application/zip")
-
-
-PHOTOS = [photo((200, 40, 40)), photo((180, 60, 30), (64, 96))]
-SUBJECT = [data_uri(p) for p in PHOTOS]
-
-
-# -- refused at submit, by name, nothing enqueued ----------------------------------------
-
-
-def refused(data: dict[str, Any], settings: Settings | None = None) -> dict[str, str]:
-    with pytest.raises(InvalidRequest) as info:
-        validate_training(data, Registry.load(), settings or Settings(default_model="tiny-sdxl"))
-    return {f["field"]: f["message"] for f in info.value.fields}
-
-
-def test_bad_trainings_are_refused_by_field() -> None:
-    ok = {"images": SUBJECT, "instance_prompt": PROMPT}
-    validate_training(ok, Registry.load(), Settings(default_model="tiny-sdxl"))
-    assert "images" in refused({**ok, "images": []})
-    assert "class_prompt" in refused({**ok, "prior_preservation": True})
-    assert "captions" in refused({**ok, "captions": ["one"]})
-    assert "model" in refused({**ok, "model": "tiny-flux"})
-    assert "lr_scheduler" in refused({**ok, "lr_scheduler": "step"})
-    assert "resolution" in refused({**ok, "resolution": 1024})
-    assert "learning_rate" in refused({**ok, "learning_rate": 0.5})
-    bad = refused({**ok, "images": [zip_uri({"../evil.png": photo((1, 2, 3))})]})
-    assert "leaves the archive" in bad["images.0"]
-    bad = refused({**ok, "images": [zip_uri({"a.png": photo((1, 2, 3)), "notes.txt": b"hi"})]})
-    assert "notes.txt" in bad["images.0"]
-    bad = refused({**ok, "images": [zip_uri({"a.png": b"not a png"})]})
-    assert "a.png" in bad["images.0"]
-    # A bomb: entries past the cap, and a small zip that inflates past the size cap.
-    bad = refused(
-        {**ok, "images": [zip_uri({f"{i}.png": b"x" for i in range(20)})]},
-        Settings(default_model="tiny-sdxl", train_zip_max_entries=10),
-    )
-    assert "20 entries" in bad["images.0"]
-    bad = refused(
-        {**ok, "images": [zip_uri({"big.png": b"\0" * 4_000_000})]},
-        Settings(default_model="tiny-sdxl", train_zip_max_bytes=1_000_000),
-    )
-    assert "bytes uncompressed" in bad["images.0"]
-    bad = refused({**ok, "images": [*SUBJECT, zip_uri({"a.png": photo((1, 2, 3))})]})
-    assert "only entry" in bad["images.2"]
-    bad = refused({**ok, "images": ["http://10.0.0.1/x.png", "storage:../x.png"]})
-    assert set(bad) == {"images.0", "images.1"}
-
+from tests.training_inputs import PHOTOS, PROMPT, SUBJECT, zip_uri
 
 # -- a real --train worker ---------------------------------------------------------------
 
@@ -302,10 +235,68 @@ def test_cancel_mid_training(rig: Rig) -> None:
     assert "cancelled" in info.value.fields[0]["message"]
 
 
+def train_over_http(http: httpx.Client, owner: dict[str, str]) -> dict[str, Any]:
+    """POST /v1/trainings: a refusal by field, then a training that is queued on the train
+    queue, its events streamed to the end; the accepted job."""
+    bad = http.post(
+        "/v1/trainings",
+        headers=owner,
+        json={"images": [], "instance_prompt": PROMPT, "prior_preservation": True},
+    )
+    assert bad.status_code == 422
+    assert {f["field"] for f in bad.json()["error"]["fields"]} == {"images", "class_prompt"}
+    res = http.post(
+        "/v1/trainings",
+        headers=owner,
+        json={
+            "images": SUBJECT,
+            "instance_prompt": PROMPT,
+            "steps": 6,
+            "resolution": 64,
+            "num_validation_images": 0,
+            "model": "tiny-sdxl",
+        },
+    )
+    assert res.status_code == 202, res.text
+    job: dict[str, Any] = res.json()
+    assert job["kind"] == "train" and res.headers["Location"] == f"/v1/jobs/{job['id']}"
+    queues = http.get("/v1/queues", headers=owner).json()["queues"]
+    assert {
+        "model": "tiny-sdxl",
+        "kind": "train",
+        "queue": "atelier.train.tiny-sdxl",
+    }.items() <= next(
+        q for q in queues if q["kind"] == "train" and q["model"] == "tiny-sdxl"
+    ).items()
+    with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=owner) as stream:
+        body = "".join(stream.iter_text())
+    assert "event: job.succeeded" in body and '"phase":"training"' in body
+    return job
+
+
+def generate_with_the_adapter(
+    http: httpx.Client, owner: dict[str, str], other: dict[str, str], training: str
+) -> None:
+    """A generation with the training's adapter: refused for another key, made for its
+    owner."""
+    use = {
+        "prompt": "a photo of sks dog",
+        "model": "tiny-sdxl",
+        "steps": 2,
+        "loras": [{"name": f"job:{training}", "scale": 0.8}],
+    }
+    refused = http.post("/v1/jobs", headers=other, json=use)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["fields"][0]["field"] == "loras.0.name"
+    made = http.post("/v1/jobs", headers=owner, json=use)
+    assert made.status_code == 202, made.text
+    gen = made.json()["id"]
+    with http.stream("GET", f"/v1/jobs/{gen}/events", headers=owner) as stream:
+        assert "event: job.succeeded" in "".join(stream.iter_text())
+
+
 @pytest.mark.slow
 def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -> None:
-    import httpx
-
     from tests.servers import api_process
 
     env = {**rig.env, "ATELIER_API_KEYS": "owner-key,other-key"}
@@ -315,53 +306,8 @@ def test_training_through_the_api_then_a_generation_with_its_adapter(rig: Rig) -
         with httpx.Client(base_url=f"http://127.0.0.1:{api.port}", timeout=60) as http:
             owner = {"Authorization": "Bearer owner-key"}
             other = {"Authorization": "Bearer other-key"}
-            bad = http.post(
-                "/v1/trainings",
-                headers=owner,
-                json={"images": [], "instance_prompt": PROMPT, "prior_preservation": True},
-            )
-            assert bad.status_code == 422
-            assert {f["field"] for f in bad.json()["error"]["fields"]} == {"images", "class_prompt"}
-            res = http.post(
-                "/v1/trainings",
-                headers=owner,
-                json={
-                    "images": SUBJECT,
-                    "instance_prompt": PROMPT,
-                    "steps": 6,
-                    "resolution": 64,
-                    "num_validation_images": 0,
-                    "model": "tiny-sdxl",
-                },
-            )
-            assert res.status_code == 202, res.text
-            job = res.json()
-            assert job["kind"] == "train" and res.headers["Location"] == f"/v1/jobs/{job['id']}"
-            queues = http.get("/v1/queues", headers=owner).json()["queues"]
-            assert {
-                "model": "tiny-sdxl",
-                "kind": "train",
-                "queue": "atelier.train.tiny-sdxl",
-            }.items() <= next(
-                q for q in queues if q["kind"] == "train" and q["model"] == "tiny-sdxl"
-            ).items()
-            with http.stream("GET", f"/v1/jobs/{job['id']}/events", headers=owner) as stream:
-                body = "".join(stream.iter_text())
-            assert "event: job.succeeded" in body and '"phase":"training"' in body
-            use = {
-                "prompt": "a photo of sks dog",
-                "model": "tiny-sdxl",
-                "steps": 2,
-                "loras": [{"name": f"job:{job['id']}", "scale": 0.8}],
-            }
-            refused = http.post("/v1/jobs", headers=other, json=use)
-            assert refused.status_code == 422
-            assert refused.json()["error"]["fields"][0]["field"] == "loras.0.name"
-            made = http.post("/v1/jobs", headers=owner, json=use)
-            assert made.status_code == 202, made.text
-            gen = made.json()["id"]
-            with http.stream("GET", f"/v1/jobs/{gen}/events", headers=owner) as stream:
-                assert "event: job.succeeded" in "".join(stream.iter_text())
+            job = train_over_http(http, owner)
+            generate_with_the_adapter(http, owner, other, job["id"])
     finally:
         api.stop()
 

@@ -76,6 +76,36 @@ def test_a_queued_jobs_deleted_message_is_republished(rig: Rig) -> None:
     assert rig.terminal_counts() == {job_id: 1, other: 1}
 
 
+def restart_empty(broker: RedisServer, client: Client, jobs: list[str]) -> None:
+    """Kill the broker with jobs running, held and queued; it keeps nothing on disk (no
+    AOF, no snapshots), so it comes back empty."""
+    broker.stop(signal.SIGKILL)
+    states = [client.get(j)["status"] for j in jobs]
+    assert Status.QUEUED in states and Status.RUNNING in states, states
+    time.sleep(1.0)
+    broker.start()
+
+
+def every_job_succeeded_once(client: Client, jobs: list[str]) -> None:
+    def all_terminal() -> list[Record] | None:
+        records = [client.get(j) for j in jobs]
+        return records if all(Status(r["status"]).is_terminal() for r in records) else None
+
+    records = wait_until(
+        all_terminal,
+        120,
+        interval=0.2,
+        message=lambda: f"every job terminal: {[client.get(j)['status'] for j in jobs]}",
+    )
+    assert [r["status"] for r in records] == [Status.SUCCEEDED] * len(jobs), [
+        (r["status"], r["error"]) for r in records
+    ]
+    for j in jobs:
+        log = client.store.events(j, count=10_000)
+        terminal = [e for e in log if e["type"] == EventType.SUCCEEDED]
+        assert len(terminal) == 1 and log[-1] is terminal[0]
+
+
 @pytest.mark.timeout(180)
 def test_a_broker_that_lost_its_data(
     two_redis: tuple[RedisServer, RedisServer], models_dir: Path, tmp_path: Path
@@ -112,31 +142,8 @@ def test_a_broker_that_lost_its_data(
                 interval=0.05,
                 message="two jobs running",
             )
-            # Kill the broker with jobs running, held and queued; it keeps nothing on
-            # disk (no AOF, no snapshots), so it comes back empty.
-            broker.stop(signal.SIGKILL)
-            states = [client.get(j)["status"] for j in jobs]
-            assert Status.QUEUED in states and Status.RUNNING in states, states
-            time.sleep(1.0)
-            broker.start()
-
-            def all_terminal() -> list[Record] | None:
-                records = [client.get(j) for j in jobs]
-                return records if all(Status(r["status"]).is_terminal() for r in records) else None
-
-            records = wait_until(
-                all_terminal,
-                120,
-                interval=0.2,
-                message=lambda: f"every job terminal: {[client.get(j)['status'] for j in jobs]}",
-            )
-            assert [r["status"] for r in records] == [Status.SUCCEEDED] * len(jobs), [
-                (r["status"], r["error"]) for r in records
-            ]
-            for j in jobs:
-                log = client.store.events(j, count=10_000)
-                terminal = [e for e in log if e["type"] == EventType.SUCCEEDED]
-                assert len(terminal) == 1 and log[-1] is terminal[0]
+            restart_empty(broker, client, jobs)
+            every_job_succeeded_once(client, jobs)
             logs = "".join(w.log() for w in workers)
             assert "waiting with its message in no queue" in logs
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from producer import Client
-from producer.core.contract import EventType, Status
+from producer.core.contract import EventType, Record, Status
 from producer.core.settings import Settings
 from tests.faults.submitter import Submitter
 from tests.helpers import (
@@ -22,7 +22,7 @@ from tests.helpers import (
     worker_env,
 )
 from tests.receiver import Receiver
-from tests.servers import RedisServer, Worker
+from tests.servers import Process, RedisServer, Worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -43,6 +43,75 @@ def sse_types(port: int, job_id: str) -> list[str]:
             if line.startswith("event: "):
                 types.append(line.removeprefix("event: "))
     return types
+
+
+def restart_redis_mid_load(rig: Rig, port: int, submitter: Submitter) -> tuple[dict[str, str], int]:
+    """Redis restarted once 20 of the 50 jobs are accepted; the submitter goes on through
+    it: (every idempotency key's job, how many were accepted before the restart)."""
+
+    def twenty_accepted() -> bool:
+        enough = submitter.accepted_count() >= 20
+        assert enough or submitter.is_alive(), submitter.error
+        return enough
+
+    wait_until(
+        twenty_accepted,
+        60,
+        interval=0.02,
+        message=lambda: f"20 jobs accepted; {submitter.accepted_count()} are",
+    )
+    before = submitter.accepted_count()
+    # An event stream read before the restart leaves the API's asyncio Redis pool a
+    # connection that the restart breaks; one read after it must reconnect.
+    assert sse_types(port, submitter.accepted["fault-0"])[-1] == EventType.SUCCEEDED
+    rig.redis.stop()  # SIGTERM: Redis fsyncs its AOF and exits
+    time.sleep(3.0)
+    rig.redis.start()  # same port, same AOF
+    accepted = submitter.finish(timeout=90)
+    assert len(accepted) == 50
+    assert before < 50  # the restart happened mid-load
+    return accepted, before
+
+
+def every_job_ran_once(
+    rig: Rig, client: Client, submitter: Submitter, accepted: dict[str, str]
+) -> dict[str, Record]:
+    jobs = list(accepted.values())
+    records = rig.wait_terminal(client, jobs, timeout=90)
+    bad = {
+        j: (r["status"], r["error"]) for j, r in records.items() if r["status"] != Status.SUCCEEDED
+    }
+    assert not bad, bad
+    counts = rig.terminal_counts()
+    assert {counts[j] for j in jobs} == {1}, {j: counts[j] for j in jobs if counts[j] != 1}
+    assert client.store.redis.zcard("atelier:queued:sim") == 0  # nothing stuck queued
+    # One key, one job, replays included.
+    assert {(k, accepted[k]) for k, _ in submitter.answers} == set(submitter.answers)
+    return records
+
+
+def every_webhook_delivered(
+    rig: Rig, client: Client, dispatcher: Process, receiver: Receiver, jobs: list[str]
+) -> None:
+    store = client.store
+
+    def undelivered() -> list[str]:
+        return [
+            j for j in jobs if not any(d["outcome"] == "delivered" for d in store.deliveries(j))
+        ]
+
+    wait_until(
+        lambda: not undelivered(),
+        60,
+        interval=0.2,
+        message=lambda: (
+            f"every webhook delivered; {len(undelivered())} are not; "
+            f"the dispatcher's log:\n{dispatcher.log()[-2000:]}"
+        ),
+    )
+    ids = {g.headers["webhook-id"] for g in receiver.at("/done")}
+    terminal = {e["id"] for e in rig.events() if e["type"] == EventType.SUCCEEDED}
+    assert ids == terminal
 
 
 @pytest.mark.timeout(150)
@@ -74,43 +143,10 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
             pace_s=0.05,
         )
         submitter.start()
-
-        def twenty_accepted() -> bool:
-            enough = submitter.accepted_count() >= 20
-            assert enough or submitter.is_alive(), submitter.error
-            return enough
-
-        wait_until(
-            twenty_accepted,
-            60,
-            interval=0.02,
-            message=lambda: f"20 jobs accepted; {submitter.accepted_count()} are",
-        )
-        before = submitter.accepted_count()
-        # An event stream read before the restart leaves the API's asyncio Redis pool a
-        # connection that the restart breaks; one read after it must reconnect.
-        assert sse_types(api.port, submitter.accepted["fault-0"])[-1] == EventType.SUCCEEDED
-        rig.redis.stop()  # SIGTERM: Redis fsyncs its AOF and exits
-        time.sleep(3.0)
-        rig.redis.start()  # same port, same AOF
-        accepted = submitter.finish(timeout=90)
-        assert len(accepted) == 50
-        assert before < 50  # the restart happened mid-load
+        accepted, before = restart_redis_mid_load(rig, api.port, submitter)
 
         client = rig.client(**values)
-        jobs = list(accepted.values())
-        records = rig.wait_terminal(client, jobs, timeout=90)
-        bad = {
-            j: (r["status"], r["error"])
-            for j, r in records.items()
-            if r["status"] != Status.SUCCEEDED
-        }
-        assert not bad, bad
-        counts = rig.terminal_counts()
-        assert {counts[j] for j in jobs} == {1}, {j: counts[j] for j in jobs if counts[j] != 1}
-        assert client.store.redis.zcard("atelier:queued:sim") == 0  # nothing stuck queued
-        # One key, one job, replays included.
-        assert {(k, accepted[k]) for k, _ in submitter.answers} == set(submitter.answers)
+        records = every_job_ran_once(rig, client, submitter, accepted)
         # The same processes, reconnected: workers served jobs after the restart, the
         # API answers ready, the dispatcher delivered every completed event.
         for proc in [*workers, api, dispatcher]:
@@ -123,25 +159,7 @@ def test_redis_restart_in_the_middle_of_fifty_jobs(rig: Rig) -> None:
         assert httpx.get(f"http://127.0.0.1:{api.port}/readyz").status_code == 200
         for key in ("fault-1", "fault-49"):
             assert sse_types(api.port, accepted[key])[-1] == EventType.SUCCEEDED
-        store = client.store
-
-        def undelivered() -> list[str]:
-            return [
-                j for j in jobs if not any(d["outcome"] == "delivered" for d in store.deliveries(j))
-            ]
-
-        wait_until(
-            lambda: not undelivered(),
-            60,
-            interval=0.2,
-            message=lambda: (
-                f"every webhook delivered; {len(undelivered())} are not; "
-                f"the dispatcher's log:\n{dispatcher.log()[-2000:]}"
-            ),
-        )
-        ids = {g.headers["webhook-id"] for g in receiver.at("/done")}
-        terminal = {e["id"] for e in rig.events() if e["type"] == EventType.SUCCEEDED}
-        assert ids == terminal
+        every_webhook_delivered(rig, client, dispatcher, receiver, list(accepted.values()))
 
 
 @pytest.mark.timeout(120)

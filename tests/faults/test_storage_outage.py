@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from producer.core import keys as K
-from producer.core.contract import Status, parse_iso
+from producer.core.contract import Record, Status, parse_iso
 from tests.helpers import Rig, wait_until, worker_env
 from tests.servers import AWS_ENV, Process, S3Server, free_port
 
@@ -58,6 +58,52 @@ class SucceededWatcher(threading.Thread):
                     self.checked.add(job["id"])
 
 
+def relay_process(rig: Rig, s3_port: int) -> Process:
+    """A TCP relay in front of the S3 server, which the test kills and restarts."""
+    port = free_port()
+    return Process(
+        [sys.executable, "-m", "tests.faults.relay", str(port), str(s3_port)],
+        worker_env(rig.values()),
+        rig.tmp / "relay.log",
+        ready=b"relay ready",
+        port=port,
+    )
+
+
+def ten_seconds_down(relay: Process) -> tuple[float, float]:
+    """The relay killed (connections refused, those in flight reset) for 10 s: when S3
+    went and when it came back."""
+    relay.kill()
+    down_at = time.time()
+    time.sleep(10)
+    relay.start()
+    return down_at, time.time()
+
+
+def every_job_succeeded_once(
+    rig: Rig, client: Any, jobs: list[str], watcher: SucceededWatcher
+) -> dict[str, Record]:
+    """Every job succeeded, its objects there when it did, in one attempt, once."""
+    records = rig.wait_terminal(client, jobs, timeout=90)
+    bad = {
+        j: (r["status"], r["error"]) for j, r in records.items() if r["status"] != Status.SUCCEEDED
+    }
+    assert not bad, bad
+    wait_until(
+        lambda: len(watcher.checked) >= len(jobs),
+        5,
+        interval=0.05,
+        message=lambda: (
+            f"the watcher checked all {len(jobs)} jobs; it checked {len(watcher.checked)}"
+        ),
+    )
+    assert watcher.problems == []
+    assert {r["attempts"] for r in records.values()} == {1}  # retried in place
+    counts = rig.terminal_counts()
+    assert {counts[j] for j in jobs} == {1}
+    return records
+
+
 @pytest.mark.timeout(120)
 def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
     for k, v in AWS_ENV.items():
@@ -70,18 +116,11 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
     try:
         direct = boto3.client("s3", endpoint_url=s3_server.endpoint)
         direct.create_bucket(Bucket=BUCKET)
-        port = free_port()
-        relay = Process(
-            [sys.executable, "-m", "tests.faults.relay", str(port), str(s3_server.port)],
-            worker_env(rig.values()),
-            rig.tmp / "relay.log",
-            ready=b"relay ready",
-            port=port,
-        )
+        relay = relay_process(rig, s3_server.port)
         relay.start()
         values: dict[str, Any] = {
             "storage_url": f"s3://{BUCKET}/outputs",
-            "s3_endpoint_url": f"http://127.0.0.1:{port}",
+            "s3_endpoint_url": f"http://127.0.0.1:{relay.port}",
             "storage_retry_s": 40,
         }
         rig.worker(**values)
@@ -98,31 +137,8 @@ def test_s3_down_for_ten_seconds_during_uploads(rig: Rig) -> None:
             interval=0.02,
             message="two jobs succeeded before the outage",
         )
-        relay.kill()  # connections refused, those in flight reset
-        down_at = time.time()
-        time.sleep(10)
-        relay.start()
-        up_at = time.time()
-
-        records = rig.wait_terminal(client, jobs, timeout=90)
-        bad = {
-            j: (r["status"], r["error"])
-            for j, r in records.items()
-            if r["status"] != Status.SUCCEEDED
-        }
-        assert not bad, bad
-        wait_until(
-            lambda: len(watcher.checked) >= len(jobs),
-            5,
-            interval=0.05,
-            message=lambda: (
-                f"the watcher checked all {len(jobs)} jobs; it checked {len(watcher.checked)}"
-            ),
-        )
-        assert watcher.problems == []
-        assert {r["attempts"] for r in records.values()} == {1}  # retried in place
-        counts = rig.terminal_counts()
-        assert {counts[j] for j in jobs} == {1}
+        down_at, up_at = ten_seconds_down(relay)
+        records = every_job_succeeded_once(rig, client, jobs, watcher)
         # At least one job was under way when S3 went and ended after it came back.
         spanning = [
             r
