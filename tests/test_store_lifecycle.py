@@ -17,7 +17,7 @@ from producer.jobs.store import NO_TOKEN, JobStore
 from tests.records import RESULT_TTL_S, changed, finish, raw_hash, start, types
 
 #: A database no other test file uses; emptied around each test.
-DB = 7
+DB = 5
 TTL = RESULT_TTL_S
 
 
