@@ -81,4 +81,4 @@ bench-gpu: install
 	$(BIN)/python bench/gpu.py
 
 clean:
-	rm -rf $(VENV) atelier-output .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) atelier-output .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache
