@@ -67,7 +67,7 @@ def test_controlnet_cache_keeps_within_its_budget(sdxl: Loaded) -> None:
     ctrl = control_image()
     first = sdxl.run(control=[entry()], control_images=[ctrl])
     size = _nbytes(nets.get("tiny-sdxl-canny", "cpu", sdxl.model.dtype, "x"))
-    budget, nets.max_bytes = nets.max_bytes, size  # room for one
+    budget, nets.cache.max_bytes = nets.cache.max_bytes, size  # room for one
     try:
         sdxl.run(control=[entry("tiny-sdxl-depth")], control_images=[ctrl])
         assert [n.split("|")[0] for n in nets.cached_names()] == ["tiny-sdxl-depth"]
@@ -76,7 +76,7 @@ def test_controlnet_cache_keeps_within_its_budget(sdxl: Loaded) -> None:
         again = sdxl.run(control=[entry()], control_images=[ctrl])  # loaded again
         assert nets.loads == loads + 1 and again.tobytes() == first.tobytes()
     finally:
-        nets.max_bytes = budget
+        nets.cache.max_bytes = budget
 
 
 def test_two_controlnets_and_the_guidance_window(sdxl: Loaded) -> None:

@@ -84,7 +84,7 @@ def test_cache_keeps_recent_adapters_within_its_bound(tmp_path: Path, models_dir
 
     storage, size = lora_files(tmp_path, models_dir)
     cache = LoraCache(Settings(models_dir=str(models_dir)), Registry.load(), storage)
-    cache.max_bytes = 2 * size  # room for two (the file is a little larger than its tensors)
+    cache.cache.max_bytes = 2 * size  # room for two (the file is a little larger than its tensors)
     names = [f"storage:l{i}.safetensors" for i in range(3)]
     cache.get(names[0])
     cache.get(names[1])
@@ -92,10 +92,10 @@ def test_cache_keeps_recent_adapters_within_its_bound(tmp_path: Path, models_dir
     assert cache.loads == 2
     cache.get(names[2])  # evicts names[1], the least recently used
     assert cache.cached_names() == [names[0], names[2]]
-    assert cache.cached_bytes <= cache.max_bytes
+    assert cache.cached_bytes <= cache.cache.max_bytes
     cache.get(names[1])
     assert cache.loads == 4
-    cache.max_bytes = 0  # nothing fits: read every time, cache nothing
+    cache.cache.max_bytes = 0  # nothing fits: read every time, cache nothing
     cache.get(names[1])
     assert cache.loads == 4  # still cached from before
     cache.get("storage:l0.safetensors")

@@ -12,8 +12,6 @@ used first out, within ``ATELIER_LORA_CACHE_MB``.
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from producer.core.errors import InvalidLora, StorageUnavailable
 from producer.core.registry import Registry
 from producer.core.settings import Settings
+from worker.diffusion.cache import ByteBudgetCache
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +33,26 @@ class LoraCache:
         self.settings = settings
         self.registry = registry
         self.storage = storage
-        self.max_bytes = settings.lora_cache_mb * 1024 * 1024
-        self._cache: OrderedDict[str, tuple[dict[str, Any], int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.cache: ByteBudgetCache[dict[str, Any]] = ByteBudgetCache(
+            settings.lora_cache_mb * 1024 * 1024, "LoRA"
+        )
         self.loads = 0  # reads from disk or storage (the cache missed)
 
     @property
     def cached_bytes(self) -> int:
-        with self._lock:
-            return sum(n for _, n in self._cache.values())
+        return self.cache.cached_bytes
 
     def cached_names(self) -> list[str]:
-        with self._lock:
-            return list(self._cache)
+        return self.cache.names()
 
     def get(self, name: str, field: str = "loras") -> dict[str, Any]:
         """The adapter's state dict (shared: callers copy the dict, never the tensors)."""
-        with self._lock:
-            hit = self._cache.get(name)
-            if hit is not None:
-                self._cache.move_to_end(name)
-                return hit[0]
+        hit = self.cache.get(name)
+        if hit is not None:
+            return hit
         state = self._read(name, field)
-        size = _nbytes(state)
         self.loads += 1
-        with self._lock:
-            if size <= self.max_bytes:
-                self._cache[name] = (state, size)
-                self._cache.move_to_end(name)
-                total = sum(n for _, n in self._cache.values())
-                while total > self.max_bytes:
-                    old, (_, n) = self._cache.popitem(last=False)
-                    total -= n
-                    log.info("LoRA cache: dropped %s (%d bytes)", old, n)
+        self.cache.put(name, state, _nbytes(state))
         return state
 
     def _read(self, name: str, field: str) -> dict[str, Any]:

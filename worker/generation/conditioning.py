@@ -26,8 +26,6 @@ references (``references``: SDXL, SD 1.5, FLUX).
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from producer.core.errors import InternalError
 from producer.core.normalized import GenerateRequest
 from producer.core.registry import Registry
 from producer.core.settings import Settings
+from worker.diffusion.cache import ByteBudgetCache
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +88,19 @@ class ControlNets:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
-        self.max_bytes = settings.controlnet_cache_mb * 1024 * 1024
-        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.cache: ByteBudgetCache[Any] = ByteBudgetCache(
+            settings.controlnet_cache_mb * 1024 * 1024, "ControlNet"
+        )
         self.loads = 0
 
     def cached_names(self) -> list[str]:
-        with self._lock:
-            return list(self._cache)
+        return self.cache.names()
 
     def get(self, name: str, device: str, dtype: Any, field: str) -> Any:
         key = f"{name}|{device}|{dtype}"
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit[0]
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
         spec = self.registry.controlnet(name)
         if spec is None:  # the producer checked; a registry changed in between
             raise InternalError(f"{field}: unknown ControlNet {name!r} on this worker")
@@ -114,17 +110,8 @@ class ControlNets:
             raise InternalError(
                 f"{field}: ControlNet {name!r} did not load from {spec.source!r}: {exc}"
             ) from None
-        size = _nbytes(model)
         self.loads += 1
-        with self._lock:
-            # One that does not fit still runs its job; it is just not kept.
-            if size <= self.max_bytes:
-                self._cache[key] = (model, size)
-                total = sum(n for _, n in self._cache.values())
-                while total > self.max_bytes:
-                    old, (_, n) = self._cache.popitem(last=False)
-                    total -= n
-                    log.info("ControlNet cache: dropped %s (%d bytes)", old, n)
+        self.cache.put(key, model, _nbytes(model))  # one that does not fit is not kept
         return model
 
     def _load(self, spec: ControlNetSpec, device: str, dtype: Any) -> Any:
