@@ -39,6 +39,7 @@ from producer.core.settings import Settings, get_settings
 from producer.core.storage import storage_from_settings
 from producer.jobs.broker import make_celery
 from producer.jobs.store import JobStore
+from worker import broker_guard
 from worker.affinity import Pinning
 from worker.heartbeat import Heartbeat, memory
 from worker.lifecycle import Lifecycle
@@ -406,6 +407,7 @@ def _start_heartbeat(
 
 def _consume(app: Celery, settings: Settings, worker_name: str, queues: str, loglevel: str) -> None:
     """Step 3: the Celery worker on the threads pool, until it shuts down."""
+    broker_guard.install()  # a Redis restart must not stop the worker (worker/broker_guard)
     # --quiet: no banner on stdout (a JSON log holds only JSON lines).
     quiet = ["--quiet"] if settings.log_format == "json" else []
     app.worker_main(
