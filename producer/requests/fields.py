@@ -5,13 +5,14 @@ may call (input images, webhooks) and of its input images' sources."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
 from producer.core.images import decode_data_uri, open_image
 from producer.core.netguard import is_public, parse_allowlist
+from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 
 __all__ = ["FieldError", "Fields", "check_source", "field_errors", "loc", "refused_url"]
@@ -53,6 +54,36 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
             "message": "unknown field" if e["type"] == "extra_forbidden" else e["msg"],
         }
         for e in exc.errors()
+    ]
+
+
+Shape = TypeVar("Shape", bound=BaseModel)
+
+
+def parse(shape: type[Shape], data: dict[str, Any]) -> tuple[Shape | None, list[FieldError]]:
+    """``data`` read as the request model ``shape``, or every field it refuses."""
+    try:
+        return shape.model_validate(data), []
+    except ValidationError as exc:
+        return None, field_errors(exc)
+
+
+def resolve_model(
+    fields: Fields, registry: Registry, settings: Settings
+) -> tuple[ModelSpec | None, list[FieldError]]:
+    """The model that runs the job (``model``, else the default), or the error that names
+    an unknown one."""
+    if "model" in fields.failed:
+        return None, []
+    name = fields.valid("model") if fields.given("model") else settings.default_model
+    spec = registry.get(name)
+    if spec is not None:
+        return spec, []
+    return None, [
+        {
+            "field": "model",
+            "message": f"unknown model {name!r}; known: {', '.join(registry.names())}",
+        }
     ]
 
 

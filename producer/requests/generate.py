@@ -22,8 +22,6 @@ import re
 import secrets
 from typing import Any, cast
 
-from pydantic import ValidationError
-
 from producer.core.contract import (
     DEFAULT_STRENGTH,
     MAX_SEED,
@@ -37,7 +35,14 @@ from producer.core.normalized import GenerateRequest
 from producer.core.registry import ModelSpec, Registry
 from producer.core.settings import Settings
 from producer.requests.conditioning import check_conditioning, check_loras
-from producer.requests.fields import FieldError, Fields, check_source, field_errors, refused_url
+from producer.requests.fields import (
+    FieldError,
+    Fields,
+    check_source,
+    parse,
+    refused_url,
+    resolve_model,
+)
 
 __all__ = ["validate_request"]
 
@@ -53,10 +58,10 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> Gener
     # 1. The shape.
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
-    req, errors = _parse(data)
+    req, errors = parse(JobRequest, data)
     fields = Fields(data, errors, req)
     # 2. The model and its limits.
-    spec, unknown = _resolve_model(fields, registry, settings)
+    spec, unknown = resolve_model(fields, registry, settings)
     errors += unknown
     if spec is not None:
         errors += _check_model_limits(fields, spec)
@@ -73,31 +78,6 @@ def validate_request(data: Any, registry: Registry, settings: Settings) -> Gener
     # 6. Normalization.
     assert req is not None and spec is not None
     return _normalize(req, spec, settings)
-
-
-def _parse(data: dict[str, Any]) -> tuple[JobRequest | None, list[FieldError]]:
-    try:
-        return JobRequest.model_validate(data), []
-    except ValidationError as exc:
-        return None, field_errors(exc)
-
-
-def _resolve_model(
-    fields: Fields, registry: Registry, settings: Settings
-) -> tuple[ModelSpec | None, list[FieldError]]:
-    """The model that runs the job, or the error that names an unknown one."""
-    if "model" in fields.failed:
-        return None, []
-    name = fields.valid("model") if fields.given("model") else settings.default_model
-    spec = registry.get(name)
-    if spec is not None:
-        return spec, []
-    return None, [
-        {
-            "field": "model",
-            "message": f"unknown model {name!r}; known: {', '.join(registry.names())}",
-        }
-    ]
 
 
 def _check_model_limits(fields: Fields, spec: ModelSpec) -> list[FieldError]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import secrets
 from typing import Any, cast
 
-from pydantic import ValidationError
-
 from producer.core.contract import MAX_SEED
 from producer.core.errors import InvalidRequest, UnknownModel
 from producer.core.images import decode_data_uri, open_image
@@ -29,7 +27,7 @@ from producer.core.train_contract import (
     is_zip_source,
     read_zip,
 )
-from producer.requests.fields import FieldError, Fields, field_errors, refused_url
+from producer.requests.fields import FieldError, Fields, parse, refused_url, resolve_model
 
 __all__ = ["check_storage_key", "decode_zip_uri", "validate_training"]
 
@@ -41,9 +39,9 @@ def validate_training(data: Any, registry: Registry, settings: Settings) -> Trai
     """
     if not isinstance(data, dict):
         raise InvalidRequest([{"field": "body", "message": "must be a JSON object"}])
-    req, errors = _parse(data)
+    req, errors = parse(TrainRequest, data)
     fields = Fields(data, errors, req)
-    spec, unknown = _resolve(fields, registry, settings)
+    spec, unknown = resolve_model(fields, registry, settings)
     errors += unknown
     if spec is not None:
         errors += _check_model(fields, spec)
@@ -55,30 +53,6 @@ def validate_training(data: Any, registry: Registry, settings: Settings) -> Trai
         raise (UnknownModel if unknown else InvalidRequest)(errors)
     assert req is not None and spec is not None
     return _normalize(req, spec, settings)
-
-
-def _parse(data: dict[str, Any]) -> tuple[TrainRequest | None, list[FieldError]]:
-    try:
-        return TrainRequest.model_validate(data), []
-    except ValidationError as exc:
-        return None, field_errors(exc)
-
-
-def _resolve(
-    fields: Fields, registry: Registry, settings: Settings
-) -> tuple[ModelSpec | None, list[FieldError]]:
-    if "model" in fields.failed:
-        return None, []
-    name = fields.valid("model") if fields.given("model") else settings.default_model
-    spec = registry.get(name)
-    if spec is None:
-        return None, [
-            {
-                "field": "model",
-                "message": f"unknown model {name!r}; known: {', '.join(registry.names())}",
-            }
-        ]
-    return spec, []
 
 
 def _check_model(fields: Fields, spec: ModelSpec) -> list[FieldError]:
